@@ -1,0 +1,1 @@
+"""Framework-neutral Triton kernels (installed as ``theria_kernels``): one module per op."""

@@ -1,0 +1,74 @@
+"""Plain jax.numpy attention: the ground truth for tests and the ``reference`` backend.
+
+The layout is (B, T, H, D) like ``jax.nn.dot_product_attention``; the mask semantics are the
+same as ``theria_torch.reference`` (docs/design/attention.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def visible_keys(
+    t_q: int,
+    t_k: int,
+    *,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    bottom_right: bool = False,
+):
+    """Boolean (T_q, T_k) mask, True where query ``i`` may attend to key ``j``."""
+    left, right = window_size
+    if causal:
+        right = 0
+    shift = t_k - t_q if bottom_right else 0
+    offset = jnp.arange(t_k)[None, :] - jnp.arange(t_q)[:, None] - shift
+    mask = jnp.ones((t_q, t_k), dtype=bool)
+    if left >= 0:
+        mask &= offset >= -left
+    if right >= 0:
+        mask &= offset <= right
+    return mask
+
+
+def attention_reference(
+    q,
+    k,
+    v,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    bottom_right: bool = False,
+    return_lse: bool = False,
+):
+    """Softmax attention on (B, T, H, D) arrays, computed in the inputs' dtype.
+
+    Arguments:
+        q: (B, T_q, H, D). k, v: (B, T_k, H_kv, D) with ``H % H_kv == 0``.
+        scale: multiplies ``q @ k^T``; ``None`` means ``1 / sqrt(D)``.
+    Returns:
+        out (B, T_q, H, D), and with ``return_lse`` also the row log-sum-exp (B, H, T_q).
+    """
+    heads, heads_kv = q.shape[2], k.shape[2]
+    if heads != heads_kv:
+        k = jnp.repeat(k, heads // heads_kv, axis=2)
+        v = jnp.repeat(v, heads // heads_kv, axis=2)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = scale * jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    mask = visible_keys(
+        q.shape[1], k.shape[1], causal=causal, window_size=window_size, bottom_right=bottom_right
+    )
+    row_has_key = mask.any(-1, keepdims=True)
+    # Finite scores on rows that see no key keep every derivative order NaN-free.
+    scores = jnp.where(mask, scores, -jnp.inf)
+    scores = jnp.where(row_has_key, scores, 0.0)
+    probs = jax.nn.softmax(scores, axis=-1) * row_has_key
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    if not return_lse:
+        return out
+    lse = jnp.where(row_has_key[..., 0], jax.nn.logsumexp(scores, axis=-1), jnp.inf)
+    return out, lse

@@ -1,0 +1,6 @@
+"""theria for PyTorch: fused attention and rmsnorm with every derivative order."""
+
+from theria_torch.attention import flash_attn_func, sdpa_custom
+from theria_torch.reference import attention_reference
+
+__all__ = ["sdpa_custom", "flash_attn_func", "attention_reference"]
