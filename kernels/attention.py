@@ -1,0 +1,730 @@
+"""Fused scaled-dot-product attention: forward, forward-mode JVP, backward and double backward.
+
+Reading order: parameters, tile helpers, the forward sweep (with the JVP folded in), the
+backward (row sweep for dQ, column sweep for dK/dV), the double backward (row sweeps, then the
+column sweep), launch functions. No autograd here: ``theria_torch`` and ``theria_jax`` wrap the
+launchers. The equations are derived in docs/theory/attention_derivatives.md (§ numbers below).
+
+Notation per (batch, head): S = scale · Q Kᵀ (masked entries −∞), P = softmax(S) row-wise,
+O = P V, lse = row log-sum-exp of S. Row statistics live in (B, H, T_q) buffers; nothing of size
+T_q × T_k ever reaches global memory. Softmax is evaluated in base 2 (``exp2``) with
+log2(e) folded into the scale, as the Triton fused-attention tutorial does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = math.log2(math.e)
+# Stands for an unbounded window side: far beyond any sequence length, far from int32 overflow.
+UNBOUNDED = 1 << 30
+MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 256
+
+
+@dataclass(frozen=True)
+class AttentionParams:
+    """Static description of one attention call (hashable, so JAX can treat it as static).
+
+    ``window_size`` has flash-attn's meaning: key ``j`` is visible to query ``i`` when
+    ``-left <= j - i - shift <= right`` (``-1`` = unbounded); ``causal`` sets ``right = 0``.
+    ``shift = T_k - T_q`` when ``bottom_right`` (flash-attn ≥ 2.1) else 0 (torch SDPA, JAX).
+    """
+
+    scale: float
+    causal: bool = False
+    window_size: tuple[int, int] = (-1, -1)
+    bottom_right: bool = False
+
+    def diagonal_band(self, t_q: int, t_k: int) -> tuple[int, int]:
+        """(lo, hi) such that key j is visible to query i iff i + lo <= j <= i + hi."""
+        left, right = self.window_size
+        if self.causal:
+            right = 0
+        shift = t_k - t_q if self.bottom_right else 0
+        lo = shift - left if left >= 0 else -UNBOUNDED
+        hi = shift + right if right >= 0 else UNBOUNDED
+        return lo, hi
+
+    @property
+    def banded(self) -> bool:
+        return self.causal or self.window_size != (-1, -1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tile helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(base, offs_t, offs_d, t_len, stride_t, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A (len(offs_t), BLOCK_D) tile of a (T, HEAD_DIM) matrix; rows ≥ t_len and the head-dim
+    padding read as zeros, which leaves every dot product over the head dim unchanged."""
+    mask = offs_t[:, None] < t_len
+    if HEAD_DIM != BLOCK_D:
+        mask = mask & (offs_d[None, :] < HEAD_DIM)
+    return tl.load(base + offs_t[:, None] * stride_t + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(base, tile, offs_t, offs_d, t_len, stride_t, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    mask = offs_t[:, None] < t_len
+    if HEAD_DIM != BLOCK_D:
+        mask = mask & (offs_d[None, :] < HEAD_DIM)
+    tl.store(base + offs_t[:, None] * stride_t + offs_d[None, :], tile.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _visible(q_idx, k_idx, t_k, band_lo, band_hi, BANDED: tl.constexpr):
+    """Which (query, key) pairs of a tile may attend; q_idx and k_idx broadcast against each
+    other, so the same helper serves row tiles (queries × keys) and column tiles (keys × queries).
+    Query rows past T_q need no mask: their loads are zero and their stores are masked."""
+    visible = k_idx < t_k
+    if BANDED:
+        visible = visible & (k_idx >= q_idx + band_lo) & (k_idx <= q_idx + band_hi)
+    return visible
+
+
+@triton.jit
+def _probs(scores, lse2, visible, qk_scale, MASKED: tl.constexpr):
+    """P recomputed from the saved row log-sum-exp (lse2 = lse · log2 e, broadcast like scores).
+    Rows that see no key have lse = +∞, so their probabilities come out exactly 0."""
+    p = tl.exp2(scores * qk_scale - lse2)
+    if MASKED:
+        p = tl.where(visible, p, 0.0)
+    return p
+
+
+@triton.jit
+def _key_range(start_m, t_q, t_k, band_lo, band_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BANDED: tl.constexpr):
+    """Key blocks a query block [start_m, start_m + BLOCK_M) can see; blocks wholly outside the
+    causal/window band are skipped, so cost falls with the band."""
+    lo = 0
+    hi = t_k
+    if BANDED:
+        last_m = tl.minimum(start_m + BLOCK_M, t_q) - 1
+        lo = tl.maximum(start_m + band_lo, 0)
+        hi = tl.minimum(last_m + band_hi + 1, t_k)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def _query_range(start_n, t_q, t_k, band_lo, band_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BANDED: tl.constexpr):
+    """Query blocks that can see the key block [start_n, start_n + BLOCK_N)."""
+    lo = 0
+    hi = t_q
+    if BANDED:
+        last_n = tl.minimum(start_n + BLOCK_N, t_k) - 1
+        lo = tl.maximum(start_n - band_hi, 0)
+        hi = tl.minimum(last_n - band_lo + 1, t_q)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    return lo, hi
+
+
+@triton.jit
+def _head_bases(bh, heads, group, stride_qb, stride_qh, stride_kb, stride_kh):
+    """Offsets of query head ``bh % heads`` of batch ``bh // heads`` and of the key/value head it
+    reads (grouped-query attention: ``group`` query heads share one key/value head)."""
+    batch = bh // heads
+    head = bh % heads
+    q_base = batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    k_base = batch.to(tl.int64) * stride_kb + (head // group).to(tl.int64) * stride_kh
+    return q_base, k_base
+
+
+_LOG2E = tl.constexpr(LOG2E)
+
+
+@triton.jit
+def _scales(sm_scale, ACC_DTYPE: tl.constexpr):
+    """(scale, scale · log2 e, log2 e) in the accumulator dtype. ``sm_scale`` arrives as a float64
+    argument and the products are formed in float64, so float64 runs lose no precision."""
+    log2e = tl.full([], _LOG2E, tl.float64)
+    one = tl.full([], 1.0, tl.float64)
+    return (sm_scale * one).to(ACC_DTYPE), (sm_scale * log2e).to(ACC_DTYPE), log2e.to(ACC_DTYPE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward and forward-mode JVP (§1, §3): one sweep over key blocks per query block.
+# The tangent's row term mu = Σ_j P_ij Ṡ_ij accumulates online with the same rescaling as the
+# softmax normaliser, so Ȯ = (Σ_j P_ij (Ṡ_ij V_j + V̇_j)) / l − mu O needs no second sweep.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out, Lse, Q_dot, K_dot, V_dot, Out_dot, Lse_dot,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    t_q, t_k, heads, group, sm_scale: tl.float64, band_lo, band_hi,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BANDED: tl.constexpr, EVEN_K: tl.constexpr, HAS_TANGENT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    q_base, k_base = _head_bases(bh, heads, group, stride_qb, stride_qh, stride_kb, stride_kh)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    sm_scale, qk_scale, log2e = _scales(sm_scale, ACC_DTYPE)
+
+    q = _load_tile(Q + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+    row_max = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
+    row_sum = tl.zeros([BLOCK_M], ACC_DTYPE)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
+    if HAS_TANGENT:
+        q_dot = _load_tile(Q_dot + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+        mu = tl.zeros([BLOCK_M], ACC_DTYPE)
+        acc_dot = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
+
+    lo, hi = _key_range(start_m, t_q, t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_k = start_n + offs_n
+        k = _load_tile(K + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+        v = _load_tile(V + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE) * qk_scale
+        if BANDED or not EVEN_K:
+            visible = _visible(offs_m[:, None], offs_k[None, :], t_k, band_lo, band_hi, BANDED)
+            scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        # A row that has seen no key yet keeps max −∞; shifting by 0 keeps exp2 finite (0).
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp2(row_max - shift)
+        p = tl.exp2(scores - shift[:, None])
+        row_sum = row_sum * rescale + tl.sum(p, 1)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        if HAS_TANGENT:
+            k_dot = _load_tile(K_dot + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+            v_dot = _load_tile(V_dot + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+            scores_dot = tl.dot(q_dot, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            scores_dot += tl.dot(q, tl.trans(k_dot), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            p_scores_dot = p * (scores_dot * sm_scale)
+            mu = mu * rescale + tl.sum(p_scores_dot, 1)
+            acc_dot = acc_dot * rescale[:, None]
+            acc_dot += tl.dot(p_scores_dot.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            acc_dot += tl.dot(p.to(v.dtype), v_dot, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        row_max = new_max
+
+    empty = row_sum == 0.0
+    norm = tl.where(empty, 1.0, row_sum)
+    out = acc / norm[:, None]
+    lse = tl.where(empty, float("inf"), (row_max + tl.log2(norm)) / log2e)
+    _store_tile(Out + q_base, out, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+    tl.store(Lse + bh * t_q + offs_m, lse, mask=offs_m < t_q)
+    if HAS_TANGENT:
+        mu = mu / norm
+        out_dot = acc_dot / norm[:, None] - mu[:, None] * out
+        _store_tile(Out_dot + q_base, out_dot, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+        tl.store(Lse_dot + bh * t_q + offs_m, mu, mask=offs_m < t_q)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward (§2): delta = rowsum(dO ∘ O) − d_lse, dS = P ∘ (dP − delta), dP = dO Vᵀ,
+# dQ = scale · dS K (row sweep), dK = scale · dSᵀ Q and dV = Pᵀ dO (column sweep).
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_delta_kernel(Out, D_out, D_lse, Delta, stride_qb, stride_qh, stride_qt, t_q, heads,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                      HAS_D_LSE: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """delta_i = Σ_d dO_id O_id − d_lse_i: the row term shared by every backward kernel."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    q_base, _ = _head_bases(bh, heads, 1, stride_qb, stride_qh, 0, 0)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    out = _load_tile(Out + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D).to(ACC_DTYPE)
+    d_out = _load_tile(D_out + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D).to(ACC_DTYPE)
+    delta = tl.sum(out * d_out, 1)
+    if HAS_D_LSE:
+        delta -= tl.load(D_lse + bh * t_q + offs_m, mask=offs_m < t_q, other=0.0).to(ACC_DTYPE)
+    tl.store(Delta + bh * t_q + offs_m, delta, mask=offs_m < t_q)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, D_out, Lse, Delta, DQ,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    t_q, t_k, heads, group, sm_scale: tl.float64, band_lo, band_hi,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BANDED: tl.constexpr, EVEN_K: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    q_base, k_base = _head_bases(bh, heads, group, stride_qb, stride_qh, stride_kb, stride_kh)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    sm_scale, qk_scale, log2e = _scales(sm_scale, ACC_DTYPE)
+
+    q = _load_tile(Q + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+    d_out = _load_tile(D_out + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+    row_mask = offs_m < t_q
+    lse2 = tl.load(Lse + bh * t_q + offs_m, mask=row_mask, other=float("inf")).to(ACC_DTYPE) * log2e
+    delta = tl.load(Delta + bh * t_q + offs_m, mask=row_mask, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
+
+    lo, hi = _key_range(start_m, t_q, t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_k = start_n + offs_n
+        k = _load_tile(K + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+        v = _load_tile(V + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        visible = _visible(offs_m[:, None], offs_k[None, :], t_k, band_lo, band_hi, BANDED)
+        p = _probs(scores, lse2[:, None], visible, qk_scale, BANDED or not EVEN_K)
+        dp = tl.dot(d_out, tl.trans(v), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    _store_tile(DQ + q_base, dq * sm_scale, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, D_out, Lse, Delta, DK, DV,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    t_q, t_k, heads, group, sm_scale: tl.float64, band_lo, band_hi,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BANDED: tl.constexpr, EVEN_K: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program per key block of one key/value head; it sums over the ``group`` query heads
+    that share the head, so grouped-query gradients need no atomics. Tiles are key-major
+    (keys × queries): the transposes of the row kernel's tiles."""
+    start_n = tl.program_id(0) * BLOCK_N
+    bh_kv = tl.program_id(1)
+    heads_kv = heads // group
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_mb = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    sm_scale, qk_scale, log2e = _scales(sm_scale, ACC_DTYPE)
+    k_base = (bh_kv // heads_kv).to(tl.int64) * stride_kb + (bh_kv % heads_kv).to(tl.int64) * stride_kh
+    k = _load_tile(K + k_base, offs_n, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+    v = _load_tile(V + k_base, offs_n, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
+
+    lo, hi = _query_range(start_n, t_q, t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
+    for member in range(group):
+        bh = (bh_kv // heads_kv) * heads + (bh_kv % heads_kv) * group + member
+        q_base, _ = _head_bases(bh, heads, group, stride_qb, stride_qh, stride_kb, stride_kh)
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + offs_mb
+            row_mask = offs_m < t_q
+            q = _load_tile(Q + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+            d_out = _load_tile(D_out + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+            lse2 = tl.load(Lse + bh * t_q + offs_m, mask=row_mask, other=float("inf")).to(ACC_DTYPE) * log2e
+            delta = tl.load(Delta + bh * t_q + offs_m, mask=row_mask, other=0.0)
+            scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            visible = _visible(offs_m[None, :], offs_n[:, None], t_k, band_lo, band_hi, BANDED)
+            p_t = _probs(scores_t, lse2[None, :], visible, qk_scale, BANDED or not EVEN_K)
+            dv += tl.dot(p_t.to(d_out.dtype), d_out, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            dp_t = tl.dot(v, tl.trans(d_out), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    _store_tile(DK + k_base, dk * sm_scale, offs_n, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+    _store_tile(DV + k_base, dv, offs_n, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Double backward (§4): the VJP of (Q, K, V, dO, d_lse) ↦ (dQ, dK, dV) for cotangents
+# (Ḡq, Ḡk, Ḡv). With dS̄ = scale (Ḡq Kᵀ + Q Ḡkᵀ) it needs two row reductions over all keys,
+#   sigma_i = Σ_j P_ij dS̄_ij                        (= the cotangent of d_lse)
+#   rho_i   = Σ_j P_ij P̄_ij = Σ_j P_ij dS̄_ij dP_ij − sigma_i (2 delta_i + d_lse_i) + dO_i · (P Ḡv)_i
+# before any output tile can be formed; then, per tile,
+#   dS = P ∘ (dP − delta),  P̄ = dS̄ ∘ (dP − delta) + dO Ḡvᵀ − sigma dP,
+#   S̄ = P ∘ (P̄ − rho),     dP̄ = P ∘ (dS̄ − sigma),
+#   cot_q = scale (S̄ K + dS Ḡk),  cot_k = scale (S̄ᵀ Q + dSᵀ Ḡq),  cot_v = dP̄ᵀ dO,
+#   cot_dO = P Ḡv + dP̄ V.
+# The row kernel sweeps the keys twice (reductions, then cot_q and cot_dO); the column kernel
+# then sweeps the queries once for cot_k and cot_v, reading sigma and rho.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _second_order_tile(p, dp, ds_bar, do_gv, delta, sigma, rho):
+    """dS, S̄ and dP̄ of one tile (§4); the row statistics arrive broadcast to the tile's
+    orientation, so row tiles and column (transposed) tiles share this code."""
+    ds = p * (dp - delta)
+    p_bar = ds_bar * (dp - delta) + do_gv - sigma * dp
+    s_bar = p * (p_bar - rho)
+    dp_bar = p * (ds_bar - sigma)
+    return ds, s_bar, dp_bar
+
+
+@triton.jit
+def _attn_bwd_bwd_rows_kernel(
+    Q, K, V, D_out, Lse, Delta, D_lse, Cot_dq, Cot_dk, Cot_dv,
+    Cot_q, Cot_d_out, Sigma, Rho,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    t_q, t_k, heads, group, sm_scale: tl.float64, band_lo, band_hi,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BANDED: tl.constexpr, EVEN_K: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    q_base, k_base = _head_bases(bh, heads, group, stride_qb, stride_qh, stride_kb, stride_kh)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    sm_scale, qk_scale, log2e = _scales(sm_scale, ACC_DTYPE)
+    row_mask = offs_m < t_q
+    masked: tl.constexpr = BANDED or not EVEN_K
+
+    q = _load_tile(Q + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+    d_out = _load_tile(D_out + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+    cot_dq = _load_tile(Cot_dq + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+    lse2 = tl.load(Lse + bh * t_q + offs_m, mask=row_mask, other=float("inf")).to(ACC_DTYPE) * log2e
+    delta = tl.load(Delta + bh * t_q + offs_m, mask=row_mask, other=0.0)
+    d_lse = tl.load(D_lse + bh * t_q + offs_m, mask=row_mask, other=0.0).to(ACC_DTYPE)
+    lo, hi = _key_range(start_m, t_q, t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
+
+    # Sweep 1: the row reductions sigma, rho and the row vectors P Ḡv.
+    sigma = tl.zeros([BLOCK_M], ACC_DTYPE)
+    p_ds_bar_dp = tl.zeros([BLOCK_M], ACC_DTYPE)
+    p_gv = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_k = start_n + offs_n
+        k = _load_tile(K + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+        v = _load_tile(V + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+        cot_dk = _load_tile(Cot_dk + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+        cot_dv = _load_tile(Cot_dv + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        visible = _visible(offs_m[:, None], offs_k[None, :], t_k, band_lo, band_hi, BANDED)
+        p = _probs(scores, lse2[:, None], visible, qk_scale, masked)
+        dp = tl.dot(d_out, tl.trans(v), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        ds_bar = tl.dot(cot_dq, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        ds_bar = (ds_bar + tl.dot(q, tl.trans(cot_dk), input_precision=PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
+        p_ds_bar = p * ds_bar
+        sigma += tl.sum(p_ds_bar, 1)
+        p_ds_bar_dp += tl.sum(p_ds_bar * dp, 1)
+        p_gv += tl.dot(p.to(cot_dv.dtype), cot_dv, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    rho = p_ds_bar_dp - sigma * (2.0 * delta + d_lse) + tl.sum(d_out.to(ACC_DTYPE) * p_gv, 1)
+    tl.store(Sigma + bh * t_q + offs_m, sigma, mask=row_mask)
+    tl.store(Rho + bh * t_q + offs_m, rho, mask=row_mask)
+
+    # Sweep 2: cot_q and cot_dO, now that every row statistic is complete.
+    cot_q = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
+    cot_d_out = p_gv
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_k = start_n + offs_n
+        k = _load_tile(K + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+        v = _load_tile(V + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+        cot_dk = _load_tile(Cot_dk + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+        cot_dv = _load_tile(Cot_dv + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        visible = _visible(offs_m[:, None], offs_k[None, :], t_k, band_lo, band_hi, BANDED)
+        p = _probs(scores, lse2[:, None], visible, qk_scale, masked)
+        dp = tl.dot(d_out, tl.trans(v), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        ds_bar = tl.dot(cot_dq, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        ds_bar = (ds_bar + tl.dot(q, tl.trans(cot_dk), input_precision=PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
+        do_gv = tl.dot(d_out, tl.trans(cot_dv), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        ds, s_bar, dp_bar = _second_order_tile(
+            p, dp, ds_bar, do_gv, delta[:, None], sigma[:, None], rho[:, None])
+        cot_q += tl.dot(s_bar.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        cot_q += tl.dot(ds.to(cot_dk.dtype), cot_dk, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        cot_d_out += tl.dot(dp_bar.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    _store_tile(Cot_q + q_base, cot_q * sm_scale, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+    _store_tile(Cot_d_out + q_base, cot_d_out, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _attn_bwd_bwd_cols_kernel(
+    Q, K, V, D_out, Lse, Delta, Sigma, Rho, Cot_dq, Cot_dk, Cot_dv,
+    Cot_k, Cot_v,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    t_q, t_k, heads, group, sm_scale: tl.float64, band_lo, band_hi,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BANDED: tl.constexpr, EVEN_K: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """cot_k and cot_v for one key block of one key/value head, summed over its query heads."""
+    start_n = tl.program_id(0) * BLOCK_N
+    bh_kv = tl.program_id(1)
+    heads_kv = heads // group
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_mb = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    sm_scale, qk_scale, log2e = _scales(sm_scale, ACC_DTYPE)
+    masked: tl.constexpr = BANDED or not EVEN_K
+    k_base = (bh_kv // heads_kv).to(tl.int64) * stride_kb + (bh_kv % heads_kv).to(tl.int64) * stride_kh
+    k = _load_tile(K + k_base, offs_n, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+    v = _load_tile(V + k_base, offs_n, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+    cot_dk = _load_tile(Cot_dk + k_base, offs_n, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+    cot_dv = _load_tile(Cot_dv + k_base, offs_n, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+    cot_k = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
+    cot_v = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
+
+    lo, hi = _query_range(start_n, t_q, t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
+    for member in range(group):
+        bh = (bh_kv // heads_kv) * heads + (bh_kv % heads_kv) * group + member
+        q_base, _ = _head_bases(bh, heads, group, stride_qb, stride_qh, stride_kb, stride_kh)
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + offs_mb
+            row_mask = offs_m < t_q
+            row = bh * t_q + offs_m
+            q = _load_tile(Q + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+            d_out = _load_tile(D_out + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+            cot_dq = _load_tile(Cot_dq + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+            lse2 = tl.load(Lse + row, mask=row_mask, other=float("inf")).to(ACC_DTYPE) * log2e
+            delta = tl.load(Delta + row, mask=row_mask, other=0.0)
+            sigma = tl.load(Sigma + row, mask=row_mask, other=0.0)
+            rho = tl.load(Rho + row, mask=row_mask, other=0.0)
+            scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            visible = _visible(offs_m[None, :], offs_n[:, None], t_k, band_lo, band_hi, BANDED)
+            p_t = _probs(scores_t, lse2[None, :], visible, qk_scale, masked)
+            dp_t = tl.dot(v, tl.trans(d_out), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            ds_bar_t = tl.dot(k, tl.trans(cot_dq), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            ds_bar_t = (ds_bar_t + tl.dot(cot_dk, tl.trans(q), input_precision=PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
+            do_gv_t = tl.dot(cot_dv, tl.trans(d_out), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            ds_t, s_bar_t, dp_bar_t = _second_order_tile(
+                p_t, dp_t, ds_bar_t, do_gv_t, delta[None, :], sigma[None, :], rho[None, :])
+            cot_k += tl.dot(s_bar_t.to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            cot_k += tl.dot(ds_t.to(cot_dq.dtype), cot_dq, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            cot_v += tl.dot(dp_bar_t.to(d_out.dtype), d_out, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    _store_tile(Cot_k + k_base, cot_k * sm_scale, offs_n, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+    _store_tile(Cot_v + k_base, cot_v, offs_n, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch functions. Every tensor is (B, H, T, D) with unit stride on D (any other strides, e.g.
+# a transposed view of a (B, T, H, D) buffer); query-shaped tensors are indexed with q's strides
+# and key-shaped ones with k's, so an input laid out differently is copied once into that layout.
+# Outputs may be preallocated (the JAX bridge passes JAX's own buffers) and must then share the
+# layout; row statistics (lse and its cotangents) are contiguous (B, H, T_q).
+# ----------------------------------------------------------------------------------------------
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def row_stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of lse and the other per-row statistics: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per sweep kind and padded head dim, for 2-byte
+# dtypes on a Hopper-class GPU; 4- and 8-byte dtypes halve the tiles so they fit in registers
+# and shared memory. Row sweeps tile queries by BLOCK_M, column sweeps keys by BLOCK_N.
+_GPU_BLOCKS = {
+    "forward": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)},
+    "jvp": {64: (64, 64, 4, 2), 128: (64, 32, 4, 2), 256: (32, 32, 4, 1)},
+    "backward": {64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 32, 4, 1)},
+    "backward_backward": {64: (64, 64, 4, 1), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
+}
+# The interpreter runs one program at a time on the CPU: the smallest tiles tl.dot accepts keep
+# test shapes tiny while still crossing several blocks and block boundaries.
+_INTERPRETER_BLOCKS = (16, 16, 1, 1)
+
+
+def _blocks(kind: str, block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    if interpreting():
+        return _INTERPRETER_BLOCKS
+    block_m, block_n, warps, stages = _GPU_BLOCKS[kind][max(block_d, 64)]
+    shrink = {torch.float32: 2, torch.float64: 4}.get(dtype, 1)
+    return max(block_m // shrink, 16), max(block_n // shrink, 16), warps, max(stages - shrink // 2, 1)
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal strides on every dimension longer than 1 (strides of unit dims are never used)."""
+    return a.shape == b.shape and all(
+        sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1
+    )
+
+
+def _in_layout(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``ref``'s dtype and layout, copied only if it is not already."""
+    if t.dtype == ref.dtype and _same_layout(t, ref):
+        return t
+    return torch.empty_strided(ref.shape, ref.stride(), dtype=ref.dtype, device=ref.device).copy_(t)
+
+
+def _output(given: torch.Tensor | None, ref: torch.Tensor, name: str) -> torch.Tensor:
+    if given is None:
+        return torch.empty_strided(ref.shape, ref.stride(), dtype=ref.dtype, device=ref.device)
+    if not _same_layout(given, ref) or given.dtype != ref.dtype:
+        raise ValueError(f"preallocated {name} must have the dtype and layout of the tensor it mirrors")
+    return given
+
+
+def _row_output(given: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    batch, heads, t_q, _ = q.shape
+    if given is None:
+        return torch.empty(batch, heads, t_q, dtype=row_stat_dtype(q.dtype), device=q.device)
+    if not given.is_contiguous():
+        raise ValueError("preallocated row statistics (lse and its tangents/cotangents) must be contiguous")
+    return given
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Geometry and scalar arguments shared by every kernel of one attention call."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    params: AttentionParams
+
+    @property
+    def block_d(self) -> int:
+        return max(triton.next_power_of_2(self.q.shape[-1]), 16)
+
+    def scalars(self) -> tuple:
+        batch, heads, t_q, _ = self.q.shape
+        t_k = self.k.shape[2]
+        band_lo, band_hi = self.params.diagonal_band(t_q, t_k)
+        return (*self.q.stride()[:3], *self.k.stride()[:3], t_q, t_k, heads, heads // self.k.shape[1],
+                self.params.scale, band_lo, band_hi)
+
+    def meta(self, kind: str, **flags) -> tuple[tuple[int, int], dict]:
+        """(BLOCK_M, BLOCK_N) and the constexpr/launch keywords for one sweep kind."""
+        block_m, block_n, warps, stages = _blocks(kind, self.block_d, self.q.dtype)
+        use_tf32 = self.q.dtype == torch.float32 and self.q.is_cuda and torch.backends.cuda.matmul.allow_tf32
+        meta = dict(
+            HEAD_DIM=self.q.shape[-1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=self.block_d,
+            BANDED=self.params.banded, EVEN_K=self.k.shape[2] % block_n == 0,
+            ACC_DTYPE=tl.float64 if self.q.dtype == torch.float64 else tl.float32,
+            PRECISION="tf32" if use_tf32 else "ieee", num_warps=warps, num_stages=stages, **flags,
+        )
+        return (block_m, block_n), meta
+
+    def row_grid(self, block_m: int) -> tuple[int, int]:
+        return triton.cdiv(self.q.shape[2], block_m), self.q.shape[0] * self.q.shape[1]
+
+    def column_grid(self, block_n: int) -> tuple[int, int]:
+        return triton.cdiv(self.k.shape[2], block_n), self.k.shape[0] * self.k.shape[1]
+
+
+def _prepare(q, k, v, params, query_like=(), key_like=()):
+    """Unit last stride on q and k; other tensors moved into q's / k's layout (see above)."""
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    call = _Call(q, k, params)
+    queries = [None if t is None else _in_layout(t, q) for t in query_like]
+    keys = [None if t is None else _in_layout(t, k) for t in (v, *key_like)]
+    return call, queries, keys
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else _nullcontext()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _forward(q, k, v, q_dot, k_dot, v_dot, params, out, lse, out_dot, lse_dot):
+    has_tangent = q_dot is not None
+    call, (q_dot,), (v, k_dot, v_dot) = _prepare(q, k, v, params, (q_dot,), (k_dot, v_dot))
+    q, k = call.q, call.k
+    out = _output(out, q, "out")
+    lse = _row_output(lse, q)
+    if has_tangent:
+        out_dot = _output(out_dot, q, "out_dot")
+        lse_dot = _row_output(lse_dot, q)
+    if q.numel() == 0:
+        return out, lse, out_dot, lse_dot
+    (block_m, _), meta = call.meta("jvp" if has_tangent else "forward", HAS_TANGENT=has_tangent)
+    tangents = (q_dot, k_dot, v_dot, out_dot, lse_dot) if has_tangent else (q, k, v, out, lse)
+    with _device_guard(q):
+        _attn_fwd_kernel[call.row_grid(block_m)](q, k, v, out, lse, *tangents, *call.scalars(), **meta)
+    return out, lse, out_dot, lse_dot
+
+
+def attention_forward(q, k, v, params: AttentionParams, *, out=None, lse=None):
+    """Fused attention forward.
+
+    Arguments:
+        q: (B, H, T_q, D); k, v: (B, H_kv, T_k, D), H % H_kv == 0; fp16, bf16, fp32 or fp64.
+    Returns:
+        out (B, H, T_q, D) in q's dtype; lse (B, H, T_q) in float32 (float64 for fp64 inputs),
+        +inf on rows that see no key.
+    """
+    out, lse, _, _ = _forward(q, k, v, None, None, None, params, out, lse, None, None)
+    return out, lse
+
+
+def attention_jvp(q, k, v, q_dot, k_dot, v_dot, params: AttentionParams, *, out=None, lse=None,
+                  out_dot=None, lse_dot=None):
+    """Forward and forward-mode derivative in one sweep: returns (out, lse, out_dot, lse_dot),
+    the tangents for input tangents (q_dot, k_dot, v_dot) shaped like (q, k, v)."""
+    return _forward(q, k, v, q_dot, k_dot, v_dot, params, out, lse, out_dot, lse_dot)
+
+
+def _row_delta(call: _Call, out, d_out, d_lse):
+    q = call.q
+    delta = torch.empty(q.shape[:3], dtype=row_stat_dtype(q.dtype), device=q.device)
+    (block_m, _), meta = call.meta("backward")
+    _row_delta_kernel[call.row_grid(block_m)](
+        out, d_out, d_lse if d_lse is not None else delta, delta, *q.stride()[:3], q.shape[2], q.shape[1],
+        HEAD_DIM=meta["HEAD_DIM"], BLOCK_M=block_m, BLOCK_D=meta["BLOCK_D"], HAS_D_LSE=d_lse is not None,
+        ACC_DTYPE=meta["ACC_DTYPE"],
+    )
+    return delta
+
+
+def _row_stat_input(t, q):
+    return None if t is None else t.to(row_stat_dtype(q.dtype)).contiguous()
+
+
+def attention_backward(q, k, v, out, lse, d_out, d_lse, params: AttentionParams, *, dq=None, dk=None, dv=None):
+    """Gradients (dq, dk, dv) of <d_out, out> + <d_lse, lse>; ``d_lse`` may be None (zero)."""
+    call, (out, d_out), (v,) = _prepare(q, k, v, params, (out, d_out))
+    q, k = call.q, call.k
+    dq, dk, dv = _output(dq, q, "dq"), _output(dk, k, "dk"), _output(dv, k, "dv")
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    lse, d_lse = _row_stat_input(lse, q), _row_stat_input(d_lse, q)
+    with _device_guard(q):
+        delta = _row_delta(call, out, d_out, d_lse)
+        (block_m, block_n), meta = call.meta("backward")
+        _attn_bwd_dq_kernel[call.row_grid(block_m)](q, k, v, d_out, lse, delta, dq, *call.scalars(), **meta)
+        _attn_bwd_dkdv_kernel[call.column_grid(block_n)](
+            q, k, v, d_out, lse, delta, dk, dv, *call.scalars(), **meta)
+    return dq, dk, dv
+
+
+def attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv,
+                                params: AttentionParams, *, cot_q=None, cot_k=None, cot_v=None,
+                                cot_d_out=None, cot_d_lse=None):
+    """VJP of the backward (q, k, v, d_out, d_lse) ↦ (dq, dk, dv) for cotangents
+    (cot_dq, cot_dk, cot_dv) (None = zero); out and lse count as functions of q, k, v.
+
+    Returns:
+        (cot_q, cot_k, cot_v, cot_d_out, cot_d_lse), shaped like (q, k, v, out, lse).
+    """
+    call, (out, d_out, cot_dq), (v, cot_dk, cot_dv) = _prepare(
+        q, k, v, params, (out, d_out, cot_dq), (cot_dk, cot_dv))
+    q, k = call.q, call.k
+    cot_dq = torch.zeros_like(q) if cot_dq is None else cot_dq
+    cot_dk = torch.zeros_like(k) if cot_dk is None else cot_dk
+    cot_dv = torch.zeros_like(k) if cot_dv is None else cot_dv
+    cot_q, cot_k, cot_v = _output(cot_q, q, "cot_q"), _output(cot_k, k, "cot_k"), _output(cot_v, k, "cot_v")
+    cot_d_out, cot_d_lse = _output(cot_d_out, q, "cot_d_out"), _row_output(cot_d_lse, q)
+    if q.numel() == 0 or k.numel() == 0:
+        return cot_q.zero_(), cot_k.zero_(), cot_v.zero_(), cot_d_out.zero_(), cot_d_lse.zero_()
+    lse = _row_stat_input(lse, q)
+    d_lse = torch.zeros_like(lse) if d_lse is None else _row_stat_input(d_lse, q)
+    rho = torch.empty_like(lse)
+    with _device_guard(q):
+        delta = _row_delta(call, out, d_out, d_lse)
+        (block_m, _), meta = call.meta("backward_backward")
+        _attn_bwd_bwd_rows_kernel[call.row_grid(block_m)](
+            q, k, v, d_out, lse, delta, d_lse, cot_dq, cot_dk, cot_dv, cot_q, cot_d_out, cot_d_lse, rho,
+            *call.scalars(), **meta)
+        (_, block_n), meta = call.meta("backward_backward")
+        _attn_bwd_bwd_cols_kernel[call.column_grid(block_n)](
+            q, k, v, d_out, lse, delta, cot_d_lse, rho, cot_dq, cot_dk, cot_dv, cot_k, cot_v,
+            *call.scalars(), **meta)
+    return cot_q, cot_k, cot_v, cot_d_out, cot_d_lse
