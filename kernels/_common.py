@@ -1,0 +1,71 @@
+"""Launch helpers shared by the op files: dtypes, device facts, preallocated outputs.
+
+Kept small and op-neutral; anything specific to one op lives in that op's file.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_TL_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+# Programs assumed per launch wave when there is no GPU to ask (the interpreter runs programs
+# one after another, so the number only shapes the work split, never the speed).
+_INTERPRETER_MULTIPROCESSORS = 4
+
+
+def is_interpreter() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dtype_name(dtype) -> str:
+    """``torch.bfloat16`` and ``jnp.bfloat16`` alike -> ``"bfloat16"``, for error messages."""
+    return str(dtype).removeprefix("torch.")
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Reductions and saved statistics run in float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The ``triton.language`` dtype of a torch floating dtype (passed as a ``tl.constexpr``)."""
+    return _TL_DTYPES[dtype]
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device: sizes persistent grids."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _INTERPRETER_MULTIPROCESSORS
+
+
+def output_buffer(out: torch.Tensor | None, name: str, shape, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """A preallocated output checked against what the kernel will write, or a fresh one.
+
+    Kernels write through the data pointer assuming a contiguous layout, so a wrong shape,
+    dtype, device or stride is an error here rather than silently wrong memory.
+    """
+    shape = tuple(shape)
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device:
+        raise ValueError(
+            f"preallocated {name} must be {dtype_name(dtype)} of shape {shape} on {device}, got "
+            f"{dtype_name(out.dtype)} of shape {tuple(out.shape)} on {out.device}"
+        )
+    if not out.is_contiguous():
+        raise ValueError(f"preallocated {name} must be contiguous")
+    return out

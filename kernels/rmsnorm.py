@@ -1,0 +1,468 @@
+"""Fused RMSNorm: forward (with the forward-mode JVP folded in), backward and double backward.
+
+Reading order: tuning and layout, the row helpers, the kernels (forward/JVP, backward, double
+backward, the column sum that finishes every weight-shaped reduction), the launch functions.
+No autograd here: ``theria_torch`` and ``theria_jax`` wrap the launchers. The equations are
+derived in docs/theory/rmsnorm_derivatives.md (§ numbers below).
+
+Per row of N features: r = 1/sqrt(mean(x²) + eps) (``rstd``, saved by the forward), x̂ = r·x,
+y = w ∘ x̂. Everything rests on one symmetric matrix, the Jacobian of x ↦ x̂,
+J = r·(I − x̂ x̂ᵀ/N), applied to a row vector v as ``_project``: J v = r·(v − x̂·mean(v ∘ x̂)).
+
+Grouped weights: ``weight`` has shape (*G, N) and ``x`` has shape (*G, *R, N); the rows of group
+g use weight[g], and weight-shaped outputs (dweight, cot_weight) are summed over each group's
+rows. The public API uses G = () (one weight for every row); vmap over a weight folds the mapped
+dimension into G, so a batch of weights is still one launch.
+
+Precision: loads are cast to ``ACC`` (float32, float64 for float64 inputs); rstd and the
+per-program partial sums stay in ``ACC``; outputs are cast to their buffer's dtype on store.
+Weight-shaped reductions never use atomics: every program writes its own partial row and
+``_column_sum_kernel`` adds them in a fixed order, so results are deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from theria_kernels._common import (
+    SUPPORTED_DTYPES,
+    accumulator_dtype,
+    dtype_name,
+    multiprocessor_count,
+    output_buffer,
+    tl_dtype,
+)
+
+# A whole row lives in registers (one sweep reads each input once), so N is bounded by what a
+# 32-warp program can hold; beyond it the reference backend applies.
+MAX_N = 65536
+
+
+@dataclass(frozen=True)
+class RMSNormTuning:
+    """Launch shape, exposed so ``scripts/bench_rmsnorm.py`` can sweep it.
+
+    ``tile_elements``: a program handles ``max(1, tile_elements // BLOCK_N)`` rows at once, so
+    short rows are packed into tiles as large as one long row.
+    ``elements_per_thread``: num_warps = tile / (32 · elements_per_thread), clamped to [1, 32].
+    ``reduce_programs_per_sm``: programs per multiprocessor in the kernels with a weight-shaped
+    reduction; each writes one N-long partial row, so more programs buy latency hiding with
+    partial-sum traffic.
+    """
+
+    tile_elements: int = 4096
+    elements_per_thread: int = 16
+    reduce_programs_per_sm: int = 2
+
+
+DEFAULT_TUNING = RMSNormTuning()
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a (*G, *R, N) input maps onto programs: per group, tiles of ``tile_rows`` rows."""
+
+    n_groups: int
+    rows_per_group: int
+    n_cols: int
+    block_n: int
+    tile_rows: int
+    num_warps: int
+
+    @property
+    def tiles_per_group(self) -> int:
+        return triton.cdiv(self.rows_per_group, self.tile_rows)
+
+    def programs_per_group(self, device: torch.device, tuning: RMSNormTuning, reduces: bool) -> int:
+        """One tile per program for row-local kernels; a persistent grid of about
+        ``reduce_programs_per_sm`` programs per multiprocessor (shared among the groups) for
+        kernels that also reduce over rows."""
+        if not reduces:
+            return self.tiles_per_group
+        budget = tuning.reduce_programs_per_sm * multiprocessor_count(device)
+        return max(1, min(self.tiles_per_group, triton.cdiv(budget, self.n_groups)))
+
+
+def _layout(x: torch.Tensor, weight: torch.Tensor, tuning: RMSNormTuning) -> _Layout:
+    group_shape = tuple(weight.shape[:-1])
+    if (x.ndim < weight.ndim or tuple(x.shape[: len(group_shape)]) != group_shape
+            or x.shape[-1] != weight.shape[-1]):
+        raise ValueError(
+            f"rmsnorm kernels: weight of shape {tuple(weight.shape)} = (*G, N) needs x of shape "
+            f"(*G, ..., N), got {tuple(x.shape)}"
+        )
+    n_cols = x.shape[-1]
+    if not 1 <= n_cols <= MAX_N:
+        raise ValueError(f"rmsnorm kernels: need 1 <= N <= {MAX_N}, got N = {n_cols}")
+    n_groups = math.prod(group_shape)
+    rows_per_group = x.numel() // n_cols // n_groups if n_groups else 0
+    block_n = triton.next_power_of_2(n_cols)
+    tile_rows = min(max(1, tuning.tile_elements // block_n),
+                    triton.next_power_of_2(max(rows_per_group, 1)))
+    num_warps = min(32, max(1, tile_rows * block_n // (32 * tuning.elements_per_thread)))
+    return _Layout(n_groups, rows_per_group, n_cols, block_n, tile_rows,
+                   triton.next_power_of_2(num_warps))
+
+
+def check_arguments(x_shape, x_dtype, weight_shape, weight_dtype, eps, *, fused: bool) -> None:
+    """The public ``rmsnorm``'s checks on metadata, shared by ``theria_torch`` and ``theria_jax``
+    so that both raise the same messages. Dtypes may be torch or numpy/JAX dtypes; ``fused``
+    adds the kernels' own limit on N.
+
+    Raises:
+        TypeError: unsupported or mixed dtypes, non-numeric eps.
+        ValueError: x without a feature dimension, N out of range, weight not (N,), eps < 0.
+    """
+    supported = [dtype_name(d) for d in SUPPORTED_DTYPES]
+    for name, dtype in (("x", x_dtype), ("weight", weight_dtype)):
+        if dtype_name(dtype) not in supported:
+            raise TypeError(f"rmsnorm: {name} has dtype {dtype_name(dtype)}; supported: {', '.join(supported)}")
+    if dtype_name(weight_dtype) != dtype_name(x_dtype):
+        raise TypeError(
+            f"rmsnorm: weight has dtype {dtype_name(weight_dtype)} but x has dtype {dtype_name(x_dtype)}; "
+            "cast one so that both match"
+        )
+    if len(x_shape) == 0:
+        raise ValueError("rmsnorm: x must have shape (..., N), got a scalar")
+    n_cols = x_shape[-1]
+    if n_cols < 1:
+        raise ValueError(f"rmsnorm: x of shape {tuple(x_shape)} has no features to normalise (N = 0)")
+    if fused and n_cols > MAX_N:
+        raise ValueError(
+            f"rmsnorm: N = {n_cols} exceeds the fused kernels' limit of {MAX_N} features; "
+            "use backend=\"reference\""
+        )
+    if tuple(weight_shape) != (n_cols,):
+        raise ValueError(
+            f"rmsnorm: weight must have shape (N,) = ({n_cols},) to match x of shape {tuple(x_shape)}, "
+            f"got {tuple(weight_shape)}"
+        )
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"rmsnorm: eps must be a Python float, got {type(eps).__name__}")
+    if not eps >= 0:
+        raise ValueError(f"rmsnorm: eps must be >= 0, got {eps}")
+
+
+def _check_like(name: str, tensor: torch.Tensor, like: torch.Tensor, like_name: str) -> torch.Tensor:
+    """Tangents and cotangents must match their primal exactly; returned contiguous."""
+    if tensor.shape != like.shape or tensor.dtype != like.dtype or tensor.device != like.device:
+        raise ValueError(
+            f"rmsnorm kernels: {name} must match {like_name} ({like.dtype}, {tuple(like.shape)}, "
+            f"{like.device}), got ({tensor.dtype}, {tuple(tensor.shape)}, {tensor.device})"
+        )
+    return tensor.contiguous()
+
+
+def _check_rstd(rstd: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    acc = accumulator_dtype(x.dtype)
+    if rstd.shape != x.shape[:-1] or rstd.dtype != acc or rstd.device != x.device:
+        raise ValueError(
+            f"rmsnorm kernels: rstd must be the forward's ({acc}, {tuple(x.shape[:-1])}, {x.device}), "
+            f"got ({rstd.dtype}, {tuple(rstd.shape)}, {rstd.device})"
+        )
+    return rstd.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Row helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_offsets(group, tile, rows_per_group, n_cols, TILE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Flat offsets of one (TILE_ROWS, BLOCK_N) tile, the global row indices and the masks.
+    int64 because rows · N passes 2³¹ on large activations."""
+    rows = tile * TILE_ROWS + tl.arange(0, TILE_ROWS)
+    row_mask = rows < rows_per_group
+    global_rows = group.to(tl.int64) * rows_per_group + rows
+    cols = tl.arange(0, BLOCK_N)
+    mask = row_mask[:, None] & (cols < n_cols)[None, :]
+    offs = global_rows[:, None] * n_cols + cols[None, :]
+    return offs, global_rows, row_mask, mask
+
+
+@triton.jit
+def _load(ptr, offs, mask, ACC: tl.constexpr):
+    """Out-of-range entries read as 0, which leaves every row sum and every product unchanged."""
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _row_mean(u, n_cols):
+    """mean over the N real features of each row, kept as a (rows, 1) column."""
+    return (tl.sum(u, axis=1) / n_cols)[:, None]
+
+
+@triton.jit
+def _project(v, x_hat, rstd, n_cols):
+    """J v = r·(v − x̂·mean(v ∘ x̂)), J the (symmetric) Jacobian of x ↦ x̂ (§1)."""
+    return rstd[:, None] * (v - x_hat * _row_mean(v * x_hat, n_cols))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, w_ptr, x_dot_ptr, w_dot_ptr, y_ptr, rstd_ptr, y_dot_ptr,
+    rows_per_group, n_cols, programs_per_group, eps: "fp64",
+    ACC: tl.constexpr, TILE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_X_DOT: tl.constexpr, HAS_W_DOT: tl.constexpr,
+):
+    """y = w ∘ x̂ and rstd (§0); with a tangent also ẏ = w ∘ J ẋ + ẇ ∘ x̂ (§2), same sweep.
+    ``eps`` is passed as float64 so float64 runs see it unrounded; it only touches the per-row
+    mean, so the float64 add costs nothing in the float32 kernels."""
+    pid = tl.program_id(0)
+    group = pid // programs_per_group
+    cols = tl.arange(0, BLOCK_N)
+    w_offs = group.to(tl.int64) * n_cols + cols
+    w = tl.load(w_ptr + w_offs, mask=cols < n_cols, other=0.0).to(ACC)[None, :]
+    if HAS_W_DOT:
+        w_dot = tl.load(w_dot_ptr + w_offs, mask=cols < n_cols, other=0.0).to(ACC)[None, :]
+    for tile in range(pid % programs_per_group, tl.cdiv(rows_per_group, TILE_ROWS), programs_per_group):
+        offs, global_rows, row_mask, mask = _tile_offsets(group, tile, rows_per_group, n_cols,
+                                                          TILE_ROWS, BLOCK_N)
+        x = _load(x_ptr, offs, mask, ACC)
+        rstd = (1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)).to(ACC)
+        x_hat = x * rstd[:, None]
+        tl.store(y_ptr + offs, (w * x_hat).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(rstd_ptr + global_rows, rstd, mask=row_mask)
+        if HAS_X_DOT or HAS_W_DOT:
+            y_dot = tl.zeros_like(x_hat)
+            if HAS_X_DOT:
+                y_dot += w * _project(_load(x_dot_ptr, offs, mask, ACC), x_hat, rstd, n_cols)
+            if HAS_W_DOT:
+                y_dot += w_dot * x_hat
+            tl.store(y_dot_ptr + offs, y_dot.to(y_dot_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _backward_kernel(
+    x_ptr, w_ptr, rstd_ptr, dy_ptr, dx_ptr, dw_partial_ptr,
+    rows_per_group, n_cols, programs_per_group,
+    ACC: tl.constexpr, TILE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dx = J (w ∘ dy) and this program's share of dweight = Σ_rows dy ∘ x̂ (§3)."""
+    pid = tl.program_id(0)
+    group = pid // programs_per_group
+    cols = tl.arange(0, BLOCK_N)
+    w = tl.load(w_ptr + group.to(tl.int64) * n_cols + cols, mask=cols < n_cols, other=0.0).to(ACC)[None, :]
+    dw = tl.zeros([BLOCK_N], dtype=ACC)
+    for tile in range(pid % programs_per_group, tl.cdiv(rows_per_group, TILE_ROWS), programs_per_group):
+        offs, global_rows, row_mask, mask = _tile_offsets(group, tile, rows_per_group, n_cols,
+                                                          TILE_ROWS, BLOCK_N)
+        rstd = tl.load(rstd_ptr + global_rows, mask=row_mask, other=0.0)
+        x_hat = _load(x_ptr, offs, mask, ACC) * rstd[:, None]
+        dy = _load(dy_ptr, offs, mask, ACC)
+        dx = _project(w * dy, x_hat, rstd, n_cols)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * x_hat, axis=0)
+    tl.store(dw_partial_ptr + pid.to(tl.int64) * n_cols + cols, dw, mask=cols < n_cols)
+
+
+@triton.jit
+def _double_backward_kernel(
+    x_ptr, w_ptr, rstd_ptr, dy_ptr, cot_dx_ptr, cot_dw_ptr, cot_x_ptr, cot_w_partial_ptr, cot_dy_ptr,
+    rows_per_group, n_cols, programs_per_group,
+    ACC: tl.constexpr, TILE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_COT_DX: tl.constexpr, HAS_COT_DW: tl.constexpr,
+):
+    """VJP of (x, w, dy) ↦ (dx, dweight) for cotangents a = cot_dx, b = cot_dweight (§4):
+        cot_dy = w ∘ J a + b ∘ x̂
+        cot_w  = Σ_rows dy ∘ J a
+        cot_x  = r²·[(3 c A − mean(a ∘ g))·x̂ − A·g − c·a] + J (b ∘ dy)
+    with g = w ∘ dy, c = mean(g ∘ x̂), A = mean(a ∘ x̂). Every term needs only row means, so one
+    sweep suffices."""
+    pid = tl.program_id(0)
+    group = pid // programs_per_group
+    cols = tl.arange(0, BLOCK_N)
+    w_offs = group.to(tl.int64) * n_cols + cols
+    w = tl.load(w_ptr + w_offs, mask=cols < n_cols, other=0.0).to(ACC)[None, :]
+    if HAS_COT_DW:
+        b = tl.load(cot_dw_ptr + w_offs, mask=cols < n_cols, other=0.0).to(ACC)[None, :]
+    cot_w = tl.zeros([BLOCK_N], dtype=ACC)
+    for tile in range(pid % programs_per_group, tl.cdiv(rows_per_group, TILE_ROWS), programs_per_group):
+        offs, global_rows, row_mask, mask = _tile_offsets(group, tile, rows_per_group, n_cols,
+                                                          TILE_ROWS, BLOCK_N)
+        rstd = tl.load(rstd_ptr + global_rows, mask=row_mask, other=0.0)
+        x_hat = _load(x_ptr, offs, mask, ACC) * rstd[:, None]
+        dy = _load(dy_ptr, offs, mask, ACC)
+        cot_x = tl.zeros_like(x_hat)
+        cot_dy = tl.zeros_like(x_hat)
+        if HAS_COT_DX:
+            a = _load(cot_dx_ptr, offs, mask, ACC)
+            g = w * dy
+            a_mean = _row_mean(a * x_hat, n_cols)
+            g_mean = _row_mean(g * x_hat, n_cols)
+            j_a = rstd[:, None] * (a - x_hat * a_mean)
+            cot_dy += w * j_a
+            cot_w += tl.sum(dy * j_a, axis=0)
+            r2 = (rstd * rstd)[:, None]
+            cot_x += r2 * ((3.0 * g_mean * a_mean - _row_mean(a * g, n_cols)) * x_hat
+                           - a_mean * g - g_mean * a)
+        if HAS_COT_DW:
+            cot_dy += b * x_hat
+            cot_x += _project(b * dy, x_hat, rstd, n_cols)
+        tl.store(cot_x_ptr + offs, cot_x.to(cot_x_ptr.dtype.element_ty), mask=mask)
+        tl.store(cot_dy_ptr + offs, cot_dy.to(cot_dy_ptr.dtype.element_ty), mask=mask)
+    tl.store(cot_w_partial_ptr + pid.to(tl.int64) * n_cols + cols, cot_w, mask=cols < n_cols)
+
+
+@triton.jit
+def _column_sum_kernel(partial_ptr, out_ptr, n_partials, n_cols,
+                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[g, :] = Σ_p partial[g, p, :] in a fixed order: the second stage of every
+    weight-shaped reduction. Grid: (groups, column blocks)."""
+    group = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < n_cols
+    base = partial_ptr + group * n_partials * n_cols
+    total = tl.zeros([BLOCK_C], dtype=partial_ptr.dtype.element_ty)
+    for start in range(0, n_partials, BLOCK_P):
+        parts = start + tl.arange(0, BLOCK_P)
+        mask = (parts < n_partials)[:, None] & col_mask[None, :]
+        total += tl.sum(tl.load(base + parts[:, None] * n_cols + cols[None, :], mask=mask, other=0.0), axis=0)
+    tl.store(out_ptr + group * n_cols + cols, total.to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch functions
+# ----------------------------------------------------------------------------------------------
+
+
+def _sum_partials(partial: torch.Tensor, out: torch.Tensor, layout: _Layout) -> None:
+    """Reduce (G, P, N) per-program partial rows into out (*G, N)."""
+    block_c = min(layout.block_n, 256)
+    grid = (layout.n_groups, triton.cdiv(layout.n_cols, block_c))
+    _column_sum_kernel[grid](partial, out, partial.shape[1], layout.n_cols, BLOCK_P=8, BLOCK_C=block_c)
+
+
+def rmsnorm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                    y: torch.Tensor | None = None, rstd: torch.Tensor | None = None,
+                    tuning: RMSNormTuning = DEFAULT_TUNING):
+    """y = x · rsqrt(mean(x², -1) + eps) · weight, and the per-row rstd.
+
+    Arguments:
+        x: (*G, ..., N), float16/bfloat16/float32/float64.
+        weight: (*G, N), x's dtype (G = () for one weight shared by all rows).
+        eps: added to mean(x²) inside the square root.
+        y, rstd: optional preallocated outputs (contiguous), written in place.
+    Returns:
+        (y, rstd): y like x; rstd of shape x.shape[:-1] in float32 (float64 for float64 x).
+    """
+    return rmsnorm_jvp(x, weight, None, None, eps, y=y, rstd=rstd, tuning=tuning)[:2]
+
+
+def rmsnorm_jvp(x: torch.Tensor, weight: torch.Tensor, x_dot: torch.Tensor | None,
+                weight_dot: torch.Tensor | None, eps: float, *,
+                y: torch.Tensor | None = None, rstd: torch.Tensor | None = None,
+                y_dot: torch.Tensor | None = None, tuning: RMSNormTuning = DEFAULT_TUNING):
+    """Forward and forward-mode derivative in one sweep.
+
+    Arguments:
+        x, weight, eps: as in ``rmsnorm_forward``.
+        x_dot: tangent of x (x's shape), or None for zero.
+        weight_dot: tangent of weight (weight's shape), or None for zero.
+        y, rstd, y_dot: optional preallocated outputs. y_dot is only written (and only
+        returned non-None) when a tangent is given.
+    Returns:
+        (y, rstd, y_dot) with y_dot = ∂y/∂x · x_dot + ∂y/∂weight · weight_dot, like x.
+    """
+    layout = _layout(x, weight, tuning)
+    acc = accumulator_dtype(x.dtype)
+    has_tangent = x_dot is not None or weight_dot is not None
+    y = output_buffer(y, "y", x.shape, x.dtype, x.device)
+    rstd = output_buffer(rstd, "rstd", x.shape[:-1], acc, x.device)
+    y_dot = output_buffer(y_dot, "y_dot", x.shape, x.dtype, x.device) if has_tangent else None
+    x_dot = _check_like("x_dot", x_dot, x, "x") if x_dot is not None else None
+    weight_dot = _check_like("weight_dot", weight_dot, weight, "weight") if weight_dot is not None else None
+    programs = layout.programs_per_group(x.device, tuning, reduces=False)
+    if programs * layout.n_groups:
+        x, weight = x.contiguous(), weight.contiguous()
+        _forward_kernel[(layout.n_groups * programs,)](
+            x, weight, x_dot if x_dot is not None else x, weight_dot if weight_dot is not None else weight,
+            y, rstd, y_dot if has_tangent else y,
+            layout.rows_per_group, layout.n_cols, programs, float(eps),
+            ACC=tl_dtype(acc), TILE_ROWS=layout.tile_rows, BLOCK_N=layout.block_n,
+            HAS_X_DOT=x_dot is not None, HAS_W_DOT=weight_dot is not None, num_warps=layout.num_warps,
+        )
+    return y, rstd, y_dot
+
+
+def rmsnorm_backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor, *,
+                     dx: torch.Tensor | None = None, dweight: torch.Tensor | None = None,
+                     tuning: RMSNormTuning = DEFAULT_TUNING):
+    """Reverse-mode derivative (VJP) of rmsnorm with cotangent dy.
+
+    Arguments:
+        x, weight: the forward's inputs. rstd: the forward's saved rstd (x.shape[:-1]).
+        dy: cotangent of y (x's shape and dtype).
+        dx, dweight: optional preallocated outputs.
+    Returns:
+        (dx, dweight): dx like x; dweight like weight (summed over each group's rows).
+    """
+    layout = _layout(x, weight, tuning)
+    acc = accumulator_dtype(x.dtype)
+    dy = _check_like("dy", dy, x, "x")
+    rstd = _check_rstd(rstd, x)
+    dx = output_buffer(dx, "dx", x.shape, x.dtype, x.device)
+    dweight = output_buffer(dweight, "dweight", weight.shape, weight.dtype, weight.device)
+    programs = layout.programs_per_group(x.device, tuning, reduces=True)
+    if layout.n_groups == 0:
+        return dx, dweight
+    partial = torch.empty((layout.n_groups, programs, layout.n_cols), dtype=acc, device=x.device)
+    _backward_kernel[(layout.n_groups * programs,)](
+        x.contiguous(), weight.contiguous(), rstd, dy, dx, partial,
+        layout.rows_per_group, layout.n_cols, programs,
+        ACC=tl_dtype(acc), TILE_ROWS=layout.tile_rows, BLOCK_N=layout.block_n, num_warps=layout.num_warps,
+    )
+    _sum_partials(partial, dweight, layout)
+    return dx, dweight
+
+
+def rmsnorm_backward_backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor,
+                              cot_dx: torch.Tensor | None, cot_dweight: torch.Tensor | None, *,
+                              cot_x: torch.Tensor | None = None, cot_weight: torch.Tensor | None = None,
+                              cot_dy: torch.Tensor | None = None, tuning: RMSNormTuning = DEFAULT_TUNING):
+    """VJP of the backward, (x, weight, dy) ↦ (dx, dweight), with cotangents (cot_dx, cot_dweight).
+
+    rstd is treated as the function of x it is (total derivative), so no cotangent flows to it.
+
+    Arguments:
+        x, weight, rstd, dy: as in ``rmsnorm_backward``.
+        cot_dx: cotangent of dx (x's shape), or None for zero.
+        cot_dweight: cotangent of dweight (weight's shape), or None for zero.
+        cot_x, cot_weight, cot_dy: optional preallocated outputs.
+    Returns:
+        (cot_x, cot_weight, cot_dy), shaped like x, weight and dy.
+    """
+    layout = _layout(x, weight, tuning)
+    acc = accumulator_dtype(x.dtype)
+    dy = _check_like("dy", dy, x, "x")
+    rstd = _check_rstd(rstd, x)
+    cot_dx = _check_like("cot_dx", cot_dx, x, "x") if cot_dx is not None else None
+    cot_dweight = _check_like("cot_dweight", cot_dweight, weight, "weight") if cot_dweight is not None else None
+    cot_x = output_buffer(cot_x, "cot_x", x.shape, x.dtype, x.device)
+    cot_weight = output_buffer(cot_weight, "cot_weight", weight.shape, weight.dtype, weight.device)
+    cot_dy = output_buffer(cot_dy, "cot_dy", x.shape, x.dtype, x.device)
+    programs = layout.programs_per_group(x.device, tuning, reduces=True)
+    if layout.n_groups == 0:
+        return cot_x, cot_weight, cot_dy
+    partial = torch.empty((layout.n_groups, programs, layout.n_cols), dtype=acc, device=x.device)
+    _double_backward_kernel[(layout.n_groups * programs,)](
+        x.contiguous(), weight.contiguous(), rstd, dy,
+        cot_dx if cot_dx is not None else dy, cot_dweight if cot_dweight is not None else weight,
+        cot_x, partial, cot_dy,
+        layout.rows_per_group, layout.n_cols, programs,
+        ACC=tl_dtype(acc), TILE_ROWS=layout.tile_rows, BLOCK_N=layout.block_n,
+        HAS_COT_DX=cot_dx is not None, HAS_COT_DW=cot_dweight is not None, num_warps=layout.num_warps,
+    )
+    _sum_partials(partial, cot_weight, layout)
+    return cot_x, cot_weight, cot_dy

@@ -1,0 +1,371 @@
+"""theria_torch.rmsnorm and the kernels under it against the float64 PyTorch reference.
+
+On CPU the kernels run in Triton's interpreter (tests/conftest.py), so shapes stay tiny; the
+tests marked ``gpu`` repeat the comparisons at model sizes on CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import forward_ad, gradcheck, gradgradcheck
+
+from theria_kernels.rmsnorm import (
+    rmsnorm_backward,
+    rmsnorm_backward_backward,
+    rmsnorm_forward,
+    rmsnorm_jvp,
+)
+from theria_torch.rmsnorm import rmsnorm, rmsnorm_reference
+
+# The interpreter warns on every runtime loop bound it converts to an int; noise, not a finding.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.runtime.interpreter")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = 0.1  # large enough that eps visibly shapes every derivative
+
+# ‖out − ref‖ / ‖ref‖ against float64 (docs/design/rmsnorm.md).
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+DTYPES = list(TOLERANCE)
+
+
+def assert_close(name, out, ref, tol):
+    """Relative Frobenius error within tol; on failure say where the worst entry is."""
+    out, ref = out.double(), ref.double()
+    rel = ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+    if not rel <= tol:  # also fails on NaN
+        diff = (out - ref).abs().nan_to_num(float("inf"))
+        index = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+        raise AssertionError(
+            f"{name}: relative error {rel:.3e} > {tol:.1e}; max |diff| {diff.max().item():.3e} at "
+            f"{index} (out {out[index].item():.6g}, ref {ref[index].item():.6g})"
+        )
+
+
+def make_inputs(leading, n_cols, dtype, seed=0, requires_grad=False):
+    """Fresh random x (leading + (N,)) and a weight away from zero."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*leading, n_cols, generator=gen, dtype=torch.float64)
+    weight = 1.0 + 0.5 * torch.randn(n_cols, generator=gen, dtype=torch.float64)
+    return [t.to(DEVICE, dtype).requires_grad_(requires_grad) for t in (x, weight)]
+
+
+def as_reference(*tensors):
+    return [t.detach().double().requires_grad_() for t in tensors]
+
+
+def fused(x, weight):
+    return rmsnorm(x, weight, EPS)
+
+
+def reference(x, weight):
+    return rmsnorm_reference(x, weight, EPS)
+
+
+def scalar_loss(norm):
+    """A non-quadratic loss, so second derivatives exercise every term."""
+    return lambda x, weight: norm(x, weight).sin().sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward and first derivatives, every dtype
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n_cols", [7, 32])
+@pytest.mark.parametrize("leading", [(5,), (2, 3)], ids=str)
+def test_forward_backward_match_float64_reference(dtype, n_cols, leading):
+    x, weight = make_inputs(leading, n_cols, dtype, requires_grad=True)
+    y = fused(x, weight)
+    dy = torch.randn_like(y)
+    dx, dweight = torch.autograd.grad(y, (x, weight), dy)
+
+    x_ref, weight_ref = as_reference(x, weight)
+    y_ref = reference(x_ref, weight_ref)
+    dx_ref, dweight_ref = torch.autograd.grad(y_ref, (x_ref, weight_ref), dy.double())
+    tol = TOLERANCE[dtype]
+    assert y.dtype == dx.dtype == dweight.dtype == dtype
+    assert_close("y", y, y_ref, tol)
+    assert_close("dx", dx, dx_ref, tol)
+    assert_close("dweight", dweight, dweight_ref, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_launchers_write_every_element_of_preallocated_outputs(dtype):
+    """The JAX bridge hands the launchers uninitialised buffers: poison them with NaN."""
+    x, weight = make_inputs((3, 2), 9, dtype)
+    x_dot, dy, cot_dx = (torch.randn_like(x) for _ in range(3))
+    weight_dot, cot_dweight = torch.randn_like(weight), torch.randn_like(weight)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def poisoned(like, dtype=None):
+        return torch.full_like(like, float("nan"), dtype=dtype)
+
+    y, rstd, y_dot = rmsnorm_jvp(x, weight, x_dot, weight_dot, EPS, y=poisoned(x),
+                                 rstd=poisoned(x[..., 0], acc), y_dot=poisoned(x))
+    dx, dweight = rmsnorm_backward(x, weight, rstd, dy, dx=poisoned(x), dweight=poisoned(weight))
+    cot_x, cot_weight, cot_dy = rmsnorm_backward_backward(
+        x, weight, rstd, dy, cot_dx, cot_dweight,
+        cot_x=poisoned(x), cot_weight=poisoned(weight), cot_dy=poisoned(x))
+
+    x_ref, weight_ref, dy_ref = as_reference(x, weight, dy)
+    y_ref = reference(x_ref, weight_ref)
+    _, y_dot_ref = torch.func.jvp(reference, (x_ref.detach(), weight_ref.detach()),
+                                  (x_dot.double(), weight_dot.double()))
+    dx_ref, dweight_ref = torch.autograd.grad(y_ref, (x_ref, weight_ref), dy_ref, create_graph=True)
+    second = (dx_ref * cot_dx.double()).sum() + (dweight_ref * cot_dweight.double()).sum()
+    cot_ref = torch.autograd.grad(second, (x_ref, weight_ref, dy_ref))
+    rstd_ref = torch.rsqrt(x_ref.detach().pow(2).mean(-1) + EPS)
+    tol = TOLERANCE[dtype]
+    outputs = {"y": (y, y_ref), "rstd": (rstd, rstd_ref), "y_dot": (y_dot, y_dot_ref),
+               "dx": (dx, dx_ref), "dweight": (dweight, dweight_ref), "cot_x": (cot_x, cot_ref[0]),
+               "cot_weight": (cot_weight, cot_ref[1]), "cot_dy": (cot_dy, cot_ref[2])}
+    for name, (out, ref) in outputs.items():
+        assert_close(name, out, ref.detach(), tol)
+    # Same entry points, one sweep: the plain forward agrees with the JVP's primal bit for bit.
+    y_plain, rstd_plain = rmsnorm_forward(x, weight, EPS)
+    assert torch.equal(y_plain, y) and torch.equal(rstd_plain, rstd)
+
+
+def test_grouped_weights_reduce_per_group():
+    """weight (G, N) with x (G, R, N): the layout vmap over weights relies on."""
+    x, _ = make_inputs((2, 3), 5, torch.float64)
+    weight = torch.randn(2, 5, dtype=torch.float64, device=DEVICE)
+    dy = torch.randn_like(x)
+    y, rstd = rmsnorm_forward(x, weight, EPS)
+    dx, dweight = rmsnorm_backward(x, weight, rstd, dy)
+    for g in range(2):
+        x_ref, weight_ref = as_reference(x[g], weight[g])
+        y_ref = reference(x_ref, weight_ref)
+        dx_ref, dweight_ref = torch.autograd.grad(y_ref, (x_ref, weight_ref), dy[g])
+        assert_close(f"y[{g}]", y[g], y_ref.detach(), 1e-12)
+        assert_close(f"dx[{g}]", dx[g], dx_ref, 1e-12)
+        assert_close(f"dweight[{g}]", dweight[g], dweight_ref, 1e-12)
+
+
+def test_nan_propagates_to_its_row_only_and_empty_input_is_fine():
+    x, weight = make_inputs((3,), 6, torch.float64)
+    x[1, 2] = float("nan")
+    y = fused(x, weight)
+    assert y[1].isnan().all() and y[[0, 2]].isfinite().all()
+    empty = torch.empty(0, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    weight.requires_grad_()
+    y_empty = fused(empty, weight)
+    dx, dweight = torch.autograd.grad(y_empty, (empty, weight), torch.ones_like(y_empty))
+    assert y_empty.shape == (0, 6) and dx.shape == (0, 6) and torch.equal(dweight, torch.zeros_like(weight))
+
+
+# ---------------------------------------------------------------------------------------------
+# Every derivative order in float64
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gradcheck_with_forward_ad():
+    x, weight = make_inputs((3,), 5, torch.float64, requires_grad=True)
+    assert gradcheck(fused, (x, weight), check_forward_ad=True)
+
+
+def test_gradgradcheck_with_forward_over_reverse():
+    x, weight = make_inputs((2,), 3, torch.float64, requires_grad=True)
+    assert gradgradcheck(fused, (x, weight), check_fwd_over_rev=True)
+
+
+@pytest.mark.parametrize("tangents", ["x", "weight", "both"])
+def test_jvp_matches_reference(tangents):
+    x, weight = make_inputs((2, 3), 7, torch.float64, seed=1)
+    x_dot = torch.randn_like(x) if tangents != "weight" else torch.zeros_like(x)
+    weight_dot = torch.randn_like(weight) if tangents != "x" else torch.zeros_like(weight)
+    y, y_dot = torch.func.jvp(fused, (x, weight), (x_dot, weight_dot))
+    y_ref, y_dot_ref = torch.func.jvp(reference, (x, weight), (x_dot, weight_dot))
+    assert_close("y", y, y_ref, 1e-12)
+    assert_close("y_dot", y_dot, y_dot_ref, 1e-12)
+    # The same through torch.autograd.forward_ad dual tensors, with only the requested tangent.
+    with forward_ad.dual_level():
+        x_in = forward_ad.make_dual(x, x_dot) if tangents != "weight" else x
+        weight_in = forward_ad.make_dual(weight, weight_dot) if tangents != "x" else weight
+        dual_y_dot = forward_ad.unpack_dual(fused(x_in, weight_in)).tangent
+    assert_close("forward_ad y_dot", dual_y_dot, y_dot_ref, 1e-12)
+
+
+def test_hvp_forward_over_reverse_equals_reverse_over_reverse_equals_reference():
+    x, weight = make_inputs((2, 3), 6, torch.float64, seed=2)
+    v = (torch.randn_like(x), torch.randn_like(weight))
+
+    def forward_over_reverse(norm):
+        grad = torch.func.grad(scalar_loss(norm), argnums=(0, 1))
+        return torch.func.jvp(grad, (x, weight), v)[1]
+
+    def reverse_over_reverse(norm):
+        primals = as_reference(x, weight)
+        grads = torch.autograd.grad(scalar_loss(norm)(*primals), primals, create_graph=True)
+        return torch.autograd.grad(sum((g * t).sum() for g, t in zip(grads, v)), primals)
+
+    hvp_ref = reverse_over_reverse(reference)
+    for name, hvp in (("fwd-over-rev", forward_over_reverse(fused)),
+                      ("rev-over-rev", reverse_over_reverse(fused))):
+        for part, out, ref in zip(("x", "weight"), hvp, hvp_ref):
+            assert_close(f"{name} hvp[{part}]", out, ref, 1e-11)
+
+
+def test_reverse_over_forward_matches_reference():
+    """grad of a jvp: the VJP of the JVP Function (double backward + backward kernels)."""
+    x, weight = make_inputs((3,), 5, torch.float64, seed=3)
+    x_dot, weight_dot = torch.randn_like(x), torch.randn_like(weight)
+
+    def tangent_loss(norm):
+        return lambda x, weight: torch.func.jvp(norm, (x, weight), (x_dot, weight_dot))[1].sin().sum()
+
+    grads = torch.func.grad(tangent_loss(fused), argnums=(0, 1))(x, weight)
+    grads_ref = torch.func.grad(tangent_loss(reference), argnums=(0, 1))(x, weight)
+    for part, out, ref in zip(("x", "weight"), grads, grads_ref):
+        assert_close(f"grad of jvp [{part}]", out, ref, 1e-11)
+
+
+@pytest.mark.parametrize("hessian", [torch.func.hessian, lambda f, argnums: torch.func.jacrev(
+    torch.func.jacrev(f, argnums=argnums), argnums=argnums)], ids=["jacfwd_jacrev", "jacrev_jacrev"])
+def test_hessian_matches_reference(hessian):
+    x, weight = make_inputs((2,), 4, torch.float64, seed=4)
+    out = hessian(scalar_loss(fused), argnums=(0, 1))(x, weight)
+    ref = hessian(scalar_loss(reference), argnums=(0, 1))(x, weight)
+    for i in range(2):
+        for j in range(2):
+            assert_close(f"hessian[{i}][{j}]", out[i][j], ref[i][j], 1e-11)
+
+
+def test_third_order_raises_clearly():
+    x, weight = make_inputs((3,), 4, torch.float64, requires_grad=True)
+    (dx,) = torch.autograd.grad(scalar_loss(fused)(x, weight), x, create_graph=True)
+    (ddx,) = torch.autograd.grad(dx.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="backend='reference'"):
+        torch.autograd.grad(ddx.sum(), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# vmap
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("in_dims", [(0, None), (None, 0), (0, 0), (1, None)], ids=str)
+def test_vmap_forward_and_grad(in_dims):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 2, 5, generator=gen, dtype=torch.float64).to(DEVICE)
+    weight = torch.randn(3, 5, generator=gen, dtype=torch.float64).to(DEVICE)
+    x = x if in_dims[0] is not None else x[0]
+    weight = weight if in_dims[1] is not None else weight[0]
+    transforms = {"forward": lambda norm: lambda x, weight: (norm(x, weight),),
+                  "grad": lambda norm: torch.func.grad(scalar_loss(norm), argnums=(0, 1))}
+    for name, transform in transforms.items():
+        out = torch.func.vmap(transform(fused), in_dims=in_dims)(x, weight)
+        ref = torch.func.vmap(transform(reference), in_dims=in_dims)(x, weight)
+        for i, (o, r) in enumerate(zip(out, ref)):
+            assert_close(f"vmap {name} output {i}", o, r, 1e-12)
+
+
+def test_nested_vmap_of_jvp_of_grad():
+    """vmap over tangents of an HVP, inside vmap over examples: every Function's vmap rule."""
+    gen = torch.Generator().manual_seed(6)
+    xs = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64).to(DEVICE)
+    tangents = torch.randn(2, 3, 3, 4, generator=gen, dtype=torch.float64).to(DEVICE)
+    weight = torch.randn(4, generator=gen, dtype=torch.float64).to(DEVICE)
+
+    def hvps(norm):
+        grad_x = torch.func.grad(scalar_loss(norm))
+        one = lambda x, t: torch.func.jvp(lambda x: grad_x(x, weight), (x,), (t,))[1]
+        return torch.func.vmap(torch.func.vmap(one, in_dims=(None, 0)))(xs, tangents)
+
+    assert_close("nested vmap hvp", hvps(fused), hvps(reference), 1e-11)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case, error, match", [
+    ("weight_shape", ValueError, r"weight must have shape \(N,\) = \(6,\)"),
+    ("mixed_dtypes", TypeError, "weight has dtype float32 but x has dtype float64"),
+    ("int_dtype", TypeError, "x has dtype int64"),
+    ("scalar_x", ValueError, "x must have shape"),
+    ("n_zero", ValueError, "N = 0"),
+    ("eps_tensor", TypeError, "eps must be a Python float"),
+    ("negative_eps", ValueError, "eps must be >= 0"),
+    ("backend", ValueError, "unknown backend"),
+    ("not_tensor", TypeError, "weight must be a torch.Tensor"),
+])
+def test_bad_input_raises_naming_the_tensor(case, error, match):
+    x, weight = make_inputs((2,), 6, torch.float64)
+    args, kwargs = [x, weight], {}
+    if case == "weight_shape":
+        args[1] = weight[:5]
+    elif case == "mixed_dtypes":
+        args[1] = weight.float()
+    elif case == "int_dtype":
+        args[0] = x.long()
+    elif case == "scalar_x":
+        args[0] = x[0, 0]
+    elif case == "n_zero":
+        args = [x[:, :0], weight[:0]]
+    elif case == "eps_tensor":
+        kwargs["eps"] = torch.tensor(1e-6)
+    elif case == "negative_eps":
+        kwargs["eps"] = -1.0
+    elif case == "backend":
+        kwargs["backend"] = "cuda"
+    elif case == "not_tensor":
+        args[1] = weight.tolist()
+    with pytest.raises(error, match=match):
+        rmsnorm(*args, **kwargs)
+
+
+def test_cpu_tensors_without_interpreter_point_to_the_alternatives(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match='backend="reference", or set TRITON_INTERPRET=1'):
+        rmsnorm(x, torch.ones(4))
+    assert torch.allclose(rmsnorm(x, torch.ones(4), backend="reference"), rmsnorm_reference(x, torch.ones(4)))
+
+
+@pytest.mark.gpu
+def test_mixed_devices_raise():
+    with pytest.raises(ValueError, match="weight is on cpu but x is on cuda"):
+        rmsnorm(torch.randn(2, 4, device="cuda"), torch.ones(4))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: model sizes
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 1024, 4096), (4, 77, 4097), (8, 65536), (3, 5, 1)], ids=str)
+def test_gpu_every_derivative_matches_float64_reference(dtype, shape):
+    x, weight = make_inputs(shape[:-1], shape[-1], dtype, seed=7, requires_grad=True)
+    y = fused(x, weight)
+    dy = torch.randn_like(y)
+    dx, dweight = torch.autograd.grad(y, (x, weight), dy, create_graph=True)
+    cot_dx, cot_dweight = torch.randn_like(dx), torch.randn_like(dweight)
+    cot_x, cot_weight = torch.autograd.grad((dx * cot_dx).sum() + (dweight * cot_dweight).sum(), (x, weight))
+    _, y_dot = torch.func.jvp(fused, (x.detach(), weight.detach()), (cot_dx, cot_dweight))
+
+    x_ref, weight_ref = as_reference(x, weight)
+    y_ref = reference(x_ref, weight_ref)
+    dx_ref, dweight_ref = torch.autograd.grad(y_ref, (x_ref, weight_ref), dy.double(), create_graph=True)
+    second = (dx_ref * cot_dx.double()).sum() + (dweight_ref * cot_dweight.double()).sum()
+    cot_x_ref, cot_weight_ref = torch.autograd.grad(second, (x_ref, weight_ref))
+    _, y_dot_ref = torch.func.jvp(reference, (x_ref.detach(), weight_ref.detach()),
+                                  (cot_dx.double(), cot_dweight.double()))
+    tol = TOLERANCE[dtype]
+    for name, out, ref in (("y", y, y_ref), ("dx", dx, dx_ref), ("dweight", dweight, dweight_ref),
+                           ("cot_x", cot_x, cot_x_ref), ("cot_weight", cot_weight, cot_weight_ref),
+                           ("y_dot", y_dot, y_dot_ref)):
+        assert_close(name, out, ref.detach(), tol)
+
+
+@pytest.mark.gpu
+def test_gpu_matches_torch_rms_norm_bf16():
+    x, weight = make_inputs((2, 1024), 4096, torch.bfloat16)
+    ours = rmsnorm(x, weight, 1e-6)
+    theirs = torch.nn.functional.rms_norm(x, (4096,), weight, 1e-6)
+    assert_close("y vs F.rms_norm", ours, theirs, 1e-2)

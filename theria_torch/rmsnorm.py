@@ -1,0 +1,228 @@
+"""PyTorch RMSNorm over the fused kernels, with every derivative the kernels provide.
+
+Four autograd Functions, each calling one launcher of ``theria_kernels.rmsnorm``:
+
+* ``_RMSNorm``: (x, weight) -> (y, rstd). Its backward is ``_RMSNormBackward`` and its forward-mode
+  rule is ``_RMSNormJVP``, both Functions themselves, so they can be differentiated again.
+* ``_RMSNormBackward``: (x, weight, rstd, dy) -> (dx, dweight). Reverse mode: the double-backward
+  kernel. Forward mode (forward-over-reverse, jvp∘grad): the backward is the gradient
+  g = ∇_{(x,w)} <dy, y>, so ∂g/∂(x, w) is a symmetric Hessian and ∂g/∂dy = Jᵀ, giving
+  tangent(g) = doublebackward(cot = (x_dot, w_dot))[:2] + backward(dy_dot).
+* ``_RMSNormJVP``: (x, weight, x_dot, weight_dot) -> (y_dot, rstd). y_dot = J (x_dot, w_dot) is
+  linear in the tangents, so its VJP with cotangent c is backward(c) for the tangents and, for
+  (x, w), the double backward with dy = c and cot = (x_dot, w_dot) (reverse-over-forward).
+* ``_RMSNormDoubleBackward``: the third Function; differentiating it (third order) raises.
+
+``rstd`` travels as an input of the derivative Functions but is never differentiated: the
+kernels treat it as the function of x it is. Every Function has a ``vmap`` rule that folds the
+mapped dimension into the kernels' row groups (``theria_kernels.rmsnorm``: weight (*G, N),
+x (*G, ..., N)), so vmap over inputs, cotangents or weights is one launch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd import Function
+
+from theria_kernels._common import is_interpreter
+from theria_kernels.rmsnorm import (
+    check_arguments,
+    rmsnorm_backward,
+    rmsnorm_backward_backward,
+    rmsnorm_forward,
+    rmsnorm_jvp,
+)
+
+BACKENDS = ("triton_full_fused", "reference")
+
+_BEYOND_SECOND_ORDER = (
+    "rmsnorm(backend='triton_full_fused') provides derivatives up to second order (grad of grad, "
+    "jvp of grad, grad of jvp); {what} needs a third-order rule. Use backend='reference'."
+)
+
+
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Plain PyTorch RMSNorm in the inputs' dtype (the ground truth; every order via autograd).
+
+    Arguments:
+        x: (..., N). weight: (N,). eps: added to mean(x²).
+    Returns:
+        y = x · rsqrt(mean(x², -1) + eps) · weight, shaped like x.
+    """
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
+            backend: str = "triton_full_fused") -> torch.Tensor:
+    """RMSNorm over the last dimension with a learned scale, differentiable to second order.
+
+    Arguments:
+        x: (..., N) float16/bfloat16/float32/float64; rows = prod(leading dims).
+        weight: (N,), same dtype and device as x.
+        eps: added to mean(x²) inside the square root (a Python float ≥ 0).
+        backend: "triton_full_fused" (the fused kernels; CUDA tensors, or CPU tensors under
+            TRITON_INTERPRET=1) or "reference" (plain PyTorch, any device, any order).
+    Returns:
+        y = x · rsqrt(mean(x², -1) + eps) · weight, shaped like x, in x's dtype.
+    Raises:
+        ValueError / TypeError naming the offending tensor (see docs/design/rmsnorm.md).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"rmsnorm: unknown backend {backend!r}; choose one of {BACKENDS}")
+    for name, tensor in (("x", x), ("weight", weight)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"rmsnorm: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    fused = backend == "triton_full_fused"
+    check_arguments(x.shape, x.dtype, weight.shape, weight.dtype, eps, fused=fused)
+    if weight.device != x.device:
+        raise ValueError(f"rmsnorm: weight is on {weight.device} but x is on {x.device}; "
+                         "put both on one device")
+    if not fused:
+        return rmsnorm_reference(x, weight, eps)
+    if x.device.type != "cuda" and not is_interpreter():
+        raise ValueError(
+            f"rmsnorm: x is on {x.device}, but the Triton kernels need a CUDA device; use "
+            "backend=\"reference\", or set TRITON_INTERPRET=1 to run the kernels in Triton's CPU "
+            "interpreter (slow)"
+        )
+    y, _ = _RMSNorm.apply(x, weight, float(eps))
+    return y
+
+
+def _vmap_folded(function, info, in_dims, *args):
+    """vmap rule shared by the four Functions: every tensor argument gets the mapped dimension
+    in front (unmapped ones are expanded), which makes it a leading row-group dimension of the
+    kernels (weight (B, *G, N), x (B, *G, ..., N)); every output then has it in front."""
+    folded = []
+    for arg, dim in zip(args, in_dims):
+        if not isinstance(arg, torch.Tensor):
+            folded.append(arg)
+        elif dim is None:
+            folded.append(arg.expand(info.batch_size, *arg.shape))
+        else:
+            folded.append(arg.movedim(dim, 0))
+    outputs = function.apply(*folded)
+    return outputs, tuple(0 for _ in outputs)
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+class _RMSNorm(Function):
+    @staticmethod
+    def forward(x, weight, eps):
+        return rmsnorm_forward(x, weight, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, eps = inputs
+        _, rstd = output
+        ctx.mark_non_differentiable(rstd)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.save_for_forward(x, weight)
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx, dy, _d_rstd):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dweight = _RMSNormBackward.apply(x, weight, rstd, dy)
+        return dx, dweight, None
+
+    @staticmethod
+    def jvp(ctx, x_dot, weight_dot, _eps_dot):
+        x, weight = ctx.saved_tensors
+        y_dot, _ = _RMSNormJVP.apply(x, weight, x_dot, weight_dot, ctx.eps)
+        return y_dot, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, eps):
+        return _vmap_folded(_RMSNorm, info, in_dims, x, weight, eps)
+
+
+class _RMSNormJVP(Function):
+    @staticmethod
+    def forward(x, weight, x_dot, weight_dot, eps):
+        _, rstd, y_dot = rmsnorm_jvp(x, weight, x_dot, weight_dot, eps)
+        return y_dot, rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, x_dot, weight_dot, _ = inputs
+        _, rstd = output
+        ctx.mark_non_differentiable(rstd)
+        ctx.save_for_backward(x, weight, rstd, x_dot, weight_dot)
+
+    @staticmethod
+    def backward(ctx, d_y_dot, _d_rstd):
+        x, weight, rstd, x_dot, weight_dot = ctx.saved_tensors
+        d_x, d_weight, _ = _RMSNormDoubleBackward.apply(x, weight, rstd, d_y_dot, x_dot, weight_dot)
+        d_x_dot, d_weight_dot = _RMSNormBackward.apply(x, weight, rstd, d_y_dot)
+        return (d_x, d_weight, d_x_dot if x_dot is not None else None,
+                d_weight_dot if weight_dot is not None else None, None)
+
+    @staticmethod
+    def jvp(ctx, *_tangents):
+        raise NotImplementedError(_BEYOND_SECOND_ORDER.format(what="forward-over-forward (jvp of jvp)"))
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, x_dot, weight_dot, eps):
+        return _vmap_folded(_RMSNormJVP, info, in_dims, x, weight, x_dot, weight_dot, eps)
+
+
+class _RMSNormBackward(Function):
+    @staticmethod
+    def forward(x, weight, rstd, dy):
+        return rmsnorm_backward(x, weight, rstd, dy)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, cot_dx, cot_dweight):
+        x, weight, rstd, dy = ctx.saved_tensors
+        cot_x, cot_weight, cot_dy = _RMSNormDoubleBackward.apply(x, weight, rstd, dy, cot_dx, cot_dweight)
+        return cot_x, cot_weight, None, cot_dy
+
+    @staticmethod
+    def jvp(ctx, x_dot, weight_dot, _rstd_dot, dy_dot):
+        x, weight, rstd, dy = ctx.saved_tensors
+        dx_dot = dweight_dot = None
+        if x_dot is not None or weight_dot is not None:
+            dx_dot, dweight_dot, _ = _RMSNormDoubleBackward.apply(x, weight, rstd, dy, x_dot, weight_dot)
+        if dy_dot is not None:
+            dx_lin, dweight_lin = _RMSNormBackward.apply(x, weight, rstd, dy_dot)
+            dx_dot, dweight_dot = _add(dx_dot, dx_lin), _add(dweight_dot, dweight_lin)
+        if dx_dot is None:
+            dx_dot, dweight_dot = torch.zeros_like(x), torch.zeros_like(weight)
+        return dx_dot, dweight_dot
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, rstd, dy):
+        return _vmap_folded(_RMSNormBackward, info, in_dims, x, weight, rstd, dy)
+
+
+class _RMSNormDoubleBackward(Function):
+    @staticmethod
+    def forward(x, weight, rstd, dy, cot_dx, cot_dweight):
+        return rmsnorm_backward_backward(x, weight, rstd, dy, cot_dx, cot_dweight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *_cotangents):
+        raise NotImplementedError(_BEYOND_SECOND_ORDER.format(what="differentiating the double backward"))
+
+    @staticmethod
+    def jvp(ctx, *_tangents):
+        raise NotImplementedError(_BEYOND_SECOND_ORDER.format(what="a tangent of the double backward"))
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, rstd, dy, cot_dx, cot_dweight):
+        return _vmap_folded(_RMSNormDoubleBackward, info, in_dims, x, weight, rstd, dy, cot_dx, cot_dweight)
