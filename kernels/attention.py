@@ -56,6 +56,47 @@ class AttentionParams:
         return self.causal or self.window_size != (-1, -1)
 
 
+SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
+BACKENDS = ("triton_full_fused", "reference")
+
+
+def validate_attention_args(q_shape, k_shape, v_shape, dtypes, *, layout: str, backend: str,
+                            window_size=(-1, -1)) -> None:
+    """Framework-neutral checks shared by the torch and JAX adapters, so both raise the same
+    messages. Shapes are tuples in the caller's ``layout`` ("(B, H, T, D)" or "(B, T, H, D)"),
+    dtypes are the names of q's, k's and v's dtypes."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
+        if len(shape) != 4:
+            raise ValueError(f"{name} must have 4 dimensions {layout}, got shape {tuple(shape)}")
+    if tuple(k_shape) != tuple(v_shape):
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k_shape)} and v {tuple(v_shape)}")
+    head_axis = 1 if layout == "(B, H, T, D)" else 2
+    if q_shape[0] != k_shape[0]:
+        raise ValueError(f"q has batch size {q_shape[0]} but k and v have {k_shape[0]}; they must match")
+    if q_shape[-1] != k_shape[-1]:
+        raise ValueError(f"q has head dim {q_shape[-1]} but k and v have {k_shape[-1]}; they must match")
+    heads, heads_kv = q_shape[head_axis], k_shape[head_axis]
+    if heads_kv == 0 or heads % heads_kv:
+        raise ValueError(
+            f"q has {heads} heads and k, v have {heads_kv}: the query heads must be a multiple of the "
+            f"key/value heads (grouped-query attention); check the {layout} layout")
+    if len(set(dtypes)) != 1:
+        raise TypeError(f"q, k, v must share one dtype, got {dtypes[0]}, {dtypes[1]}, {dtypes[2]}; cast them to one")
+    if (len(window_size) != 2 or any(not isinstance(w, int) or w < -1 for w in window_size)):
+        raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
+    if backend == "reference":
+        return
+    if dtypes[0] not in SUPPORTED_DTYPES:
+        raise TypeError(f"q has dtype {dtypes[0]}; {backend} supports {', '.join(SUPPORTED_DTYPES)}; "
+                        "cast the inputs or use backend='reference'")
+    head_dim = q_shape[-1]
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"q has head dim {head_dim}; {backend} supports {MIN_HEAD_DIM}–{MAX_HEAD_DIM}; "
+                         "use backend='reference'")
+
+
 # ----------------------------------------------------------------------------------------------
 # Tile helpers
 # ----------------------------------------------------------------------------------------------

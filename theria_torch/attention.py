@@ -1,25 +1,205 @@
-"""Public PyTorch attention API (placeholder: reference backend only until the kernels land)."""
+"""PyTorch adapter for the fused attention kernels: autograd Functions and the public API.
+
+Three Functions, one per derivative level, each calling the launchers of
+``theria_kernels.attention`` through the operators registered in ``theria_torch._ops`` (which give
+functorch transforms plain tensors and fold vmapped dimensions into B):
+
+* ``_Attention``: (q, k, v) ↦ (out, lse); backward through ``_AttentionBackward``, forward-mode
+  through the fused JVP kernel.
+* ``_AttentionBackward``: (q, k, v, d_out, d_lse) ↦ (dq, dk, dv), so ``create_graph=True`` works;
+  its backward is the double-backward kernel, and its JVP (forward-over-reverse HVPs) follows from
+  the symmetry of the Hessian: tangent = double_backward(cot = (q̇, k̇, v̇)) + backward(ḋO, ḋlse).
+* ``_AttentionBackwardBackward``: the double backward; third order raises.
+
+``out`` and ``lse`` are handed to the backward Functions only as saved values: the kernels treat
+them as functions of (q, k, v), so no gradient flows into them separately.
+"""
 
 from __future__ import annotations
 
+import math
+
+import torch
+
+from theria_kernels.attention import AttentionParams, interpreting, validate_attention_args
+from theria_torch import _ops
 from theria_torch.reference import attention_reference
 
-
-def sdpa_custom(q, k, v, *, backend="triton_full_fused", causal=False, scale=None,
-                window_size=(-1, -1), return_lse=False):
-    if backend != "reference":
-        raise NotImplementedError("only backend='reference' exists yet")
-    return attention_reference(q, k, v, causal=causal, scale=scale, window_size=window_size,
-                               return_lse=return_lse)
+THIRD_ORDER_ERROR = (
+    "third-order derivatives of attention are not implemented by backend='triton_full_fused' "
+    "(it provides forward, backward, JVP and double backward); use backend='reference'"
+)
 
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                    return_lse=False, *, backend="triton_full_fused"):
-    if backend != "reference":
-        raise NotImplementedError("only backend='reference' exists yet")
-    out = attention_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
-                              scale=softmax_scale, window_size=window_size, bottom_right=True,
-                              return_lse=return_lse)
-    if return_lse:
-        return out[0].transpose(1, 2), out[1]
-    return out.transpose(1, 2)
+def _static(params: AttentionParams) -> tuple:
+    """AttentionParams as the operators' scalar arguments."""
+    return params.scale, params.causal, *params.window_size, params.bottom_right
+
+
+def _zeros_if_none(t, like):
+    return torch.zeros_like(like) if t is None else t
+
+
+class _AttentionBackwardBackward(torch.autograd.Function):
+    generate_vmap_rule = True  # the operators carry the batching rules
+
+    @staticmethod
+    def forward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, params):
+        return _ops.attention_backward_backward(
+            q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, *_static(params))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(THIRD_ORDER_ERROR)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(THIRD_ORDER_ERROR)
+
+
+class _AttentionBackward(torch.autograd.Function):
+    generate_vmap_rule = True  # the operators carry the batching rules
+
+    @staticmethod
+    def forward(q, k, v, out, lse, d_out, d_lse, params):
+        return _ops.attention_backward(q, k, v, out, lse, d_out, d_lse, *_static(params))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, out, lse, d_out, d_lse, params = inputs
+        ctx.save_for_backward(q, k, v, out, lse, d_out, d_lse)
+        ctx.save_for_forward(q, k, v, out, lse, d_out, d_lse)
+        ctx.params = params
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, cot_dq, cot_dk, cot_dv):
+        q, k, v, out, lse, d_out, d_lse = ctx.saved_tensors
+        cot_q, cot_k, cot_v, cot_d_out, cot_d_lse = _AttentionBackwardBackward.apply(
+            q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, ctx.params)
+        return cot_q, cot_k, cot_v, None, None, cot_d_out, cot_d_lse if d_lse is not None else None, None
+
+    @staticmethod
+    def jvp(ctx, q_dot, k_dot, v_dot, _out_dot, _lse_dot, d_out_dot, d_lse_dot, _params):
+        q, k, v, out, lse, d_out, d_lse = ctx.saved_tensors
+        hessian_part = _ops.attention_backward_backward(
+            q, k, v, out, lse, d_out, d_lse, q_dot, k_dot, v_dot, *_static(ctx.params))[:3]
+        if d_out_dot is None and d_lse_dot is None:
+            return hessian_part
+        linear_part = _ops.attention_backward(
+            q, k, v, out, lse, _zeros_if_none(d_out_dot, out), d_lse_dot, *_static(ctx.params))
+        return tuple(a + b for a, b in zip(hessian_part, linear_part))
+
+
+class _Attention(torch.autograd.Function):
+    generate_vmap_rule = True  # the operators carry the batching rules
+
+    @staticmethod
+    def forward(q, k, v, params):
+        return _ops.attention_forward(q, k, v, *_static(params))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, params = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_forward(q, k, v)
+        ctx.params = params
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if d_out is None and d_lse is None:
+            return None, None, None, None
+        dq, dk, dv = _AttentionBackward.apply(q, k, v, out, lse, _zeros_if_none(d_out, out), d_lse, ctx.params)
+        return dq, dk, dv, None
+
+    @staticmethod
+    def jvp(ctx, q_dot, k_dot, v_dot, _params):
+        q, k, v = ctx.saved_tensors
+        tangents = [_zeros_if_none(t, x) for t, x in ((q_dot, q), (k_dot, k), (v_dot, v))]
+        return _ops.attention_jvp(q, k, v, *tangents, *_static(ctx.params))
+
+
+def _check_devices(q, k, v, backend):
+    devices = {t.device for t in (q, k, v)}
+    if len(devices) != 1:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if backend == "triton_full_fused" and not q.is_cuda and not interpreting():
+        raise ValueError(
+            f"backend='triton_full_fused' needs CUDA tensors, got q on {q.device}; use backend='reference' "
+            "or set TRITON_INTERPRET=1 (before importing triton) to run the kernels in Triton's CPU interpreter")
+
+
+def _attention(q, k, v, *, backend, layout, causal, scale, window_size, bottom_right):
+    """Validated (out, lse) on (B, H, T, D) views, dispatched to a backend."""
+    shapes = (q.shape, k.shape, v.shape)
+    if layout == "(B, T, H, D)":
+        shapes = tuple(s if len(s) != 4 else (s[0], s[2], s[1], s[3]) for s in shapes)
+    validate_attention_args(
+        *shapes, tuple(str(t.dtype).removeprefix("torch.") for t in (q, k, v)),
+        layout="(B, H, T, D)", backend=backend, window_size=tuple(window_size))
+    _check_devices(q, k, v, backend)
+    window_size = tuple(window_size)
+    if layout == "(B, T, H, D)":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if backend == "reference":
+        out, lse = attention_reference(q, k, v, causal=causal, scale=scale, window_size=window_size,
+                                       bottom_right=bottom_right, return_lse=True)
+    else:
+        params = AttentionParams(scale=scale, causal=causal, window_size=window_size, bottom_right=bottom_right)
+        out, lse = _Attention.apply(q, k, v, params)
+    return (out.transpose(1, 2) if layout == "(B, T, H, D)" else out), lse
+
+
+def sdpa_custom(q, k, v, *, backend: str = "triton_full_fused", causal: bool = False,
+                scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+                return_lse: bool = False):
+    """Scaled dot-product attention with every derivative order, laid out like
+    ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Arguments:
+        q: (B, H, T_q, D). k, v: (B, H_kv, T_k, D) with ``H % H_kv == 0`` (grouped-query).
+            fp16, bf16, fp32 or fp64; head dim 8–256 for the fused backend.
+        backend: ``"triton_full_fused"`` (Triton kernels: forward, backward, double backward and
+            JVP each fused, O(T) extra memory) or ``"reference"`` (plain torch, O(T²)).
+        causal: mask aligned to the top-left corner like torch SDPA (query i sees keys j <= i).
+        scale: multiplies q kᵀ; ``None`` means ``1 / sqrt(D)``.
+        window_size: (left, right) sliding window, flash-attn's meaning, -1 = unbounded.
+        return_lse: also return the row log-sum-exp (B, H, T_q) (float32; float64 for fp64
+            inputs), differentiable; rows that see no key have lse = +inf and output 0.
+    Returns:
+        out (B, H, T_q, D) in q's dtype, or (out, lse) with ``return_lse``.
+    """
+    out, lse = _attention(q, k, v, backend=backend, layout="(B, H, T, D)", causal=causal, scale=scale,
+                          window_size=window_size, bottom_right=False)
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: float | None = None,
+                    causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                    return_lse: bool = False, *, backend: str = "triton_full_fused"):
+    """flash-attn / AITER interface on (B, T, H, D) tensors, with every derivative order.
+
+    Arguments:
+        q: (B, T_q, H, D). k, v: (B, T_k, H_kv, D), ``H % H_kv == 0``.
+        dropout_p: must be 0.0 (no dropout; kept for signature compatibility).
+        softmax_scale: ``None`` means ``1 / sqrt(D)``.
+        causal: aligned to the bottom-right corner as in flash-attn ≥ 2.1: when T_q > T_k the
+            first T_q − T_k query rows see no key and output zeros.
+        window_size: (left, right), -1 = unbounded; with ``causal`` right is 0.
+        return_lse: also return the log-sum-exp (B, H, T_q), differentiable.
+    Returns:
+        out (B, T_q, H, D), or (out, lse) with ``return_lse``.
+    """
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p={dropout_p}: theria's attention has no dropout; pass dropout_p=0.0")
+    out, lse = _attention(q, k, v, backend=backend, layout="(B, T, H, D)", causal=causal,
+                          scale=softmax_scale, window_size=window_size, bottom_right=True)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,140 @@
+"""Benchmark theria's fused attention against torch SDPA's backends in one run (GPU only).
+
+Modes (each a row per implementation: ms, TFLOP/s where meaningful, peak MB, ratio to flash or
+to math):
+  fwd       out = attention(q, k, v)
+  fwd_bwd   forward + backward of <out, dO>
+  jvp       torch.func.jvp of the forward (out and out_dot)
+  hvp       Hessian-vector product of <out, W> by reverse-over-reverse: forward, backward with
+            create_graph, backward of <grads, t>; for theria also the double-backward kernel alone
+
+    python scripts/bench_sdpa.py --preset large --dtype bfloat16 --mode fwd fwd_bwd
+    python scripts/bench_sdpa.py --preset medium --mode hvp jvp --causal
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from theria_kernels.attention import AttentionParams, attention_backward_backward, attention_forward
+from theria_torch import sdpa_custom
+
+PRESETS = {  # B, H, T, D
+    "tiny": (64, 4, 256, 16),  # the MAML shape
+    "small": (8, 16, 512, 64),
+    "medium": (8, 16, 1024, 64),
+    "large": (8, 16, 4096, 64),
+    "large_d128": (4, 16, 4096, 128),
+}
+TORCH_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+# Nominal FLOPs in units of one forward (two T×T GEMMs): backward 2.5 (five GEMMs).
+UNITS = {"fwd": 1.0, "fwd_bwd": 3.5}
+
+
+def torch_sdpa(name: str, causal: bool):
+    def attend(q, k, v):
+        with sdpa_kernel(TORCH_BACKENDS[name]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return attend
+
+
+def theria(causal: bool):
+    return lambda q, k, v: sdpa_custom(q, k, v, causal=causal)
+
+
+def workload(mode: str, attend, q, k, v, d_out, tangents):
+    """A closure running one instance of ``mode`` through ``attend``."""
+    if mode == "fwd":
+        return lambda: attend(q, k, v)
+    if mode == "fwd_bwd":
+        return lambda: torch.autograd.grad(attend(q, k, v), (q, k, v), d_out)
+    if mode == "jvp":
+        primals = tuple(t.detach() for t in (q, k, v))
+        return lambda: torch.func.jvp(attend, primals, tangents)
+    if mode == "hvp":
+        def hvp():
+            grads = torch.autograd.grad(attend(q, k, v), (q, k, v), d_out, create_graph=True)
+            return torch.autograd.grad(grads, (q, k, v), tangents)
+        return hvp
+    raise ValueError(mode)
+
+
+def measure(fn) -> tuple[float, float] | str:
+    """(median ms, peak MB above what was allocated before), or the error's first line."""
+    import triton.testing
+
+    try:
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return ms, peak
+    except (RuntimeError, NotImplementedError) as err:  # unsupported derivative, out of memory
+        torch.cuda.empty_cache()
+        return str(err).strip().splitlines()[0][:60]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default="medium")
+    parser.add_argument("--shape", help="B,H,T,D (overrides --preset)")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--mode", nargs="+", choices=["fwd", "fwd_bwd", "jvp", "hvp"], default=["fwd", "fwd_bwd"])
+    parser.add_argument("--skip", nargs="*", default=[], help="implementations to leave out, e.g. math")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_sdpa.py needs a CUDA GPU")
+
+    batch, heads, seq, head_dim = map(int, args.shape.split(",")) if args.shape else PRESETS[args.preset]
+    dtype = getattr(torch, args.dtype)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=dtype, generator=gen).requires_grad_()
+               for _ in range(3))
+    d_out = torch.randn_like(q)
+    tangents = tuple(torch.randn_like(t) for t in (q, k, v))
+    forward_flops = 4 * batch * heads * seq * seq * head_dim * (0.5 if args.causal else 1.0)
+    impls = {"theria": theria(args.causal), **{n: torch_sdpa(n, args.causal) for n in TORCH_BACKENDS}}
+    impls = {n: f for n, f in impls.items() if n not in args.skip}
+
+    print(f"# {torch.cuda.get_device_name()} B={batch} H={heads} T={seq} D={head_dim} {args.dtype} "
+          f"causal={args.causal}")
+    print(f"{'mode':8s} {'impl':16s} {'ms':>9s} {'TFLOP/s':>8s} {'peak MB':>9s} {'vs flash':>9s} {'vs math':>8s}")
+    for mode in args.mode:
+        results = {name: measure(workload(mode, fn, q, k, v, d_out, tangents)) for name, fn in impls.items()}
+        if mode == "hvp":
+            params = AttentionParams(scale=1 / math.sqrt(head_dim), causal=args.causal)
+            qd, kd, vd = (t.detach() for t in (q, k, v))
+            out, lse = attention_forward(qd, kd, vd, params)
+            results["theria bwd_bwd"] = measure(
+                lambda: attention_backward_backward(qd, kd, vd, out, lse, d_out, None, *tangents, params))
+        for name, res in results.items():
+            if isinstance(res, str):
+                print(f"{mode:8s} {name:16s} {'error: ' + res}")
+                continue
+            ms, peak = res
+            tflops = f"{UNITS[mode] * forward_flops / ms / 1e9:8.1f}" if mode in UNITS else f"{'':8s}"
+            ratios = []
+            for ref in ("flash", "math"):
+                other = results.get(ref)
+                ratios.append(f"{other[0] / ms:8.2f}x" if isinstance(other, tuple) else f"{'-':>9s}")
+            print(f"{mode:8s} {name:16s} {ms:9.3f} {tflops} {peak:9.1f} {ratios[0]} {ratios[1]}")
+
+
+if __name__ == "__main__":
+    main()

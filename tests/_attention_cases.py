@@ -1,0 +1,62 @@
+"""Shared helpers for the attention tests: case generation, float64 references, error metrics."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from theria_kernels.attention import AttentionParams
+from theria_torch.reference import attention_reference
+
+# ‖out − ref‖ / ‖ref‖ against a float64 reference (docs/design/attention.md).
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    finite = torch.isfinite(ref)
+    assert torch.equal(finite, torch.isfinite(out)), "non-finite entries differ from the reference"
+    return ((out - ref)[finite].norm() / ref[finite].norm().clamp_min(1e-300)).item()
+
+
+def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    err = relative_error(out, ref)
+    diff = (out.double() - ref.double()).nan_to_num(posinf=0.0, neginf=0.0).abs()
+    where = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+    assert err <= TOLERANCE[dtype], (
+        f"{name}: relative error {err:.3e} > {TOLERANCE[dtype]:.0e} ({dtype}); max abs diff "
+        f"{diff.max().item():.3e} at {where}")
+
+
+def random_inputs(batch, heads, heads_kv, t_q, t_k, head_dim, dtype, device="cpu", seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    return (draw(batch, heads, t_q, head_dim), draw(batch, heads_kv, t_k, head_dim),
+            draw(batch, heads_kv, t_k, head_dim))
+
+
+def params_for(head_dim, causal=False, window_size=(-1, -1), bottom_right=False):
+    return AttentionParams(scale=1 / math.sqrt(head_dim), causal=causal, window_size=window_size,
+                           bottom_right=bottom_right)
+
+
+def reference_fn(params: AttentionParams):
+    """(q, k, v) ↦ (out, lse) of the float64 torch reference with these parameters, lse's
+    +inf rows (no visible key) replaced by 0 so that it can enter a loss."""
+
+    def fn(q, k, v):
+        out, lse = attention_reference(q, k, v, causal=params.causal, scale=params.scale,
+                                       window_size=params.window_size, bottom_right=params.bottom_right,
+                                       return_lse=True)
+        return out, torch.where(torch.isfinite(lse), lse, 0.0)
+
+    return fn
+
+
+def poisoned(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
+    """An output buffer full of NaN, so any element a kernel fails to write shows up."""
+    return torch.full(shape or like.shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
