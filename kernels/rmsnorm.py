@@ -1,7 +1,8 @@
 """Fused RMSNorm: forward (with the forward-mode JVP folded in), backward and double backward.
 
 Reading order: tuning and layout, the row helpers, the kernels (forward/JVP, backward, double
-backward, the column sum that finishes every weight-shaped reduction), the launch functions.
+backward, second-order forward, the column sum that finishes every weight-shaped reduction),
+the launch functions.
 No autograd here: ``theria_torch`` and ``theria_jax`` wrap the launchers. The equations are
 derived in docs/theory/rmsnorm_derivatives.md (§ numbers below).
 
@@ -41,6 +42,14 @@ from theria_kernels._common import (
 # A whole row lives in registers (one sweep reads each input once), so N is bounded by what a
 # 32-warp program can hold; beyond it the reference backend applies.
 MAX_N = 65536
+
+BACKENDS = ("triton_full_fused", "reference")
+# The adapters' words for what the kernels cannot do, shared so torch and JAX say the same.
+BEYOND_SECOND_ORDER = (
+    "rmsnorm(backend='triton_full_fused') provides every derivative up to second order (any "
+    "composition of two of grad, jvp, vjp); third derivatives are not implemented. Use "
+    "backend='reference'."
+)
 
 
 @dataclass(frozen=True)
@@ -109,15 +118,19 @@ def _layout(x: torch.Tensor, weight: torch.Tensor, tuning: RMSNormTuning) -> _La
                    triton.next_power_of_2(num_warps))
 
 
-def check_arguments(x_shape, x_dtype, weight_shape, weight_dtype, eps, *, fused: bool) -> None:
+def check_arguments(x_shape, x_dtype, weight_shape, weight_dtype, eps, *, backend: str) -> None:
     """The public ``rmsnorm``'s checks on metadata, shared by ``theria_torch`` and ``theria_jax``
-    so that both raise the same messages. Dtypes may be torch or numpy/JAX dtypes; ``fused``
-    adds the kernels' own limit on N.
+    so that both raise the same messages. Dtypes may be torch or numpy/JAX dtypes; the fused
+    backend adds the kernels' own limit on N.
 
     Raises:
         TypeError: unsupported or mixed dtypes, non-numeric eps.
-        ValueError: x without a feature dimension, N out of range, weight not (N,), eps < 0.
+        ValueError: unknown backend, x without a feature dimension, N out of range,
+            weight not (N,), eps < 0.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"rmsnorm: unknown backend {backend!r}; choose one of {BACKENDS}")
+    fused = backend == "triton_full_fused"
     supported = [dtype_name(d) for d in SUPPORTED_DTYPES]
     for name, dtype in (("x", x_dtype), ("weight", weight_dtype)):
         if dtype_name(dtype) not in supported:
@@ -204,6 +217,16 @@ def _project(v, x_hat, rstd, n_cols):
     return rstd[:, None] * (v - x_hat * _row_mean(v * x_hat, n_cols))
 
 
+@triton.jit
+def _curvature(u, d, x_hat, rstd, n_cols):
+    """D(J u)[d] = r²·[(3·mean(u∘x̂)·mean(d∘x̂) − mean(u∘d))·x̂ − mean(d∘x̂)·u − mean(u∘x̂)·d],
+    the derivative of J u along d; symmetric in (u, d) (§1)."""
+    u_mean = _row_mean(u * x_hat, n_cols)
+    d_mean = _row_mean(d * x_hat, n_cols)
+    r2 = (rstd * rstd)[:, None]
+    return r2 * ((3.0 * u_mean * d_mean - _row_mean(u * d, n_cols)) * x_hat - d_mean * u - u_mean * d)
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
@@ -277,9 +300,8 @@ def _double_backward_kernel(
     """VJP of (x, w, dy) ↦ (dx, dweight) for cotangents a = cot_dx, b = cot_dweight (§4):
         cot_dy = w ∘ J a + b ∘ x̂
         cot_w  = Σ_rows dy ∘ J a
-        cot_x  = r²·[(3 c A − mean(a ∘ g))·x̂ − A·g − c·a] + J (b ∘ dy)
-    with g = w ∘ dy, c = mean(g ∘ x̂), A = mean(a ∘ x̂). Every term needs only row means, so one
-    sweep suffices."""
+        cot_x  = D(J g)[a] + J (b ∘ dy),   g = w ∘ dy.
+    Every term needs only row means, so one sweep suffices."""
     pid = tl.program_id(0)
     group = pid // programs_per_group
     cols = tl.arange(0, BLOCK_N)
@@ -298,21 +320,53 @@ def _double_backward_kernel(
         cot_dy = tl.zeros_like(x_hat)
         if HAS_COT_DX:
             a = _load(cot_dx_ptr, offs, mask, ACC)
-            g = w * dy
-            a_mean = _row_mean(a * x_hat, n_cols)
-            g_mean = _row_mean(g * x_hat, n_cols)
-            j_a = rstd[:, None] * (a - x_hat * a_mean)
+            j_a = _project(a, x_hat, rstd, n_cols)
             cot_dy += w * j_a
             cot_w += tl.sum(dy * j_a, axis=0)
-            r2 = (rstd * rstd)[:, None]
-            cot_x += r2 * ((3.0 * g_mean * a_mean - _row_mean(a * g, n_cols)) * x_hat
-                           - a_mean * g - g_mean * a)
+            cot_x += _curvature(w * dy, a, x_hat, rstd, n_cols)
         if HAS_COT_DW:
             cot_dy += b * x_hat
             cot_x += _project(b * dy, x_hat, rstd, n_cols)
         tl.store(cot_x_ptr + offs, cot_x.to(cot_x_ptr.dtype.element_ty), mask=mask)
         tl.store(cot_dy_ptr + offs, cot_dy.to(cot_dy_ptr.dtype.element_ty), mask=mask)
     tl.store(cot_w_partial_ptr + pid.to(tl.int64) * n_cols + cols, cot_w, mask=cols < n_cols)
+
+
+@triton.jit
+def _forward_second_kernel(
+    x_ptr, w_ptr, rstd_ptr, x_dot_ptr, w_dot_ptr, x_dot2_ptr, w_dot2_ptr, out_ptr,
+    rows_per_group, n_cols, programs_per_group,
+    ACC: tl.constexpr, TILE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_X_DOT: tl.constexpr, HAS_W_DOT: tl.constexpr, HAS_X_DOT2: tl.constexpr, HAS_W_DOT2: tl.constexpr,
+):
+    """Second-order forward derivative along ṗ = (ẋ, ẇ) and δ = (δx, δw) (§5):
+        f''[ṗ, δ] = w ∘ D(J ẋ)[δx] + δw ∘ J ẋ + ẇ ∘ J δx."""
+    pid = tl.program_id(0)
+    group = pid // programs_per_group
+    cols = tl.arange(0, BLOCK_N)
+    w_offs = group.to(tl.int64) * n_cols + cols
+    w = tl.load(w_ptr + w_offs, mask=cols < n_cols, other=0.0).to(ACC)[None, :]
+    if HAS_W_DOT:
+        w_dot = tl.load(w_dot_ptr + w_offs, mask=cols < n_cols, other=0.0).to(ACC)[None, :]
+    if HAS_W_DOT2:
+        w_dot2 = tl.load(w_dot2_ptr + w_offs, mask=cols < n_cols, other=0.0).to(ACC)[None, :]
+    for tile in range(pid % programs_per_group, tl.cdiv(rows_per_group, TILE_ROWS), programs_per_group):
+        offs, global_rows, row_mask, mask = _tile_offsets(group, tile, rows_per_group, n_cols,
+                                                          TILE_ROWS, BLOCK_N)
+        rstd = tl.load(rstd_ptr + global_rows, mask=row_mask, other=0.0)
+        x_hat = _load(x_ptr, offs, mask, ACC) * rstd[:, None]
+        out = tl.zeros_like(x_hat)
+        if HAS_X_DOT:
+            x_dot = _load(x_dot_ptr, offs, mask, ACC)
+            if HAS_W_DOT2:
+                out += w_dot2 * _project(x_dot, x_hat, rstd, n_cols)
+        if HAS_X_DOT2:
+            x_dot2 = _load(x_dot2_ptr, offs, mask, ACC)
+            if HAS_W_DOT:
+                out += w_dot * _project(x_dot2, x_hat, rstd, n_cols)
+            if HAS_X_DOT:
+                out += w * _curvature(x_dot, x_dot2, x_hat, rstd, n_cols)
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -466,3 +520,40 @@ def rmsnorm_backward_backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch
     )
     _sum_partials(partial, cot_weight, layout)
     return cot_x, cot_weight, cot_dy
+
+
+def rmsnorm_forward_second(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                           x_dot: torch.Tensor | None, weight_dot: torch.Tensor | None,
+                           x_dot2: torch.Tensor | None, weight_dot2: torch.Tensor | None, *,
+                           y_ddot: torch.Tensor | None = None, tuning: RMSNormTuning = DEFAULT_TUNING):
+    """Second directional derivative f''(x, weight)[(x_dot, weight_dot), (x_dot2, weight_dot2)].
+
+    Forward over forward (jvp of jvp) needs it; symmetric in the two directions.
+
+    Arguments:
+        x, weight, rstd: as in ``rmsnorm_backward``.
+        x_dot, x_dot2: tangents of x (x's shape), or None for zero.
+        weight_dot, weight_dot2: tangents of weight (weight's shape), or None for zero.
+        y_ddot: optional preallocated output.
+    Returns:
+        y_ddot, like x.
+    """
+    layout = _layout(x, weight, tuning)
+    acc = accumulator_dtype(x.dtype)
+    rstd = _check_rstd(rstd, x)
+    x_dot, x_dot2 = (_check_like(name, t, x, "x") if t is not None else None
+                     for name, t in (("x_dot", x_dot), ("x_dot2", x_dot2)))
+    weight_dot, weight_dot2 = (_check_like(name, t, weight, "weight") if t is not None else None
+                               for name, t in (("weight_dot", weight_dot), ("weight_dot2", weight_dot2)))
+    y_ddot = output_buffer(y_ddot, "y_ddot", x.shape, x.dtype, x.device)
+    programs = layout.programs_per_group(x.device, tuning, reduces=False)
+    if programs * layout.n_groups:
+        _forward_second_kernel[(layout.n_groups * programs,)](
+            x.contiguous(), weight.contiguous(), rstd,
+            *(t if t is not None else x for t in (x_dot, weight_dot, x_dot2, weight_dot2)), y_ddot,
+            layout.rows_per_group, layout.n_cols, programs,
+            ACC=tl_dtype(acc), TILE_ROWS=layout.tile_rows, BLOCK_N=layout.block_n,
+            HAS_X_DOT=x_dot is not None, HAS_W_DOT=weight_dot is not None,
+            HAS_X_DOT2=x_dot2 is not None, HAS_W_DOT2=weight_dot2 is not None, num_warps=layout.num_warps,
+        )
+    return y_ddot

@@ -222,8 +222,15 @@ def test_reverse_over_forward_matches_reference():
         assert_close(f"grad of jvp [{part}]", out, ref, 1e-11)
 
 
-@pytest.mark.parametrize("hessian", [torch.func.hessian, lambda f, argnums: torch.func.jacrev(
-    torch.func.jacrev(f, argnums=argnums), argnums=argnums)], ids=["jacfwd_jacrev", "jacrev_jacrev"])
+def _nested(outer, inner):
+    return lambda f, argnums: outer(inner(f, argnums=argnums), argnums=argnums)
+
+
+@pytest.mark.parametrize("hessian", [
+    torch.func.hessian,
+    _nested(torch.func.jacrev, torch.func.jacrev),
+    _nested(torch.func.jacfwd, torch.func.jacfwd),
+], ids=["jacfwd_jacrev", "jacrev_jacrev", "jacfwd_jacfwd"])
 def test_hessian_matches_reference(hessian):
     x, weight = make_inputs((2,), 4, torch.float64, seed=4)
     out = hessian(scalar_loss(fused), argnums=(0, 1))(x, weight)
@@ -233,12 +240,29 @@ def test_hessian_matches_reference(hessian):
             assert_close(f"hessian[{i}][{j}]", out[i][j], ref[i][j], 1e-11)
 
 
+def test_forward_over_forward_matches_reference():
+    x, weight = make_inputs((2, 3), 5, torch.float64, seed=8)
+    first = (torch.randn_like(x), torch.randn_like(weight))
+    second = (torch.randn_like(x), torch.randn_like(weight))
+
+    def jvp_of_jvp(norm):
+        tangent = lambda x, weight: torch.func.jvp(norm, (x, weight), first)[1]
+        return torch.func.jvp(tangent, (x, weight), second)[1]
+
+    assert_close("jvp of jvp", jvp_of_jvp(fused), jvp_of_jvp(reference), 1e-11)
+
+
 def test_third_order_raises_clearly():
     x, weight = make_inputs((3,), 4, torch.float64, requires_grad=True)
     (dx,) = torch.autograd.grad(scalar_loss(fused)(x, weight), x, create_graph=True)
     (ddx,) = torch.autograd.grad(dx.pow(2).sum(), x, create_graph=True)
-    with pytest.raises(NotImplementedError, match="backend='reference'"):
+    with pytest.raises(NotImplementedError, match="third derivatives.*backend='reference'"):
         torch.autograd.grad(ddx.sum(), x)
+    v = torch.randn_like(x)
+    jvp_jvp = lambda x: torch.func.jvp(lambda x: torch.func.jvp(lambda x: fused(x, weight), (x,), (v,))[1],
+                                       (x,), (v,))[1]
+    with pytest.raises(NotImplementedError, match="third derivatives"):
+        torch.func.jvp(jvp_jvp, (x.detach(),), (v,))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,8 +10,11 @@ Four autograd Functions, each calling one launcher of ``theria_kernels.rmsnorm``
   tangent(g) = doublebackward(cot = (x_dot, w_dot))[:2] + backward(dy_dot).
 * ``_RMSNormJVP``: (x, weight, x_dot, weight_dot) -> (y_dot, rstd). y_dot = J (x_dot, w_dot) is
   linear in the tangents, so its VJP with cotangent c is backward(c) for the tangents and, for
-  (x, w), the double backward with dy = c and cot = (x_dot, w_dot) (reverse-over-forward).
-* ``_RMSNormDoubleBackward``: the third Function; differentiating it (third order) raises.
+  (x, w), the double backward with dy = c and cot = (x_dot, w_dot) (reverse over forward). Its
+  own JVP (forward over forward) is the same map on the tangents' tangents plus the second
+  directional derivative ``_RMSNormForwardSecond``.
+* ``_RMSNormDoubleBackward`` and ``_RMSNormForwardSecond``: second-order kernels; differentiating
+  them (third order) raises.
 
 ``rstd`` travels as an input of the derivative Functions but is never differentiated: the
 kernels treat it as the function of x it is. Every Function has a ``vmap`` rule that folds the
@@ -26,18 +29,13 @@ from torch.autograd import Function
 
 from theria_kernels._common import is_interpreter
 from theria_kernels.rmsnorm import (
+    BEYOND_SECOND_ORDER,
     check_arguments,
     rmsnorm_backward,
     rmsnorm_backward_backward,
     rmsnorm_forward,
+    rmsnorm_forward_second,
     rmsnorm_jvp,
-)
-
-BACKENDS = ("triton_full_fused", "reference")
-
-_BEYOND_SECOND_ORDER = (
-    "rmsnorm(backend='triton_full_fused') provides derivatives up to second order (grad of grad, "
-    "jvp of grad, grad of jvp); {what} needs a third-order rule. Use backend='reference'."
 )
 
 
@@ -56,6 +54,10 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
             backend: str = "triton_full_fused") -> torch.Tensor:
     """RMSNorm over the last dimension with a learned scale, differentiable to second order.
 
+    Works under ``torch.autograd`` (``create_graph=True``, gradgradcheck), ``torch.autograd.forward_ad``
+    and ``torch.func`` (grad, jvp, vjp, vmap over x, weight or both, and every second-order
+    composition, ``torch.func.hessian`` included); third derivatives raise ``NotImplementedError``.
+
     Arguments:
         x: (..., N) float16/bfloat16/float32/float64; rows = prod(leading dims).
         weight: (N,), same dtype and device as x.
@@ -67,17 +69,14 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
     Raises:
         ValueError / TypeError naming the offending tensor (see docs/design/rmsnorm.md).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"rmsnorm: unknown backend {backend!r}; choose one of {BACKENDS}")
     for name, tensor in (("x", x), ("weight", weight)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"rmsnorm: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-    fused = backend == "triton_full_fused"
-    check_arguments(x.shape, x.dtype, weight.shape, weight.dtype, eps, fused=fused)
+    check_arguments(x.shape, x.dtype, weight.shape, weight.dtype, eps, backend=backend)
     if weight.device != x.device:
         raise ValueError(f"rmsnorm: weight is on {weight.device} but x is on {x.device}; "
                          "put both on one device")
-    if not fused:
+    if backend == "reference":
         return rmsnorm_reference(x, weight, eps)
     if x.device.type != "cuda" and not is_interpreter():
         raise ValueError(
@@ -90,7 +89,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
 
 
 def _vmap_folded(function, info, in_dims, *args):
-    """vmap rule shared by the four Functions: every tensor argument gets the mapped dimension
+    """vmap rule shared by all the Functions: every tensor argument gets the mapped dimension
     in front (unmapped ones are expanded), which makes it a leading row-group dimension of the
     kernels (weight (B, *G, N), x (B, *G, ..., N)); every output then has it in front."""
     folded = []
@@ -102,6 +101,8 @@ def _vmap_folded(function, info, in_dims, *args):
         else:
             folded.append(arg.movedim(dim, 0))
     outputs = function.apply(*folded)
+    if isinstance(outputs, torch.Tensor):
+        return outputs, 0
     return outputs, tuple(0 for _ in outputs)
 
 
@@ -150,10 +151,12 @@ class _RMSNormJVP(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, x_dot, weight_dot, _ = inputs
+        x, weight, x_dot, weight_dot, eps = inputs
         _, rstd = output
         ctx.mark_non_differentiable(rstd)
         ctx.save_for_backward(x, weight, rstd, x_dot, weight_dot)
+        ctx.save_for_forward(x, weight, rstd, x_dot, weight_dot)
+        ctx.eps = eps
 
     @staticmethod
     def backward(ctx, d_y_dot, _d_rstd):
@@ -164,8 +167,15 @@ class _RMSNormJVP(Function):
                 d_weight_dot if weight_dot is not None else None, None)
 
     @staticmethod
-    def jvp(ctx, *_tangents):
-        raise NotImplementedError(_BEYOND_SECOND_ORDER.format(what="forward-over-forward (jvp of jvp)"))
+    def jvp(ctx, x_dot2, weight_dot2, x_dot_dot, weight_dot_dot, _eps_dot):
+        x, weight, rstd, x_dot, weight_dot = ctx.saved_tensors
+        y_dot_dot = None
+        if x_dot_dot is not None or weight_dot_dot is not None:
+            y_dot_dot, _ = _RMSNormJVP.apply(x, weight, x_dot_dot, weight_dot_dot, ctx.eps)
+        if x_dot2 is not None or weight_dot2 is not None:
+            second = _RMSNormForwardSecond.apply(x, weight, rstd, x_dot, weight_dot, x_dot2, weight_dot2)
+            y_dot_dot = _add(y_dot_dot, second)
+        return (y_dot_dot if y_dot_dot is not None else torch.zeros_like(x)), None
 
     @staticmethod
     def vmap(info, in_dims, x, weight, x_dot, weight_dot, eps):
@@ -206,10 +216,8 @@ class _RMSNormBackward(Function):
         return _vmap_folded(_RMSNormBackward, info, in_dims, x, weight, rstd, dy)
 
 
-class _RMSNormDoubleBackward(Function):
-    @staticmethod
-    def forward(x, weight, rstd, dy, cot_dx, cot_dweight):
-        return rmsnorm_backward_backward(x, weight, rstd, dy, cot_dx, cot_dweight)
+class _SecondOrder(Function):
+    """Base of the second-order Functions: any derivative of them is third order."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -217,12 +225,29 @@ class _RMSNormDoubleBackward(Function):
 
     @staticmethod
     def backward(ctx, *_cotangents):
-        raise NotImplementedError(_BEYOND_SECOND_ORDER.format(what="differentiating the double backward"))
+        raise NotImplementedError(BEYOND_SECOND_ORDER)
 
     @staticmethod
     def jvp(ctx, *_tangents):
-        raise NotImplementedError(_BEYOND_SECOND_ORDER.format(what="a tangent of the double backward"))
+        raise NotImplementedError(BEYOND_SECOND_ORDER)
+
+
+class _RMSNormDoubleBackward(_SecondOrder):
+    @staticmethod
+    def forward(x, weight, rstd, dy, cot_dx, cot_dweight):
+        return rmsnorm_backward_backward(x, weight, rstd, dy, cot_dx, cot_dweight)
 
     @staticmethod
     def vmap(info, in_dims, x, weight, rstd, dy, cot_dx, cot_dweight):
         return _vmap_folded(_RMSNormDoubleBackward, info, in_dims, x, weight, rstd, dy, cot_dx, cot_dweight)
+
+
+class _RMSNormForwardSecond(_SecondOrder):
+    @staticmethod
+    def forward(x, weight, rstd, x_dot, weight_dot, x_dot2, weight_dot2):
+        return rmsnorm_forward_second(x, weight, rstd, x_dot, weight_dot, x_dot2, weight_dot2)
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, rstd, x_dot, weight_dot, x_dot2, weight_dot2):
+        return _vmap_folded(_RMSNormForwardSecond, info, in_dims, x, weight, rstd, x_dot, weight_dot,
+                            x_dot2, weight_dot2)
