@@ -1,21 +1,90 @@
-"""Public JAX attention API (placeholder: reference backend only until the bridge lands)."""
+"""Public JAX attention API: the fused Triton kernels under every JAX transformation.
+
+``attention`` follows ``jax.nn.dot_product_attention`` (causal mask aligned to the top-left
+corner), ``flash_attn_func`` follows flash-attn (bottom-right corner). Both take (B, T, H, D)
+arrays. The fused backend's derivative rules live in ``theria_jax._primitives``; its arguments
+are checked by the same function as ``theria_torch``'s, so both raise the same messages.
+"""
 
 from __future__ import annotations
 
+import math
+
+import jax
+
+from theria_jax._primitives import attention_fused
 from theria_jax.reference import attention_reference
+from theria_kernels.attention import AttentionParams, interpreting, validate_attention_args
 
 
-def attention(q, k, v, *, causal=False, scale=None, window_size=(-1, -1), return_lse=False,
-              backend="triton_full_fused"):
-    if backend != "reference":
-        raise NotImplementedError("theria_jax.attention: only backend='reference' exists yet")
-    return attention_reference(q, k, v, causal=causal, scale=scale, window_size=window_size,
-                               return_lse=return_lse)
+def _check_platform(backend: str) -> None:
+    if backend == "triton_full_fused" and jax.default_backend() == "cpu" and not interpreting():
+        raise ValueError(
+            "backend='triton_full_fused' needs a GPU, but JAX runs on the CPU; use backend='reference' "
+            "or set TRITON_INTERPRET=1 (before importing triton) to run the kernels in Triton's CPU interpreter")
 
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                    return_lse=False, *, backend="triton_full_fused"):
-    if backend != "reference":
-        raise NotImplementedError("theria_jax.flash_attn_func: only backend='reference' exists yet")
-    return attention_reference(q, k, v, causal=causal, scale=softmax_scale, window_size=window_size,
-                               bottom_right=True, return_lse=return_lse)
+def _attention(q, k, v, *, backend, causal, scale, window_size, bottom_right):
+    """Validated (out, lse) of (B, T, H, D) arrays, dispatched to a backend."""
+    window_size = tuple(window_size)
+    validate_attention_args(q.shape, k.shape, v.shape, tuple(str(t.dtype) for t in (q, k, v)),
+                            layout="(B, T, H, D)", backend=backend, window_size=window_size)
+    _check_platform(backend)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if backend == "reference":
+        return attention_reference(q, k, v, causal=causal, scale=scale, window_size=window_size,
+                                   bottom_right=bottom_right, return_lse=True)
+    params = AttentionParams(scale=scale, causal=bool(causal), window_size=window_size, bottom_right=bottom_right)
+    return attention_fused(q, k, v, params)
+
+
+def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
+              window_size: tuple[int, int] = (-1, -1), return_lse: bool = False,
+              backend: str = "triton_full_fused"):
+    """Scaled dot-product attention laid out like ``jax.nn.dot_product_attention``.
+
+    Works under ``jax.jit``, ``jax.vmap`` (any number of extra leading axes), ``jax.grad``,
+    ``jax.jvp`` and their second-order compositions (grad of grad, jvp of grad, grad of jvp,
+    ``jax.hessian``); forward over forward and third order raise ``NotImplementedError``
+    on the fused backend (docs/design/jax_bridge.md).
+
+    Arguments:
+        q: (B, T_q, H, D). k, v: (B, T_k, H_kv, D) with ``H % H_kv == 0`` (grouped-query).
+            fp16, bf16, fp32 or fp64; head dim 8–256 for the fused backend.
+        causal: query i sees keys j <= i (top-left alignment, like JAX and torch SDPA).
+        scale: a Python float multiplying q kᵀ; ``None`` means ``1 / sqrt(D)``.
+        window_size: (left, right) sliding window, flash-attn's meaning, -1 = unbounded.
+        return_lse: also return the row log-sum-exp (B, H, T_q) (float32; float64 for fp64
+            inputs), differentiable; rows that see no key have lse = +inf and output 0.
+        backend: ``"triton_full_fused"`` (Triton kernels, O(T) extra memory at every
+            derivative order) or ``"reference"`` (jax.numpy, O(T²) memory).
+    Returns:
+        out (B, T_q, H, D) in q's dtype, or (out, lse) with ``return_lse``.
+    """
+    out, lse = _attention(q, k, v, backend=backend, causal=causal, scale=scale, window_size=window_size,
+                          bottom_right=False)
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: float | None = None,
+                    causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                    return_lse: bool = False, *, backend: str = "triton_full_fused"):
+    """flash-attn's interface on (B, T, H, D) JAX arrays, with the transformations of :func:`attention`.
+
+    Arguments:
+        q: (B, T_q, H, D). k, v: (B, T_k, H_kv, D), ``H % H_kv == 0``.
+        dropout_p: must be 0.0 (no dropout; kept for signature compatibility).
+        softmax_scale: a Python float; ``None`` means ``1 / sqrt(D)``.
+        causal: aligned to the bottom-right corner as in flash-attn ≥ 2.1: when T_q > T_k the
+            first T_q − T_k query rows see no key and output zeros.
+        window_size: (left, right), -1 = unbounded; with ``causal`` right is 0.
+        return_lse: also return the log-sum-exp (B, H, T_q), differentiable.
+        backend: ``"triton_full_fused"`` or ``"reference"``, as in :func:`attention`.
+    Returns:
+        out (B, T_q, H, D), or (out, lse) with ``return_lse``.
+    """
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p={dropout_p}: theria's attention has no dropout; pass dropout_p=0.0")
+    out, lse = _attention(q, k, v, backend=backend, causal=causal, scale=softmax_scale, window_size=window_size,
+                          bottom_right=True)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,350 @@
+"""theria_jax attention on the fused kernels against the jax.numpy reference, under every JAX
+transformation the primitives support, and against theria_torch on the same kernels.
+
+CPU: Triton interpreter, float64, tiny shapes, 1e-10 relative error. GPU tests are marked ``gpu``.
+"""
+
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax.test_util import check_grads
+
+import theria_torch
+from theria_jax import _primitives, attention, flash_attn_func
+from theria_kernels.attention import AttentionParams
+
+FUSED, REFERENCE = "triton_full_fused", "reference"
+FLOAT64_TOLERANCE = 1e-10
+
+
+@dataclass(frozen=True)
+class Case:
+    """One attention configuration; ``api`` picks the mask alignment (top-left / bottom-right)."""
+
+    api: str
+    t_q: int
+    t_k: int
+    heads: int
+    heads_kv: int
+    head_dim: int
+    causal: bool = False
+    window_size: tuple[int, int] = (-1, -1)
+    batch: int = 1
+
+    def __str__(self):
+        mask = "causal" if self.causal else "window" if self.window_size != (-1, -1) else "full"
+        return f"{self.api}-{mask}-T{self.t_q}x{self.t_k}-H{self.heads}/{self.heads_kv}-D{self.head_dim}"
+
+    def inputs(self, seed=0):
+        """Fresh float64 (q, k, v)."""
+        q_shape = (self.batch, self.t_q, self.heads, self.head_dim)
+        kv_shape = (self.batch, self.t_k, self.heads_kv, self.head_dim)
+        return _random_like(tuple(jax.ShapeDtypeStruct(s, jnp.float64) for s in (q_shape, kv_shape, kv_shape)), seed)
+
+    def attend(self, backend, q, k, v):
+        """(out, lse) with the rows that see no key given lse 0 instead of +inf, so that smooth
+        losses of lse stay finite (their derivatives there are 0 in both backends)."""
+        function = attention if self.api == "attention" else flash_attn_func
+        out, lse = function(q, k, v, causal=self.causal, window_size=self.window_size, return_lse=True,
+                            backend=backend)
+        return out, jnp.where(jnp.isfinite(lse), lse, 0.0)
+
+
+CASES = [
+    Case("attention", 9, 9, 2, 2, 16),
+    Case("attention", 7, 13, 4, 2, 8, causal=True),  # T_q != T_k, grouped-query, top-left
+    Case("flash_attn_func", 13, 7, 2, 1, 12, causal=True),  # bottom-right: 6 rows see no key
+    Case("flash_attn_func", 17, 17, 2, 2, 32, window_size=(3, 2)),
+]
+
+
+def _random_like(tree, seed):
+    """Standard normal arrays shaped like the leaves of ``tree`` (NumPy draws: no compilation)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), tree)
+
+
+def assert_close(got, want, tolerance, what=""):
+    """Relative error ‖got − want‖ / ‖want‖ per leaf; on failure say where and how much."""
+    for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        assert g.shape == w.shape, f"{what}{jax.tree_util.keystr(path)}: shape {g.shape} != {w.shape}"
+        error = np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-300)
+        if not error <= tolerance:
+            diff = np.abs(g - w)
+            where = np.unravel_index(np.nanargmax(np.where(np.isnan(diff), np.inf, diff)), diff.shape)
+            raise AssertionError(
+                f"{what}{jax.tree_util.keystr(path)}: relative error {error:.3e} > {tolerance:.0e}; "
+                f"max abs diff {diff[where]:.3e} at {where} (got {g[where]!r}, want {w[where]!r})")
+
+
+# ----------------------------------------------------------------------------------------------
+# The transformations: each maps (attend, weights) to a jittable function of (q, k, v), where
+# ``attend`` is (q, k, v) ↦ (out, lse) on one backend and ``weights`` holds fixed random arrays.
+# Smooth nonlinear losses make every cotangent depend on the inputs, so grad∘grad and jvp∘grad
+# exercise both halves of the backward's JVP (the Hessian part and the Jᵀ part).
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Weights:
+    outputs: tuple  # shaped like (out, lse): loss weights
+    inputs: tuple  # shaped like (q, k, v): tangents, and weights of losses of the gradients
+
+
+def _weights(case, inputs, seed=0):
+    outputs = jax.eval_shape(partial(case.attend, REFERENCE), *inputs)
+    return Weights(_random_like(outputs, seed), _random_like(inputs, seed + 1))
+
+
+def _loss(attend, weights):
+    def loss(q, k, v):
+        out, lse = attend(q, k, v)
+        return jnp.sum(weights.outputs[0] * jnp.sin(out)) + jnp.sum(weights.outputs[1] * jnp.sin(lse))
+
+    return loss
+
+
+def _grad(attend, weights):
+    return jax.grad(_loss(attend, weights), argnums=(0, 1, 2))
+
+
+def _grad_of_grad(attend, weights):
+    grad = _grad(attend, weights)
+    loss_of_grad = lambda *x: sum(jnp.sum(w * jnp.tanh(g)) for w, g in zip(weights.inputs, grad(*x)))  # noqa: E731
+    return jax.grad(loss_of_grad, argnums=(0, 1, 2))
+
+
+def _jvp(attend, weights):
+    return lambda *x: jax.jvp(attend, x, weights.inputs)
+
+
+def _jvp_of_grad(attend, weights):  # Hessian-vector product, forward over reverse
+    return lambda *x: jax.jvp(_grad(attend, weights), x, weights.inputs)
+
+
+def _grad_of_jvp(attend, weights):  # reverse over forward
+    loss_of_tangent = lambda *x: sum(  # noqa: E731
+        jnp.sum(w * jnp.sin(t)) for w, t in zip(weights.outputs, jax.jvp(attend, x, weights.inputs)[1]))
+    return jax.grad(loss_of_tangent, argnums=(0, 1, 2))
+
+
+def _vmap_of_grad(attend, weights):
+    """An extra leading axis of size 2 on every input, folded into B by the batching rule."""
+    grad = _grad(attend, weights)
+    return lambda *x: jax.vmap(grad)(*(jnp.stack([a, 0.5 * a[:, ::-1]]) for a in x))
+
+
+TRANSFORMS = {
+    "forward": lambda attend, weights: attend,
+    "grad": _grad,
+    "grad_of_grad": _grad_of_grad,
+    "jvp": _jvp,
+    "jvp_of_grad": _jvp_of_grad,
+    "grad_of_jvp": _grad_of_jvp,
+    "vmap_of_grad": _vmap_of_grad,
+}
+
+
+def _transformed(transform, case, backend, weights):
+    return TRANSFORMS[transform](partial(case.attend, backend), weights)
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_transformation_matches_reference(case, transform):
+    inputs = case.inputs()
+    weights = _weights(case, inputs)
+    got = jax.jit(_transformed(transform, case, FUSED, weights))(*inputs)
+    want = jax.jit(_transformed(transform, case, REFERENCE, weights))(*inputs)
+    assert_close(got, want, FLOAT64_TOLERANCE, f"{case} {transform}")
+
+
+@pytest.mark.parametrize("transform", ["forward", "grad", "jvp_of_grad"])
+def test_eager_matches_jit(transform):
+    case = CASES[1]
+    inputs = case.inputs(seed=1)
+    fused = _transformed(transform, case, FUSED, _weights(case, inputs))
+    assert_close(fused(*inputs), jax.jit(fused)(*inputs), FLOAT64_TOLERANCE, transform)
+
+
+def test_hessian_of_small_scalar_function():
+    """jax.hessian (jacfwd of jacrev) of a loss of 3 scalars that move q, k and v."""
+    case = CASES[2]
+    inputs = case.inputs(seed=2)
+    directions = _random_like(inputs, seed=3)
+
+    weights = _weights(case, inputs)
+
+    def scalar_loss(backend):
+        loss = _loss(partial(case.attend, backend), weights)
+        return lambda theta: loss(*(x + t * d for x, t, d in zip(inputs, theta, directions)))
+
+    theta = jnp.array([0.3, -0.2, 0.1])
+    got = jax.jit(jax.hessian(scalar_loss(FUSED)))(theta)
+    assert_close(got, jax.jit(jax.hessian(scalar_loss(REFERENCE)))(theta), FLOAT64_TOLERANCE, "hessian")
+    assert_close(got, got.T, FLOAT64_TOLERANCE, "hessian symmetry")
+
+
+@pytest.mark.parametrize("case", [CASES[2]], ids=str)
+def test_check_grads(case):
+    """Finite differences: reverse to second order, forward to first, and reverse over forward.
+    (Forward over forward is the one second-order mode the kernels lack; see the next test.)"""
+    attend = jax.jit(partial(case.attend, FUSED))
+    inputs = case.inputs(seed=4)
+    check_grads(attend, inputs, order=2, modes=("rev",))
+    check_grads(attend, inputs, order=1, modes=("fwd",))
+    jvp = jax.jit(lambda *x: jax.jvp(attend, x, _random_like(inputs, seed=5))[1])
+    check_grads(jvp, inputs, order=1, modes=("rev",))
+
+
+def test_unsupported_orders_raise_and_name_the_reference_backend():
+    case = CASES[0]
+    q, k, v = case.inputs()
+    attend = lambda q: case.attend(FUSED, q, k, v)[0]  # noqa: E731
+    with pytest.raises(NotImplementedError, match="forward-over-forward.*backend='reference'"):
+        jax.jvp(lambda q: jax.jvp(attend, (q,), (q,))[1], (q,), (q,))
+    third = jax.grad(lambda q: jnp.sum(jax.grad(lambda q: jnp.sum(jax.grad(lambda q: jnp.sum(attend(q) ** 3))(q) ** 3))(q)))
+    with pytest.raises(NotImplementedError, match="third-order.*backend='reference'"):
+        third(q)
+
+
+def test_vmap_two_extra_axes():
+    case = Case("attention", 5, 6, 1, 1, 8, causal=True)
+    q, k, v = (jnp.stack([jnp.stack([x, -x]), jnp.stack([2 * x, x[:, ::-1]])]) for x in case.inputs(seed=6))
+    attend = lambda backend: jax.vmap(jax.vmap(partial(case.attend, backend)))  # noqa: E731
+    assert_close(jax.jit(attend(FUSED))(q, k, v), attend(REFERENCE)(q, k, v), FLOAT64_TOLERANCE, "vmap∘vmap")
+
+
+def _poison_then_launch(launch, num_outputs, *tensors, params):
+    """Fill the outputs with NaN first, so an element the launcher fails to write shows."""
+    for output in tensors[-num_outputs:]:
+        output.fill_(float("nan"))
+    launch(*tensors, params=params)
+
+
+def test_launchers_write_every_output_element():
+    """Each launcher through the bridge, outputs pre-filled with NaN, on the case with rows that
+    see no key (whose outputs are zeros the kernel must still write)."""
+    case = CASES[2]
+    q, k, v = case.inputs(seed=9)
+    params = AttentionParams(scale=case.head_dim ** -0.5, causal=True, bottom_right=True)
+    out, lse = _primitives.forward_p.bind(q, k, v, params=params)
+    d_out, d_lse = _random_like((out, lse), seed=10)
+    cot = _random_like((q, k, v), seed=11)
+    calls = [
+        (_primitives._FORWARD, "qs", ()),
+        (_primitives._JVP, "qsqs", cot),
+        (_primitives._BACKWARD, "qkv", (out, lse, d_out, d_lse)),
+        (_primitives._BACKWARD_BACKWARD, "qkvqs", (out, lse, d_out, d_lse, *cot)),
+    ]
+    for launch, kinds, rest in calls:
+        poisoned = partial(_poison_then_launch, launch, len(kinds))
+        got = _primitives._call(poisoned, kinds, q, k, v, *rest, params=params)
+        want = _primitives._call(launch, kinds, q, k, v, *rest, params=params)
+        for index, (g, w) in enumerate(zip(got, want)):
+            assert not jnp.isnan(g).any(), f"{launch.args[0].__name__} left output {index} partly unwritten"
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-framework: theria_jax and theria_torch on the same kernels
+# ----------------------------------------------------------------------------------------------
+
+
+def _torch_out_lse_and_grads(case, backend, inputs, d_out, d_lse):
+    q, k, v = (torch.from_numpy(np.asarray(x)).requires_grad_() for x in inputs)
+    out, lse = theria_torch.flash_attn_func(
+        q, k, v, causal=case.causal, window_size=case.window_size, return_lse=True, backend=backend) \
+        if case.api == "flash_attn_func" else _torch_attention_bthd(case, backend, q, k, v)
+    finite_lse = torch.where(torch.isfinite(lse), lse, 0.0)
+    grads = torch.autograd.grad((out, finite_lse), (q, k, v),
+                                (torch.from_numpy(np.asarray(d_out)), torch.from_numpy(np.asarray(d_lse))))
+    return (out.detach().numpy(), finite_lse.detach().numpy()), [g.numpy() for g in grads]
+
+
+def _torch_attention_bthd(case, backend, q, k, v):
+    out, lse = theria_torch.sdpa_custom(*(x.transpose(1, 2) for x in (q, k, v)), causal=case.causal,
+                                        window_size=case.window_size, return_lse=True, backend=backend)
+    return out.transpose(1, 2), lse
+
+
+@pytest.mark.parametrize("torch_backend", [REFERENCE, FUSED])
+@pytest.mark.parametrize("case", [CASES[1], CASES[2]], ids=str)
+def test_matches_theria_torch(case, torch_backend):
+    inputs = case.inputs(seed=12)
+    outputs, vjp = jax.vjp(partial(case.attend, FUSED), *inputs)
+    cotangents = _random_like(outputs, seed=13)
+    torch_outputs, torch_grads = _torch_out_lse_and_grads(case, torch_backend, inputs, *cotangents)
+    assert_close(outputs, torch_outputs, FLOAT64_TOLERANCE, f"torch {torch_backend} outputs")
+    assert_close(vjp(cotangents), torch_grads, FLOAT64_TOLERANCE, f"torch {torch_backend} grads")
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checking: the torch adapter's messages
+# ----------------------------------------------------------------------------------------------
+
+
+def _arrays(q_shape=(1, 8, 2, 16), kv_shape=(1, 8, 2, 16), dtype=jnp.float64, v_dtype=None):
+    return jnp.ones(q_shape, dtype), jnp.ones(kv_shape, dtype), jnp.ones(kv_shape, v_dtype or dtype)
+
+
+@pytest.mark.parametrize("arrays, kwargs, error, message", [
+    (_arrays(q_shape=(8, 2, 16)), {}, ValueError, r"q must have 4 dimensions \(B, T, H, D\)"),
+    (_arrays(q_shape=(1, 8, 2, 300), kv_shape=(1, 8, 2, 300)), {}, ValueError,
+     "q has head dim 300; triton_full_fused supports 8–256; use backend='reference'"),
+    (_arrays(q_shape=(1, 8, 3, 16)), {}, ValueError, "q has 3 heads and k, v have 2"),
+    (_arrays(kv_shape=(1, 8, 2, 8)), {}, ValueError, "q has head dim 16 but k and v have 8"),
+    (_arrays(v_dtype=jnp.float32), {}, TypeError, "q, k, v must share one dtype"),
+    (_arrays(dtype=jnp.int32), {}, TypeError, "q has dtype int32; triton_full_fused supports"),
+    (_arrays(), {"backend": "flash"}, ValueError, "backend must be one of"),
+    (_arrays(), {"window_size": (2, -3)}, ValueError, "window_size must be a pair of ints >= -1"),
+])
+def test_bad_arguments(arrays, kwargs, error, message):
+    for function in (attention, flash_attn_func):
+        with pytest.raises(error, match=message):
+            function(*arrays, **kwargs)
+
+
+def test_dropout_is_refused():
+    with pytest.raises(ValueError, match="dropout_p=0.1: theria's attention has no dropout"):
+        flash_attn_func(*_arrays(), dropout_p=0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: jit without host transfers, low precision against a float64 reference
+# ----------------------------------------------------------------------------------------------
+
+# Relative-error floors per dtype (DESIGN.md), raised to twice the error of plain jax.numpy
+# attention in the same dtype where that is larger (flash-attention's criterion).
+GPU_TOLERANCES = {jnp.bfloat16: 2e-2, jnp.float16: 5e-3, jnp.float32: 1e-4}
+GPU_CASES = [Case("attention", 257, 257, 4, 2, 64, causal=True, batch=2),
+             Case("flash_attn_func", 200, 333, 4, 4, 128, window_size=(64, 16), batch=2)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transform", ["forward", "grad", "grad_of_grad", "jvp", "jvp_of_grad"])
+@pytest.mark.parametrize("dtype", list(GPU_TOLERANCES), ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_gpu_matches_float64_reference(case, dtype, transform):
+    inputs = tuple(x.astype(dtype) for x in case.inputs(seed=14))
+    weights = _weights(case, inputs, seed=15)
+    fused = jax.jit(_transformed(transform, case, FUSED, weights))
+    fused(*inputs)
+    with jax.transfer_guard("disallow"):
+        got = jax.block_until_ready(fused(*inputs))
+    # The float64 reference sees the same (rounded) inputs and weights.
+    upcast = partial(jax.tree.map, lambda x: x.astype(jnp.float64))
+    want = _transformed(transform, case, REFERENCE, Weights(*map(upcast, (weights.outputs, weights.inputs))))(
+        *upcast(inputs))
+    plain = jax.jit(_transformed(transform, case, REFERENCE, weights))(*inputs)
+    for (path, g), p, w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(plain),
+                               jax.tree.leaves(want)):
+        p, w = np.asarray(p, np.float64), np.asarray(w, np.float64)
+        tolerance = max(GPU_TOLERANCES[dtype], 2 * np.linalg.norm(p - w) / np.linalg.norm(w))
+        assert_close(g, w, tolerance, f"{case} {transform} {jnp.dtype(dtype).name}{jax.tree_util.keystr(path)}")

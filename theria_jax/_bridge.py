@@ -1,0 +1,67 @@
+"""The one crossing from JAX into Triton: run a torch-tensor launcher on JAX's own buffers.
+
+Every JAX op of theria goes through :func:`triton_call`. It stages an XLA custom call
+(``jax.experimental.buffer_callback``) whose Python callback receives the device buffers XLA
+allocated for the inputs and the outputs, wraps each one as a torch tensor with DLPack (no copy),
+and calls the launcher, which writes the outputs in place. On a GPU the launcher runs on the CUDA
+stream XLA runs the program on, so nothing synchronises with the host and nothing is copied.
+Outside ``jax.jit`` the same custom call is compiled once per shape and run eagerly.
+docs/design/jax_bridge.md states the contract.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import torch
+from jax.experimental.buffer_callback import buffer_callback
+
+
+def triton_call(
+    launch: Callable[..., object],
+    *arrays: jax.Array,
+    out_shapes: Sequence[jax.ShapeDtypeStruct],
+    **static,
+) -> tuple[jax.Array, ...]:
+    """Run ``launch(*torch_inputs, *torch_outputs, **static)`` on zero-copy views of JAX buffers.
+
+    Arguments:
+        launch: writes every output in place; its return value is ignored. It receives the
+            inputs' and the preallocated outputs' buffers as torch tensors with the JAX arrays'
+            shapes, dtypes and (row-major) layouts, on the arrays' device.
+        arrays: the inputs; the launcher must not write to them.
+        out_shapes: shape and dtype of each output. Outputs start uninitialised: the launcher
+            must write every element.
+        static: hashable keyword arguments passed through to ``launch`` (e.g. an
+            ``AttentionParams``); ``launch`` and ``static`` together key JAX's compilation cache.
+    Returns:
+        The outputs, one ``jax.Array`` per entry of ``out_shapes``.
+
+    Works under ``jax.jit`` and eagerly, on CPU (Triton interpreter, CPU tensors) and on GPU.
+    It has no differentiation rules; under ``jax.vmap`` it runs the launcher once per batch
+    element, so ops define their own batching rule instead (see ``theria_jax._primitives``).
+    """
+    callback = _callback(launch, tuple(sorted(static.items())))
+    call = buffer_callback(callback, tuple(out_shapes), vmap_method="sequential")
+    return tuple(call(*arrays))
+
+
+@functools.cache
+def _callback(launch: Callable[..., object], static_items: tuple) -> Callable[..., None]:
+    # One callback object per (launch, static): JAX keys compiled programs on the callback, so a
+    # fresh closure per call would recompile on every eager call.
+    return functools.partial(_run, launch, dict(static_items))
+
+
+def _run(launch, static, context, outputs, *inputs) -> None:
+    tensors = [torch.from_dlpack(buffer) for buffer in (*inputs, *outputs)]
+    device = tensors[0].device
+    if device.type != "cuda":
+        launch(*tensors, **static)
+        return
+    # XLA enqueues the rest of the program on its own stream: launch there, without a sync.
+    stream = torch.cuda.ExternalStream(context.stream, device=device)
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        launch(*tensors, **static)

@@ -1,0 +1,261 @@
+"""JAX primitives for fused attention, with rules that keep every derivative on the fused kernels.
+
+Arrays are (B, T, H, D) as in ``jax.nn.dot_product_attention``; row statistics (lse and its
+tangents and cotangents) are (B, H, T_q) in float32 (float64 for float64 inputs). Each primitive
+runs kernels of ``theria_kernels.attention`` through :func:`theria_jax._bridge.triton_call`.
+Write x = (q, k, v), f(x) = (out, lse), J = f'(x), u = (d_out, d_lse) a cotangent of f and
+H_u = ∇²_x <u, f(x)> (symmetric):
+
+=====================  =======================================  ===================  ======================
+primitive              operands (linear ones after ``|``)        results              kernel
+=====================  =======================================  ===================  ======================
+attention_fwd          x                                        out, lse             attention_forward
+attention_fwd_tangent  x, out, lse | ẋ                           J ẋ                  attention_jvp
+attention_fwd_second   x, out, lse, ẋ | y                        f''(x)[ẋ, y]         none (transpose only)
+attention_bwd          x, out, lse, u                           Jᵀ u                 attention_backward
+attention_bwd_tangent  x, out, lse, u | ẋ, u̇                     H_u ẋ + Jᵀ u̇         attention_backward_backward,
+                                                                                      attention_backward
+attention_bwd_bwd      x, out, lse, u, c                        H_u c, J c           attention_backward_backward
+=====================  =======================================  ===================  ======================
+
+The rules (docs/design/jax_bridge.md):
+
+* jvp(fwd) = fwd_tangent; transpose(fwd_tangent) = bwd. That is grad.
+* jvp(bwd) = bwd_tangent, because bwd(x, u) = ∇_x <u, f(x)> has ∂/∂x = H_u (a symmetric
+  Hessian, so H_u ẋ is the backward-of-backward kernel with cotangent ẋ) and ∂/∂u = Jᵀ.
+  transpose(bwd_tangent) applied to c is (H_u c, J c) = bwd_bwd: all five outputs of one kernel.
+  That is grad∘grad, jvp∘grad (Hessian-vector products) and jax.hessian.
+* jvp(fwd_tangent) = fwd_tangent on the tangent's tangent + fwd_second. fwd_second has no kernel
+  (it needs a second-order forward sweep), but its transpose does: <c, f''[ẋ, y]> = <y, H_c ẋ>,
+  so transpose(fwd_second) = bwd_bwd with u = c and cotangent ẋ. Reverse over forward
+  (grad∘jvp) works; forward over forward (jvp∘jvp) raises NotImplementedError.
+* Any third derivative raises NotImplementedError naming ``backend='reference'``.
+* out and lse enter the derivative primitives only because the kernels reuse them; they are
+  f(x), so every rule differentiates through x alone (their own tangents are ignored).
+* vmap folds the mapped axis into B (an unmapped operand is broadcast first).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.core import ShapedArray
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from theria_jax._bridge import triton_call
+from theria_kernels.attention import (
+    AttentionParams,
+    attention_backward,
+    attention_backward_backward,
+    attention_forward,
+    attention_jvp,
+)
+
+# Same words as theria_torch's error for the same limit.
+THIRD_ORDER = (
+    "third-order derivatives of attention are not implemented by backend='triton_full_fused' "
+    "(it provides forward, backward, JVP and double backward); use backend='reference'"
+)
+FORWARD_OVER_FORWARD = (
+    "forward-over-forward differentiation (jvp of jvp, jacfwd of jacfwd) of attention needs a "
+    "second-order forward kernel that backend='triton_full_fused' does not have; put reverse mode "
+    "on one side (jax.jvp of jax.grad, jax.grad of jax.jvp, jax.hessian) or use backend='reference'"
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# One bridge call per kernel launcher
+# ----------------------------------------------------------------------------------------------
+
+
+def _launch(launcher, num_inputs, output_names, *tensors, params):
+    """Call ``launcher`` on (B, H, T, D) views of the (B, T, H, D) buffers, outputs in place."""
+    views = [t.transpose(1, 2) if t.dim() == 4 else t for t in tensors]
+    launcher(*views[:num_inputs], params, **dict(zip(output_names, views[num_inputs:])))
+
+
+# Module-level objects so that JAX's compilation cache, keyed on the launcher, hits.
+_FORWARD = functools.partial(_launch, attention_forward, 3, ("out", "lse"))
+_JVP = functools.partial(_launch, attention_jvp, 6, ("out", "lse", "out_dot", "lse_dot"))
+_BACKWARD = functools.partial(_launch, attention_backward, 7, ("dq", "dk", "dv"))
+_BACKWARD_BACKWARD = functools.partial(
+    _launch, attention_backward_backward, 10, ("cot_q", "cot_k", "cot_v", "cot_d_out", "cot_d_lse")
+)
+
+
+def _row_stat_dtype(dtype) -> jnp.dtype:
+    return jnp.dtype(jnp.float64) if dtype == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+def _avals(kinds: str, q, k, v) -> list[ShapedArray]:
+    """Result types named by letters: q/k/v shaped like that operand, s = a row statistic."""
+    batch, t_q, heads, _ = q.shape
+    row_stat = ShapedArray((batch, heads, t_q), _row_stat_dtype(q.dtype))
+    like = {"q": ShapedArray(q.shape, q.dtype), "k": ShapedArray(k.shape, k.dtype),
+            "v": ShapedArray(v.shape, v.dtype), "s": row_stat}
+    return [like[kind] for kind in kinds]
+
+
+def _call(launch, kinds: str, q, k, v, *rest, params: AttentionParams):
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in _avals(kinds, q, k, v)]
+    return triton_call(launch, q, k, v, *rest, out_shapes=shapes, params=params)
+
+
+# ----------------------------------------------------------------------------------------------
+# vmap
+# ----------------------------------------------------------------------------------------------
+
+
+def _fold_batch_axis(primitive, operands, axes, **params):
+    """Run one call with the mapped axis folded into B (every operand's leading axis)."""
+    size = next(x.shape[axis] for x, axis in zip(operands, axes) if axis is not None)
+
+    def fold(x, axis):
+        x = jnp.broadcast_to(x, (size, *x.shape)) if axis is None else jnp.moveaxis(x, axis, 0)
+        return x.reshape(size * x.shape[1], *x.shape[2:])
+
+    results = primitive.bind(*map(fold, operands, axes), **params)
+    return [r.reshape(size, -1, *r.shape[1:]) for r in results], [0] * len(results)
+
+
+# ----------------------------------------------------------------------------------------------
+# Primitives: implementation (also the lowering, through lower_fun) and abstract evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def _primitive(name: str, kinds: str, impl) -> Primitive:
+    primitive = Primitive(name)
+    primitive.multiple_results = True
+    primitive.def_impl(impl)
+    primitive.def_abstract_eval(lambda q, k, v, *rest, **params: _avals(kinds, q, k, v))
+    mlir.register_lowering(primitive, mlir.lower_fun(impl, multiple_results=True))
+    batching.primitive_batchers[primitive] = functools.partial(_fold_batch_axis, primitive)
+    return primitive
+
+
+def _forward_impl(q, k, v, *, params):
+    return _call(_FORWARD, "qs", q, k, v, params=params)
+
+
+def _forward_tangent_impl(q, k, v, out, lse, q_dot, k_dot, v_dot, *, params):
+    # The JVP kernel recomputes out and lse in the same sweep; those two results are scratch.
+    return _call(_JVP, "qsqs", q, k, v, q_dot, k_dot, v_dot, params=params)[2:]
+
+
+def _forward_second_impl(*operands, params):
+    raise NotImplementedError(FORWARD_OVER_FORWARD)
+
+
+def _backward_impl(q, k, v, out, lse, d_out, d_lse, *, params):
+    return _call(_BACKWARD, "qkv", q, k, v, out, lse, d_out, d_lse, params=params)
+
+
+def _backward_backward_impl(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, *, params):
+    return _call(_BACKWARD_BACKWARD, "qkvqs", q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv,
+                 params=params)
+
+
+def _backward_tangent_impl(q, k, v, out, lse, d_out, d_lse, *tangents, params, has_x_dot, has_u_dot):
+    primals = (q, k, v, out, lse, d_out, d_lse)
+    terms = []
+    if has_x_dot:  # H_u ẋ: the Hessian is symmetric, so it is the double backward with cotangent ẋ.
+        terms.append(_backward_backward_impl(*primals, *tangents[:3], params=params)[:3])
+    if has_u_dot:  # Jᵀ u̇: the backward is linear in u.
+        terms.append(_backward_impl(*primals[:5], *tangents[-2:], params=params))
+    return [sum(parts) for parts in zip(*terms)]
+
+
+forward_p = _primitive("attention_fwd", "qs", _forward_impl)
+forward_tangent_p = _primitive("attention_fwd_tangent", "qs", _forward_tangent_impl)
+forward_second_p = _primitive("attention_fwd_second", "qs", _forward_second_impl)
+backward_p = _primitive("attention_bwd", "qkv", _backward_impl)
+backward_tangent_p = _primitive("attention_bwd_tangent", "qkv", _backward_tangent_impl)
+backward_backward_p = _primitive("attention_bwd_bwd", "qkvqs", _backward_backward_impl)
+
+
+def attention_fused(q, k, v, params: AttentionParams):
+    """(out, lse) = attention of (B, T, H, D) arrays on the fused kernels; differentiable."""
+    out, lse = forward_p.bind(q, k, v, params=params)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# Differentiation rules
+# ----------------------------------------------------------------------------------------------
+
+
+def _nonzero(tangents) -> bool:
+    return any(type(t) is not ad.Zero for t in tangents)
+
+
+def _dense(tangents) -> list:
+    return [ad.instantiate_zeros(t) for t in tangents]
+
+
+def _forward_jvp(primals, tangents, *, params):
+    out, lse = forward_p.bind(*primals, params=params)
+    out_dot, lse_dot = forward_tangent_p.bind(*primals, out, lse, *_dense(tangents), params=params)
+    return (out, lse), (out_dot, lse_dot)
+
+
+def _forward_tangent_jvp(primals, tangents, *, params):
+    x_and_stats, x_dot = primals[:5], primals[5:]
+    results = forward_tangent_p.bind(*primals, params=params)
+    terms = []
+    if _nonzero(tangents[5:]):  # linear in ẋ
+        terms.append(forward_tangent_p.bind(*x_and_stats, *_dense(tangents[5:]), params=params))
+    if _nonzero(tangents[:3]):  # derivative of J(x) ẋ in x
+        terms.append(forward_second_p.bind(*x_and_stats, *x_dot, *_dense(tangents[:3]), params=params))
+    if not terms:  # only out/lse moved, which happens only off f(x): nothing to differentiate
+        return results, [jnp.zeros_like(r) for r in results]
+    return results, [sum(parts) for parts in zip(*terms)]
+
+
+def _forward_tangent_transpose(cotangents, q, k, v, out, lse, *x_dot, params):
+    grads = backward_p.bind(q, k, v, out, lse, *_dense(cotangents), params=params)
+    return [None] * 5 + [g if ad.is_undefined_primal(t) else None for g, t in zip(grads, x_dot)]
+
+
+def _forward_second_transpose(cotangents, q, k, v, out, lse, *rest, params):
+    x_dot, y = rest[:3], rest[3:]
+    # <c, f''[ẋ, y]> = <y, H_c ẋ>: the double backward with d_out, d_lse = c and cotangent ẋ.
+    cots = backward_backward_p.bind(q, k, v, out, lse, *_dense(cotangents), *x_dot, params=params)
+    return [None] * 8 + [c if ad.is_undefined_primal(t) else None for c, t in zip(cots[:3], y)]
+
+
+def _backward_jvp(primals, tangents, *, params):
+    results = backward_p.bind(*primals, params=params)
+    x_dot, u_dot = tangents[:3], tangents[5:]
+    has_x_dot, has_u_dot = _nonzero(x_dot), _nonzero(u_dot)
+    if not (has_x_dot or has_u_dot):
+        return results, [jnp.zeros_like(r) for r in results]
+    linear = (_dense(x_dot) if has_x_dot else []) + (_dense(u_dot) if has_u_dot else [])
+    result_dots = backward_tangent_p.bind(*primals, *linear, params=params, has_x_dot=has_x_dot,
+                                          has_u_dot=has_u_dot)
+    return results, result_dots
+
+
+def _backward_tangent_transpose(cotangents, *operands, params, has_x_dot, has_u_dot):
+    primals, linear = operands[:7], operands[7:]
+    cots = backward_backward_p.bind(*primals, *_dense(cotangents), params=params)
+    # (H_u c, J c): cotangents of ẋ and of u̇, for whichever of them this call carries.
+    cots = (cots[:3] if has_x_dot else []) + (cots[3:] if has_u_dot else [])
+    return [None] * 7 + [c if ad.is_undefined_primal(t) else None for c, t in zip(cots, linear)]
+
+
+def _third_order(*args, **params):
+    raise NotImplementedError(THIRD_ORDER)
+
+
+ad.primitive_jvps[forward_p] = _forward_jvp
+ad.primitive_jvps[forward_tangent_p] = _forward_tangent_jvp
+ad.primitive_transposes[forward_tangent_p] = _forward_tangent_transpose
+ad.primitive_jvps[forward_second_p] = _third_order
+ad.primitive_transposes[forward_second_p] = _forward_second_transpose
+ad.primitive_jvps[backward_p] = _backward_jvp
+ad.primitive_jvps[backward_tangent_p] = _third_order
+ad.primitive_transposes[backward_tangent_p] = _backward_tangent_transpose
+ad.primitive_jvps[backward_backward_p] = _third_order
