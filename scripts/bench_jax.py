@@ -1,0 +1,146 @@
+"""Benchmark theria's attention in JAX against the same kernels from torch and JAX's own attention
+(GPU only; on a CPU only --help runs).
+
+Implementations, all on (B, T, H, D) arrays with the causal mask top-left aligned:
+  theria_jax    theria_jax.attention, jitted (kernels through the buffer_callback bridge)
+  theria_torch  theria_torch.flash_attn_func on torch tensors (the same kernels, no bridge)
+  jax_xla       jax.nn.dot_product_attention(implementation="xla"), jitted
+  jax_cudnn     jax.nn.dot_product_attention(implementation="cudnn"), jitted (fp16/bf16 only)
+
+Modes:
+  fwd   out = attention(q, k, v)
+  grad  forward + VJP of out with cotangent dO (dq, dk, dv)
+  hvp   forward-over-reverse Hessian-vector product: jvp of (q, k, v) ↦ VJP(dO) along random
+        tangents (theria: forward, backward, JVP and double-backward kernels)
+
+Each time is the median over repetitions of one call followed by a device sync (host-timed the
+same way for both frameworks, since JAX runs on its own CUDA stream), after warm-up.
+
+    python scripts/bench_jax.py                       # B8 H16 T4096 D64 bf16
+    python scripts/bench_jax.py --shape 8,16,1024,64 --dtype float16 --causal --mode fwd grad
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+MODES = ("fwd", "grad", "hvp")
+# Nominal FLOPs in units of one forward (two T×T GEMMs), as in scripts/bench_sdpa.py.
+UNITS = {"fwd": 1.0, "grad": 3.5}
+
+
+def jax_workloads(attend, q, k, v, d_out, tangents):
+    import jax
+
+    def grad(q, k, v):
+        return jax.vjp(attend, q, k, v)[1](d_out)
+
+    return {
+        "fwd": jax.jit(attend),
+        "grad": jax.jit(grad),
+        "hvp": jax.jit(lambda q, k, v: jax.jvp(grad, (q, k, v), tangents)),
+    }
+
+
+def torch_workloads(attend, q, k, v, d_out, tangents):
+    import torch
+
+    def grad(q, k, v):
+        return torch.func.vjp(attend, q, k, v)[1](d_out)
+
+    return {
+        "fwd": lambda q, k, v: attend(q, k, v),
+        "grad": grad,
+        "hvp": lambda q, k, v: torch.func.jvp(grad, (q, k, v), tangents),
+    }
+
+
+def median_ms(call, reps: int) -> float:
+    """Median wall time of ``call`` (which ends with a device sync) after warm-up."""
+    for _ in range(3):
+        call()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def measure(call, reps) -> float | str:
+    """Median ms, or the first line of the error (unsupported derivative, out of memory)."""
+    try:
+        return median_ms(call, reps)
+    except Exception as err:  # noqa: BLE001 - every failure is a table entry, not a crash
+        return (str(err).strip().splitlines() or [type(err).__name__])[0][:70]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="8,16,4096,64", help="B,H,T,D")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--skip", nargs="*", default=[], help="implementations to leave out, e.g. jax_xla")
+    parser.add_argument("--reps", type=int, default=20)
+    args = parser.parse_args()
+
+    # JAX and torch share the GPU: let each allocate what it uses instead of JAX taking 75 %.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    import theria_jax
+    import theria_torch
+
+    if jax.default_backend() != "gpu" or not torch.cuda.is_available():
+        raise SystemExit("bench_jax.py needs a CUDA GPU visible to both JAX and torch")
+
+    batch, heads, seq, head_dim = map(int, args.shape.split(","))
+    causal = args.causal
+    keys = jax.random.split(jax.random.PRNGKey(0), 7)
+    shape = (batch, seq, heads, head_dim)
+    q, k, v, d_out, *tangents = (jax.random.normal(key, shape, jnp.float32).astype(args.dtype) for key in keys)
+    tq, tk, tv, t_d_out, *t_tangents = (torch.from_dlpack(x).clone() for x in (q, k, v, d_out, *tangents))
+
+    jax_impls = {
+        "theria_jax": lambda q, k, v: theria_jax.attention(q, k, v, causal=causal),
+        "jax_xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla"),
+        "jax_cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                                                  implementation="cudnn"),
+    }
+    # name -> {mode: call}; each call runs once and waits for the device.
+    calls = {}
+    for name, attend in jax_impls.items():
+        fns = jax_workloads(attend, q, k, v, d_out, tuple(tangents))
+        calls[name] = {mode: (lambda fn=fn: jax.block_until_ready(fn(q, k, v))) for mode, fn in fns.items()}
+    fns = torch_workloads(lambda q, k, v: theria_torch.flash_attn_func(q, k, v, causal=causal),
+                          tq, tk, tv, t_d_out, tuple(t_tangents))
+    calls["theria_torch"] = {mode: (lambda fn=fn: (fn(tq, tk, tv), torch.cuda.synchronize()))
+                             for mode, fn in fns.items()}
+    order = [n for n in ("theria_jax", "theria_torch", "jax_xla", "jax_cudnn") if n not in args.skip]
+    forward_flops = 4 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
+
+    print(f"# {torch.cuda.get_device_name()} jax {jax.__version__} torch {torch.__version__} "
+          f"B={batch} H={heads} T={seq} D={head_dim} {args.dtype} causal={causal}")
+    print(f"{'mode':5s} {'impl':13s} {'ms':>9s} {'TFLOP/s':>8s} {'torch/this':>11s} {'xla/this':>9s} "
+          f"{'cudnn/this':>11s}")
+    for mode in args.mode:
+        results = {name: measure(calls[name][mode], args.reps) for name in order}
+        for name, ms in results.items():
+            if isinstance(ms, str):
+                print(f"{mode:5s} {name:13s} error: {ms}")
+                continue
+            tflops = f"{UNITS[mode] * forward_flops / ms / 1e9:8.1f}" if mode in UNITS else f"{'':8s}"
+            ratios = [f"{results[other] / ms:{width}.2f}x" if isinstance(results.get(other), float)
+                      else f"{'-':>{width + 1}s}"
+                      for other, width in (("theria_torch", 10), ("jax_xla", 8), ("jax_cudnn", 10))]
+            print(f"{mode:5s} {name:13s} {ms:9.3f} {tflops} {' '.join(ratios)}")
+
+
+if __name__ == "__main__":
+    main()
