@@ -173,6 +173,21 @@ def test_eager_matches_jit(transform):
     assert_close(fused(*inputs), jax.jit(fused)(*inputs), FLOAT64_TOLERANCE, transform)
 
 
+@pytest.mark.parametrize("transform", ["grad_of_grad", "jvp_of_grad"])
+def test_loss_of_out_alone(transform):
+    """Without return_lse the lse cotangent is a symbolic zero at every order."""
+    case = CASES[1]
+    inputs = case.inputs(seed=16)
+    weights = _weights(case, inputs, seed=17)
+
+    def out_only(backend):
+        return lambda q, k, v: (attention(q, k, v, causal=case.causal, backend=backend), jnp.zeros(()))
+
+    got = jax.jit(TRANSFORMS[transform](out_only(FUSED), weights))(*inputs)
+    want = jax.jit(TRANSFORMS[transform](out_only(REFERENCE), weights))(*inputs)
+    assert_close(got, want, FLOAT64_TOLERANCE, transform)
+
+
 def test_hessian_of_small_scalar_function():
     """jax.hessian (jacfwd of jacrev) of a loss of 3 scalars that move q, k and v."""
     case = CASES[2]

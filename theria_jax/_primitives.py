@@ -118,7 +118,7 @@ def _fold_batch_axis(primitive, operands, axes, **params):
         return x.reshape(size * x.shape[1], *x.shape[2:])
 
     results = primitive.bind(*map(fold, operands, axes), **params)
-    return [r.reshape(size, -1, *r.shape[1:]) for r in results], [0] * len(results)
+    return [r.reshape(size, r.shape[0] // size, *r.shape[1:]) for r in results], [0] * len(results)
 
 
 # ----------------------------------------------------------------------------------------------
