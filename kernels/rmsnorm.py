@@ -1,4 +1,5 @@
-"""Fused RMSNorm: forward (with the forward-mode JVP folded in), backward and double backward.
+"""Fused RMSNorm: forward (with the forward-mode JVP folded in), backward, double backward and
+second-order forward (jvp of jvp): every second derivative in one sweep over the rows.
 
 Reading order: tuning and layout, the row helpers, the kernels (forward/JVP, backward, double
 backward, second-order forward, the column sum that finishes every weight-shaped reduction),

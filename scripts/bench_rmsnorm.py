@@ -1,0 +1,158 @@
+"""Benchmark theria's fused RMSNorm against torch.nn.functional.rms_norm and a copy (GPU only).
+
+RMSNorm is memory-bound, so every row reports bandwidth: bytes the op must read and write
+(inputs once, outputs once; the per-program dweight partials count against us), divided by the
+median time, and that as a percentage of a device-to-device copy of x measured in the same run.
+Each row is timed twice: ``eager`` (triton.testing.do_bench: Python and autograd overhead
+included when they outrun the GPU) and ``graph`` (do_bench_cudagraph: the kernels alone). The
+target is graph fwd+bwd ≥ 80 % of the copy's bandwidth on an H100.
+
+    python scripts/bench_rmsnorm.py                        # (2, 1024, 4096) bfloat16
+    python scripts/bench_rmsnorm.py --shape 8,512,8192 --dtype float16
+    python scripts/bench_rmsnorm.py --sweep                # launch shapes for the kernels alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from theria_kernels.rmsnorm import DEFAULT_TUNING, RMSNormTuning, rmsnorm_backward, rmsnorm_forward
+from theria_torch.rmsnorm import rmsnorm
+
+EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bytes each workload must move, from the shape and dtype alone."""
+
+    rows: int
+    n_cols: int
+    itemsize: int
+
+    @property
+    def activation(self) -> int:  # one tensor shaped like x
+        return self.rows * self.n_cols * self.itemsize
+
+    @property
+    def weight(self) -> int:
+        return self.n_cols * self.itemsize
+
+    @property
+    def rstd(self) -> int:
+        return self.rows * 4
+
+    def forward(self) -> int:  # read x, w; write y, rstd
+        return 2 * self.activation + self.weight + self.rstd
+
+    def backward(self) -> int:  # read x, w, rstd, dy; write dx, dweight
+        return 3 * self.activation + 2 * self.weight + self.rstd
+
+    def copy(self) -> int:
+        return 2 * self.activation
+
+
+def timed(fn) -> tuple[float, float]:
+    """(eager ms, CUDA-graph ms), medians; the graph time is NaN if capture fails."""
+    fn()
+    torch.cuda.synchronize()
+    eager = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    try:
+        graph = triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
+    except RuntimeError as err:
+        print(f"# CUDA-graph capture failed ({str(err).splitlines()[0][:80]}); using eager time")
+        graph = math.nan
+    return eager, graph
+
+
+def best_ms(times: tuple[float, float]) -> float:
+    eager, graph = times
+    return eager if math.isnan(graph) else graph
+
+
+def report(name: str, times: tuple[float, float], nbytes: int, copy_gbs: float, peer=None) -> None:
+    gbs = nbytes / best_ms(times) / 1e6
+    versus = f"{best_ms(peer) / best_ms(times):6.2f}x" if peer else f"{'':7s}"
+    print(f"{name:34s} {times[0]:9.4f} {times[1]:9.4f} {gbs:9.0f} {100 * gbs / copy_gbs:7.1f}% {versus}")
+
+
+def sweep(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, traffic: Traffic, copy_gbs: float) -> None:
+    """Kernels alone (graph time) over launch shapes; the best per kernel is what DEFAULT_TUNING
+    should be for this shape and device."""
+    print(f"\n{'tile_elements':>13s} {'el/thread':>9s} {'prog/SM':>7s} {'fwd GB/s':>9s} {'%copy':>6s} "
+          f"{'bwd GB/s':>9s} {'%copy':>6s}")
+    _, rstd = rmsnorm_forward(x, weight, EPS)
+    best = {}
+    for tile, per_thread, per_sm in itertools.product((1024, 2048, 4096, 8192, 16384), (4, 8, 16, 32), (1, 2, 4, 8)):
+        tuning = RMSNormTuning(tile_elements=tile, elements_per_thread=per_thread, reduce_programs_per_sm=per_sm)
+        fwd = triton.testing.do_bench_cudagraph(lambda: rmsnorm_forward(x, weight, EPS, tuning=tuning), rep=100)
+        bwd = triton.testing.do_bench_cudagraph(lambda: rmsnorm_backward(x, weight, rstd, dy, tuning=tuning), rep=100)
+        fwd_gbs, bwd_gbs = traffic.forward() / fwd / 1e6, traffic.backward() / bwd / 1e6
+        print(f"{tile:13d} {per_thread:9d} {per_sm:7d} {fwd_gbs:9.0f} {100 * fwd_gbs / copy_gbs:5.1f}% "
+              f"{bwd_gbs:9.0f} {100 * bwd_gbs / copy_gbs:5.1f}%")
+        for kernel, gbs in (("forward", fwd_gbs), ("backward", bwd_gbs)):
+            if gbs > best.get(kernel, (0.0, None))[0]:
+                best[kernel] = (gbs, tuning)
+    for kernel, (gbs, tuning) in best.items():
+        print(f"best {kernel}: {gbs:.0f} GB/s ({100 * gbs / copy_gbs:.1f}% of copy) with {tuning}")
+    print(f"default: {DEFAULT_TUNING}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="2,1024,4096", help="leading dims and N, comma-separated")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--sweep", action="store_true", help="also sweep RMSNormTuning for the kernels alone")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_rmsnorm.py needs a CUDA GPU")
+
+    shape = tuple(int(s) for s in args.shape.split(","))
+    dtype = getattr(torch, args.dtype)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(shape, device="cuda", dtype=dtype, generator=gen).requires_grad_()
+    weight = (1.0 + 0.1 * torch.randn(shape[-1], device="cuda", dtype=dtype, generator=gen)).requires_grad_()
+    dy = torch.randn_like(x)
+    traffic = Traffic(math.prod(shape[:-1]), shape[-1], x.element_size())
+
+    copy_out = torch.empty_like(x)
+    copy_times = timed(lambda: copy_out.copy_(x.detach()))
+    copy_gbs = traffic.copy() / best_ms(copy_times) / 1e6
+
+    xd, wd = x.detach(), weight.detach()
+    _, rstd = rmsnorm_forward(xd, wd, EPS)
+    rows = {
+        "forward": {
+            "theria": lambda: rmsnorm(xd, wd, EPS),
+            "torch F.rms_norm": lambda: F.rms_norm(xd, shape[-1:], wd, EPS),
+        },
+        "fwd+bwd (autograd)": {
+            "theria": lambda: torch.autograd.grad(rmsnorm(x, weight, EPS), (x, weight), dy),
+            "torch F.rms_norm": lambda: torch.autograd.grad(F.rms_norm(x, shape[-1:], weight, EPS), (x, weight), dy),
+        },
+        "backward kernel": {"theria": lambda: rmsnorm_backward(xd, wd, rstd, dy)},
+    }
+    nbytes = {"forward": traffic.forward(), "fwd+bwd (autograd)": traffic.forward() + traffic.backward(),
+              "backward kernel": traffic.backward()}
+
+    print(f"# {torch.cuda.get_device_name()} shape={shape} {args.dtype} eps={EPS}")
+    print(f"{'workload':34s} {'eager ms':>9s} {'graph ms':>9s} {'GB/s':>9s} {'%copy':>8s} {'vs torch':>7s}")
+    report("copy x (reference)", copy_times, traffic.copy(), copy_gbs)
+    for workload, impls in rows.items():
+        results = {name: timed(fn) for name, fn in impls.items()}
+        peer = results.get("torch F.rms_norm")
+        for name, times in results.items():
+            report(f"{workload}: {name}", times, nbytes[workload], copy_gbs, peer if name == "theria" else None)
+    if args.sweep:
+        sweep(xd, wd, dy, traffic, copy_gbs)
+
+
+if __name__ == "__main__":
+    main()
