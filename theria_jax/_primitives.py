@@ -6,28 +6,26 @@ runs kernels of ``theria_kernels.attention`` through :func:`theria_jax._bridge.t
 Write x = (q, k, v), f(x) = (out, lse), J = f'(x), u = (d_out, d_lse) a cotangent of f and
 H_u = ∇²_x <u, f(x)> (symmetric):
 
-=====================  =======================================  ===================  ======================
-primitive              operands (linear ones after ``|``)        results              kernel
-=====================  =======================================  ===================  ======================
-attention_fwd          x                                        out, lse             attention_forward
-attention_fwd_tangent  x, out, lse | ẋ                           J ẋ                  attention_jvp
-attention_fwd_second   x, out, lse, ẋ | y                        f''(x)[ẋ, y]         none (transpose only)
-attention_bwd          x, out, lse, u                           Jᵀ u                 attention_backward
-attention_bwd_tangent  x, out, lse, u | ẋ, u̇                     H_u ẋ + Jᵀ u̇         attention_backward_backward,
-                                                                                      attention_backward
-attention_bwd_bwd      x, out, lse, u, c                        H_u c, J c           attention_backward_backward
-=====================  =======================================  ===================  ======================
+* ``attention_fwd(x) = (out, lse)``: kernel attention_forward.
+* ``attention_fwd_tangent(x, out, lse | x_dot) = J x_dot``: attention_jvp.
+* ``attention_fwd_second(x, out, lse, x_dot | y) = f''(x)[x_dot, y]``: no kernel, transpose only.
+* ``attention_bwd(x, out, lse, u) = Jᵀ u``: attention_backward.
+* ``attention_bwd_tangent(x, out, lse, u | x_dot, u_dot) = H_u x_dot + Jᵀ u_dot``:
+  attention_backward_backward and attention_backward.
+* ``attention_bwd_bwd(x, out, lse, u, c) = (H_u c, J c)``: attention_backward_backward.
+
+Operands after ``|`` are the ones the primitive is linear in (the ones a transpose rule solves for).
 
 The rules (docs/design/jax_bridge.md):
 
 * jvp(fwd) = fwd_tangent; transpose(fwd_tangent) = bwd. That is grad.
 * jvp(bwd) = bwd_tangent, because bwd(x, u) = ∇_x <u, f(x)> has ∂/∂x = H_u (a symmetric
-  Hessian, so H_u ẋ is the backward-of-backward kernel with cotangent ẋ) and ∂/∂u = Jᵀ.
+  Hessian, so H_u x_dot is the backward-of-backward kernel with cotangent x_dot) and ∂/∂u = Jᵀ.
   transpose(bwd_tangent) applied to c is (H_u c, J c) = bwd_bwd: all five outputs of one kernel.
   That is grad∘grad, jvp∘grad (Hessian-vector products) and jax.hessian.
 * jvp(fwd_tangent) = fwd_tangent on the tangent's tangent + fwd_second. fwd_second has no kernel
-  (it needs a second-order forward sweep), but its transpose does: <c, f''[ẋ, y]> = <y, H_c ẋ>,
-  so transpose(fwd_second) = bwd_bwd with u = c and cotangent ẋ. Reverse over forward
+  (it needs a second-order forward sweep), but its transpose does: <c, f''[x_dot, y]> = <y, H_c x_dot>,
+  so transpose(fwd_second) = bwd_bwd with u = c and cotangent x_dot. Reverse over forward
   (grad∘jvp) works; forward over forward (jvp∘jvp) raises NotImplementedError.
 * Any third derivative raises NotImplementedError naming ``backend='reference'``.
 * out and lse enter the derivative primitives only because the kernels reuse them; they are
@@ -161,9 +159,9 @@ def _backward_backward_impl(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot
 def _backward_tangent_impl(q, k, v, out, lse, d_out, d_lse, *tangents, params, has_x_dot, has_u_dot):
     primals = (q, k, v, out, lse, d_out, d_lse)
     terms = []
-    if has_x_dot:  # H_u ẋ: the Hessian is symmetric, so it is the double backward with cotangent ẋ.
+    if has_x_dot:  # H_u x_dot: the Hessian is symmetric, so it is the double backward with cotangent x_dot.
         terms.append(_backward_backward_impl(*primals, *tangents[:3], params=params)[:3])
-    if has_u_dot:  # Jᵀ u̇: the backward is linear in u.
+    if has_u_dot:  # Jᵀ u_dot: the backward is linear in u.
         terms.append(_backward_impl(*primals[:5], *tangents[-2:], params=params))
     return [sum(parts) for parts in zip(*terms)]
 
@@ -205,9 +203,9 @@ def _forward_tangent_jvp(primals, tangents, *, params):
     x_and_stats, x_dot = primals[:5], primals[5:]
     results = forward_tangent_p.bind(*primals, params=params)
     terms = []
-    if _nonzero(tangents[5:]):  # linear in ẋ
+    if _nonzero(tangents[5:]):  # linear in x_dot
         terms.append(forward_tangent_p.bind(*x_and_stats, *_dense(tangents[5:]), params=params))
-    if _nonzero(tangents[:3]):  # derivative of J(x) ẋ in x
+    if _nonzero(tangents[:3]):  # derivative of J(x) x_dot in x
         terms.append(forward_second_p.bind(*x_and_stats, *x_dot, *_dense(tangents[:3]), params=params))
     if not terms:  # only out/lse moved, which happens only off f(x): nothing to differentiate
         return results, [jnp.zeros_like(r) for r in results]
@@ -221,7 +219,7 @@ def _forward_tangent_transpose(cotangents, q, k, v, out, lse, *x_dot, params):
 
 def _forward_second_transpose(cotangents, q, k, v, out, lse, *rest, params):
     x_dot, y = rest[:3], rest[3:]
-    # <c, f''[ẋ, y]> = <y, H_c ẋ>: the double backward with d_out, d_lse = c and cotangent ẋ.
+    # <c, f''[x_dot, y]> = <y, H_c x_dot>: the double backward with d_out, d_lse = c, cotangent x_dot.
     cots = backward_backward_p.bind(q, k, v, out, lse, *_dense(cotangents), *x_dot, params=params)
     return [None] * 8 + [c if ad.is_undefined_primal(t) else None for c, t in zip(cots[:3], y)]
 
@@ -241,7 +239,7 @@ def _backward_jvp(primals, tangents, *, params):
 def _backward_tangent_transpose(cotangents, *operands, params, has_x_dot, has_u_dot):
     primals, linear = operands[:7], operands[7:]
     cots = backward_backward_p.bind(*primals, *_dense(cotangents), params=params)
-    # (H_u c, J c): cotangents of ẋ and of u̇, for whichever of them this call carries.
+    # (H_u c, J c): cotangents of x_dot and of u_dot, for whichever of them this call carries.
     cots = (cots[:3] if has_x_dot else []) + (cots[3:] if has_u_dot else [])
     return [None] * 7 + [c if ad.is_undefined_primal(t) else None for c, t in zip(cots, linear)]
 
