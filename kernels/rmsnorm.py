@@ -220,8 +220,8 @@ def _project(v, x_hat, rstd, n_cols):
 
 @triton.jit
 def _curvature(u, d, x_hat, rstd, n_cols):
-    """D(J u)[d] = r²·[(3·mean(u∘x̂)·mean(d∘x̂) − mean(u∘d))·x̂ − mean(d∘x̂)·u − mean(u∘x̂)·d],
-    the derivative of J u along d; symmetric in (u, d) (§1)."""
+    """D(J u)[d], the derivative of J u along d; symmetric in (u, d) (§1):
+    r²·[(3·mean(u∘x̂)·mean(d∘x̂) − mean(u∘d))·x̂ − mean(d∘x̂)·u − mean(u∘x̂)·d]."""
     u_mean = _row_mean(u * x_hat, n_cols)
     d_mean = _row_mean(d * x_hat, n_cols)
     r2 = (rstd * rstd)[:, None]
@@ -236,7 +236,7 @@ def _curvature(u, d, x_hat, rstd, n_cols):
 @triton.jit
 def _forward_kernel(
     x_ptr, w_ptr, x_dot_ptr, w_dot_ptr, y_ptr, rstd_ptr, y_dot_ptr,
-    rows_per_group, n_cols, programs_per_group, eps: "fp64",
+    rows_per_group, n_cols, programs_per_group, eps: tl.float64,
     ACC: tl.constexpr, TILE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_X_DOT: tl.constexpr, HAS_W_DOT: tl.constexpr,
 ):
@@ -392,11 +392,18 @@ def _column_sum_kernel(partial_ptr, out_ptr, n_partials, n_cols,
 # ----------------------------------------------------------------------------------------------
 
 
-def _sum_partials(partial: torch.Tensor, out: torch.Tensor, layout: _Layout) -> None:
-    """Reduce (G, P, N) per-program partial rows into out (*G, N)."""
-    block_c = min(layout.block_n, 256)
-    grid = (layout.n_groups, triton.cdiv(layout.n_cols, block_c))
-    _column_sum_kernel[grid](partial, out, partial.shape[1], layout.n_cols, BLOCK_P=8, BLOCK_C=block_c)
+def _sum_partials(partial: torch.Tensor, out: torch.Tensor) -> None:
+    """Reduce (G, P, N) per-program partial rows into out (*G, N), contiguous.
+
+    Narrow column strips (32 columns) give one program per 32 columns, so N = 4096 already
+    spreads over 128 programs; tall tiles (up to 128 partial rows) keep the number of dependent
+    load rounds per program at P / 128 (the partials were just written and sit in L2, so latency,
+    not bandwidth, bounds this kernel)."""
+    n_groups, n_partials, n_cols = partial.shape
+    block_c = min(triton.next_power_of_2(n_cols), 32)
+    block_p = min(triton.next_power_of_2(n_partials), 128)
+    grid = (n_groups, triton.cdiv(n_cols, block_c))
+    _column_sum_kernel[grid](partial, out, n_partials, n_cols, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
 
 
 def rmsnorm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
@@ -478,7 +485,7 @@ def rmsnorm_backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, 
         layout.rows_per_group, layout.n_cols, programs,
         ACC=tl_dtype(acc), TILE_ROWS=layout.tile_rows, BLOCK_N=layout.block_n, num_warps=layout.num_warps,
     )
-    _sum_partials(partial, dweight, layout)
+    _sum_partials(partial, dweight)
     return dx, dweight
 
 
@@ -519,7 +526,7 @@ def rmsnorm_backward_backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch
         ACC=tl_dtype(acc), TILE_ROWS=layout.tile_rows, BLOCK_N=layout.block_n,
         HAS_COT_DX=cot_dx is not None, HAS_COT_DW=cot_dweight is not None, num_warps=layout.num_warps,
     )
-    _sum_partials(partial, cot_weight, layout)
+    _sum_partials(partial, cot_weight)
     return cot_x, cot_weight, cot_dy
 
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch.autograd import forward_ad, gradcheck, gradgradcheck
 
+import theria_kernels.rmsnorm as rmsnorm_kernels
 from theria_kernels.rmsnorm import (
+    RMSNormTuning,
     rmsnorm_backward,
     rmsnorm_backward_backward,
     rmsnorm_forward,
@@ -142,6 +144,35 @@ def test_grouped_weights_reduce_per_group():
         assert_close(f"y[{g}]", y[g], y_ref.detach(), 1e-12)
         assert_close(f"dx[{g}]", dx[g], dx_ref, 1e-12)
         assert_close(f"dweight[{g}]", dweight[g], dweight_ref, 1e-12)
+
+
+def test_column_sum_over_several_rounds():
+    """The second stage of dweight: more partial rows than one program tile holds."""
+    partial = torch.randn(2, 300, 37, dtype=torch.float64, device=DEVICE)
+    out = torch.full((2, 37), float("nan"), dtype=torch.float32, device=DEVICE)
+    rmsnorm_kernels._sum_partials(partial, out)
+    assert_close("column sum", out, partial.sum(1), 1e-6)
+
+
+@pytest.mark.parametrize("tuning", [
+    RMSNormTuning(tile_elements=1, reduce_programs_per_sm=4),  # 1 row per tile, 16 partial rows
+    RMSNormTuning(tile_elements=64, elements_per_thread=1),    # 8 rows per tile, 2 warps
+], ids=["row_per_tile", "packed_rows"])
+def test_launch_shapes_do_not_change_results(tuning):
+    """Other launch shapes: one row per tile with each program looping over several tiles;
+    several rows per tile with a ragged last tile."""
+    x, weight = make_inputs((37,), 5, torch.float64, seed=9)
+    dy, cot_dx = torch.randn_like(x), torch.randn_like(x)
+    y, rstd = rmsnorm_forward(x, weight, EPS, tuning=tuning)
+    dx, dweight = rmsnorm_backward(x, weight, rstd, dy, tuning=tuning)
+    _, cot_weight, _ = rmsnorm_backward_backward(x, weight, rstd, dy, cot_dx, None, tuning=tuning)
+    x_ref, weight_ref = as_reference(x, weight)
+    y_ref = reference(x_ref, weight_ref)
+    dx_ref, dweight_ref = torch.autograd.grad(y_ref, (x_ref, weight_ref), dy, create_graph=True)
+    (cot_weight_ref,) = torch.autograd.grad(dx_ref, weight_ref, cot_dx)
+    for name, out, ref in (("y", y, y_ref), ("dx", dx, dx_ref), ("dweight", dweight, dweight_ref),
+                           ("cot_weight", cot_weight, cot_weight_ref)):
+        assert_close(name, out, ref.detach(), 1e-12)
 
 
 def test_nan_propagates_to_its_row_only_and_empty_input_is_fine():

@@ -90,10 +90,11 @@ def test_second_order_compositions_match_reference():
     def compositions(norm):
         grad = jax.grad(scalar_loss(norm), argnums=(0, 1))
         tangent = lambda x, weight: jax.jvp(norm, (x, weight), v)[1]
+        grad_loss = lambda x, weight: sum(jnp.sum(jnp.sin(g)) for g in grad(x, weight))
         return {
             "grad": grad(x, weight),
             "jvp": tangent(x, weight),
-            "grad∘grad": jax.grad(lambda x, w: sum(jnp.sum(jnp.sin(g)) for g in grad(x, w)), argnums=(0, 1))(x, weight),
+            "grad∘grad": jax.grad(grad_loss, argnums=(0, 1))(x, weight),
             "jvp∘grad": jax.jvp(grad, (x, weight), v)[1],
             "grad∘jvp": jax.grad(lambda x, w: jnp.sum(jnp.sin(tangent(x, w))), argnums=(0, 1))(x, weight),
             "jvp∘jvp": jax.jvp(tangent, (x, weight), v2)[1],
