@@ -131,11 +131,13 @@ def test_same_numbers_as_torch():
     dy = randn_like(x, 9)
     y, vjp = jax.vjp(fused, x, weight)
     dx, dweight = vjp(dy)
-    x_t, weight_t = (torch.from_numpy(np.array(a)).requires_grad_() for a in (x, weight))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x_t, weight_t, dy_t = (torch.from_numpy(np.array(a)).to(device) for a in (x, weight, dy))
+    x_t.requires_grad_(), weight_t.requires_grad_()
     y_t = torch_rmsnorm.rmsnorm(x_t, weight_t, EPS)
-    dx_t, dweight_t = torch.autograd.grad(y_t, (x_t, weight_t), torch.from_numpy(np.array(dy)))
+    dx_t, dweight_t = torch.autograd.grad(y_t, (x_t, weight_t), dy_t)
     for name, a, b in (("y", y, y_t), ("dx", dx, dx_t), ("dweight", dweight, dweight_t)):
-        np.testing.assert_array_equal(np.asarray(a), b.detach().numpy(), err_msg=name)
+        np.testing.assert_array_equal(np.asarray(a), b.detach().cpu().numpy(), err_msg=name)
 
 
 def test_third_order_raises_clearly():
