@@ -553,13 +553,14 @@ def row_stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per sweep kind and padded head dim, for 2-byte
-# dtypes on a Hopper-class GPU; 4- and 8-byte dtypes halve the tiles so they fit in registers
-# and shared memory. Row sweeps tile queries by BLOCK_M, column sweeps keys by BLOCK_N.
+# dtypes on a Hopper-class GPU (chosen with scripts/tune_sdpa_blocks.py, docs/perf-notes.md);
+# 4-byte dtypes halve the tiles and 8-byte ones quarter them, so they fit in registers and
+# shared memory. Row sweeps tile queries by BLOCK_M, column sweeps keys by BLOCK_N.
 _GPU_BLOCKS = {
     "forward": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)},
     "jvp": {64: (64, 64, 4, 2), 128: (64, 32, 4, 2), 256: (32, 32, 4, 1)},
     "backward": {64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 32, 4, 1)},
-    "backward_backward": {64: (64, 64, 4, 1), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
+    "backward_backward": {64: (64, 64, 4, 2), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
 }
 # The interpreter runs one program at a time on the CPU: the smallest tiles tl.dot accepts keep
 # test shapes tiny while still crossing several blocks and block boundaries.
@@ -645,8 +646,10 @@ class _Call:
 
 def _prepare(q, k, v, params, query_like=(), key_like=()):
     """Unit last stride on q and k; other tensors moved into q's / k's layout (see above)."""
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    k = k if k.stride(-1) == 1 else k.contiguous()
+    # Outputs are allocated in q's and k's layouts, so those must not overlap themselves
+    # (a broadcast, e.g. from vmap over k alone, has stride 0).
+    q = q if q.stride(-1) == 1 and 0 not in q.stride() else q.contiguous()
+    k = k if k.stride(-1) == 1 and 0 not in k.stride() else k.contiguous()
     call = _Call(q, k, params)
     queries = [None if t is None else _in_layout(t, q) for t in query_like]
     keys = [None if t is None else _in_layout(t, k) for t in (v, *key_like)]

@@ -10,6 +10,8 @@ functorch transforms plain tensors and fold vmapped dimensions into B):
   its backward is the double-backward kernel, and its JVP (forward-over-reverse HVPs) follows from
   the symmetry of the Hessian: tangent = double_backward(cot = (q̇, k̇, v̇)) + backward(ḋO, ḋlse).
 * ``_AttentionBackwardBackward``: the double backward; third order raises.
+* ``_AttentionTangent``: the JVP kernel's tangent map, so reverse-over-forward works too; forward
+  over forward raises.
 
 ``out`` and ``lse`` are handed to the backward Functions only as saved values: the kernels treat
 them as functions of (q, k, v), so no gradient flows into them separately.
@@ -25,6 +27,10 @@ from theria_kernels.attention import AttentionParams, interpreting, validate_att
 from theria_torch import _ops
 from theria_torch.reference import attention_reference
 
+FORWARD_OVER_FORWARD_ERROR = (
+    "forward-over-forward derivatives (jvp of jvp) of attention are not implemented by "
+    "backend='triton_full_fused'; use reverse-over-forward, forward-over-reverse or backend='reference'"
+)
 THIRD_ORDER_ERROR = (
     "third-order derivatives of attention are not implemented by backend='triton_full_fused' "
     "(it provides forward, backward, JVP and double backward); use backend='reference'"
@@ -85,14 +91,51 @@ class _AttentionBackward(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, q_dot, k_dot, v_dot, _out_dot, _lse_dot, d_out_dot, d_lse_dot, _params):
+        # Through the Functions rather than the raw operators, so that a further transform on top
+        # either works or raises instead of seeing constants.
         q, k, v, out, lse, d_out, d_lse = ctx.saved_tensors
-        hessian_part = _ops.attention_backward_backward(
-            q, k, v, out, lse, d_out, d_lse, q_dot, k_dot, v_dot, *_static(ctx.params))[:3]
+        hessian_part = _AttentionBackwardBackward.apply(
+            q, k, v, out, lse, d_out, d_lse, q_dot, k_dot, v_dot, ctx.params)[:3]
         if d_out_dot is None and d_lse_dot is None:
             return hessian_part
-        linear_part = _ops.attention_backward(
-            q, k, v, out, lse, _zeros_if_none(d_out_dot, out), d_lse_dot, *_static(ctx.params))
+        linear_part = _AttentionBackward.apply(
+            q, k, v, out, lse, _zeros_if_none(d_out_dot, out), d_lse_dot, ctx.params)
         return tuple(a + b for a, b in zip(hessian_part, linear_part))
+
+
+class _AttentionTangent(torch.autograd.Function):
+    """(q, k, v, q̇, k̇, v̇) ↦ (ȯut, l̇se), the forward-mode tangent (linear in the tangents). Its
+    backward (reverse-over-forward) uses the Hessian's symmetry once more: for cotangents c,
+    ∂/∂x <c, J(x) ẋ> = double_backward(d_out = c, cot = ẋ)[x part] and ∂/∂ẋ = Jᵀ c = backward(c)."""
+
+    generate_vmap_rule = True  # the operators carry the batching rules
+
+    @staticmethod
+    def forward(q, k, v, q_dot, k_dot, v_dot, params):
+        return _ops.attention_jvp(q, k, v, q_dot, k_dot, v_dot, *_static(params))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        *tensors, params = inputs
+        ctx.save_for_backward(*tensors)
+        ctx.params = params
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, cot_out_dot, cot_lse_dot):
+        q, k, v, q_dot, k_dot, v_dot = ctx.saved_tensors
+        if cot_out_dot is None and cot_lse_dot is None:
+            return (None,) * 7
+        out, lse = _Attention.apply(q.detach(), k.detach(), v.detach(), ctx.params)
+        cot_out_dot = _zeros_if_none(cot_out_dot, out)
+        second = _AttentionBackwardBackward.apply(
+            q, k, v, out, lse, cot_out_dot, cot_lse_dot, q_dot, k_dot, v_dot, ctx.params)[:3]
+        first = _AttentionBackward.apply(q, k, v, out, lse, cot_out_dot, cot_lse_dot, ctx.params)
+        return (*second, *first, None)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(FORWARD_OVER_FORWARD_ERROR)
 
 
 class _Attention(torch.autograd.Function):
@@ -123,7 +166,7 @@ class _Attention(torch.autograd.Function):
     def jvp(ctx, q_dot, k_dot, v_dot, _params):
         q, k, v = ctx.saved_tensors
         tangents = [_zeros_if_none(t, x) for t, x in ((q_dot, q), (k_dot, k), (v_dot, v))]
-        return _ops.attention_jvp(q, k, v, *tangents, *_static(ctx.params))
+        return _AttentionTangent.apply(q, k, v, *tangents, ctx.params)
 
 
 def _check_devices(q, k, v, backend):
@@ -138,12 +181,9 @@ def _check_devices(q, k, v, backend):
 
 def _attention(q, k, v, *, backend, layout, causal, scale, window_size, bottom_right):
     """Validated (out, lse) on (B, H, T, D) views, dispatched to a backend."""
-    shapes = (q.shape, k.shape, v.shape)
-    if layout == "(B, T, H, D)":
-        shapes = tuple(s if len(s) != 4 else (s[0], s[2], s[1], s[3]) for s in shapes)
     validate_attention_args(
-        *shapes, tuple(str(t.dtype).removeprefix("torch.") for t in (q, k, v)),
-        layout="(B, H, T, D)", backend=backend, window_size=tuple(window_size))
+        q.shape, k.shape, v.shape, tuple(str(t.dtype).removeprefix("torch.") for t in (q, k, v)),
+        layout=layout, backend=backend, window_size=tuple(window_size))
     _check_devices(q, k, v, backend)
     window_size = tuple(window_size)
     if layout == "(B, T, H, D)":
