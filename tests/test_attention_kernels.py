@@ -4,6 +4,8 @@ Every derivative the kernels provide is checked directly: forward (out, lse), th
 (out_dot, lse_dot), the backward (with an lse cotangent), and the double backward (all five
 cotangents), over dtype × causal alignment × odd and even lengths × head dims (padded ones too).
 Outputs are preallocated full of NaN, so an element a kernel does not write fails the test.
+Triton 3.6's interpreter computes bfloat16 dots wrongly (numpy has no bfloat16), so on the CPU the
+half-precision cases use float16; bfloat16 is covered on the GPU (tests/test_attention_gpu.py).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def _reference_outputs(q, k, v, params):
     return leaves, fn, fn(*leaves)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
 @pytest.mark.parametrize("mask", MASKS, ids=["full", "causal", "causal_br", "window_br"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_forward_and_backward(shape, mask, dtype):
@@ -66,7 +68,7 @@ def test_forward_and_backward(shape, mask, dtype):
         assert_close(name, got, ref, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
 @pytest.mark.parametrize("mask", MASKS, ids=["full", "causal", "causal_br", "window_br"])
 def test_jvp(mask, dtype):
     shape, head_dim = SHAPES[2], 24
@@ -82,7 +84,7 @@ def test_jvp(mask, dtype):
     assert_close("lse_dot", lse_dot, ref_lse_dot, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
 @pytest.mark.parametrize("mask", MASKS, ids=["full", "causal", "causal_br", "window_br"])
 @pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: "x".join(map(str, s)))
 def test_backward_backward(shape, mask, dtype):
