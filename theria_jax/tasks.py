@@ -1,0 +1,34 @@
+"""The seeded task samplers of ``theria_torch.tasks`` (one numpy implementation), as JAX arrays.
+
+Only the conversion lives here; see ``theria_torch.tasks`` for the task families. The same seed
+gives the same numbers in both frameworks.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from theria_torch.tasks import (
+    TASK_FAMILIES,
+    InContextRegression,
+    SequenceClassification,
+    Sinusoid,
+    TaskBatch,
+    make_family,
+    sample_meta_batch,
+)
+
+__all__ = ["TASK_FAMILIES", "InContextRegression", "SequenceClassification", "Sinusoid", "TaskBatch",
+           "make_family", "sample_meta_batch", "as_jax"]
+
+
+def as_jax(batch: TaskBatch, *, dtype) -> TaskBatch:
+    """The batch as JAX arrays: floating fields in ``dtype``, integer labels as int32.
+
+    ``dtype=jnp.float64`` needs ``jax.config.update("jax_enable_x64", True)``.
+    """
+    def convert(array: np.ndarray):
+        return jnp.asarray(array, dtype=dtype if np.issubdtype(array.dtype, np.floating) else jnp.int32)
+
+    return TaskBatch(*(convert(field) for field in batch))
