@@ -14,12 +14,13 @@ log2(e) folded into the scale, as the Triton fused-attention tutorial does.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from theria_kernels._common import accumulator_dtype, is_interpreter
 
 LOG2E = math.log2(math.e)
 # Stands for an unbounded window side: far beyond any sequence length, far from int32 overflow.
@@ -542,14 +543,8 @@ def _attn_bwd_bwd_cols_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def row_stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of lse and the other per-row statistics: float32, or float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# dtype of lse and the other per-row statistics: float32, or float64 for float64 inputs.
+row_stat_dtype = accumulator_dtype
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per sweep kind and padded head dim, for 2-byte
@@ -568,7 +563,7 @@ _INTERPRETER_BLOCKS = (16, 16, 1, 1)
 
 
 def _blocks(kind: str, block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    if interpreting():
+    if is_interpreter():
         return _INTERPRETER_BLOCKS
     block_m, block_n, warps, stages = _GPU_BLOCKS[kind][max(block_d, 64)]
     shrink = {torch.float32: 2, torch.float64: 4}.get(dtype, 1)

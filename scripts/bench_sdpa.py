@@ -49,8 +49,8 @@ def torch_sdpa(name: str, causal: bool):
     return attend
 
 
-def theria(causal: bool):
-    return lambda q, k, v: sdpa_custom(q, k, v, causal=causal)
+def theria(causal: bool, window_size: tuple[int, int]):
+    return lambda q, k, v: sdpa_custom(q, k, v, causal=causal, window_size=window_size)
 
 
 def workload(mode: str, attend, q, k, v, d_out, tangents):
@@ -95,6 +95,8 @@ def main():
     parser.add_argument("--shape", help="B,H,T,D (overrides --preset)")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--window", default="-1,-1",
+                        help="LEFT,RIGHT sliding window for theria (torch SDPA has none: skip its rows)")
     parser.add_argument("--mode", nargs="+", choices=["fwd", "fwd_bwd", "jvp", "hvp"], default=["fwd", "fwd_bwd"])
     parser.add_argument("--skip", nargs="*", default=[], help="implementations to leave out, e.g. math")
     args = parser.parse_args()
@@ -109,11 +111,12 @@ def main():
     d_out = torch.randn_like(q)
     tangents = tuple(torch.randn_like(t) for t in (q, k, v))
     forward_flops = 4 * batch * heads * seq * seq * head_dim * (0.5 if args.causal else 1.0)
-    impls = {"theria": theria(args.causal), **{n: torch_sdpa(n, args.causal) for n in TORCH_BACKENDS}}
+    window = tuple(map(int, args.window.split(",")))
+    impls = {"theria": theria(args.causal, window), **{n: torch_sdpa(n, args.causal) for n in TORCH_BACKENDS}}
     impls = {n: f for n, f in impls.items() if n not in args.skip}
 
     print(f"# {torch.cuda.get_device_name()} B={batch} H={heads} T={seq} D={head_dim} {args.dtype} "
-          f"causal={args.causal}")
+          f"causal={args.causal} window={window}")
     print(f"{'mode':8s} {'impl':16s} {'ms':>9s} {'TFLOP/s':>8s} {'peak MB':>9s} {'vs flash':>9s} {'vs math':>8s}")
     for mode in args.mode:
         results = {name: measure(workload(mode, fn, q, k, v, d_out, tangents)) for name, fn in impls.items()}

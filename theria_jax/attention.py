@@ -14,11 +14,12 @@ import jax
 
 from theria_jax._primitives import attention_fused
 from theria_jax.reference import attention_reference
-from theria_kernels.attention import AttentionParams, interpreting, validate_attention_args
+from theria_kernels._common import is_interpreter
+from theria_kernels.attention import AttentionParams, validate_attention_args
 
 
 def _check_platform(backend: str) -> None:
-    if backend == "triton_full_fused" and jax.default_backend() == "cpu" and not interpreting():
+    if backend == "triton_full_fused" and jax.default_backend() == "cpu" and not is_interpreter():
         raise ValueError(
             "backend='triton_full_fused' needs a GPU, but JAX runs on the CPU; use backend='reference' "
             "or set TRITON_INTERPRET=1 (before importing triton) to run the kernels in Triton's CPU interpreter")

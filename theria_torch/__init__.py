@@ -2,5 +2,6 @@
 
 from theria_torch.attention import flash_attn_func, sdpa_custom
 from theria_torch.reference import attention_reference
+from theria_torch.rmsnorm import rmsnorm, rmsnorm_reference
 
-__all__ = ["sdpa_custom", "flash_attn_func", "attention_reference"]
+__all__ = ["sdpa_custom", "flash_attn_func", "attention_reference", "rmsnorm", "rmsnorm_reference"]

@@ -23,7 +23,8 @@ import math
 
 import torch
 
-from theria_kernels.attention import AttentionParams, interpreting, validate_attention_args
+from theria_kernels._common import is_interpreter
+from theria_kernels.attention import AttentionParams, validate_attention_args
 from theria_torch import _ops
 from theria_torch.reference import attention_reference
 
@@ -173,7 +174,7 @@ def _check_devices(q, k, v, backend):
     devices = {t.device for t in (q, k, v)}
     if len(devices) != 1:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if backend == "triton_full_fused" and not q.is_cuda and not interpreting():
+    if backend == "triton_full_fused" and not q.is_cuda and not is_interpreter():
         raise ValueError(
             f"backend='triton_full_fused' needs CUDA tensors, got q on {q.device}; use backend='reference' "
             "or set TRITON_INTERPRET=1 (before importing triton) to run the kernels in Triton's CPU interpreter")
