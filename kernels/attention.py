@@ -402,6 +402,25 @@ def _second_order_tile(p, dp, ds_bar, do_gv, delta, sigma, rho):
 
 
 @triton.jit
+def _row_tile(q, d_out, cot_dq, lse2, K, V, Cot_dk, Cot_dv, offs_m, offs_k, offs_d, t_k, stride_kt,
+              band_lo, band_hi, sm_scale, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              BANDED: tl.constexpr, MASKED: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """The key-side tiles of one key block and the recomputed P, dP = dO Vᵀ and
+    dS̄ = scale (Ḡq Kᵀ + Q Ḡkᵀ) that both sweeps of the row kernel start from."""
+    k = _load_tile(K, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+    v = _load_tile(V, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+    cot_dk = _load_tile(Cot_dk, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+    cot_dv = _load_tile(Cot_dv, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    visible = _visible(offs_m[:, None], offs_k[None, :], t_k, band_lo, band_hi, BANDED)
+    p = _probs(scores, lse2[:, None], visible, qk_scale, MASKED)
+    dp = tl.dot(d_out, tl.trans(v), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    ds_bar = tl.dot(cot_dq, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    ds_bar = (ds_bar + tl.dot(q, tl.trans(cot_dk), input_precision=PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
+    return k, v, cot_dk, cot_dv, p, dp, ds_bar
+
+
+@triton.jit
 def _attn_bwd_bwd_rows_kernel(
     Q, K, V, D_out, Lse, Delta, D_lse, Cot_dq, Cot_dk, Cot_dv,
     Cot_q, Cot_d_out, Sigma, Rho,
@@ -434,16 +453,10 @@ def _attn_bwd_bwd_rows_kernel(
     p_gv = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     for start_n in range(lo, hi, BLOCK_N):
         offs_k = start_n + offs_n
-        k = _load_tile(K + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
-        v = _load_tile(V + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
-        cot_dk = _load_tile(Cot_dk + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
-        cot_dv = _load_tile(Cot_dv + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        visible = _visible(offs_m[:, None], offs_k[None, :], t_k, band_lo, band_hi, BANDED)
-        p = _probs(scores, lse2[:, None], visible, qk_scale, masked)
-        dp = tl.dot(d_out, tl.trans(v), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        ds_bar = tl.dot(cot_dq, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        ds_bar = (ds_bar + tl.dot(q, tl.trans(cot_dk), input_precision=PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
+        k, v, cot_dk, cot_dv, p, dp, ds_bar = _row_tile(
+            q, d_out, cot_dq, lse2, K + k_base, V + k_base, Cot_dk + k_base, Cot_dv + k_base, offs_m, offs_k,
+            offs_d, t_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale,
+            HEAD_DIM, BLOCK_D, BANDED, masked, ACC_DTYPE, PRECISION)
         p_ds_bar = p * ds_bar
         sigma += tl.sum(p_ds_bar, 1)
         p_ds_bar_dp += tl.sum(p_ds_bar * dp, 1)
@@ -457,16 +470,10 @@ def _attn_bwd_bwd_rows_kernel(
     cot_d_out = p_gv
     for start_n in range(lo, hi, BLOCK_N):
         offs_k = start_n + offs_n
-        k = _load_tile(K + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
-        v = _load_tile(V + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
-        cot_dk = _load_tile(Cot_dk + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
-        cot_dv = _load_tile(Cot_dv + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        visible = _visible(offs_m[:, None], offs_k[None, :], t_k, band_lo, band_hi, BANDED)
-        p = _probs(scores, lse2[:, None], visible, qk_scale, masked)
-        dp = tl.dot(d_out, tl.trans(v), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        ds_bar = tl.dot(cot_dq, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        ds_bar = (ds_bar + tl.dot(q, tl.trans(cot_dk), input_precision=PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
+        k, v, cot_dk, cot_dv, p, dp, ds_bar = _row_tile(
+            q, d_out, cot_dq, lse2, K + k_base, V + k_base, Cot_dk + k_base, Cot_dv + k_base, offs_m, offs_k,
+            offs_d, t_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale,
+            HEAD_DIM, BLOCK_D, BANDED, masked, ACC_DTYPE, PRECISION)
         do_gv = tl.dot(d_out, tl.trans(cot_dv), input_precision=PRECISION, out_dtype=ACC_DTYPE)
         ds, s_bar, dp_bar = _second_order_tile(
             p, dp, ds_bar, do_gv, delta[:, None], sigma[:, None], rho[:, None])
