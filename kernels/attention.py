@@ -13,6 +13,7 @@ log2(e) folded into the scale, as the Triton fused-attention tutorial does.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -659,15 +660,7 @@ def _prepare(q, k, v, params, query_like=(), key_like=()):
 
 
 def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else _nullcontext()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _forward(q, k, v, q_dot, k_dot, v_dot, params, out, lse, out_dot, lse_dot):
