@@ -28,6 +28,16 @@ FAMILIES = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread for this module: at these tiny sizes more threads only synchronise,
+    and on shared CI cores they stall each other (seen: 0.6 s → 11 s for one test)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def fused_available() -> bool:
     """False while the fused backend raises NotImplementedError (not landed yet)."""
     q = torch.randn(1, 1, 8, 8, dtype=torch.float64)
