@@ -622,7 +622,7 @@ class _Call:
         return max(triton.next_power_of_2(self.q.shape[-1]), 16)
 
     def scalars(self) -> tuple:
-        batch, heads, t_q, _ = self.q.shape
+        _, heads, t_q, _ = self.q.shape
         t_k = self.k.shape[2]
         band_lo, band_hi = self.params.diagonal_band(t_q, t_k)
         return (*self.q.stride()[:3], *self.k.stride()[:3], t_q, t_k, heads, heads // self.k.shape[1],
