@@ -13,7 +13,7 @@ import pytest
 import torch
 from jax.test_util import check_grads
 
-import theria_torch.rmsnorm as torch_rmsnorm
+from theria_torch import rmsnorm as torch_rmsnorm
 from theria_jax.rmsnorm import rmsnorm, rmsnorm_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.runtime.interpreter")
@@ -134,7 +134,7 @@ def test_same_numbers_as_torch():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x_t, weight_t, dy_t = (torch.from_numpy(np.array(a)).to(device) for a in (x, weight, dy))
     x_t.requires_grad_(), weight_t.requires_grad_()
-    y_t = torch_rmsnorm.rmsnorm(x_t, weight_t, EPS)
+    y_t = torch_rmsnorm(x_t, weight_t, EPS)
     dx_t, dweight_t = torch.autograd.grad(y_t, (x_t, weight_t), dy_t)
     for name, a, b in (("y", y, y_t), ("dx", dx, dx_t), ("dweight", dweight, dweight_t)):
         np.testing.assert_array_equal(np.asarray(a), b.detach().cpu().numpy(), err_msg=name)
@@ -166,7 +166,7 @@ def test_bad_input_raises_the_same_message_as_torch(case, error, match):
     if case != "not_array":
         torch_args = [torch.from_numpy(np.array(a)) for a in args]
         with pytest.raises(error, match=match):
-            torch_rmsnorm.rmsnorm(*torch_args, **kwargs)
+            torch_rmsnorm(*torch_args, **kwargs)
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="the message is about running without a GPU")
