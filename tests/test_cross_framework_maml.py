@@ -30,14 +30,8 @@ FAMILIES = {
 TOL = 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread for this module: at these tiny sizes more threads only synchronise,
-    and on shared CI cores they stall each other (seen: 0.6 s → 11 s for one test)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread: at these tiny sizes more threads only synchronise (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:

@@ -14,20 +14,10 @@ import numpy as np
 import pytest
 
 from theria_jax import maml, models, tasks
-from theria_jax.attention import attention
 
 FUSED = "triton_full_fused"
 INNER_LR = 0.3
 
-
-def fused_available() -> bool:
-    """False while the fused backend raises NotImplementedError (not landed yet)."""
-    q = jnp.ones((1, 8, 1, 8), dtype=jnp.float64)
-    try:
-        attention(q, q, q, backend=FUSED)
-    except NotImplementedError:
-        return False
-    return True
 
 
 def setup(*, backend: str = "reference", n_tasks: int = 3, k: int = 4, n_layers: int = 1):
@@ -132,7 +122,6 @@ def test_inner_adapt_and_meta_step_on_a_quadratic():
         assert_close(updated, {"theta": theta - 0.5 * grads}, 1e-14, f"meta step, first_order={first_order}")
 
 
-@pytest.mark.skipif(not fused_available(), reason="backend='triton_full_fused' not available yet")
 def test_fused_backend_meta_gradient_matches_reference():
     """Full MAML through the fused kernels' JAX rules (vmap over tasks, grad of grad), float64."""
     shape = dict(n_tasks=2, k=2, n_layers=1)

@@ -17,7 +17,6 @@ import torch
 from torch.func import grad, jvp
 
 from theria_torch import maml, models, tasks
-from theria_torch.attention import sdpa_custom
 
 REPO = Path(__file__).resolve().parents[1]
 FUSED = "triton_full_fused"
@@ -28,24 +27,9 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread for this module: at these tiny sizes more threads only synchronise,
-    and on shared CI cores they stall each other (seen: 0.6 s → 11 s for one test)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread: at these tiny sizes more threads only synchronise (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-def fused_available() -> bool:
-    """False while the fused backend raises NotImplementedError (not landed yet)."""
-    q = torch.randn(1, 1, 8, 8, dtype=torch.float64)
-    try:
-        sdpa_custom(q, q, q, backend=FUSED)
-    except NotImplementedError:
-        return False
-    return True
 
 
 def setup(family_name: str, *, backend: str = "reference", n_tasks: int = 3, k: int = 4, n_layers: int = 2):
@@ -148,7 +132,6 @@ def test_inner_adapt_and_meta_step_are_plain_gradient_descent():
     assert_close(updated, {n: p - 0.1 * grads[n] for n, p in params.items()}, 1e-15, "meta step")
 
 
-@pytest.mark.skipif(not fused_available(), reason="backend='triton_full_fused' not available yet")
 def test_fused_backend_meta_gradient_matches_reference():
     """Full MAML (double backward through the fused kernels, vmapped over tasks) in float64."""
     shape = dict(n_tasks=2, k=2, n_layers=1)
