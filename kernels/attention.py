@@ -196,21 +196,26 @@ def _scales(sm_scale, ACC_DTYPE: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward and forward-mode JVP (§1, §3): one sweep over key blocks per query block.
-# The tangent's row term mu = Σ_j P_ij Ṡ_ij accumulates online with the same rescaling as the
-# softmax normaliser, so Ȯ = (Σ_j P_ij (Ṡ_ij V_j + V̇_j)) / l − mu O needs no second sweep.
+# Forward, forward-mode JVP (§1, §3) and second-order forward (§7): one sweep over key blocks per
+# query block. The tangent's row term mu = Σ_j P_ij Ṡ_ij accumulates online with the same
+# rescaling as the softmax normaliser, so Ȯ = (Σ_j P_ij (Ṡ_ij V_j + V̇_j)) / l − mu O needs no
+# second sweep. The second derivative along (ẋ, y) does the same with a second direction y:
+#   O'' = Σ_j P_ij ((S^y_ij Ṡ_ij + S''_ij) V_j + Ṡ_ij V^y_j + S^y_ij V̇_j) − mu^y Ȯ − mu O^y − m O,
+#   lse'' = m − mu mu^y,   with S'' = scale (Q̇ K^yᵀ + Q^y K̇ᵀ), m = Σ_j P_ij (S^y_ij Ṡ_ij + S''_ij).
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Out, Lse, Q_dot, K_dot, V_dot, Out_dot, Lse_dot,
+    Q, K, V, Out, Lse, Q_dot, K_dot, V_dot, Out_dot, Lse_dot, Q_y, K_y, V_y, Out_second, Lse_second,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     t_q, t_k, heads, group, sm_scale: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BANDED: tl.constexpr, EVEN_K: tl.constexpr, HAS_TANGENT: tl.constexpr,
+    BANDED: tl.constexpr, EVEN_K: tl.constexpr, HAS_TANGENT: tl.constexpr, SECOND_ORDER: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """HAS_TANGENT adds Ȯ, l̇se along (Q̇, K̇, V̇); SECOND_ORDER (with HAS_TANGENT) adds the second
+    derivative along (Q̇, K̇, V̇) and (Q^y, K^y, V^y), bilinear in the two directions."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     q_base, k_base = _head_bases(bh, heads, group, stride_qb, stride_qh, stride_kb, stride_kh)
@@ -227,6 +232,12 @@ def _attn_fwd_kernel(
         q_dot = _load_tile(Q_dot + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
         mu = tl.zeros([BLOCK_M], ACC_DTYPE)
         acc_dot = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
+    if SECOND_ORDER:
+        q_y = _load_tile(Q_y + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+        mu_y = tl.zeros([BLOCK_M], ACC_DTYPE)
+        m_second = tl.zeros([BLOCK_M], ACC_DTYPE)
+        acc_y = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
+        acc_second = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
 
     lo, hi = _key_range(start_m, t_q, t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
     for start_n in range(lo, hi, BLOCK_N):
@@ -249,11 +260,30 @@ def _attn_fwd_kernel(
             v_dot = _load_tile(V_dot + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
             scores_dot = tl.dot(q_dot, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
             scores_dot += tl.dot(q, tl.trans(k_dot), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            p_scores_dot = p * (scores_dot * sm_scale)
+            scores_dot *= sm_scale
+            p_scores_dot = p * scores_dot
             mu = mu * rescale + tl.sum(p_scores_dot, 1)
             acc_dot = acc_dot * rescale[:, None]
             acc_dot += tl.dot(p_scores_dot.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             acc_dot += tl.dot(p.to(v.dtype), v_dot, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        if SECOND_ORDER:
+            k_y = _load_tile(K_y + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+            v_y = _load_tile(V_y + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+            scores_y = tl.dot(q_y, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            scores_y = (scores_y + tl.dot(q, tl.trans(k_y), input_precision=PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
+            scores_xy = tl.dot(q_dot, tl.trans(k_y), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            scores_xy += tl.dot(q_y, tl.trans(k_dot), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            p_scores_y = p * scores_y
+            p_second = p * (scores_y * scores_dot + scores_xy * sm_scale)
+            mu_y = mu_y * rescale + tl.sum(p_scores_y, 1)
+            m_second = m_second * rescale + tl.sum(p_second, 1)
+            acc_y = acc_y * rescale[:, None]
+            acc_y += tl.dot(p_scores_y.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            acc_y += tl.dot(p.to(v.dtype), v_y, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            acc_second = acc_second * rescale[:, None]
+            acc_second += tl.dot(p_second.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            acc_second += tl.dot(p_scores_dot.to(v.dtype), v_y, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            acc_second += tl.dot(p_scores_y.to(v.dtype), v_dot, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         row_max = new_max
 
     empty = row_sum == 0.0
@@ -267,6 +297,14 @@ def _attn_fwd_kernel(
         out_dot = acc_dot / norm[:, None] - mu[:, None] * out
         _store_tile(Out_dot + q_base, out_dot, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
         tl.store(Lse_dot + bh * t_q + offs_m, mu, mask=offs_m < t_q)
+    if SECOND_ORDER:
+        mu_y = mu_y / norm
+        m_second = m_second / norm
+        out_y = acc_y / norm[:, None] - mu_y[:, None] * out
+        out_second = (acc_second / norm[:, None] - mu_y[:, None] * out_dot - mu[:, None] * out_y
+                      - m_second[:, None] * out)
+        _store_tile(Out_second + q_base, out_second, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+        tl.store(Lse_second + bh * t_q + offs_m, m_second - mu * mu_y, mask=offs_m < t_q)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -562,6 +600,7 @@ row_stat_dtype = accumulator_dtype
 _GPU_BLOCKS = {
     "forward": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)},
     "jvp": {64: (64, 64, 4, 2), 128: (64, 32, 4, 2), 256: (32, 32, 4, 1)},
+    "forward_second": {64: (64, 32, 4, 1), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
     "backward": {64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 32, 4, 1)},
     "backward_backward": {64: (64, 64, 4, 2), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
 }
@@ -663,22 +702,33 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _forward(q, k, v, q_dot, k_dot, v_dot, params, out, lse, out_dot, lse_dot):
-    has_tangent = q_dot is not None
-    call, (q_dot,), (v, k_dot, v_dot) = _prepare(q, k, v, params, (q_dot,), (k_dot, v_dot))
+def _forward(q, k, v, params, tangent=None, direction=None, *, out=None, lse=None, out_dot=None,
+             lse_dot=None, out_second=None, lse_second=None):
+    """One forward sweep; ``tangent`` (q̇, k̇, v̇) adds the JVP, ``direction`` (q^y, k^y, v^y)
+    the second derivative along both."""
+    query_like = [t[0] for t in (tangent, direction) if t is not None]
+    key_like = [t for pair in (tangent, direction) if pair is not None for t in pair[1:]]
+    call, query_like, (v, *key_like) = _prepare(q, k, v, params, query_like, key_like)
     q, k = call.q, call.k
-    out = _output(out, q, "out")
-    lse = _row_output(lse, q)
+    out, lse = _output(out, q, "out"), _row_output(lse, q)
+    has_tangent, second_order = tangent is not None, direction is not None
+    # Slots a specialisation does not read or write get q-shaped stand-ins (never touched).
+    dummies = (q, k, v, out, lse)
+    tangents = dummies
     if has_tangent:
-        out_dot = _output(out_dot, q, "out_dot")
-        lse_dot = _row_output(lse_dot, q)
+        out_dot, lse_dot = _output(out_dot, q, "out_dot"), _row_output(lse_dot, q)
+        tangents = (query_like[0], *key_like[:2], out_dot, lse_dot)
+    seconds = dummies
+    if second_order:
+        out_second, lse_second = _output(out_second, q, "out_second"), _row_output(lse_second, q)
+        seconds = (query_like[1], *key_like[2:], out_second, lse_second)
     if q.numel() == 0:
-        return out, lse, out_dot, lse_dot
-    (block_m, _), meta = call.meta("jvp" if has_tangent else "forward", HAS_TANGENT=has_tangent)
-    tangents = (q_dot, k_dot, v_dot, out_dot, lse_dot) if has_tangent else (q, k, v, out, lse)
+        return out, lse, out_dot, lse_dot, out_second, lse_second
+    kind = "forward_second" if second_order else "jvp" if has_tangent else "forward"
+    (block_m, _), meta = call.meta(kind, HAS_TANGENT=has_tangent, SECOND_ORDER=second_order)
     with _device_guard(q):
-        _attn_fwd_kernel[call.row_grid(block_m)](q, k, v, out, lse, *tangents, *call.scalars(), **meta)
-    return out, lse, out_dot, lse_dot
+        _attn_fwd_kernel[call.row_grid(block_m)](q, k, v, out, lse, *tangents, *seconds, *call.scalars(), **meta)
+    return out, lse, out_dot, lse_dot, out_second, lse_second
 
 
 def attention_forward(q, k, v, params: AttentionParams, *, out=None, lse=None):
@@ -690,15 +740,29 @@ def attention_forward(q, k, v, params: AttentionParams, *, out=None, lse=None):
         out (B, H, T_q, D) in q's dtype; lse (B, H, T_q) in float32 (float64 for fp64 inputs),
         +inf on rows that see no key.
     """
-    out, lse, _, _ = _forward(q, k, v, None, None, None, params, out, lse, None, None)
-    return out, lse
+    return _forward(q, k, v, params, out=out, lse=lse)[:2]
 
 
 def attention_jvp(q, k, v, q_dot, k_dot, v_dot, params: AttentionParams, *, out=None, lse=None,
                   out_dot=None, lse_dot=None):
     """Forward and forward-mode derivative in one sweep: returns (out, lse, out_dot, lse_dot),
     the tangents for input tangents (q_dot, k_dot, v_dot) shaped like (q, k, v)."""
-    return _forward(q, k, v, q_dot, k_dot, v_dot, params, out, lse, out_dot, lse_dot)
+    return _forward(q, k, v, params, (q_dot, k_dot, v_dot), out=out, lse=lse, out_dot=out_dot,
+                    lse_dot=lse_dot)[:4]
+
+
+def attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params: AttentionParams, *,
+                             out_second=None, lse_second=None):
+    """Second directional derivative of (out, lse) along x_dot = (q_dot, k_dot, v_dot) and
+    y = (q_y, k_y, v_y), both shaped like (q, k, v): f''(x)[x_dot, y], symmetric and bilinear in
+    the two directions (the forward-over-forward derivative without its linear part J ẍ).
+
+    Returns:
+        (out_second, lse_second) shaped like (out, lse); zero on rows that see no key.
+    """
+    results = _forward(q, k, v, params, (q_dot, k_dot, v_dot), (q_y, k_y, v_y), out_second=out_second,
+                       lse_second=lse_second)
+    return results[4:]
 
 
 def _row_delta(call: _Call, out, d_out, d_lse):

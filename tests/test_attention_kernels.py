@@ -1,8 +1,8 @@
 """The Triton launchers against the float64 torch reference (CPU: Triton interpreter).
 
 Every derivative the kernels provide is checked directly: forward (out, lse), the JVP kernel
-(out_dot, lse_dot), the backward (with an lse cotangent), and the double backward (all five
-cotangents), over dtype × causal alignment × odd and even lengths × head dims (padded ones too).
+(out_dot, lse_dot), the second-order forward (out'', lse''), the backward (with an lse
+cotangent), and the double backward (all five cotangents), over dtype × causal alignment × odd and even lengths × head dims (padded ones too).
 Outputs are preallocated full of NaN, so an element a kernel does not write fails the test.
 Triton 3.6's interpreter computes bfloat16 dots wrongly (numpy has no bfloat16), so on the CPU the
 half-precision cases use float16; bfloat16 is covered on the GPU (tests/test_attention_gpu.py).
@@ -18,6 +18,7 @@ from theria_kernels.attention import (
     attention_backward,
     attention_backward_backward,
     attention_forward,
+    attention_forward_second,
     attention_jvp,
 )
 
@@ -82,6 +83,26 @@ def test_jvp(mask, dtype):
     assert_close("out", out, ref_out, dtype)
     assert_close("out_dot", out_dot, ref_out_dot, dtype)
     assert_close("lse_dot", lse_dot, ref_lse_dot, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("mask", MASKS, ids=["full", "causal", "causal_br", "window_br"])
+def test_forward_second(mask, dtype):
+    """f''(x)[ẋ, y] against the reference's jvp of jvp, on grouped heads with rows that see no key."""
+    shape, head_dim = SHAPES[2], 40
+    q, k, v, params = _case(shape, head_dim, dtype, mask, seed=3)
+    x_dot = [torch.randn_like(t) for t in (q, k, v)]
+    y = [torch.randn_like(t) for t in (q, k, v)]
+    row_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    out_second, lse_second = attention_forward_second(
+        q, k, v, *x_dot, *y, params, out_second=poisoned(q), lse_second=poisoned(q, q.shape[:3], row_dtype))
+    fn = reference_fn(params)
+    x_dot64 = tuple(t.double() for t in x_dot)
+    tangent = lambda *x: torch.func.jvp(fn, x, x_dot64)[1]  # noqa: E731
+    _, (ref_out, ref_lse) = torch.func.jvp(tangent, tuple(t.double() for t in (q, k, v)),
+                                           tuple(t.double() for t in y))
+    assert_close("out_second", out_second, ref_out, dtype)
+    assert_close("lse_second", lse_second, ref_lse, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])

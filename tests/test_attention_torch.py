@@ -99,19 +99,24 @@ def test_vmap_of_grad_and_of_jvp():
 
 
 def test_reverse_over_forward_and_forward_over_forward():
-    """grad of a JVP matches the reference; jvp of jvp raises instead of returning zeros."""
+    """grad of a JVP and jvp of a JVP (in two directions, with a tangent of the tangent) match
+    the reference."""
     q, k, v = (t.detach() for t in _leaves(seed=9))
-    direction = torch.randn_like(q)
+    direction, direction_y, tangent_of_tangent = (torch.randn_like(q) for _ in range(3))
+    k_y = torch.randn_like(k)
+
+    def jvp_out(backend):
+        attend = lambda q, k: sdpa_custom(q, k, v, causal=True, return_lse=True, backend=backend)  # noqa: E731
+        return lambda q, k, q_dot: torch.func.jvp(attend, (q, k), (q_dot, torch.zeros_like(k)))[1]
 
     def jvp_loss(backend):
-        attend = lambda q: sdpa_custom(q, k, v, causal=True, backend=backend)  # noqa: E731
-        return lambda q: torch.func.jvp(attend, (q,), (direction,))[1].pow(2).sum()
+        return lambda q: jvp_out(backend)(q, k, direction)[0].pow(2).sum()
 
     torch.testing.assert_close(torch.func.grad(jvp_loss("triton_full_fused"))(q),
                                torch.func.grad(jvp_loss("reference"))(q), rtol=1e-10, atol=1e-10)
-    with pytest.raises(NotImplementedError, match="forward-over-forward"):
-        torch.func.jvp(lambda q: torch.func.jvp(lambda x: sdpa_custom(x, k, v), (q,), (direction,))[1],
-                       (q,), (direction,))
+    fused, ref = (torch.func.jvp(jvp_out(backend), (q, k, direction), (direction_y, k_y, tangent_of_tangent))[1]
+                  for backend in ("triton_full_fused", "reference"))
+    torch.testing.assert_close(fused, ref, rtol=1e-10, atol=1e-10)
 
 
 def test_third_order_raises_clearly():

@@ -134,6 +134,11 @@ def _grad_of_jvp(attend, weights):  # reverse over forward
     return jax.grad(loss_of_tangent, argnums=(0, 1, 2))
 
 
+def _jvp_of_jvp(attend, weights):  # forward over forward, with a tangent of the tangent
+    tangent = lambda *x: jax.jvp(attend, x, weights.inputs)[1]  # noqa: E731
+    return lambda *x: jax.jvp(tangent, x, tuple(0.5 * w[..., ::-1] for w in weights.inputs))
+
+
 def _vmap_of_grad(attend, weights):
     """An extra leading axis of size 2 on every input, folded into B by the batching rule."""
     grad = _grad(attend, weights)
@@ -147,6 +152,7 @@ TRANSFORMS = {
     "jvp": _jvp,
     "jvp_of_grad": _jvp_of_grad,
     "grad_of_jvp": _grad_of_jvp,
+    "jvp_of_jvp": _jvp_of_jvp,
     "vmap_of_grad": _vmap_of_grad,
 }
 
@@ -205,24 +211,30 @@ def test_hessian_of_small_scalar_function():
     assert_close(got, got.T, FLOAT64_TOLERANCE, "hessian symmetry")
 
 
-def test_check_grads():
-    """Finite differences: reverse to second order, forward to first, and reverse over forward.
-    (Forward over forward is the one second-order mode the kernels lack; see the next test.)"""
-    case = CASES[2]
+# check_grads cases beyond CASES: the head dims of issue #9 (padded head-dim blocks) with
+# bottom-right causal both ways (T_q > T_k leaves rows with no key) and a sliding window.
+PADDED_HEAD_DIM_CASES = [
+    Case("flash_attn_func", 9, 5, 2, 1, 40, causal=True),
+    Case("flash_attn_func", 5, 9, 1, 1, 80, causal=True),
+    Case("flash_attn_func", 7, 7, 1, 1, 96, window_size=(2, 1)),
+]
+
+
+@pytest.mark.parametrize("case", CASES[1:] + PADDED_HEAD_DIM_CASES, ids=str)
+def test_check_grads(case):
+    """Finite differences to second order in forward and reverse mode (jvp∘jvp, grad∘jvp,
+    jvp∘grad, grad∘grad) of out and lse: grouped heads, top-left and bottom-right alignment
+    (rows with no key), a window, and head dims 40, 80, 96."""
     attend = jax.jit(partial(case.attend, FUSED))
-    inputs = case.inputs(seed=4)
-    check_grads(attend, inputs, order=2, modes=("rev",))
-    check_grads(attend, inputs, order=1, modes=("fwd",))
-    jvp = jax.jit(lambda *x: jax.jvp(attend, x, _random_like(inputs, seed=5))[1])
-    check_grads(jvp, inputs, order=1, modes=("rev",))
+    check_grads(attend, case.inputs(seed=4), order=2, modes=("fwd", "rev"))
 
 
-def test_unsupported_orders_raise_and_name_the_reference_backend():
+def test_third_order_raises_and_names_the_reference_backend():
     case = CASES[0]
     q, k, v = case.inputs()
     attend = lambda q: case.attend(FUSED, q, k, v)[0]  # noqa: E731
-    with pytest.raises(NotImplementedError, match="forward-over-forward.*backend='reference'"):
-        jax.jvp(lambda q: jax.jvp(attend, (q,), (q,))[1], (q,), (q,))
+    with pytest.raises(NotImplementedError, match="third-order.*backend='reference'"):
+        jax.jvp(lambda q: jax.jvp(lambda q: jax.jvp(attend, (q,), (q,))[1], (q,), (q,))[1], (q,), (q,))
     second = jax.grad(lambda q: jnp.sum(jax.grad(lambda q: jnp.sum(attend(q) ** 3))(q) ** 3))
     third = jax.grad(lambda q: jnp.sum(second(q)))
     with pytest.raises(NotImplementedError, match="third-order.*backend='reference'"):

@@ -8,7 +8,7 @@ H_u = ∇²_x <u, f(x)> (symmetric):
 
 * ``attention_fwd(x) = (out, lse)``: kernel attention_forward.
 * ``attention_fwd_tangent(x, out, lse | x_dot) = J x_dot``: attention_jvp.
-* ``attention_fwd_second(x, out, lse, x_dot | y) = f''(x)[x_dot, y]``: no kernel, transpose only.
+* ``attention_fwd_second(x, out, lse, x_dot | y) = f''(x)[x_dot, y]``: attention_forward_second.
 * ``attention_bwd(x, out, lse, u) = Jᵀ u``: attention_backward.
 * ``attention_bwd_tangent(x, out, lse, u | x_dot, u_dot) = H_u x_dot + Jᵀ u_dot``:
   attention_backward_backward and attention_backward.
@@ -23,10 +23,10 @@ The rules (docs/design/jax_bridge.md):
   Hessian, so H_u x_dot is the backward-of-backward kernel with cotangent x_dot) and ∂/∂u = Jᵀ.
   transpose(bwd_tangent) applied to c is (H_u c, J c) = bwd_bwd: all five outputs of one kernel.
   That is grad∘grad, jvp∘grad (Hessian-vector products) and jax.hessian.
-* jvp(fwd_tangent) = fwd_tangent on the tangent's tangent + fwd_second. fwd_second has no kernel
-  (it needs a second-order forward sweep), but its transpose does: <c, f''[x_dot, y]> = <y, H_c x_dot>,
-  so transpose(fwd_second) = bwd_bwd with u = c and cotangent x_dot. Reverse over forward
-  (grad∘jvp) works; forward over forward (jvp∘jvp) raises NotImplementedError.
+* jvp(fwd_tangent) = fwd_tangent on the tangent's tangent + fwd_second: forward over forward
+  (jvp∘jvp, jacfwd∘jacfwd). Its transpose needs no kernel of its own: <c, f''[x_dot, y]> =
+  <y, H_c x_dot>, so transpose(fwd_second) = bwd_bwd with u = c and cotangent x_dot. That is
+  reverse over forward (grad∘jvp).
 * Any third derivative raises NotImplementedError naming ``backend='reference'``.
 * out and lse enter the derivative primitives only because the kernels reuse them; they are
   f(x), so every rule differentiates through x alone (their own tangents are ignored).
@@ -49,6 +49,7 @@ from theria_kernels.attention import (
     attention_backward,
     attention_backward_backward,
     attention_forward,
+    attention_forward_second,
     attention_jvp,
 )
 
@@ -56,11 +57,6 @@ from theria_kernels.attention import (
 THIRD_ORDER = (
     "third-order derivatives of attention are not implemented by backend='triton_full_fused' "
     "(it provides forward, backward, JVP and double backward); use backend='reference'"
-)
-FORWARD_OVER_FORWARD = (
-    "forward-over-forward differentiation (jvp of jvp, jacfwd of jacfwd) of attention needs a "
-    "second-order forward kernel that backend='triton_full_fused' does not have; put reverse mode "
-    "on one side (jax.jvp of jax.grad, jax.grad of jax.jvp, jax.hessian) or use backend='reference'"
 )
 
 
@@ -78,6 +74,7 @@ def _launch(launcher, num_inputs, output_names, *tensors, params):
 # Module-level objects so that JAX's compilation cache, keyed on the launcher, hits.
 _FORWARD = functools.partial(_launch, attention_forward, 3, ("out", "lse"))
 _JVP = functools.partial(_launch, attention_jvp, 6, ("out", "lse", "out_dot", "lse_dot"))
+_FORWARD_SECOND = functools.partial(_launch, attention_forward_second, 9, ("out_second", "lse_second"))
 _BACKWARD = functools.partial(_launch, attention_backward, 7, ("dq", "dk", "dv"))
 _BACKWARD_BACKWARD = functools.partial(
     _launch, attention_backward_backward, 10, ("cot_q", "cot_k", "cot_v", "cot_d_out", "cot_d_lse")
@@ -143,8 +140,8 @@ def _forward_tangent_impl(q, k, v, out, lse, q_dot, k_dot, v_dot, *, params):
     return _call(_JVP, "qsqs", q, k, v, q_dot, k_dot, v_dot, params=params)[2:]
 
 
-def _forward_second_impl(*operands, params):
-    raise NotImplementedError(FORWARD_OVER_FORWARD)
+def _forward_second_impl(q, k, v, out, lse, *directions, params):
+    return _call(_FORWARD_SECOND, "qs", q, k, v, *directions, params=params)
 
 
 def _backward_impl(q, k, v, out, lse, d_out, d_lse, *, params):

@@ -45,9 +45,9 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
     """Scaled dot-product attention laid out like ``jax.nn.dot_product_attention``.
 
     Works under ``jax.jit``, ``jax.vmap`` (any number of extra leading axes), ``jax.grad``,
-    ``jax.jvp`` and their second-order compositions (grad of grad, jvp of grad, grad of jvp,
-    ``jax.hessian``); forward over forward and third order raise ``NotImplementedError``
-    on the fused backend (docs/design/jax_bridge.md).
+    ``jax.jvp`` and all their second-order compositions (grad of grad, jvp of grad, grad of jvp,
+    jvp of jvp, ``jax.hessian``); third order raises ``NotImplementedError`` on the fused
+    backend (docs/design/jax_bridge.md).
 
     Arguments:
         q: (B, T_q, H, D). k, v: (B, T_k, H_kv, D) with ``H % H_kv == 0`` (grouped-query).

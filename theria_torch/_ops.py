@@ -42,6 +42,14 @@ def attention_jvp(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor,
     return kernels.attention_jvp(q, k, v, q_dot, k_dot, v_dot, params)[2:]
 
 
+@torch.library.custom_op("theria::attention_forward_second", mutates_args=())
+def attention_forward_second(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: Tensor,
+                             q_y: Tensor, k_y: Tensor, v_y: Tensor, scale: float, causal: bool, window_left: int,
+                             window_right: int, bottom_right: bool) -> tuple[Tensor, Tensor]:
+    params = _params(scale, causal, window_left, window_right, bottom_right)
+    return kernels.attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params)
+
+
 @torch.library.custom_op("theria::attention_backward", mutates_args=())
 def attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor,
                        d_lse: Optional[Tensor], scale: float, causal: bool, window_left: int,
@@ -67,6 +75,11 @@ def _(q, k, v, *static):
 
 @attention_jvp.register_fake
 def _(q, k, v, q_dot, k_dot, v_dot, *static):
+    return _like(q), _rows(q)
+
+
+@attention_forward_second.register_fake
+def _(q, *rest):
     return _like(q), _rows(q)
 
 
@@ -100,5 +113,6 @@ def _register_fold_batching(op) -> None:
     torch.library.register_vmap(op, batched)
 
 
-for _op in (attention_forward, attention_jvp, attention_backward, attention_backward_backward):
+for _op in (attention_forward, attention_jvp, attention_forward_second, attention_backward,
+            attention_backward_backward):
     _register_fold_batching(_op)

@@ -10,8 +10,9 @@ functorch transforms plain tensors and fold vmapped dimensions into B):
   its backward is the double-backward kernel, and its JVP (forward-over-reverse HVPs) follows from
   the symmetry of the Hessian: tangent = double_backward(cot = (q̇, k̇, v̇)) + backward(ḋO, ḋlse).
 * ``_AttentionBackwardBackward``: the double backward; third order raises.
-* ``_AttentionTangent``: the JVP kernel's tangent map, so reverse-over-forward works too; forward
-  over forward raises.
+* ``_AttentionTangent``: the JVP kernel's tangent map, so reverse-over-forward works too; its own
+  JVP (forward over forward) is the second-order forward kernel through ``_AttentionSecond``.
+* ``_AttentionSecond``: the second directional derivative f''(x)[ẋ, y]; any further order raises.
 
 ``out`` and ``lse`` are handed to the backward Functions only as saved values: the kernels treat
 them as functions of (q, k, v), so no gradient flows into them separately.
@@ -28,10 +29,6 @@ from theria_kernels.attention import AttentionParams, validate_attention_args
 from theria_torch import _ops
 from theria_torch.reference import attention_reference
 
-FORWARD_OVER_FORWARD_ERROR = (
-    "forward-over-forward derivatives (jvp of jvp) of attention are not implemented by "
-    "backend='triton_full_fused'; use reverse-over-forward, forward-over-reverse or backend='reference'"
-)
 THIRD_ORDER_ERROR = (
     "third-order derivatives of attention are not implemented by backend='triton_full_fused' "
     "(it provides forward, backward, JVP and double backward); use backend='reference'"
@@ -104,6 +101,28 @@ class _AttentionBackward(torch.autograd.Function):
         return tuple(a + b for a, b in zip(hessian_part, linear_part))
 
 
+class _AttentionSecond(torch.autograd.Function):
+    """(q, k, v, ẋ, y) ↦ f''(q, k, v)[ẋ, y] for (out, lse): the bilinear part of forward over forward."""
+
+    generate_vmap_rule = True  # the operators carry the batching rules
+
+    @staticmethod
+    def forward(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params):
+        return _ops.attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, *_static(params))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(THIRD_ORDER_ERROR)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(THIRD_ORDER_ERROR)
+
+
 class _AttentionTangent(torch.autograd.Function):
     """(q, k, v, q̇, k̇, v̇) ↦ (ȯut, l̇se), the forward-mode tangent (linear in the tangents). Its
     backward (reverse-over-forward) uses the Hessian's symmetry once more: for cotangents c,
@@ -119,6 +138,7 @@ class _AttentionTangent(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         *tensors, params = inputs
         ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
         ctx.params = params
         ctx.set_materialize_grads(False)
 
@@ -135,8 +155,18 @@ class _AttentionTangent(torch.autograd.Function):
         return (*second, *first, None)
 
     @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(FORWARD_OVER_FORWARD_ERROR)
+    def jvp(ctx, q_y, k_y, v_y, q_dot_y, k_dot_y, v_dot_y, _params):
+        # d(J(x) ẋ) = f''(x)[ẋ, y] + J(x) ẏ: the second-order kernel plus the JVP kernel on ẏ.
+        q, k, v, q_dot, k_dot, v_dot = ctx.saved_tensors
+        primals = (q, k, v)
+        terms = []
+        if any(t is not None for t in (q_y, k_y, v_y)):
+            direction = [_zeros_if_none(t, x) for t, x in zip((q_y, k_y, v_y), primals)]
+            terms.append(_AttentionSecond.apply(q, k, v, q_dot, k_dot, v_dot, *direction, ctx.params))
+        if any(t is not None for t in (q_dot_y, k_dot_y, v_dot_y)):
+            tangent_y = [_zeros_if_none(t, x) for t, x in zip((q_dot_y, k_dot_y, v_dot_y), primals)]
+            terms.append(_AttentionTangent.apply(q, k, v, *tangent_y, ctx.params))
+        return tuple(sum(parts) for parts in zip(*terms))
 
 
 class _Attention(torch.autograd.Function):
