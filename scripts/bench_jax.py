@@ -13,8 +13,10 @@ Modes:
   hvp   forward-over-reverse Hessian-vector product: jvp of (q, k, v) ↦ VJP(dO) along random
         tangents (theria: forward, backward, JVP and double-backward kernels)
 
-Each time is the median over repetitions of one call followed by a device sync (host-timed the
-same way for both frameworks, since JAX runs on its own CUDA stream), after warm-up.
+Each time is the median over repetitions of a burst of ``--burst`` back-to-back calls followed by
+one device sync, divided by the burst (host-timed the same way for both frameworks, since JAX
+runs on its own CUDA stream), after warm-up: the steady-state cost per call, in which each
+framework's host work overlaps the device's (``--burst 1`` gives the latency of a lone call).
 
     python scripts/bench_jax.py                       # B8 H16 T4096 D64 bf16
     python scripts/bench_jax.py --shape 8,16,1024,64 --dtype float16 --causal --mode fwd grad
@@ -58,22 +60,25 @@ def torch_workloads(attend, q, k, v, d_out, tangents):
     }
 
 
-def median_ms(call, reps: int) -> float:
-    """Median wall time of ``call`` (which ends with a device sync) after warm-up."""
+def median_ms(call, sync, reps: int, burst: int) -> float:
+    """Median wall time per call of ``burst`` calls and one ``sync``, after warm-up."""
     for _ in range(3):
         call()
+    sync()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
+        for _ in range(burst):
+            result = call()
+        sync(result)
+        times.append((time.perf_counter() - start) / burst)
     return 1e3 * statistics.median(times)
 
 
-def measure(call, reps) -> float | str:
+def measure(call, sync, reps, burst) -> float | str:
     """Median ms, or the first line of the error (unsupported derivative, out of memory)."""
     try:
-        return median_ms(call, reps)
+        return median_ms(call, sync, reps, burst)
     except Exception as err:  # noqa: BLE001 - every failure is a table entry, not a crash
         return (str(err).strip().splitlines() or [type(err).__name__])[0][:70]
 
@@ -86,6 +91,7 @@ def main():
     parser.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--skip", nargs="*", default=[], help="implementations to leave out, e.g. jax_xla")
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--burst", type=int, default=10, help="calls per timed repetition")
     args = parser.parse_args()
 
     # JAX and torch share the GPU: let each allocate what it uses instead of JAX taking 75 %.
@@ -113,24 +119,25 @@ def main():
         "jax_cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
                                                                   implementation="cudnn"),
     }
-    # name -> {mode: call}; each call runs once and waits for the device.
+    # name -> (sync, {mode: call}); a call enqueues one instance, sync(result) waits for the device.
     calls = {}
     for name, attend in jax_impls.items():
         fns = jax_workloads(attend, q, k, v, d_out, tuple(tangents))
-        calls[name] = {mode: (lambda fn=fn: jax.block_until_ready(fn(q, k, v))) for mode, fn in fns.items()}
+        calls[name] = (lambda result=None: jax.block_until_ready(result),
+                       {mode: (lambda fn=fn: fn(q, k, v)) for mode, fn in fns.items()})
     fns = torch_workloads(lambda q, k, v: theria_torch.flash_attn_func(q, k, v, causal=causal),
                           tq, tk, tv, t_d_out, tuple(t_tangents))
-    calls["theria_torch"] = {mode: (lambda fn=fn: (fn(tq, tk, tv), torch.cuda.synchronize()))
-                             for mode, fn in fns.items()}
+    calls["theria_torch"] = (lambda result=None: torch.cuda.synchronize(),
+                             {mode: (lambda fn=fn: fn(tq, tk, tv)) for mode, fn in fns.items()})
     order = [n for n in ("theria_jax", "theria_torch", "jax_xla", "jax_cudnn") if n not in args.skip]
     forward_flops = 4 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
 
     print(f"# {torch.cuda.get_device_name()} jax {jax.__version__} torch {torch.__version__} "
-          f"B={batch} H={heads} T={seq} D={head_dim} {args.dtype} causal={causal}")
+          f"B={batch} H={heads} T={seq} D={head_dim} {args.dtype} causal={causal} burst={args.burst}")
     print(f"{'mode':5s} {'impl':13s} {'ms':>9s} {'TFLOP/s':>8s} {'torch/this':>11s} {'xla/this':>9s} "
           f"{'cudnn/this':>11s}")
     for mode in args.mode:
-        results = {name: measure(calls[name][mode], args.reps) for name in order}
+        results = {name: measure(calls[name][1][mode], calls[name][0], args.reps, args.burst) for name in order}
         for name, ms in results.items():
             if isinstance(ms, str):
                 print(f"{mode:5s} {name:13s} error: {ms}")

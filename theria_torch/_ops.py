@@ -1,10 +1,18 @@
-"""The attention launchers registered as torch operators (``torch.ops.theria.*``).
+"""The attention launchers registered as torch operators (``torch.ops.theria.*``), and the
+entry points the autograd Functions call.
 
 Registration is what lets the kernels compose with torch's transforms: functorch unwraps its
 tensor wrappers before an operator runs (``torch.func.jvp`` over ``torch.func.grad`` hands plain
 tensors to the launchers), each operator has a fake implementation so ``torch.compile`` can trace
 it, and a batching rule that folds a vmapped dimension into the batch dimension B, so one launch
 serves every vmapped instance.
+
+An operator call costs tens of microseconds of Python in the dispatcher (its autograd fallback
+binds the signature on every call), which dominates small attention calls such as those of a
+MAML inner loop. So each entry point calls the launcher directly when its tensors are plain and
+nothing traces them, and goes through the operator only under a functorch transform's wrappers
+(vmap's batched tensors, grad's tracking tensors) or ``torch.compile``. Both paths run the same
+implementation.
 """
 
 from __future__ import annotations
@@ -13,12 +21,47 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from theria_kernels import attention as kernels
 
 
 def _params(scale: float, causal: bool, window_left: int, window_right: int, bottom_right: bool):
     return kernels.AttentionParams(scale, causal, (window_left, window_right), bottom_right)
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window_left: int,
+             window_right: int, bottom_right: bool) -> tuple[Tensor, Tensor]:
+    return kernels.attention_forward(q, k, v, _params(scale, causal, window_left, window_right, bottom_right))
+
+
+def _jvp(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: Tensor, scale: float,
+         causal: bool, window_left: int, window_right: int, bottom_right: bool) -> tuple[Tensor, Tensor]:
+    params = _params(scale, causal, window_left, window_right, bottom_right)
+    return kernels.attention_jvp(q, k, v, q_dot, k_dot, v_dot, params)[2:]
+
+
+def _forward_second(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: Tensor,
+                    q_y: Tensor, k_y: Tensor, v_y: Tensor, scale: float, causal: bool, window_left: int,
+                    window_right: int, bottom_right: bool) -> tuple[Tensor, Tensor]:
+    params = _params(scale, causal, window_left, window_right, bottom_right)
+    return kernels.attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params)
+
+
+def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor,
+              d_lse: Optional[Tensor], scale: float, causal: bool, window_left: int,
+              window_right: int, bottom_right: bool) -> tuple[Tensor, Tensor, Tensor]:
+    params = _params(scale, causal, window_left, window_right, bottom_right)
+    return kernels.attention_backward(q, k, v, out, lse, d_out, d_lse, params)
+
+
+def _backward_backward(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Optional[Tensor],
+    cot_dq: Optional[Tensor], cot_dk: Optional[Tensor], cot_dv: Optional[Tensor], scale: float, causal: bool,
+    window_left: int, window_right: int, bottom_right: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    params = _params(scale, causal, window_left, window_right, bottom_right)
+    return kernels.attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, params)
 
 
 def _like(t: Tensor) -> Tensor:
@@ -29,68 +72,14 @@ def _rows(q: Tensor) -> Tensor:
     return q.new_empty(q.shape[:3], dtype=kernels.row_stat_dtype(q.dtype))
 
 
-@torch.library.custom_op("theria::attention_forward", mutates_args=())
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window_left: int,
-                      window_right: int, bottom_right: bool) -> tuple[Tensor, Tensor]:
-    return kernels.attention_forward(q, k, v, _params(scale, causal, window_left, window_right, bottom_right))
-
-
-@torch.library.custom_op("theria::attention_jvp", mutates_args=())
-def attention_jvp(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: Tensor, scale: float,
-                  causal: bool, window_left: int, window_right: int, bottom_right: bool) -> tuple[Tensor, Tensor]:
-    params = _params(scale, causal, window_left, window_right, bottom_right)
-    return kernels.attention_jvp(q, k, v, q_dot, k_dot, v_dot, params)[2:]
-
-
-@torch.library.custom_op("theria::attention_forward_second", mutates_args=())
-def attention_forward_second(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: Tensor,
-                             q_y: Tensor, k_y: Tensor, v_y: Tensor, scale: float, causal: bool, window_left: int,
-                             window_right: int, bottom_right: bool) -> tuple[Tensor, Tensor]:
-    params = _params(scale, causal, window_left, window_right, bottom_right)
-    return kernels.attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params)
-
-
-@torch.library.custom_op("theria::attention_backward", mutates_args=())
-def attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor,
-                       d_lse: Optional[Tensor], scale: float, causal: bool, window_left: int,
-                       window_right: int, bottom_right: bool) -> tuple[Tensor, Tensor, Tensor]:
-    params = _params(scale, causal, window_left, window_right, bottom_right)
-    return kernels.attention_backward(q, k, v, out, lse, d_out, d_lse, params)
-
-
-@torch.library.custom_op("theria::attention_backward_backward", mutates_args=())
-def attention_backward_backward(
-    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Optional[Tensor],
-    cot_dq: Optional[Tensor], cot_dk: Optional[Tensor], cot_dv: Optional[Tensor], scale: float, causal: bool,
-    window_left: int, window_right: int, bottom_right: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    params = _params(scale, causal, window_left, window_right, bottom_right)
-    return kernels.attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, params)
-
-
-@attention_forward.register_fake
-def _(q, k, v, *static):
-    return _like(q), _rows(q)
-
-
-@attention_jvp.register_fake
-def _(q, k, v, q_dot, k_dot, v_dot, *static):
-    return _like(q), _rows(q)
-
-
-@attention_forward_second.register_fake
-def _(q, *rest):
-    return _like(q), _rows(q)
-
-
-@attention_backward.register_fake
-def _(q, k, v, *rest):
-    return _like(q), _like(k), _like(k)
-
-
-@attention_backward_backward.register_fake
-def _(q, k, v, *rest):
-    return _like(q), _like(k), _like(k), _like(q), _rows(q)
+# Fake implementations: output shapes, strides and dtypes only.
+_FAKES = {
+    "forward": lambda q, *rest: (_like(q), _rows(q)),
+    "jvp": lambda q, *rest: (_like(q), _rows(q)),
+    "forward_second": lambda q, *rest: (_like(q), _rows(q)),
+    "backward": lambda q, k, *rest: (_like(q), _like(k), _like(k)),
+    "backward_backward": lambda q, k, *rest: (_like(q), _like(k), _like(k), _like(q), _rows(q)),
+}
 
 
 def _fold(t: Optional[Tensor], dim: Optional[int], size: int) -> Optional[Tensor]:
@@ -101,7 +90,7 @@ def _fold(t: Optional[Tensor], dim: Optional[int], size: int) -> Optional[Tensor
     return t.flatten(0, 1)
 
 
-def _register_fold_batching(op) -> None:
+def _fold_batching(op):
     """Every tensor argument of these operators leads with B, and so does every output."""
 
     def batched(info, in_dims, *args):
@@ -110,9 +99,28 @@ def _register_fold_batching(op) -> None:
         outputs = op(*args)
         return tuple(o.unflatten(0, (info.batch_size, -1)) for o in outputs), (0,) * len(outputs)
 
-    torch.library.register_vmap(op, batched)
+    return batched
 
 
-for _op in (attention_forward, attention_jvp, attention_forward_second, attention_backward,
-            attention_backward_backward):
-    _register_fold_batching(_op)
+def _register(name: str, impl):
+    """``torch.ops.theria.attention_<name>`` for ``impl``, and the entry point that picks it or
+    ``impl`` itself (see the module docstring)."""
+    op = torch.library.custom_op(f"theria::attention_{name}", mutates_args=())(impl)
+    op.register_fake(_FAKES[name])
+    torch.library.register_vmap(op, _fold_batching(op))
+
+    def entry(*args):
+        traced = torch.compiler.is_compiling() or any(
+            isinstance(a, Tensor) and is_functorch_wrapped_tensor(a) for a in args)
+        return op(*args) if traced else impl(*args)
+
+    entry.__name__ = entry.__qualname__ = f"attention_{name}"
+    entry.__doc__ = f"``theria_kernels.attention`` launcher behind ``torch.ops.theria.attention_{name}``."
+    return entry
+
+
+attention_forward = _register("forward", _forward)
+attention_jvp = _register("jvp", _jvp)
+attention_forward_second = _register("forward_second", _forward_second)
+attention_backward = _register("backward", _backward)
+attention_backward_backward = _register("backward_backward", _backward_backward)
