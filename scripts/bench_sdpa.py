@@ -44,7 +44,7 @@ UNITS = {"fwd": 1.0, "fwd_bwd": 3.5}
 def torch_sdpa(name: str, causal: bool):
     def attend(q, k, v):
         with sdpa_kernel(TORCH_BACKENDS[name]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
 
     return attend
 
@@ -70,8 +70,9 @@ def workload(mode: str, attend, q, k, v, d_out, tangents):
     raise ValueError(mode)
 
 
-def measure(fn) -> tuple[float, float] | str:
-    """(median ms, peak MB above what was allocated before), or the error's first line."""
+def measure(fn, graph: bool) -> tuple[float, float] | str:
+    """(median ms, peak MB above what was allocated before), or the error's first line. With
+    ``graph`` the time is of a CUDA-graph replay: the device's time alone, without the host's."""
     import triton.testing
 
     try:
@@ -82,7 +83,10 @@ def measure(fn) -> tuple[float, float] | str:
         fn()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        if graph:
+            ms = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+        else:
+            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
         return ms, peak
     except (RuntimeError, NotImplementedError) as err:  # unsupported derivative, out of memory
         torch.cuda.empty_cache()
@@ -99,6 +103,9 @@ def main():
                         help="LEFT,RIGHT sliding window for theria (torch SDPA has none: skip its rows)")
     parser.add_argument("--mode", nargs="+", choices=["fwd", "fwd_bwd", "jvp", "hvp"], default=["fwd", "fwd_bwd"])
     parser.add_argument("--skip", nargs="*", default=[], help="implementations to leave out, e.g. math")
+    parser.add_argument("--heads-kv", type=int, help="key/value heads (grouped-query); default: H")
+    parser.add_argument("--graph", action="store_true",
+                        help="time CUDA-graph replays (device time only; small calls are otherwise host-bound)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_sdpa.py needs a CUDA GPU")
@@ -106,8 +113,9 @@ def main():
     batch, heads, seq, head_dim = map(int, args.shape.split(",")) if args.shape else PRESETS[args.preset]
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=dtype, generator=gen).requires_grad_()
-               for _ in range(3))
+    heads_kv = args.heads_kv or heads
+    q, k, v = (torch.randn(batch, h, seq, head_dim, device="cuda", dtype=dtype, generator=gen).requires_grad_()
+               for h in (heads, heads_kv, heads_kv))
     d_out = torch.randn_like(q)
     tangents = tuple(torch.randn_like(t) for t in (q, k, v))
     forward_flops = 4 * batch * heads * seq * seq * head_dim * (0.5 if args.causal else 1.0)
@@ -115,17 +123,18 @@ def main():
     impls = {"theria": theria(args.causal, window), **{n: torch_sdpa(n, args.causal) for n in TORCH_BACKENDS}}
     impls = {n: f for n, f in impls.items() if n not in args.skip}
 
-    print(f"# {torch.cuda.get_device_name()} B={batch} H={heads} T={seq} D={head_dim} {args.dtype} "
-          f"causal={args.causal} window={window}")
+    print(f"# {torch.cuda.get_device_name()} B={batch} H={heads} H_kv={heads_kv} T={seq} D={head_dim} {args.dtype} "
+          f"causal={args.causal} window={window} timing={'CUDA graph' if args.graph else 'eager'}")
     print(f"{'mode':8s} {'impl':16s} {'ms':>9s} {'TFLOP/s':>8s} {'peak MB':>9s} {'vs flash':>9s} {'vs math':>8s}")
     for mode in args.mode:
-        results = {name: measure(workload(mode, fn, q, k, v, d_out, tangents)) for name, fn in impls.items()}
+        results = {name: measure(workload(mode, fn, q, k, v, d_out, tangents), args.graph)
+                   for name, fn in impls.items()}
         if mode == "hvp":
             params = AttentionParams(scale=1 / math.sqrt(head_dim), causal=args.causal)
             qd, kd, vd = (t.detach() for t in (q, k, v))
             out, lse = attention_forward(qd, kd, vd, params)
             results["theria bwd_bwd"] = measure(
-                lambda: attention_backward_backward(qd, kd, vd, out, lse, d_out, None, *tangents, params))
+                lambda: attention_backward_backward(qd, kd, vd, out, lse, d_out, None, *tangents, params), args.graph)
         for name, res in results.items():
             if isinstance(res, str):
                 print(f"{mode:8s} {name:16s} {'error: ' + res}")
