@@ -15,25 +15,18 @@ identically strided buffers (and share their compiled variants).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-# Without this JAX takes 75 % of the GPU memory when it creates its GPU client, and torch, in the
-# same process, makes do with the rest. It only counts before that client exists: a module
-# collected earlier (test_jax_attention.py builds arrays at import) may already have created it,
-# so here it covers this file run alone; for the whole suite conftest.py is the place.
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import theria_jax  # noqa: E402
-import theria_torch  # noqa: E402
-from _attention_cases import assert_close  # noqa: E402
-from theria_jax.reference import attention_reference  # noqa: E402
+import theria_jax
+import theria_torch
+from _attention_cases import assert_close
+from theria_jax.reference import attention_reference
 
 pytestmark = [
     pytest.mark.gpu,
