@@ -31,7 +31,7 @@ from theria_torch.reference import attention_reference
 
 THIRD_ORDER_ERROR = (
     "third-order derivatives of attention are not implemented by backend='triton_full_fused' "
-    "(it provides forward, backward, JVP and double backward); use backend='reference'"
+    "(it provides forward, backward, JVP, double backward and second-order forward); use backend='reference'"
 )
 
 
