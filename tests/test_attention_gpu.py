@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _attention_cases import TOLERANCE, random_inputs, relative_error
-from theria_torch import flash_attn_func, sdpa_custom
-from theria_torch.reference import attention_reference
+from _attention_cases import TOLERANCE, cu_seqlens, random_inputs, relative_error
+from theria_torch import flash_attn_func, flash_attn_varlen_func, sdpa_custom
+from theria_torch.reference import attention_reference, varlen_attention_reference
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -31,9 +31,10 @@ def _derivatives(attend, q, k, v, d_out, cots, tangents):
             "hvp_v": hvp[2], "out_dot": out_dot}
 
 
-def _check(attend, reference, shape, dtype, seed=0):
+def _check(attend, reference, shape, dtype, seed=0, inputs=None):
+    """``inputs`` (float64 q, k, v) replaces the random ones drawn for ``shape``."""
     batch, heads, heads_kv, t_q, t_k, head_dim = shape
-    q64, k64, v64 = random_inputs(batch, heads, heads_kv, t_q, t_k, head_dim, torch.float64, "cuda", seed)
+    q64, k64, v64 = inputs or random_inputs(batch, heads, heads_kv, t_q, t_k, head_dim, torch.float64, "cuda", seed)
     d_out = torch.randn_like(q64)
     cots = [torch.randn_like(t) for t in (q64, k64, v64)]
     tangents = [torch.randn_like(t) for t in (q64, k64, v64)]
@@ -46,6 +47,7 @@ def _check(attend, reference, shape, dtype, seed=0):
         plain_err = relative_error(plain[name], exact[name])
         assert err <= TOLERANCE[dtype], f"{name}: {err:.2e} > {TOLERANCE[dtype]:.0e} for {shape} {dtype}"
         assert err <= 2 * plain_err + 1e-6, f"{name}: {err:.2e} > 2 × plain {dtype} attention's {plain_err:.2e}"
+    return got, (low, d_out, cots, tangents)
 
 
 def _sdpa(**mask):
@@ -96,3 +98,42 @@ def test_decode_shape():
     """One query row against a long key/value cache."""
     attend, reference = _flash(causal=True)
     _check(attend, reference, (2, 4, 4, 1, 8192, 128), torch.bfloat16)
+
+
+# Variable-length batches: (T_q, T_k) per sequence, with empty ones, one-token ones, lengths off
+# the block sizes and queries both longer and shorter than keys.
+VARLEN_LENGTHS = [(1, 1), (0, 77), (300, 300), (513, 129), (129, 513), (1000, 1000), (64, 0), (17, 33)]
+
+
+def _per_sequence(attend_fixed, cu_q, cu_k):
+    """A packed-batch function that calls the fixed-length ``attend_fixed`` on each sequence alone
+    (as a batch of one, (1, T, H, D)) and concatenates the outputs."""
+    starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
+
+    def attend(q, k, v):
+        return torch.cat([attend_fixed(q[None, a:b], k[None, c:d], v[None, c:d])[0]
+                          for a, b, c, d in zip(starts_q, starts_q[1:], starts_k, starts_k[1:])])
+
+    return attend
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("mask", [dict(causal=False), dict(causal=True), dict(window_size=(128, 16))],
+                         ids=["full", "causal", "window"])
+def test_varlen_matches_per_sequence_calls(mask, dtype):
+    """flash_attn_varlen_func's out, gradients, HVP and JVP against the float64 reference run per
+    sequence (the criteria of ``_check``) and against flash_attn_func on each sequence alone."""
+    lengths_q, lengths_k = zip(*VARLEN_LENGTHS)
+    cu_q, cu_k = cu_seqlens(lengths_q, "cuda"), cu_seqlens(lengths_k, "cuda")
+    sequences = (cu_q, cu_k, max(lengths_q), max(lengths_k))
+    packed = [t[0].transpose(0, 1).contiguous() for t in random_inputs(
+        1, 8, 2, sum(lengths_q), sum(lengths_k), 128, torch.float64, "cuda", seed=7)]
+    got, (low, d_out, cots, tangents) = _check(
+        lambda q, k, v: flash_attn_varlen_func(q, k, v, *sequences, **mask),
+        lambda q, k, v: varlen_attention_reference(q, k, v, cu_q, cu_k, **mask),
+        (1, 8, 2, sum(lengths_q), sum(lengths_k), 128), dtype, inputs=packed)
+    per_sequence = _derivatives(_per_sequence(lambda q, k, v: flash_attn_func(q, k, v, **mask), cu_q, cu_k),
+                                *low, d_out, cots, tangents)
+    for name, value in got.items():
+        err = relative_error(value, per_sequence[name])
+        assert err <= TOLERANCE[dtype] / 4, f"{name}: varlen vs per-sequence flash_attn_func {err:.2e} ({dtype})"
