@@ -717,10 +717,10 @@ row_stat_dtype = accumulator_dtype
 # shared memory. Row sweeps tile queries by BLOCK_M, column sweeps keys by BLOCK_N.
 _GPU_BLOCKS = {
     "forward": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)},
-    "jvp": {64: (64, 64, 4, 2), 128: (64, 32, 4, 2), 256: (32, 32, 4, 1)},
+    "jvp": {64: (64, 64, 4, 2), 128: (128, 64, 8, 2), 256: (32, 32, 4, 1)},
     "forward_second": {64: (64, 32, 4, 1), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
-    "backward": {64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 32, 4, 1)},
-    "backward_backward": {64: (64, 64, 4, 2), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
+    "backward": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 32, 4, 2)},
+    "backward_backward": {64: (64, 64, 4, 2), 128: (64, 32, 4, 2), 256: (16, 32, 4, 1)},
 }
 # The interpreter runs one program at a time on the CPU: the smallest tiles tl.dot accepts keep
 # test shapes tiny while still crossing several blocks and block boundaries.

@@ -15,8 +15,9 @@ to math):
 flash_attn_varlen_func on the same B·T tokens packed as B sequences of length T (the same work,
 so any difference is the varlen overhead; the target is within 10 %), and packed as B sequences of
 random lengths in [T/2, 3T/2) summing to B·T (TFLOP/s counts each sequence's own T_q·T_k). The
-varlen API reads cu_seqlens to the host once per call to check them (a sync); in fwd mode a last
-row times the forward launcher alone on the equal packing, without that check:
+varlen API reads cu_seqlens to the host once per call to check them (a sync, which a CUDA graph
+cannot capture: with --graph its rows report an error); in fwd mode a last row times the forward
+launcher alone on the equal packing, without that check:
 
     python scripts/bench_sdpa.py --preset medium --varlen --mode fwd fwd_bwd jvp hvp --causal
 """
@@ -54,7 +55,7 @@ UNITS = {"fwd": 1.0, "fwd_bwd": 3.5}
 def torch_sdpa(name: str, causal: bool):
     def attend(q, k, v):
         with sdpa_kernel(TORCH_BACKENDS[name]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
 
     return attend
 
@@ -71,47 +72,48 @@ def random_lengths(batch: int, seq: int, seed: int = 0) -> list[int]:
     return lengths if lengths[-1] > 0 else [seq] * batch
 
 
-def varlen_cases(q, causal: bool, window: tuple[int, int]) -> dict:
-    """{name: (attend, packed q, forward FLOPs)} for --varlen: flash_attn_func on the padded
-    (B, T, H, D) batch and flash_attn_varlen_func on its B·T tokens packed two ways."""
-    batch, seq, heads, head_dim = q.shape
-    fraction = 0.5 if causal else 1.0
+def varlen_cases(causal: bool, window: tuple[int, int], batch: int, seq: int, device) -> dict:
+    """{name: (attend, pack, lengths)} for --varlen: flash_attn_func on the padded (B, T, H, D)
+    batch (``pack`` keeps it) and flash_attn_varlen_func on its B·T tokens packed (``pack``
+    flattens B and T) as B sequences of length T and as B sequences of random lengths."""
 
     def packed(lengths):
-        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=q.device)
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
         attend = lambda q, k, v: flash_attn_varlen_func(  # noqa: E731
             q, k, v, cu, cu, max(lengths), max(lengths), causal=causal, window_size=window)
-        flops = 4 * heads * head_dim * sum(n * n for n in lengths) * fraction
-        return attend, q.detach().flatten(0, 1).requires_grad_(), flops
+        return attend, lambda t: t.flatten(0, 1), lengths
 
     return {
-        "padded": (lambda q, k, v: flash_attn_func(q, k, v, causal=causal, window_size=window), q,
-                   4 * batch * heads * seq * seq * head_dim * fraction),
+        "padded": (lambda q, k, v: flash_attn_func(q, k, v, causal=causal, window_size=window), lambda t: t,
+                   [seq] * batch),
         "varlen equal": packed([seq] * batch),
         "varlen random": packed(random_lengths(batch, seq)),
     }
 
 
-def bench_varlen(args, q):
-    """Rows per mode: padded, varlen with equal lengths, varlen with random lengths (see the docstring)."""
-    print(f"{'mode':8s} {'impl':16s} {'ms':>9s} {'TFLOP/s':>8s} {'peak MB':>9s} {'vs padded':>9s}")
+def bench_varlen(args, q, k, v):
+    """Rows per mode: padded, varlen with equal lengths, varlen with random lengths (see the
+    docstring); q, k, v are the (B, H, T, D) inputs of the other modes."""
+    batch, heads, seq, head_dim = q.shape
     window = tuple(map(int, args.window.split(",")))
+    fraction = 0.5 if args.causal else 1.0
+    bthd = [t.detach().transpose(1, 2).contiguous() for t in (q, k, v)]
+    print(f"{'mode':8s} {'impl':16s} {'ms':>9s} {'TFLOP/s':>8s} {'peak MB':>9s} {'vs padded':>9s}")
     for mode in args.mode:
         results = {}
-        for name, (attend, q_packed, flops) in varlen_cases(q, args.causal, window).items():
-            k, v = (torch.randn_like(q_packed).requires_grad_() for _ in range(2))
-            d_out = torch.randn_like(q_packed)
-            tangents = tuple(torch.randn_like(q_packed) for _ in range(3))
-            results[name] = (measure(workload(mode, attend, q_packed, k, v, d_out, tangents)), flops)
+        for name, (attend, pack, lengths) in varlen_cases(args.causal, window, batch, seq, q.device).items():
+            inputs = [pack(t).requires_grad_() for t in bthd]
+            d_out = torch.randn_like(inputs[0])
+            tangents = tuple(torch.randn_like(t) for t in inputs)
+            flops = 4 * heads * head_dim * sum(n * n for n in lengths) * fraction
+            results[name] = (measure(workload(mode, attend, *inputs, d_out, tangents), args.graph), flops)
         if mode == "fwd":  # the kernel alone: no cu_seqlens check, so no host read and no sync
-            batch, seq, heads, head_dim = q.shape
-            lengths = torch.full((batch,), seq, dtype=torch.int32, device=q.device)
-            cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0, dtype=torch.int32)])
+            cu = torch.arange(0, batch * seq + 1, seq, dtype=torch.int32, device=q.device)
             params = AttentionParams(scale=1 / math.sqrt(head_dim), causal=args.causal, window_size=window,
                                      bottom_right=True)
-            view = q.detach().flatten(0, 1).transpose(0, 1)[None]
+            views = [t.flatten(0, 1).transpose(0, 1)[None] for t in bthd]
             results["varlen launcher"] = (measure(lambda: attention_forward(
-                view, view, view, params, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=seq, max_seqlen_k=seq)),
+                *views, params, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=seq, max_seqlen_k=seq), args.graph),
                 results["varlen equal"][1])
         padded = results["padded"][0]
         for name, (res, flops) in results.items():
@@ -141,8 +143,9 @@ def workload(mode: str, attend, q, k, v, d_out, tangents):
     raise ValueError(mode)
 
 
-def measure(fn) -> tuple[float, float] | str:
-    """(median ms, peak MB above what was allocated before), or the error's first line."""
+def measure(fn, graph: bool) -> tuple[float, float] | str:
+    """(median ms, peak MB above what was allocated before), or the error's first line. With
+    ``graph`` the time is of a CUDA-graph replay: the device's time alone, without the host's."""
     import triton.testing
 
     try:
@@ -153,7 +156,10 @@ def measure(fn) -> tuple[float, float] | str:
         fn()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        if graph:
+            ms = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+        else:
+            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
         return ms, peak
     except (RuntimeError, NotImplementedError) as err:  # unsupported derivative, out of memory
         torch.cuda.empty_cache()
@@ -170,6 +176,9 @@ def main():
                         help="LEFT,RIGHT sliding window for theria (torch SDPA has none: skip its rows)")
     parser.add_argument("--mode", nargs="+", choices=["fwd", "fwd_bwd", "jvp", "hvp"], default=["fwd", "fwd_bwd"])
     parser.add_argument("--skip", nargs="*", default=[], help="implementations to leave out, e.g. math")
+    parser.add_argument("--heads-kv", type=int, help="key/value heads (grouped-query); default: H")
+    parser.add_argument("--graph", action="store_true",
+                        help="time CUDA-graph replays (device time only; small calls are otherwise host-bound)")
     parser.add_argument("--varlen", action="store_true",
                         help="theria only: flash_attn_varlen_func against the padded batch on equal total tokens")
     args = parser.parse_args()
@@ -179,31 +188,34 @@ def main():
     batch, heads, seq, head_dim = map(int, args.shape.split(",")) if args.shape else PRESETS[args.preset]
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=dtype, generator=gen).requires_grad_()
-               for _ in range(3))
+    heads_kv = args.heads_kv or heads
+    q, k, v = (torch.randn(batch, h, seq, head_dim, device="cuda", dtype=dtype, generator=gen).requires_grad_()
+               for h in (heads, heads_kv, heads_kv))
     d_out = torch.randn_like(q)
     tangents = tuple(torch.randn_like(t) for t in (q, k, v))
     forward_flops = 4 * batch * heads * seq * seq * head_dim * (0.5 if args.causal else 1.0)
     window = tuple(map(int, args.window.split(",")))
     if args.varlen:
-        print(f"# {torch.cuda.get_device_name()} B={batch} H={heads} T={seq} D={head_dim} {args.dtype} "
-              f"causal={args.causal} window={window}, varlen against padded")
-        bench_varlen(args, q.detach().transpose(1, 2).contiguous().requires_grad_())
+        print(f"# {torch.cuda.get_device_name()} B={batch} H={heads} H_kv={heads_kv} T={seq} D={head_dim} "
+              f"{args.dtype} causal={args.causal} window={window} timing={'CUDA graph' if args.graph else 'eager'}, "
+              "varlen against padded")
+        bench_varlen(args, q, k, v)
         return
     impls = {"theria": theria(args.causal, window), **{n: torch_sdpa(n, args.causal) for n in TORCH_BACKENDS}}
     impls = {n: f for n, f in impls.items() if n not in args.skip}
 
-    print(f"# {torch.cuda.get_device_name()} B={batch} H={heads} T={seq} D={head_dim} {args.dtype} "
-          f"causal={args.causal} window={window}")
+    print(f"# {torch.cuda.get_device_name()} B={batch} H={heads} H_kv={heads_kv} T={seq} D={head_dim} {args.dtype} "
+          f"causal={args.causal} window={window} timing={'CUDA graph' if args.graph else 'eager'}")
     print(f"{'mode':8s} {'impl':16s} {'ms':>9s} {'TFLOP/s':>8s} {'peak MB':>9s} {'vs flash':>9s} {'vs math':>8s}")
     for mode in args.mode:
-        results = {name: measure(workload(mode, fn, q, k, v, d_out, tangents)) for name, fn in impls.items()}
+        results = {name: measure(workload(mode, fn, q, k, v, d_out, tangents), args.graph)
+                   for name, fn in impls.items()}
         if mode == "hvp":
             params = AttentionParams(scale=1 / math.sqrt(head_dim), causal=args.causal)
             qd, kd, vd = (t.detach() for t in (q, k, v))
             out, lse = attention_forward(qd, kd, vd, params)
             results["theria bwd_bwd"] = measure(
-                lambda: attention_backward_backward(qd, kd, vd, out, lse, d_out, None, *tangents, params))
+                lambda: attention_backward_backward(qd, kd, vd, out, lse, d_out, None, *tangents, params), args.graph)
         for name, res in results.items():
             if isinstance(res, str):
                 print(f"{mode:8s} {name:16s} {'error: ' + res}")

@@ -1,10 +1,22 @@
-"""GPU correctness of the fused attention at every derivative order (run with `pytest -m gpu`).
+"""GPU correctness of the fused attention at every derivative order (run with `pytest -m gpu`;
+the file compiles about 790 kernel variants at 1–2 s each, so add `-n 8` (pytest-xdist)).
 
 Each case runs forward, backward (with create_graph), the reverse-over-reverse HVP and the JVP
 through ``sdpa_custom`` / ``flash_attn_func`` in a low dtype and compares them with the float64
-reference on the same device, by ‖x − ref‖ / ‖ref‖ with the per-dtype tolerances of
-docs/design/attention.md, and also by flash-attn's rule: the error is at most twice that of
-plain attention computed in the same low dtype (plus a small floor for round-off).
+reference on the same device and the same (rounded) inputs, directions and cotangents:
+
+* by ‖x − ref‖ / ‖ref‖ with the per-dtype tolerances of docs/design/attention.md;
+* by flash-attn's rule, once on that norm and once on max |x − ref|: our error is at most twice
+  that of plain attention computed in the same low dtype, plus a small floor for round-off.
+
+``flash_attn_varlen_func`` goes through the same checks on a packed batch, and is also compared
+with ``flash_attn_func`` called on each of its sequences alone.
+
+Compilation, not running, is what costs time here: Triton compiles each kernel once per head dim,
+dtype and set of constexpr flags (masked/banded, even key length) and also per specialisation of
+its integer arguments (== 1, e.g. the query-head group of MHA; divisible by 16, e.g. lengths and
+strides). The matrix below therefore draws its lengths from one class ((97, 203) and (203, 97) share
+every specialisation) and its windows from one band class, so each new case mostly reuses kernels.
 """
 
 from __future__ import annotations
@@ -12,42 +24,79 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _attention_cases import TOLERANCE, cu_seqlens, random_inputs, relative_error
+from _attention_cases import TOLERANCE, cu_seqlens, relative_error
 from theria_torch import flash_attn_func, flash_attn_varlen_func, sdpa_custom
 from theria_torch.reference import attention_reference, varlen_attention_reference
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
+DEVICE = "cuda"
+# Relative to max |ref|: round-off room for the max-abs rule where plain attention happens to be
+# (near) exact, e.g. on rows that see no key.
+MAX_ERROR_FLOOR = 1e-6
+
 
 def _derivatives(attend, q, k, v, d_out, cots, tangents):
     """out, (dq, dk, dv), HVP (q, k, v) and out_dot of ``attend`` at (q, k, v)."""
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     out = attend(*leaves)
-    grads = torch.autograd.grad(out, leaves, d_out.to(q.dtype), create_graph=True)
-    hvp = torch.autograd.grad(grads, leaves, [c.to(q.dtype) for c in cots])
-    _, out_dot = torch.func.jvp(attend, tuple(t.detach() for t in (q, k, v)), tuple(t.to(q.dtype) for t in tangents))
+    grads = torch.autograd.grad(out, leaves, d_out, create_graph=True)
+    hvp = torch.autograd.grad(grads, leaves, cots)
+    _, out_dot = torch.func.jvp(attend, tuple(t.detach() for t in (q, k, v)), tuple(tangents))
     return {"out": out, "dq": grads[0], "dk": grads[1], "dv": grads[2], "hvp_q": hvp[0], "hvp_k": hvp[1],
             "hvp_v": hvp[2], "out_dot": out_dot}
 
 
-def _check(attend, reference, shape, dtype, seed=0, inputs=None):
-    """``inputs`` (float64 q, k, v) replaces the random ones drawn for ``shape``."""
+def _max_error(value: torch.Tensor, ref: torch.Tensor) -> tuple[float, tuple[int, ...]]:
+    """max |value − ref| and where it is."""
+    diff = (value.double() - ref.double()).abs()
+    where = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+    return diff[where].item(), where
+
+
+def _random(shape, dtype, gen):
+    """Standard normal draws rounded to ``dtype``; the float64 reference gets these rounded values too."""
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+
+
+def _check(attend, reference, shape, dtype, seed=0, packed=False):
+    """Returns what ``attend`` gave and its inputs. ``packed``: q, k, v are packed variable-length
+    batches, (t_q, heads, head_dim) and (t_k, heads_kv, head_dim) (``batch`` is ignored)."""
     batch, heads, heads_kv, t_q, t_k, head_dim = shape
-    q64, k64, v64 = inputs or random_inputs(batch, heads, heads_kv, t_q, t_k, head_dim, torch.float64, "cuda", seed)
-    d_out = torch.randn_like(q64)
-    cots = [torch.randn_like(t) for t in (q64, k64, v64)]
-    tangents = [torch.randn_like(t) for t in (q64, k64, v64)]
-    low = [t.to(dtype) for t in (q64, k64, v64)]
-    got = _derivatives(attend, *low, d_out, cots, tangents)
-    exact = _derivatives(reference, q64, k64, v64, d_out, cots, tangents)
-    plain = _derivatives(reference, *low, d_out, cots, tangents)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q_shape, kv_shape = (batch, heads, t_q, head_dim), (batch, heads_kv, t_k, head_dim)
+    if packed:
+        q_shape, kv_shape = (t_q, heads, head_dim), (t_k, heads_kv, head_dim)
+    shapes = (q_shape, kv_shape, kv_shape)
+    # q, k, v, d_out, the HVP's cotangents of (dq, dk, dv) and the JVP's tangents of (q, k, v).
+    low = [_random(s, dtype, gen) for s in (*shapes, q_shape, *shapes, *shapes)]
+    exact_inputs = [t.double() for t in low]
+
+    def derivatives(function, tensors):
+        return _derivatives(function, *tensors[:4], tensors[4:7], tensors[7:])
+
+    got = derivatives(attend, low)
+    exact = derivatives(reference, exact_inputs)
+    plain = derivatives(reference, low)
+    case = f"{shape} {dtype}"
     for name, value in got.items():
         err = relative_error(value, exact[name])
         plain_err = relative_error(plain[name], exact[name])
-        assert err <= TOLERANCE[dtype], f"{name}: {err:.2e} > {TOLERANCE[dtype]:.0e} for {shape} {dtype}"
+        assert err <= TOLERANCE[dtype], f"{name}: {err:.2e} > {TOLERANCE[dtype]:.0e} for {case}"
         assert err <= 2 * plain_err + 1e-6, f"{name}: {err:.2e} > 2 × plain {dtype} attention's {plain_err:.2e}"
-    return got, (low, d_out, cots, tangents)
+        if dtype == torch.float32:
+            # flash-attn's max-error rule is a half-precision rule: in fp32 both errors are
+            # round-off of single elements (the 1023x1023 causal fp32 case failed it on the H100).
+            continue
+        max_err, where = _max_error(value, exact[name])
+        plain_max_err, _ = _max_error(plain[name], exact[name])
+        bound = 2 * plain_max_err + MAX_ERROR_FLOOR * exact[name].abs().max().item()
+        assert max_err <= bound, (
+            f"{name}: max abs error {max_err:.3e} at {where} (got {value[where].item():.6g}, want "
+            f"{exact[name][where].item():.6g}) > {bound:.3e} = 2 × plain attention's {plain_max_err:.3e} "
+            f"+ floor, for {case}")
+    return got, low
 
 
 def _sdpa(**mask):
@@ -62,10 +111,56 @@ def _flash(**mask):
     return attend, lambda q, k, v: attention_reference(q, k, v, bottom_right=True, **mask)
 
 
+def _lengths_id(lengths):
+    return f"T{lengths[0]}x{lengths[1]}"
+
+
+def _heads_id(heads):
+    return f"H{heads[0]}/{heads[1]}"
+
+
+DTYPE_IDS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+# flash-attn's head dims (issue #9), and 16, the smallest tile tl.dot takes.
+HEAD_DIMS = [16, 32, 40, 59, 64, 80, 96, 111, 128, 160, 192, 224, 256]
+# T_q ≠ T_k both ways, odd and not block multiples: with bottom-right alignment (203, 97) has
+# 106 query rows that see no key when causal or windowed.
+ODD_LENGTHS = [(97, 203), (203, 97)]
+HEADS = [(4, 4), (4, 1)]  # MHA and grouped-query (4 query heads share one key/value head)
+LOW_DTYPES = [torch.float16, torch.bfloat16]
+
+# In the matrices below the lengths vary fastest: consecutive tests then share compiled kernels,
+# and pytest-xdist (which hands each worker runs of consecutive tests) compiles each set once.
+
+
+@pytest.mark.parametrize("lengths", ODD_LENGTHS, ids=_lengths_id)
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("heads", HEADS, ids=_heads_id)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS, ids=lambda d: f"D{d}")
+def test_flash_attn_accuracy_rule(head_dim, causal, heads, dtype, lengths):
+    attend, reference = _flash(causal=causal)
+    _check(attend, reference, (1, *heads, *lengths, head_dim), dtype, seed=head_dim)
+
+
+# (window, causal): causal sets right to 0. All three keep the band's ends off multiples of 16
+# for both length pairs, so every window case shares one set of compiled kernels per head dim.
+WINDOWS = [((48, 16), False), ((16, 48), False), ((48, 16), True)]
+
+
+@pytest.mark.parametrize("lengths", ODD_LENGTHS, ids=_lengths_id)
+@pytest.mark.parametrize("window, causal", WINDOWS, ids=["w48,16", "w16,48", "w48,0-causal"])
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("head_dim", [59, 128], ids=lambda d: f"D{d}")
+def test_sliding_window_grouped_query(head_dim, dtype, window, causal, lengths):
+    attend, reference = _flash(window_size=window, causal=causal)
+    _check(attend, reference, (1, 4, 1, *lengths, head_dim), dtype, seed=head_dim + 1)
+
+
 LENGTHS = [(2, 3), (113, 113), (1023, 1023), (257, 1000), (1000, 257)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", list(DTYPE_IDS), ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("lengths", LENGTHS, ids=lambda p: f"{p[0]}x{p[1]}")
 def test_dtype_causal_length_matrix(dtype, causal, lengths):
@@ -74,20 +169,7 @@ def test_dtype_causal_length_matrix(dtype, causal, lengths):
     _check(attend, reference, (2, 4, 2, *lengths, 64), dtype)
 
 
-@pytest.mark.parametrize("head_dim", [16, 32, 40, 59, 80, 96, 128, 160, 256])
-@pytest.mark.parametrize("causal", [False, True])
-def test_head_dims(head_dim, causal):
-    attend, reference = _flash(causal=causal)
-    _check(attend, reference, (1, 4, 1, 300, 517, head_dim), torch.bfloat16, seed=head_dim)
-
-
-@pytest.mark.parametrize("window", [(256, 0), (64, 64)])
-def test_sliding_window(window):
-    attend, reference = _flash(window_size=window)
-    _check(attend, reference, (1, 4, 4, 1000, 1000, 64), torch.bfloat16)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("causal", [False, True])
 def test_long_sequence_8192(dtype, causal):
     attend, reference = _sdpa(causal=causal)
@@ -117,23 +199,20 @@ def _per_sequence(attend_fixed, cu_q, cu_k):
     return attend
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("mask", [dict(causal=False), dict(causal=True), dict(window_size=(128, 16))],
                          ids=["full", "causal", "window"])
 def test_varlen_matches_per_sequence_calls(mask, dtype):
     """flash_attn_varlen_func's out, gradients, HVP and JVP against the float64 reference run per
     sequence (the criteria of ``_check``) and against flash_attn_func on each sequence alone."""
     lengths_q, lengths_k = zip(*VARLEN_LENGTHS)
-    cu_q, cu_k = cu_seqlens(lengths_q, "cuda"), cu_seqlens(lengths_k, "cuda")
+    cu_q, cu_k = cu_seqlens(lengths_q, DEVICE), cu_seqlens(lengths_k, DEVICE)
     sequences = (cu_q, cu_k, max(lengths_q), max(lengths_k))
-    packed = [t[0].transpose(0, 1).contiguous() for t in random_inputs(
-        1, 8, 2, sum(lengths_q), sum(lengths_k), 128, torch.float64, "cuda", seed=7)]
-    got, (low, d_out, cots, tangents) = _check(
-        lambda q, k, v: flash_attn_varlen_func(q, k, v, *sequences, **mask),
-        lambda q, k, v: varlen_attention_reference(q, k, v, cu_q, cu_k, **mask),
-        (1, 8, 2, sum(lengths_q), sum(lengths_k), 128), dtype, inputs=packed)
+    got, low = _check(lambda q, k, v: flash_attn_varlen_func(q, k, v, *sequences, **mask),
+                      lambda q, k, v: varlen_attention_reference(q, k, v, cu_q, cu_k, **mask),
+                      (1, 8, 2, sum(lengths_q), sum(lengths_k), 128), dtype, seed=7, packed=True)
     per_sequence = _derivatives(_per_sequence(lambda q, k, v: flash_attn_func(q, k, v, **mask), cu_q, cu_k),
-                                *low, d_out, cots, tangents)
+                                *low[:4], low[4:7], low[7:])
     for name, value in got.items():
         err = relative_error(value, per_sequence[name])
         assert err <= TOLERANCE[dtype] / 4, f"{name}: varlen vs per-sequence flash_attn_func {err:.2e} ({dtype})"

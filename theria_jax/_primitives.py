@@ -62,7 +62,7 @@ from theria_kernels.attention import (
 # Same words as theria_torch's error for the same limit.
 THIRD_ORDER = (
     "third-order derivatives of attention are not implemented by backend='triton_full_fused' "
-    "(it provides forward, backward, JVP and double backward); use backend='reference'"
+    "(it provides forward, backward, JVP, double backward and second-order forward); use backend='reference'"
 )
 
 

@@ -41,7 +41,7 @@ from theria_torch.reference import attention_reference, varlen_attention_referen
 
 THIRD_ORDER_ERROR = (
     "third-order derivatives of attention are not implemented by backend='triton_full_fused' "
-    "(it provides forward, backward, JVP and double backward); use backend='reference'"
+    "(it provides forward, backward, JVP, double backward and second-order forward); use backend='reference'"
 )
 
 
@@ -67,13 +67,10 @@ def _zeros_if_none(t, like):
     return torch.zeros_like(like) if t is None else t
 
 
-class _AttentionBackwardBackward(torch.autograd.Function):
-    generate_vmap_rule = True  # the operators carry the batching rules
+class _SecondOrderKernel(torch.autograd.Function):
+    """A Function whose forward is a second-order kernel: differentiating it again is third order."""
 
-    @staticmethod
-    def forward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, static):
-        return _ops.attention_backward_backward(
-            q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, *_static(static))
+    generate_vmap_rule = True  # the operators carry the batching rules
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -86,6 +83,13 @@ class _AttentionBackwardBackward(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, *tangents):
         raise NotImplementedError(THIRD_ORDER_ERROR)
+
+
+class _AttentionBackwardBackward(_SecondOrderKernel):
+    @staticmethod
+    def forward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, static):
+        return _ops.attention_backward_backward(
+            q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, *_static(static))
 
 
 class _AttentionBackward(torch.autograd.Function):
@@ -124,26 +128,12 @@ class _AttentionBackward(torch.autograd.Function):
         return tuple(a + b for a, b in zip(hessian_part, linear_part))
 
 
-class _AttentionSecond(torch.autograd.Function):
+class _AttentionSecond(_SecondOrderKernel):
     """(q, k, v, ẋ, y) ↦ f''(q, k, v)[ẋ, y] for (out, lse): the bilinear part of forward over forward."""
-
-    generate_vmap_rule = True  # the operators carry the batching rules
 
     @staticmethod
     def forward(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, static):
         return _ops.attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, *_static(static))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError(THIRD_ORDER_ERROR)
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(THIRD_ORDER_ERROR)
 
 
 class _AttentionTangent(torch.autograd.Function):

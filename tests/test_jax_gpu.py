@@ -1,0 +1,173 @@
+"""theria_jax against theria_torch on the GPU (run with `pytest -m gpu`): the same kernels reached
+through both frameworks, on the same rounded inputs, directions and loss weights.
+
+For each case and dtype (fp16, bf16, fp32) both frameworks compute the output, the gradient of
+a smooth loss of it, the JVP and the Hessian-vector product (``jax.jvp`` of ``jax.grad`` and
+``torch.func.jvp`` of ``torch.func.grad``). Each is compared with the float64 jax.numpy
+reference and with the other framework, by ‖x − ref‖ / ‖ref‖ within the dtype's tolerance of
+docs/design/attention.md. The JAX side runs jitted under ``jax.transfer_guard("disallow")``:
+its inputs live on the GPU before the guard, and no byte may cross to or from the host inside.
+
+JAX arrays are (B, T, H, D); the torch tensors are built from the same values in the same
+layout, and ``sdpa_custom`` gets (B, H, T, D) views of them, so both frameworks hand the kernels
+identically strided buffers (and share their compiled variants).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import theria_jax
+import theria_torch
+from _attention_cases import assert_close
+from theria_jax.reference import attention_reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() or jax.default_backend() != "gpu",
+                       reason="needs a CUDA GPU visible to both torch and JAX"),
+]
+
+DEVICE = "cuda"
+DTYPES = {torch.float16: jnp.float16, torch.bfloat16: jnp.bfloat16, torch.float32: jnp.float32}
+NAMES = ("out", "dq", "dk", "dv", "out_dot", "hvp_q", "hvp_k", "hvp_v")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One configuration; ``api`` picks the causal alignment: ``attention`` / ``sdpa_custom`` are
+    top-left, ``flash_attn_func`` bottom-right."""
+
+    api: str
+    t_q: int
+    t_k: int
+    heads: int
+    heads_kv: int
+    head_dim: int
+    causal: bool
+    batch: int = 2
+
+    def __str__(self):
+        mask = "causal" if self.causal else "full"
+        return f"{self.api}-{mask}-T{self.t_q}x{self.t_k}-H{self.heads}/{self.heads_kv}-D{self.head_dim}"
+
+    def shapes(self):
+        """(B, T, H, D) shapes of q, k, v."""
+        kv = (self.batch, self.t_k, self.heads_kv, self.head_dim)
+        return (self.batch, self.t_q, self.heads, self.head_dim), kv, kv
+
+    def jax_attend(self, q, k, v):
+        function = theria_jax.attention if self.api == "attention" else theria_jax.flash_attn_func
+        return function(q, k, v, causal=self.causal)
+
+    def reference_attend(self, q, k, v):
+        return attention_reference(q, k, v, causal=self.causal, bottom_right=self.api == "flash_attn_func")
+
+    def torch_attend(self, q, k, v):
+        if self.api == "flash_attn_func":
+            return theria_torch.flash_attn_func(q, k, v, causal=self.causal)
+        bhtd = (t.transpose(1, 2) for t in (q, k, v))
+        return theria_torch.sdpa_custom(*bhtd, causal=self.causal).transpose(1, 2)
+
+
+CASES = [
+    Case("attention", 128, 128, 4, 4, 64, causal=False),  # key length a block multiple: unmasked tiles
+    Case("attention", 97, 203, 4, 1, 80, causal=True),  # grouped-query, top-left, T_q < T_k
+    Case("flash_attn_func", 203, 97, 4, 2, 128, causal=True),  # 106 rows see no key
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# The four quantities, written once per framework. The loss Σ w ∘ sin(out) makes the gradient's
+# cotangent depend on the inputs, so the HVP exercises both halves of the backward's JVP (the
+# Hessian part and the Jᵀ part).
+# ----------------------------------------------------------------------------------------------
+
+
+def _jax_derivatives(attend):
+    """Jitted functions of (q, k, v, w, q̇, k̇, v̇) for out, grads, out_dot and the HVP."""
+
+    def loss(q, k, v, w):
+        return jnp.sum(w * jnp.sin(attend(q, k, v)))
+
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    return {
+        "out": jax.jit(lambda q, k, v, w, *tangents: attend(q, k, v)),
+        "grad": jax.jit(lambda q, k, v, w, *tangents: grad(q, k, v, w)),
+        "jvp": jax.jit(lambda q, k, v, w, *tangents: jax.jvp(attend, (q, k, v), tangents)[1]),
+        "hvp": jax.jit(lambda q, k, v, w, *tangents: jax.jvp(lambda *x: grad(*x, w), (q, k, v), tangents)[1]),
+    }
+
+
+def _by_name(results):
+    """The results of ``_jax_derivatives`` or ``_torch_results`` as one array per name in NAMES."""
+    return dict(zip(NAMES, [results["out"], *results["grad"], results["jvp"], *results["hvp"]]))
+
+
+def _assert_dtype(results, dtype, what):
+    for name, x in results.items():
+        assert x.dtype == dtype, f"{what} {name}: dtype {x.dtype}, expected {dtype}"
+
+
+def _torch_results(attend, q, k, v, w, *tangents):
+    def loss(q, k, v):
+        return (w * attend(q, k, v).sin()).sum()
+
+    grad = torch.func.grad(loss, argnums=(0, 1, 2))
+    return {
+        "out": attend(q, k, v),
+        "grad": grad(q, k, v),
+        "jvp": torch.func.jvp(attend, (q, k, v), tangents)[1],
+        "hvp": torch.func.jvp(grad, (q, k, v), tangents)[1],
+    }
+
+
+def _float64(x) -> torch.Tensor:
+    """A JAX array or torch tensor as a float64 CPU tensor, for the error metrics."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().double().cpu()
+    return torch.from_numpy(np.array(x, np.float64))
+
+
+def _draws(case, seed):
+    """Float64 numpy draws for q, k, v, the loss weights w (shaped like out) and q̇, k̇, v̇."""
+    rng = np.random.default_rng(seed)
+    shapes = case.shapes()
+    return [rng.standard_normal(s) for s in (*shapes, shapes[0], *shapes)]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_jax_and_torch_agree_with_float64_reference(case, dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 is held to the tf32-off tolerance
+    jax_dtype = DTYPES[dtype]
+    draws = _draws(case, seed=case.head_dim)
+    arrays = [jnp.asarray(x, jax_dtype) for x in draws]  # on the GPU before the guard
+    derivatives = _jax_derivatives(case.jax_attend)
+    for function in derivatives.values():  # compile outside the guard
+        jax.block_until_ready(function(*arrays))
+    with jax.transfer_guard("disallow"):
+        jax_results = {name: jax.block_until_ready(function(*arrays)) for name, function in derivatives.items()}
+    jax_results = _by_name(jax_results)
+    _assert_dtype(jax_results, jax_dtype, f"{case} JAX")
+
+    # The reference and torch see exactly the rounded values JAX saw.
+    rounded = [np.asarray(x, np.float64) for x in arrays]
+    reference = _by_name({name: function(*map(jnp.asarray, rounded))
+                          for name, function in _jax_derivatives(case.reference_attend).items()})
+    _assert_dtype(reference, jnp.float64, f"{case} reference")
+    torch_results = _by_name(_torch_results(case.torch_attend, *(torch.from_numpy(x).to(DEVICE, dtype)
+                                                                 for x in rounded)))
+    _assert_dtype(torch_results, dtype, f"{case} torch")
+
+    for name in NAMES:
+        want, from_jax, from_torch = (_float64(r[name]) for r in (reference, jax_results, torch_results))
+        assert_close(f"{case} {dtype} {name} (JAX vs float64)", from_jax, want, dtype)
+        assert_close(f"{case} {dtype} {name} (torch vs float64)", from_torch, want, dtype)
+        assert_close(f"{case} {dtype} {name} (JAX vs torch)", from_jax, from_torch, dtype)
