@@ -5,9 +5,11 @@ backward (row sweep for dQ, column sweep for dK/dV), the double backward (row sw
 column sweep), launch functions. No autograd here: ``theria_torch`` and ``theria_jax`` wrap the
 launchers. The equations are derived in docs/theory/attention_derivatives.md (§ numbers below).
 
-Notation per (batch, head): S = scale · Q Kᵀ (masked entries −∞), P = softmax(S) row-wise,
+Notation per (sequence, head): S = scale · Q Kᵀ (masked entries −∞), P = softmax(S) row-wise,
 O = P V, lse = row log-sum-exp of S. Row statistics live in (B, H, T_q) buffers; nothing of size
-T_q × T_k ever reaches global memory. Softmax is evaluated in base 2 (``exp2``) with
+T_q × T_k ever reaches global memory. A sequence is a batch entry of the (B, H, T, D) tensors, or
+with VARLEN (variable-length batches, flash-attn's ``cu_seqlens``) a run of rows of a packed entry;
+``_sequence`` is the one place that tells the two apart. Softmax is evaluated in base 2 (``exp2``) with
 log2(e) folded into the scale, as the Triton fused-attention tutorial does.
 """
 
@@ -21,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from theria_kernels._common import accumulator_dtype, is_interpreter
+from theria_kernels._common import accumulator_dtype, dtype_name, is_interpreter
 
 LOG2E = math.log2(math.e)
 # Stands for an unbounded window side: far beyond any sequence length, far from int32 overflow.
@@ -65,17 +67,19 @@ BACKENDS = ("triton_full_fused", "reference")
 def validate_attention_args(q_shape, k_shape, v_shape, dtypes, *, layout: str, backend: str,
                             window_size=(-1, -1)) -> None:
     """Framework-neutral checks shared by the torch and JAX adapters, so both raise the same
-    messages. Shapes are tuples in the caller's ``layout`` ("(B, H, T, D)" or "(B, T, H, D)"),
-    dtypes are the names of q's, k's and v's dtypes."""
+    messages. Shapes are tuples in the caller's ``layout`` ("(B, H, T, D)", "(B, T, H, D)", or
+    "(total, H, D)" for packed variable-length batches), dtypes are the names of q's, k's and v's
+    dtypes."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    axes = layout.strip("()").split(", ")
     for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
-        if len(shape) != 4:
-            raise ValueError(f"{name} must have 4 dimensions {layout}, got shape {tuple(shape)}")
+        if len(shape) != len(axes):
+            raise ValueError(f"{name} must have {len(axes)} dimensions {layout}, got shape {tuple(shape)}")
     if tuple(k_shape) != tuple(v_shape):
         raise ValueError(f"k and v must have the same shape, got k {tuple(k_shape)} and v {tuple(v_shape)}")
-    head_axis = 1 if layout == "(B, H, T, D)" else 2
-    if q_shape[0] != k_shape[0]:
+    head_axis = axes.index("H")
+    if "B" in axes and q_shape[0] != k_shape[0]:
         raise ValueError(f"q has batch size {q_shape[0]} but k and v have {k_shape[0]}; they must match")
     if q_shape[-1] != k_shape[-1]:
         raise ValueError(f"q has head dim {q_shape[-1]} but k and v have {k_shape[-1]}; they must match")
@@ -97,6 +101,46 @@ def validate_attention_args(q_shape, k_shape, v_shape, dtypes, *, layout: str, b
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"q has head dim {head_dim}; {backend} supports {MIN_HEAD_DIM}–{MAX_HEAD_DIM}; "
                          "use backend='reference'")
+
+
+def validate_cu_seqlens(cu_q_shape, cu_k_shape, cu_dtypes, max_seqlen_q, max_seqlen_k) -> None:
+    """Framework-neutral checks of the varlen arguments that need no host read (shapes, dtypes,
+    the max lengths' types), shared by the launchers and both adapters."""
+    for name, shape, dtype in (("cu_seqlens_q", cu_q_shape, cu_dtypes[0]), ("cu_seqlens_k", cu_k_shape, cu_dtypes[1])):
+        if len(shape) != 1 or shape[0] == 0:
+            raise ValueError(f"{name} must be 1-D with batch + 1 entries, got shape {tuple(shape)}")
+        if dtype != "int32":
+            raise TypeError(f"{name} must be int32 (flash-attn's cu_seqlens), got {dtype}")
+    if cu_q_shape[0] != cu_k_shape[0]:
+        raise ValueError(f"cu_seqlens_q has {cu_q_shape[0]} entries and cu_seqlens_k has {cu_k_shape[0]}; "
+                         "both must have batch + 1")
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be a Python int >= 0 (it sizes the launch grid), got {value!r}")
+
+
+def validate_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k) -> None:
+    """Checks of the cu_seqlens values, read to the host by the caller (sequences of ints): each
+    starts at 0, never decreases and ends at its tensor's token count, and no sequence is longer
+    than its max_seqlen (the kernels would silently skip its tail)."""
+    for name, values, total, owner, max_seqlen in (
+            ("cu_seqlens_q", cu_seqlens_q, total_q, "q has", max_seqlen_q),
+            ("cu_seqlens_k", cu_seqlens_k, total_k, "k and v have", max_seqlen_k)):
+        values = [int(x) for x in values]
+        if values[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {values[0]}")
+        lengths = [b - a for a, b in zip(values, values[1:])]
+        for index, length in enumerate(lengths):
+            if length < 0:
+                raise ValueError(f"{name} must be non-decreasing, but entry {index + 1} ({values[index + 1]}) is "
+                                 f"less than entry {index} ({values[index]})")
+        if values[-1] != total:
+            raise ValueError(f"{name} ends at {values[-1]} but {owner} {total} tokens (dimension 0); "
+                             "its last entry must be the total")
+        longest = max(lengths, default=0)
+        if longest > max_seqlen:
+            raise ValueError(f"max_seqlen_{name[-1]}={max_seqlen} but sequence {lengths.index(longest)} of {name} "
+                             f"has {longest} tokens; pass at least the longest length")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,14 +217,47 @@ def _query_range(start_n, t_q, t_k, band_lo, band_hi, BLOCK_M: tl.constexpr, BLO
 
 
 @triton.jit
-def _head_bases(bh, heads, group, stride_qb, stride_qh, stride_kb, stride_kh):
-    """Offsets of query head ``bh % heads`` of batch ``bh // heads`` and of the key/value head it
-    reads (grouped-query attention: ``group`` query heads share one key/value head)."""
-    batch = bh // heads
-    head = bh % heads
-    q_base = batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    k_base = batch.to(tl.int64) * stride_kb + (head // group).to(tl.int64) * stride_kh
-    return q_base, k_base
+def _program(grid_heads, VARLEN: tl.constexpr):
+    """(sequence, head, entry) of this program. The grid is (blocks, B · heads) for fixed lengths,
+    where sequence b is batch entry b, and (blocks, N, B · heads) for VARLEN, so that neither the
+    number of sequences N nor B · heads alone meets CUDA's 65535 limit on the last two grid
+    dimensions. ``grid_heads`` counts query heads for row kernels, key/value heads for column ones."""
+    if VARLEN:
+        return tl.program_id(1), tl.program_id(2) % grid_heads, tl.program_id(2) // grid_heads
+    return tl.program_id(1) // grid_heads, tl.program_id(1) % grid_heads, tl.program_id(1) // grid_heads
+
+
+@triton.jit
+def _sequence(Cu_q, Cu_k, batch, entry, head, group, heads, t_q, t_k, band_lo, band_hi,
+              stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+              VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr):
+    """Where query head ``head`` of sequence ``batch`` (in batch entry ``entry``) and its key/value
+    head ``head // group`` (grouped-query attention) live.
+
+    Returns (q_base, k_base, row_base, len_q, len_k, band_lo, band_hi): offsets of the two heads'
+    first rows in the query- and key-shaped tensors, the index of the first row statistic in the
+    (B, H, T_q) buffers, the sequence's lengths and its band. Fixed length: sequence b is all
+    T_q × T_k of batch entry b. VARLEN: T_q and T_k are total lengths, every batch entry (B > 1
+    only under vmap) packs the sequences the same way, sequence b being rows Cu[b]:Cu[b + 1]; the
+    band arrives for shift 0, and BOTTOM_RIGHT moves it by the sequence's own len_k − len_q
+    (``AttentionParams.diagonal_band``'s rule, per sequence).
+    """
+    if VARLEN:
+        q_start = tl.load(Cu_q + batch)
+        k_start = tl.load(Cu_k + batch)
+        len_q = tl.load(Cu_q + batch + 1) - q_start
+        len_k = tl.load(Cu_k + batch + 1) - k_start
+        if BOTTOM_RIGHT:
+            band_lo += len_k - len_q
+            band_hi += len_k - len_q
+        q_row = q_start.to(tl.int64) * stride_qt
+        k_row = k_start.to(tl.int64) * stride_kt
+    else:
+        q_start, len_q, len_k, q_row, k_row = 0, t_q, t_k, 0, 0
+    q_base = entry.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + q_row
+    k_base = entry.to(tl.int64) * stride_kb + (head // group).to(tl.int64) * stride_kh + k_row
+    row_base = (entry * heads + head) * t_q + q_start
+    return q_base, k_base, row_base, len_q, len_k, band_lo, band_hi
 
 
 _LOG2E = tl.constexpr(LOG2E)
@@ -208,45 +285,50 @@ def _scales(sm_scale, ACC_DTYPE: tl.constexpr):
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse, Q_dot, K_dot, V_dot, Out_dot, Lse_dot, Q_y, K_y, V_y, Out_second, Lse_second,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    Cu_q, Cu_k, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     t_q, t_k, heads, group, sm_scale: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BANDED: tl.constexpr, EVEN_K: tl.constexpr, HAS_TANGENT: tl.constexpr, SECOND_ORDER: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    HAS_TANGENT: tl.constexpr, SECOND_ORDER: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """HAS_TANGENT adds Ȯ, l̇se along (Q̇, K̇, V̇); SECOND_ORDER (with HAS_TANGENT) adds the second
     derivative along (Q̇, K̇, V̇) and (Q^y, K^y, V^y), bilinear in the two directions."""
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    q_base, k_base = _head_bases(bh, heads, group, stride_qb, stride_qh, stride_kb, stride_kh)
+    batch, head, entry = _program(heads, VARLEN)
+    q_base, k_base, row_base, len_q, len_k, band_lo, band_hi = _sequence(
+        Cu_q, Cu_k, batch, entry, head, group, heads, t_q, t_k, band_lo, band_hi,
+        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, VARLEN, BOTTOM_RIGHT)
+    if VARLEN:
+        if start_m >= len_q:  # the grid is sized for the longest sequence
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     sm_scale, qk_scale, log2e = _scales(sm_scale, ACC_DTYPE)
 
-    q = _load_tile(Q + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+    q = _load_tile(Q + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
     row_max = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
     row_sum = tl.zeros([BLOCK_M], ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     if HAS_TANGENT:
-        q_dot = _load_tile(Q_dot + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+        q_dot = _load_tile(Q_dot + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
         mu = tl.zeros([BLOCK_M], ACC_DTYPE)
         acc_dot = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     if SECOND_ORDER:
-        q_y = _load_tile(Q_y + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+        q_y = _load_tile(Q_y + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
         mu_y = tl.zeros([BLOCK_M], ACC_DTYPE)
         m_second = tl.zeros([BLOCK_M], ACC_DTYPE)
         acc_y = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
         acc_second = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
 
-    lo, hi = _key_range(start_m, t_q, t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
+    lo, hi = _key_range(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
     for start_n in range(lo, hi, BLOCK_N):
         offs_k = start_n + offs_n
-        k = _load_tile(K + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
-        v = _load_tile(V + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+        k = _load_tile(K + k_base, offs_k, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+        v = _load_tile(V + k_base, offs_k, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE) * qk_scale
         if BANDED or not EVEN_K:
-            visible = _visible(offs_m[:, None], offs_k[None, :], t_k, band_lo, band_hi, BANDED)
+            visible = _visible(offs_m[:, None], offs_k[None, :], len_k, band_lo, band_hi, BANDED)
             scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         # A row that has seen no key yet keeps max −∞; shifting by 0 keeps exp2 finite (0).
@@ -256,8 +338,8 @@ def _attn_fwd_kernel(
         row_sum = row_sum * rescale + tl.sum(p, 1)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         if HAS_TANGENT:
-            k_dot = _load_tile(K_dot + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
-            v_dot = _load_tile(V_dot + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+            k_dot = _load_tile(K_dot + k_base, offs_k, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+            v_dot = _load_tile(V_dot + k_base, offs_k, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
             scores_dot = tl.dot(q_dot, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
             scores_dot += tl.dot(q, tl.trans(k_dot), input_precision=PRECISION, out_dtype=ACC_DTYPE)
             scores_dot *= sm_scale
@@ -267,8 +349,8 @@ def _attn_fwd_kernel(
             acc_dot += tl.dot(p_scores_dot.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             acc_dot += tl.dot(p.to(v.dtype), v_dot, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         if SECOND_ORDER:
-            k_y = _load_tile(K_y + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
-            v_y = _load_tile(V_y + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+            k_y = _load_tile(K_y + k_base, offs_k, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+            v_y = _load_tile(V_y + k_base, offs_k, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
             scores_y = tl.dot(q_y, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
             scores_y = (scores_y + tl.dot(q, tl.trans(k_y), input_precision=PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
             scores_xy = tl.dot(q_dot, tl.trans(k_y), input_precision=PRECISION, out_dtype=ACC_DTYPE)
@@ -290,21 +372,21 @@ def _attn_fwd_kernel(
     norm = tl.where(empty, 1.0, row_sum)
     out = acc / norm[:, None]
     lse = tl.where(empty, float("inf"), (row_max + tl.log2(norm)) / log2e)
-    _store_tile(Out + q_base, out, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
-    tl.store(Lse + bh * t_q + offs_m, lse, mask=offs_m < t_q)
+    _store_tile(Out + q_base, out, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+    tl.store(Lse + row_base + offs_m, lse, mask=offs_m < len_q)
     if HAS_TANGENT:
         mu = mu / norm
         out_dot = acc_dot / norm[:, None] - mu[:, None] * out
-        _store_tile(Out_dot + q_base, out_dot, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
-        tl.store(Lse_dot + bh * t_q + offs_m, mu, mask=offs_m < t_q)
+        _store_tile(Out_dot + q_base, out_dot, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+        tl.store(Lse_dot + row_base + offs_m, mu, mask=offs_m < len_q)
     if SECOND_ORDER:
         mu_y = mu_y / norm
         m_second = m_second / norm
         out_y = acc_y / norm[:, None] - mu_y[:, None] * out
         out_second = (acc_second / norm[:, None] - mu_y[:, None] * out_dot - mu[:, None] * out_y
                       - m_second[:, None] * out)
-        _store_tile(Out_second + q_base, out_second, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
-        tl.store(Lse_second + bh * t_q + offs_m, m_second - mu * mu_y, mask=offs_m < t_q)
+        _store_tile(Out_second + q_base, out_second, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+        tl.store(Lse_second + row_base + offs_m, m_second - mu * mu_y, mask=offs_m < len_q)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,10 +399,12 @@ def _attn_fwd_kernel(
 def _row_delta_kernel(Out, D_out, D_lse, Delta, stride_qb, stride_qh, stride_qt, t_q, heads,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                       HAS_D_LSE: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """delta_i = Σ_d dO_id O_id − d_lse_i: the row term shared by every backward kernel."""
+    """delta_i = Σ_d dO_id O_id − d_lse_i: the row term shared by every backward kernel. Rows are
+    independent, so packed variable-length sequences need no VARLEN mode here: the launch covers
+    every row of the packed tensors."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    q_base, _ = _head_bases(bh, heads, 1, stride_qb, stride_qh, 0, 0)
+    q_base = (bh // heads).to(tl.int64) * stride_qb + (bh % heads).to(tl.int64) * stride_qh
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     out = _load_tile(Out + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D).to(ACC_DTYPE)
@@ -334,84 +418,97 @@ def _row_delta_kernel(Out, D_out, D_lse, Delta, stride_qb, stride_qh, stride_qt,
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, D_out, Lse, Delta, DQ,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    Cu_q, Cu_k, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     t_q, t_k, heads, group, sm_scale: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BANDED: tl.constexpr, EVEN_K: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    q_base, k_base = _head_bases(bh, heads, group, stride_qb, stride_qh, stride_kb, stride_kh)
+    batch, head, entry = _program(heads, VARLEN)
+    q_base, k_base, row_base, len_q, len_k, band_lo, band_hi = _sequence(
+        Cu_q, Cu_k, batch, entry, head, group, heads, t_q, t_k, band_lo, band_hi,
+        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, VARLEN, BOTTOM_RIGHT)
+    if VARLEN:
+        if start_m >= len_q:  # the grid is sized for the longest sequence
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     sm_scale, qk_scale, log2e = _scales(sm_scale, ACC_DTYPE)
 
-    q = _load_tile(Q + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
-    d_out = _load_tile(D_out + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
-    row_mask = offs_m < t_q
-    lse2 = tl.load(Lse + bh * t_q + offs_m, mask=row_mask, other=float("inf")).to(ACC_DTYPE) * log2e
-    delta = tl.load(Delta + bh * t_q + offs_m, mask=row_mask, other=0.0)
+    q = _load_tile(Q + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+    d_out = _load_tile(D_out + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+    row_mask = offs_m < len_q
+    lse2 = tl.load(Lse + row_base + offs_m, mask=row_mask, other=float("inf")).to(ACC_DTYPE) * log2e
+    delta = tl.load(Delta + row_base + offs_m, mask=row_mask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
 
-    lo, hi = _key_range(start_m, t_q, t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
+    lo, hi = _key_range(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
     for start_n in range(lo, hi, BLOCK_N):
         offs_k = start_n + offs_n
-        k = _load_tile(K + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
-        v = _load_tile(V + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+        k = _load_tile(K + k_base, offs_k, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+        v = _load_tile(V + k_base, offs_k, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        visible = _visible(offs_m[:, None], offs_k[None, :], t_k, band_lo, band_hi, BANDED)
+        visible = _visible(offs_m[:, None], offs_k[None, :], len_k, band_lo, band_hi, BANDED)
         p = _probs(scores, lse2[:, None], visible, qk_scale, BANDED or not EVEN_K)
         dp = tl.dot(d_out, tl.trans(v), input_precision=PRECISION, out_dtype=ACC_DTYPE)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    _store_tile(DQ + q_base, dq * sm_scale, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+    _store_tile(DQ + q_base, dq * sm_scale, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, D_out, Lse, Delta, DK, DV,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    Cu_q, Cu_k, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     t_q, t_k, heads, group, sm_scale: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BANDED: tl.constexpr, EVEN_K: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program per key block of one key/value head; it sums over the ``group`` query heads
     that share the head, so grouped-query gradients need no atomics. Tiles are key-major
     (keys × queries): the transposes of the row kernel's tiles."""
     start_n = tl.program_id(0) * BLOCK_N
-    bh_kv = tl.program_id(1)
-    heads_kv = heads // group
+    batch, kv_head, entry = _program(heads // group, VARLEN)
+    # Offsets for the first of the query heads this key/value head serves.
+    first_q_base, k_base, first_row_base, len_q, len_k, band_lo, band_hi = _sequence(
+        Cu_q, Cu_k, batch, entry, kv_head * group, group, heads, t_q, t_k, band_lo, band_hi,
+        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, VARLEN, BOTTOM_RIGHT)
+    if VARLEN:
+        if start_n >= len_k:  # the grid is sized for the longest sequence
+            return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_mb = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     sm_scale, qk_scale, log2e = _scales(sm_scale, ACC_DTYPE)
-    k_base = (bh_kv // heads_kv).to(tl.int64) * stride_kb + (bh_kv % heads_kv).to(tl.int64) * stride_kh
-    k = _load_tile(K + k_base, offs_n, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
-    v = _load_tile(V + k_base, offs_n, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+    k = _load_tile(K + k_base, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+    v = _load_tile(V + k_base, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
 
-    lo, hi = _query_range(start_n, t_q, t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
+    lo, hi = _query_range(start_n, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
     for member in range(group):
-        bh = (bh_kv // heads_kv) * heads + (bh_kv % heads_kv) * group + member
-        q_base, _ = _head_bases(bh, heads, group, stride_qb, stride_qh, stride_kb, stride_kh)
+        # The group's query heads are adjacent: each one stride_qh elements and T_q row statistics on.
+        q_base = first_q_base + tl.cast(member, tl.int64) * stride_qh
+        row_base = first_row_base + member * t_q
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_mb
-            row_mask = offs_m < t_q
-            q = _load_tile(Q + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
-            d_out = _load_tile(D_out + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
-            lse2 = tl.load(Lse + bh * t_q + offs_m, mask=row_mask, other=float("inf")).to(ACC_DTYPE) * log2e
-            delta = tl.load(Delta + bh * t_q + offs_m, mask=row_mask, other=0.0)
+            row_mask = offs_m < len_q
+            q = _load_tile(Q + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+            d_out = _load_tile(D_out + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+            lse2 = tl.load(Lse + row_base + offs_m, mask=row_mask, other=float("inf")).to(ACC_DTYPE) * log2e
+            delta = tl.load(Delta + row_base + offs_m, mask=row_mask, other=0.0)
             scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            visible = _visible(offs_m[None, :], offs_n[:, None], t_k, band_lo, band_hi, BANDED)
+            visible = _visible(offs_m[None, :], offs_n[:, None], len_k, band_lo, band_hi, BANDED)
             p_t = _probs(scores_t, lse2[None, :], visible, qk_scale, BANDED or not EVEN_K)
             dv += tl.dot(p_t.to(d_out.dtype), d_out, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             dp_t = tl.dot(v, tl.trans(d_out), input_precision=PRECISION, out_dtype=ACC_DTYPE)
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    _store_tile(DK + k_base, dk * sm_scale, offs_n, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
-    _store_tile(DV + k_base, dv, offs_n, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+    _store_tile(DK + k_base, dk * sm_scale, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+    _store_tile(DV + k_base, dv, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,28 +560,34 @@ def _row_tile(q, d_out, cot_dq, lse2, K, V, Cot_dk, Cot_dv, offs_m, offs_k, offs
 def _attn_bwd_bwd_rows_kernel(
     Q, K, V, D_out, Lse, Delta, D_lse, Cot_dq, Cot_dk, Cot_dv,
     Cot_q, Cot_d_out, Sigma, Rho,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    Cu_q, Cu_k, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     t_q, t_k, heads, group, sm_scale: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BANDED: tl.constexpr, EVEN_K: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    q_base, k_base = _head_bases(bh, heads, group, stride_qb, stride_qh, stride_kb, stride_kh)
+    batch, head, entry = _program(heads, VARLEN)
+    q_base, k_base, row_base, len_q, len_k, band_lo, band_hi = _sequence(
+        Cu_q, Cu_k, batch, entry, head, group, heads, t_q, t_k, band_lo, band_hi,
+        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, VARLEN, BOTTOM_RIGHT)
+    if VARLEN:
+        if start_m >= len_q:  # the grid is sized for the longest sequence
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     sm_scale, qk_scale, log2e = _scales(sm_scale, ACC_DTYPE)
-    row_mask = offs_m < t_q
+    row_mask = offs_m < len_q
     masked: tl.constexpr = BANDED or not EVEN_K
 
-    q = _load_tile(Q + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
-    d_out = _load_tile(D_out + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
-    cot_dq = _load_tile(Cot_dq + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
-    lse2 = tl.load(Lse + bh * t_q + offs_m, mask=row_mask, other=float("inf")).to(ACC_DTYPE) * log2e
-    delta = tl.load(Delta + bh * t_q + offs_m, mask=row_mask, other=0.0)
-    d_lse = tl.load(D_lse + bh * t_q + offs_m, mask=row_mask, other=0.0).to(ACC_DTYPE)
-    lo, hi = _key_range(start_m, t_q, t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
+    q = _load_tile(Q + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+    d_out = _load_tile(D_out + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+    cot_dq = _load_tile(Cot_dq + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+    lse2 = tl.load(Lse + row_base + offs_m, mask=row_mask, other=float("inf")).to(ACC_DTYPE) * log2e
+    delta = tl.load(Delta + row_base + offs_m, mask=row_mask, other=0.0)
+    d_lse = tl.load(D_lse + row_base + offs_m, mask=row_mask, other=0.0).to(ACC_DTYPE)
+    lo, hi = _key_range(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
 
     # Sweep 1: the row reductions sigma, rho and the row vectors P Ḡv.
     sigma = tl.zeros([BLOCK_M], ACC_DTYPE)
@@ -494,15 +597,15 @@ def _attn_bwd_bwd_rows_kernel(
         offs_k = start_n + offs_n
         k, v, cot_dk, cot_dv, p, dp, ds_bar = _row_tile(
             q, d_out, cot_dq, lse2, K + k_base, V + k_base, Cot_dk + k_base, Cot_dv + k_base, offs_m, offs_k,
-            offs_d, t_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale,
+            offs_d, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale,
             HEAD_DIM, BLOCK_D, BANDED, masked, ACC_DTYPE, PRECISION)
         p_ds_bar = p * ds_bar
         sigma += tl.sum(p_ds_bar, 1)
         p_ds_bar_dp += tl.sum(p_ds_bar * dp, 1)
         p_gv += tl.dot(p.to(cot_dv.dtype), cot_dv, input_precision=PRECISION, out_dtype=ACC_DTYPE)
     rho = p_ds_bar_dp - sigma * (2.0 * delta + d_lse) + tl.sum(d_out.to(ACC_DTYPE) * p_gv, 1)
-    tl.store(Sigma + bh * t_q + offs_m, sigma, mask=row_mask)
-    tl.store(Rho + bh * t_q + offs_m, rho, mask=row_mask)
+    tl.store(Sigma + row_base + offs_m, sigma, mask=row_mask)
+    tl.store(Rho + row_base + offs_m, rho, mask=row_mask)
 
     # Sweep 2: cot_q and cot_dO, now that every row statistic is complete.
     cot_q = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
@@ -511,7 +614,7 @@ def _attn_bwd_bwd_rows_kernel(
         offs_k = start_n + offs_n
         k, v, cot_dk, cot_dv, p, dp, ds_bar = _row_tile(
             q, d_out, cot_dq, lse2, K + k_base, V + k_base, Cot_dk + k_base, Cot_dv + k_base, offs_m, offs_k,
-            offs_d, t_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale,
+            offs_d, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale,
             HEAD_DIM, BLOCK_D, BANDED, masked, ACC_DTYPE, PRECISION)
         do_gv = tl.dot(d_out, tl.trans(cot_dv), input_precision=PRECISION, out_dtype=ACC_DTYPE)
         ds, s_bar, dp_bar = _second_order_tile(
@@ -519,53 +622,60 @@ def _attn_bwd_bwd_rows_kernel(
         cot_q += tl.dot(s_bar.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         cot_q += tl.dot(ds.to(cot_dk.dtype), cot_dk, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         cot_d_out += tl.dot(dp_bar.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    _store_tile(Cot_q + q_base, cot_q * sm_scale, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
-    _store_tile(Cot_d_out + q_base, cot_d_out, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+    _store_tile(Cot_q + q_base, cot_q * sm_scale, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+    _store_tile(Cot_d_out + q_base, cot_d_out, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
 def _attn_bwd_bwd_cols_kernel(
     Q, K, V, D_out, Lse, Delta, Sigma, Rho, Cot_dq, Cot_dk, Cot_dv,
     Cot_k, Cot_v,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    Cu_q, Cu_k, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     t_q, t_k, heads, group, sm_scale: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BANDED: tl.constexpr, EVEN_K: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """cot_k and cot_v for one key block of one key/value head, summed over its query heads."""
     start_n = tl.program_id(0) * BLOCK_N
-    bh_kv = tl.program_id(1)
-    heads_kv = heads // group
+    batch, kv_head, entry = _program(heads // group, VARLEN)
+    # Offsets for the first of the query heads this key/value head serves.
+    first_q_base, k_base, first_row_base, len_q, len_k, band_lo, band_hi = _sequence(
+        Cu_q, Cu_k, batch, entry, kv_head * group, group, heads, t_q, t_k, band_lo, band_hi,
+        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, VARLEN, BOTTOM_RIGHT)
+    if VARLEN:
+        if start_n >= len_k:  # the grid is sized for the longest sequence
+            return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_mb = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     sm_scale, qk_scale, log2e = _scales(sm_scale, ACC_DTYPE)
     masked: tl.constexpr = BANDED or not EVEN_K
-    k_base = (bh_kv // heads_kv).to(tl.int64) * stride_kb + (bh_kv % heads_kv).to(tl.int64) * stride_kh
-    k = _load_tile(K + k_base, offs_n, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
-    v = _load_tile(V + k_base, offs_n, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
-    cot_dk = _load_tile(Cot_dk + k_base, offs_n, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
-    cot_dv = _load_tile(Cot_dv + k_base, offs_n, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+    k = _load_tile(K + k_base, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+    v = _load_tile(V + k_base, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+    cot_dk = _load_tile(Cot_dk + k_base, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+    cot_dv = _load_tile(Cot_dv + k_base, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
     cot_k = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
     cot_v = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
 
-    lo, hi = _query_range(start_n, t_q, t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
+    lo, hi = _query_range(start_n, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
     for member in range(group):
-        bh = (bh_kv // heads_kv) * heads + (bh_kv % heads_kv) * group + member
-        q_base, _ = _head_bases(bh, heads, group, stride_qb, stride_qh, stride_kb, stride_kh)
+        # The group's query heads are adjacent: each one stride_qh elements and T_q row statistics on.
+        q_base = first_q_base + tl.cast(member, tl.int64) * stride_qh
+        row_base = first_row_base + member * t_q
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_mb
-            row_mask = offs_m < t_q
-            row = bh * t_q + offs_m
-            q = _load_tile(Q + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
-            d_out = _load_tile(D_out + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
-            cot_dq = _load_tile(Cot_dq + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D)
+            row_mask = offs_m < len_q
+            row = row_base + offs_m
+            q = _load_tile(Q + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+            d_out = _load_tile(D_out + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+            cot_dq = _load_tile(Cot_dq + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
             lse2 = tl.load(Lse + row, mask=row_mask, other=float("inf")).to(ACC_DTYPE) * log2e
             delta = tl.load(Delta + row, mask=row_mask, other=0.0)
             sigma = tl.load(Sigma + row, mask=row_mask, other=0.0)
             rho = tl.load(Rho + row, mask=row_mask, other=0.0)
             scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            visible = _visible(offs_m[None, :], offs_n[:, None], t_k, band_lo, band_hi, BANDED)
+            visible = _visible(offs_m[None, :], offs_n[:, None], len_k, band_lo, band_hi, BANDED)
             p_t = _probs(scores_t, lse2[None, :], visible, qk_scale, masked)
             dp_t = tl.dot(v, tl.trans(d_out), input_precision=PRECISION, out_dtype=ACC_DTYPE)
             ds_bar_t = tl.dot(k, tl.trans(cot_dq), input_precision=PRECISION, out_dtype=ACC_DTYPE)
@@ -576,8 +686,8 @@ def _attn_bwd_bwd_cols_kernel(
             cot_k += tl.dot(s_bar_t.to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             cot_k += tl.dot(ds_t.to(cot_dq.dtype), cot_dq, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             cot_v += tl.dot(dp_bar_t.to(d_out.dtype), d_out, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    _store_tile(Cot_k + k_base, cot_k * sm_scale, offs_n, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
-    _store_tile(Cot_v + k_base, cot_v, offs_n, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+    _store_tile(Cot_k + k_base, cot_k * sm_scale, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+    _store_tile(Cot_v + k_base, cot_v, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -586,6 +696,14 @@ def _attn_bwd_bwd_cols_kernel(
 # and key-shaped ones with k's, so an input laid out differently is copied once into that layout.
 # Outputs may be preallocated (the JAX bridge passes JAX's own buffers) and must then share the
 # layout; row statistics (lse and its cotangents) are contiguous (B, H, T_q).
+#
+# Variable-length batches (flash-attn's varlen interface): every launcher also takes the keywords
+# ``cu_seqlens_q``, ``cu_seqlens_k`` (int32, shape (N + 1,), on the tensors' device: sequence b is
+# rows cu[b]:cu[b + 1] along T) and ``max_seqlen_q``, ``max_seqlen_k`` (ints, at least the longest
+# sequence: they size the grid). The tensors are then (B, H, total, D) views of packed buffers,
+# B = 1 except under vmap (every entry packed alike), and the kernels run in VARLEN mode. The
+# launchers check shapes and types only; the values of cu_seqlens (start 0, non-decreasing, end
+# at total) need a host read, which the adapters do once per call (``validate_cu_seqlens_values``).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -655,6 +773,14 @@ class _Call:
     q: torch.Tensor
     k: torch.Tensor
     params: AttentionParams
+    cu_seqlens_q: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_q: int | None = None
+    max_seqlen_k: int | None = None
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
 
     @property
     def block_d(self) -> int:
@@ -663,9 +789,10 @@ class _Call:
     def scalars(self) -> tuple:
         _, heads, t_q, _ = self.q.shape
         t_k = self.k.shape[2]
-        band_lo, band_hi = self.params.diagonal_band(t_q, t_k)
-        return (*self.q.stride()[:3], *self.k.stride()[:3], t_q, t_k, heads, heads // self.k.shape[1],
-                self.params.scale, band_lo, band_hi)
+        # VARLEN kernels get the band of shift 0 and add each sequence's own bottom-right shift.
+        band_lo, band_hi = self.params.diagonal_band(0, 0) if self.varlen else self.params.diagonal_band(t_q, t_k)
+        return (self.cu_seqlens_q, self.cu_seqlens_k, *self.q.stride()[:3], *self.k.stride()[:3], t_q, t_k,
+                heads, heads // self.k.shape[1], self.params.scale, band_lo, band_hi)
 
     def meta(self, kind: str, **flags) -> tuple[tuple[int, int], dict]:
         """(BLOCK_M, BLOCK_N) and the constexpr/launch keywords for one sweep kind."""
@@ -673,29 +800,59 @@ class _Call:
         use_tf32 = self.q.dtype == torch.float32 and self.q.is_cuda and torch.backends.cuda.matmul.allow_tf32
         meta = dict(
             HEAD_DIM=self.q.shape[-1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=self.block_d,
-            BANDED=self.params.banded, EVEN_K=self.k.shape[2] % block_n == 0,
+            BANDED=self.params.banded, EVEN_K=not self.varlen and self.k.shape[2] % block_n == 0,
+            VARLEN=self.varlen, BOTTOM_RIGHT=self.varlen and self.params.bottom_right,
             ACC_DTYPE=tl.float64 if self.q.dtype == torch.float64 else tl.float32,
             PRECISION="tf32" if use_tf32 else "ieee", num_warps=warps, num_stages=stages, **flags,
         )
         return (block_m, block_n), meta
 
-    def row_grid(self, block_m: int) -> tuple[int, int]:
-        return triton.cdiv(self.q.shape[2], block_m), self.q.shape[0] * self.q.shape[1]
+    def row_grid(self, block_m: int) -> tuple[int, ...]:
+        """One program per query block of one query head of one sequence (``_program``)."""
+        batch, heads = self.q.shape[:2]
+        if self.varlen:
+            return triton.cdiv(self.max_seqlen_q, block_m), self.cu_seqlens_q.numel() - 1, batch * heads
+        return triton.cdiv(self.q.shape[2], block_m), batch * heads
 
-    def column_grid(self, block_n: int) -> tuple[int, int]:
-        return triton.cdiv(self.k.shape[2], block_n), self.k.shape[0] * self.k.shape[1]
+    def column_grid(self, block_n: int) -> tuple[int, ...]:
+        """One program per key block of one key/value head of one sequence."""
+        batch, heads_kv = self.k.shape[:2]
+        if self.varlen:
+            return triton.cdiv(self.max_seqlen_k, block_n), self.cu_seqlens_k.numel() - 1, batch * heads_kv
+        return triton.cdiv(self.k.shape[2], block_n), batch * heads_kv
 
 
-def _prepare(q, k, v, params, query_like=(), key_like=()):
+def _prepare(q, k, v, params, query_like=(), key_like=(), **varlen):
     """Unit last stride on q and k; other tensors moved into q's / k's layout (see above)."""
     # Outputs are allocated in q's and k's layouts, so those must not overlap themselves
     # (a broadcast, e.g. from vmap over k alone, has stride 0).
     q = q if q.stride(-1) == 1 and 0 not in q.stride() else q.contiguous()
     k = k if k.stride(-1) == 1 and 0 not in k.stride() else k.contiguous()
-    call = _Call(q, k, params)
+    call = _Call(q, k, params, **varlen_keywords(q, **varlen))
     queries = [None if t is None else _in_layout(t, q) for t in query_like]
     keys = [None if t is None else _in_layout(t, k) for t in (v, *key_like)]
     return call, queries, keys
+
+
+def varlen_keywords(q, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None) -> dict:
+    """The launchers' varlen keywords, checked without a host read (types, shapes, dtypes, devices)
+    and made contiguous; {} for a fixed-length call. The torch adapter calls it first too."""
+    given = [x is not None for x in (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)]
+    if not any(given):
+        return {}
+    if not all(given):
+        raise ValueError("variable-length attention needs all of cu_seqlens_q, cu_seqlens_k, max_seqlen_q, "
+                         "max_seqlen_k")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(cu).__name__}")
+    validate_cu_seqlens(cu_seqlens_q.shape, cu_seqlens_k.shape, (dtype_name(cu_seqlens_q.dtype),
+                        dtype_name(cu_seqlens_k.dtype)), max_seqlen_q, max_seqlen_k)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
+    return dict(cu_seqlens_q=cu_seqlens_q.contiguous(), cu_seqlens_k=cu_seqlens_k.contiguous(),
+                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
 
 
 def _device_guard(t: torch.Tensor):
@@ -703,12 +860,12 @@ def _device_guard(t: torch.Tensor):
 
 
 def _forward(q, k, v, params, tangent=None, direction=None, *, out=None, lse=None, out_dot=None,
-             lse_dot=None, out_second=None, lse_second=None):
+             lse_dot=None, out_second=None, lse_second=None, **varlen):
     """One forward sweep; ``tangent`` (q̇, k̇, v̇) adds the JVP, ``direction`` (q^y, k^y, v^y)
     the second derivative along both."""
     query_like = [t[0] for t in (tangent, direction) if t is not None]
     key_like = [t for pair in (tangent, direction) if pair is not None for t in pair[1:]]
-    call, query_like, (v, *key_like) = _prepare(q, k, v, params, query_like, key_like)
+    call, query_like, (v, *key_like) = _prepare(q, k, v, params, query_like, key_like, **varlen)
     q, k = call.q, call.k
     out, lse = _output(out, q, "out"), _row_output(lse, q)
     has_tangent, second_order = tangent is not None, direction is not None
@@ -731,28 +888,30 @@ def _forward(q, k, v, params, tangent=None, direction=None, *, out=None, lse=Non
     return out, lse, out_dot, lse_dot, out_second, lse_second
 
 
-def attention_forward(q, k, v, params: AttentionParams, *, out=None, lse=None):
+def attention_forward(q, k, v, params: AttentionParams, *, out=None, lse=None, **varlen):
     """Fused attention forward.
 
     Arguments:
         q: (B, H, T_q, D); k, v: (B, H_kv, T_k, D), H % H_kv == 0; fp16, bf16, fp32 or fp64.
+        varlen: cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k for packed sequences
+            (T = total tokens; see the section comment), as every launcher takes them.
     Returns:
         out (B, H, T_q, D) in q's dtype; lse (B, H, T_q) in float32 (float64 for fp64 inputs),
         +inf on rows that see no key.
     """
-    return _forward(q, k, v, params, out=out, lse=lse)[:2]
+    return _forward(q, k, v, params, out=out, lse=lse, **varlen)[:2]
 
 
 def attention_jvp(q, k, v, q_dot, k_dot, v_dot, params: AttentionParams, *, out=None, lse=None,
-                  out_dot=None, lse_dot=None):
+                  out_dot=None, lse_dot=None, **varlen):
     """Forward and forward-mode derivative in one sweep: returns (out, lse, out_dot, lse_dot),
     the tangents for input tangents (q_dot, k_dot, v_dot) shaped like (q, k, v)."""
     return _forward(q, k, v, params, (q_dot, k_dot, v_dot), out=out, lse=lse, out_dot=out_dot,
-                    lse_dot=lse_dot)[:4]
+                    lse_dot=lse_dot, **varlen)[:4]
 
 
 def attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params: AttentionParams, *,
-                             out_second=None, lse_second=None):
+                             out_second=None, lse_second=None, **varlen):
     """Second directional derivative of (out, lse) along x_dot = (q_dot, k_dot, v_dot) and
     y = (q_y, k_y, v_y), both shaped like (q, k, v): f''(x)[x_dot, y], symmetric and bilinear in
     the two directions (the forward-over-forward derivative without its linear part J ẍ).
@@ -761,7 +920,7 @@ def attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params
         (out_second, lse_second) shaped like (out, lse); zero on rows that see no key.
     """
     results = _forward(q, k, v, params, (q_dot, k_dot, v_dot), (q_y, k_y, v_y), out_second=out_second,
-                       lse_second=lse_second)
+                       lse_second=lse_second, **varlen)
     return results[4:]
 
 
@@ -769,7 +928,8 @@ def _row_delta(call: _Call, out, d_out, d_lse):
     q = call.q
     delta = torch.empty(q.shape[:3], dtype=row_stat_dtype(q.dtype), device=q.device)
     (block_m, _), meta = call.meta("backward")
-    _row_delta_kernel[call.row_grid(block_m)](
+    # Every row of every (packed) entry: the row term does not care where sequences start.
+    _row_delta_kernel[(triton.cdiv(q.shape[2], block_m), q.shape[0] * q.shape[1])](
         out, d_out, d_lse if d_lse is not None else delta, delta, *q.stride()[:3], q.shape[2], q.shape[1],
         HEAD_DIM=meta["HEAD_DIM"], BLOCK_M=block_m, BLOCK_D=meta["BLOCK_D"], HAS_D_LSE=d_lse is not None,
         ACC_DTYPE=meta["ACC_DTYPE"],
@@ -781,9 +941,10 @@ def _row_stat_input(t, q):
     return None if t is None else t.to(row_stat_dtype(q.dtype)).contiguous()
 
 
-def attention_backward(q, k, v, out, lse, d_out, d_lse, params: AttentionParams, *, dq=None, dk=None, dv=None):
+def attention_backward(q, k, v, out, lse, d_out, d_lse, params: AttentionParams, *, dq=None, dk=None, dv=None,
+                       **varlen):
     """Gradients (dq, dk, dv) of <d_out, out> + <d_lse, lse>; ``d_lse`` may be None (zero)."""
-    call, (out, d_out), (v,) = _prepare(q, k, v, params, (out, d_out))
+    call, (out, d_out), (v,) = _prepare(q, k, v, params, (out, d_out), **varlen)
     q, k = call.q, call.k
     dq, dk, dv = _output(dq, q, "dq"), _output(dk, k, "dk"), _output(dv, k, "dv")
     if q.numel() == 0 or k.numel() == 0:
@@ -800,7 +961,7 @@ def attention_backward(q, k, v, out, lse, d_out, d_lse, params: AttentionParams,
 
 def attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv,
                                 params: AttentionParams, *, cot_q=None, cot_k=None, cot_v=None,
-                                cot_d_out=None, cot_d_lse=None):
+                                cot_d_out=None, cot_d_lse=None, **varlen):
     """VJP of the backward (q, k, v, d_out, d_lse) ↦ (dq, dk, dv) for cotangents
     (cot_dq, cot_dk, cot_dv) (None = zero); out and lse count as functions of q, k, v.
 
@@ -808,7 +969,7 @@ def attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk,
         (cot_q, cot_k, cot_v, cot_d_out, cot_d_lse), shaped like (q, k, v, out, lse).
     """
     call, (out, d_out, cot_dq), (v, cot_dk, cot_dv) = _prepare(
-        q, k, v, params, (out, d_out, cot_dq), (cot_dk, cot_dv))
+        q, k, v, params, (out, d_out, cot_dq), (cot_dk, cot_dv), **varlen)
     q, k = call.q, call.k
     cot_dq = torch.zeros_like(q) if cot_dq is None else cot_dq
     cot_dk = torch.zeros_like(k) if cot_dk is None else cot_dk

@@ -10,11 +10,22 @@ to math):
 
     python scripts/bench_sdpa.py --preset large --dtype bfloat16 --mode fwd fwd_bwd
     python scripts/bench_sdpa.py --preset medium --mode hvp jvp --causal
+
+--varlen times theria alone, on equal total tokens: flash_attn_func on the padded B×T batch,
+flash_attn_varlen_func on the same B·T tokens packed as B sequences of length T (the same work,
+so any difference is the varlen overhead; the target is within 10 %), and packed as B sequences of
+random lengths in [T/2, 3T/2) summing to B·T (TFLOP/s counts each sequence's own T_q·T_k). The
+varlen API reads cu_seqlens to the host once per call to check them (a sync, which a CUDA graph
+cannot capture: with --graph its rows report an error); in fwd mode a last row times the forward
+launcher alone on the equal packing, without that check:
+
+    python scripts/bench_sdpa.py --preset medium --varlen --mode fwd fwd_bwd jvp hvp --causal
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 
 import torch
@@ -22,7 +33,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from theria_kernels.attention import AttentionParams, attention_backward_backward, attention_forward
-from theria_torch import sdpa_custom
+from theria_torch import flash_attn_func, flash_attn_varlen_func, sdpa_custom
 
 PRESETS = {  # B, H, T, D
     "tiny": (64, 4, 256, 16),  # the MAML shape
@@ -51,6 +62,68 @@ def torch_sdpa(name: str, causal: bool):
 
 def theria(causal: bool, window_size: tuple[int, int]):
     return lambda q, k, v: sdpa_custom(q, k, v, causal=causal, window_size=window_size)
+
+
+def random_lengths(batch: int, seq: int, seed: int = 0) -> list[int]:
+    """``batch`` lengths drawn from [seq/2, 3·seq/2), adjusted to sum to batch·seq exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(seq // 2, seq + seq // 2, (batch,), generator=gen).tolist()
+    lengths[-1] += batch * seq - sum(lengths)
+    return lengths if lengths[-1] > 0 else [seq] * batch
+
+
+def varlen_cases(causal: bool, window: tuple[int, int], batch: int, seq: int, device) -> dict:
+    """{name: (attend, pack, lengths)} for --varlen: flash_attn_func on the padded (B, T, H, D)
+    batch (``pack`` keeps it) and flash_attn_varlen_func on its B·T tokens packed (``pack``
+    flattens B and T) as B sequences of length T and as B sequences of random lengths."""
+
+    def packed(lengths):
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+        attend = lambda q, k, v: flash_attn_varlen_func(  # noqa: E731
+            q, k, v, cu, cu, max(lengths), max(lengths), causal=causal, window_size=window)
+        return attend, lambda t: t.flatten(0, 1), lengths
+
+    return {
+        "padded": (lambda q, k, v: flash_attn_func(q, k, v, causal=causal, window_size=window), lambda t: t,
+                   [seq] * batch),
+        "varlen equal": packed([seq] * batch),
+        "varlen random": packed(random_lengths(batch, seq)),
+    }
+
+
+def bench_varlen(args, q, k, v):
+    """Rows per mode: padded, varlen with equal lengths, varlen with random lengths (see the
+    docstring); q, k, v are the (B, H, T, D) inputs of the other modes."""
+    batch, heads, seq, head_dim = q.shape
+    window = tuple(map(int, args.window.split(",")))
+    fraction = 0.5 if args.causal else 1.0
+    bthd = [t.detach().transpose(1, 2).contiguous() for t in (q, k, v)]
+    print(f"{'mode':8s} {'impl':16s} {'ms':>9s} {'TFLOP/s':>8s} {'peak MB':>9s} {'vs padded':>9s}")
+    for mode in args.mode:
+        results = {}
+        for name, (attend, pack, lengths) in varlen_cases(args.causal, window, batch, seq, q.device).items():
+            inputs = [pack(t).requires_grad_() for t in bthd]
+            d_out = torch.randn_like(inputs[0])
+            tangents = tuple(torch.randn_like(t) for t in inputs)
+            flops = 4 * heads * head_dim * sum(n * n for n in lengths) * fraction
+            results[name] = (measure(workload(mode, attend, *inputs, d_out, tangents), args.graph), flops)
+        if mode == "fwd":  # the kernel alone: no cu_seqlens check, so no host read and no sync
+            cu = torch.arange(0, batch * seq + 1, seq, dtype=torch.int32, device=q.device)
+            params = AttentionParams(scale=1 / math.sqrt(head_dim), causal=args.causal, window_size=window,
+                                     bottom_right=True)
+            views = [t.flatten(0, 1).transpose(0, 1)[None] for t in bthd]
+            results["varlen launcher"] = (measure(lambda: attention_forward(
+                *views, params, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=seq, max_seqlen_k=seq), args.graph),
+                results["varlen equal"][1])
+        padded = results["padded"][0]
+        for name, (res, flops) in results.items():
+            if isinstance(res, str):
+                print(f"{mode:8s} {name:16s} {'error: ' + res}")
+                continue
+            ms, peak = res
+            tflops = f"{UNITS[mode] * flops / ms / 1e9:8.1f}" if mode in UNITS else f"{'':8s}"
+            ratio = f"{ms / padded[0]:8.3f}x" if isinstance(padded, tuple) else f"{'-':>9s}"
+            print(f"{mode:8s} {name:16s} {ms:9.3f} {tflops} {peak:9.1f} {ratio}")
 
 
 def workload(mode: str, attend, q, k, v, d_out, tangents):
@@ -106,6 +179,8 @@ def main():
     parser.add_argument("--heads-kv", type=int, help="key/value heads (grouped-query); default: H")
     parser.add_argument("--graph", action="store_true",
                         help="time CUDA-graph replays (device time only; small calls are otherwise host-bound)")
+    parser.add_argument("--varlen", action="store_true",
+                        help="theria only: flash_attn_varlen_func against the padded batch on equal total tokens")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_sdpa.py needs a CUDA GPU")
@@ -120,6 +195,12 @@ def main():
     tangents = tuple(torch.randn_like(t) for t in (q, k, v))
     forward_flops = 4 * batch * heads * seq * seq * head_dim * (0.5 if args.causal else 1.0)
     window = tuple(map(int, args.window.split(",")))
+    if args.varlen:
+        print(f"# {torch.cuda.get_device_name()} B={batch} H={heads} H_kv={heads_kv} T={seq} D={head_dim} "
+              f"{args.dtype} causal={args.causal} window={window} timing={'CUDA graph' if args.graph else 'eager'}, "
+              "varlen against padded")
+        bench_varlen(args, q, k, v)
+        return
     impls = {"theria": theria(args.causal, window), **{n: torch_sdpa(n, args.causal) for n in TORCH_BACKENDS}}
     impls = {n: f for n, f in impls.items() if n not in args.skip}
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 
 from theria_kernels.attention import AttentionParams
-from theria_torch.reference import attention_reference
+from theria_torch.reference import attention_reference, varlen_attention_reference
 
 # ‖out − ref‖ / ‖ref‖ against a float64 reference (docs/design/attention.md).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -53,6 +54,24 @@ def reference_fn(params: AttentionParams):
                                        window_size=params.window_size, bottom_right=params.bottom_right,
                                        return_lse=True)
         return out, torch.where(torch.isfinite(lse), lse, 0.0)
+
+    return fn
+
+
+def cu_seqlens(lengths, device="cpu") -> torch.Tensor:
+    """flash-attn's cumulative sequence lengths (int32, batch + 1 entries) of a list of lengths."""
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+
+def varlen_reference_fn(params: AttentionParams, cu_seqlens_q, cu_seqlens_k):
+    """:func:`reference_fn` for packed sequences, on the launchers' (1, H, total, D) views:
+    the reference run per sequence, lse's +inf rows replaced by 0."""
+
+    def fn(q, k, v):
+        out, lse = varlen_attention_reference(
+            *(t[0].transpose(0, 1) for t in (q, k, v)), cu_seqlens_q, cu_seqlens_k, causal=params.causal,
+            scale=params.scale, window_size=params.window_size, bottom_right=params.bottom_right, return_lse=True)
+        return out.transpose(0, 1)[None], torch.where(torch.isfinite(lse), lse, 0.0)[None]
 
     return fn
 

@@ -9,6 +9,9 @@ reference on the same device and the same (rounded) inputs, directions and cotan
 * by flash-attn's rule, once on that norm and once on max |x − ref|: our error is at most twice
   that of plain attention computed in the same low dtype, plus a small floor for round-off.
 
+``flash_attn_varlen_func`` goes through the same checks on a packed batch, and is also compared
+with ``flash_attn_func`` called on each of its sequences alone.
+
 Compilation, not running, is what costs time here: Triton compiles each kernel once per head dim,
 dtype and set of constexpr flags (masked/banded, even key length) and also per specialisation of
 its integer arguments (== 1, e.g. the query-head group of MHA; divisible by 16, e.g. lengths and
@@ -21,9 +24,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _attention_cases import TOLERANCE, relative_error
-from theria_torch import flash_attn_func, sdpa_custom
-from theria_torch.reference import attention_reference
+from _attention_cases import TOLERANCE, cu_seqlens, relative_error
+from theria_torch import flash_attn_func, flash_attn_varlen_func, sdpa_custom
+from theria_torch.reference import attention_reference, varlen_attention_reference
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -57,10 +60,14 @@ def _random(shape, dtype, gen):
     return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
 
 
-def _check(attend, reference, shape, dtype, seed=0):
+def _check(attend, reference, shape, dtype, seed=0, packed=False):
+    """Returns what ``attend`` gave and its inputs. ``packed``: q, k, v are packed variable-length
+    batches, (t_q, heads, head_dim) and (t_k, heads_kv, head_dim) (``batch`` is ignored)."""
     batch, heads, heads_kv, t_q, t_k, head_dim = shape
     gen = torch.Generator(device="cpu").manual_seed(seed)
     q_shape, kv_shape = (batch, heads, t_q, head_dim), (batch, heads_kv, t_k, head_dim)
+    if packed:
+        q_shape, kv_shape = (t_q, heads, head_dim), (t_k, heads_kv, head_dim)
     shapes = (q_shape, kv_shape, kv_shape)
     # q, k, v, d_out, the HVP's cotangents of (dq, dk, dv) and the JVP's tangents of (q, k, v).
     low = [_random(s, dtype, gen) for s in (*shapes, q_shape, *shapes, *shapes)]
@@ -89,6 +96,7 @@ def _check(attend, reference, shape, dtype, seed=0):
             f"{name}: max abs error {max_err:.3e} at {where} (got {value[where].item():.6g}, want "
             f"{exact[name][where].item():.6g}) > {bound:.3e} = 2 × plain attention's {plain_max_err:.3e} "
             f"+ floor, for {case}")
+    return got, low
 
 
 def _sdpa(**mask):
@@ -172,3 +180,39 @@ def test_decode_shape():
     """One query row against a long key/value cache."""
     attend, reference = _flash(causal=True)
     _check(attend, reference, (2, 4, 4, 1, 8192, 128), torch.bfloat16)
+
+
+# Variable-length batches: (T_q, T_k) per sequence, with empty ones, one-token ones, lengths off
+# the block sizes and queries both longer and shorter than keys.
+VARLEN_LENGTHS = [(1, 1), (0, 77), (300, 300), (513, 129), (129, 513), (1000, 1000), (64, 0), (17, 33)]
+
+
+def _per_sequence(attend_fixed, cu_q, cu_k):
+    """A packed-batch function that calls the fixed-length ``attend_fixed`` on each sequence alone
+    (as a batch of one, (1, T, H, D)) and concatenates the outputs."""
+    starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
+
+    def attend(q, k, v):
+        return torch.cat([attend_fixed(q[None, a:b], k[None, c:d], v[None, c:d])[0]
+                          for a, b, c, d in zip(starts_q, starts_q[1:], starts_k, starts_k[1:])])
+
+    return attend
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("mask", [dict(causal=False), dict(causal=True), dict(window_size=(128, 16))],
+                         ids=["full", "causal", "window"])
+def test_varlen_matches_per_sequence_calls(mask, dtype):
+    """flash_attn_varlen_func's out, gradients, HVP and JVP against the float64 reference run per
+    sequence (the criteria of ``_check``) and against flash_attn_func on each sequence alone."""
+    lengths_q, lengths_k = zip(*VARLEN_LENGTHS)
+    cu_q, cu_k = cu_seqlens(lengths_q, DEVICE), cu_seqlens(lengths_k, DEVICE)
+    sequences = (cu_q, cu_k, max(lengths_q), max(lengths_k))
+    got, low = _check(lambda q, k, v: flash_attn_varlen_func(q, k, v, *sequences, **mask),
+                      lambda q, k, v: varlen_attention_reference(q, k, v, cu_q, cu_k, **mask),
+                      (1, 8, 2, sum(lengths_q), sum(lengths_k), 128), dtype, seed=7, packed=True)
+    per_sequence = _derivatives(_per_sequence(lambda q, k, v: flash_attn_func(q, k, v, **mask), cu_q, cu_k),
+                                *low[:4], low[4:7], low[7:])
+    for name, value in got.items():
+        err = relative_error(value, per_sequence[name])
+        assert err <= TOLERANCE[dtype] / 4, f"{name}: varlen vs per-sequence flash_attn_func {err:.2e} ({dtype})"

@@ -2,7 +2,9 @@
 
 Every derivative the kernels provide is checked directly: forward (out, lse), the JVP kernel
 (out_dot, lse_dot), the second-order forward (out'', lse''), the backward (with an lse
-cotangent), and the double backward (all five cotangents), over dtype × causal alignment × odd and even lengths × head dims (padded ones too).
+cotangent), and the double backward (all five cotangents), over dtype × causal alignment × odd
+and even lengths × head dims (padded ones too), and each also on packed variable-length batches
+(the kernels' VARLEN mode).
 Outputs are preallocated full of NaN, so an element a kernel does not write fails the test.
 Triton 3.6's interpreter computes bfloat16 dots wrongly (numpy has no bfloat16), so on the CPU the
 half-precision cases use float16; bfloat16 is covered on the GPU (tests/test_attention_gpu.py).
@@ -13,13 +15,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _attention_cases import assert_close, params_for, poisoned, random_inputs, reference_fn
+from _attention_cases import (
+    assert_close,
+    cu_seqlens,
+    params_for,
+    poisoned,
+    random_inputs,
+    reference_fn,
+    varlen_reference_fn,
+)
 from theria_kernels.attention import (
     attention_backward,
     attention_backward_backward,
     attention_forward,
     attention_forward_second,
     attention_jvp,
+    row_stat_dtype,
 )
 
 # (batch, heads, heads_kv, t_q, t_k): odd lengths, T_q ≠ T_k both ways, grouped-query heads.
@@ -30,6 +41,7 @@ MASKS = [
     dict(causal=True, bottom_right=True),  # flash-attn; with T_q > T_k some rows see no key
     dict(window_size=(5, 3), bottom_right=True),
 ]
+MASK_IDS = ["full", "causal", "causal_br", "window_br"]
 HEAD_DIMS = [16, 40]
 
 
@@ -39,22 +51,19 @@ def _case(shape, head_dim, dtype, mask, seed=0):
     return q, k, v, params_for(head_dim, **mask)
 
 
-def _reference_outputs(q, k, v, params):
-    """float64 (out, lse) and the reference as a function of float64 leaves."""
+def _row_stats(q):
+    """A NaN-filled row-statistics buffer for q."""
+    return poisoned(q, q.shape[:3], row_stat_dtype(q.dtype))
+
+
+# Each check runs one launcher on preallocated NaN outputs and compares every output with the float64
+# reference ``fn`` (q, k, v) ↦ (out, lse); ``varlen`` holds the launchers' variable-length keywords.
+
+
+def _check_forward_and_backward(q, k, v, params, fn, dtype, **varlen):
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    fn = reference_fn(params)
-    return leaves, fn, fn(*leaves)
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
-@pytest.mark.parametrize("mask", MASKS, ids=["full", "causal", "causal_br", "window_br"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_forward_and_backward(shape, mask, dtype):
-    head_dim = HEAD_DIMS[hash((shape, tuple(mask.items()))) % 2]
-    q, k, v, params = _case(shape, head_dim, dtype, mask)
-    leaves, _, (ref_out, ref_lse) = _reference_outputs(q, k, v, params)
-    out, lse = attention_forward(q, k, v, params, out=poisoned(q),
-                                 lse=poisoned(q, q.shape[:3], torch.float64 if dtype == torch.float64 else torch.float32))
+    ref_out, ref_lse = fn(*leaves)
+    out, lse = attention_forward(q, k, v, params, out=poisoned(q), lse=_row_stats(q), **varlen)
     assert_close("out", out, ref_out, dtype)
     empty = torch.isinf(lse)
     assert torch.all(lse[empty] > 0) and torch.all(out[empty.unsqueeze(-1).expand_as(out)] == 0)
@@ -64,39 +73,27 @@ def test_forward_and_backward(shape, mask, dtype):
     d_lse = torch.randn(q.shape[:3], dtype=lse.dtype)
     ref_grads = torch.autograd.grad((ref_out * d_out.double()).sum() + (ref_lse * d_lse.double()).sum(), leaves)
     grads = attention_backward(q, k, v, out, lse, d_out, d_lse, params,
-                               dq=poisoned(q), dk=poisoned(k), dv=poisoned(v))
+                               dq=poisoned(q), dk=poisoned(k), dv=poisoned(v), **varlen)
     for name, got, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_close(name, got, ref, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
-@pytest.mark.parametrize("mask", MASKS, ids=["full", "causal", "causal_br", "window_br"])
-def test_jvp(mask, dtype):
-    shape, head_dim = SHAPES[2], 24
-    q, k, v, params = _case(shape, head_dim, dtype, mask, seed=1)
+def _check_jvp(q, k, v, params, fn, dtype, **varlen):
     tangents = [torch.randn_like(t) for t in (q, k, v)]
-    out, lse, out_dot, lse_dot = attention_jvp(
-        q, k, v, *tangents, params, out_dot=poisoned(q),
-        lse_dot=poisoned(q, q.shape[:3], torch.float64 if dtype == torch.float64 else torch.float32))
+    out, lse, out_dot, lse_dot = attention_jvp(q, k, v, *tangents, params, out_dot=poisoned(q),
+                                               lse_dot=_row_stats(q), **varlen)
     (ref_out, ref_lse), (ref_out_dot, ref_lse_dot) = torch.func.jvp(
-        reference_fn(params), tuple(t.double() for t in (q, k, v)), tuple(t.double() for t in tangents))
+        fn, tuple(t.double() for t in (q, k, v)), tuple(t.double() for t in tangents))
     assert_close("out", out, ref_out, dtype)
     assert_close("out_dot", out_dot, ref_out_dot, dtype)
     assert_close("lse_dot", lse_dot, ref_lse_dot, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
-@pytest.mark.parametrize("mask", MASKS, ids=["full", "causal", "causal_br", "window_br"])
-def test_forward_second(mask, dtype):
-    """f''(x)[ẋ, y] against the reference's jvp of jvp, on grouped heads with rows that see no key."""
-    shape, head_dim = SHAPES[2], 40
-    q, k, v, params = _case(shape, head_dim, dtype, mask, seed=3)
+def _check_forward_second(q, k, v, params, fn, dtype, **varlen):
     x_dot = [torch.randn_like(t) for t in (q, k, v)]
     y = [torch.randn_like(t) for t in (q, k, v)]
-    row_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     out_second, lse_second = attention_forward_second(
-        q, k, v, *x_dot, *y, params, out_second=poisoned(q), lse_second=poisoned(q, q.shape[:3], row_dtype))
-    fn = reference_fn(params)
+        q, k, v, *x_dot, *y, params, out_second=poisoned(q), lse_second=_row_stats(q), **varlen)
     x_dot64 = tuple(t.double() for t in x_dot)
     tangent = lambda *x: torch.func.jvp(fn, x, x_dot64)[1]  # noqa: E731
     _, (ref_out, ref_lse) = torch.func.jvp(tangent, tuple(t.double() for t in (q, k, v)),
@@ -105,18 +102,14 @@ def test_forward_second(mask, dtype):
     assert_close("lse_second", lse_second, ref_lse, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
-@pytest.mark.parametrize("mask", MASKS, ids=["full", "causal", "causal_br", "window_br"])
-@pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: "x".join(map(str, s)))
-def test_backward_backward(shape, mask, dtype):
-    head_dim = 16 if dtype == torch.float64 else 40
-    q, k, v, params = _case(shape, head_dim, dtype, mask, seed=2)
-    out, lse = attention_forward(q, k, v, params)
+def _check_backward_backward(q, k, v, params, fn, dtype, **varlen):
+    out, lse = attention_forward(q, k, v, params, **varlen)
     d_out = torch.randn_like(q)
     d_lse = torch.randn(q.shape[:3], dtype=lse.dtype)
     cotangents = [torch.randn_like(t) for t in (q, k, v)]
 
-    leaves, fn, (ref_out, ref_lse) = _reference_outputs(q, k, v, params)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = fn(*leaves)
     d_out64 = d_out.double().requires_grad_()
     d_lse64 = d_lse.double().requires_grad_()
     grads = torch.autograd.grad((ref_out * d_out64).sum() + (ref_lse * d_lse64).sum(), leaves, create_graph=True)
@@ -125,9 +118,79 @@ def test_backward_backward(shape, mask, dtype):
     got = attention_backward_backward(
         q, k, v, out, lse, d_out, d_lse, *cotangents, params,
         cot_q=poisoned(q), cot_k=poisoned(k), cot_v=poisoned(v), cot_d_out=poisoned(q),
-        cot_d_lse=poisoned(lse))
+        cot_d_lse=poisoned(lse), **varlen)
     for name, g, r in zip(("cot_q", "cot_k", "cot_v", "cot_d_out", "cot_d_lse"), got, ref):
         assert_close(name, g, r, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_and_backward(shape, mask, dtype):
+    head_dim = HEAD_DIMS[hash((shape, tuple(mask.items()))) % 2]
+    q, k, v, params = _case(shape, head_dim, dtype, mask)
+    _check_forward_and_backward(q, k, v, params, reference_fn(params), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
+def test_jvp(mask, dtype):
+    q, k, v, params = _case(SHAPES[2], 24, dtype, mask, seed=1)
+    _check_jvp(q, k, v, params, reference_fn(params), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
+def test_forward_second(mask, dtype):
+    """f''(x)[ẋ, y] against the reference's jvp of jvp, on grouped heads with rows that see no key."""
+    q, k, v, params = _case(SHAPES[2], 40, dtype, mask, seed=3)
+    _check_forward_second(q, k, v, params, reference_fn(params), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: "x".join(map(str, s)))
+def test_backward_backward(shape, mask, dtype):
+    head_dim = 16 if dtype == torch.float64 else 40
+    q, k, v, params = _case(shape, head_dim, dtype, mask, seed=2)
+    _check_backward_backward(q, k, v, params, reference_fn(params), dtype)
+
+
+# Variable-length batches: per sequence (T_q, T_k), one longer than an interpreter block (16), an
+# empty query sequence whose keys must still get (zero) gradients, an empty key sequence whose
+# queries see nothing, queries both longer and shorter than keys (bottom-right causal empties
+# rows of the third), and sequences shorter than a block.
+VARLEN_LENGTHS = [(5, 9), (0, 4), (17, 6), (4, 0), (3, 3)]
+VARLEN_CHECKS = {
+    "forward_and_backward": _check_forward_and_backward,
+    "jvp": _check_jvp,
+    "forward_second": _check_forward_second,
+    "backward_backward": _check_backward_backward,
+}
+
+
+def _varlen_case(head_dim, dtype, mask, seed=0):
+    """Packed (1, H, total, D) views (2 query heads on 1 key/value head) and the varlen keywords."""
+    lengths_q, lengths_k = zip(*VARLEN_LENGTHS)
+    cu_q, cu_k = cu_seqlens(lengths_q), cu_seqlens(lengths_k)
+    q, k, v = random_inputs(1, 2, 1, sum(lengths_q), sum(lengths_k), head_dim, dtype, seed=seed)
+    varlen = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lengths_q), max_seqlen_k=max(lengths_k))
+    params = params_for(head_dim, **mask)
+    return q, k, v, params, varlen_reference_fn(params, cu_q, cu_k), varlen
+
+
+@pytest.mark.parametrize("check", list(VARLEN_CHECKS))
+@pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
+def test_varlen(mask, check):
+    """Every launcher in VARLEN mode against the reference run per sequence, in float64."""
+    q, k, v, params, fn, varlen = _varlen_case(16, torch.float64, mask, seed=4)
+    VARLEN_CHECKS[check](q, k, v, params, fn, torch.float64, **varlen)
+
+
+@pytest.mark.parametrize("check", ["forward_and_backward", "backward_backward"])
+def test_varlen_half_precision_padded_head_dim(check):
+    q, k, v, params, fn, varlen = _varlen_case(40, torch.float16, MASKS[2], seed=5)
+    VARLEN_CHECKS[check](q, k, v, params, fn, torch.float16, **varlen)
 
 
 def test_head_dim_padding_and_limits():

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _attention_cases import random_inputs
-from theria_torch import flash_attn_func, sdpa_custom
+from _attention_cases import cu_seqlens, random_inputs
+from theria_torch import flash_attn_func, flash_attn_varlen_func, sdpa_custom
 from theria_torch.reference import attention_reference
 
 F64 = torch.float64
@@ -187,3 +187,138 @@ def test_cpu_outside_interpreter_names_the_fix(monkeypatch):
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         sdpa_custom(q, k, v)
     sdpa_custom(q, k, v, backend="reference")  # the reference needs no GPU
+
+
+# ----------------------------------------------------------------------------------------------
+# flash_attn_varlen_func: packed variable-length batches
+# ----------------------------------------------------------------------------------------------
+
+# Per sequence (T_q, T_k): queries shorter than keys, an empty query sequence, queries longer than
+# keys (bottom-right causal leaves its first rows without keys), an empty key sequence.
+VARLEN_LENGTHS = [(3, 5), (0, 2), (9, 4), (2, 0)]
+
+
+def _packed(heads=2, heads_kv=1, head_dim=8, seed=0, lengths=VARLEN_LENGTHS):
+    """Packed float64 (q, k, v) leaves, (total, H, D), and the varlen arguments."""
+    lengths_q, lengths_k = zip(*lengths)
+    q, k, v = random_inputs(1, heads, heads_kv, sum(lengths_q), sum(lengths_k), head_dim, F64, seed=seed)
+    leaves = [t[0].transpose(0, 1).contiguous().requires_grad_() for t in (q, k, v)]
+    return leaves, (cu_seqlens(lengths_q), cu_seqlens(lengths_k), max(lengths_q), max(lengths_k))
+
+
+def _varlen(sequences, backend="triton_full_fused", **mask):
+    """(q, k, v) ↦ (out, lse) of flash_attn_varlen_func, lse's +inf rows (no key) replaced by 0."""
+
+    def fn(q, k, v):
+        out, lse = flash_attn_varlen_func(q, k, v, *sequences, return_lse=True, backend=backend, **mask)
+        return out, torch.where(torch.isfinite(lse), lse, 0.0)
+
+    return fn
+
+
+def test_varlen_gradcheck_and_gradgradcheck(one_torch_thread):
+    leaves, sequences = _packed()
+    assert torch.autograd.gradcheck(_varlen(sequences, window_size=(2, 1)), leaves, fast_mode=True)
+    assert torch.autograd.gradgradcheck(_varlen(sequences, causal=True), leaves, fast_mode=True)
+
+
+def test_varlen_forward_mode_and_hvps_match_reference(one_torch_thread):
+    """gradcheck of forward AD, then jvp, forward-over-reverse HVP, grad of jvp and jvp of jvp
+    (a tangent of the tangent included) against the reference run per sequence."""
+    leaves, sequences = _packed(seed=1)
+    assert torch.autograd.gradcheck(_varlen(sequences, causal=True), leaves, fast_mode=True, check_forward_ad=True,
+                                    check_backward_ad=False, check_undefined_grad=False)
+    q, k, v = (t.detach() for t in leaves)
+    x_dot, y, x_dot_dot = ((torch.randn_like(q), torch.randn_like(k), torch.randn_like(v)) for _ in range(3))
+
+    def derivatives(backend):
+        attend = _varlen(sequences, backend, causal=True)
+        loss = lambda *x: sum(t.sin().sum() for t in attend(*x))  # noqa: E731
+        tangent = lambda *x: torch.func.jvp(attend, x, x_dot)[1]  # noqa: E731
+        return {
+            "jvp": torch.func.jvp(attend, (q, k, v), x_dot)[1],
+            "hvp": torch.func.jvp(torch.func.grad(loss, argnums=(0, 1, 2)), (q, k, v), x_dot)[1],
+            "grad_of_jvp": torch.func.grad(lambda *x: sum(t.sin().sum() for t in tangent(*x)), argnums=(0, 1, 2))(
+                q, k, v),
+            "jvp_of_jvp": torch.func.jvp(lambda *x: torch.func.jvp(attend, x[:3], x[3:])[1],
+                                         (q, k, v, *x_dot), (*y, *x_dot_dot))[1],
+        }
+
+    fused, reference = derivatives("triton_full_fused"), derivatives("reference")
+    for name in fused:
+        for got, want in zip(fused[name], reference[name]):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_varlen_vmap_of_grad_shares_cu_seqlens(one_torch_thread):
+    """vmap folds the instances into the batch dimension; every entry is packed alike."""
+    (q, k, v), sequences = _packed(seed=2)
+    qs = torch.randn(3, *q.shape, dtype=F64)
+    k, v = k.detach(), v.detach()
+
+    def loss(backend):
+        return lambda q: (_varlen(sequences, backend, causal=True)(q, k, v)[0] ** 2).sum()
+
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(loss("triton_full_fused")))(qs),
+                               torch.func.vmap(torch.func.grad(loss("reference")))(qs), rtol=1e-12, atol=1e-12)
+    batched_cu = sequences[0].expand(3, -1)
+    with pytest.raises(NotImplementedError, match="vmap over cu_seqlens"):
+        torch.func.vmap(lambda q, cu: flash_attn_varlen_func(q, k, v, cu, *sequences[1:]))(qs, batched_cu)
+
+
+def test_varlen_equals_flash_attn_func_per_sequence(one_torch_thread):
+    """Outputs, lse and gradients equal flash_attn_func called on each sequence alone."""
+    (q, k, v), sequences = _packed(heads=4, heads_kv=2, seed=3, lengths=[(7, 11), (5, 5), (12, 3)])
+    out, lse = flash_attn_varlen_func(q, k, v, *sequences, causal=True, return_lse=True)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    cu_q, cu_k = (c.tolist() for c in sequences[:2])
+    for b in range(len(cu_q) - 1):
+        rows_q, rows_k = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        parts = [t[None, rows].detach().requires_grad_() for t, rows in ((q, rows_q), (k, rows_k), (v, rows_k))]
+        out_b, lse_b = flash_attn_func(*parts, causal=True, return_lse=True)
+        torch.testing.assert_close(out[rows_q], out_b[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lse[:, rows_q], lse_b[0], rtol=1e-12, atol=1e-12)
+        for grad, part, rows in zip(grads, torch.autograd.grad(out_b.square().sum(), parts), (rows_q, rows_k, rows_k)):
+            torch.testing.assert_close(grad[rows], part[0], rtol=1e-12, atol=1e-12)
+
+
+def _bad_varlen(**overrides):
+    (q, k, v), (cu_q, cu_k, max_q, max_k) = _packed(heads=4, heads_kv=2, head_dim=16)
+    args = dict(q=q.detach(), k=k.detach(), v=v.detach(), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+                max_seqlen_k=max_k)
+    args.update(overrides)
+    return args
+
+
+I32 = torch.int32
+VARLEN_ERRORS = [  # (arguments, error, message); totals: 14 queries, 11 keys; max lengths 9 and 5
+    (_bad_varlen(q=torch.randn(1, 14, 4, 16, dtype=F64)), ValueError, r"q must have 3 dimensions \(total, H, D\)"),
+    (_bad_varlen(q=torch.randn(14, 3, 16, dtype=F64)), ValueError, "q has 3 heads and k, v have 2"),
+    (_bad_varlen(v=torch.randn(11, 2, 16, dtype=torch.float32)), TypeError, "q, k, v must share one dtype"),
+    (_bad_varlen(k=torch.randn(11, 2, 8, dtype=F64), v=torch.randn(11, 2, 8, dtype=F64)), ValueError,
+     "q has head dim 16 but k and v have 8"),
+    (_bad_varlen(cu_seqlens_q=torch.tensor([0, 3, 3, 12, 14])), TypeError, "cu_seqlens_q must be int32"),
+    (_bad_varlen(cu_seqlens_k=torch.tensor([[0, 5, 7, 11, 11]], dtype=I32)), ValueError,
+     r"cu_seqlens_k must be 1-D with batch \+ 1 entries, got shape \(1, 5\)"),
+    (_bad_varlen(cu_seqlens_k=torch.tensor([0, 5, 11], dtype=I32)), ValueError,
+     "cu_seqlens_q has 5 entries and cu_seqlens_k has 3"),
+    (_bad_varlen(cu_seqlens_q=torch.tensor([1, 3, 3, 12, 14], dtype=I32)), ValueError, "cu_seqlens_q must start at 0"),
+    (_bad_varlen(cu_seqlens_q=torch.tensor([0, 3, 2, 12, 14], dtype=I32)), ValueError,
+     r"cu_seqlens_q must be non-decreasing, but entry 2 \(2\) is less than entry 1 \(3\)"),
+    (_bad_varlen(cu_seqlens_k=torch.tensor([0, 5, 7, 11, 12], dtype=I32)), ValueError,
+     "cu_seqlens_k ends at 12 but k and v have 11 tokens"),
+    (_bad_varlen(cu_seqlens_q=torch.tensor([0, 3, 3, 12, 13], dtype=I32)), ValueError,
+     "cu_seqlens_q ends at 13 but q has 14 tokens"),
+    (_bad_varlen(max_seqlen_q=8), ValueError, "max_seqlen_q=8 but sequence 2 of cu_seqlens_q has 9 tokens"),
+    (_bad_varlen(max_seqlen_k=torch.tensor(5)), ValueError, "max_seqlen_k must be a Python int"),
+    (_bad_varlen(cu_seqlens_q=[0, 3, 3, 12, 14]), TypeError, "cu_seqlens_q must be a tensor"),
+    (_bad_varlen(cu_seqlens_k=torch.tensor([0, 5, 7, 11, 11], dtype=I32, device="meta")), ValueError,
+     "cu_seqlens_k must be on q's device cpu, got meta"),
+]
+
+
+@pytest.mark.parametrize("args, error, message", VARLEN_ERRORS)
+def test_varlen_bad_inputs_raise_named_errors(args, error, message):
+    for backend in ("triton_full_fused", "reference"):
+        with pytest.raises(error, match=message):
+            flash_attn_varlen_func(**args, backend=backend)

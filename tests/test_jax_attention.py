@@ -15,7 +15,7 @@ import torch
 from jax.test_util import check_grads
 
 import theria_torch
-from theria_jax import _primitives, attention, flash_attn_func
+from theria_jax import _primitives, attention, flash_attn_func, flash_attn_varlen_func
 from theria_kernels.attention import AttentionParams
 
 FUSED, REFERENCE = "triton_full_fused", "reference"
@@ -55,11 +55,50 @@ class Case:
         return out, jnp.where(jnp.isfinite(lse), lse, 0.0)
 
 
+@dataclass(frozen=True)
+class VarlenCase:
+    """A packed variable-length batch for ``flash_attn_varlen_func``: (T_q, T_k) per sequence."""
+
+    lengths: tuple[tuple[int, int], ...]
+    heads: int
+    heads_kv: int
+    head_dim: int
+    causal: bool = False
+    window_size: tuple[int, int] = (-1, -1)
+
+    def __str__(self):
+        mask = "causal" if self.causal else "window" if self.window_size != (-1, -1) else "full"
+        lengths = ",".join(f"{t_q}x{t_k}" for t_q, t_k in self.lengths)
+        return f"varlen-{mask}-T{lengths}-H{self.heads}/{self.heads_kv}-D{self.head_dim}"
+
+    def sequences(self):
+        """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) as NumPy int32 and ints."""
+        lengths_q, lengths_k = zip(*self.lengths)
+        cu_q, cu_k = (np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32) for lengths in (lengths_q, lengths_k))
+        return cu_q, cu_k, max(lengths_q), max(lengths_k)
+
+    def inputs(self, seed=0):
+        """Fresh float64 packed (q, k, v)."""
+        total_q, total_k = (sum(lengths) for lengths in zip(*self.lengths))
+        shapes = ((total_q, self.heads, self.head_dim), (total_k, self.heads_kv, self.head_dim))
+        return _random_like(tuple(jax.ShapeDtypeStruct(s, jnp.float64) for s in (shapes[0], shapes[1], shapes[1])),
+                            seed)
+
+    def attend(self, backend, q, k, v, sequences=None):
+        """(out, lse) like :meth:`Case.attend`; ``sequences`` overrides the cu_seqlens (e.g. traced ones)."""
+        out, lse = flash_attn_varlen_func(q, k, v, *(sequences or self.sequences()), causal=self.causal,
+                                          window_size=self.window_size, return_lse=True, backend=backend)
+        return out, jnp.where(jnp.isfinite(lse), lse, 0.0)
+
+
 CASES = [
     Case("attention", 9, 9, 2, 2, 16),
     Case("attention", 7, 13, 4, 2, 8, causal=True),  # T_q != T_k, grouped-query, top-left
     Case("flash_attn_func", 13, 7, 2, 1, 12, causal=True),  # bottom-right: 6 rows see no key
     Case("flash_attn_func", 17, 17, 2, 2, 32, window_size=(3, 2)),
+    # Queries shorter and longer than keys (rows without keys), an empty query and an empty key
+    # sequence, grouped heads, causal per sequence.
+    VarlenCase(((3, 5), (0, 2), (9, 4), (2, 0)), 2, 1, 8, causal=True),
 ]
 
 
@@ -217,14 +256,15 @@ PADDED_HEAD_DIM_CASES = [
     Case("flash_attn_func", 9, 5, 2, 1, 40, causal=True),
     Case("flash_attn_func", 5, 9, 1, 1, 80, causal=True),
     Case("flash_attn_func", 7, 7, 1, 1, 96, window_size=(2, 1)),
+    VarlenCase(((4, 6), (7, 3), (2, 2)), 2, 2, 16, window_size=(2, 1)),
 ]
 
 
-@pytest.mark.parametrize("case", CASES[1:] + PADDED_HEAD_DIM_CASES, ids=str)
+@pytest.mark.parametrize("case", CASES[1:4] + PADDED_HEAD_DIM_CASES, ids=str)
 def test_check_grads(case):
     """Finite differences to second order in forward and reverse mode (jvp∘jvp, grad∘jvp,
     jvp∘grad, grad∘grad) of out and lse: grouped heads, top-left and bottom-right alignment
-    (rows with no key), a window, and head dims 40, 80, 96."""
+    (rows with no key), a window, head dims 40, 80, 96, and a packed variable-length batch."""
     attend = jax.jit(partial(case.attend, FUSED))
     check_grads(attend, case.inputs(seed=4), order=2, modes=("fwd", "rev"))
 
@@ -248,11 +288,11 @@ def test_vmap_two_extra_axes():
     assert_close(jax.jit(attend(FUSED))(q, k, v), attend(REFERENCE)(q, k, v), FLOAT64_TOLERANCE, "vmap∘vmap")
 
 
-def _poison_then_launch(launch, num_outputs, *tensors, params):
+def _poison_then_launch(launch, num_outputs, *tensors, **static):
     """Fill the outputs with NaN first, so an element the launcher fails to write shows."""
     for output in tensors[-num_outputs:]:
         output.fill_(float("nan"))
-    launch(*tensors, params=params)
+    launch(*tensors, **static)
 
 
 def test_launchers_write_every_output_element():
@@ -312,6 +352,50 @@ def test_matches_theria_torch(case, torch_backend):
     assert_close(vjp(cotangents), torch_grads, FLOAT64_TOLERANCE, f"torch {torch_backend} grads")
 
 
+def test_varlen_matches_theria_torch_and_traced_cu_seqlens():
+    """flash_attn_varlen_func: JAX and torch outputs and gradients agree; cu_seqlens passed as
+    jit arguments (traced) give what closed-over ones give; the launchers write every output."""
+    case = CASES[-1]
+    inputs = case.inputs(seed=18)
+    outputs, vjp = jax.vjp(partial(case.attend, FUSED), *inputs)
+    cotangents = _random_like(outputs, seed=19)
+    leaves = [torch.from_numpy(np.asarray(x)).requires_grad_() for x in inputs]
+    sequences = case.sequences()
+    out, lse = theria_torch.flash_attn_varlen_func(*leaves, torch.from_numpy(sequences[0]),
+                                                   torch.from_numpy(sequences[1]), *sequences[2:], causal=True,
+                                                   return_lse=True)
+    lse = torch.where(torch.isfinite(lse), lse, 0.0)
+    grads = torch.autograd.grad((out, lse), leaves, [torch.from_numpy(np.asarray(c)) for c in cotangents])
+    assert_close(outputs, (out.detach().numpy(), lse.detach().numpy()), FLOAT64_TOLERANCE, "torch outputs")
+    assert_close(vjp(cotangents), [g.numpy() for g in grads], FLOAT64_TOLERANCE, "torch grads")
+
+    traced = jax.jit(lambda q, k, v, cu_q, cu_k: case.attend(FUSED, q, k, v, (cu_q, cu_k, *sequences[2:])))
+    assert_close(traced(*inputs, *sequences[:2]), outputs, 0.0, "traced cu_seqlens")
+
+    params = AttentionParams(scale=case.head_dim ** -0.5, causal=True, bottom_right=True)
+    static = dict(params=params, lengths=sequences[2:])
+    packed = [x[None] for x in inputs]
+    out, lse = _primitives.forward_p.bind(*packed, *sequences[:2], **static)
+    d_out, d_lse = _random_like((out, lse), seed=21)
+    calls = [(_primitives._FORWARD, "qs", ()), (_primitives._BACKWARD, "qkv", (out, lse, d_out, d_lse))]
+    for launch, kinds, rest in calls:
+        got = _primitives._call(partial(_poison_then_launch, launch, len(kinds)), kinds, *packed, *rest,
+                                *sequences[:2], **static)
+        assert not any(jnp.isnan(g).any() for g in got), f"{launch.args[0].__name__} left outputs unwritten"
+
+
+def test_varlen_vmap_shares_cu_seqlens():
+    case = CASES[-1]
+    q, k, v = case.inputs(seed=20)
+    queries = jnp.stack([q, 0.5 * q[:, ::-1]])
+    attend = lambda backend: jax.vmap(lambda q: case.attend(backend, q, k, v))  # noqa: E731
+    assert_close(jax.jit(attend(FUSED))(queries), attend(REFERENCE)(queries), FLOAT64_TOLERANCE, "vmap")
+    cu_q, cu_k, max_q, max_k = case.sequences()
+    with pytest.raises(NotImplementedError, match="vmap over cu_seqlens"):
+        jax.vmap(lambda q, cu_q: flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k))(
+            queries, jnp.stack([cu_q, cu_q]))
+
+
 # ----------------------------------------------------------------------------------------------
 # Argument checking: the torch adapter's messages
 # ----------------------------------------------------------------------------------------------
@@ -336,6 +420,41 @@ def test_bad_arguments(arrays, kwargs, error, message):
     for function in (attention, flash_attn_func):
         with pytest.raises(error, match=message):
             function(*arrays, **kwargs)
+
+
+def _varlen_arrays(**overrides):
+    args = dict(q=jnp.ones((14, 4, 16)), k=jnp.ones((11, 2, 16)), v=jnp.ones((11, 2, 16)),
+                cu_seqlens_q=np.array([0, 3, 3, 12, 14], np.int32), cu_seqlens_k=np.array([0, 5, 7, 11, 11], np.int32),
+                max_seqlen_q=9, max_seqlen_k=5)
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize("args, error, message", [
+    (_varlen_arrays(q=jnp.ones((1, 14, 4, 16))), ValueError, r"q must have 3 dimensions \(total, H, D\)"),
+    (_varlen_arrays(cu_seqlens_q=np.array([0, 3, 3, 12, 14])), TypeError, "cu_seqlens_q must be int32 .*, got int64"),
+    (_varlen_arrays(cu_seqlens_k=np.array([0, 5, 11], np.int32)), ValueError,
+     "cu_seqlens_q has 5 entries and cu_seqlens_k has 3"),
+    (_varlen_arrays(cu_seqlens_q=np.array([0, 3, 2, 12, 14], np.int32)), ValueError,
+     r"cu_seqlens_q must be non-decreasing, but entry 2 \(2\) is less than entry 1 \(3\)"),
+    (_varlen_arrays(cu_seqlens_k=np.array([0, 5, 7, 11, 12], np.int32)), ValueError,
+     "cu_seqlens_k ends at 12 but k and v have 11 tokens"),
+    (_varlen_arrays(max_seqlen_q=8), ValueError, "max_seqlen_q=8 but sequence 2 of cu_seqlens_q has 9 tokens"),
+])
+def test_varlen_bad_arguments_raise_torch_messages(args, error, message):
+    with pytest.raises(error, match=message):
+        flash_attn_varlen_func(**args)
+    torch_args = {name: torch.tensor(np.asarray(x)) if hasattr(x, "shape") else x for name, x in args.items()}
+    with pytest.raises(error, match=message):
+        theria_torch.flash_attn_varlen_func(**torch_args)
+
+
+def test_varlen_reference_needs_concrete_cu_seqlens():
+    args = _varlen_arrays()
+    cu_q, cu_k = args.pop("cu_seqlens_q"), args.pop("cu_seqlens_k")
+    with pytest.raises(ValueError, match="backend='reference' needs concrete cu_seqlens"):
+        jax.jit(lambda cu_q, cu_k: flash_attn_varlen_func(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend=REFERENCE,
+                                                          **args))(cu_q, cu_k)
 
 
 def test_dropout_is_refused():
@@ -375,3 +494,29 @@ def test_gpu_matches_float64_reference(case, dtype, transform):
         p, w = np.asarray(p, np.float64), np.asarray(w, np.float64)
         tolerance = max(GPU_TOLERANCES[dtype], 2 * np.linalg.norm(p - w) / np.linalg.norm(w))
         assert_close(g, w, tolerance, f"{case} {transform} {jnp.dtype(dtype).name}{jax.tree_util.keystr(path)}")
+
+
+# Varlen on the GPU: lengths off the block sizes, queries longer and shorter than keys.
+GPU_VARLEN_CASE = VarlenCase(((1, 1), (300, 300), (513, 129), (129, 513), (17, 33)), 8, 2, 128, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transform", ["forward", "grad", "jvp", "jvp_of_grad"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=lambda d: jnp.dtype(d).name)
+def test_gpu_varlen_matches_per_sequence_calls(dtype, transform):
+    """flash_attn_varlen_func against flash_attn_func called on each sequence alone, in low precision."""
+    case = GPU_VARLEN_CASE
+    inputs = tuple(x.astype(dtype) for x in case.inputs(seed=22))
+    weights = _weights(case, inputs, seed=23)
+    starts_q, starts_k = (c.tolist() for c in case.sequences()[:2])
+
+    def per_sequence(q, k, v):
+        parts = [flash_attn_func(q[None, a:b], k[None, c:d], v[None, c:d], causal=case.causal,
+                                 window_size=case.window_size, return_lse=True)
+                 for a, b, c, d in zip(starts_q, starts_q[1:], starts_k, starts_k[1:])]
+        lse = jnp.concatenate([lse[0] for _, lse in parts], axis=1)
+        return jnp.concatenate([out[0] for out, _ in parts]), jnp.where(jnp.isfinite(lse), lse, 0.0)
+
+    got = jax.jit(TRANSFORMS[transform](partial(case.attend, FUSED), weights))(*inputs)
+    want = jax.jit(TRANSFORMS[transform](per_sequence, weights))(*inputs)
+    assert_close(got, want, GPU_TOLERANCES[dtype] / 4, f"varlen {transform} {jnp.dtype(dtype).name}")

@@ -12,6 +12,7 @@ docs/design/jax_bridge.md states the contract.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Sequence
 
 import jax
@@ -55,11 +56,17 @@ def _callback(launch: Callable[..., object], static_items: tuple) -> Callable[..
     return functools.partial(_run, launch, dict(static_items))
 
 
+# XLA's CPU runtime may run independent callbacks on two threads at once, and Triton's interpreter
+# patches triton.language globally while a kernel runs: one launch at a time on the CPU.
+_CPU_LAUNCH = threading.Lock()
+
+
 def _run(launch, static, context, outputs, *inputs) -> None:
     tensors = [torch.from_dlpack(buffer) for buffer in (*inputs, *outputs)]
     device = tensors[0].device
     if device.type != "cuda":
-        launch(*tensors, **static)
+        with _CPU_LAUNCH:
+            launch(*tensors, **static)
         return
     # XLA enqueues the rest of the program on its own stream: launch there, without a sync.
     stream = torch.cuda.ExternalStream(context.stream, device=device)

@@ -31,6 +31,12 @@ The rules (docs/design/jax_bridge.md):
 * out and lse enter the derivative primitives only because the kernels reuse them; they are
   f(x), so every rule differentiates through x alone (their own tangents are ignored).
 * vmap folds the mapped axis into B (an unmapped operand is broadcast first).
+
+Variable-length batches (``flash_attn_varlen_func``) use the same primitives on one packed batch
+entry, (1, total, H, D): the parameter ``lengths = (max_seqlen_q, max_seqlen_k)`` (static; None
+for fixed-length calls) says so, and the last two operands are then ``cu_seqlens_q`` and
+``cu_seqlens_k`` (int32). Every rule passes them through unchanged: they have no tangent, no
+transpose, and vmap shares them between the instances (mapping over them raises).
 """
 
 from __future__ import annotations
@@ -65,10 +71,17 @@ THIRD_ORDER = (
 # ----------------------------------------------------------------------------------------------
 
 
-def _launch(launcher, num_inputs, output_names, *tensors, params):
-    """Call ``launcher`` on (B, H, T, D) views of the (B, T, H, D) buffers, outputs in place."""
+def _launch(launcher, num_inputs, output_names, *tensors, params, lengths=None):
+    """Call ``launcher`` on (B, H, T, D) views of the (B, T, H, D) buffers, outputs in place; for
+    varlen calls the inputs are followed by the two cu_seqlens."""
     views = [t.transpose(1, 2) if t.dim() == 4 else t for t in tensors]
-    launcher(*views[:num_inputs], params, **dict(zip(output_names, views[num_inputs:])))
+    inputs, views = views[:num_inputs], views[num_inputs:]
+    varlen = {}
+    if lengths is not None:
+        (cu_seqlens_q, cu_seqlens_k, *views), (max_seqlen_q, max_seqlen_k) = views, lengths
+        varlen = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                      max_seqlen_k=max_seqlen_k)
+    launcher(*inputs, params, **dict(zip(output_names, views)), **varlen)
 
 
 # Module-level objects so that JAX's compilation cache, keyed on the launcher, hits.
@@ -94,9 +107,16 @@ def _avals(kinds: str, q, k, v) -> list[ShapedArray]:
     return [like[kind] for kind in kinds]
 
 
-def _call(launch, kinds: str, q, k, v, *rest, params: AttentionParams):
+def _call(launch, kinds: str, q, k, v, *rest, params: AttentionParams, lengths=None):
     shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in _avals(kinds, q, k, v)]
-    return triton_call(launch, q, k, v, *rest, out_shapes=shapes, params=params)
+    return triton_call(launch, q, k, v, *rest, out_shapes=shapes, params=params, lengths=lengths)
+
+
+def _split(operands, lengths) -> tuple[list, list]:
+    """(the attention operands, the cu_seqlens): varlen calls carry the two cu_seqlens last."""
+    operands = list(operands)
+    end = len(operands) - (2 if lengths is not None else 0)
+    return operands[:end], operands[end:]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,15 +124,26 @@ def _call(launch, kinds: str, q, k, v, *rest, params: AttentionParams):
 # ----------------------------------------------------------------------------------------------
 
 
+VMAP_CU_SEQLENS = (
+    "vmap over cu_seqlens is not supported: every vmapped instance must share cu_seqlens_q and "
+    "cu_seqlens_k; pack the instances' sequences into one batch (concatenate them and their cu_seqlens) instead"
+)
+
+
 def _fold_batch_axis(primitive, operands, axes, **params):
-    """Run one call with the mapped axis folded into B (every operand's leading axis)."""
+    """Run one call with the mapped axis folded into B (every attention operand's leading axis);
+    the cu_seqlens describe how each batch entry is packed, shared by all of them."""
+    operands, seqs = _split(operands, params["lengths"])
+    axes, seq_axes = _split(axes, params["lengths"])
+    if any(axis is not None for axis in seq_axes):
+        raise NotImplementedError(VMAP_CU_SEQLENS)
     size = next(x.shape[axis] for x, axis in zip(operands, axes) if axis is not None)
 
     def fold(x, axis):
         x = jnp.broadcast_to(x, (size, *x.shape)) if axis is None else jnp.moveaxis(x, axis, 0)
         return x.reshape(size * x.shape[1], *x.shape[2:])
 
-    results = primitive.bind(*map(fold, operands, axes), **params)
+    results = primitive.bind(*map(fold, operands, axes), *seqs, **params)
     return [r.reshape(size, r.shape[0] // size, *r.shape[1:]) for r in results], [0] * len(results)
 
 
@@ -131,35 +162,35 @@ def _primitive(name: str, kinds: str, impl) -> Primitive:
     return primitive
 
 
-def _forward_impl(q, k, v, *, params):
-    return _call(_FORWARD, "qs", q, k, v, params=params)
+def _forward_impl(q, k, v, *seqs, **static):
+    return _call(_FORWARD, "qs", q, k, v, *seqs, **static)
 
 
-def _forward_tangent_impl(q, k, v, out, lse, q_dot, k_dot, v_dot, *, params):
+def _forward_tangent_impl(q, k, v, out, lse, *rest, **static):
     # The JVP kernel recomputes out and lse in the same sweep; those two results are scratch.
-    return _call(_JVP, "qsqs", q, k, v, q_dot, k_dot, v_dot, params=params)[2:]
+    return _call(_JVP, "qsqs", q, k, v, *rest, **static)[2:]
 
 
-def _forward_second_impl(q, k, v, out, lse, *directions, params):
-    return _call(_FORWARD_SECOND, "qs", q, k, v, *directions, params=params)
+def _forward_second_impl(q, k, v, out, lse, *rest, **static):
+    return _call(_FORWARD_SECOND, "qs", q, k, v, *rest, **static)
 
 
-def _backward_impl(q, k, v, out, lse, d_out, d_lse, *, params):
-    return _call(_BACKWARD, "qkv", q, k, v, out, lse, d_out, d_lse, params=params)
+def _backward_impl(q, k, v, *rest, **static):
+    return _call(_BACKWARD, "qkv", q, k, v, *rest, **static)
 
 
-def _backward_backward_impl(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, *, params):
-    return _call(_BACKWARD_BACKWARD, "qkvqs", q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv,
-                 params=params)
+def _backward_backward_impl(q, k, v, *rest, **static):
+    return _call(_BACKWARD_BACKWARD, "qkvqs", q, k, v, *rest, **static)
 
 
-def _backward_tangent_impl(q, k, v, out, lse, d_out, d_lse, *tangents, params, has_x_dot, has_u_dot):
-    primals = (q, k, v, out, lse, d_out, d_lse)
+def _backward_tangent_impl(*operands, has_x_dot, has_u_dot, **static):
+    operands, seqs = _split(operands, static["lengths"])
+    primals, tangents = operands[:7], operands[7:]
     terms = []
     if has_x_dot:  # H_u x_dot: the Hessian is symmetric, so it is the double backward with cotangent x_dot.
-        terms.append(_backward_backward_impl(*primals, *tangents[:3], params=params)[:3])
+        terms.append(_backward_backward_impl(*primals, *tangents[:3], *seqs, **static)[:3])
     if has_u_dot:  # Jᵀ u_dot: the backward is linear in u.
-        terms.append(_backward_impl(*primals[:5], *tangents[-2:], params=params))
+        terms.append(_backward_impl(*primals[:5], *tangents[-2:], *seqs, **static))
     return [sum(parts) for parts in zip(*terms)]
 
 
@@ -171,9 +202,11 @@ backward_tangent_p = _primitive("attention_bwd_tangent", "qkv", _backward_tangen
 backward_backward_p = _primitive("attention_bwd_bwd", "qkvqs", _backward_backward_impl)
 
 
-def attention_fused(q, k, v, params: AttentionParams):
-    """(out, lse) = attention of (B, T, H, D) arrays on the fused kernels; differentiable."""
-    out, lse = forward_p.bind(q, k, v, params=params)
+def attention_fused(q, k, v, params: AttentionParams, cu_seqlens=(), lengths=None):
+    """(out, lse) = attention of (B, T, H, D) arrays on the fused kernels; differentiable. For
+    packed variable-length sequences, ``cu_seqlens = (cu_seqlens_q, cu_seqlens_k)`` and
+    ``lengths = (max_seqlen_q, max_seqlen_k)``."""
+    out, lse = forward_p.bind(q, k, v, *cu_seqlens, params=params, lengths=lengths)
     return out, lse
 
 
@@ -190,55 +223,62 @@ def _dense(tangents) -> list:
     return [ad.instantiate_zeros(t) for t in tangents]
 
 
-def _forward_jvp(primals, tangents, *, params):
-    out, lse = forward_p.bind(*primals, params=params)
-    out_dot, lse_dot = forward_tangent_p.bind(*primals, out, lse, *_dense(tangents), params=params)
+def _forward_jvp(primals, tangents, **static):
+    x, seqs = _split(primals, static["lengths"])
+    out, lse = forward_p.bind(*x, *seqs, **static)
+    out_dot, lse_dot = forward_tangent_p.bind(*x, out, lse, *_dense(tangents[:3]), *seqs, **static)
     return (out, lse), (out_dot, lse_dot)
 
 
-def _forward_tangent_jvp(primals, tangents, *, params):
-    x_and_stats, x_dot = primals[:5], primals[5:]
-    results = forward_tangent_p.bind(*primals, params=params)
+def _forward_tangent_jvp(primals, tangents, **static):
+    operands, seqs = _split(primals, static["lengths"])
+    x_and_stats, x_dot = operands[:5], operands[5:]
+    results = forward_tangent_p.bind(*primals, **static)
     terms = []
-    if _nonzero(tangents[5:]):  # linear in x_dot
-        terms.append(forward_tangent_p.bind(*x_and_stats, *_dense(tangents[5:]), params=params))
+    if _nonzero(tangents[5:8]):  # linear in x_dot
+        terms.append(forward_tangent_p.bind(*x_and_stats, *_dense(tangents[5:8]), *seqs, **static))
     if _nonzero(tangents[:3]):  # derivative of J(x) x_dot in x
-        terms.append(forward_second_p.bind(*x_and_stats, *x_dot, *_dense(tangents[:3]), params=params))
+        terms.append(forward_second_p.bind(*x_and_stats, *x_dot, *_dense(tangents[:3]), *seqs, **static))
     if not terms:  # only out/lse moved, which happens only off f(x): nothing to differentiate
         return results, [jnp.zeros_like(r) for r in results]
     return results, [sum(parts) for parts in zip(*terms)]
 
 
-def _forward_tangent_transpose(cotangents, q, k, v, out, lse, *x_dot, params):
-    grads = backward_p.bind(q, k, v, out, lse, *_dense(cotangents), params=params)
-    return [None] * 5 + [g if ad.is_undefined_primal(t) else None for g, t in zip(grads, x_dot)]
+def _forward_tangent_transpose(cotangents, *operands, **static):
+    operands, seqs = _split(operands, static["lengths"])
+    x_and_stats, x_dot = operands[:5], operands[5:]
+    grads = backward_p.bind(*x_and_stats, *_dense(cotangents), *seqs, **static)
+    return [None] * 5 + [g if ad.is_undefined_primal(t) else None for g, t in zip(grads, x_dot)] + [None] * len(seqs)
 
 
-def _forward_second_transpose(cotangents, q, k, v, out, lse, *rest, params):
-    x_dot, y = rest[:3], rest[3:]
+def _forward_second_transpose(cotangents, *operands, **static):
+    operands, seqs = _split(operands, static["lengths"])
+    x_and_stats, x_dot, y = operands[:5], operands[5:8], operands[8:]
     # <c, f''[x_dot, y]> = <y, H_c x_dot>: the double backward with d_out, d_lse = c, cotangent x_dot.
-    cots = backward_backward_p.bind(q, k, v, out, lse, *_dense(cotangents), *x_dot, params=params)
-    return [None] * 8 + [c if ad.is_undefined_primal(t) else None for c, t in zip(cots[:3], y)]
+    cots = backward_backward_p.bind(*x_and_stats, *_dense(cotangents), *x_dot, *seqs, **static)
+    return [None] * 8 + [c if ad.is_undefined_primal(t) else None for c, t in zip(cots[:3], y)] + [None] * len(seqs)
 
 
-def _backward_jvp(primals, tangents, *, params):
-    results = backward_p.bind(*primals, params=params)
-    x_dot, u_dot = tangents[:3], tangents[5:]
+def _backward_jvp(primals, tangents, **static):
+    results = backward_p.bind(*primals, **static)
+    x_dot, u_dot = tangents[:3], tangents[5:7]
     has_x_dot, has_u_dot = _nonzero(x_dot), _nonzero(u_dot)
     if not (has_x_dot or has_u_dot):
         return results, [jnp.zeros_like(r) for r in results]
+    operands, seqs = _split(primals, static["lengths"])
     linear = (_dense(x_dot) if has_x_dot else []) + (_dense(u_dot) if has_u_dot else [])
-    result_dots = backward_tangent_p.bind(*primals, *linear, params=params, has_x_dot=has_x_dot,
-                                          has_u_dot=has_u_dot)
+    result_dots = backward_tangent_p.bind(*operands, *linear, *seqs, has_x_dot=has_x_dot, has_u_dot=has_u_dot,
+                                          **static)
     return results, result_dots
 
 
-def _backward_tangent_transpose(cotangents, *operands, params, has_x_dot, has_u_dot):
+def _backward_tangent_transpose(cotangents, *operands, has_x_dot, has_u_dot, **static):
+    operands, seqs = _split(operands, static["lengths"])
     primals, linear = operands[:7], operands[7:]
-    cots = backward_backward_p.bind(*primals, *_dense(cotangents), params=params)
+    cots = backward_backward_p.bind(*primals, *_dense(cotangents), *seqs, **static)
     # (H_u c, J c): cotangents of x_dot and of u_dot, for whichever of them this call carries.
     cots = (cots[:3] if has_x_dot else []) + (cots[3:] if has_u_dot else [])
-    return [None] * 7 + [c if ad.is_undefined_primal(t) else None for c, t in zip(cots, linear)]
+    return [None] * 7 + [c if ad.is_undefined_primal(t) else None for c, t in zip(cots, linear)] + [None] * len(seqs)
 
 
 def _third_order(*args, **params):

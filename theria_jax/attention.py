@@ -2,8 +2,9 @@
 
 ``attention`` follows ``jax.nn.dot_product_attention`` (causal mask aligned to the top-left
 corner), ``flash_attn_func`` follows flash-attn (bottom-right corner). Both take (B, T, H, D)
-arrays. The fused backend's derivative rules live in ``theria_jax._primitives``; its arguments
-are checked by the same function as ``theria_torch``'s, so both raise the same messages.
+arrays; ``flash_attn_varlen_func`` takes flash-attn's packed (total, H, D) variable-length
+batches. The fused backend's derivative rules live in ``theria_jax._primitives``; arguments are
+checked by the same functions as ``theria_torch``'s, so both raise the same messages.
 """
 
 from __future__ import annotations
@@ -11,11 +12,18 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from theria_jax._primitives import attention_fused
-from theria_jax.reference import attention_reference
+from theria_jax.reference import attention_reference, varlen_attention_reference
 from theria_kernels._common import is_interpreter
-from theria_kernels.attention import AttentionParams, validate_attention_args
+from theria_kernels.attention import (
+    AttentionParams,
+    validate_attention_args,
+    validate_cu_seqlens,
+    validate_cu_seqlens_values,
+)
 
 
 def _check_platform(backend: str) -> None:
@@ -88,4 +96,61 @@ def flash_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: float | None
         raise ValueError(f"dropout_p={dropout_p}: theria's attention has no dropout; pass dropout_p=0.0")
     out, lse = _attention(q, k, v, backend=backend, causal=causal, scale=softmax_scale, window_size=window_size,
                           bottom_right=True)
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                           dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
+                           window_size: tuple[int, int] = (-1, -1), return_lse: bool = False, *,
+                           backend: str = "triton_full_fused"):
+    """flash-attn's variable-length interface on packed JAX arrays, with the transformations of
+    :func:`attention` (vmap when every instance shares the cu_seqlens).
+
+    Arguments:
+        q: (total_q, H, D), the batch's query sequences concatenated. k, v: (total_k, H_kv, D),
+            ``H % H_kv == 0``.
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) cumulative lengths: sequence b is
+            ``q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]]`` against ``k[cu_seqlens_k[b]:cu_seqlens_k[b + 1]]``;
+            they start at 0, never decrease (empty sequences are fine) and end at total_q / total_k.
+            They may be traced (``jax.jit`` arguments); never differentiated.
+        max_seqlen_q, max_seqlen_k: Python ints, at least the longest query / key sequence
+            (static: they size the kernel grid).
+        dropout_p, softmax_scale: as in :func:`flash_attn_func`.
+        causal, window_size: per sequence, aligned to its bottom-right corner (flash-attn ≥ 2.1).
+        return_lse: also return the log-sum-exp (H, total_q), differentiable.
+        backend: ``"triton_full_fused"``, or ``"reference"``, which slices the batch per sequence
+            and so needs concrete (not traced) cu_seqlens.
+    Returns:
+        out (total_q, H, D), or (out, lse) with ``return_lse``.
+
+    Concrete cu_seqlens are checked (start, order, end, the max lengths) with one small
+    device-to-host read; traced ones (under ``jax.jit``) cannot be read and are not checked.
+    """
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p={dropout_p}: theria's attention has no dropout; pass dropout_p=0.0")
+    window_size = tuple(window_size)
+    validate_attention_args(q.shape, k.shape, v.shape, tuple(str(t.dtype) for t in (q, k, v)),
+                            layout="(total, H, D)", backend=backend, window_size=window_size)
+    cu_seqlens_q, cu_seqlens_k = (cu if hasattr(cu, "dtype") else np.asarray(cu) for cu in (cu_seqlens_q, cu_seqlens_k))
+    validate_cu_seqlens(jnp.shape(cu_seqlens_q), jnp.shape(cu_seqlens_k),
+                        (str(cu_seqlens_q.dtype), str(cu_seqlens_k.dtype)), max_seqlen_q, max_seqlen_k)
+    _check_platform(backend)
+    traced = any(isinstance(cu, jax.core.Tracer) for cu in (cu_seqlens_q, cu_seqlens_k))
+    if not traced:
+        # One host read (a no-op for NumPy arrays).
+        starts_q, starts_k = np.asarray(cu_seqlens_q).tolist(), np.asarray(cu_seqlens_k).tolist()
+        validate_cu_seqlens_values(starts_q, starts_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    if backend == "reference":
+        if traced:
+            raise ValueError("backend='reference' needs concrete cu_seqlens (it slices the batch per sequence); "
+                             "call it outside jax.jit or close over the cu_seqlens")
+        out, lse = varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
+                                              window_size=window_size, return_lse=True)
+    else:
+        params = AttentionParams(scale=scale, causal=bool(causal), window_size=window_size, bottom_right=True)
+        # The kernels see one packed batch entry, (1, total, H, D).
+        out, lse = attention_fused(q[None], k[None], v[None], params,
+                                   (jnp.asarray(cu_seqlens_q), jnp.asarray(cu_seqlens_k)), (max_seqlen_q, max_seqlen_k))
+        out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out

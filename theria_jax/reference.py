@@ -10,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def visible_keys(
@@ -72,3 +73,40 @@ def attention_reference(
         return out
     lse = jnp.where(row_has_key[..., 0], jax.nn.logsumexp(scores, axis=-1), jnp.inf)
     return out, lse
+
+
+def varlen_attention_reference(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    bottom_right: bool = True,
+    return_lse: bool = False,
+):
+    """:func:`attention_reference` on each sequence of a packed batch, concatenated.
+
+    Arguments:
+        q: (total_q, H, D). k, v: (total_k, H_kv, D). cu_seqlens_q, cu_seqlens_k: (N + 1,)
+            integers, concrete (not traced: they cut the batch into Python slices); sequence b
+            is rows ``cu[b]:cu[b + 1]`` (flash-attn's varlen layout).
+        bottom_right: align causal masks and windows to each sequence's bottom-right corner, as
+            flash-attn's ``flash_attn_varlen_func`` does.
+    Returns:
+        out (total_q, H, D), and with ``return_lse`` also the log-sum-exp (H, total_q).
+    """
+    starts_q, starts_k = np.asarray(cu_seqlens_q).tolist(), np.asarray(cu_seqlens_k).tolist()
+    # Zero-length pieces first, so that a batch of no sequences concatenates too.
+    outs, lses = [q[:0]], [jnp.zeros((q.shape[1], 0), q.dtype)]
+    for q0, q1, k0, k1 in zip(starts_q, starts_q[1:], starts_k, starts_k[1:]):
+        out, lse = attention_reference(
+            q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal=causal, scale=scale,
+            window_size=window_size, bottom_right=bottom_right, return_lse=True)
+        outs.append(out[0])
+        lses.append(lse[0])
+    out = jnp.concatenate(outs)
+    return (out, jnp.concatenate(lses, axis=1)) if return_lse else out

@@ -5,7 +5,9 @@ Registration is what lets the kernels compose with torch's transforms: functorch
 tensor wrappers before an operator runs (``torch.func.jvp`` over ``torch.func.grad`` hands plain
 tensors to the launchers), each operator has a fake implementation so ``torch.compile`` can trace
 it, and a batching rule that folds a vmapped dimension into the batch dimension B, so one launch
-serves every vmapped instance.
+serves every vmapped instance. Every operator ends with the variable-length arguments
+(``cu_seqlens_q``, ``cu_seqlens_k``, ``max_seqlen_q``, ``max_seqlen_k``; None and 0 for
+fixed-length calls), which vmap shares between the instances.
 
 An operator call costs tens of microseconds of Python in the dispatcher (its autograd fallback
 binds the signature on every call), which dominates small attention calls such as those of a
@@ -26,42 +28,62 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 from theria_kernels import attention as kernels
 
 
-def _params(scale: float, causal: bool, window_left: int, window_right: int, bottom_right: bool):
-    return kernels.AttentionParams(scale, causal, (window_left, window_right), bottom_right)
+def _launch_args(scale: float, causal: bool, window_left: int, window_right: int, bottom_right: bool,
+                 cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
+                 max_seqlen_k: int) -> tuple[kernels.AttentionParams, dict]:
+    """The operators' trailing scalar arguments as the launchers' params and varlen keywords."""
+    params = kernels.AttentionParams(scale, causal, (window_left, window_right), bottom_right)
+    if cu_seqlens_q is None:
+        return params, {}
+    return params, dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                        max_seqlen_k=max_seqlen_k)
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window_left: int,
-             window_right: int, bottom_right: bool) -> tuple[Tensor, Tensor]:
-    return kernels.attention_forward(q, k, v, _params(scale, causal, window_left, window_right, bottom_right))
+             window_right: int, bottom_right: bool, cu_seqlens_q: Optional[Tensor],
+             cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int) -> tuple[Tensor, Tensor]:
+    params, varlen = _launch_args(scale, causal, window_left, window_right, bottom_right, cu_seqlens_q,
+                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return kernels.attention_forward(q, k, v, params, **varlen)
 
 
 def _jvp(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: Tensor, scale: float,
-         causal: bool, window_left: int, window_right: int, bottom_right: bool) -> tuple[Tensor, Tensor]:
-    params = _params(scale, causal, window_left, window_right, bottom_right)
-    return kernels.attention_jvp(q, k, v, q_dot, k_dot, v_dot, params)[2:]
+         causal: bool, window_left: int, window_right: int, bottom_right: bool, cu_seqlens_q: Optional[Tensor],
+         cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int) -> tuple[Tensor, Tensor]:
+    params, varlen = _launch_args(scale, causal, window_left, window_right, bottom_right, cu_seqlens_q,
+                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return kernels.attention_jvp(q, k, v, q_dot, k_dot, v_dot, params, **varlen)[2:]
 
 
 def _forward_second(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: Tensor,
                     q_y: Tensor, k_y: Tensor, v_y: Tensor, scale: float, causal: bool, window_left: int,
-                    window_right: int, bottom_right: bool) -> tuple[Tensor, Tensor]:
-    params = _params(scale, causal, window_left, window_right, bottom_right)
-    return kernels.attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params)
+                    window_right: int, bottom_right: bool, cu_seqlens_q: Optional[Tensor],
+                    cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int) -> tuple[Tensor, Tensor]:
+    params, varlen = _launch_args(scale, causal, window_left, window_right, bottom_right, cu_seqlens_q,
+                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return kernels.attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params, **varlen)
 
 
 def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor,
               d_lse: Optional[Tensor], scale: float, causal: bool, window_left: int,
-              window_right: int, bottom_right: bool) -> tuple[Tensor, Tensor, Tensor]:
-    params = _params(scale, causal, window_left, window_right, bottom_right)
-    return kernels.attention_backward(q, k, v, out, lse, d_out, d_lse, params)
+              window_right: int, bottom_right: bool, cu_seqlens_q: Optional[Tensor],
+              cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
+              max_seqlen_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    params, varlen = _launch_args(scale, causal, window_left, window_right, bottom_right, cu_seqlens_q,
+                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return kernels.attention_backward(q, k, v, out, lse, d_out, d_lse, params, **varlen)
 
 
 def _backward_backward(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Optional[Tensor],
     cot_dq: Optional[Tensor], cot_dk: Optional[Tensor], cot_dv: Optional[Tensor], scale: float, causal: bool,
-    window_left: int, window_right: int, bottom_right: bool,
+    window_left: int, window_right: int, bottom_right: bool, cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    params = _params(scale, causal, window_left, window_right, bottom_right)
-    return kernels.attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, params)
+    params, varlen = _launch_args(scale, causal, window_left, window_right, bottom_right, cu_seqlens_q,
+                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return kernels.attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, params,
+                                               **varlen)
 
 
 def _like(t: Tensor) -> Tensor:
@@ -90,13 +112,27 @@ def _fold(t: Optional[Tensor], dim: Optional[int], size: int) -> Optional[Tensor
     return t.flatten(0, 1)
 
 
+VMAP_CU_SEQLENS = (
+    "vmap over cu_seqlens is not supported: every vmapped instance must share cu_seqlens_q and "
+    "cu_seqlens_k; pack the instances' sequences into one batch (concatenate them and their cu_seqlens) instead"
+)
+
+
 def _fold_batching(op):
-    """Every tensor argument of these operators leads with B, and so does every output."""
+    """Every floating tensor argument of these operators leads with B, and so does every output;
+    the integer cu_seqlens describe how each batch entry is packed and are shared by all of them
+    (the varlen kernels take B entries packed alike)."""
 
     def batched(info, in_dims, *args):
-        args = [_fold(a, d, info.batch_size) if isinstance(a, Tensor) or d is not None else a
-                for a, d in zip(args, in_dims)]
-        outputs = op(*args)
+        folded = []
+        for a, d in zip(args, in_dims):
+            if isinstance(a, Tensor) and not a.is_floating_point():
+                if d is not None:
+                    raise NotImplementedError(VMAP_CU_SEQLENS)
+                folded.append(a)
+            else:
+                folded.append(_fold(a, d, info.batch_size) if isinstance(a, Tensor) or d is not None else a)
+        outputs = op(*folded)
         return tuple(o.unflatten(0, (info.batch_size, -1)) for o in outputs), (0,) * len(outputs)
 
     return batched

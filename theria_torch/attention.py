@@ -1,8 +1,8 @@
 """PyTorch adapter for the fused attention kernels: autograd Functions and the public API.
 
-Three Functions, one per derivative level, each calling the launchers of
-``theria_kernels.attention`` through the operators registered in ``theria_torch._ops`` (which give
-functorch transforms plain tensors and fold vmapped dimensions into B):
+Five Functions, each calling the launchers of ``theria_kernels.attention`` through the operators
+registered in ``theria_torch._ops`` (which give functorch transforms plain tensors and fold vmapped
+dimensions into B):
 
 * ``_Attention``: (q, k, v) ↦ (out, lse); backward through ``_AttentionBackward``, forward-mode
   through the fused JVP kernel.
@@ -16,18 +16,28 @@ functorch transforms plain tensors and fold vmapped dimensions into B):
 
 ``out`` and ``lse`` are handed to the backward Functions only as saved values: the kernels treat
 them as functions of (q, k, v), so no gradient flows into them separately.
+
+``flash_attn_varlen_func`` runs the same Functions on (1, H, total, D) views of packed
+variable-length batches; its cu_seqlens and max lengths travel in the Functions' ``_Static``
+argument, next to the mask, and are never differentiated.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
-from theria_kernels._common import is_interpreter
-from theria_kernels.attention import AttentionParams, validate_attention_args
+from theria_kernels._common import dtype_name, is_interpreter
+from theria_kernels.attention import (
+    AttentionParams,
+    validate_attention_args,
+    validate_cu_seqlens_values,
+    varlen_keywords,
+)
 from theria_torch import _ops
-from theria_torch.reference import attention_reference
+from theria_torch.reference import attention_reference, varlen_attention_reference
 
 THIRD_ORDER_ERROR = (
     "third-order derivatives of attention are not implemented by backend='triton_full_fused' "
@@ -35,9 +45,22 @@ THIRD_ORDER_ERROR = (
 )
 
 
-def _static(params: AttentionParams) -> tuple:
-    """AttentionParams as the operators' scalar arguments."""
-    return params.scale, params.causal, *params.window_size, params.bottom_right
+class _Static(NamedTuple):
+    """What the Functions pass on without differentiating it: the mask and scale, and for packed
+    variable-length batches the cu_seqlens and the max lengths. A NamedTuple, so that torch.func
+    transforms see the cu_seqlens tensors inside it (and unwrap them like the other inputs)."""
+
+    params: AttentionParams
+    cu_seqlens_q: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+
+
+def _static(static: _Static) -> tuple:
+    """The operators' arguments after their tensors (``theria_torch._ops``)."""
+    params = static.params
+    return params.scale, params.causal, *params.window_size, params.bottom_right, *static[1:]
 
 
 def _zeros_if_none(t, like):
@@ -64,44 +87,44 @@ class _SecondOrderKernel(torch.autograd.Function):
 
 class _AttentionBackwardBackward(_SecondOrderKernel):
     @staticmethod
-    def forward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, params):
+    def forward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, static):
         return _ops.attention_backward_backward(
-            q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, *_static(params))
+            q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, *_static(static))
 
 
 class _AttentionBackward(torch.autograd.Function):
     generate_vmap_rule = True  # the operators carry the batching rules
 
     @staticmethod
-    def forward(q, k, v, out, lse, d_out, d_lse, params):
-        return _ops.attention_backward(q, k, v, out, lse, d_out, d_lse, *_static(params))
+    def forward(q, k, v, out, lse, d_out, d_lse, static):
+        return _ops.attention_backward(q, k, v, out, lse, d_out, d_lse, *_static(static))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, out, lse, d_out, d_lse, params = inputs
+        q, k, v, out, lse, d_out, d_lse, static = inputs
         ctx.save_for_backward(q, k, v, out, lse, d_out, d_lse)
         ctx.save_for_forward(q, k, v, out, lse, d_out, d_lse)
-        ctx.params = params
+        ctx.static = static
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, cot_dq, cot_dk, cot_dv):
         q, k, v, out, lse, d_out, d_lse = ctx.saved_tensors
         cot_q, cot_k, cot_v, cot_d_out, cot_d_lse = _AttentionBackwardBackward.apply(
-            q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, ctx.params)
+            q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, ctx.static)
         return cot_q, cot_k, cot_v, None, None, cot_d_out, cot_d_lse if d_lse is not None else None, None
 
     @staticmethod
-    def jvp(ctx, q_dot, k_dot, v_dot, _out_dot, _lse_dot, d_out_dot, d_lse_dot, _params):
+    def jvp(ctx, q_dot, k_dot, v_dot, _out_dot, _lse_dot, d_out_dot, d_lse_dot, _static):
         # Through the Functions rather than the raw operators, so that a further transform on top
         # either works or raises instead of seeing constants.
         q, k, v, out, lse, d_out, d_lse = ctx.saved_tensors
         hessian_part = _AttentionBackwardBackward.apply(
-            q, k, v, out, lse, d_out, d_lse, q_dot, k_dot, v_dot, ctx.params)[:3]
+            q, k, v, out, lse, d_out, d_lse, q_dot, k_dot, v_dot, ctx.static)[:3]
         if d_out_dot is None and d_lse_dot is None:
             return hessian_part
         linear_part = _AttentionBackward.apply(
-            q, k, v, out, lse, _zeros_if_none(d_out_dot, out), d_lse_dot, ctx.params)
+            q, k, v, out, lse, _zeros_if_none(d_out_dot, out), d_lse_dot, ctx.static)
         return tuple(a + b for a, b in zip(hessian_part, linear_part))
 
 
@@ -109,8 +132,8 @@ class _AttentionSecond(_SecondOrderKernel):
     """(q, k, v, ẋ, y) ↦ f''(q, k, v)[ẋ, y] for (out, lse): the bilinear part of forward over forward."""
 
     @staticmethod
-    def forward(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params):
-        return _ops.attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, *_static(params))
+    def forward(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, static):
+        return _ops.attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, *_static(static))
 
 
 class _AttentionTangent(torch.autograd.Function):
@@ -121,15 +144,15 @@ class _AttentionTangent(torch.autograd.Function):
     generate_vmap_rule = True  # the operators carry the batching rules
 
     @staticmethod
-    def forward(q, k, v, q_dot, k_dot, v_dot, params):
-        return _ops.attention_jvp(q, k, v, q_dot, k_dot, v_dot, *_static(params))
+    def forward(q, k, v, q_dot, k_dot, v_dot, static):
+        return _ops.attention_jvp(q, k, v, q_dot, k_dot, v_dot, *_static(static))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        *tensors, params = inputs
+        *tensors, static = inputs
         ctx.save_for_backward(*tensors)
         ctx.save_for_forward(*tensors)
-        ctx.params = params
+        ctx.static = static
         ctx.set_materialize_grads(False)
 
     @staticmethod
@@ -137,25 +160,25 @@ class _AttentionTangent(torch.autograd.Function):
         q, k, v, q_dot, k_dot, v_dot = ctx.saved_tensors
         if cot_out_dot is None and cot_lse_dot is None:
             return (None,) * 7
-        out, lse = _Attention.apply(q.detach(), k.detach(), v.detach(), ctx.params)
+        out, lse = _Attention.apply(q.detach(), k.detach(), v.detach(), ctx.static)
         cot_out_dot = _zeros_if_none(cot_out_dot, out)
         second = _AttentionBackwardBackward.apply(
-            q, k, v, out, lse, cot_out_dot, cot_lse_dot, q_dot, k_dot, v_dot, ctx.params)[:3]
-        first = _AttentionBackward.apply(q, k, v, out, lse, cot_out_dot, cot_lse_dot, ctx.params)
+            q, k, v, out, lse, cot_out_dot, cot_lse_dot, q_dot, k_dot, v_dot, ctx.static)[:3]
+        first = _AttentionBackward.apply(q, k, v, out, lse, cot_out_dot, cot_lse_dot, ctx.static)
         return (*second, *first, None)
 
     @staticmethod
-    def jvp(ctx, q_y, k_y, v_y, q_dot_y, k_dot_y, v_dot_y, _params):
+    def jvp(ctx, q_y, k_y, v_y, q_dot_y, k_dot_y, v_dot_y, _static):
         # d(J(x) ẋ) = f''(x)[ẋ, y] + J(x) ẏ: the second-order kernel plus the JVP kernel on ẏ.
         q, k, v, q_dot, k_dot, v_dot = ctx.saved_tensors
         primals = (q, k, v)
         terms = []
         if any(t is not None for t in (q_y, k_y, v_y)):
             direction = [_zeros_if_none(t, x) for t, x in zip((q_y, k_y, v_y), primals)]
-            terms.append(_AttentionSecond.apply(q, k, v, q_dot, k_dot, v_dot, *direction, ctx.params))
+            terms.append(_AttentionSecond.apply(q, k, v, q_dot, k_dot, v_dot, *direction, ctx.static))
         if any(t is not None for t in (q_dot_y, k_dot_y, v_dot_y)):
             tangent_y = [_zeros_if_none(t, x) for t, x in zip((q_dot_y, k_dot_y, v_dot_y), primals)]
-            terms.append(_AttentionTangent.apply(q, k, v, *tangent_y, ctx.params))
+            terms.append(_AttentionTangent.apply(q, k, v, *tangent_y, ctx.static))
         return tuple(sum(parts) for parts in zip(*terms))
 
 
@@ -163,16 +186,16 @@ class _Attention(torch.autograd.Function):
     generate_vmap_rule = True  # the operators carry the batching rules
 
     @staticmethod
-    def forward(q, k, v, params):
-        return _ops.attention_forward(q, k, v, *_static(params))
+    def forward(q, k, v, static):
+        return _ops.attention_forward(q, k, v, *_static(static))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, params = inputs
+        q, k, v, static = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.save_for_forward(q, k, v)
-        ctx.params = params
+        ctx.static = static
         ctx.set_materialize_grads(False)
 
     @staticmethod
@@ -180,14 +203,14 @@ class _Attention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if d_out is None and d_lse is None:
             return None, None, None, None
-        dq, dk, dv = _AttentionBackward.apply(q, k, v, out, lse, _zeros_if_none(d_out, out), d_lse, ctx.params)
+        dq, dk, dv = _AttentionBackward.apply(q, k, v, out, lse, _zeros_if_none(d_out, out), d_lse, ctx.static)
         return dq, dk, dv, None
 
     @staticmethod
-    def jvp(ctx, q_dot, k_dot, v_dot, _params):
+    def jvp(ctx, q_dot, k_dot, v_dot, _static):
         q, k, v = ctx.saved_tensors
         tangents = [_zeros_if_none(t, x) for t, x in ((q_dot, q), (k_dot, k), (v_dot, v))]
-        return _AttentionTangent.apply(q, k, v, *tangents, ctx.params)
+        return _AttentionTangent.apply(q, k, v, *tangents, ctx.static)
 
 
 def _check_devices(q, k, v, backend):
@@ -202,9 +225,8 @@ def _check_devices(q, k, v, backend):
 
 def _attention(q, k, v, *, backend, layout, causal, scale, window_size, bottom_right):
     """Validated (out, lse) on (B, H, T, D) views, dispatched to a backend."""
-    validate_attention_args(
-        q.shape, k.shape, v.shape, tuple(str(t.dtype).removeprefix("torch.") for t in (q, k, v)),
-        layout=layout, backend=backend, window_size=tuple(window_size))
+    validate_attention_args(q.shape, k.shape, v.shape, tuple(dtype_name(t.dtype) for t in (q, k, v)),
+                            layout=layout, backend=backend, window_size=tuple(window_size))
     _check_devices(q, k, v, backend)
     window_size = tuple(window_size)
     if layout == "(B, T, H, D)":
@@ -215,7 +237,7 @@ def _attention(q, k, v, *, backend, layout, causal, scale, window_size, bottom_r
                                        bottom_right=bottom_right, return_lse=True)
     else:
         params = AttentionParams(scale=scale, causal=causal, window_size=window_size, bottom_right=bottom_right)
-        out, lse = _Attention.apply(q, k, v, params)
+        out, lse = _Attention.apply(q, k, v, _Static(params))
     return (out.transpose(1, 2) if layout == "(B, T, H, D)" else out), lse
 
 
@@ -263,4 +285,55 @@ def flash_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: float | None
         raise ValueError(f"dropout_p={dropout_p}: theria's attention has no dropout; pass dropout_p=0.0")
     out, lse = _attention(q, k, v, backend=backend, layout="(B, T, H, D)", causal=causal,
                           scale=softmax_scale, window_size=window_size, bottom_right=True)
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                           dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
+                           window_size: tuple[int, int] = (-1, -1), return_lse: bool = False, *,
+                           backend: str = "triton_full_fused"):
+    """flash-attn's variable-length interface: a batch of sequences of different lengths packed
+    along the token dimension, with every derivative order of :func:`flash_attn_func`.
+
+    Arguments:
+        q: (total_q, H, D), the batch's query sequences concatenated. k, v: (total_k, H_kv, D),
+            ``H % H_kv == 0``.
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) on q's device, the cumulative lengths:
+            sequence b is ``q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]]`` against
+            ``k[cu_seqlens_k[b]:cu_seqlens_k[b + 1]]`` (and v's rows); they start at 0, never
+            decrease (empty sequences are fine) and end at total_q / total_k. Not differentiated.
+        max_seqlen_q, max_seqlen_k: Python ints, at least the longest query / key sequence
+            (they size the kernel grid).
+        dropout_p, softmax_scale: as in :func:`flash_attn_func`.
+        causal, window_size: per sequence, aligned to its bottom-right corner (flash-attn ≥ 2.1).
+        return_lse: also return the log-sum-exp (H, total_q), float32 (float64 for float64
+            inputs), like flash-attn's varlen; differentiable; +inf on rows that see no key.
+    Returns:
+        out (total_q, H, D), or (out, lse) with ``return_lse``.
+
+    Unlike flash-attn, the call checks the cu_seqlens values (start, order, end, the max lengths),
+    which costs one small device-to-host read, so it synchronises with the GPU. ``torch.func.vmap``
+    works when every instance shares the cu_seqlens.
+    """
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p={dropout_p}: theria's attention has no dropout; pass dropout_p=0.0")
+    window_size = tuple(window_size)
+    validate_attention_args(q.shape, k.shape, v.shape, tuple(dtype_name(t.dtype) for t in (q, k, v)),
+                            layout="(total, H, D)", backend=backend, window_size=window_size)
+    _check_devices(q, k, v, backend)
+    varlen = varlen_keywords(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if torch._C._functorch.is_batchedtensor(cu_seqlens_q) or torch._C._functorch.is_batchedtensor(cu_seqlens_k):
+        raise NotImplementedError(_ops.VMAP_CU_SEQLENS)
+    starts_q, starts_k = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()  # the one host read
+    validate_cu_seqlens_values(starts_q, starts_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    if backend == "reference":
+        out, lse = varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
+                                              window_size=window_size, return_lse=True)
+    else:
+        params = AttentionParams(scale=scale, causal=causal, window_size=window_size, bottom_right=True)
+        # The kernels see one packed batch entry: (total, H, D) as a (1, H, total, D) view, no copy.
+        packed = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
+        out, lse = _Attention.apply(*packed, _Static(params, **varlen))
+        out, lse = out[0].transpose(0, 1), lse[0]
     return (out, lse) if return_lse else out

@@ -82,3 +82,39 @@ def attention_reference(
     lse = torch.logsumexp(scores, dim=-1)
     lse = torch.where(row_has_key.squeeze(-1), lse, float("inf"))
     return out, lse
+
+
+def varlen_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    bottom_right: bool = True,
+    return_lse: bool = False,
+):
+    """:func:`attention_reference` on each sequence of a packed batch, concatenated.
+
+    Arguments:
+        q: (total_q, H, D). k, v: (total_k, H_kv, D). cu_seqlens_q, cu_seqlens_k: (N + 1,)
+            integers; sequence b is rows ``cu[b]:cu[b + 1]`` (flash-attn's varlen layout).
+        bottom_right: align causal masks and windows to each sequence's bottom-right corner, as
+            flash-attn's ``flash_attn_varlen_func`` does.
+    Returns:
+        out (total_q, H, D), and with ``return_lse`` also the log-sum-exp (H, total_q).
+    """
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    # Zero-length pieces first, so that a batch of no sequences concatenates too.
+    outs, lses = [q[:0]], [q.new_empty(q.shape[1], 0)]
+    for q0, q1, k0, k1 in zip(starts_q, starts_q[1:], starts_k, starts_k[1:]):
+        out, lse = attention_reference(
+            *(t[a:b].transpose(0, 1)[None] for t, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1))),
+            causal=causal, scale=scale, window_size=window_size, bottom_right=bottom_right, return_lse=True)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    out = torch.cat(outs)
+    return (out, torch.cat(lses, dim=1)) if return_lse else out
