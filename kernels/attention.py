@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from theria_kernels._common import accumulator_dtype, dtype_name, is_interpreter
+from theria_kernels._common import accumulator_dtype, dtype_name, is_interpreter, multiprocessor_count
 
 LOG2E = math.log2(math.e)
 # Stands for an unbounded window side: far beyond any sequence length, far from int32 overflow.
@@ -260,6 +260,53 @@ def _sequence(Cu_q, Cu_k, batch, entry, head, group, heads, t_q, t_k, band_lo, b
     return q_base, k_base, row_base, len_q, len_k, band_lo, band_hi
 
 
+@triton.jit
+def _column_program(Cu_q, Cu_k, members, t_q, t_k, heads, group, band_lo, band_hi,
+                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                    VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr):
+    """Where a column program's tensors live. It serves ``members`` adjacent query heads of one
+    key/value head: the whole group, or one share of it when the launcher splits the group
+    (``_Call.group_split``).
+
+    Returns ``_sequence``'s values for the first query head served, then ``share`` (which share
+    of the group this program is) and ``tile``, the index of its (key block, key/value head,
+    sequence) among all programs' (shares of one tile are adjacent, the fastest grid index)."""
+    batch, slot, entry = _program(heads // members, VARLEN)
+    first_q_base, k_base, first_row_base, len_q, len_k, band_lo, band_hi = _sequence(
+        Cu_q, Cu_k, batch, entry, slot * members, group, heads, t_q, t_k, band_lo, band_hi,
+        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, VARLEN, BOTTOM_RIGHT)
+    program = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+    shares = group // members
+    return first_q_base, k_base, first_row_base, len_q, len_k, band_lo, band_hi, program % shares, program // shares
+
+
+@triton.jit
+def _column_store(Out_a, Out_b, Part_a, Part_b, Arrivals, tile_a, tile_b, k_base, share, tile, shares, stride_split,
+                  offs_n, offs_d, len_k, stride_kt, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  SPLIT: tl.constexpr):
+    """Store a column program's two key-shaped output tiles. SPLIT (the group shared among
+    ``shares`` programs): each share stores its float32 partials, ``stride_split`` elements
+    apart, and the last share of the tile to arrive sums all of them in share order, so the
+    result does not depend on which share arrives last (no float atomics)."""
+    if SPLIT:
+        _store_tile(Part_a + k_base + share * stride_split, tile_a, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+        _store_tile(Part_b + k_base + share * stride_split, tile_b, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+        # Every thread's partial stores precede the counter's release; the last share acquires.
+        tl.debug_barrier()
+        if tl.atomic_add(Arrivals + tile, 1, sem="acq_rel") == shares - 1:
+            tile_a = tl.zeros_like(tile_a)
+            tile_b = tl.zeros_like(tile_b)
+            for other in range(shares):
+                offset = k_base + other * stride_split
+                tile_a += _load_tile(Part_a + offset, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+                tile_b += _load_tile(Part_b + offset, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+            _store_tile(Out_a + k_base, tile_a, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+            _store_tile(Out_b + k_base, tile_b, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+    else:
+        _store_tile(Out_a + k_base, tile_a, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+        _store_tile(Out_b + k_base, tile_b, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+
+
 _LOG2E = tl.constexpr(LOG2E)
 
 
@@ -460,21 +507,19 @@ def _attn_bwd_dq_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, D_out, Lse, Delta, DK, DV,
+    Q, K, V, D_out, Lse, Delta, DK, DV, Part_k, Part_v, Arrivals, members, stride_split,
     Cu_q, Cu_k, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     t_q, t_k, heads, group, sm_scale: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One program per key block of one key/value head; it sums over the ``group`` query heads
-    that share the head, so grouped-query gradients need no atomics. Tiles are key-major
-    (keys × queries): the transposes of the row kernel's tiles."""
+    """One program per key block of one key/value head (or of one share of its query heads, see
+    ``_column_program``); it sums over the query heads it serves, so grouped-query gradients need
+    no atomics. Tiles are key-major (keys × queries): the transposes of the row kernel's tiles."""
     start_n = tl.program_id(0) * BLOCK_N
-    batch, kv_head, entry = _program(heads // group, VARLEN)
-    # Offsets for the first of the query heads this key/value head serves.
-    first_q_base, k_base, first_row_base, len_q, len_k, band_lo, band_hi = _sequence(
-        Cu_q, Cu_k, batch, entry, kv_head * group, group, heads, t_q, t_k, band_lo, band_hi,
+    first_q_base, k_base, first_row_base, len_q, len_k, band_lo, band_hi, share, tile = _column_program(
+        Cu_q, Cu_k, members, t_q, t_k, heads, group, band_lo, band_hi,
         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, VARLEN, BOTTOM_RIGHT)
     if VARLEN:
         if start_n >= len_k:  # the grid is sized for the longest sequence
@@ -489,7 +534,7 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
 
     lo, hi = _query_range(start_n, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
-    for member in range(group):
+    for member in range(members):
         # The group's query heads are adjacent: each one stride_qh elements and T_q row statistics on.
         q_base = first_q_base + tl.cast(member, tl.int64) * stride_qh
         row_base = first_row_base + member * t_q
@@ -507,8 +552,8 @@ def _attn_bwd_dkdv_kernel(
             dp_t = tl.dot(v, tl.trans(d_out), input_precision=PRECISION, out_dtype=ACC_DTYPE)
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    _store_tile(DK + k_base, dk * sm_scale, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
-    _store_tile(DV + k_base, dv, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+    _column_store(DK, DV, Part_k, Part_v, Arrivals, dk * sm_scale, dv, k_base, share, tile, group // members,
+                  stride_split, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D, SPLIT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -629,19 +674,18 @@ def _attn_bwd_bwd_rows_kernel(
 @triton.jit
 def _attn_bwd_bwd_cols_kernel(
     Q, K, V, D_out, Lse, Delta, Sigma, Rho, Cot_dq, Cot_dk, Cot_dv,
-    Cot_k, Cot_v,
+    Cot_k, Cot_v, Part_k, Part_v, Arrivals, members, stride_split,
     Cu_q, Cu_k, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     t_q, t_k, heads, group, sm_scale: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """cot_k and cot_v for one key block of one key/value head, summed over its query heads."""
+    """cot_k and cot_v for one key block of one key/value head, summed over the query heads the
+    program serves (``_column_program``)."""
     start_n = tl.program_id(0) * BLOCK_N
-    batch, kv_head, entry = _program(heads // group, VARLEN)
-    # Offsets for the first of the query heads this key/value head serves.
-    first_q_base, k_base, first_row_base, len_q, len_k, band_lo, band_hi = _sequence(
-        Cu_q, Cu_k, batch, entry, kv_head * group, group, heads, t_q, t_k, band_lo, band_hi,
+    first_q_base, k_base, first_row_base, len_q, len_k, band_lo, band_hi, share, tile = _column_program(
+        Cu_q, Cu_k, members, t_q, t_k, heads, group, band_lo, band_hi,
         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, VARLEN, BOTTOM_RIGHT)
     if VARLEN:
         if start_n >= len_k:  # the grid is sized for the longest sequence
@@ -659,7 +703,7 @@ def _attn_bwd_bwd_cols_kernel(
     cot_v = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
 
     lo, hi = _query_range(start_n, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
-    for member in range(group):
+    for member in range(members):
         # The group's query heads are adjacent: each one stride_qh elements and T_q row statistics on.
         q_base = first_q_base + tl.cast(member, tl.int64) * stride_qh
         row_base = first_row_base + member * t_q
@@ -686,8 +730,8 @@ def _attn_bwd_bwd_cols_kernel(
             cot_k += tl.dot(s_bar_t.to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             cot_k += tl.dot(ds_t.to(cot_dq.dtype), cot_dq, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             cot_v += tl.dot(dp_bar_t.to(d_out.dtype), d_out, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    _store_tile(Cot_k + k_base, cot_k * sm_scale, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
-    _store_tile(Cot_v + k_base, cot_v, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+    _column_store(Cot_k, Cot_v, Part_k, Part_v, Arrivals, cot_k * sm_scale, cot_v, k_base, share, tile,
+                  group // members, stride_split, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D, SPLIT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -722,6 +766,14 @@ _GPU_BLOCKS = {
     "backward": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 32, 4, 2)},
     "backward_backward": {64: (64, 64, 4, 2), 128: (64, 32, 4, 2), 256: (16, 32, 4, 1)},
 }
+# Grouped-query attention: a column program sums over a whole group of query heads, which leaves
+# the column kernels H / H_kv times fewer and longer programs than multi-head attention. Under a
+# causal or window mask their lengths also differ along the diagonal, and the longest ones end
+# alone on the GPU (8:1, B8 H16 T4096 causal: dK/dV 19 % slower than multi-head). There the group
+# is split until about this many programs per multiprocessor run, at the price of a float32
+# partial per share summed by the last share of each tile (``_column_store``). Without a mask the
+# programs are equal and the split's partial traffic cost more than it saved (H100, bf16).
+_COLUMN_PROGRAMS_PER_SM = 32
 # The interpreter runs one program at a time on the CPU: the smallest tiles tl.dot accepts keep
 # test shapes tiny while still crossing several blocks and block boundaries.
 _INTERPRETER_BLOCKS = (16, 16, 1, 1)
@@ -814,12 +866,22 @@ class _Call:
             return triton.cdiv(self.max_seqlen_q, block_m), self.cu_seqlens_q.numel() - 1, batch * heads
         return triton.cdiv(self.q.shape[2], block_m), batch * heads
 
-    def column_grid(self, block_n: int) -> tuple[int, ...]:
-        """One program per key block of one key/value head of one sequence."""
+    def column_grid(self, block_n: int, splits: int = 1) -> tuple[int, ...]:
+        """One program per key block of one key/value head of one sequence, or per share of its
+        query heads when ``splits`` > 1 (``group_split``)."""
         batch, heads_kv = self.k.shape[:2]
         if self.varlen:
-            return triton.cdiv(self.max_seqlen_k, block_n), self.cu_seqlens_k.numel() - 1, batch * heads_kv
-        return triton.cdiv(self.k.shape[2], block_n), batch * heads_kv
+            return triton.cdiv(self.max_seqlen_k, block_n), self.cu_seqlens_k.numel() - 1, batch * heads_kv * splits
+        return triton.cdiv(self.k.shape[2], block_n), batch * heads_kv * splits
+
+    def group_split(self, block_n: int) -> int:
+        """Into how many shares the column kernels split each grouped-query group: with a band
+        mask, the smallest divisor of the group that gives ``_COLUMN_PROGRAMS_PER_SM`` programs
+        per multiprocessor; none without one."""
+        group = self.q.shape[1] // self.k.shape[1] if self.params.banded else 1
+        target = _COLUMN_PROGRAMS_PER_SM * multiprocessor_count(self.q.device)
+        programs = math.prod(self.column_grid(block_n))
+        return next(s for s in range(1, group + 1) if group % s == 0 and (programs * s >= target or s == group))
 
 
 def _prepare(q, k, v, params, query_like=(), key_like=(), **varlen):
@@ -941,6 +1003,24 @@ def _row_stat_input(t, q):
     return None if t is None else t.to(row_stat_dtype(q.dtype)).contiguous()
 
 
+def _column_sweep(kernel, call: _Call, block_n: int, meta: dict, inputs: tuple, outputs: tuple) -> None:
+    """Launch column ``kernel`` on ``inputs``, writing the two key-shaped ``outputs``. When the
+    group is split (``_Call.group_split``) the shares write float32 (float64) partials in k's
+    layout, ``span`` elements apart, and count their arrivals per tile (``_column_store``)."""
+    group = call.q.shape[1] // call.k.shape[1]
+    splits = call.group_split(block_n)
+    grid = call.column_grid(block_n, splits)
+    if splits == 1:
+        kernel[grid](*inputs, *outputs, *outputs, call.q, group, 0, *call.scalars(), SPLIT=False, **meta)
+        return
+    k = call.k
+    span = 1 + sum((n - 1) * stride for n, stride in zip(k.shape, k.stride()))
+    partials = [torch.empty_strided((splits, *k.shape), (span, *k.stride()), dtype=row_stat_dtype(k.dtype),
+                                    device=k.device) for _ in outputs]
+    arrivals = torch.zeros(math.prod(grid) // splits, dtype=torch.int32, device=k.device)
+    kernel[grid](*inputs, *outputs, *partials, arrivals, group // splits, span, *call.scalars(), SPLIT=True, **meta)
+
+
 def attention_backward(q, k, v, out, lse, d_out, d_lse, params: AttentionParams, *, dq=None, dk=None, dv=None,
                        **varlen):
     """Gradients (dq, dk, dv) of <d_out, out> + <d_lse, lse>; ``d_lse`` may be None (zero)."""
@@ -954,8 +1034,7 @@ def attention_backward(q, k, v, out, lse, d_out, d_lse, params: AttentionParams,
         delta = _row_delta(call, out, d_out, d_lse)
         (block_m, block_n), meta = call.meta("backward")
         _attn_bwd_dq_kernel[call.row_grid(block_m)](q, k, v, d_out, lse, delta, dq, *call.scalars(), **meta)
-        _attn_bwd_dkdv_kernel[call.column_grid(block_n)](
-            q, k, v, d_out, lse, delta, dk, dv, *call.scalars(), **meta)
+        _column_sweep(_attn_bwd_dkdv_kernel, call, block_n, meta, (q, k, v, d_out, lse, delta), (dk, dv))
     return dq, dk, dv
 
 
@@ -988,7 +1067,6 @@ def attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk,
             q, k, v, d_out, lse, delta, d_lse, cot_dq, cot_dk, cot_dv, cot_q, cot_d_out, cot_d_lse, rho,
             *call.scalars(), **meta)
         (_, block_n), meta = call.meta("backward_backward")
-        _attn_bwd_bwd_cols_kernel[call.column_grid(block_n)](
-            q, k, v, d_out, lse, delta, cot_d_lse, rho, cot_dq, cot_dk, cot_dv, cot_k, cot_v,
-            *call.scalars(), **meta)
+        _column_sweep(_attn_bwd_bwd_cols_kernel, call, block_n, meta,
+                      (q, k, v, d_out, lse, delta, cot_d_lse, rho, cot_dq, cot_dk, cot_dv), (cot_k, cot_v))
     return cot_q, cot_k, cot_v, cot_d_out, cot_d_lse

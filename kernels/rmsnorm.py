@@ -54,20 +54,39 @@ BEYOND_SECOND_ORDER = (
 
 
 @dataclass(frozen=True)
-class RMSNormTuning:
-    """Launch shape, exposed so ``scripts/bench_rmsnorm.py`` can sweep it.
+class SweepTuning:
+    """Launch shape of one kind of row sweep.
 
     ``tile_elements``: a program handles ``max(1, tile_elements // BLOCK_N)`` rows at once, so
     short rows are packed into tiles as large as one long row.
     ``elements_per_thread``: num_warps = tile / (32 · elements_per_thread), clamped to [1, 32].
-    ``reduce_programs_per_sm``: programs per multiprocessor in the kernels with a weight-shaped
-    reduction; each writes one N-long partial row, so more programs buy latency hiding with
+    ``programs_per_sm``: 0 for one tile per program; otherwise a persistent grid of about this
+    many programs per multiprocessor, each looping over tiles. Kernels with a weight-shaped
+    reduction need it: every program writes one N-long partial row, so fewer programs mean less
     partial-sum traffic.
+    ``loop_stages``: software-pipelining depth of the persistent loop (``tl.range``'s num_stages):
+    above 1 the next tiles' loads are issued while the current tile is reduced, so a program keeps
+    more bytes in flight than one load-reduce-store round; lowered where the staged tiles would not
+    fit in half the device's shared memory.
     """
 
-    tile_elements: int = 4096
-    elements_per_thread: int = 16
-    reduce_programs_per_sm: int = 2
+    tile_elements: int
+    elements_per_thread: int
+    programs_per_sm: int = 0
+    loop_stages: int = 1
+
+
+@dataclass(frozen=True)
+class RMSNormTuning:
+    """Launch shapes, exposed so ``scripts/bench_rmsnorm.py`` can sweep them: ``row_local`` for
+    the forward (with JVP) and second-order forward, ``reducing`` for the backward and double
+    backward. The defaults are the best of that sweep on an H100 at (2, 1024, 4096) bfloat16
+    (docs/benchmarks.md): a small tile per program for the row-local kernels; for the reducing
+    ones one program per multiprocessor over two-row tiles, three tiles in flight."""
+
+    row_local: SweepTuning = SweepTuning(tile_elements=4096, elements_per_thread=32)
+    reducing: SweepTuning = SweepTuning(tile_elements=8192, elements_per_thread=32, programs_per_sm=1,
+                                        loop_stages=3)
 
 
 DEFAULT_TUNING = RMSNormTuning()
@@ -75,7 +94,8 @@ DEFAULT_TUNING = RMSNormTuning()
 
 @dataclass(frozen=True)
 class _Layout:
-    """How a (*G, *R, N) input maps onto programs: per group, tiles of ``tile_rows`` rows."""
+    """How a (*G, *R, N) input maps onto programs for one ``SweepTuning``: per group, tiles of
+    ``tile_rows`` rows, ``programs`` programs (one per tile unless the grid is persistent)."""
 
     n_groups: int
     rows_per_group: int
@@ -83,22 +103,21 @@ class _Layout:
     block_n: int
     tile_rows: int
     num_warps: int
+    programs: int
+    loop_stages: int
 
     @property
-    def tiles_per_group(self) -> int:
-        return triton.cdiv(self.rows_per_group, self.tile_rows)
+    def grid(self) -> tuple[int]:
+        return (self.n_groups * self.programs,)
 
-    def programs_per_group(self, device: torch.device, tuning: RMSNormTuning, reduces: bool) -> int:
-        """One tile per program for row-local kernels; a persistent grid of about
-        ``reduce_programs_per_sm`` programs per multiprocessor (shared among the groups) for
-        kernels that also reduce over rows."""
-        if not reduces:
-            return self.tiles_per_group
-        budget = tuning.reduce_programs_per_sm * multiprocessor_count(device)
-        return max(1, min(self.tiles_per_group, triton.cdiv(budget, self.n_groups)))
+    def launch(self) -> dict:
+        """The launch keywords every rmsnorm kernel takes."""
+        return dict(TILE_ROWS=self.tile_rows, BLOCK_N=self.block_n, num_warps=self.num_warps)
 
 
-def _layout(x: torch.Tensor, weight: torch.Tensor, tuning: RMSNormTuning) -> _Layout:
+def _layout(x: torch.Tensor, weight: torch.Tensor, sweep: SweepTuning, staged_tensors: int = 0) -> _Layout:
+    """``staged_tensors``: how many x-shaped inputs the persistent loop pipelines (they bound
+    ``loop_stages`` by shared memory)."""
     group_shape = tuple(weight.shape[:-1])
     if (x.ndim < weight.ndim or tuple(x.shape[: len(group_shape)]) != group_shape
             or x.shape[-1] != weight.shape[-1]):
@@ -112,11 +131,24 @@ def _layout(x: torch.Tensor, weight: torch.Tensor, tuning: RMSNormTuning) -> _La
     n_groups = math.prod(group_shape)
     rows_per_group = x.numel() // n_cols // n_groups if n_groups else 0
     block_n = triton.next_power_of_2(n_cols)
-    tile_rows = min(max(1, tuning.tile_elements // block_n),
-                    triton.next_power_of_2(max(rows_per_group, 1)))
-    num_warps = min(32, max(1, tile_rows * block_n // (32 * tuning.elements_per_thread)))
-    return _Layout(n_groups, rows_per_group, n_cols, block_n, tile_rows,
-                   triton.next_power_of_2(num_warps))
+    tile_rows = min(max(1, sweep.tile_elements // block_n), triton.next_power_of_2(max(rows_per_group, 1)))
+    num_warps = min(32, max(1, tile_rows * block_n // (32 * sweep.elements_per_thread)))
+    tiles = triton.cdiv(rows_per_group, tile_rows)
+    programs = tiles
+    if sweep.programs_per_sm:  # persistent: the budget is shared among the groups
+        budget = sweep.programs_per_sm * multiprocessor_count(x.device)
+        programs = max(1, min(tiles, triton.cdiv(budget, max(n_groups, 1))))
+    stage_bytes = tile_rows * block_n * x.element_size() * staged_tensors
+    stages = max(1, min(sweep.loop_stages, _shared_memory(x.device) // 2 // max(stage_bytes, 1)))
+    return _Layout(n_groups, rows_per_group, n_cols, block_n, tile_rows, triton.next_power_of_2(num_warps),
+                   programs, stages)
+
+
+def _shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory one program may use (no limit in the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    return 2**62
 
 
 def check_arguments(x_shape, x_dtype, weight_shape, weight_dtype, eps, *, backend: str) -> None:
@@ -271,7 +303,7 @@ def _forward_kernel(
 def _backward_kernel(
     x_ptr, w_ptr, rstd_ptr, dy_ptr, dx_ptr, dw_partial_ptr,
     rows_per_group, n_cols, programs_per_group,
-    ACC: tl.constexpr, TILE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACC: tl.constexpr, TILE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):
     """dx = J (w ∘ dy) and this program's share of dweight = Σ_rows dy ∘ x̂ (§3)."""
     pid = tl.program_id(0)
@@ -279,7 +311,8 @@ def _backward_kernel(
     cols = tl.arange(0, BLOCK_N)
     w = tl.load(w_ptr + group.to(tl.int64) * n_cols + cols, mask=cols < n_cols, other=0.0).to(ACC)[None, :]
     dw = tl.zeros([BLOCK_N], dtype=ACC)
-    for tile in range(pid % programs_per_group, tl.cdiv(rows_per_group, TILE_ROWS), programs_per_group):
+    for tile in tl.range(pid % programs_per_group, tl.cdiv(rows_per_group, TILE_ROWS), programs_per_group,
+                         num_stages=LOOP_STAGES):
         offs, global_rows, row_mask, mask = _tile_offsets(group, tile, rows_per_group, n_cols,
                                                           TILE_ROWS, BLOCK_N)
         rstd = tl.load(rstd_ptr + global_rows, mask=row_mask, other=0.0)
@@ -295,7 +328,7 @@ def _backward_kernel(
 def _double_backward_kernel(
     x_ptr, w_ptr, rstd_ptr, dy_ptr, cot_dx_ptr, cot_dw_ptr, cot_x_ptr, cot_w_partial_ptr, cot_dy_ptr,
     rows_per_group, n_cols, programs_per_group,
-    ACC: tl.constexpr, TILE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACC: tl.constexpr, TILE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_STAGES: tl.constexpr,
     HAS_COT_DX: tl.constexpr, HAS_COT_DW: tl.constexpr,
 ):
     """VJP of (x, w, dy) ↦ (dx, dweight) for cotangents a = cot_dx, b = cot_dweight (§4):
@@ -311,7 +344,8 @@ def _double_backward_kernel(
     if HAS_COT_DW:
         b = tl.load(cot_dw_ptr + w_offs, mask=cols < n_cols, other=0.0).to(ACC)[None, :]
     cot_w = tl.zeros([BLOCK_N], dtype=ACC)
-    for tile in range(pid % programs_per_group, tl.cdiv(rows_per_group, TILE_ROWS), programs_per_group):
+    for tile in tl.range(pid % programs_per_group, tl.cdiv(rows_per_group, TILE_ROWS), programs_per_group,
+                         num_stages=LOOP_STAGES):
         offs, global_rows, row_mask, mask = _tile_offsets(group, tile, rows_per_group, n_cols,
                                                           TILE_ROWS, BLOCK_N)
         rstd = tl.load(rstd_ptr + global_rows, mask=row_mask, other=0.0)
@@ -395,13 +429,13 @@ def _column_sum_kernel(partial_ptr, out_ptr, n_partials, n_cols,
 def _sum_partials(partial: torch.Tensor, out: torch.Tensor) -> None:
     """Reduce (G, P, N) per-program partial rows into out (*G, N), contiguous.
 
-    Narrow column strips (32 columns) give one program per 32 columns, so N = 4096 already
-    spreads over 128 programs; tall tiles (up to 128 partial rows) keep the number of dependent
-    load rounds per program at P / 128 (the partials were just written and sit in L2, so latency,
-    not bandwidth, bounds this kernel)."""
+    The partials were just written and sit in L2, so latency, not bandwidth, bounds this kernel:
+    a program loads a tile of up to 512 partial rows (a persistent grid of a few programs per
+    multiprocessor fits in one round of loads) by 8192 / rows columns, which for N = 4096 and
+    132 partials gives 128 programs of 32 columns."""
     n_groups, n_partials, n_cols = partial.shape
-    block_c = min(triton.next_power_of_2(n_cols), 32)
-    block_p = min(triton.next_power_of_2(n_partials), 128)
+    block_p = min(triton.next_power_of_2(n_partials), 512)
+    block_c = min(triton.next_power_of_2(n_cols), max(1, 8192 // block_p))
     grid = (n_groups, triton.cdiv(n_cols, block_c))
     _column_sum_kernel[grid](partial, out, n_partials, n_cols, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
 
@@ -437,7 +471,7 @@ def rmsnorm_jvp(x: torch.Tensor, weight: torch.Tensor, x_dot: torch.Tensor | Non
     Returns:
         (y, rstd, y_dot) with y_dot = ∂y/∂x · x_dot + ∂y/∂weight · weight_dot, like x.
     """
-    layout = _layout(x, weight, tuning)
+    layout = _layout(x, weight, tuning.row_local)
     acc = accumulator_dtype(x.dtype)
     has_tangent = x_dot is not None or weight_dot is not None
     y = output_buffer(y, "y", x.shape, x.dtype, x.device)
@@ -445,15 +479,13 @@ def rmsnorm_jvp(x: torch.Tensor, weight: torch.Tensor, x_dot: torch.Tensor | Non
     y_dot = output_buffer(y_dot, "y_dot", x.shape, x.dtype, x.device) if has_tangent else None
     x_dot = _check_like("x_dot", x_dot, x, "x") if x_dot is not None else None
     weight_dot = _check_like("weight_dot", weight_dot, weight, "weight") if weight_dot is not None else None
-    programs = layout.programs_per_group(x.device, tuning, reduces=False)
-    if programs * layout.n_groups:
+    if layout.grid[0]:
         x, weight = x.contiguous(), weight.contiguous()
-        _forward_kernel[(layout.n_groups * programs,)](
+        _forward_kernel[layout.grid](
             x, weight, x_dot if x_dot is not None else x, weight_dot if weight_dot is not None else weight,
             y, rstd, y_dot if has_tangent else y,
-            layout.rows_per_group, layout.n_cols, programs, float(eps),
-            ACC=tl_dtype(acc), TILE_ROWS=layout.tile_rows, BLOCK_N=layout.block_n,
-            HAS_X_DOT=x_dot is not None, HAS_W_DOT=weight_dot is not None, num_warps=layout.num_warps,
+            layout.rows_per_group, layout.n_cols, layout.programs, float(eps),
+            ACC=tl_dtype(acc), HAS_X_DOT=x_dot is not None, HAS_W_DOT=weight_dot is not None, **layout.launch(),
         )
     return y, rstd, y_dot
 
@@ -470,20 +502,19 @@ def rmsnorm_backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, 
     Returns:
         (dx, dweight): dx like x; dweight like weight (summed over each group's rows).
     """
-    layout = _layout(x, weight, tuning)
+    layout = _layout(x, weight, tuning.reducing, staged_tensors=2)
     acc = accumulator_dtype(x.dtype)
     dy = _check_like("dy", dy, x, "x")
     rstd = _check_rstd(rstd, x)
     dx = output_buffer(dx, "dx", x.shape, x.dtype, x.device)
     dweight = output_buffer(dweight, "dweight", weight.shape, weight.dtype, weight.device)
-    programs = layout.programs_per_group(x.device, tuning, reduces=True)
     if layout.n_groups == 0:
         return dx, dweight
-    partial = torch.empty((layout.n_groups, programs, layout.n_cols), dtype=acc, device=x.device)
-    _backward_kernel[(layout.n_groups * programs,)](
+    partial = torch.empty((layout.n_groups, layout.programs, layout.n_cols), dtype=acc, device=x.device)
+    _backward_kernel[layout.grid](
         x.contiguous(), weight.contiguous(), rstd, dy, dx, partial,
-        layout.rows_per_group, layout.n_cols, programs,
-        ACC=tl_dtype(acc), TILE_ROWS=layout.tile_rows, BLOCK_N=layout.block_n, num_warps=layout.num_warps,
+        layout.rows_per_group, layout.n_cols, layout.programs,
+        ACC=tl_dtype(acc), LOOP_STAGES=layout.loop_stages, **layout.launch(),
     )
     _sum_partials(partial, dweight)
     return dx, dweight
@@ -505,7 +536,7 @@ def rmsnorm_backward_backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch
     Returns:
         (cot_x, cot_weight, cot_dy), shaped like x, weight and dy.
     """
-    layout = _layout(x, weight, tuning)
+    layout = _layout(x, weight, tuning.reducing, staged_tensors=2 + (cot_dx is not None))
     acc = accumulator_dtype(x.dtype)
     dy = _check_like("dy", dy, x, "x")
     rstd = _check_rstd(rstd, x)
@@ -514,17 +545,16 @@ def rmsnorm_backward_backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch
     cot_x = output_buffer(cot_x, "cot_x", x.shape, x.dtype, x.device)
     cot_weight = output_buffer(cot_weight, "cot_weight", weight.shape, weight.dtype, weight.device)
     cot_dy = output_buffer(cot_dy, "cot_dy", x.shape, x.dtype, x.device)
-    programs = layout.programs_per_group(x.device, tuning, reduces=True)
     if layout.n_groups == 0:
         return cot_x, cot_weight, cot_dy
-    partial = torch.empty((layout.n_groups, programs, layout.n_cols), dtype=acc, device=x.device)
-    _double_backward_kernel[(layout.n_groups * programs,)](
+    partial = torch.empty((layout.n_groups, layout.programs, layout.n_cols), dtype=acc, device=x.device)
+    _double_backward_kernel[layout.grid](
         x.contiguous(), weight.contiguous(), rstd, dy,
         cot_dx if cot_dx is not None else dy, cot_dweight if cot_dweight is not None else weight,
         cot_x, partial, cot_dy,
-        layout.rows_per_group, layout.n_cols, programs,
-        ACC=tl_dtype(acc), TILE_ROWS=layout.tile_rows, BLOCK_N=layout.block_n,
-        HAS_COT_DX=cot_dx is not None, HAS_COT_DW=cot_dweight is not None, num_warps=layout.num_warps,
+        layout.rows_per_group, layout.n_cols, layout.programs,
+        ACC=tl_dtype(acc), LOOP_STAGES=layout.loop_stages, HAS_COT_DX=cot_dx is not None,
+        HAS_COT_DW=cot_dweight is not None, **layout.launch(),
     )
     _sum_partials(partial, cot_weight)
     return cot_x, cot_weight, cot_dy
@@ -546,22 +576,19 @@ def rmsnorm_forward_second(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Te
     Returns:
         y_ddot, like x.
     """
-    layout = _layout(x, weight, tuning)
-    acc = accumulator_dtype(x.dtype)
+    layout = _layout(x, weight, tuning.row_local)
     rstd = _check_rstd(rstd, x)
     x_dot, x_dot2 = (_check_like(name, t, x, "x") if t is not None else None
                      for name, t in (("x_dot", x_dot), ("x_dot2", x_dot2)))
     weight_dot, weight_dot2 = (_check_like(name, t, weight, "weight") if t is not None else None
                                for name, t in (("weight_dot", weight_dot), ("weight_dot2", weight_dot2)))
     y_ddot = output_buffer(y_ddot, "y_ddot", x.shape, x.dtype, x.device)
-    programs = layout.programs_per_group(x.device, tuning, reduces=False)
-    if programs * layout.n_groups:
-        _forward_second_kernel[(layout.n_groups * programs,)](
+    if layout.grid[0]:
+        _forward_second_kernel[layout.grid](
             x.contiguous(), weight.contiguous(), rstd,
             *(t if t is not None else x for t in (x_dot, weight_dot, x_dot2, weight_dot2)), y_ddot,
-            layout.rows_per_group, layout.n_cols, programs,
-            ACC=tl_dtype(acc), TILE_ROWS=layout.tile_rows, BLOCK_N=layout.block_n,
-            HAS_X_DOT=x_dot is not None, HAS_W_DOT=weight_dot is not None,
-            HAS_X_DOT2=x_dot2 is not None, HAS_W_DOT2=weight_dot2 is not None, num_warps=layout.num_warps,
+            layout.rows_per_group, layout.n_cols, layout.programs,
+            ACC=tl_dtype(accumulator_dtype(x.dtype)), HAS_X_DOT=x_dot is not None, HAS_W_DOT=weight_dot is not None,
+            HAS_X_DOT2=x_dot2 is not None, HAS_W_DOT2=weight_dot2 is not None, **layout.launch(),
         )
     return y_ddot

@@ -19,6 +19,7 @@ target is graph fwd+bwd ≥ 80 % of the copy's bandwidth on an H100.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 import math
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
-from theria_kernels.rmsnorm import DEFAULT_TUNING, RMSNormTuning, rmsnorm_backward, rmsnorm_forward
+from theria_kernels.rmsnorm import DEFAULT_TUNING, SweepTuning, rmsnorm_backward, rmsnorm_forward
 from theria_torch.rmsnorm import rmsnorm
 
 EPS = 1e-6
@@ -100,26 +101,30 @@ def report(name: str, times: tuple[float, float], nbytes: int, peer=None) -> Non
 
 
 def sweep(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, traffic: Traffic) -> None:
-    """Kernels alone (graph time) over launch shapes; the best per kernel is what DEFAULT_TUNING
-    should be for this shape and device."""
-    print(f"\n{'tile_elements':>13s} {'el/thread':>9s} {'prog/SM':>7s} {'fwd GB/s':>9s} {'%copy':>6s} "
-          f"{'bwd GB/s':>9s} {'%copy':>6s}")
+    """Kernels alone (graph time) over launch shapes: the forward over ``row_local`` shapes, the
+    backward over ``reducing`` ones; the best of each is what DEFAULT_TUNING should hold for this
+    shape and device."""
     _, rstd = rmsnorm_forward(x, weight, EPS)
-    copy_gbs = {"forward": copy_bandwidth(traffic.forward(), str(x.device)),
-                "backward": copy_bandwidth(traffic.backward(), str(x.device))}
-    best = {}
-    for tile, per_thread, per_sm in itertools.product((1024, 2048, 4096, 8192, 16384), (4, 8, 16, 32), (1, 2, 4, 8)):
-        tuning = RMSNormTuning(tile_elements=tile, elements_per_thread=per_thread, reduce_programs_per_sm=per_sm)
-        fwd = triton.testing.do_bench_cudagraph(lambda: rmsnorm_forward(x, weight, EPS, tuning=tuning), rep=100)
-        bwd = triton.testing.do_bench_cudagraph(lambda: rmsnorm_backward(x, weight, rstd, dy, tuning=tuning), rep=100)
-        fwd_gbs, bwd_gbs = traffic.forward() / fwd / 1e6, traffic.backward() / bwd / 1e6
-        print(f"{tile:13d} {per_thread:9d} {per_sm:7d} {fwd_gbs:9.0f} {100 * fwd_gbs / copy_gbs['forward']:5.1f}% "
-              f"{bwd_gbs:9.0f} {100 * bwd_gbs / copy_gbs['backward']:5.1f}%")
-        for kernel, gbs in (("forward", fwd_gbs), ("backward", bwd_gbs)):
-            if gbs > best.get(kernel, (0.0, None))[0]:
-                best[kernel] = (gbs, tuning)
-    for kernel, (gbs, tuning) in best.items():
-        print(f"best {kernel}: {gbs:.0f} GB/s ({100 * gbs / copy_gbs[kernel]:.1f}% of copy) with {tuning}")
+    kernels = {
+        "forward": ("row_local", traffic.forward(), lambda tuning: rmsnorm_forward(x, weight, EPS, tuning=tuning),
+                    itertools.product((2048, 4096, 8192), (8, 16, 32), (0,), (1,))),
+        "backward": ("reducing", traffic.backward(),
+                     lambda tuning: rmsnorm_backward(x, weight, rstd, dy, tuning=tuning),
+                     itertools.product((4096, 8192, 16384), (16, 32), (1, 2), (1, 3, 4))),
+    }
+    for kernel, (field, nbytes, run, shapes) in kernels.items():
+        copy_gbs = copy_bandwidth(nbytes, str(x.device))
+        print(f"\n{kernel:9s} {'tile_elements':>13s} {'el/thread':>9s} {'prog/SM':>7s} {'stages':>6s} "
+              f"{'GB/s':>9s} {'%copy':>6s}")
+        best = (0.0, None)
+        for shape in shapes:
+            tuning = dataclasses.replace(DEFAULT_TUNING, **{field: SweepTuning(*shape)})
+            gbs = nbytes / triton.testing.do_bench_cudagraph(lambda: run(tuning), rep=100) / 1e6
+            print(f"{kernel:9s} {shape[0]:13d} {shape[1]:9d} {shape[2]:7d} {shape[3]:6d} {gbs:9.0f} "
+                  f"{100 * gbs / copy_gbs:5.1f}%")
+            best = max(best, (gbs, shape), key=lambda b: b[0])
+        print(f"best {kernel}: {best[0]:.0f} GB/s ({100 * best[0] / copy_gbs:.1f}% of copy) with "
+              f"{field}=SweepTuning{best[1]}")
     print(f"default: {DEFAULT_TUNING}")
 
 
@@ -127,7 +132,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="2,1024,4096", help="leading dims and N, comma-separated")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="bfloat16")
-    parser.add_argument("--sweep", action="store_true", help="also sweep RMSNormTuning for the kernels alone")
+    parser.add_argument("--sweep", action="store_true", help="also sweep the launch shapes (RMSNormTuning) for the kernels alone")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_rmsnorm.py needs a CUDA GPU")

@@ -13,6 +13,7 @@ from torch.autograd import forward_ad, gradcheck, gradgradcheck
 import theria_kernels.rmsnorm as rmsnorm_kernels
 from theria_kernels.rmsnorm import (
     RMSNormTuning,
+    SweepTuning,
     rmsnorm_backward,
     rmsnorm_backward_backward,
     rmsnorm_forward,
@@ -148,15 +149,17 @@ def test_grouped_weights_reduce_per_group():
 
 def test_column_sum_over_several_rounds():
     """The second stage of dweight: more partial rows than one program tile holds."""
-    partial = torch.randn(2, 300, 37, dtype=torch.float64, device=DEVICE)
+    partial = torch.randn(2, 600, 37, dtype=torch.float64, device=DEVICE)
     out = torch.full((2, 37), float("nan"), dtype=torch.float32, device=DEVICE)
     rmsnorm_kernels._sum_partials(partial, out)
     assert_close("column sum", out, partial.sum(1), 1e-6)
 
 
 @pytest.mark.parametrize("tuning", [
-    RMSNormTuning(tile_elements=1, reduce_programs_per_sm=4),  # 1 row per tile, 16 partial rows
-    RMSNormTuning(tile_elements=64, elements_per_thread=1),    # 8 rows per tile, 2 warps
+    # 1 row per tile; 16 partial rows from a persistent grid looping over 3 stages
+    RMSNormTuning(SweepTuning(1, 16), SweepTuning(1, 16, programs_per_sm=4, loop_stages=3)),
+    # 8 rows per tile, 2 warps, with a ragged last tile
+    RMSNormTuning(SweepTuning(64, 1), SweepTuning(64, 1, programs_per_sm=2)),
 ], ids=["row_per_tile", "packed_rows"])
 def test_launch_shapes_do_not_change_results(tuning):
     """Other launch shapes: one row per tile with each program looping over several tiles;

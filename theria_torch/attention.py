@@ -312,8 +312,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
         out (total_q, H, D), or (out, lse) with ``return_lse``.
 
     Unlike flash-attn, the call checks the cu_seqlens values (start, order, end, the max lengths),
-    which costs one small device-to-host read, so it synchronises with the GPU. ``torch.func.vmap``
-    works when every instance shares the cu_seqlens.
+    which costs one small device-to-host read, so an eager call synchronises with the GPU; during a
+    CUDA-graph capture the check is skipped, so the varlen call can be captured and replayed.
+    ``torch.func.vmap`` works when every instance shares the cu_seqlens.
     """
     if dropout_p != 0.0:
         raise ValueError(f"dropout_p={dropout_p}: theria's attention has no dropout; pass dropout_p=0.0")
@@ -324,8 +325,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     varlen = varlen_keywords(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if torch._C._functorch.is_batchedtensor(cu_seqlens_q) or torch._C._functorch.is_batchedtensor(cu_seqlens_k):
         raise NotImplementedError(_ops.VMAP_CU_SEQLENS)
-    starts_q, starts_k = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()  # the one host read
-    validate_cu_seqlens_values(starts_q, starts_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+    # The value check needs a host read, which a CUDA-graph capture cannot make: a captured call
+    # relies on the eager call that precedes every capture (warm-up) having been checked.
+    if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        starts_q, starts_k = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()  # the one host read
+        validate_cu_seqlens_values(starts_q, starts_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if backend == "reference":
         out, lse = varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
