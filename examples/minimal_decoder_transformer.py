@@ -3,9 +3,10 @@
 A 2-layer pre-norm decoder (``theria_torch.models.TransformerStack``, causal) with 4 heads reads a
 sequence of one-hot tokens and, at its last position, names which of four signature tokens was
 planted in the sequence (``theria_torch.tasks.SequenceClassification``, one fixed task). Attention
-goes through ``theria_torch.sdpa_custom``; ``--backend`` is the only thing that differs between
-the fused Triton kernels and the plain-torch reference, so for the same ``--seed`` both print the
-same losses (to float32 rounding)::
+and the rmsnorms go through ``theria_torch.sdpa_custom`` and ``theria_torch.rmsnorm`` with the
+model's backend; ``--backend`` is the only thing that differs between the fused Triton kernels and
+the plain-torch reference, so for the same ``--seed`` both print the same losses (to float32
+rounding)::
 
     python examples/minimal_decoder_transformer.py --backend reference
     python examples/minimal_decoder_transformer.py --backend triton_full_fused --verbose

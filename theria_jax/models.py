@@ -3,7 +3,9 @@
 Same network, same parameter names and shapes (``param_shapes``), same numpy initialisation
 (``init_params``, imported from ``theria_torch.models``), so a parameter dict crosses between the
 frameworks by name with :func:`from_torch` / :func:`to_torch`. Layouts follow JAX's attention,
-(N, T, H, head_dim); attention goes through ``theria_jax.attention`` with the given ``backend``.
+(N, T, H, head_dim). The ``backend`` is that of every op with a fused kernel: attention goes
+through ``theria_jax.attention`` and every rmsnorm through ``theria_jax.rmsnorm`` (eps
+``RMSNORM_EPS``), both with the given ``backend``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from theria_jax.attention import attention
+from theria_jax.rmsnorm import rmsnorm
 from theria_torch.models import RMSNORM_EPS, ModelConfig, init_params, param_shapes
 
 __all__ = ["ModelConfig", "init_params", "param_shapes", "jax_params", "from_torch", "to_torch",
@@ -41,11 +44,6 @@ def to_torch(params: Params, *, device: torch.device | str | None = None) -> dic
     return {name: torch.from_dlpack(value).clone().to(device) for name, value in params.items()}
 
 
-def rms_norm(x, scale):
-    """``x / rms(x) * scale`` over the last axis."""
-    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + RMSNORM_EPS) * scale
-
-
 def self_attention(params: Params, prefix: str, x, config: ModelConfig, backend: str):
     """x: (N, T, d_model) -> (N, T, d_model); heads split to (N, T, H, head_dim)."""
     def heads(name):
@@ -61,16 +59,22 @@ def mlp(params: Params, prefix: str, x):
 
 
 def apply(params: Params, x, config: ModelConfig, *, backend: str = "reference"):
-    """The network of ``theria_torch.models``: x (N, T, d_in), T <= max_len -> (N, T, d_out)."""
+    """The network of ``theria_torch.models``: x (N, T, d_in), T <= max_len -> (N, T, d_out).
+
+    ``backend`` ("reference" or "triton_full_fused") is passed to every attention and rmsnorm.
+    """
     if x.ndim != 3 or x.shape[-1] != config.d_in or x.shape[1] > config.max_len:
         raise ValueError(f"inputs must be (N, T <= {config.max_len}, {config.d_in}), got {tuple(x.shape)}")
+
+    def norm(name, h):
+        return rmsnorm(h, params[name], RMSNORM_EPS, backend=backend)
+
     h = x @ params["embed.weight"] + params["embed.bias"] + params["pos"][: x.shape[1]]
     for i in range(config.n_layers):
         block = f"blocks.{i}."
-        h = h + self_attention(params, block + "attn.", rms_norm(h, params[block + "norm1.scale"]),
-                               config, backend)
-        h = h + mlp(params, block + "mlp.", rms_norm(h, params[block + "norm2.scale"]))
-    return rms_norm(h, params["norm.scale"]) @ params["head.weight"] + params["head.bias"]
+        h = h + self_attention(params, block + "attn.", norm(block + "norm1.scale", h), config, backend)
+        h = h + mlp(params, block + "mlp.", norm(block + "norm2.scale", h))
+    return norm("norm.scale", h) @ params["head.weight"] + params["head.bias"]
 
 
 def task_loss(outputs, targets, loss: str):
@@ -89,8 +93,8 @@ def task_loss(outputs, targets, loss: str):
 
 
 def make_loss_fn(config: ModelConfig, loss: str, *, backend: str = "reference") -> Callable:
-    """``loss_fn(params, (inputs, targets)) -> scalar``: :func:`apply` scored at the last
-    position; the form ``theria_jax.maml`` differentiates."""
+    """``loss_fn(params, (inputs, targets)) -> scalar``: :func:`apply` with ``backend`` scored at
+    the last position; the form ``theria_jax.maml`` differentiates."""
 
     def loss_fn(params: Params, batch):
         inputs, targets = batch

@@ -1,18 +1,20 @@
 """MAML and first-order MAML as pure functions on parameter dicts, built on ``torch.func``.
 
 ``loss_fn(params, (inputs, targets)) -> scalar`` is any function of a parameter dict (e.g.
-``theria_torch.models.make_loss_fn``); nothing here knows about the model or the attention
-backend. ``theria_jax.maml`` has the same functions with the same arguments.
+``theria_torch.models.make_loss_fn``); nothing here knows about the model or the backend of its
+fused ops (attention, rmsnorm). ``theria_jax.maml`` has the same functions with the same arguments.
 
 Full MAML differentiates through the inner gradient steps, so the meta-gradient contains
-Hessian-vector products of the support loss (double backward through attention); first-order
-MAML detaches the inner gradients, which drops them. docs/theory/maml_derivation.md derives both.
+Hessian-vector products of the support loss (double backward through attention and rmsnorm);
+first-order MAML detaches the inner gradients, which drops them. docs/theory/maml_derivation.md
+derives both.
 
 The tasks of a meta-batch are mapped with ``torch.func.vmap``, as ``theria_jax.maml`` maps them
-with ``jax.vmap``: the model is a ``functional_call`` of plain torch ops, and the fused attention's
-operators carry batching rules that fold the task axis into the kernels' batch axis, so one
-launch serves every task. (On CPU this is about 1.7× faster than a Python loop over the tasks;
-the price is that all tasks' second-order graphs are alive at once.)
+with ``jax.vmap``: the model is a ``functional_call`` of plain torch ops and theria's fused ops,
+whose batching rules (attention's registered operators, rmsnorm's autograd Functions) fold the
+task axis into the kernels' batch or row-group axis, so one launch serves every task. (On CPU
+this is about 1.7× faster than a Python loop over the tasks; the price is that all tasks'
+second-order graphs are alive at once.)
 """
 
 from __future__ import annotations

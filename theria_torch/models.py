@@ -11,8 +11,11 @@ Network (inputs ``x``: (N, T, d_in) float; linear maps are ``x @ W`` with W: (fa
     for each block:  h = h + attn(rmsnorm(h));  h = h + mlp(rmsnorm(h))
     out = rmsnorm(h) @ head.weight + head.bias          # (N, T, d_out)
 
-Attention goes through ``theria_torch.sdpa_custom`` with the model's ``backend``; everything
-else is plain torch, so the backend is the only thing that changes between runs.
+The model's ``backend`` is the backend of every op that has a fused kernel: attention goes
+through ``theria_torch.sdpa_custom`` and every rmsnorm through ``theria_torch.rmsnorm``, both with
+that backend ("reference": plain torch; "triton_full_fused": the fused kernels). Everything else
+(the linear maps, SiLU, the loss) is plain torch, so the backend is the only thing that changes
+between runs.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch import nn
 from torch.func import functional_call
 
 from theria_torch.attention import sdpa_custom
+from theria_torch.rmsnorm import rmsnorm
 
 RMSNORM_EPS = 1e-6
 
@@ -111,18 +115,17 @@ def torch_params(params: dict[str, np.ndarray], *, dtype: torch.dtype,
     return {name: torch.tensor(value, dtype=dtype, device=device) for name, value in params.items()}
 
 
-def rms_norm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x / rms(x) * scale`` over the last axis."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + RMSNORM_EPS) * scale
-
-
 class RMSNorm(nn.Module):
-    def __init__(self, d: int):
+    """``theria_torch.rmsnorm`` over the last axis with eps :data:`RMSNORM_EPS`; the learned
+    scale is the parameter ``scale`` (d,)."""
+
+    def __init__(self, d: int, backend: str):
         super().__init__()
         self.scale = nn.Parameter(torch.empty(d))
+        self.backend = backend
 
     def forward(self, x):
-        return rms_norm(x, self.scale)
+        return rmsnorm(x, self.scale, RMSNORM_EPS, backend=self.backend)
 
 
 class Affine(nn.Module):
@@ -167,8 +170,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, backend: str):
         super().__init__()
-        self.norm1, self.attn = RMSNorm(config.d_model), SelfAttention(config, backend)
-        self.norm2, self.mlp = RMSNorm(config.d_model), MLP(config.d_model, config.ff_dim)
+        self.norm1, self.attn = RMSNorm(config.d_model, backend), SelfAttention(config, backend)
+        self.norm2, self.mlp = RMSNorm(config.d_model, backend), MLP(config.d_model, config.ff_dim)
 
     def forward(self, h):
         h = h + self.attn(self.norm1(h))
@@ -180,7 +183,8 @@ class TransformerStack(nn.Module):
 
     Arguments:
         config: sizes; ``config.causal`` makes it a decoder.
-        backend: attention backend passed to ``sdpa_custom`` ("reference", "triton_full_fused").
+        backend: backend of the ops with fused kernels, passed to ``sdpa_custom`` and ``rmsnorm``:
+            "reference" (plain torch) or "triton_full_fused" (CUDA, or CPU under TRITON_INTERPRET=1).
         seed: :func:`init_params` seed. dtype, device: of the parameters.
     """
 
@@ -191,7 +195,7 @@ class TransformerStack(nn.Module):
         self.embed = Affine(config.d_in, config.d_model)
         self.pos = nn.Parameter(torch.empty(config.max_len, config.d_model))
         self.blocks = nn.ModuleList(Block(config, backend) for _ in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model)
+        self.norm = RMSNorm(config.d_model, backend)
         self.head = Affine(config.d_model, config.d_out)
         self.to(device=device, dtype=dtype)  # first, so the float64 initial values are not rounded
         self.load_state_dict(torch_params(init_params(config, seed), dtype=dtype, device=device))

@@ -1,8 +1,10 @@
 """GPU: one torch full-MAML meta-step, eager and as a CUDA-graph replay, fused vs reference.
 
-The eager time includes the host's work (Python, torch.func's transform layers, the autograd
-Functions, kernel launches); the graph replay time is the device's work alone, which is what the
-attention backend changes. Both are medians from triton.testing (do_bench, do_bench_cudagraph).
+The backend is the model's (``theria_torch.models``): attention and rmsnorm run on the fused
+kernels ("triton_full_fused") or on plain torch ("reference"). The eager time includes the host's
+work (Python, torch.func's transform layers, the autograd Functions, kernel launches); the graph
+replay time is the device's work alone, which is what the backend changes. Both are medians
+from triton.testing (do_bench, do_bench_cudagraph).
 
     python experiments/phase10/device_time.py                      # the three configurations below
     python experiments/phase10/device_time.py --seq-len 1024 --d-model 512 --heads 8

@@ -1,4 +1,4 @@
-"""GPU benchmark: one full-MAML meta-step at long sequence lengths, fused attention vs reference.
+"""GPU benchmark: one full-MAML meta-step at long sequence lengths, fused backend vs reference.
 
 One command (on the GPU machine, from the repository root)::
 
@@ -201,7 +201,7 @@ def _plot(args, rows: list[dict]) -> None:
     if labelled:  # a log axis: start below the shortest bar so that every bar shows
         ax.set_ylim(bottom=shortest / 3)
     ax.set(ylabel="ms per full-MAML meta-step (median)", yscale="log",
-           title=f"full MAML, {args.dtype}: fused vs reference attention")
+           title=f"full MAML, {args.dtype}: fused vs reference backend")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out / "long_context.png", dpi=120)

@@ -1,4 +1,7 @@
-"""Phase 10: MAML vs first-order MAML under each attention backend, in torch and in JAX.
+"""Phase 10: MAML vs first-order MAML under each backend, in torch and in JAX.
+
+The backend is that of the model's fused ops, attention and rmsnorm ("reference": plain torch /
+jax.numpy; "triton_full_fused": the fused kernels); the rest of the model is the same in both.
 
 Usage (from the repository root)::
 
@@ -43,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML or JSON config")
     parser.add_argument("--frameworks", nargs="+", choices=["torch", "jax"])
-    parser.add_argument("--backends", nargs="+", choices=["reference", FUSED])
+    parser.add_argument("--backends", nargs="+", choices=["reference", FUSED],
+                        help="backend of the model's fused ops: attention and rmsnorm")
     parser.add_argument("--methods", nargs="+", choices=["maml", "fo_maml"])
     parser.add_argument("--device", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", choices=["float32", "float64", "bfloat16"])
