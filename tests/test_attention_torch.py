@@ -6,6 +6,8 @@ to catch any wrong term.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -322,3 +324,19 @@ def test_varlen_bad_inputs_raise_named_errors(args, error, message):
     for backend in ("triton_full_fused", "reference"):
         with pytest.raises(error, match=message):
             flash_attn_varlen_func(**args, backend=backend)
+
+
+def test_varlen_checks_cu_seqlens_once_per_version(monkeypatch):
+    """The value check (a host read, a GPU sync) runs once for cu_seqlens reused unchanged, as a
+    model's layers reuse them, and again once the values change in place."""
+    adapter = sys.modules["theria_torch.attention"]
+    checks = []
+    check = adapter.validate_cu_seqlens_values
+    monkeypatch.setattr(adapter, "validate_cu_seqlens_values", lambda *args: checks.append(args) or check(*args))
+    args = _bad_varlen()
+    for _ in range(3):
+        flash_attn_varlen_func(**args, backend="reference")
+    assert len(checks) == 1
+    args["cu_seqlens_q"][2] = 2  # in place: no longer non-decreasing
+    with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
+        flash_attn_varlen_func(**args, backend="reference")

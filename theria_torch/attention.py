@@ -28,6 +28,7 @@ import math
 from typing import NamedTuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from theria_kernels._common import dtype_name, is_interpreter
 from theria_kernels.attention import (
@@ -288,6 +289,25 @@ def flash_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: float | None
     return (out, lse) if return_lse else out
 
 
+# cu_seqlens tensors whose values passed ``validate_cu_seqlens_values``, with the versions and
+# arguments they passed with; weak keys by identity, so the cache never keeps a tensor alive.
+_CHECKED_CU_SEQLENS = WeakIdKeyDictionary()
+
+
+def _check_cu_seqlens_values(cu_q, cu_k, total_q, total_k, max_seqlen_q, max_seqlen_k) -> None:
+    """The varlen value checks with their one host read, skipped for a tensor pair already checked
+    at its current versions (``_version`` counts in-place changes) and during CUDA-graph capture."""
+    state = (cu_q._version, cu_k, cu_k._version, total_q, total_k, max_seqlen_q, max_seqlen_k)
+    cached = _CHECKED_CU_SEQLENS.get(cu_q)
+    if cached is not None and cached[0] == state[0] and cached[1] is cu_k and cached[2:] == state[2:]:
+        return
+    if cu_q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    starts_q, starts_k = torch.stack([cu_q, cu_k]).tolist()  # the one host read
+    validate_cu_seqlens_values(starts_q, starts_k, total_q, total_k, max_seqlen_q, max_seqlen_k)
+    _CHECKED_CU_SEQLENS[cu_q] = state
+
+
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                            dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
                            window_size: tuple[int, int] = (-1, -1), return_lse: bool = False, *,
@@ -311,9 +331,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     Returns:
         out (total_q, H, D), or (out, lse) with ``return_lse``.
 
-    Unlike flash-attn, the call checks the cu_seqlens values (start, order, end, the max lengths),
-    which costs one small device-to-host read, so an eager call synchronises with the GPU; during a
-    CUDA-graph capture the check is skipped, so the varlen call can be captured and replayed.
+    Unlike flash-attn, the call checks the cu_seqlens values (start, order, end, the max lengths).
+    That costs a small device-to-host read, which synchronises with the GPU, once per pair of
+    cu_seqlens tensors and their versions: the layers of a model that share cu_seqlens pay it once,
+    and an in-place change of the values is checked again. During a CUDA-graph capture the check
+    is skipped (a capture cannot read the device), so the varlen call can be captured and replayed.
     ``torch.func.vmap`` works when every instance shares the cu_seqlens.
     """
     if dropout_p != 0.0:
@@ -325,11 +347,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     varlen = varlen_keywords(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if torch._C._functorch.is_batchedtensor(cu_seqlens_q) or torch._C._functorch.is_batchedtensor(cu_seqlens_k):
         raise NotImplementedError(_ops.VMAP_CU_SEQLENS)
-    # The value check needs a host read, which a CUDA-graph capture cannot make: a captured call
-    # relies on the eager call that precedes every capture (warm-up) having been checked.
-    if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-        starts_q, starts_k = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()  # the one host read
-        validate_cu_seqlens_values(starts_q, starts_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+    _check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if backend == "reference":
         out, lse = varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
