@@ -26,7 +26,7 @@ from theria_torch.models import ModelConfig, init_params  # noqa: E402
 from theria_torch.tasks import SequenceClassification, sample_meta_batch  # noqa: E402
 
 # (d_model, heads, tasks, sequences per support/query set)
-CONFIGURATIONS = [(256, 4, 4, 4), (512, 8, 4, 4), (256, 4, 8, 8)]
+CONFIGURATIONS = [(256, 4, 4, 4), (512, 8, 4, 4), (256, 4, 8, 8), (256, 8, 8, 8), (512, 8, 8, 8)]
 
 
 def meta_step_ms(backend: str, seq_len: int, d_model: int, heads: int, tasks: int, k: int, layers: int,
