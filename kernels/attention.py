@@ -166,6 +166,91 @@ def _store_tile(base, tile, offs_t, offs_d, t_len, stride_t, HEAD_DIM: tl.conste
     tl.store(base + offs_t[:, None] * stride_t + offs_d[None, :], tile.to(base.dtype.element_ty), mask=mask)
 
 
+# A head dim split into power-of-two parts (``_head_dim_parts``) is a tuple of tiles: part 0 holds
+# columns [0, BLOCK_D0), part 1 (only when BLOCK_D1 > 0) columns [BLOCK_D0, HEAD_DIM) padded to
+# BLOCK_D1. Unsplit (BLOCK_D1 = 0), part 0 is the whole tile padded to BLOCK_D0 and the helpers
+# below emit exactly the single-tile code. Tuples are unrolled at compile time (tl.static_range),
+# in the interpreter too; a comprehension over a tuple gives a tuple (a list in the interpreter).
+
+
+@triton.jit
+def _load_part(base, offs_t, t_len, stride_t, PART: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr):
+    start: tl.constexpr = PART * BLOCK_D0
+    width: tl.constexpr = BLOCK_D1 if PART else BLOCK_D0
+    return _load_tile(base + start, offs_t, tl.arange(0, width), t_len, stride_t, min(HEAD_DIM - start, width), width)
+
+
+@triton.jit
+def _store_part(base, tile, offs_t, t_len, stride_t, PART: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr):
+    start: tl.constexpr = PART * BLOCK_D0
+    width: tl.constexpr = BLOCK_D1 if PART else BLOCK_D0
+    _store_tile(base + start, tile, offs_t, tl.arange(0, width), t_len, stride_t, min(HEAD_DIM - start, width), width)
+
+
+@triton.jit
+def _load_parts(base, offs_t, t_len, stride_t, HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr,
+                BLOCK_D1: tl.constexpr):
+    """A (len(offs_t), HEAD_DIM) tile of a (T, HEAD_DIM) matrix as the tuple of its head-dim parts."""
+    tile = (_load_part(base, offs_t, t_len, stride_t, 0, HEAD_DIM, BLOCK_D0, BLOCK_D1),)
+    if BLOCK_D1 > 0:
+        tile += (_load_part(base, offs_t, t_len, stride_t, 1, HEAD_DIM, BLOCK_D0, BLOCK_D1),)
+    return tile
+
+
+@triton.jit
+def _store_parts(base, tile, offs_t, t_len, stride_t, HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr,
+                 BLOCK_D1: tl.constexpr):
+    for part in tl.static_range(len(tile)):
+        _store_part(base, tile[part], offs_t, t_len, stride_t, part, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+
+
+@triton.jit
+def _zeros_like_parts(tile, DTYPE: tl.constexpr):
+    return [tl.zeros(part.shape, DTYPE) for part in tile]
+
+
+@triton.jit
+def _scale_rows(tile, factor):
+    """Each part of a split tile times factor (one value per row)."""
+    return [part * factor[:, None] for part in tile]
+
+
+@triton.jit
+def _dot_t(a, b, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """a bᵀ over the whole head dim of two split tiles: the parts cover disjoint columns, so the
+    product is the sum of the parts' products."""
+    product = tl.dot(a[0], tl.trans(b[0]), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    for part in tl.static_range(1, len(a)):
+        product += tl.dot(a[part], tl.trans(b[part]), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    return product
+
+
+@triton.jit
+def _add_dot(acc, p, b, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """acc + p b for a split tile b (and accumulator acc): each part of the product is p times
+    that part of b, with p cast to b's dtype once."""
+    p = p.to(b[0].dtype)
+    total = ()
+    for part in tl.static_range(len(b)):
+        total += (acc[part] + tl.dot(p, b[part], input_precision=PRECISION, out_dtype=ACC_DTYPE),)
+    return total
+
+
+@triton.jit
+def _normalise(acc, norm, coefficients, terms):
+    """acc / norm − Σ_j coefficients[j] · terms[j] part by part, the coefficients and norm one
+    value per row: how every output of the forward sweep is formed from its accumulator."""
+    total = ()
+    for part in tl.static_range(len(acc)):
+        value = acc[part] / norm[:, None]
+        for j in tl.static_range(len(terms)):
+            value = value - coefficients[j][:, None] * terms[j][part]
+        total += (value,)
+    return total
+
+
 @triton.jit
 def _visible(q_idx, k_idx, t_k, band_lo, band_hi, BANDED: tl.constexpr):
     """Which (query, key) pairs of a tile may attend; q_idx and k_idx broadcast against each
@@ -334,12 +419,14 @@ def _attn_fwd_kernel(
     Q, K, V, Out, Lse, Q_dot, K_dot, V_dot, Out_dot, Lse_dot, Q_y, K_y, V_y, Out_second, Lse_second,
     Cu_q, Cu_k, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     t_q, t_k, heads, group, sm_scale: tl.float64, band_lo, band_hi,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    HAS_TANGENT: tl.constexpr, SECOND_ORDER: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
+    BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr, HAS_TANGENT: tl.constexpr, SECOND_ORDER: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """HAS_TANGENT adds Ȯ, l̇se along (Q̇, K̇, V̇); SECOND_ORDER (with HAS_TANGENT) adds the second
-    derivative along (Q̇, K̇, V̇) and (Q^y, K^y, V^y), bilinear in the two directions."""
+    derivative along (Q̇, K̇, V̇) and (Q^y, K^y, V^y), bilinear in the two directions. Every tile
+    with a head-dim axis is a tuple of head-dim parts (BLOCK_D0, BLOCK_D1: ``_head_dim_parts``)."""
     start_m = tl.program_id(0) * BLOCK_M
     batch, head, entry = _program(heads, VARLEN)
     q_base, k_base, row_base, len_q, len_k, band_lo, band_hi = _sequence(
@@ -350,30 +437,29 @@ def _attn_fwd_kernel(
             return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     sm_scale, qk_scale, log2e = _scales(sm_scale, ACC_DTYPE)
 
-    q = _load_tile(Q + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+    q = _load_parts(Q + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
     row_max = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
     row_sum = tl.zeros([BLOCK_M], ACC_DTYPE)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
+    acc = _zeros_like_parts(q, ACC_DTYPE)
     if HAS_TANGENT:
-        q_dot = _load_tile(Q_dot + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+        q_dot = _load_parts(Q_dot + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
         mu = tl.zeros([BLOCK_M], ACC_DTYPE)
-        acc_dot = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
+        acc_dot = _zeros_like_parts(q, ACC_DTYPE)
     if SECOND_ORDER:
-        q_y = _load_tile(Q_y + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+        q_y = _load_parts(Q_y + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
         mu_y = tl.zeros([BLOCK_M], ACC_DTYPE)
         m_second = tl.zeros([BLOCK_M], ACC_DTYPE)
-        acc_y = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
-        acc_second = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
+        acc_y = _zeros_like_parts(q, ACC_DTYPE)
+        acc_second = _zeros_like_parts(q, ACC_DTYPE)
 
     lo, hi = _key_range(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
     for start_n in range(lo, hi, BLOCK_N):
         offs_k = start_n + offs_n
-        k = _load_tile(K + k_base, offs_k, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
-        v = _load_tile(V + k_base, offs_k, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE) * qk_scale
+        k = _load_parts(K + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+        v = _load_parts(V + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+        scores = _dot_t(q, k, PRECISION, ACC_DTYPE) * qk_scale
         if BANDED or not EVEN_K:
             visible = _visible(offs_m[:, None], offs_k[None, :], len_k, band_lo, band_hi, BANDED)
             scores = tl.where(visible, scores, float("-inf"))
@@ -383,56 +469,57 @@ def _attn_fwd_kernel(
         rescale = tl.exp2(row_max - shift)
         p = tl.exp2(scores - shift[:, None])
         row_sum = row_sum * rescale + tl.sum(p, 1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        acc = _scale_rows(acc, rescale)
+        acc = _add_dot(acc, p, v, PRECISION, ACC_DTYPE)
         if HAS_TANGENT:
-            k_dot = _load_tile(K_dot + k_base, offs_k, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
-            v_dot = _load_tile(V_dot + k_base, offs_k, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
-            scores_dot = tl.dot(q_dot, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            scores_dot += tl.dot(q, tl.trans(k_dot), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            k_dot = _load_parts(K_dot + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+            v_dot = _load_parts(V_dot + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+            scores_dot = _dot_t(q_dot, k, PRECISION, ACC_DTYPE)
+            scores_dot += _dot_t(q, k_dot, PRECISION, ACC_DTYPE)
             scores_dot *= sm_scale
             p_scores_dot = p * scores_dot
             mu = mu * rescale + tl.sum(p_scores_dot, 1)
-            acc_dot = acc_dot * rescale[:, None]
-            acc_dot += tl.dot(p_scores_dot.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            acc_dot += tl.dot(p.to(v.dtype), v_dot, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            acc_dot = _scale_rows(acc_dot, rescale)
+            acc_dot = _add_dot(acc_dot, p_scores_dot, v, PRECISION, ACC_DTYPE)
+            acc_dot = _add_dot(acc_dot, p, v_dot, PRECISION, ACC_DTYPE)
         if SECOND_ORDER:
-            k_y = _load_tile(K_y + k_base, offs_k, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
-            v_y = _load_tile(V_y + k_base, offs_k, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
-            scores_y = tl.dot(q_y, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            scores_y = (scores_y + tl.dot(q, tl.trans(k_y), input_precision=PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
-            scores_xy = tl.dot(q_dot, tl.trans(k_y), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            scores_xy += tl.dot(q_y, tl.trans(k_dot), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            k_y = _load_parts(K_y + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+            v_y = _load_parts(V_y + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+            scores_y = _dot_t(q_y, k, PRECISION, ACC_DTYPE)
+            scores_y = (scores_y + _dot_t(q, k_y, PRECISION, ACC_DTYPE)) * sm_scale
+            scores_xy = _dot_t(q_dot, k_y, PRECISION, ACC_DTYPE)
+            scores_xy += _dot_t(q_y, k_dot, PRECISION, ACC_DTYPE)
             p_scores_y = p * scores_y
             p_second = p * (scores_y * scores_dot + scores_xy * sm_scale)
             mu_y = mu_y * rescale + tl.sum(p_scores_y, 1)
             m_second = m_second * rescale + tl.sum(p_second, 1)
-            acc_y = acc_y * rescale[:, None]
-            acc_y += tl.dot(p_scores_y.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            acc_y += tl.dot(p.to(v.dtype), v_y, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            acc_second = acc_second * rescale[:, None]
-            acc_second += tl.dot(p_second.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            acc_second += tl.dot(p_scores_dot.to(v.dtype), v_y, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            acc_second += tl.dot(p_scores_y.to(v.dtype), v_dot, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            acc_y = _scale_rows(acc_y, rescale)
+            acc_y = _add_dot(acc_y, p_scores_y, v, PRECISION, ACC_DTYPE)
+            acc_y = _add_dot(acc_y, p, v_y, PRECISION, ACC_DTYPE)
+            acc_second = _scale_rows(acc_second, rescale)
+            acc_second = _add_dot(acc_second, p_second, v, PRECISION, ACC_DTYPE)
+            acc_second = _add_dot(acc_second, p_scores_dot, v_y, PRECISION, ACC_DTYPE)
+            acc_second = _add_dot(acc_second, p_scores_y, v_dot, PRECISION, ACC_DTYPE)
         row_max = new_max
 
     empty = row_sum == 0.0
     norm = tl.where(empty, 1.0, row_sum)
-    out = acc / norm[:, None]
+    # Each output is its accumulator over the normaliser less row multiples of the lower orders'.
+    out = _normalise(acc, norm, (), ())
     lse = tl.where(empty, float("inf"), (row_max + tl.log2(norm)) / log2e)
-    _store_tile(Out + q_base, out, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+    _store_parts(Out + q_base, out, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
     tl.store(Lse + row_base + offs_m, lse, mask=offs_m < len_q)
     if HAS_TANGENT:
         mu = mu / norm
-        out_dot = acc_dot / norm[:, None] - mu[:, None] * out
-        _store_tile(Out_dot + q_base, out_dot, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+        out_dot = _normalise(acc_dot, norm, (mu,), (out,))
+        _store_parts(Out_dot + q_base, out_dot, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
         tl.store(Lse_dot + row_base + offs_m, mu, mask=offs_m < len_q)
     if SECOND_ORDER:
         mu_y = mu_y / norm
         m_second = m_second / norm
-        out_y = acc_y / norm[:, None] - mu_y[:, None] * out
-        out_second = (acc_second / norm[:, None] - mu_y[:, None] * out_dot - mu[:, None] * out_y
-                      - m_second[:, None] * out)
-        _store_tile(Out_second + q_base, out_second, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+        out_y = _normalise(acc_y, norm, (mu_y,), (out,))
+        out_second = _normalise(acc_second, norm, (mu_y, mu, m_second), (out_dot, out_y, out))
+        _store_parts(Out_second + q_base, out_second, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
         tl.store(Lse_second + row_base + offs_m, m_second - mu * mu_y, mask=offs_m < len_q)
 
 
@@ -758,7 +845,9 @@ row_stat_dtype = accumulator_dtype
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per sweep kind and padded head dim, for 2-byte
 # dtypes on a Hopper-class GPU (chosen with scripts/tune_sdpa_blocks.py, docs/perf-notes.md);
 # 4-byte dtypes halve the tiles and 8-byte ones quarter them, so they fit in registers and
-# shared memory. Row sweeps tile queries by BLOCK_M, column sweeps keys by BLOCK_N.
+# shared memory. Row sweeps tile queries by BLOCK_M, column sweeps keys by BLOCK_N. The forward
+# kinds key by the padded head dim also where they split it (``_head_dim_parts``): the split
+# tiles are narrower, so they fit wherever the padded one does.
 _GPU_BLOCKS = {
     "forward": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)},
     "jvp": {64: (64, 64, 4, 2), 128: (128, 64, 8, 2), 256: (32, 32, 4, 1)},
@@ -785,6 +874,34 @@ def _blocks(kind: str, block_d: int, dtype: torch.dtype) -> tuple[int, int, int,
     block_m, block_n, warps, stages = _GPU_BLOCKS[kind][max(block_d, 64)]
     shrink = {torch.float32: 2, torch.float64: 4}.get(dtype, 1)
     return max(block_m // shrink, 16), max(block_n // shrink, 16), warps, max(stages - shrink // 2, 1)
+
+
+# The sweep kinds of ``_attn_fwd_kernel``, which takes its head-dim tiles as BLOCK_D0, BLOCK_D1, and
+# whether each splits the head dim (``_head_dim_parts``); the other kinds take one padded BLOCK_D.
+# The kernel supports the split in every specialisation, but the second-order forward keeps the
+# padded tile: at its 32 × 32 GPU tiles the split (80, 96) makes ptxas fall back to 32 registers
+# and ~8 KB of stack (the padded kernel: 255 registers, 1.1 KB), so it needs its own tiles first.
+_SPLIT_HEAD_DIM = {"forward": True, "jvp": True, "forward_second": False}
+
+
+def _head_dim_parts(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D0, BLOCK_D1): the widths of the power-of-two tiles that cover the head dim, BLOCK_D1 = 0
+    meaning one tile.
+
+    tl.dot takes power-of-two tiles of at least 16, so a head dim that is not a power of two is
+    either padded to the next one (one tile, 80 → 128) or split into the largest power of two below
+    it and the rest padded (80 = 64 + 16). The MMA work of QKᵀ and P·V is proportional to the total
+    width, so the split is taken when it is narrower than the padded tile: 40 = 32 + 16, 80 = 64 + 16,
+    96 = 64 + 32, 160 = 128 + 32, 192 = 128 + 64. Where the rest pads up to the first part's width
+    (59 → 32 + 32, 111 → 64 + 64) the two parts are as wide as the padded tile and would only add
+    instructions, so those keep one tile.
+    """
+    padded = max(triton.next_power_of_2(head_dim), 16)
+    first = max(1 << (head_dim.bit_length() - 1), 16)
+    if head_dim <= first:
+        return padded, 0
+    second = max(triton.next_power_of_2(head_dim - first), 16)
+    return (first, second) if first + second < padded else (padded, 0)
 
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -850,8 +967,14 @@ class _Call:
         """(BLOCK_M, BLOCK_N) and the constexpr/launch keywords for one sweep kind."""
         block_m, block_n, warps, stages = _blocks(kind, self.block_d, self.q.dtype)
         use_tf32 = self.q.dtype == torch.float32 and self.q.is_cuda and torch.backends.cuda.matmul.allow_tf32
+        if kind not in _SPLIT_HEAD_DIM:
+            head_dim_tiles = dict(BLOCK_D=self.block_d)
+        elif _SPLIT_HEAD_DIM[kind]:
+            head_dim_tiles = dict(zip(("BLOCK_D0", "BLOCK_D1"), _head_dim_parts(self.q.shape[-1])))
+        else:
+            head_dim_tiles = dict(BLOCK_D0=self.block_d, BLOCK_D1=0)
         meta = dict(
-            HEAD_DIM=self.q.shape[-1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=self.block_d,
+            HEAD_DIM=self.q.shape[-1], BLOCK_M=block_m, BLOCK_N=block_n, **head_dim_tiles,
             BANDED=self.params.banded, EVEN_K=not self.varlen and self.k.shape[2] % block_n == 0,
             VARLEN=self.varlen, BOTTOM_RIGHT=self.varlen and self.params.bottom_right,
             ACC_DTYPE=tl.float64 if self.q.dtype == torch.float64 else tl.float32,

@@ -203,6 +203,38 @@ def test_head_dim_padding_and_limits():
         assert_close(f"out (head dim {head_dim})", out, ref_out, torch.float64)
 
 
+def test_head_dim_split_rule():
+    """A head dim is split into two power-of-two tiles only where they are narrower than the
+    padded tile, and only the forward and JVP sweeps are launched split."""
+    parts = {8: (16, 0), 24: (32, 0), 40: (32, 16), 48: (32, 16), 59: (64, 0), 64: (64, 0), 80: (64, 16),
+             96: (64, 32), 111: (128, 0), 160: (128, 32), 192: (128, 64), 200: (256, 0), 256: (256, 0)}
+    assert {d: attention_kernels._head_dim_parts(d) for d in parts} == parts
+    q, k, _, params = _case((1, 1, 1, 9, 9), 80, torch.float64, {})
+    call = attention_kernels._Call(q, k, params)
+    expected = {"forward": dict(BLOCK_D0=64, BLOCK_D1=16), "jvp": dict(BLOCK_D0=64, BLOCK_D1=16),
+                "forward_second": dict(BLOCK_D0=128, BLOCK_D1=0), "backward": dict(BLOCK_D=128),
+                "backward_backward": dict(BLOCK_D=128)}
+    for kind, tiles in expected.items():
+        assert {key: value for key, value in call.meta(kind)[1].items() if key.startswith("BLOCK_D")} == tiles, kind
+
+
+# Split head dims: 48 = 32 + 16 fills both parts, 40 = 32 + 16 pads the second, 80 = 64 + 16.
+SPLIT_CHECKS = {"forward_and_backward": _check_forward_and_backward, "jvp": _check_jvp,
+                "forward_second": _check_forward_second}
+
+
+@pytest.mark.parametrize("check", list(SPLIT_CHECKS))
+@pytest.mark.parametrize("head_dim, dtype", [(40, torch.float64), (80, torch.float64), (48, torch.float16)],
+                         ids=["D40-float64", "D80-float64", "D48-float16"])
+def test_split_head_dim(head_dim, dtype, check, monkeypatch):
+    """Every specialisation of the forward kernel on a split head dim, the second-order forward
+    included (its launcher keeps the padded tile by default, so the split is switched on here),
+    with grouped heads and rows that see no key."""
+    monkeypatch.setitem(attention_kernels._SPLIT_HEAD_DIM, "forward_second", True)
+    q, k, v, params = _case(SHAPES[2], head_dim, dtype, MASKS[2], seed=6)
+    SPLIT_CHECKS[check](q, k, v, params, reference_fn(params), dtype)
+
+
 def test_strided_inputs_match_contiguous():
     """(B, T, H, D) buffers seen through a transpose, and a v that is a slice of a wider tensor."""
     q, k, v, params = _case((2, 2, 2, 13, 13), 16, torch.float64, dict(causal=True))
