@@ -128,7 +128,7 @@ def _check_backward_backward(q, k, v, params, fn, dtype, **varlen):
 @pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_forward_and_backward(shape, mask, dtype):
-    head_dim = HEAD_DIMS[hash((shape, tuple(mask.items()))) % 2]
+    head_dim = HEAD_DIMS[(SHAPES.index(shape) + MASKS.index(mask)) % 2]  # deterministic, both sizes used
     q, k, v, params = _case(shape, head_dim, dtype, mask)
     _check_forward_and_backward(q, k, v, params, reference_fn(params), dtype)
 
