@@ -15,10 +15,11 @@ to math):
 flash_attn_varlen_func on the same B·T tokens packed as B sequences of length T (the same work,
 so any difference is the varlen overhead; the target is within 10 %), and packed as B sequences of
 random lengths in [T/2, 3T/2) summing to B·T (TFLOP/s counts each sequence's own T_q·T_k). The
-varlen API reads cu_seqlens to the host once per eager call to check them (a sync); under
---graph the check is skipped during capture, so the rows are the device's time alone:
+varlen API checks the cu_seqlens values with one host read per cu_seqlens tensor and version,
+so only the first call syncs and eager timing of large shapes is fair (under --graph the check
+is skipped during capture):
 
-    python scripts/bench_sdpa.py --preset medium --varlen --mode fwd fwd_bwd jvp hvp --causal --graph
+    python scripts/bench_sdpa.py --preset large --varlen --mode fwd fwd_bwd --causal
 """
 
 from __future__ import annotations
