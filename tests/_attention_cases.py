@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -56,6 +57,32 @@ def reference_fn(params: AttentionParams):
         return out, torch.where(torch.isfinite(lse), lse, 0.0)
 
     return fn
+
+
+@dataclass(frozen=True)
+class ApiCase:
+    """One attention configuration in the (B, T, H, D) layout of ``flash_attn_func`` and the JAX
+    API; ``api`` picks the mask alignment: ``attention`` (like ``sdpa_custom``) top-left,
+    ``flash_attn_func`` bottom-right. Test files subclass it with their own ways to run it."""
+
+    api: str
+    t_q: int
+    t_k: int
+    heads: int
+    heads_kv: int
+    head_dim: int
+    causal: bool = False
+    window_size: tuple[int, int] = (-1, -1)
+    batch: int = 1
+
+    def __str__(self):
+        mask = "causal" if self.causal else "window" if self.window_size != (-1, -1) else "full"
+        return f"{self.api}-{mask}-T{self.t_q}x{self.t_k}-H{self.heads}/{self.heads_kv}-D{self.head_dim}"
+
+    def shapes(self):
+        """(B, T, H, D) shapes of q, k, v."""
+        kv = (self.batch, self.t_k, self.heads_kv, self.head_dim)
+        return (self.batch, self.t_q, self.heads, self.head_dim), kv, kv
 
 
 def cu_seqlens(lengths, device="cpu") -> torch.Tensor:

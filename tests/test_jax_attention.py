@@ -15,6 +15,7 @@ import torch
 from jax.test_util import check_grads
 
 import theria_torch
+from _attention_cases import ApiCase
 from theria_jax import _primitives, attention, flash_attn_func, flash_attn_varlen_func
 from theria_kernels.attention import AttentionParams
 
@@ -22,29 +23,12 @@ FUSED, REFERENCE = "triton_full_fused", "reference"
 FLOAT64_TOLERANCE = 1e-10
 
 
-@dataclass(frozen=True)
-class Case:
-    """One attention configuration; ``api`` picks the mask alignment (top-left / bottom-right)."""
-
-    api: str
-    t_q: int
-    t_k: int
-    heads: int
-    heads_kv: int
-    head_dim: int
-    causal: bool = False
-    window_size: tuple[int, int] = (-1, -1)
-    batch: int = 1
-
-    def __str__(self):
-        mask = "causal" if self.causal else "window" if self.window_size != (-1, -1) else "full"
-        return f"{self.api}-{mask}-T{self.t_q}x{self.t_k}-H{self.heads}/{self.heads_kv}-D{self.head_dim}"
+class Case(ApiCase):
+    """An ``ApiCase`` run on float64 inputs through either backend."""
 
     def inputs(self, seed=0):
         """Fresh float64 (q, k, v)."""
-        q_shape = (self.batch, self.t_q, self.heads, self.head_dim)
-        kv_shape = (self.batch, self.t_k, self.heads_kv, self.head_dim)
-        return _random_like(tuple(jax.ShapeDtypeStruct(s, jnp.float64) for s in (q_shape, kv_shape, kv_shape)), seed)
+        return _random_like(tuple(jax.ShapeDtypeStruct(s, jnp.float64) for s in self.shapes()), seed)
 
     def attend(self, backend, q, k, v):
         """(out, lse) with the rows that see no key given lse 0 instead of +inf, so that smooth

@@ -25,7 +25,7 @@ import torch
 
 import theria_jax
 import theria_torch
-from _attention_cases import assert_close
+from _attention_cases import ApiCase, assert_close
 from theria_jax.reference import attention_reference
 
 pytestmark = [
@@ -40,27 +40,10 @@ NAMES = ("out", "dq", "dk", "dv", "out_dot", "hvp_q", "hvp_k", "hvp_v")
 
 
 @dataclass(frozen=True)
-class Case:
-    """One configuration; ``api`` picks the causal alignment: ``attention`` / ``sdpa_custom`` are
-    top-left, ``flash_attn_func`` bottom-right."""
+class Case(ApiCase):
+    """An ``ApiCase`` (no window) run through theria_jax, theria_torch and the JAX reference."""
 
-    api: str
-    t_q: int
-    t_k: int
-    heads: int
-    heads_kv: int
-    head_dim: int
-    causal: bool
     batch: int = 2
-
-    def __str__(self):
-        mask = "causal" if self.causal else "full"
-        return f"{self.api}-{mask}-T{self.t_q}x{self.t_k}-H{self.heads}/{self.heads_kv}-D{self.head_dim}"
-
-    def shapes(self):
-        """(B, T, H, D) shapes of q, k, v."""
-        kv = (self.batch, self.t_k, self.heads_kv, self.head_dim)
-        return (self.batch, self.t_q, self.heads, self.head_dim), kv, kv
 
     def jax_attend(self, q, k, v):
         function = theria_jax.attention if self.api == "attention" else theria_jax.flash_attn_func
