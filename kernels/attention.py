@@ -598,8 +598,8 @@ def _attn_bwd_dkdv_kernel(
     Cu_q, Cu_k, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     t_q, t_k, heads, group, sm_scale: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BANDED: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SPLIT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program per key block of one key/value head (or of one share of its query heads, see
     ``_column_program``); it sums over the query heads it serves, so grouped-query gradients need
@@ -634,7 +634,7 @@ def _attn_bwd_dkdv_kernel(
             delta = tl.load(Delta + row_base + offs_m, mask=row_mask, other=0.0)
             scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC_DTYPE)
             visible = _visible(offs_m[None, :], offs_n[:, None], len_k, band_lo, band_hi, BANDED)
-            p_t = _probs(scores_t, lse2[None, :], visible, qk_scale, BANDED or not EVEN_K)
+            p_t = _probs(scores_t, lse2[None, :], visible, qk_scale, BANDED)
             dv += tl.dot(p_t.to(d_out.dtype), d_out, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             dp_t = tl.dot(v, tl.trans(d_out), input_precision=PRECISION, out_dtype=ACC_DTYPE)
             ds_t = p_t * (dp_t - delta[None, :])
@@ -765,8 +765,8 @@ def _attn_bwd_bwd_cols_kernel(
     Cu_q, Cu_k, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     t_q, t_k, heads, group, sm_scale: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BANDED: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SPLIT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """cot_k and cot_v for one key block of one key/value head, summed over the query heads the
     program serves (``_column_program``)."""
@@ -781,7 +781,6 @@ def _attn_bwd_bwd_cols_kernel(
     offs_mb = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     sm_scale, qk_scale, log2e = _scales(sm_scale, ACC_DTYPE)
-    masked: tl.constexpr = BANDED or not EVEN_K
     k = _load_tile(K + k_base, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
     v = _load_tile(V + k_base, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
     cot_dk = _load_tile(Cot_dk + k_base, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
@@ -807,7 +806,7 @@ def _attn_bwd_bwd_cols_kernel(
             rho = tl.load(Rho + row, mask=row_mask, other=0.0)
             scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC_DTYPE)
             visible = _visible(offs_m[None, :], offs_n[:, None], len_k, band_lo, band_hi, BANDED)
-            p_t = _probs(scores_t, lse2[None, :], visible, qk_scale, masked)
+            p_t = _probs(scores_t, lse2[None, :], visible, qk_scale, BANDED)
             dp_t = tl.dot(v, tl.trans(d_out), input_precision=PRECISION, out_dtype=ACC_DTYPE)
             ds_bar_t = tl.dot(k, tl.trans(cot_dq), input_precision=PRECISION, out_dtype=ACC_DTYPE)
             ds_bar_t = (ds_bar_t + tl.dot(cot_dk, tl.trans(q), input_precision=PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
@@ -1130,6 +1129,9 @@ def _column_sweep(kernel, call: _Call, block_n: int, meta: dict, inputs: tuple, 
     """Launch column ``kernel`` on ``inputs``, writing the two key-shaped ``outputs``. When the
     group is split (``_Call.group_split``) the shares write float32 (float64) partials in k's
     layout, ``span`` elements apart, and count their arrivals per tile (``_column_store``)."""
+    # A column tile needs no key mask (EVEN_K) outside a band: its rows past the sequence's keys
+    # are never stored, and its query columns past T_q read lse = +inf, so P is exactly 0 there.
+    meta = {name: value for name, value in meta.items() if name != "EVEN_K"}
     group = call.q.shape[1] // call.k.shape[1]
     splits = call.group_split(block_n)
     grid = call.column_grid(block_n, splits)
