@@ -263,13 +263,27 @@ def _visible(q_idx, k_idx, t_k, band_lo, band_hi, BANDED: tl.constexpr):
 
 
 @triton.jit
-def _probs(scores, lse2, visible, qk_scale, MASKED: tl.constexpr):
+def _mask(x, fill, q_idx, k_idx, start_m, start_n, t_k, band_lo, band_hi, BLOCK_M: tl.constexpr,
+          BLOCK_N: tl.constexpr, BANDED: tl.constexpr, MASKED: tl.constexpr):
+    """``x`` with ``fill`` where a (query, key) pair may not attend (``_visible``), on the tile of
+    queries [start_m, start_m + BLOCK_M) and keys [start_n, start_n + BLOCK_N). MASKED (a band, or
+    key blocks that may run past T_k) compiles the mask in; at run time only the tiles that cross
+    the end of the keys or an edge of the band apply it: the tiles inside pay one scalar branch
+    instead of a compare and a select per element (most tiles of a causal or varlen sweep)."""
+    if MASKED:
+        crosses = start_n + BLOCK_N > t_k
+        if BANDED:
+            crosses = crosses | (start_n < start_m + BLOCK_M - 1 + band_lo) | (start_n + BLOCK_N - 1 > start_m + band_hi)
+        if crosses:
+            x = tl.where(_visible(q_idx, k_idx, t_k, band_lo, band_hi, BANDED), x, fill)
+    return x
+
+
+@triton.jit
+def _probs(scores, lse2, qk_scale):
     """P recomputed from the saved row log-sum-exp (lse2 = lse · log2 e, broadcast like scores).
     Rows that see no key have lse = +∞, so their probabilities come out exactly 0."""
-    p = tl.exp2(scores * qk_scale - lse2)
-    if MASKED:
-        p = tl.where(visible, p, 0.0)
-    return p
+    return tl.exp2(scores * qk_scale - lse2)
 
 
 @triton.jit
@@ -460,9 +474,8 @@ def _attn_fwd_kernel(
         k = _load_parts(K + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
         v = _load_parts(V + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
         scores = _dot_t(q, k, PRECISION, ACC_DTYPE) * qk_scale
-        if BANDED or not EVEN_K:
-            visible = _visible(offs_m[:, None], offs_k[None, :], len_k, band_lo, band_hi, BANDED)
-            scores = tl.where(visible, scores, float("-inf"))
+        scores = _mask(scores, float("-inf"), offs_m[:, None], offs_k[None, :], start_m, start_n, len_k, band_lo,
+                       band_hi, BLOCK_M, BLOCK_N, BANDED, BANDED or not EVEN_K)
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         # A row that has seen no key yet keeps max −∞; shifting by 0 keeps exp2 finite (0).
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -584,8 +597,8 @@ def _attn_bwd_dq_kernel(
         k = _load_tile(K + k_base, offs_k, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
         v = _load_tile(V + k_base, offs_k, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        visible = _visible(offs_m[:, None], offs_k[None, :], len_k, band_lo, band_hi, BANDED)
-        p = _probs(scores, lse2[:, None], visible, qk_scale, BANDED or not EVEN_K)
+        p = _mask(_probs(scores, lse2[:, None], qk_scale), 0.0, offs_m[:, None], offs_k[None, :], start_m, start_n,
+                  len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED, BANDED or not EVEN_K)
         dp = tl.dot(d_out, tl.trans(v), input_precision=PRECISION, out_dtype=ACC_DTYPE)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC_DTYPE)
@@ -633,8 +646,8 @@ def _attn_bwd_dkdv_kernel(
             lse2 = tl.load(Lse + row_base + offs_m, mask=row_mask, other=float("inf")).to(ACC_DTYPE) * log2e
             delta = tl.load(Delta + row_base + offs_m, mask=row_mask, other=0.0)
             scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            visible = _visible(offs_m[None, :], offs_n[:, None], len_k, band_lo, band_hi, BANDED)
-            p_t = _probs(scores_t, lse2[None, :], visible, qk_scale, BANDED)
+            p_t = _mask(_probs(scores_t, lse2[None, :], qk_scale), 0.0, offs_m[None, :], offs_n[:, None], start_m,
+                        start_n, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED, BANDED)
             dv += tl.dot(p_t.to(d_out.dtype), d_out, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             dp_t = tl.dot(v, tl.trans(d_out), input_precision=PRECISION, out_dtype=ACC_DTYPE)
             ds_t = p_t * (dp_t - delta[None, :])
@@ -670,9 +683,10 @@ def _second_order_tile(p, dp, ds_bar, do_gv, delta, sigma, rho):
 
 
 @triton.jit
-def _row_tile(q, d_out, cot_dq, lse2, K, V, Cot_dk, Cot_dv, offs_m, offs_k, offs_d, t_k, stride_kt,
-              band_lo, band_hi, sm_scale, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              BANDED: tl.constexpr, MASKED: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+def _row_tile(q, d_out, cot_dq, lse2, K, V, Cot_dk, Cot_dv, start_m, start_n, offs_m, offs_k, offs_d, t_k,
+              stride_kt, band_lo, band_hi, sm_scale, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BANDED: tl.constexpr, MASKED: tl.constexpr,
+              ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """The key-side tiles of one key block and the recomputed P, dP = dO Vᵀ and
     dS̄ = scale (Ḡq Kᵀ + Q Ḡkᵀ) that both sweeps of the row kernel start from."""
     k = _load_tile(K, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
@@ -680,8 +694,8 @@ def _row_tile(q, d_out, cot_dq, lse2, K, V, Cot_dk, Cot_dv, offs_m, offs_k, offs
     cot_dk = _load_tile(Cot_dk, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
     cot_dv = _load_tile(Cot_dv, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
     scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    visible = _visible(offs_m[:, None], offs_k[None, :], t_k, band_lo, band_hi, BANDED)
-    p = _probs(scores, lse2[:, None], visible, qk_scale, MASKED)
+    p = _mask(_probs(scores, lse2[:, None], qk_scale), 0.0, offs_m[:, None], offs_k[None, :], start_m, start_n, t_k,
+              band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED, MASKED)
     dp = tl.dot(d_out, tl.trans(v), input_precision=PRECISION, out_dtype=ACC_DTYPE)
     ds_bar = tl.dot(cot_dq, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
     ds_bar = (ds_bar + tl.dot(q, tl.trans(cot_dk), input_precision=PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
@@ -728,9 +742,9 @@ def _attn_bwd_bwd_rows_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_k = start_n + offs_n
         k, v, cot_dk, cot_dv, p, dp, ds_bar = _row_tile(
-            q, d_out, cot_dq, lse2, K + k_base, V + k_base, Cot_dk + k_base, Cot_dv + k_base, offs_m, offs_k,
-            offs_d, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale,
-            HEAD_DIM, BLOCK_D, BANDED, masked, ACC_DTYPE, PRECISION)
+            q, d_out, cot_dq, lse2, K + k_base, V + k_base, Cot_dk + k_base, Cot_dv + k_base, start_m, start_n,
+            offs_m, offs_k, offs_d, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BANDED, masked, ACC_DTYPE, PRECISION)
         p_ds_bar = p * ds_bar
         sigma += tl.sum(p_ds_bar, 1)
         p_ds_bar_dp += tl.sum(p_ds_bar * dp, 1)
@@ -745,9 +759,9 @@ def _attn_bwd_bwd_rows_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_k = start_n + offs_n
         k, v, cot_dk, cot_dv, p, dp, ds_bar = _row_tile(
-            q, d_out, cot_dq, lse2, K + k_base, V + k_base, Cot_dk + k_base, Cot_dv + k_base, offs_m, offs_k,
-            offs_d, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale,
-            HEAD_DIM, BLOCK_D, BANDED, masked, ACC_DTYPE, PRECISION)
+            q, d_out, cot_dq, lse2, K + k_base, V + k_base, Cot_dk + k_base, Cot_dv + k_base, start_m, start_n,
+            offs_m, offs_k, offs_d, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BANDED, masked, ACC_DTYPE, PRECISION)
         do_gv = tl.dot(d_out, tl.trans(cot_dv), input_precision=PRECISION, out_dtype=ACC_DTYPE)
         ds, s_bar, dp_bar = _second_order_tile(
             p, dp, ds_bar, do_gv, delta[:, None], sigma[:, None], rho[:, None])
@@ -805,8 +819,8 @@ def _attn_bwd_bwd_cols_kernel(
             sigma = tl.load(Sigma + row, mask=row_mask, other=0.0)
             rho = tl.load(Rho + row, mask=row_mask, other=0.0)
             scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            visible = _visible(offs_m[None, :], offs_n[:, None], len_k, band_lo, band_hi, BANDED)
-            p_t = _probs(scores_t, lse2[None, :], visible, qk_scale, BANDED)
+            p_t = _mask(_probs(scores_t, lse2[None, :], qk_scale), 0.0, offs_m[None, :], offs_n[:, None], start_m,
+                        start_n, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED, BANDED)
             dp_t = tl.dot(v, tl.trans(d_out), input_precision=PRECISION, out_dtype=ACC_DTYPE)
             ds_bar_t = tl.dot(k, tl.trans(cot_dq), input_precision=PRECISION, out_dtype=ACC_DTYPE)
             ds_bar_t = (ds_bar_t + tl.dot(cot_dk, tl.trans(q), input_precision=PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
