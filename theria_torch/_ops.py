@@ -104,7 +104,7 @@ _FAKES = {
 }
 
 
-def _fold(t: Optional[Tensor], dim: Optional[int], size: int) -> Optional[Tensor]:
+def fold(t: Optional[Tensor], dim: Optional[int], size: int) -> Optional[Tensor]:
     """Merge a vmapped dimension into the leading batch dimension B."""
     if t is None:
         return None
@@ -131,7 +131,7 @@ def _fold_batching(op):
                     raise NotImplementedError(VMAP_CU_SEQLENS)
                 folded.append(a)
             else:
-                folded.append(_fold(a, d, info.batch_size) if isinstance(a, Tensor) or d is not None else a)
+                folded.append(fold(a, d, info.batch_size) if isinstance(a, Tensor) or d is not None else a)
         outputs = op(*folded)
         return tuple(o.unflatten(0, (info.batch_size, -1)) for o in outputs), (0,) * len(outputs)
 

@@ -1,8 +1,7 @@
 """PyTorch adapter for the fused attention kernels: autograd Functions and the public API.
 
-Five Functions, each calling the launchers of ``theria_kernels.attention`` through the operators
-registered in ``theria_torch._ops`` (which give functorch transforms plain tensors and fold vmapped
-dimensions into B):
+Five Functions, each calling the launchers of ``theria_kernels.attention`` through the entry points
+of ``theria_torch._ops`` (registered operators, so that ``torch.compile`` traces them):
 
 * ``_Attention``: (q, k, v) ↦ (out, lse); backward through ``_AttentionBackward``, forward-mode
   through the fused JVP kernel.
@@ -13,6 +12,10 @@ dimensions into B):
 * ``_AttentionTangent``: the JVP kernel's tangent map, so reverse-over-forward works too; its own
   JVP (forward over forward) is the second-order forward kernel through ``_AttentionSecond``.
 * ``_AttentionSecond``: the second directional derivative f''(x)[ẋ, y]; any further order raises.
+
+Each Function's vmap rule (``_BatchFolding``) folds the vmapped dimension into B and applies the
+Function once below the vmap, so every vmapped instance shares one launch and the launchers see
+plain tensors.
 
 ``out`` and ``lse`` are handed to the backward Functions only as saved values: the kernels treat
 them as functions of (q, k, v), so no gradient flows into them separately.
@@ -68,10 +71,24 @@ def _zeros_if_none(t, like):
     return torch.zeros_like(like) if t is None else t
 
 
-class _SecondOrderKernel(torch.autograd.Function):
-    """A Function whose forward is a second-order kernel: differentiating it again is third order."""
+class _BatchFolding(torch.autograd.Function):
+    """The Functions' vmap rule: every tensor argument leads with B and so does every output, so
+    the vmapped dimension folds into B (``_ops.fold``) and the Function runs once on the folded
+    tensors. An explicit rule rather than ``generate_vmap_rule``: the generated one wraps the
+    Function in a new vmapped Function per call and leaves the fold to the operators' batching
+    rules, which costs about twice the host time per call (a MAML meta-step makes dozens)."""
 
-    generate_vmap_rule = True  # the operators carry the batching rules
+    @classmethod
+    def vmap(cls, info, in_dims, *args):
+        *tensors, static = args
+        if any(d is not None for d in in_dims[-1]):
+            raise NotImplementedError(_ops.VMAP_CU_SEQLENS)
+        outputs = cls.apply(*(_ops.fold(t, d, info.batch_size) for t, d in zip(tensors, in_dims)), static)
+        return tuple(o.unflatten(0, (info.batch_size, -1)) for o in outputs), (0,) * len(outputs)
+
+
+class _SecondOrderKernel(_BatchFolding):
+    """A Function whose forward is a second-order kernel: differentiating it again is third order."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -93,9 +110,7 @@ class _AttentionBackwardBackward(_SecondOrderKernel):
             q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, *_static(static))
 
 
-class _AttentionBackward(torch.autograd.Function):
-    generate_vmap_rule = True  # the operators carry the batching rules
-
+class _AttentionBackward(_BatchFolding):
     @staticmethod
     def forward(q, k, v, out, lse, d_out, d_lse, static):
         return _ops.attention_backward(q, k, v, out, lse, d_out, d_lse, *_static(static))
@@ -137,12 +152,10 @@ class _AttentionSecond(_SecondOrderKernel):
         return _ops.attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, *_static(static))
 
 
-class _AttentionTangent(torch.autograd.Function):
+class _AttentionTangent(_BatchFolding):
     """(q, k, v, q̇, k̇, v̇) ↦ (ȯut, l̇se), the forward-mode tangent (linear in the tangents). Its
     backward (reverse-over-forward) uses the Hessian's symmetry once more: for cotangents c,
     ∂/∂x <c, J(x) ẋ> = double_backward(d_out = c, cot = ẋ)[x part] and ∂/∂ẋ = Jᵀ c = backward(c)."""
-
-    generate_vmap_rule = True  # the operators carry the batching rules
 
     @staticmethod
     def forward(q, k, v, q_dot, k_dot, v_dot, static):
@@ -183,9 +196,7 @@ class _AttentionTangent(torch.autograd.Function):
         return tuple(sum(parts) for parts in zip(*terms))
 
 
-class _Attention(torch.autograd.Function):
-    generate_vmap_rule = True  # the operators carry the batching rules
-
+class _Attention(_BatchFolding):
     @staticmethod
     def forward(q, k, v, static):
         return _ops.attention_forward(q, k, v, *_static(static))
