@@ -69,3 +69,16 @@ def output_buffer(out: torch.Tensor | None, name: str, shape, dtype: torch.dtype
     if not out.is_contiguous():
         raise ValueError(f"preallocated {name} must be contiguous")
     return out
+
+
+# Launch arithmetic as plain ints: ``triton.next_power_of_2`` and ``triton.cdiv`` are
+# constexpr_functions, whose host calls go through Triton's wrapper at ~7 µs each, and every
+# launch's geometry takes several (a full-MAML meta-step makes dozens of launches).
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (0 for n = 0), as ``triton.next_power_of_2``."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def cdiv(x: int, y: int) -> int:
+    """⌈x / y⌉ for positive y, as ``triton.cdiv``."""
+    return (x + y - 1) // y

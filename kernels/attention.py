@@ -23,7 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from theria_kernels._common import accumulator_dtype, dtype_name, is_interpreter, multiprocessor_count
+from theria_kernels._common import (
+    accumulator_dtype,
+    cdiv,
+    dtype_name,
+    is_interpreter,
+    multiprocessor_count,
+    next_power_of_2,
+)
 
 LOG2E = math.log2(math.e)
 # Stands for an unbounded window side: far beyond any sequence length, far from int32 overflow.
@@ -951,11 +958,11 @@ def _head_dim_parts(head_dim: int) -> tuple[int, int]:
     (59 → 32 + 32, 111 → 64 + 64) the two parts are as wide as the padded tile and would only add
     instructions, so those keep one tile.
     """
-    padded = max(triton.next_power_of_2(head_dim), 16)
+    padded = max(next_power_of_2(head_dim), 16)
     first = max(1 << (head_dim.bit_length() - 1), 16)
     if head_dim <= first:
         return padded, 0
-    second = max(triton.next_power_of_2(head_dim - first), 16)
+    second = max(next_power_of_2(head_dim - first), 16)
     return (first, second) if first + second < padded else (padded, 0)
 
 
@@ -1008,7 +1015,7 @@ class _Call:
 
     @property
     def block_d(self) -> int:
-        return max(triton.next_power_of_2(self.q.shape[-1]), 16)
+        return max(next_power_of_2(self.q.shape[-1]), 16)
 
     def scalars(self) -> tuple:
         _, heads, t_q, _ = self.q.shape
@@ -1041,16 +1048,16 @@ class _Call:
         """One program per query block of one query head of one sequence (``_program``)."""
         batch, heads = self.q.shape[:2]
         if self.varlen:
-            return triton.cdiv(self.max_seqlen_q, block_m), self.cu_seqlens_q.numel() - 1, batch * heads
-        return triton.cdiv(self.q.shape[2], block_m), batch * heads
+            return cdiv(self.max_seqlen_q, block_m), self.cu_seqlens_q.numel() - 1, batch * heads
+        return cdiv(self.q.shape[2], block_m), batch * heads
 
     def column_grid(self, block_n: int, splits: int = 1) -> tuple[int, ...]:
         """One program per key block of one key/value head of one sequence, or per share of its
         query heads when ``splits`` > 1 (``group_split``)."""
         batch, heads_kv = self.k.shape[:2]
         if self.varlen:
-            return triton.cdiv(self.max_seqlen_k, block_n), self.cu_seqlens_k.numel() - 1, batch * heads_kv * splits
-        return triton.cdiv(self.k.shape[2], block_n), batch * heads_kv * splits
+            return cdiv(self.max_seqlen_k, block_n), self.cu_seqlens_k.numel() - 1, batch * heads_kv * splits
+        return cdiv(self.k.shape[2], block_n), batch * heads_kv * splits
 
     def group_split(self, block_n: int) -> int:
         """Into how many shares the column kernels split each grouped-query group: with a band
@@ -1169,7 +1176,7 @@ def _row_delta(call: _Call, out, d_out, d_lse):
     delta = torch.empty(q.shape[:3], dtype=row_stat_dtype(q.dtype), device=q.device)
     (block_m, _), meta = call.meta("backward")
     # Every row of every (packed) entry: the row term does not care where sequences start.
-    _row_delta_kernel[(triton.cdiv(q.shape[2], block_m), q.shape[0] * q.shape[1])](
+    _row_delta_kernel[(cdiv(q.shape[2], block_m), q.shape[0] * q.shape[1])](
         out, d_out, d_lse if d_lse is not None else delta, delta, *q.stride()[:3], q.shape[2], q.shape[1],
         HEAD_DIM=meta["HEAD_DIM"], BLOCK_M=block_m, BLOCK_D=meta["BLOCK_D"], HAS_D_LSE=d_lse is not None,
         ACC_DTYPE=meta["ACC_DTYPE"],

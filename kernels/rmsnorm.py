@@ -34,8 +34,10 @@ import triton.language as tl
 from theria_kernels._common import (
     SUPPORTED_DTYPES,
     accumulator_dtype,
+    cdiv,
     dtype_name,
     multiprocessor_count,
+    next_power_of_2,
     output_buffer,
     tl_dtype,
 )
@@ -115,18 +117,6 @@ class _Layout:
         return dict(TILE_ROWS=self.tile_rows, BLOCK_N=self.block_n, num_warps=self.num_warps)
 
 
-# Launch arithmetic as plain ints: ``triton.next_power_of_2`` and ``triton.cdiv`` are
-# constexpr_functions, whose host calls go through Triton's wrapper at ~7 µs each, and the layout
-# of every launch takes several (a full-MAML meta-step makes 30 rmsnorm launches).
-def _next_power_of_2(n: int) -> int:
-    """The smallest power of 2 >= n (0 for n = 0), as ``triton.next_power_of_2``."""
-    return 1 << (n - 1).bit_length() if n > 0 else 0
-
-
-def _cdiv(x: int, y: int) -> int:
-    return (x + y - 1) // y
-
-
 def _layout(x: torch.Tensor, weight: torch.Tensor, sweep: SweepTuning, staged_tensors: int = 0) -> _Layout:
     """``staged_tensors``: how many x-shaped inputs the persistent loop pipelines (they bound
     ``loop_stages`` by shared memory)."""
@@ -142,17 +132,17 @@ def _layout(x: torch.Tensor, weight: torch.Tensor, sweep: SweepTuning, staged_te
         raise ValueError(f"rmsnorm kernels: need 1 <= N <= {MAX_N}, got N = {n_cols}")
     n_groups = math.prod(group_shape)
     rows_per_group = x.numel() // n_cols // n_groups if n_groups else 0
-    block_n = _next_power_of_2(n_cols)
-    tile_rows = min(max(1, sweep.tile_elements // block_n), _next_power_of_2(max(rows_per_group, 1)))
+    block_n = next_power_of_2(n_cols)
+    tile_rows = min(max(1, sweep.tile_elements // block_n), next_power_of_2(max(rows_per_group, 1)))
     num_warps = min(32, max(1, tile_rows * block_n // (32 * sweep.elements_per_thread)))
-    tiles = _cdiv(rows_per_group, tile_rows)
+    tiles = cdiv(rows_per_group, tile_rows)
     programs = tiles
     if sweep.programs_per_sm:  # persistent: the budget is shared among the groups
         budget = sweep.programs_per_sm * multiprocessor_count(x.device)
-        programs = max(1, min(tiles, _cdiv(budget, max(n_groups, 1))))
+        programs = max(1, min(tiles, cdiv(budget, max(n_groups, 1))))
     stage_bytes = tile_rows * block_n * x.element_size() * staged_tensors
     stages = max(1, min(sweep.loop_stages, _shared_memory(x.device) // 2 // max(stage_bytes, 1)))
-    return _Layout(n_groups, rows_per_group, n_cols, block_n, tile_rows, _next_power_of_2(num_warps),
+    return _Layout(n_groups, rows_per_group, n_cols, block_n, tile_rows, next_power_of_2(num_warps),
                    programs, stages)
 
 
@@ -446,9 +436,9 @@ def _sum_partials(partial: torch.Tensor, out: torch.Tensor) -> None:
     multiprocessor fits in one round of loads) by 8192 / rows columns, which for N = 4096 and
     132 partials gives 128 programs of 32 columns."""
     n_groups, n_partials, n_cols = partial.shape
-    block_p = min(_next_power_of_2(n_partials), 512)
-    block_c = min(_next_power_of_2(n_cols), max(1, 8192 // block_p))
-    grid = (n_groups, _cdiv(n_cols, block_c))
+    block_p = min(next_power_of_2(n_partials), 512)
+    block_c = min(next_power_of_2(n_cols), max(1, 8192 // block_p))
+    grid = (n_groups, cdiv(n_cols, block_c))
     _column_sum_kernel[grid](partial, out, n_partials, n_cols, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
 
 
