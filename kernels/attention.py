@@ -631,10 +631,10 @@ def _attn_bwd_dq_kernel(
 @triton.jit
 def _full_blocks_end(lo, hi, t_q, BLOCK_M: tl.constexpr):
     """Where a column program's query sweep [lo, hi) (lo a multiple of BLOCK_M) stops having whole
-    blocks of rows < t_q. The sweep runs two loops, the whole blocks with unmasked loads and then
-    at most one partial block with masked ones: per-row masks against a length the compiler knows
-    nothing about (a VARLEN sequence's) cost more address and predicate work than the tile's
-    arithmetic can hide (dK/dV about 30 % slower than at a fixed length, H100)."""
+    blocks of rows < t_q. The sweep loops over the whole blocks with unmasked loads, then takes
+    the one partial block, if any, with masked ones: per-row masks against a length the compiler
+    knows nothing about (a VARLEN sequence's) cost more address and predicate work than the tile's
+    arithmetic hides (VARLEN dK/dV was 30–40 % slower than at a fixed length, H100; perf-notes 8)."""
     return tl.maximum(lo, tl.minimum(hi, t_q // BLOCK_M * BLOCK_M))
 
 
@@ -905,7 +905,8 @@ row_stat_dtype = accumulator_dtype
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per sweep kind and padded head dim, for 2-byte
-# dtypes on a Hopper-class GPU (chosen with scripts/tune_sdpa_blocks.py, docs/perf-notes.md);
+# dtypes on a Hopper-class GPU (chosen with scripts/tune_sdpa_blocks.py and profiler sweeps,
+# docs/perf-notes.md);
 # 4-byte dtypes halve the tiles and 8-byte ones quarter them, so they fit in registers and
 # shared memory. Row sweeps tile queries by BLOCK_M, column sweeps keys by BLOCK_N. The forward
 # kinds key by the padded head dim also where they split it (``_head_dim_parts``): the split

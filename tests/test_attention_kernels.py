@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 from _attention_cases import (
     assert_close,
@@ -25,6 +26,7 @@ from _attention_cases import (
     varlen_reference_fn,
 )
 import theria_kernels.attention as attention_kernels
+from theria_kernels._common import cdiv, next_power_of_2
 from theria_kernels.attention import (
     attention_backward,
     attention_backward_backward,
@@ -216,6 +218,16 @@ def test_head_dim_split_rule():
                 "backward_backward": dict(BLOCK_D=128)}
     for kind, tiles in expected.items():
         assert {key: value for key, value in call.meta(kind)[1].items() if key.startswith("BLOCK_D")} == tiles, kind
+
+
+def test_launch_arithmetic_matches_triton():
+    """The launchers' plain-int next_power_of_2 and cdiv agree with Triton's (which they replace
+    on the host for speed), over the sizes that occur: head dims, lengths, grid counts."""
+    for n in range(0, 70000):
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+    for x in range(0, 300):
+        for y in (1, 2, 3, 16, 64, 128, 257):
+            assert cdiv(x, y) == triton.cdiv(x, y), (x, y)
 
 
 # Split head dims: 48 = 32 + 16 fills both parts, 40 = 32 + 16 pads the second, 80 = 64 + 16.
