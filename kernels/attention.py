@@ -110,6 +110,19 @@ def validate_attention_args(q_shape, k_shape, v_shape, dtypes, *, layout: str, b
                          "use backend='reference'")
 
 
+def validate_dropout(dropout_p: float) -> None:
+    """flash-attn's signatures carry ``dropout_p``; theria has no dropout, so only 0.0 passes."""
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p={dropout_p}: theria's attention has no dropout; pass dropout_p=0.0")
+
+
+# Raised by both frameworks' batching rules when vmap maps over the cu_seqlens themselves.
+VMAP_CU_SEQLENS_ERROR = (
+    "vmap over cu_seqlens is not supported: every vmapped instance must share cu_seqlens_q and "
+    "cu_seqlens_k; pack the instances' sequences into one batch (concatenate them and their cu_seqlens) instead"
+)
+
+
 def validate_cu_seqlens(cu_q_shape, cu_k_shape, cu_dtypes, max_seqlen_q, max_seqlen_k) -> None:
     """Framework-neutral checks of the varlen arguments that need no host read (shapes, dtypes,
     the max lengths' types), shared by the launchers and both adapters."""

@@ -51,6 +51,7 @@ from jax.interpreters import ad, batching, mlir
 
 from theria_jax._bridge import triton_call
 from theria_kernels.attention import (
+    VMAP_CU_SEQLENS_ERROR,
     AttentionParams,
     attention_backward,
     attention_backward_backward,
@@ -124,19 +125,13 @@ def _split(operands, lengths) -> tuple[list, list]:
 # ----------------------------------------------------------------------------------------------
 
 
-VMAP_CU_SEQLENS = (
-    "vmap over cu_seqlens is not supported: every vmapped instance must share cu_seqlens_q and "
-    "cu_seqlens_k; pack the instances' sequences into one batch (concatenate them and their cu_seqlens) instead"
-)
-
-
 def _fold_batch_axis(primitive, operands, axes, **params):
     """Run one call with the mapped axis folded into B (every attention operand's leading axis);
     the cu_seqlens describe how each batch entry is packed, shared by all of them."""
     operands, seqs = _split(operands, params["lengths"])
     axes, seq_axes = _split(axes, params["lengths"])
     if any(axis is not None for axis in seq_axes):
-        raise NotImplementedError(VMAP_CU_SEQLENS)
+        raise NotImplementedError(VMAP_CU_SEQLENS_ERROR)
     size = next(x.shape[axis] for x, axis in zip(operands, axes) if axis is not None)
 
     def fold(x, axis):

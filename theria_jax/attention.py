@@ -23,6 +23,7 @@ from theria_kernels.attention import (
     validate_attention_args,
     validate_cu_seqlens,
     validate_cu_seqlens_values,
+    validate_dropout,
 )
 
 
@@ -92,8 +93,7 @@ def flash_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: float | None
     Returns:
         out (B, T_q, H, D), or (out, lse) with ``return_lse``.
     """
-    if dropout_p != 0.0:
-        raise ValueError(f"dropout_p={dropout_p}: theria's attention has no dropout; pass dropout_p=0.0")
+    validate_dropout(dropout_p)
     out, lse = _attention(q, k, v, backend=backend, causal=causal, scale=softmax_scale, window_size=window_size,
                           bottom_right=True)
     return (out, lse) if return_lse else out
@@ -126,8 +126,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     Concrete cu_seqlens are checked (start, order, end, the max lengths) with one small
     device-to-host read; traced ones (under ``jax.jit``) cannot be read and are not checked.
     """
-    if dropout_p != 0.0:
-        raise ValueError(f"dropout_p={dropout_p}: theria's attention has no dropout; pass dropout_p=0.0")
+    validate_dropout(dropout_p)
     window_size = tuple(window_size)
     validate_attention_args(q.shape, k.shape, v.shape, tuple(str(t.dtype) for t in (q, k, v)),
                             layout="(total, H, D)", backend=backend, window_size=window_size)

@@ -112,12 +112,6 @@ def fold(t: Optional[Tensor], dim: Optional[int], size: int) -> Optional[Tensor]
     return t.flatten(0, 1)
 
 
-VMAP_CU_SEQLENS = (
-    "vmap over cu_seqlens is not supported: every vmapped instance must share cu_seqlens_q and "
-    "cu_seqlens_k; pack the instances' sequences into one batch (concatenate them and their cu_seqlens) instead"
-)
-
-
 def _fold_batching(op):
     """Every floating tensor argument of these operators leads with B, and so does every output;
     the integer cu_seqlens describe how each batch entry is packed and are shared by all of them
@@ -128,7 +122,7 @@ def _fold_batching(op):
         for a, d in zip(args, in_dims):
             if isinstance(a, Tensor) and not a.is_floating_point():
                 if d is not None:
-                    raise NotImplementedError(VMAP_CU_SEQLENS)
+                    raise NotImplementedError(kernels.VMAP_CU_SEQLENS_ERROR)
                 folded.append(a)
             else:
                 folded.append(fold(a, d, info.batch_size) if isinstance(a, Tensor) or d is not None else a)

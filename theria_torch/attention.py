@@ -35,9 +35,11 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from theria_kernels._common import dtype_name, is_interpreter
 from theria_kernels.attention import (
+    VMAP_CU_SEQLENS_ERROR,
     AttentionParams,
     validate_attention_args,
     validate_cu_seqlens_values,
+    validate_dropout,
     varlen_keywords,
 )
 from theria_torch import _ops
@@ -82,7 +84,7 @@ class _BatchFolding(torch.autograd.Function):
     def vmap(cls, info, in_dims, *args):
         *tensors, static = args
         if any(d is not None for d in in_dims[-1]):
-            raise NotImplementedError(_ops.VMAP_CU_SEQLENS)
+            raise NotImplementedError(VMAP_CU_SEQLENS_ERROR)
         outputs = cls.apply(*(_ops.fold(t, d, info.batch_size) for t, d in zip(tensors, in_dims)), static)
         return tuple(o.unflatten(0, (info.batch_size, -1)) for o in outputs), (0,) * len(outputs)
 
@@ -293,8 +295,7 @@ def flash_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: float | None
     Returns:
         out (B, T_q, H, D), or (out, lse) with ``return_lse``.
     """
-    if dropout_p != 0.0:
-        raise ValueError(f"dropout_p={dropout_p}: theria's attention has no dropout; pass dropout_p=0.0")
+    validate_dropout(dropout_p)
     out, lse = _attention(q, k, v, backend=backend, layout="(B, T, H, D)", causal=causal,
                           scale=softmax_scale, window_size=window_size, bottom_right=True)
     return (out, lse) if return_lse else out
@@ -349,15 +350,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     is skipped (a capture cannot read the device), so the varlen call can be captured and replayed.
     ``torch.func.vmap`` works when every instance shares the cu_seqlens.
     """
-    if dropout_p != 0.0:
-        raise ValueError(f"dropout_p={dropout_p}: theria's attention has no dropout; pass dropout_p=0.0")
+    validate_dropout(dropout_p)
     window_size = tuple(window_size)
     validate_attention_args(q.shape, k.shape, v.shape, tuple(dtype_name(t.dtype) for t in (q, k, v)),
                             layout="(total, H, D)", backend=backend, window_size=window_size)
     _check_devices(q, k, v, backend)
     varlen = varlen_keywords(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if torch._C._functorch.is_batchedtensor(cu_seqlens_q) or torch._C._functorch.is_batchedtensor(cu_seqlens_k):
-        raise NotImplementedError(_ops.VMAP_CU_SEQLENS)
+        raise NotImplementedError(VMAP_CU_SEQLENS_ERROR)
     _check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if backend == "reference":
