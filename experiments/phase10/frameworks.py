@@ -5,6 +5,11 @@ against :class:`TorchMetaLearner` / :class:`JaxMetaLearner`, which share their a
 methods. Both start from the same numpy parameters and see the same numpy task batches, so with
 the same seed the two frameworks follow the same trajectory up to rounding. The outer optimiser
 is Adam in both (``torch.optim.Adam``, ``optax.adam``: the same update rule and defaults).
+
+JAX compiles the whole meta-step (``jax.jit``); torch runs it eagerly, where at long sequences the
+host's work (Python, torch.func's transform layers, hundreds of launches) takes several times the
+device's. ``MetaSetup.cuda_graph`` has the torch learner replay its meta-gradient as a captured
+CUDA graph instead (docs/results/device_time.md measures both).
 """
 
 from __future__ import annotations
@@ -19,9 +24,13 @@ from theria_torch import maml as torch_maml
 from theria_torch import models as torch_models
 from theria_torch import tasks as torch_tasks
 from theria_torch.models import ModelConfig
+from theria_torch.tasks import TaskBatch
 
 FRAMEWORKS = ("torch", "jax")
 METHODS = {"maml": False, "fo_maml": True}  # method -> first_order
+# Eager calls before a capture, as in PyTorch's CUDA-graph recipe: they compile the Triton kernels
+# and set up cuBLAS, neither of which may happen while a graph is being captured.
+CUDA_GRAPH_WARMUP_CALLS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +38,9 @@ class MetaSetup:
     """Everything a learner needs besides the backend and the method.
 
     ``dtype`` is a name ("float32", "float64", "bfloat16"); ``device`` is "cpu" or "cuda".
+    ``cuda_graph`` (needs ``device="cuda"``): the torch learner replays its meta-gradient as a
+    captured CUDA graph (:meth:`TorchMetaLearner.meta_gradient`). The JAX learner, compiled by
+    ``jax.jit`` already, accepts and ignores it, so one setup serves a grid of both frameworks.
     """
 
     family: object
@@ -38,10 +50,16 @@ class MetaSetup:
     outer_lr: float
     dtype: str = "float32"
     device: str = "cpu"
+    cuda_graph: bool = False
+
+    def __post_init__(self):
+        if self.cuda_graph and torch.device(self.device).type != "cuda":
+            raise ValueError(f"cuda_graph=True needs device='cuda', got device={self.device!r}")
 
 
 class TorchMetaLearner:
-    """Meta-training state in torch: parameters, Adam, and eager calls into theria_torch.maml."""
+    """Meta-training state in torch: parameters, Adam, and calls into theria_torch.maml, eager or
+    (``setup.cuda_graph``) the meta-gradient as a CUDA-graph replay."""
 
     framework = "torch"
 
@@ -52,16 +70,62 @@ class TorchMetaLearner:
         self.loss_fn = torch_models.make_loss_fn(model, setup.family.loss)
         self.params = torch_models.torch_params(params, dtype=self.dtype, device=self.device)
         self.optimizer = torch.optim.Adam(list(self.params.values()), lr=setup.outer_lr)
+        self._graph = None  # (CUDAGraph, its input batch, its (grads, loss)) once captured
 
     def convert(self, batch):
         return torch_tasks.as_torch(batch, dtype=self.dtype, device=self.device)
 
-    def meta_gradient(self, batch) -> tuple[dict, object]:
+    def meta_gradient(self, batch: TaskBatch) -> tuple[dict, torch.Tensor]:
+        """(meta-gradient dict shaped like ``self.params``, mean query loss) of a converted batch.
+
+        With ``setup.cuda_graph`` the first call captures the meta-gradient of a copy of ``batch``
+        into a CUDA graph; every call (the first included) copies ``batch`` into the graph's input
+        buffers and replays it. The graph reads ``self.params``' storage, so in-place updates
+        (Adam's) are seen by later replays; a tensor put in place of one in ``self.params`` is not.
+        The returned tensors are then the graph's outputs, overwritten by the next call.
+
+        Raises:
+            ValueError: with ``cuda_graph``, a field of ``batch`` whose shape or dtype differs
+                from the captured batch's. A graph replays fixed shapes; capturing again per
+                shape would hold every graph's memory without telling, so the learner raises.
+        """
+        if not self.setup.cuda_graph:
+            return self._eager_meta_gradient(batch)
+        if self._graph is None:
+            self._graph = self._capture(batch)
+        graph, inputs, outputs = self._graph
+        for name, buffer, value in zip(TaskBatch._fields, inputs, batch):
+            if buffer.shape != value.shape or buffer.dtype != value.dtype:
+                raise ValueError(f"cuda_graph: batch.{name} is {tuple(value.shape)} {value.dtype}, but the graph "
+                                 f"was captured for {tuple(buffer.shape)} {buffer.dtype}; use one batch shape "
+                                 f"per learner")
+            buffer.copy_(value)
+        graph.replay()
+        return outputs
+
+    def _eager_meta_gradient(self, batch: TaskBatch) -> tuple[dict, torch.Tensor]:
         return torch_maml.meta_gradient(self.params, batch, self.loss_fn, inner_lr=self.setup.inner_lr,
                                         steps=self.setup.inner_steps, first_order=self.first_order)
 
+    def _capture(self, batch: TaskBatch) -> tuple[torch.cuda.CUDAGraph, TaskBatch, tuple[dict, torch.Tensor]]:
+        """A CUDA graph of one meta-gradient, its input buffers (a copy of ``batch``) and outputs."""
+        inputs = TaskBatch(*(field.clone() for field in batch))
+        # PyTorch's recipe: warm up on a side stream ordered after the caller's work and before
+        # the capture. The meta-gradient is pure: these calls leave the parameters and Adam alone.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(CUDA_GRAPH_WARMUP_CALLS):
+                self._eager_meta_gradient(inputs)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self._eager_meta_gradient(inputs)
+        return graph, inputs, outputs
+
     def step(self, batch) -> float:
-        """One Adam step on the meta-gradient of a converted batch; returns the meta-train loss."""
+        """One Adam step on the meta-gradient of a converted batch; returns the meta-train loss.
+        Adam runs eagerly (a few launches) in both modes, so both follow the same trajectory."""
         grads, loss = self.meta_gradient(batch)
         for name, p in self.params.items():
             p.grad = grads[name]

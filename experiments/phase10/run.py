@@ -8,12 +8,19 @@ Usage (from the repository root)::
     python experiments/phase10/run.py                                   # configs/tiny.yaml, CPU
     python experiments/phase10/run.py --config experiments/phase10/configs/in_context.yaml \\
         --backends reference triton_full_fused --set train.meta_steps=200 --out /tmp/run
+    python experiments/phase10/run.py --frameworks torch --backends reference triton_full_fused \\
+        --device cuda --cuda-graph                                      # GPU, graph replays
 
 A config (YAML or JSON) has sections ``task``, ``model``, ``maml``, ``train`` and ``grid``
-(see configs/tiny.yaml); ``--frameworks/--backends/--methods/--device/--dtype/--meta-steps/--seed``
-and ``--set section.key=value`` (value parsed as YAML) override it. Every run of the grid starts
-from the same numpy weights and meets the same task batches (seeded per step), so the curves
-differ only by method, backend and framework.
+(see configs/tiny.yaml); ``--frameworks/--backends/--methods/--device/--dtype/--meta-steps/--seed``,
+``--cuda-graph`` and ``--set section.key=value`` (value parsed as YAML) override it. Every run of
+the grid starts from the same numpy weights and meets the same task batches (seeded per step), so
+the curves differ only by method, backend and framework.
+
+``--cuda-graph`` (``train.cuda_graph``, default false; needs ``--device cuda``) replays each torch
+meta-gradient as a captured CUDA graph (experiments/phase10/frameworks.py), so a torch step's time
+is the device's rather than Python's and the launches'; the first step includes the capture. JAX
+runs are compiled by ``jax.jit`` anyway and ignore it. The trajectory is eager's.
 
 Writes to ``--out`` (default experiments/phase10/runs/<name>-<time>/): ``config.json`` (resolved),
 ``metrics.csv`` (one row per run and meta-step), ``results.json`` (a summary per run),
@@ -53,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "float64", "bfloat16"])
     parser.add_argument("--meta-steps", type=int)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--cuda-graph", action="store_const", const=True,
+                        help="torch: replay the meta-gradient as a captured CUDA graph (device cuda)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any config entry (repeatable)")
     parser.add_argument("--out", type=Path, help="output directory")
@@ -65,7 +74,7 @@ def load_config(args: argparse.Namespace) -> dict:
     config = yaml.safe_load(args.config.read_text())  # JSON is YAML too
     flags = {"grid.frameworks": args.frameworks, "grid.backends": args.backends,
              "grid.methods": args.methods, "train.device": args.device, "train.dtype": args.dtype,
-             "train.meta_steps": args.meta_steps, "train.seed": args.seed}
+             "train.meta_steps": args.meta_steps, "train.seed": args.seed, "train.cuda_graph": args.cuda_graph}
     overrides = {key: value for key, value in flags.items() if value is not None}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -110,7 +119,7 @@ def train(learner, draw, config: dict, *, label: str, progress: bool) -> list[di
 
 def summarise(rows: list[dict]) -> dict:
     """Final losses (train: mean over the last tenth of the steps) and step times; the first
-    step is reported apart because it includes compilation."""
+    step is reported apart because it includes compilation (and the CUDA-graph capture)."""
     tail = rows[-max(1, len(rows) // 10):]
     times = [row["step_time_s"] for row in rows[1:]] or [rows[0]["step_time_s"]]
     tests = [row["meta_test_loss"] for row in rows if row["meta_test_loss"] is not None]
@@ -123,6 +132,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     config = load_config(args)
     grid, train_cfg = config["grid"], config["train"]
+    train_cfg.setdefault("cuda_graph", False)  # so that config.json and results.json record it
     if train_cfg["device"] == "cpu" and FUSED in grid["backends"]:
         # Must precede the first import of triton (by theria_torch below): the Triton kernels
         # then run in the interpreter on CPU tensors.
@@ -147,7 +157,8 @@ def main(argv=None) -> int:
 
     setup = frameworks.MetaSetup(family=family, model=model, inner_lr=m["inner_lr"],
                                  inner_steps=m["inner_steps"], outer_lr=train_cfg["outer_lr"],
-                                 dtype=train_cfg["dtype"], device=train_cfg["device"])
+                                 dtype=train_cfg["dtype"], device=train_cfg["device"],
+                                 cuda_graph=train_cfg["cuda_graph"])
     params = init_params(model, train_cfg["seed"])
     out = args.out or REPO / "experiments/phase10/runs" / f"{config['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
