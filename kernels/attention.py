@@ -932,13 +932,15 @@ _GPU_BLOCKS = {
     "backward_backward": {64: (64, 64, 4, 2), 128: (64, 32, 4, 2), 256: (16, 32, 4, 1)},
 }
 # Grouped-query attention: a column program sums over a whole group of query heads, which leaves
-# the column kernels H / H_kv times fewer and longer programs than multi-head attention. Under a
-# causal or window mask their lengths also differ along the diagonal, and the longest ones end
-# alone on the GPU (8:1, B8 H16 T4096 causal: dK/dV 19 % slower than multi-head). There the group
-# is split until about this many programs per multiprocessor run, at the price of a float32
-# partial per share summed by the last share of each tile (``_column_store``). Without a mask the
-# programs are equal and the split's partial traffic cost more than it saved (H100, bf16).
-_COLUMN_PROGRAMS_PER_SM = 32
+# the column kernels H / H_kv times fewer and longer programs than multi-head attention, and the
+# last wave of them runs on a partly idle GPU (under a causal or window mask their lengths also
+# differ along the diagonal, so the longest end alone). The group is split until about this many
+# programs per multiprocessor run, at the price of a float32 partial per share summed by the last
+# share of each tile (``_column_store``). H100, bf16, B8 H16 T4096 D64, 8:1, forward + backward:
+# 32 per SM and no split without a mask (8 shares causal, whole groups otherwise) 3.16 ms causal /
+# 5.45 ms not; 12 per SM (2 shares) 3.08 / 5.40; multi-head attention 3.12 / 5.47. (Causal
+# backward alone by shares 1 / 2 / 4 / 8: 2.32 / 2.27 / 2.27 / 2.38 ms.)
+_COLUMN_PROGRAMS_PER_SM = 12
 # The interpreter runs one program at a time on the CPU: the smallest tiles tl.dot accepts keep
 # test shapes tiny while still crossing several blocks and block boundaries.
 _INTERPRETER_BLOCKS = (16, 16, 1, 1)
@@ -1074,10 +1076,9 @@ class _Call:
         return cdiv(self.k.shape[2], block_n), batch * heads_kv * splits
 
     def group_split(self, block_n: int) -> int:
-        """Into how many shares the column kernels split each grouped-query group: with a band
-        mask, the smallest divisor of the group that gives ``_COLUMN_PROGRAMS_PER_SM`` programs
-        per multiprocessor; none without one."""
-        group = self.q.shape[1] // self.k.shape[1] if self.params.banded else 1
+        """Into how many shares the column kernels split each grouped-query group: the smallest
+        divisor of the group that gives ``_COLUMN_PROGRAMS_PER_SM`` programs per multiprocessor."""
+        group = self.q.shape[1] // self.k.shape[1]
         target = _COLUMN_PROGRAMS_PER_SM * multiprocessor_count(self.q.device)
         programs = math.prod(self.column_grid(block_n))
         return next(s for s in range(1, group + 1) if group % s == 0 and (programs * s >= target or s == group))

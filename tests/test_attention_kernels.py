@@ -262,14 +262,15 @@ def test_strided_inputs_match_contiguous():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mask", [dict(causal=True, bottom_right=True), {}], ids=["causal", "no_mask"])
 @pytest.mark.parametrize("programs_per_sm", [0, 2, 1000], ids=["whole_group", "two_shares", "one_head_each"])
-def test_grouped_query_split_does_not_change_gradients(programs_per_sm, monkeypatch):
+def test_grouped_query_split_does_not_change_gradients(programs_per_sm, mask, monkeypatch):
     """The column kernels split a grouped-query group over several programs when there would be
     too few (``_Call.group_split``): the whole group of 4 in one program, shares of 2 (4 key blocks
     × 2 shares reach 2 programs per multiprocessor of the interpreter's 4), or one query head per
     program; the summed partials of the shares must give the gradients and the double backward."""
     monkeypatch.setattr(attention_kernels, "_COLUMN_PROGRAMS_PER_SM", programs_per_sm)
-    q, k, v, params = _case((1, 4, 1, 19, 61), 16, torch.float64, dict(causal=True, bottom_right=True), seed=3)
+    q, k, v, params = _case((1, 4, 1, 19, 61), 16, torch.float64, mask, seed=3)
     fn = reference_fn(params)
     _check_forward_and_backward(q, k, v, params, fn, torch.float64)
     _check_backward_backward(q, k, v, params, fn, torch.float64)
