@@ -26,9 +26,11 @@ FAMILY = make_family("sequence_classification", vocab_size=12, seq_len=8, n_clas
 MODEL = ModelConfig(d_in=FAMILY.d_in, d_out=FAMILY.d_out, max_len=FAMILY.seq_len, d_model=16, n_heads=2,
                     n_layers=1, causal=True)
 STEPS = 4
-# A replay launches the kernels the capture recorded, with the same arguments, as the eager call
-# does: anything above rounding of float32 means the graph read stale inputs or parameters.
-TOL = 1e-6
+# Relative error of a replayed meta-gradient against the eager one on the same parameters and
+# batch. cuBLAS may pick other algorithms inside a capture, so the two differ by float32 rounding
+# (at most 1.8e-7 on an H100, reference backend; the fused one matched exactly); a replay that
+# read a stale batch or stale parameters is off by O(1).
+TOL = 1e-4
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -69,26 +71,28 @@ def test_cli_records_cuda_graph(tmp_path):
 @pytest.mark.parametrize("method", ["maml", "fo_maml"])
 @pytest.mark.parametrize("backend", ["reference", FUSED])
 def test_cuda_graph_steps_follow_eager(backend, method):
-    learners = {graph: make_learner("torch", tiny_setup(device="cuda", cuda_graph=graph), init_params(MODEL, 0),
-                                    backend=backend, method=method)
-                for graph in (False, True)}
-    losses = {graph: [learner.step(learner.convert(draw(step))) for step in range(STEPS)]
-              for graph, learner in learners.items()}
-    # The batches differ, so equal losses at every step mean each replay read its own batch and
-    # the parameters after the previous step's Adam update.
-    assert len(set(losses[False])) == STEPS, f"the batches should give different losses: {losses[False]}"
-    np.testing.assert_allclose(losses[True], losses[False], rtol=TOL, err_msg="meta-train loss per step")
-    params = {graph: learner.numpy(learner.params) for graph, learner in learners.items()}
-    error, worst = relative_error(params[True], params[False])
-    assert error <= TOL, f"parameters after {STEPS} steps: relative error {error:.3e} > {TOL:g} (worst {worst!r})"
+    """Each replayed step matches an eager step from the same parameters on the same batch.
 
-    batch = draw(STEPS)
-    grads = {graph: learner.numpy(learner.meta_gradient(learner.convert(batch))[0])
-             for graph, learner in learners.items()}
-    error, worst = relative_error(grads[True], grads[False])
-    assert error <= TOL, f"meta-gradient: relative error {error:.3e} > {TOL:g} (worst {worst!r})"
+    Adam turns rounding-level gradient differences into lr-sized parameter differences (its first
+    update is about lr · sign(g)), so the graphed learner is put back on the eager learner's
+    parameters after every step, in place: that also checks that a replay reads the live
+    parameter storage."""
+    eager, graphed = (make_learner("torch", tiny_setup(device="cuda", cuda_graph=graph), init_params(MODEL, 0),
+                                   backend=backend, method=method) for graph in (False, True))
+    losses = []
+    for step in range(STEPS):
+        batch = draw(step)
+        grads = [learner.numpy(learner.meta_gradient(learner.convert(batch))[0]) for learner in (eager, graphed)]
+        error, worst = relative_error(grads[1], grads[0])
+        assert error <= TOL, f"step {step}: meta-gradient relative error {error:.3e} > {TOL:g} (worst {worst!r})"
+        losses.append([learner.step(learner.convert(batch)) for learner in (eager, graphed)])
+        for name, value in eager.params.items():
+            graphed.params[name].detach().copy_(value)
+    eager_losses, graph_losses = zip(*losses)
+    # Different batches give different losses: each replay read its own batch.
+    assert len(set(eager_losses)) == STEPS, f"the batches should give different losses: {eager_losses}"
+    np.testing.assert_allclose(graph_losses, eager_losses, rtol=TOL, err_msg="meta-train loss per step")
 
-    graphed = learners[True]
     with pytest.raises(ValueError, match=r"cuda_graph: batch\.support_x is \(2, "):
         graphed.meta_gradient(graphed.convert(draw(0, n_tasks=2)))
 
