@@ -340,3 +340,25 @@ def test_varlen_checks_cu_seqlens_once_per_version(monkeypatch):
     args["cu_seqlens_q"][2] = 2  # in place: no longer non-decreasing
     with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
         flash_attn_varlen_func(**args, backend="reference")
+
+
+def _operator_arguments(name):
+    """Arguments of ``torch.ops.theria.attention_<name>``: tiny float64 grouped-query tensors,
+    a causal mask, and the trailing scalars of a fixed-length call."""
+    q, k, v = random_inputs(1, 2, 1, 7, 9, 8, F64, seed=12)
+    scalars = (8**-0.5, True, -1, -1, False, None, None, 0, 0)
+    out, lse = torch.ops.theria.attention_forward(q, k, v, *scalars)
+    q_dot, d_out = torch.randn_like(q), torch.randn_like(q)
+    k_dot, v_dot = torch.randn_like(k), torch.randn_like(v)
+    return {"forward": (q, k, v),
+            "jvp": (q, k, v, q_dot, k_dot, v_dot),
+            "forward_second": (q, k, v, q_dot, k_dot, v_dot, d_out, v_dot, k_dot),
+            "backward": (q, k, v, out, lse, d_out, None),
+            "backward_backward": (q, k, v, out, lse, d_out, None, q_dot, None, v_dot)}[name] + scalars
+
+
+@pytest.mark.parametrize("name", ["forward", "jvp", "forward_second", "backward", "backward_backward"])
+def test_registered_operator_passes_opcheck(name):
+    """Schema, fake implementation (shapes, strides, dtypes of the real outputs) and dispatch of
+    each registered operator, which ``torch.compile`` relies on."""
+    torch.library.opcheck(getattr(torch.ops.theria, f"attention_{name}").default, _operator_arguments(name))

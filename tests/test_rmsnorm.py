@@ -395,6 +395,42 @@ def test_mixed_devices_raise():
 # ---------------------------------------------------------------------------------------------
 
 
+def _operator_arguments(name):
+    """Arguments of ``torch.ops.theria.<name>``: tiny float64 tensors, some optional tangents and
+    cotangents None (the kernels specialise on them)."""
+    x, weight = make_inputs((2, 3), 16, torch.float64)
+    rstd = rmsnorm_kernels.rmsnorm_forward(x, weight, EPS)[1]
+    dy, x_dot, x_dot2 = (torch.randn_like(x) for _ in range(3))
+    w_dot = torch.randn_like(weight)
+    return {"rmsnorm_forward": (x, weight, EPS), "rmsnorm_jvp": (x, weight, x_dot, None, EPS),
+            "rmsnorm_backward": (x, weight, rstd, dy),
+            "rmsnorm_backward_backward": (x, weight, rstd, dy, x_dot, None),
+            "rmsnorm_forward_second": (x, weight, rstd, x_dot, w_dot, x_dot2, None)}[name]
+
+
+@pytest.mark.parametrize("name", ["rmsnorm_forward", "rmsnorm_jvp", "rmsnorm_backward", "rmsnorm_backward_backward",
+                                  "rmsnorm_forward_second"])
+def test_registered_operator_passes_opcheck(name):
+    """Schema, fake implementation (shapes, strides, dtypes of the real outputs) and dispatch of
+    each registered operator, as ``torch.compile`` relies on them."""
+    torch.library.opcheck(getattr(torch.ops.theria, name).default, _operator_arguments(name))
+
+
+def test_torch_compile_matches_eager():
+    """``torch.compile`` of a loss over the fused rmsnorm traces the registered operators (it
+    cannot trace the launchers' Python and Triton's) and gives eager's value and gradient
+    (``aot_eager`` generates no code, so the same kernels run). Double backward and torch.func
+    transforms inside a compiled function are beyond torch.compile here (docs/usage.md)."""
+    x, weight = make_inputs((3, 5), 16, torch.float64, requires_grad=True)
+    loss = scalar_loss(fused)
+    results = []
+    for fn in (loss, torch.compile(loss, backend="aot_eager")):
+        value = fn(x, weight)
+        results.append((value, *torch.autograd.grad(value, (x, weight))))
+    for name, eager, compiled in zip(("value", "grad_x", "grad_weight"), *results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12, msg=name)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(2, 1024, 4096), (4, 77, 4097), (8, 65536), (3, 5, 1)], ids=str)

@@ -1,19 +1,21 @@
-"""The attention launchers registered as torch operators (``torch.ops.theria.*``), and the
-entry points the autograd Functions call.
+"""The attention and rmsnorm launchers registered as torch operators (``torch.ops.theria.*``), and
+the entry points the autograd Functions call.
 
-Registration is what lets the kernels compose with torch's transforms: functorch unwraps its
-tensor wrappers before an operator runs (``torch.func.jvp`` over ``torch.func.grad`` hands plain
-tensors to the launchers), each operator has a fake implementation so ``torch.compile`` can trace
-it, and a batching rule that folds a vmapped dimension into the batch dimension B, so one launch
-serves every vmapped instance. Every operator ends with the variable-length arguments
-(``cu_seqlens_q``, ``cu_seqlens_k``, ``max_seqlen_q``, ``max_seqlen_k``; None and 0 for
-fixed-length calls), which vmap shares between the instances.
+Registration is what lets the kernels compose with torch's transforms and compiler: functorch
+unwraps its tensor wrappers before an operator runs (``torch.func.jvp`` over ``torch.func.grad``
+hands plain tensors to the launchers), and each operator has a fake implementation, so
+``torch.compile`` traces it as one opaque call instead of tracing into the launcher's Python and
+Triton's. The attention operators also have a batching rule that folds a vmapped dimension into
+the batch dimension B, so one launch serves every vmapped instance (the rmsnorm Functions fold
+vmap themselves before their operators run). Every attention operator ends with the
+variable-length arguments (``cu_seqlens_q``, ``cu_seqlens_k``, ``max_seqlen_q``,
+``max_seqlen_k``; None and 0 for fixed-length calls), which vmap shares between the instances.
 
 An operator call costs tens of microseconds of Python in the dispatcher (its autograd fallback
-binds the signature on every call), which dominates small attention calls such as those of a
-MAML inner loop. So each entry point calls the launcher directly when its tensors are plain and
-nothing traces them, and goes through the operator only under a functorch transform's wrappers
-(vmap's batched tensors, grad's tracking tensors) or ``torch.compile``. Both paths run the same
+binds the signature on every call), which dominates small calls such as those of a MAML inner
+loop. So each entry point calls the launcher directly when its tensors are plain and nothing
+traces them, and goes through the operator only under a functorch transform's wrappers (vmap's
+batched tensors, grad's tracking tensors) or ``torch.compile``. Both paths run the same
 implementation.
 """
 
@@ -26,6 +28,8 @@ from torch import Tensor
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from theria_kernels import attention as kernels
+from theria_kernels import rmsnorm as rmsnorm_kernels
+from theria_kernels._common import accumulator_dtype
 
 
 def _launch_args(scale: float, causal: bool, window_left: int, window_right: int, bottom_right: bool,
@@ -95,7 +99,7 @@ def _rows(q: Tensor) -> Tensor:
 
 
 # Fake implementations: output shapes, strides and dtypes only.
-_FAKES = {
+_ATTENTION_FAKES = {
     "forward": lambda q, *rest: (_like(q), _rows(q)),
     "jvp": lambda q, *rest: (_like(q), _rows(q)),
     "forward_second": lambda q, *rest: (_like(q), _rows(q)),
@@ -132,25 +136,76 @@ def _fold_batching(op):
     return batched
 
 
-def _register(name: str, impl):
-    """``torch.ops.theria.attention_<name>`` for ``impl``, and the entry point that picks it or
-    ``impl`` itself (see the module docstring)."""
-    op = torch.library.custom_op(f"theria::attention_{name}", mutates_args=())(impl)
-    op.register_fake(_FAKES[name])
-    torch.library.register_vmap(op, _fold_batching(op))
+def _register(name: str, impl, fake, batching=None):
+    """``torch.ops.theria.<name>`` for ``impl``, and the entry point that picks it or ``impl``
+    itself (see the module docstring)."""
+    op = torch.library.custom_op(f"theria::{name}", mutates_args=())(impl)
+    op.register_fake(fake)
+    if batching is not None:
+        torch.library.register_vmap(op, batching(op))
 
     def entry(*args):
         traced = torch.compiler.is_compiling() or any(
             isinstance(a, Tensor) and is_functorch_wrapped_tensor(a) for a in args)
         return op(*args) if traced else impl(*args)
 
-    entry.__name__ = entry.__qualname__ = f"attention_{name}"
-    entry.__doc__ = f"``theria_kernels.attention`` launcher behind ``torch.ops.theria.attention_{name}``."
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = f"``theria_kernels`` launcher behind ``torch.ops.theria.{name}``."
     return entry
 
 
-attention_forward = _register("forward", _forward)
-attention_jvp = _register("jvp", _jvp)
-attention_forward_second = _register("forward_second", _forward_second)
-attention_backward = _register("backward", _backward)
-attention_backward_backward = _register("backward_backward", _backward_backward)
+attention_forward, attention_jvp, attention_forward_second, attention_backward, attention_backward_backward = (
+    _register(f"attention_{name}", impl, _ATTENTION_FAKES[name], _fold_batching)
+    for name, impl in (("forward", _forward), ("jvp", _jvp), ("forward_second", _forward_second),
+                       ("backward", _backward), ("backward_backward", _backward_backward)))
+
+
+# rmsnorm: the launchers of theria_kernels.rmsnorm with typed signatures (the operator schema),
+# returning what the autograd Functions of theria_torch.rmsnorm use.
+
+def _rmsnorm_forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(y, rstd)."""
+    return rmsnorm_kernels.rmsnorm_forward(x, weight, eps)
+
+
+def _rmsnorm_jvp(x: Tensor, weight: Tensor, x_dot: Optional[Tensor], weight_dot: Optional[Tensor],
+                 eps: float) -> tuple[Tensor, Tensor]:
+    """(y_dot, rstd); at least one tangent is given."""
+    _, rstd, y_dot = rmsnorm_kernels.rmsnorm_jvp(x, weight, x_dot, weight_dot, eps)
+    return y_dot, rstd
+
+
+def _rmsnorm_backward(x: Tensor, weight: Tensor, rstd: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
+    """(dx, dweight)."""
+    return rmsnorm_kernels.rmsnorm_backward(x, weight, rstd, dy)
+
+
+def _rmsnorm_backward_backward(x: Tensor, weight: Tensor, rstd: Tensor, dy: Tensor, cot_dx: Optional[Tensor],
+                               cot_dweight: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(cot_x, cot_weight, cot_dy)."""
+    return rmsnorm_kernels.rmsnorm_backward_backward(x, weight, rstd, dy, cot_dx, cot_dweight)
+
+
+def _rmsnorm_forward_second(x: Tensor, weight: Tensor, rstd: Tensor, x_dot: Optional[Tensor],
+                            weight_dot: Optional[Tensor], x_dot2: Optional[Tensor],
+                            weight_dot2: Optional[Tensor]) -> Tensor:
+    """y_ddot."""
+    return rmsnorm_kernels.rmsnorm_forward_second(x, weight, rstd, x_dot, weight_dot, x_dot2, weight_dot2)
+
+
+# The launchers allocate contiguous outputs shaped like x, weight and x's rows.
+def _dense(t: Tensor) -> Tensor:
+    return t.new_empty(t.shape)
+
+
+def _row_stats(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[:-1], dtype=accumulator_dtype(x.dtype))
+
+
+rmsnorm_forward = _register("rmsnorm_forward", _rmsnorm_forward, lambda x, *rest: (_dense(x), _row_stats(x)))
+rmsnorm_jvp = _register("rmsnorm_jvp", _rmsnorm_jvp, lambda x, *rest: (_dense(x), _row_stats(x)))
+rmsnorm_backward = _register("rmsnorm_backward", _rmsnorm_backward,
+                             lambda x, weight, *rest: (_dense(x), _dense(weight)))
+rmsnorm_backward_backward = _register("rmsnorm_backward_backward", _rmsnorm_backward_backward,
+                                      lambda x, weight, *rest: (_dense(x), _dense(weight), _dense(x)))
+rmsnorm_forward_second = _register("rmsnorm_forward_second", _rmsnorm_forward_second, lambda x, *rest: _dense(x))

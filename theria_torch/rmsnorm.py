@@ -1,6 +1,8 @@
 """PyTorch RMSNorm over the fused kernels, with every derivative the kernels provide.
 
-Four autograd Functions, each calling one launcher of ``theria_kernels.rmsnorm``:
+Autograd Functions, each calling one launcher of ``theria_kernels.rmsnorm`` through its entry in
+``theria_torch._ops`` (the registered operator ``torch.ops.theria.rmsnorm_*`` under ``torch.compile``,
+so the compiler traces one opaque call, not the launcher's Python):
 
 * ``_RMSNorm``: (x, weight) -> (y, rstd). Its backward is ``_RMSNormBackward`` and its forward-mode
   rule is ``_RMSNormJVP``, both Functions themselves, so they can be differentiated again.
@@ -28,9 +30,8 @@ import torch
 from torch.autograd import Function
 
 from theria_kernels._common import is_interpreter
-from theria_kernels.rmsnorm import (
-    BEYOND_SECOND_ORDER,
-    check_arguments,
+from theria_kernels.rmsnorm import BEYOND_SECOND_ORDER, check_arguments
+from theria_torch._ops import (
     rmsnorm_backward,
     rmsnorm_backward_backward,
     rmsnorm_forward,
@@ -146,8 +147,7 @@ class _RMSNorm(Function):
 class _RMSNormJVP(Function):
     @staticmethod
     def forward(x, weight, x_dot, weight_dot, eps):
-        _, rstd, y_dot = rmsnorm_jvp(x, weight, x_dot, weight_dot, eps)
-        return y_dot, rstd
+        return rmsnorm_jvp(x, weight, x_dot, weight_dot, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
