@@ -1,6 +1,6 @@
 """The phase-10 torch learner with ``cuda_graph``: the meta-gradient replayed as a captured CUDA graph.
 
-On the GPU, training steps replayed from the graph follow eager's trajectory for both backends
+On the GPU, training steps replayed from the graph match eager ones (to rounding) for both backends
 (each replay reads its own batch and the parameters Adam updated in place) and a batch of another
 shape is refused. On the CPU, the option is refused by name, by the setup and by the CLI.
 """

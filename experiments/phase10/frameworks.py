@@ -125,7 +125,7 @@ class TorchMetaLearner:
 
     def step(self, batch) -> float:
         """One Adam step on the meta-gradient of a converted batch; returns the meta-train loss.
-        Adam runs eagerly (a few launches) in both modes, so both follow the same trajectory."""
+        Adam runs eagerly (a few launches) in both modes."""
         grads, loss = self.meta_gradient(batch)
         for name, p in self.params.items():
             p.grad = grads[name]

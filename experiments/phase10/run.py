@@ -20,7 +20,8 @@ the curves differ only by method, backend and framework.
 ``--cuda-graph`` (``train.cuda_graph``, default false; needs ``--device cuda``) replays each torch
 meta-gradient as a captured CUDA graph (experiments/phase10/frameworks.py), so a torch step's time
 is the device's rather than Python's and the launches'; the first step includes the capture. JAX
-runs are compiled by ``jax.jit`` anyway and ignore it. The trajectory is eager's.
+runs are compiled by ``jax.jit`` anyway and ignore it. A replay computes what the eager step does,
+to rounding (cuBLAS may pick other algorithms inside a capture).
 
 Writes to ``--out`` (default experiments/phase10/runs/<name>-<time>/): ``config.json`` (resolved),
 ``metrics.csv`` (one row per run and meta-step), ``results.json`` (a summary per run),
