@@ -94,8 +94,10 @@ def _like(t: Tensor) -> Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
 
 
-def _rows(q: Tensor) -> Tensor:
-    return q.new_empty(q.shape[:3], dtype=kernels.row_stat_dtype(q.dtype))
+def _rows(t: Tensor) -> Tensor:
+    """Row statistics (lse, rstd) of ``t``: one per row of its last dimension, in the accumulator
+    dtype (float32, float64 for float64)."""
+    return t.new_empty(t.shape[:-1], dtype=accumulator_dtype(t.dtype))
 
 
 # Fake implementations: output shapes, strides and dtypes only.
@@ -116,6 +118,11 @@ def fold(t: Optional[Tensor], dim: Optional[int], size: int) -> Optional[Tensor]
     return t.flatten(0, 1)
 
 
+def unfold(outputs: tuple[Tensor, ...], size: int) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+    """Outputs of a call on folded tensors with B split back into (size, B), and their vmap out_dims."""
+    return tuple(o.unflatten(0, (size, -1)) for o in outputs), (0,) * len(outputs)
+
+
 def _fold_batching(op):
     """Every floating tensor argument of these operators leads with B, and so does every output;
     the integer cu_seqlens describe how each batch entry is packed and are shared by all of them
@@ -131,7 +138,7 @@ def _fold_batching(op):
             else:
                 folded.append(fold(a, d, info.batch_size) if isinstance(a, Tensor) or d is not None else a)
         outputs = op(*folded)
-        return tuple(o.unflatten(0, (info.batch_size, -1)) for o in outputs), (0,) * len(outputs)
+        return unfold(outputs, info.batch_size)
 
     return batched
 
@@ -193,17 +200,13 @@ def _rmsnorm_forward_second(x: Tensor, weight: Tensor, rstd: Tensor, x_dot: Opti
     return rmsnorm_kernels.rmsnorm_forward_second(x, weight, rstd, x_dot, weight_dot, x_dot2, weight_dot2)
 
 
-# The launchers allocate contiguous outputs shaped like x, weight and x's rows.
+# The launchers allocate contiguous outputs shaped like x and weight, and x's row statistics.
 def _dense(t: Tensor) -> Tensor:
     return t.new_empty(t.shape)
 
 
-def _row_stats(x: Tensor) -> Tensor:
-    return x.new_empty(x.shape[:-1], dtype=accumulator_dtype(x.dtype))
-
-
-rmsnorm_forward = _register("rmsnorm_forward", _rmsnorm_forward, lambda x, *rest: (_dense(x), _row_stats(x)))
-rmsnorm_jvp = _register("rmsnorm_jvp", _rmsnorm_jvp, lambda x, *rest: (_dense(x), _row_stats(x)))
+rmsnorm_forward = _register("rmsnorm_forward", _rmsnorm_forward, lambda x, *rest: (_dense(x), _rows(x)))
+rmsnorm_jvp = _register("rmsnorm_jvp", _rmsnorm_jvp, lambda x, *rest: (_dense(x), _rows(x)))
 rmsnorm_backward = _register("rmsnorm_backward", _rmsnorm_backward,
                              lambda x, weight, *rest: (_dense(x), _dense(weight)))
 rmsnorm_backward_backward = _register("rmsnorm_backward_backward", _rmsnorm_backward_backward,

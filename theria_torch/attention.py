@@ -86,7 +86,7 @@ class _BatchFolding(torch.autograd.Function):
         if any(d is not None for d in in_dims[-1]):
             raise NotImplementedError(VMAP_CU_SEQLENS_ERROR)
         outputs = cls.apply(*(_ops.fold(t, d, info.batch_size) for t, d in zip(tensors, in_dims)), static)
-        return tuple(o.unflatten(0, (info.batch_size, -1)) for o in outputs), (0,) * len(outputs)
+        return _ops.unfold(outputs, info.batch_size)
 
 
 class _SecondOrderKernel(_BatchFolding):
