@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from theria_kernels.attention import AttentionParams, attention_backward_backward, attention_forward
+from theria_kernels.attention import AttentionParams
+from theria_kernels.attention.torch_launchers import attention_backward_backward, attention_forward
 from theria_torch import flash_attn_func, flash_attn_varlen_func, sdpa_custom
 
 PRESETS = {  # B, H, T, D

@@ -13,7 +13,9 @@ import math
 import torch
 import triton.testing
 
-from theria_kernels import attention as kernels
+from theria_kernels.attention import AttentionParams
+from theria_kernels.attention import _launch as plans
+from theria_kernels.attention import torch_launchers as kernels
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 CANDIDATES = list(itertools.product((32, 64, 128), (32, 64), (4, 8), (1, 2)))
@@ -36,28 +38,35 @@ def main():
     parser.add_argument("--shape", default="8,16,1024,64", help="B,H,T,D")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--causal", action="store_true")
-    parser.add_argument("--kinds", nargs="+", default=list(kernels._GPU_BLOCKS))
+    parser.add_argument("--kinds", nargs="+", default=list(plans.GPU_BLOCKS))
     args = parser.parse_args()
     batch, heads, seq, head_dim = map(int, args.shape.split(","))
     q, k, v = (torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=getattr(torch, args.dtype))
                for _ in range(3))
-    params = kernels.AttentionParams(scale=1 / math.sqrt(head_dim), causal=args.causal)
+    params = AttentionParams(scale=1 / math.sqrt(head_dim), causal=args.causal)
     block_d = max(triton.next_power_of_2(head_dim), 64)
     runs = workloads(q, k, v, params)
     for kind in args.kinds:
-        current = kernels._GPU_BLOCKS[kind][block_d]
+        current = plans.GPU_BLOCKS[kind][block_d]
         timings = []
         for candidate in CANDIDATES:
-            kernels._GPU_BLOCKS[kind][block_d] = candidate
+            plans.GPU_BLOCKS[kind][block_d] = candidate
+            _clear_plans()  # plans are cached with the tiles they were built with
             try:
                 timings.append((triton.testing.do_bench(runs[kind], warmup=10, rep=40, return_mode="median"), candidate))
             except Exception as err:  # out of shared memory / registers for this tile
                 print(f"{kind} {candidate}: {type(err).__name__}")
-        kernels._GPU_BLOCKS[kind][block_d] = current
+        plans.GPU_BLOCKS[kind][block_d] = current
+        _clear_plans()
         timings.sort()
         now = next((ms for ms, c in timings if c == current), float("nan"))
         print(f"{kind}: current {current} {now:.3f} ms; best " +
               ", ".join(f"{c} {ms:.3f} ms" for ms, c in timings[:4]))
+
+
+def _clear_plans():
+    for builder in (plans.forward_plan, plans.backward_plan, plans.backward_backward_plan):
+        builder.cache_clear()
 
 
 if __name__ == "__main__":

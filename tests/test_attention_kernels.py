@@ -25,9 +25,10 @@ from _attention_cases import (
     reference_fn,
     varlen_reference_fn,
 )
-import theria_kernels.attention as attention_kernels
-from theria_kernels._common import cdiv, next_power_of_2
-from theria_kernels.attention import (
+import theria_kernels.attention._launch as launch
+from theria_kernels.attention._launch import cdiv, next_power_of_2
+from theria_kernels.attention.torch_launchers import (
+    _device,
     attention_backward,
     attention_backward_backward,
     attention_forward,
@@ -210,14 +211,14 @@ def test_head_dim_split_rule():
     padded tile, and only the forward and JVP sweeps are launched split."""
     parts = {8: (16, 0), 24: (32, 0), 40: (32, 16), 48: (32, 16), 59: (64, 0), 64: (64, 0), 80: (64, 16),
              96: (64, 32), 111: (128, 0), 160: (128, 32), 192: (128, 64), 200: (256, 0), 256: (256, 0)}
-    assert {d: attention_kernels._head_dim_parts(d) for d in parts} == parts
+    assert {d: launch.head_dim_parts(d) for d in parts} == parts
     q, k, _, params = _case((1, 1, 1, 9, 9), 80, torch.float64, {})
-    call = attention_kernels._Call(q, k, params)
+    call = launch.AttentionCall(tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), "float64", params, _device(q))
     expected = {"forward": dict(BLOCK_D0=64, BLOCK_D1=16), "jvp": dict(BLOCK_D0=64, BLOCK_D1=16),
                 "forward_second": dict(BLOCK_D0=128, BLOCK_D1=0), "backward": dict(BLOCK_D=128),
                 "backward_backward": dict(BLOCK_D=128)}
     for kind, tiles in expected.items():
-        assert {key: value for key, value in call.meta(kind)[1].items() if key.startswith("BLOCK_D")} == tiles, kind
+        assert {key: value for key, value in call.meta(kind)[0].items() if key.startswith("BLOCK_D")} == tiles, kind
 
 
 def test_launch_arithmetic_matches_triton():
@@ -242,9 +243,13 @@ def test_split_head_dim(head_dim, dtype, check, monkeypatch):
     """Every specialisation of the forward kernel on a split head dim, the second-order forward
     included (its launcher keeps the padded tile by default, so the split is switched on here),
     with grouped heads and rows that see no key."""
-    monkeypatch.setitem(attention_kernels._SPLIT_HEAD_DIM, "forward_second", True)
+    monkeypatch.setitem(launch.SPLIT_HEAD_DIM, "forward_second", True)
+    launch.forward_plan.cache_clear()  # plans are cached with the tile choice they were built with
     q, k, v, params = _case(SHAPES[2], head_dim, dtype, MASKS[2], seed=6)
-    SPLIT_CHECKS[check](q, k, v, params, reference_fn(params), dtype)
+    try:
+        SPLIT_CHECKS[check](q, k, v, params, reference_fn(params), dtype)
+    finally:
+        launch.forward_plan.cache_clear()
 
 
 def test_strided_inputs_match_contiguous():
@@ -266,11 +271,20 @@ def test_strided_inputs_match_contiguous():
 @pytest.mark.parametrize("programs_per_sm", [0, 2, 1000], ids=["whole_group", "two_shares", "one_head_each"])
 def test_grouped_query_split_does_not_change_gradients(programs_per_sm, mask, monkeypatch):
     """The column kernels split a grouped-query group over several programs when there would be
-    too few (``_Call.group_split``): the whole group of 4 in one program, shares of 2 (4 key blocks
+    too few (``AttentionCall.group_split``): the whole group of 4 in one program, shares of 2 (4 key blocks
     × 2 shares reach 2 programs per multiprocessor of the interpreter's 4), or one query head per
     program; the summed partials of the shares must give the gradients and the double backward."""
-    monkeypatch.setattr(attention_kernels, "_COLUMN_PROGRAMS_PER_SM", programs_per_sm)
+    monkeypatch.setattr(launch, "COLUMN_PROGRAMS_PER_SM", programs_per_sm)
+    _clear_plans()  # plans are cached with the split they were built with
     q, k, v, params = _case((1, 4, 1, 19, 61), 16, torch.float64, mask, seed=3)
     fn = reference_fn(params)
-    _check_forward_and_backward(q, k, v, params, fn, torch.float64)
-    _check_backward_backward(q, k, v, params, fn, torch.float64)
+    try:
+        _check_forward_and_backward(q, k, v, params, fn, torch.float64)
+        _check_backward_backward(q, k, v, params, fn, torch.float64)
+    finally:
+        _clear_plans()
+
+
+def _clear_plans():
+    for builder in (launch.forward_plan, launch.backward_plan, launch.backward_backward_plan):
+        builder.cache_clear()

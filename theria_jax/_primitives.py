@@ -50,9 +50,8 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from theria_jax._bridge import triton_call
-from theria_kernels.attention import (
-    VMAP_CU_SEQLENS_ERROR,
-    AttentionParams,
+from theria_kernels.attention import VMAP_CU_SEQLENS_ERROR, AttentionParams
+from theria_kernels.attention.torch_launchers import (
     attention_backward,
     attention_backward_backward,
     attention_forward,

@@ -28,6 +28,7 @@ from torch import Tensor
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from theria_kernels import attention as kernels
+from theria_kernels.attention import torch_launchers
 from theria_kernels import rmsnorm as rmsnorm_kernels
 from theria_kernels._common import accumulator_dtype
 
@@ -48,7 +49,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window
              cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int) -> tuple[Tensor, Tensor]:
     params, varlen = _launch_args(scale, causal, window_left, window_right, bottom_right, cu_seqlens_q,
                                   cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return kernels.attention_forward(q, k, v, params, **varlen)
+    return torch_launchers.attention_forward(q, k, v, params, **varlen)
 
 
 def _jvp(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: Tensor, scale: float,
@@ -56,7 +57,7 @@ def _jvp(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: T
          cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int) -> tuple[Tensor, Tensor]:
     params, varlen = _launch_args(scale, causal, window_left, window_right, bottom_right, cu_seqlens_q,
                                   cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return kernels.attention_jvp(q, k, v, q_dot, k_dot, v_dot, params, **varlen)[2:]
+    return torch_launchers.attention_jvp(q, k, v, q_dot, k_dot, v_dot, params, **varlen)[2:]
 
 
 def _forward_second(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: Tensor,
@@ -65,7 +66,7 @@ def _forward_second(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tenso
                     cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int) -> tuple[Tensor, Tensor]:
     params, varlen = _launch_args(scale, causal, window_left, window_right, bottom_right, cu_seqlens_q,
                                   cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return kernels.attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params, **varlen)
+    return torch_launchers.attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params, **varlen)
 
 
 def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor,
@@ -75,7 +76,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: 
               max_seqlen_k: int) -> tuple[Tensor, Tensor, Tensor]:
     params, varlen = _launch_args(scale, causal, window_left, window_right, bottom_right, cu_seqlens_q,
                                   cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return kernels.attention_backward(q, k, v, out, lse, d_out, d_lse, params, **varlen)
+    return torch_launchers.attention_backward(q, k, v, out, lse, d_out, d_lse, params, **varlen)
 
 
 def _backward_backward(
@@ -86,7 +87,7 @@ def _backward_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     params, varlen = _launch_args(scale, causal, window_left, window_right, bottom_right, cu_seqlens_q,
                                   cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return kernels.attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, params,
+    return torch_launchers.attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, params,
                                                **varlen)
 
 

@@ -40,8 +40,8 @@ from theria_kernels.attention import (
     validate_attention_args,
     validate_cu_seqlens_values,
     validate_dropout,
-    varlen_keywords,
 )
+from theria_kernels.attention.torch_launchers import varlen_keywords
 from theria_torch import _ops
 from theria_torch.reference import attention_reference, varlen_attention_reference
 

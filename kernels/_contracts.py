@@ -1,0 +1,164 @@
+"""Contracts both adapters share: attention's parameters, argument checks, error messages and
+defaults. Framework-neutral (no torch, no jax): shapes arrive as tuples and dtypes as names
+(``"bfloat16"``), so the torch and JAX adapters raise the same words for the same mistake.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+
+# Stands for an unbounded window side: far beyond any sequence length, far from int32 overflow.
+UNBOUNDED = 1 << 30
+MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 256
+
+
+@dataclass(frozen=True)
+class AttentionParams:
+    """Static description of one attention call (hashable, so JAX can treat it as static).
+
+    ``window_size`` has flash-attn's meaning: key ``j`` is visible to query ``i`` when
+    ``-left <= j - i - shift <= right`` (``-1`` = unbounded); ``causal`` sets ``right = 0``.
+    ``shift = T_k - T_q`` when ``bottom_right`` (flash-attn ≥ 2.1) else 0 (torch SDPA, JAX).
+    """
+
+    scale: float
+    causal: bool = False
+    window_size: tuple[int, int] = (-1, -1)
+    bottom_right: bool = False
+
+    def diagonal_band(self, t_q: int, t_k: int) -> tuple[int, int]:
+        """(lo, hi) such that key j is visible to query i iff i + lo <= j <= i + hi."""
+        left, right = self.window_size
+        if self.causal:
+            right = 0
+        shift = t_k - t_q if self.bottom_right else 0
+        lo = shift - left if left >= 0 else -UNBOUNDED
+        hi = shift + right if right >= 0 else UNBOUNDED
+        return lo, hi
+
+    @property
+    def banded(self) -> bool:
+        return self.causal or self.window_size != (-1, -1)
+
+
+SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
+BACKENDS = ("triton_full_fused", "reference")
+
+
+def validate_attention_args(q_shape, k_shape, v_shape, dtypes, *, layout: str, backend: str,
+                            window_size=(-1, -1)) -> None:
+    """Framework-neutral checks shared by the torch and JAX adapters, so both raise the same
+    messages. Shapes are tuples in the caller's ``layout`` ("(B, H, T, D)", "(B, T, H, D)", or
+    "(total, H, D)" for packed variable-length batches), dtypes are the names of q's, k's and v's
+    dtypes."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    axes = layout.strip("()").split(", ")
+    for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
+        if len(shape) != len(axes):
+            raise ValueError(f"{name} must have {len(axes)} dimensions {layout}, got shape {tuple(shape)}")
+    if tuple(k_shape) != tuple(v_shape):
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k_shape)} and v {tuple(v_shape)}")
+    head_axis = axes.index("H")
+    if "B" in axes and q_shape[0] != k_shape[0]:
+        raise ValueError(f"q has batch size {q_shape[0]} but k and v have {k_shape[0]}; they must match")
+    if q_shape[-1] != k_shape[-1]:
+        raise ValueError(f"q has head dim {q_shape[-1]} but k and v have {k_shape[-1]}; they must match")
+    heads, heads_kv = q_shape[head_axis], k_shape[head_axis]
+    if heads_kv == 0 or heads % heads_kv:
+        raise ValueError(
+            f"q has {heads} heads and k, v have {heads_kv}: the query heads must be a multiple of the "
+            f"key/value heads (grouped-query attention); check the {layout} layout")
+    if len(set(dtypes)) != 1:
+        raise TypeError(f"q, k, v must share one dtype, got {dtypes[0]}, {dtypes[1]}, {dtypes[2]}; cast them to one")
+    if (len(window_size) != 2 or any(not isinstance(w, int) or w < -1 for w in window_size)):
+        raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
+    if backend == "reference":
+        return
+    if dtypes[0] not in SUPPORTED_DTYPES:
+        raise TypeError(f"q has dtype {dtypes[0]}; {backend} supports {', '.join(SUPPORTED_DTYPES)}; "
+                        "cast the inputs or use backend='reference'")
+    head_dim = q_shape[-1]
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"q has head dim {head_dim}; {backend} supports {MIN_HEAD_DIM}–{MAX_HEAD_DIM}; "
+                         "use backend='reference'")
+
+
+def validate_dropout(dropout_p: float) -> None:
+    """flash-attn's signatures carry ``dropout_p``; theria has no dropout, so only 0.0 passes."""
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p={dropout_p}: theria's attention has no dropout; pass dropout_p=0.0")
+
+
+# Raised by both frameworks' batching rules when vmap maps over the cu_seqlens themselves.
+VMAP_CU_SEQLENS_ERROR = (
+    "vmap over cu_seqlens is not supported: every vmapped instance must share cu_seqlens_q and "
+    "cu_seqlens_k; pack the instances' sequences into one batch (concatenate them and their cu_seqlens) instead"
+)
+
+
+def validate_cu_seqlens(cu_q_shape, cu_k_shape, cu_dtypes, max_seqlen_q, max_seqlen_k) -> None:
+    """Framework-neutral checks of the varlen arguments that need no host read (shapes, dtypes,
+    the max lengths' types), shared by the launchers and both adapters."""
+    for name, shape, dtype in (("cu_seqlens_q", cu_q_shape, cu_dtypes[0]), ("cu_seqlens_k", cu_k_shape, cu_dtypes[1])):
+        if len(shape) != 1 or shape[0] == 0:
+            raise ValueError(f"{name} must be 1-D with batch + 1 entries, got shape {tuple(shape)}")
+        if dtype != "int32":
+            raise TypeError(f"{name} must be int32 (flash-attn's cu_seqlens), got {dtype}")
+    if cu_q_shape[0] != cu_k_shape[0]:
+        raise ValueError(f"cu_seqlens_q has {cu_q_shape[0]} entries and cu_seqlens_k has {cu_k_shape[0]}; "
+                         "both must have batch + 1")
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be a Python int >= 0 (it sizes the launch grid), got {value!r}")
+
+
+def validate_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k) -> None:
+    """Checks of the cu_seqlens values, read to the host by the caller (sequences of ints): each
+    starts at 0, never decreases and ends at its tensor's token count, and no sequence is longer
+    than its max_seqlen (the kernels would silently skip its tail)."""
+    for name, values, total, owner, max_seqlen in (
+            ("cu_seqlens_q", cu_seqlens_q, total_q, "q has", max_seqlen_q),
+            ("cu_seqlens_k", cu_seqlens_k, total_k, "k and v have", max_seqlen_k)):
+        values = [int(x) for x in values]
+        if values[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {values[0]}")
+        lengths = [b - a for a, b in zip(values, values[1:])]
+        for index, length in enumerate(lengths):
+            if length < 0:
+                raise ValueError(f"{name} must be non-decreasing, but entry {index + 1} ({values[index + 1]}) is "
+                                 f"less than entry {index} ({values[index]})")
+        if values[-1] != total:
+            raise ValueError(f"{name} ends at {values[-1]} but {owner} {total} tokens (dimension 0); "
+                             "its last entry must be the total")
+        longest = max(lengths, default=0)
+        if longest > max_seqlen:
+            raise ValueError(f"max_seqlen_{name[-1]}={max_seqlen} but sequence {lengths.index(longest)} of {name} "
+                             f"has {longest} tokens; pass at least the longest length")
+
+
+
+def is_interpreter() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def default_scale(head_dim: int, scale=None) -> float:
+    """The softmax scale: ``1 / sqrt(head_dim)`` when ``scale`` is None (torch SDPA, flash-attn,
+    jax.nn), else ``scale`` as a float."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def row_stat_dtype_name(dtype_name: str) -> str:
+    """dtype of lse and the other per-row statistics: float32, or float64 for float64 inputs."""
+    return "float64" if dtype_name == "float64" else "float32"
+
+
+# Same words in both adapters for the same limit.
+THIRD_ORDER_ERROR = (
+    "third-order derivatives of attention are not implemented by backend='triton_full_fused' "
+    "(it provides forward, backward, JVP, double backward and second-order forward); use backend='reference'"
+)

@@ -1,0 +1,89 @@
+"""The torch launcher: runs a ``theria_kernels._plan.Plan`` on torch tensors.
+
+On a GPU each launch goes straight to the compiled kernel's launcher, cached on the plan's
+``Launch`` per device and pointer alignment: Triton's ``JITFunction.run`` binds, specialises and
+hashes every argument on every call (tens of microseconds for kernels of 30–40 parameters), while
+a plan's scalars are fixed when it is built, so only the pointers' 16-byte alignment (which
+Triton specialises on) can differ between calls. The first call of each key goes through
+``JITFunction.run``, which compiles and launches. In Triton's interpreter every launch goes through
+the interpreter. ``THERIA_TORCH_LAUNCH=triton`` forces ``JITFunction.run`` on every call (to compare
+the two).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from triton import knobs
+from triton.runtime.driver import driver
+
+from theria_kernels._contracts import is_interpreter
+from theria_kernels._plan import Allocation, Buffer, Plan
+
+_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+                 "float64": torch.float64, "int32": torch.int32}
+
+
+def _allocate(spec: Allocation, tensors: dict) -> torch.Tensor:
+    if spec.like in ("q", "k"):
+        like = tensors[spec.like]
+        dtype = like.dtype if spec.dtype is None else _TORCH_DTYPES[spec.dtype]
+        if spec.zeroed:
+            return torch.zeros_like(like, dtype=dtype)
+        return torch.empty_strided(like.shape, like.stride(), dtype=dtype, device=like.device)
+    q = tensors["q"]
+    if spec.like == "rows":
+        shape, dtype = q.shape[:3], torch.float64 if q.dtype == torch.float64 else torch.float32
+    else:
+        shape, dtype = (spec.size,), _TORCH_DTYPES[spec.dtype]
+    return (torch.zeros if spec.zeroed else torch.empty)(shape, dtype=dtype, device=q.device)
+
+
+def run_plan(plan: Plan, tensors: dict) -> tuple[torch.Tensor, ...]:
+    """Run ``plan`` and return its outputs.
+
+    Arguments:
+        plan: the op call.
+        tensors: name -> tensor for every input of the plan, laid out as the plan assumes
+            (query-shaped in q's strides, key-shaped in k's, row statistics contiguous), plus any
+            outputs the caller preallocated (the JAX bridge passes JAX's buffers); every other
+            output and temporary is allocated here.
+    Returns:
+        The plan's outputs, in ``plan.outputs`` order.
+    """
+    for name, spec in plan.allocations.items():
+        if name not in tensors:
+            tensors[name] = _allocate(spec, tensors)
+    if all(tensors[name].numel() for name in plan.skip_if_empty):
+        for launch in plan.launches:
+            _launch(launch, tensors)
+    else:
+        for name in plan.outputs:
+            tensors[name].zero_()
+    return tuple(tensors[name] for name in plan.outputs)
+
+
+def _launch(launch, tensors: dict) -> None:
+    args = [tensors[value.name] if type(value) is Buffer else value for value in launch.values]
+    if is_interpreter() or _FORCE_JIT_RUN:
+        launch.kernel[launch.grid](*args, num_warps=launch.num_warps, num_stages=launch.num_stages)
+        return
+    device = tensors["q"].device.index
+    key = (device, *(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor)))
+    compiled = launch.compiled.get(key)
+    if compiled is None:
+        # Compiles (or finds Triton's cached binary) and launches; later calls skip the binding.
+        compiled = launch.kernel[launch.grid](*args, num_warps=launch.num_warps, num_stages=launch.num_stages)
+        compiled._init_handles()
+        launch.compiled[key] = compiled
+        return
+    stream = driver.active.get_current_stream(device)
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    metadata = compiled.launch_metadata(launch.grid, stream, *args) if enter is not None else None
+    grid = launch.grid
+    compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata, enter,
+                 leave, *args)
+
+
+_FORCE_JIT_RUN = os.environ.get("THERIA_TORCH_LAUNCH", "") == "triton"

@@ -1,0 +1,332 @@
+"""Attention's launch plans: tile tables, grids and every kernel argument by name.
+
+The plan builders take an :class:`AttentionCall` — shapes, strides and dtype of a (B, H, T, D) view
+of q and k, the mask and scale, the varlen lengths and the device facts that pick tiles — and
+return a ``theria_kernels._plan.Plan`` that any launcher runs. Query-shaped buffers (q, out, d_out
+and their tangents and cotangents) share q's strides and key-shaped ones (k, v, ...) share k's;
+row statistics (lse and its tangents and cotangents, delta, rho) are contiguous (B, H, T_q) in
+float32, float64 for float64 inputs.
+
+Variable-length batches (flash-attn's ``cu_seqlens``): the inputs ``cu_seqlens_q`` and
+``cu_seqlens_k`` (int32, N + 1 entries) are added and T is the total token count; B = 1 except
+under vmap (every entry packed alike). ``max_seqlen_q`` / ``max_seqlen_k`` size the grid.
+
+Plans depend only on hashable facts, so the builders are cached: a call of a known shape costs a
+dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import triton.language as tl
+
+from theria_kernels._contracts import AttentionParams, row_stat_dtype_name
+from theria_kernels._plan import Allocation, Buffer, Launch, Plan
+from theria_kernels.attention.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _row_delta_kernel
+from theria_kernels.attention.double_backward import _attn_bwd_bwd_cols_kernel, _attn_bwd_bwd_rows_kernel
+from theria_kernels.attention.forward import _attn_fwd_kernel
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (0 for n = 0), as ``triton.next_power_of_2`` (which is a
+    constexpr_function: ~7 µs per host call)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def cdiv(x: int, y: int) -> int:
+    """⌈x / y⌉ for positive y, as ``triton.cdiv``."""
+    return (x + y - 1) // y
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per sweep kind and padded head dim, for 2-byte
+# dtypes on a Hopper-class GPU (chosen with scripts/tune_sdpa_blocks.py and profiler sweeps,
+# docs/perf-notes.md); 4-byte dtypes halve the tiles and 8-byte ones quarter them, so they fit in
+# registers and shared memory. Row sweeps tile queries by BLOCK_M, column sweeps keys by BLOCK_N.
+# The forward kinds key by the padded head dim also where they split it (``head_dim_parts``):
+# the split tiles are narrower, so they fit wherever the padded one does.
+GPU_BLOCKS = {
+    "forward": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)},
+    "jvp": {64: (64, 64, 4, 2), 128: (128, 64, 8, 2), 256: (32, 32, 4, 1)},
+    "forward_second": {64: (64, 32, 4, 1), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
+    "backward": {64: (64, 64, 4, 3), 128: (64, 64, 4, 2), 256: (64, 32, 4, 2)},
+    "backward_backward": {64: (64, 64, 4, 2), 128: (64, 32, 4, 2), 256: (16, 32, 4, 1)},
+}
+# Grouped-query attention: a column program sums over a whole group of query heads, which leaves
+# the column kernels H / H_kv times fewer and longer programs than multi-head attention, and the
+# last wave of them runs on a partly idle GPU (under a causal or window mask their lengths also
+# differ along the diagonal, so the longest end alone). The group is split until about this many
+# programs per multiprocessor run, at the price of a float32 partial per share summed by the last
+# share of each tile (``_column_store``). H100, bf16, B8 H16 T4096 D64, 8:1, forward + backward:
+# 32 per SM and no split without a mask (8 shares causal, whole groups otherwise) 3.16 ms causal /
+# 5.45 ms not; 12 per SM (2 shares) 3.08 / 5.40; multi-head attention 3.12 / 5.47. (Causal
+# backward alone by shares 1 / 2 / 4 / 8: 2.32 / 2.27 / 2.27 / 2.38 ms.)
+COLUMN_PROGRAMS_PER_SM = 12
+# The interpreter runs one program at a time on the CPU: the smallest tiles tl.dot accepts keep
+# test shapes tiny while still crossing several blocks and block boundaries.
+INTERPRETER_BLOCKS = (16, 16, 1, 1)
+# The sweep kinds of ``_attn_fwd_kernel``, which takes its head-dim tiles as BLOCK_D0, BLOCK_D1, and
+# whether each splits the head dim (``head_dim_parts``); the other kinds take one padded BLOCK_D.
+# The kernel supports the split in every specialisation, but the second-order forward keeps the
+# padded tile: at its 32 × 32 GPU tiles the split (80, 96) makes ptxas fall back to 32 registers
+# and ~8 KB of stack (the padded kernel: 255 registers, 1.1 KB), so it needs its own tiles first.
+SPLIT_HEAD_DIM = {"forward": True, "jvp": True, "forward_second": False}
+
+_TL_DTYPES = {"float16": tl.float16, "bfloat16": tl.bfloat16, "float32": tl.float32, "float64": tl.float64}
+
+
+def head_dim_parts(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D0, BLOCK_D1): the widths of the power-of-two tiles that cover the head dim, BLOCK_D1 = 0
+    meaning one tile.
+
+    tl.dot takes power-of-two tiles of at least 16, so a head dim that is not a power of two is
+    either padded to the next one (one tile, 80 → 128) or split into the largest power of two below
+    it and the rest padded (80 = 64 + 16). The MMA work of QKᵀ and P·V is proportional to the total
+    width, so the split is taken when it is narrower than the padded tile: 40 = 32 + 16, 80 = 64 + 16,
+    96 = 64 + 32, 160 = 128 + 32, 192 = 128 + 64. Where the rest pads up to the first part's width
+    (59 → 32 + 32, 111 → 64 + 64) the two parts are as wide as the padded tile and would only add
+    instructions, so those keep one tile.
+    """
+    padded = max(next_power_of_2(head_dim), 16)
+    first = max(1 << (head_dim.bit_length() - 1), 16)
+    if head_dim <= first:
+        return padded, 0
+    second = max(next_power_of_2(head_dim - first), 16)
+    return (first, second) if first + second < padded else (padded, 0)
+
+
+@dataclass(frozen=True)
+class Device:
+    """What the plans need to know of the device: its multiprocessors (they size the grouped-query
+    split), whether kernels run in Triton's interpreter (tiny tiles), and whether float32 matmuls
+    may use tf32."""
+
+    multiprocessors: int
+    interpreter: bool = False
+    allow_tf32: bool = False
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """Geometry of one attention call as the kernels see it: (B, H, T, D) views of q and k (any
+    strides with unit stride on D), the dtype name, the mask and scale, and for varlen calls
+    ``(max_seqlen_q, max_seqlen_k, number of sequences)``."""
+
+    q_shape: tuple[int, int, int, int]
+    q_strides: tuple[int, int, int, int]
+    k_shape: tuple[int, int, int, int]
+    k_strides: tuple[int, int, int, int]
+    dtype: str
+    params: AttentionParams
+    device: Device
+    varlen: tuple[int, int, int] | None = None
+
+    @property
+    def block_d(self) -> int:
+        return max(next_power_of_2(self.q_shape[-1]), 16)
+
+    @property
+    def group(self) -> int:
+        return self.q_shape[1] // self.k_shape[1]
+
+    def blocks(self, kind: str) -> tuple[int, int, int, int]:
+        if self.device.interpreter:
+            return INTERPRETER_BLOCKS
+        block_m, block_n, warps, stages = GPU_BLOCKS[kind][max(self.block_d, 64)]
+        shrink = {"float32": 2, "float64": 4}.get(self.dtype, 1)
+        return max(block_m // shrink, 16), max(block_n // shrink, 16), warps, max(stages - shrink // 2, 1)
+
+    def geometry(self) -> dict:
+        """The scalar arguments every attention kernel takes, by name."""
+        _, heads, t_q, _ = self.q_shape
+        # VARLEN kernels get the band of shift 0 and add each sequence's own bottom-right shift.
+        band_lo, band_hi = (self.params.diagonal_band(0, 0) if self.varlen
+                            else self.params.diagonal_band(t_q, self.k_shape[2]))
+        return dict(
+            stride_qb=self.q_strides[0], stride_qh=self.q_strides[1], stride_qt=self.q_strides[2],
+            stride_kb=self.k_strides[0], stride_kh=self.k_strides[1], stride_kt=self.k_strides[2],
+            t_q=t_q, t_k=self.k_shape[2], heads=heads, group=self.group, sm_scale=float(self.params.scale),
+            band_lo=band_lo, band_hi=band_hi,
+            Cu_q=Buffer("cu_seqlens_q") if self.varlen else None,
+            Cu_k=Buffer("cu_seqlens_k") if self.varlen else None,
+        )
+
+    def meta(self, kind: str) -> tuple[dict, int, int, int, int]:
+        """The constexprs of one sweep kind, and (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+        block_m, block_n, warps, stages = self.blocks(kind)
+        tf32 = self.dtype == "float32" and self.device.allow_tf32 and not self.device.interpreter
+        if kind not in SPLIT_HEAD_DIM:
+            head_dim_tiles = dict(BLOCK_D=self.block_d)
+        elif SPLIT_HEAD_DIM[kind]:
+            head_dim_tiles = dict(zip(("BLOCK_D0", "BLOCK_D1"), head_dim_parts(self.q_shape[-1])))
+        else:
+            head_dim_tiles = dict(BLOCK_D0=self.block_d, BLOCK_D1=0)
+        meta = dict(
+            HEAD_DIM=self.q_shape[-1], BLOCK_M=block_m, BLOCK_N=block_n, **head_dim_tiles,
+            BANDED=self.params.banded, VARLEN=self.varlen is not None,
+            BOTTOM_RIGHT=self.varlen is not None and self.params.bottom_right,
+            ACC_DTYPE=tl.float64 if self.dtype == "float64" else tl.float32,
+            PRECISION="tf32" if tf32 else "ieee",
+        )
+        return meta, block_m, block_n, warps, stages
+
+    def even_k(self, block_n: int) -> bool:
+        return self.varlen is None and self.k_shape[2] % block_n == 0
+
+    def row_grid(self, block_m: int) -> tuple[int, ...]:
+        """One program per query block of one query head of one sequence (``_program``)."""
+        batch, heads = self.q_shape[:2]
+        if self.varlen:
+            return cdiv(self.varlen[0], block_m), self.varlen[2], batch * heads
+        return cdiv(self.q_shape[2], block_m), batch * heads
+
+    def column_grid(self, block_n: int, splits: int = 1) -> tuple[int, ...]:
+        """One program per key block of one key/value head of one sequence, or per share of its
+        query heads when ``splits`` > 1 (``group_split``)."""
+        batch, heads_kv = self.k_shape[:2]
+        if self.varlen:
+            return cdiv(self.varlen[1], block_n), self.varlen[2], batch * heads_kv * splits
+        return cdiv(self.k_shape[2], block_n), batch * heads_kv * splits
+
+    def group_split(self, block_n: int) -> int:
+        """Into how many shares the column kernels split each grouped-query group: the smallest
+        divisor of the group that gives ``COLUMN_PROGRAMS_PER_SM`` programs per multiprocessor."""
+        group = self.group
+        target = COLUMN_PROGRAMS_PER_SM * self.device.multiprocessors
+        programs = math.prod(self.column_grid(block_n))
+        return next(s for s in range(1, group + 1) if group % s == 0 and (programs * s >= target or s == group))
+
+    @property
+    def inputs_varlen(self) -> tuple[str, ...]:
+        return ("cu_seqlens_q", "cu_seqlens_k") if self.varlen else ()
+
+
+_Q, _K, _ROWS = Allocation("q"), Allocation("k"), Allocation("rows")
+
+
+def _row_delta(call: AttentionCall, d_lse: str | None) -> Launch:
+    """delta = rowsum(d_out ∘ out) − d_lse over every row of every (packed) entry: the row term
+    does not care where sequences start."""
+    meta, block_m, _, warps, stages = call.meta("backward")
+    batch, heads, t_q, _ = call.q_shape
+    return Launch(
+        _row_delta_kernel, (cdiv(t_q, block_m), batch * heads),
+        dict(Out=Buffer("out"), D_out=Buffer("d_out"), D_lse=Buffer(d_lse) if d_lse else None,
+             Delta=Buffer("delta"), stride_qb=call.q_strides[0], stride_qh=call.q_strides[1],
+             stride_qt=call.q_strides[2], t_q=t_q, heads=heads, HEAD_DIM=meta["HEAD_DIM"], BLOCK_M=block_m,
+             BLOCK_D=meta["BLOCK_D"], HAS_D_LSE=d_lse is not None, ACC_DTYPE=meta["ACC_DTYPE"]),
+        writes=("Delta",), num_warps=warps, num_stages=stages)
+
+
+def _column_launch(kernel, call: AttentionCall, kind: str, arguments: dict, outputs: dict,
+                   allocations: dict) -> Launch:
+    """A column sweep writing two key-shaped ``outputs`` (kernel parameter -> buffer name). When the group is split
+    (``AttentionCall.group_split``) the shares write float32 (float64) partials in k's layout,
+    ``span`` elements apart, and count their arrivals per tile (``_column_store``); the two
+    temporaries join ``allocations``."""
+    meta, _, block_n, warps, stages = call.meta(kind)
+    splits = call.group_split(block_n)
+    grid = call.column_grid(block_n, splits)
+    names = {"Part_k": None, "Part_v": None, "Arrivals": None}
+    span = 0
+    if splits > 1:
+        span = 1 + sum((n - 1) * stride for n, stride in zip(call.k_shape, call.k_strides))
+        acc = row_stat_dtype_name(call.dtype)
+        allocations["part_k"] = Allocation("flat", acc, splits * span)
+        allocations["part_v"] = Allocation("flat", acc, splits * span)
+        allocations["arrivals"] = Allocation("flat", "int32", math.prod(grid) // splits, zeroed=True)
+        names = {"Part_k": Buffer("part_k"), "Part_v": Buffer("part_v"), "Arrivals": Buffer("arrivals")}
+        writes_extra = ("Part_k", "Part_v", "Arrivals")
+    else:
+        writes_extra = ()
+    # A column tile needs no key mask (EVEN_K) outside a band: its rows past the sequence's keys
+    # are never stored, and its query columns past T_q read lse = +inf, so P is exactly 0 there.
+    return Launch(
+        kernel, grid,
+        dict(arguments, **{param: Buffer(name) for param, name in outputs.items()}, **names,
+             members=call.group // splits, stride_split=span, **call.geometry(), **meta, SPLIT=splits > 1),
+        writes=(*outputs, *writes_extra), num_warps=warps, num_stages=stages)
+
+
+@functools.lru_cache(maxsize=4096)
+def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: bool = False) -> Plan:
+    """One forward sweep: outputs (out, lse); with ``has_tangent`` also (out_dot, lse_dot) along
+    the inputs (q_dot, k_dot, v_dot); with ``second_order`` only (out_second, lse_second), the
+    second derivative along (q_dot, k_dot, v_dot) and (q_y, k_y, v_y)."""
+    kind = "forward_second" if second_order else "jvp" if has_tangent else "forward"
+    meta, block_m, block_n, warps, stages = call.meta(kind)
+    pointers = {name: None for name in ("Q_dot", "K_dot", "V_dot", "Out_dot", "Lse_dot",
+                                        "Q_y", "K_y", "V_y", "Out_second", "Lse_second")}
+    inputs = ["q", "k", "v"]
+    allocations = {"out": _Q, "lse": _ROWS}
+    writes = ["Out", "Lse"]
+    if has_tangent:
+        inputs += ["q_dot", "k_dot", "v_dot"]
+        allocations.update(out_dot=_Q, lse_dot=_ROWS)
+        writes += ["Out_dot", "Lse_dot"]
+    if second_order:
+        inputs += ["q_y", "k_y", "v_y"]
+        allocations.update(out_second=_Q, lse_second=_ROWS)
+        writes += ["Out_second", "Lse_second"]
+    for name in inputs[3:] + list(allocations)[2:]:
+        param = name[0].upper() + name[1:]
+        pointers[param] = Buffer(name)
+    launch = Launch(
+        _attn_fwd_kernel, call.row_grid(block_m),
+        dict(Q=Buffer("q"), K=Buffer("k"), V=Buffer("v"), Out=Buffer("out"), Lse=Buffer("lse"), **pointers,
+             **call.geometry(), **meta, EVEN_K=call.even_k(block_n), HAS_TANGENT=has_tangent,
+             SECOND_ORDER=second_order),
+        writes=tuple(writes), num_warps=warps, num_stages=stages)
+    outputs = ("out_second", "lse_second") if second_order else tuple(allocations)
+    return Plan(tuple(inputs) + call.inputs_varlen, outputs, allocations, (launch,))
+
+
+@functools.lru_cache(maxsize=4096)
+def backward_plan(call: AttentionCall, has_d_lse: bool) -> Plan:
+    """Gradients (dq, dk, dv) of <d_out, out> + <d_lse, lse> (§2) from the inputs (q, k, v, out,
+    lse, d_out[, d_lse]): the row term delta, the dQ row sweep and the dK/dV column sweep."""
+    meta, block_m, block_n, warps, stages = call.meta("backward")
+    allocations = {"dq": _Q, "dk": _K, "dv": _K, "delta": _ROWS}
+    shared = dict(Q=Buffer("q"), K=Buffer("k"), V=Buffer("v"), D_out=Buffer("d_out"), Lse=Buffer("lse"),
+                  Delta=Buffer("delta"))
+    launches = (
+        _row_delta(call, "d_lse" if has_d_lse else None),
+        Launch(_attn_bwd_dq_kernel, call.row_grid(block_m),
+               dict(shared, DQ=Buffer("dq"), **call.geometry(), **meta, EVEN_K=call.even_k(block_n)),
+               writes=("DQ",), num_warps=warps, num_stages=stages),
+        _column_launch(_attn_bwd_dkdv_kernel, call, "backward", shared, dict(DK="dk", DV="dv"), allocations),
+    )
+    inputs = ("q", "k", "v", "out", "lse", "d_out") + (("d_lse",) if has_d_lse else ())
+    return Plan(inputs + call.inputs_varlen, ("dq", "dk", "dv"), allocations, launches, skip_if_empty=("q", "k"))
+
+
+@functools.lru_cache(maxsize=4096)
+def backward_backward_plan(call: AttentionCall, given: frozenset) -> Plan:
+    """VJP of the backward (q, k, v, d_out, d_lse) ↦ (dq, dk, dv) for cotangents (cot_dq, cot_dk,
+    cot_dv) (§4): outputs (cot_q, cot_k, cot_v, cot_d_out, cot_d_lse). ``given`` names which of
+    d_lse, cot_dq, cot_dk, cot_dv are inputs; the others are zero (zeroed temporaries)."""
+    meta, block_m, block_n, warps, stages = call.meta("backward_backward")
+    allocations = {"cot_q": _Q, "cot_k": _K, "cot_v": _K, "cot_d_out": _Q, "cot_d_lse": _ROWS,
+                   "delta": _ROWS, "rho": _ROWS}
+    optional = ("d_lse", "cot_dq", "cot_dk", "cot_dv")
+    for name, like in zip(optional, ("rows", "q", "k", "k")):
+        if name not in given:
+            allocations[name] = Allocation(like, zeroed=True)
+    shared = dict(Q=Buffer("q"), K=Buffer("k"), V=Buffer("v"), D_out=Buffer("d_out"), Lse=Buffer("lse"),
+                  Delta=Buffer("delta"), Cot_dq=Buffer("cot_dq"), Cot_dk=Buffer("cot_dk"), Cot_dv=Buffer("cot_dv"))
+    launches = (
+        _row_delta(call, "d_lse" if "d_lse" in given else None),
+        Launch(_attn_bwd_bwd_rows_kernel, call.row_grid(block_m),
+               dict(shared, D_lse=Buffer("d_lse"), Cot_q=Buffer("cot_q"), Cot_d_out=Buffer("cot_d_out"),
+                    Sigma=Buffer("cot_d_lse"), Rho=Buffer("rho"), **call.geometry(), **meta,
+                    EVEN_K=call.even_k(block_n)),
+               writes=("Cot_q", "Cot_d_out", "Sigma", "Rho"), num_warps=warps, num_stages=stages),
+        _column_launch(_attn_bwd_bwd_cols_kernel, call, "backward_backward",
+                       dict(shared, Sigma=Buffer("cot_d_lse"), Rho=Buffer("rho")), dict(Cot_k="cot_k", Cot_v="cot_v"),
+                       allocations),
+    )
+    inputs = ("q", "k", "v", "out", "lse", "d_out") + tuple(name for name in optional if name in given)
+    return Plan(inputs + call.inputs_varlen, ("cot_q", "cot_k", "cot_v", "cot_d_out", "cot_d_lse"),
+                allocations, launches, skip_if_empty=("q", "k"))

@@ -1,0 +1,141 @@
+"""Forward, forward-mode JVP and second-order forward of attention: one kernel, one sweep over key
+blocks per query block, specialised by constexpr flags (HAS_TANGENT, SECOND_ORDER)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from theria_kernels.attention._tiles import (
+    _add_dot,
+    _dot_t,
+    _key_range,
+    _load_parts,
+    _mask,
+    _normalise,
+    _program,
+    _scale_rows,
+    _scales,
+    _sequence,
+    _store_parts,
+    _zeros_like_parts,
+)
+
+# ----------------------------------------------------------------------------------------------
+# Forward, forward-mode JVP (§1, §3) and second-order forward (§7): one sweep over key blocks per
+# query block. The tangent's row term mu = Σ_j P_ij Ṡ_ij accumulates online with the same
+# rescaling as the softmax normaliser, so Ȯ = (Σ_j P_ij (Ṡ_ij V_j + V̇_j)) / l − mu O needs no
+# second sweep. The second derivative along (ẋ, y) does the same with a second direction y:
+#   O'' = Σ_j P_ij ((S^y_ij Ṡ_ij + S''_ij) V_j + Ṡ_ij V^y_j + S^y_ij V̇_j) − mu^y Ȯ − mu O^y − m O,
+#   lse'' = m − mu mu^y,   with S'' = scale (Q̇ K^yᵀ + Q^y K̇ᵀ), m = Σ_j P_ij (S^y_ij Ṡ_ij + S''_ij).
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Q_dot, K_dot, V_dot, Q_y, K_y, V_y, Cu_q, Cu_k,
+    Out, Lse, Out_dot, Lse_dot, Out_second, Lse_second,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    t_q, t_k, heads, group, sm_scale: tl.float64, band_lo, band_hi,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
+    BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr, HAS_TANGENT: tl.constexpr, SECOND_ORDER: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """HAS_TANGENT adds Ȯ, l̇se along (Q̇, K̇, V̇); SECOND_ORDER (with HAS_TANGENT) adds the second
+    derivative along (Q̇, K̇, V̇) and (Q^y, K^y, V^y), bilinear in the two directions. Every tile
+    with a head-dim axis is a tuple of head-dim parts (BLOCK_D0, BLOCK_D1: ``_head_dim_parts``)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    batch, head, entry = _program(heads, VARLEN)
+    q_base, k_base, row_base, len_q, len_k, band_lo, band_hi = _sequence(
+        Cu_q, Cu_k, batch, entry, head, group, heads, t_q, t_k, band_lo, band_hi,
+        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, VARLEN, BOTTOM_RIGHT)
+    if VARLEN:
+        if start_m >= len_q:  # the grid is sized for the longest sequence
+            return
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    sm_scale, qk_scale, log2e = _scales(sm_scale, ACC_DTYPE)
+
+    q = _load_parts(Q + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    row_max = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
+    row_sum = tl.zeros([BLOCK_M], ACC_DTYPE)
+    acc = _zeros_like_parts(q, ACC_DTYPE)
+    if HAS_TANGENT:
+        q_dot = _load_parts(Q_dot + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+        mu = tl.zeros([BLOCK_M], ACC_DTYPE)
+        acc_dot = _zeros_like_parts(q, ACC_DTYPE)
+    if SECOND_ORDER:
+        q_y = _load_parts(Q_y + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+        mu_y = tl.zeros([BLOCK_M], ACC_DTYPE)
+        m_second = tl.zeros([BLOCK_M], ACC_DTYPE)
+        acc_y = _zeros_like_parts(q, ACC_DTYPE)
+        acc_second = _zeros_like_parts(q, ACC_DTYPE)
+
+    lo, hi = _key_range(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_k = start_n + offs_n
+        k = _load_parts(K + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+        v = _load_parts(V + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+        scores = _dot_t(q, k, PRECISION, ACC_DTYPE) * qk_scale
+        scores = _mask(scores, float("-inf"), offs_m[:, None], offs_k[None, :], start_m, start_n, len_k, band_lo,
+                       band_hi, BLOCK_M, BLOCK_N, BANDED, BANDED or not EVEN_K)
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        # A row that has seen no key yet keeps max −∞; shifting by 0 keeps exp2 finite (0).
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp2(row_max - shift)
+        p = tl.exp2(scores - shift[:, None])
+        row_sum = row_sum * rescale + tl.sum(p, 1)
+        acc = _scale_rows(acc, rescale)
+        acc = _add_dot(acc, p, v, PRECISION, ACC_DTYPE)
+        if HAS_TANGENT:
+            k_dot = _load_parts(K_dot + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+            v_dot = _load_parts(V_dot + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+            scores_dot = _dot_t(q_dot, k, PRECISION, ACC_DTYPE)
+            scores_dot += _dot_t(q, k_dot, PRECISION, ACC_DTYPE)
+            scores_dot *= sm_scale
+            p_scores_dot = p * scores_dot
+            mu = mu * rescale + tl.sum(p_scores_dot, 1)
+            acc_dot = _scale_rows(acc_dot, rescale)
+            acc_dot = _add_dot(acc_dot, p_scores_dot, v, PRECISION, ACC_DTYPE)
+            acc_dot = _add_dot(acc_dot, p, v_dot, PRECISION, ACC_DTYPE)
+        if SECOND_ORDER:
+            k_y = _load_parts(K_y + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+            v_y = _load_parts(V_y + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+            scores_y = _dot_t(q_y, k, PRECISION, ACC_DTYPE)
+            scores_y = (scores_y + _dot_t(q, k_y, PRECISION, ACC_DTYPE)) * sm_scale
+            scores_xy = _dot_t(q_dot, k_y, PRECISION, ACC_DTYPE)
+            scores_xy += _dot_t(q_y, k_dot, PRECISION, ACC_DTYPE)
+            p_scores_y = p * scores_y
+            p_second = p * (scores_y * scores_dot + scores_xy * sm_scale)
+            mu_y = mu_y * rescale + tl.sum(p_scores_y, 1)
+            m_second = m_second * rescale + tl.sum(p_second, 1)
+            acc_y = _scale_rows(acc_y, rescale)
+            acc_y = _add_dot(acc_y, p_scores_y, v, PRECISION, ACC_DTYPE)
+            acc_y = _add_dot(acc_y, p, v_y, PRECISION, ACC_DTYPE)
+            acc_second = _scale_rows(acc_second, rescale)
+            acc_second = _add_dot(acc_second, p_second, v, PRECISION, ACC_DTYPE)
+            acc_second = _add_dot(acc_second, p_scores_dot, v_y, PRECISION, ACC_DTYPE)
+            acc_second = _add_dot(acc_second, p_scores_y, v_dot, PRECISION, ACC_DTYPE)
+        row_max = new_max
+
+    empty = row_sum == 0.0
+    norm = tl.where(empty, 1.0, row_sum)
+    # Each output is its accumulator over the normaliser less row multiples of the lower orders'.
+    out = _normalise(acc, norm, (), ())
+    lse = tl.where(empty, float("inf"), (row_max + tl.log2(norm)) / log2e)
+    _store_parts(Out + q_base, out, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    tl.store(Lse + row_base + offs_m, lse, mask=offs_m < len_q)
+    if HAS_TANGENT:
+        mu = mu / norm
+        out_dot = _normalise(acc_dot, norm, (mu,), (out,))
+        _store_parts(Out_dot + q_base, out_dot, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+        tl.store(Lse_dot + row_base + offs_m, mu, mask=offs_m < len_q)
+    if SECOND_ORDER:
+        mu_y = mu_y / norm
+        m_second = m_second / norm
+        out_y = _normalise(acc_y, norm, (mu_y,), (out,))
+        out_second = _normalise(acc_second, norm, (mu_y, mu, m_second), (out_dot, out_y, out))
+        _store_parts(Out_second + q_base, out_second, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+        tl.store(Lse_second + row_base + offs_m, m_second - mu * mu_y, mask=offs_m < len_q)
+
