@@ -151,8 +151,8 @@ def main(argv=None) -> int:
     if args.device == "cpu" and "triton_full_fused" in args.backends:
         # Read when triton is first imported (by theria below): kernels then run on CPU tensors.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from theria_torch.models import ModelConfig, init_params
-    from theria_torch.tasks import make_family, sample_meta_batch
+    from theria_kernels._models import ModelConfig, init_params
+    from theria_kernels._tasks import make_family, sample_meta_batch
 
     family = make_family(args.family)
     config = ModelConfig(d_in=family.d_in, d_out=family.d_out, max_len=family.seq_len, d_model=args.d_model,

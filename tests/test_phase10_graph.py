@@ -17,8 +17,8 @@ sys.path.insert(0, str(REPO))  # experiments/ is scripts, not an installed packa
 
 from experiments.phase10 import run  # noqa: E402
 from experiments.phase10.frameworks import MetaSetup, make_learner  # noqa: E402
-from theria_torch.models import ModelConfig, init_params  # noqa: E402
-from theria_torch.tasks import make_family, sample_meta_batch  # noqa: E402
+from theria_kernels._models import ModelConfig, init_params  # noqa: E402
+from theria_kernels._tasks import make_family, sample_meta_batch  # noqa: E402
 
 FUSED = "triton_full_fused"
 # configs/tiny.yaml's sizes

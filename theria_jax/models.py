@@ -1,11 +1,12 @@
-"""The tiny pre-norm transformer of ``theria_torch.models``, as pure JAX functions.
+"""The MAML experiments' tiny pre-norm transformer, as pure JAX functions.
 
-Same network, same parameter names and shapes (``param_shapes``), same numpy initialisation
-(``init_params``, imported from ``theria_torch.models``), so a parameter dict crosses between the
-frameworks by name with :func:`from_torch` / :func:`to_torch`. Layouts follow JAX's attention,
-(N, T, H, head_dim). The ``backend`` is that of every op with a fused kernel: attention goes
-through ``theria_jax.attention`` and every rmsnorm through ``theria_jax.rmsnorm`` (eps
-``RMSNORM_EPS``), both with the given ``backend``.
+The network, its sizes (``ModelConfig``), its parameter layout (``param_shapes``) and its numpy
+initialisation (``init_params``) are defined once in ``theria_kernels._models`` and re-exported
+here; ``theria_torch.models`` implements the same network on the same layout, so a parameter dict
+crosses between the frameworks by name with :func:`from_torch` / :func:`to_torch`. Layouts follow
+JAX's attention, (N, T, H, head_dim). The ``backend`` is that of every op with a fused kernel:
+attention goes through ``theria_jax.attention`` and every rmsnorm through ``theria_jax.rmsnorm``
+(eps ``RMSNORM_EPS``), both with the given ``backend``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 
 from theria_jax.attention import attention
 from theria_jax.rmsnorm import rmsnorm
-from theria_torch.models import RMSNORM_EPS, ModelConfig, init_params, param_shapes
+from theria_kernels._models import RMSNORM_EPS, ModelConfig, init_params, param_shapes
 
-__all__ = ["ModelConfig", "init_params", "param_shapes", "jax_params", "from_torch", "to_torch",
+__all__ = ["RMSNORM_EPS", "ModelConfig", "init_params", "param_shapes", "jax_params", "from_torch", "to_torch",
            "apply", "task_loss", "make_loss_fn"]
 
 Params = dict[str, jax.Array]
@@ -41,6 +41,9 @@ def from_torch(params: dict[str, torch.Tensor]) -> Params:
 def to_torch(params: Params, *, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """JAX parameters as torch tensors of the same dtype (DLPack, then a copy that torch owns),
     moved to ``device`` when given."""
+    # Imported here: only these converters need torch, and the model itself does not.
+    import torch
+
     return {name: torch.from_dlpack(value).clone().to(device) for name, value in params.items()}
 
 
@@ -59,7 +62,7 @@ def mlp(params: Params, prefix: str, x):
 
 
 def apply(params: Params, x, config: ModelConfig, *, backend: str = "reference"):
-    """The network of ``theria_torch.models``: x (N, T, d_in), T <= max_len -> (N, T, d_out).
+    """The network of ``theria_kernels._models``: x (N, T, d_in), T <= max_len -> (N, T, d_out).
 
     ``backend`` ("reference" or "triton_full_fused") is passed to every attention and rmsnorm.
     """

@@ -1,7 +1,8 @@
-"""The seeded task samplers of ``theria_torch.tasks`` (one numpy implementation), as JAX arrays.
+"""The seeded task samplers of ``theria_kernels._tasks`` (one numpy implementation), as JAX arrays.
 
-Only the conversion lives here; see ``theria_torch.tasks`` for the task families. The same seed
-gives the same numbers in both frameworks.
+Only the conversion lives here; ``theria_kernels._tasks`` documents the task families, and
+``theria_torch.tasks`` re-exports the same names with ``as_torch``. The same seed gives the same
+numbers in both frameworks.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from theria_torch.tasks import (
+from theria_kernels._tasks import (
     TASK_FAMILIES,
     InContextRegression,
     SequenceClassification,
@@ -17,10 +18,11 @@ from theria_torch.tasks import (
     TaskBatch,
     make_family,
     sample_meta_batch,
+    tasks_per_device,
 )
 
 __all__ = ["TASK_FAMILIES", "InContextRegression", "SequenceClassification", "Sinusoid", "TaskBatch",
-           "make_family", "sample_meta_batch", "as_jax"]
+           "make_family", "sample_meta_batch", "tasks_per_device", "as_jax"]
 
 
 def as_jax(batch: TaskBatch, *, dtype) -> TaskBatch:

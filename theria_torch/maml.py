@@ -15,6 +15,15 @@ whose batching rules (attention's registered operators, rmsnorm's autograd Funct
 task axis into the kernels' batch or row-group axis, so one launch serves every task. (On CPU
 this is about 1.7× faster than a Python loop over the tasks; the price is that all tasks'
 second-order graphs are alive at once.)
+
+Several devices: ``meta_gradient``, ``meta_step`` and ``evaluate`` take an optional ``group``, a
+``torch.distributed`` process group (NCCL on GPUs, gloo on CPUs; e.g. ``torch.distributed.group.WORLD``
+under ``torchrun``). Every rank passes the same global meta-batch; rank ``r`` of ``n`` adapts its
+contiguous share (:func:`shard_tasks`), and the ranks average their meta-gradients and losses in one
+all-reduce of one flat buffer (:func:`all_reduce_mean`), so every rank returns the mean over the
+whole meta-batch, as one device running all of it would (up to the order of the additions).
+``theria_jax.maml`` does the same over a ``jax.sharding.Mesh``. docs/distributed.md shows how to
+launch it.
 """
 
 from __future__ import annotations
@@ -22,9 +31,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch.func import grad, grad_and_value, vmap
 
-from theria_torch.tasks import TaskBatch
+from theria_torch.tasks import TaskBatch, tasks_per_device
 
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[Params, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
@@ -58,39 +68,95 @@ def meta_loss(params: Params, task: TaskBatch, loss_fn: LossFn, *, inner_lr: flo
     return loss_fn(adapted, (task.query_x, task.query_y))
 
 
+def shard_tasks(tasks: TaskBatch, group: dist.ProcessGroup | None) -> TaskBatch:
+    """This rank's share of a global meta-batch: tasks ``[r m, (r + 1) m)`` for rank ``r`` of the
+    group, ``m`` = meta-batch / group size (views, no copies).
+
+    Arguments:
+        tasks: the global :class:`TaskBatch`, the same on every rank. group: a process group, or
+            None for one device (``tasks`` is returned as it is).
+    Raises:
+        ValueError: the meta-batch does not divide by the group's size.
+    """
+    if group is None:
+        return tasks
+    share = tasks_per_device(tasks.support_x.shape[0], dist.get_world_size(group), devices="group")
+    start = dist.get_rank(group) * share
+    return TaskBatch(*(field[start:start + share] for field in tasks))
+
+
+def all_reduce_mean(tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> list[torch.Tensor]:
+    """The mean of each tensor over the ranks of ``group`` (identity for None), in one
+    ``all_reduce`` per dtype: the tensors are packed into one flat buffer, so a meta-gradient of
+    many small parameters costs one collective's latency, not one per parameter.
+
+    Arguments:
+        tensors: the same names, shapes and dtypes on every rank, in the same order.
+    Returns:
+        New tensors of the same shapes (views into the reduced buffers).
+    """
+    if group is None:
+        return tensors
+    ranks = dist.get_world_size(group)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        by_dtype.setdefault(tensor.dtype, []).append(index)
+    means = [None] * len(tensors)
+    for indices in by_dtype.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices])
+        # A sum then a division: ReduceOp.AVG exists on NCCL only, not on gloo.
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        flat /= ranks
+        for i, chunk in zip(indices, flat.split([tensors[i].numel() for i in indices])):
+            means[i] = chunk.view(tensors[i].shape)
+    return means
+
+
 def meta_gradient(params: Params, tasks: TaskBatch, loss_fn: LossFn, *, inner_lr: float, steps: int,
-                  first_order: bool) -> tuple[Params, torch.Tensor]:
+                  first_order: bool, group: dist.ProcessGroup | None = None) -> tuple[Params, torch.Tensor]:
     """Gradient of the mean post-adaptation query loss over a meta-batch.
 
     Arguments:
-        tasks: a :class:`TaskBatch` with a leading task axis.
+        tasks: a :class:`TaskBatch` with a leading task axis: the global meta-batch, the same on
+            every rank when ``group`` is given.
+        group: a ``torch.distributed`` process group over which the tasks are split (each rank
+            adapts its share, :func:`shard_tasks`), or None for one device.
     Returns:
-        (meta-gradient dict shaped like ``params``, mean query loss as a 0-d tensor).
+        (meta-gradient dict shaped like ``params``, mean query loss as a 0-d tensor), both means
+        over every task of ``tasks``; with a group, every rank returns the same values.
+    Raises:
+        ValueError: with a group, a meta-batch that does not divide by the group's size.
     """
     def one_task(task):
         return grad_and_value(meta_loss)(params, task, loss_fn, inner_lr=inner_lr, steps=steps,
                                          first_order=first_order)
 
-    grads, losses = vmap(one_task)(tasks)
-    return {name: g.mean(0) for name, g in grads.items()}, losses.mean()
+    grads, losses = vmap(one_task)(shard_tasks(tasks, group))
+    *means, loss = all_reduce_mean([g.mean(0) for g in grads.values()] + [losses.mean()], group)
+    return dict(zip(grads, means)), loss
 
 
 def meta_step(params: Params, tasks: TaskBatch, loss_fn: LossFn, *, inner_lr: float, outer_lr: float,
-              steps: int, first_order: bool) -> tuple[Params, torch.Tensor]:
+              steps: int, first_order: bool,
+              group: dist.ProcessGroup | None = None) -> tuple[Params, torch.Tensor]:
     """One meta-update by plain gradient descent: ``params - outer_lr * meta_gradient``.
+
+    ``group`` as for :func:`meta_gradient`: every rank applies the same averaged update, so ranks
+    that start from the same parameters stay equal.
 
     Returns:
         (updated parameters, mean query loss before the update).
     """
     grads, loss = meta_gradient(params, tasks, loss_fn, inner_lr=inner_lr, steps=steps,
-                                first_order=first_order)
+                                first_order=first_order, group=group)
     return {name: p - outer_lr * grads[name] for name, p in params.items()}, loss
 
 
-def evaluate(params: Params, tasks: TaskBatch, loss_fn: LossFn, *, inner_lr: float,
-             steps: int) -> torch.Tensor:
-    """Mean query loss after adaptation (meta-test loss); no outer derivative is formed, so the
-    inner steps are first order whatever the training method."""
+def evaluate(params: Params, tasks: TaskBatch, loss_fn: LossFn, *, inner_lr: float, steps: int,
+             group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Mean query loss after adaptation (meta-test loss) over every task of ``tasks``; no outer
+    derivative is formed, so the inner steps are first order whatever the training method.
+    ``group`` splits the tasks over ranks as for :func:`meta_gradient`."""
     losses = vmap(lambda task: meta_loss(params, task, loss_fn, inner_lr=inner_lr, steps=steps,
-                                         first_order=True))(tasks)
-    return losses.mean().detach()
+                                         first_order=True))(shard_tasks(tasks, group))
+    return all_reduce_mean([losses.mean().detach()], group)[0]

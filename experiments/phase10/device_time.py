@@ -29,8 +29,8 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.phase10.frameworks import MetaSetup, make_learner  # noqa: E402
-from theria_torch.models import ModelConfig, init_params  # noqa: E402
-from theria_torch.tasks import SequenceClassification, sample_meta_batch  # noqa: E402
+from theria_kernels._models import ModelConfig, init_params  # noqa: E402
+from theria_kernels._tasks import SequenceClassification, sample_meta_batch  # noqa: E402
 
 # (d_model, heads, tasks, sequences per support/query set)
 CONFIGURATIONS = [(256, 4, 4, 4), (512, 8, 4, 4), (256, 4, 8, 8), (256, 8, 8, 8), (512, 8, 8, 8)]

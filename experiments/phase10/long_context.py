@@ -68,8 +68,8 @@ def measure_one(args, framework: str, backend: str, seq_len: int, dtype: str) ->
         os.environ.setdefault("TRITON_INTERPRET", "1")
     sys.path.insert(0, str(REPO))
     from experiments.phase10.frameworks import MetaSetup, make_learner
-    from theria_torch.models import ModelConfig, init_params
-    from theria_torch.tasks import SequenceClassification, sample_meta_batch
+    from theria_kernels._models import ModelConfig, init_params
+    from theria_kernels._tasks import SequenceClassification, sample_meta_batch
 
     family = SequenceClassification(vocab_size=32, seq_len=seq_len, n_classes=4, n_signal=max(1, seq_len // 64))
     config = ModelConfig(d_in=family.d_in, d_out=family.d_out, max_len=seq_len, d_model=args.d_model,

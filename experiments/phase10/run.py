@@ -10,6 +10,10 @@ Usage (from the repository root)::
         --backends reference triton_full_fused --set train.meta_steps=200 --out /tmp/run
     python experiments/phase10/run.py --frameworks torch --backends reference triton_full_fused \\
         --device cuda --cuda-graph                                      # GPU, graph replays
+    torchrun --nproc_per_node 8 experiments/phase10/run.py --frameworks torch --device cuda \\
+        --config experiments/phase10/configs/t1024.yaml                 # torch, 8 GPUs
+    python experiments/phase10/run.py --frameworks jax --device cuda --jax-devices 8 \\
+        --config experiments/phase10/configs/t1024.yaml                 # JAX, a mesh of 8 GPUs
 
 A config (YAML or JSON) has sections ``task``, ``model``, ``maml``, ``train`` and ``grid``
 (see configs/tiny.yaml); ``--frameworks/--backends/--methods/--device/--dtype/--meta-steps/--seed``,
@@ -23,10 +27,23 @@ is the device's rather than Python's and the launches'; the first step includes 
 runs are compiled by ``jax.jit`` anyway and ignore it. A replay computes what the eager step does,
 to rounding (cuBLAS may pick other algorithms inside a capture).
 
+Several devices (docs/distributed.md): under ``torchrun`` every process runs this script, joins
+the default process group (NCCL on cuda, gloo on cpu; each process on the GPU of its LOCAL_RANK)
+and the torch learners split each meta-batch over the ranks; JAX runs need one process and split
+it over a mesh of ``--jax-devices N`` (``train.jax_devices``) local devices. The meta-batch
+(``maml.meta_batch``) and the meta-test batch (``train.eval_tasks``) must divide by the device
+count. Every rank computes the same global losses; rank 0 alone prints and writes the outputs,
+which are those of one device plus each run's device count, throughput and (torch) every rank's
+step time.
+
 Writes to ``--out`` (default experiments/phase10/runs/<name>-<time>/): ``config.json`` (resolved),
 ``metrics.csv`` (one row per run and meta-step), ``results.json`` (a summary per run),
-``loss.png`` and ``step_time.png``. A run whose backend is not available (NotImplementedError)
-is recorded as ``n/a`` and the command exits with status 2 after writing everything else.
+``loss.png`` and ``step_time.png``. A run's summary in results.json has its final losses, its
+device count (``devices``), the median time of a meta-step (each device takes part in every step,
+so this is also the per-device step time; torch under torchrun adds each rank's median as
+``rank_median_step_time_s``) and the global throughput (``tasks_per_s``: meta-batch tasks per
+second over all devices). A run whose backend is not available (NotImplementedError) is recorded
+as ``n/a`` and the command exits with status 2 after writing everything else.
 """
 
 from __future__ import annotations
@@ -63,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--cuda-graph", action="store_const", const=True,
                         help="torch: replay the meta-gradient as a captured CUDA graph (device cuda)")
+    parser.add_argument("--jax-devices", type=int, metavar="N",
+                        help="JAX: split each meta-batch over a mesh of the first N local devices")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any config entry (repeatable)")
     parser.add_argument("--out", type=Path, help="output directory")
@@ -75,7 +94,8 @@ def load_config(args: argparse.Namespace) -> dict:
     config = yaml.safe_load(args.config.read_text())  # JSON is YAML too
     flags = {"grid.frameworks": args.frameworks, "grid.backends": args.backends,
              "grid.methods": args.methods, "train.device": args.device, "train.dtype": args.dtype,
-             "train.meta_steps": args.meta_steps, "train.seed": args.seed, "train.cuda_graph": args.cuda_graph}
+             "train.meta_steps": args.meta_steps, "train.seed": args.seed, "train.cuda_graph": args.cuda_graph,
+             "train.jax_devices": args.jax_devices}
     overrides = {key: value for key, value in flags.items() if value is not None}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -91,6 +111,32 @@ def load_config(args: argparse.Namespace) -> dict:
             node = node.setdefault(part, {})
         node[leaf] = value
     return config
+
+
+def join_process_group(device: str) -> tuple[object, str]:
+    """Under torchrun (which sets WORLD_SIZE, RANK and LOCAL_RANK): the default process group, NCCL
+    on cuda (this process on GPU LOCAL_RANK) or gloo on cpu, and this process's device. Otherwise
+    (None, ``device``)."""
+    if "WORLD_SIZE" not in os.environ:
+        return None, device
+    import torch
+    import torch.distributed as dist
+
+    if device == "cuda":
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.group.WORLD, device
+
+
+def check_split(config: dict, devices: int, launcher: str) -> None:
+    """Refuse, before any work, a meta-batch or meta-test batch that ``devices`` cannot share."""
+    for section, key in (("maml", "meta_batch"), ("train", "eval_tasks")):
+        n = config[section][key]
+        if n % devices:
+            raise SystemExit(f"{section}.{key} = {n} does not split evenly over the {devices} devices of "
+                             f"{launcher}; set it to a multiple of {devices} "
+                             f"(e.g. --set {section}.{key}={devices * -(-n // devices)})")
 
 
 def train(learner, draw, config: dict, *, label: str, progress: bool) -> list[dict]:
@@ -118,22 +164,27 @@ def train(learner, draw, config: dict, *, label: str, progress: bool) -> list[di
     return rows
 
 
-def summarise(rows: list[dict]) -> dict:
-    """Final losses (train: mean over the last tenth of the steps) and step times; the first
-    step is reported apart because it includes compilation (and the CUDA-graph capture)."""
+def summarise(rows: list[dict], *, meta_batch: int, devices: int) -> dict:
+    """Final losses (train: mean over the last tenth of the steps), step times and throughput
+    over ``devices`` devices; the first step is reported apart because it includes compilation
+    (and the CUDA-graph capture)."""
     tail = rows[-max(1, len(rows) // 10):]
     times = [row["step_time_s"] for row in rows[1:]] or [rows[0]["step_time_s"]]
     tests = [row["meta_test_loss"] for row in rows if row["meta_test_loss"] is not None]
+    step = statistics.median(times)
     return {"final_meta_train_loss": statistics.fmean(row["meta_train_loss"] for row in tail),
-            "final_meta_test_loss": tests[-1], "median_step_time_s": statistics.median(times),
-            "first_step_time_s": rows[0]["step_time_s"]}
+            "final_meta_test_loss": tests[-1], "devices": devices, "median_step_time_s": step,
+            "first_step_time_s": rows[0]["step_time_s"], "meta_steps_per_s": 1.0 / step,
+            "tasks_per_s": meta_batch / step}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = load_config(args)
     grid, train_cfg = config["grid"], config["train"]
-    train_cfg.setdefault("cuda_graph", False)  # so that config.json and results.json record it
+    # So that config.json and results.json record the defaults.
+    train_cfg.setdefault("cuda_graph", False)
+    train_cfg.setdefault("jax_devices", None)
     if train_cfg["device"] == "cpu" and FUSED in grid["backends"]:
         # Must precede the first import of triton (by theria_torch below): the Triton kernels
         # then run in the interpreter on CPU tensors.
@@ -141,13 +192,24 @@ def main(argv=None) -> int:
     if not __package__:
         sys.path.insert(0, str(REPO))
     import torch
+    import torch.distributed as dist
 
     from experiments.phase10 import frameworks, plot
-    from theria_torch.models import ModelConfig, init_params
-    from theria_torch.tasks import make_family, sample_meta_batch
+    from theria_kernels._models import ModelConfig, init_params
+    from theria_kernels._tasks import make_family, sample_meta_batch
 
     if train_cfg["device"] == "cpu" and train_cfg.get("threads"):
         torch.set_num_threads(train_cfg["threads"])
+    group, device = join_process_group(train_cfg["device"])
+    ranks = dist.get_world_size(group) if group is not None else 1
+    lead = group is None or dist.get_rank(group) == 0
+    if ranks > 1 and "jax" in grid["frameworks"]:
+        raise SystemExit(f"under torchrun with {ranks} processes, run --frameworks torch; JAX splits a "
+                         f"meta-batch over local devices from one process (--jax-devices N)")
+    if ranks > 1:
+        check_split(config, ranks, "torchrun --nproc_per_node")
+    if train_cfg["jax_devices"] and "jax" in grid["frameworks"]:
+        check_split(config, train_cfg["jax_devices"], "--jax-devices")
     family = make_family(config["task"]["family"], **config["task"].get("options", {}))
     model = ModelConfig(d_in=family.d_in, d_out=family.d_out, max_len=family.seq_len, **config["model"])
     m = config["maml"]
@@ -158,12 +220,13 @@ def main(argv=None) -> int:
 
     setup = frameworks.MetaSetup(family=family, model=model, inner_lr=m["inner_lr"],
                                  inner_steps=m["inner_steps"], outer_lr=train_cfg["outer_lr"],
-                                 dtype=train_cfg["dtype"], device=train_cfg["device"],
-                                 cuda_graph=train_cfg["cuda_graph"])
+                                 dtype=train_cfg["dtype"], device=device, cuda_graph=train_cfg["cuda_graph"],
+                                 group=group, jax_devices=train_cfg["jax_devices"])
     params = init_params(model, train_cfg["seed"])
     out = args.out or REPO / "experiments/phase10/runs" / f"{config['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config, indent=2))
 
     results, metrics = [], []
     for framework in grid["frameworks"]:
@@ -174,18 +237,35 @@ def main(argv=None) -> int:
                 try:
                     learner = frameworks.make_learner(framework, setup, copy.deepcopy(params),
                                                       backend=backend, method=method)
-                    rows = train(learner, draw, config, label=label, progress=not args.no_progress)
+                    rows = train(learner, draw, config, label=label, progress=lead and not args.no_progress)
                 except NotImplementedError as error:
                     results.append({**run, "status": f"n/a: {error}"})
-                    print(f"{label}: n/a ({error})")
+                    if lead:
+                        print(f"{label}: n/a ({error})")
                     continue
-                summary = summarise(rows)
+                devices = ranks if framework == "torch" else train_cfg["jax_devices"] or 1
+                summary = summarise(rows, meta_batch=m["meta_batch"], devices=devices)
+                if framework == "torch" and group is not None:
+                    medians = [None] * ranks
+                    dist.all_gather_object(medians, summary["median_step_time_s"], group=group)
+                    summary["rank_median_step_time_s"] = medians
                 results.append({**run, "status": "ok", **summary})
                 metrics.extend({**run, **row} for row in rows)
-                print(f"{label}: meta-train {summary['final_meta_train_loss']:.4f}  "
-                      f"meta-test {summary['final_meta_test_loss']:.4f}  "
-                      f"{1e3 * summary['median_step_time_s']:.1f} ms/meta-step")
+                if lead:
+                    print(f"{label}: meta-train {summary['final_meta_train_loss']:.4f}  "
+                          f"meta-test {summary['final_meta_test_loss']:.4f}  "
+                          f"{1e3 * summary['median_step_time_s']:.1f} ms/meta-step on {devices} device(s), "
+                          f"{summary['tasks_per_s']:.1f} tasks/s")
 
+    if group is not None:
+        dist.destroy_process_group()
+    if lead:
+        write_outputs(out, config, results, metrics, plot)
+    return 2 if any(run["status"] != "ok" for run in results) else 0
+
+
+def write_outputs(out: Path, config: dict, results: list[dict], metrics: list[dict], plot) -> None:
+    """results.json, metrics.csv and the plots of a finished grid."""
     (out / "results.json").write_text(json.dumps({"config": config, "runs": results}, indent=2))
     with open(out / "metrics.csv", "w", newline="") as handle:
         columns = ["framework", "backend", "method", "step", "meta_train_loss", "meta_test_loss", "step_time_s"]
@@ -195,7 +275,6 @@ def main(argv=None) -> int:
     if metrics:
         plot.plot_run(metrics, results, out, title=config["name"])
     print(f"results in {out}")
-    return 2 if any(run["status"] != "ok" for run in results) else 0
 
 
 if __name__ == "__main__":
