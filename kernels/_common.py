@@ -5,10 +5,10 @@ Kept small and op-neutral; anything specific to one op lives in that op's file.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton.language as tl
+
+from theria_kernels._contracts import INTERPRETER_MULTIPROCESSORS, is_interpreter  # noqa: F401 (re-exported)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -19,14 +19,6 @@ _TL_DTYPES = {
     torch.float64: tl.float64,
 }
 
-# Programs assumed per launch wave when there is no GPU to ask (the interpreter runs programs
-# one after another, so the number only shapes the work split, never the speed).
-_INTERPRETER_MULTIPROCESSORS = 4
-
-
-def is_interpreter() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def dtype_name(dtype) -> str:
@@ -48,7 +40,7 @@ def multiprocessor_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device: sizes persistent grids."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return _INTERPRETER_MULTIPROCESSORS
+    return INTERPRETER_MULTIPROCESSORS
 
 
 def output_buffer(out: torch.Tensor | None, name: str, shape, dtype: torch.dtype,

@@ -6,7 +6,9 @@ defaults. Framework-neutral (no torch, no jax): shapes arrive as tuples and dtyp
 from __future__ import annotations
 
 import math
+import numbers
 import os
+import sys
 from dataclasses import dataclass
 
 
@@ -74,13 +76,14 @@ def validate_attention_args(q_shape, k_shape, v_shape, dtypes, *, layout: str, b
             f"key/value heads (grouped-query attention); check the {layout} layout")
     if len(set(dtypes)) != 1:
         raise TypeError(f"q, k, v must share one dtype, got {dtypes[0]}, {dtypes[1]}, {dtypes[2]}; cast them to one")
-    if (len(window_size) != 2 or any(not isinstance(w, int) or w < -1 for w in window_size)):
-        raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
-    if backend == "reference":
-        return
+    validate_window_size(window_size)
+    # Every backend: the reference's matmuls take no other dtype either (integers fail deep inside
+    # torch or jax.numpy with a message that names neither the argument nor the fix).
     if dtypes[0] not in SUPPORTED_DTYPES:
         raise TypeError(f"q has dtype {dtypes[0]}; {backend} supports {', '.join(SUPPORTED_DTYPES)}; "
-                        "cast the inputs or use backend='reference'")
+                        "cast q, k and v to one of them (e.g. float32)")
+    if backend == "reference":
+        return
     head_dim = q_shape[-1]
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"q has head dim {head_dim}; {backend} supports {MIN_HEAD_DIM}–{MAX_HEAD_DIM}; "
@@ -141,6 +144,11 @@ def validate_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max
 
 
 
+# Programs assumed per launch wave when there is no GPU to ask (the interpreter runs programs one
+# after another, so the number only shapes the grouped-query split, alike in both frameworks).
+INTERPRETER_MULTIPROCESSORS = 4
+
+
 def is_interpreter() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -162,3 +170,94 @@ THIRD_ORDER_ERROR = (
     "third-order derivatives of attention are not implemented by backend='triton_full_fused' "
     "(it provides forward, backward, JVP, double backward and second-order forward); use backend='reference'"
 )
+
+
+def validate_window_size(window_size) -> tuple[int, int]:
+    """``window_size`` as a pair of Python ints, or an error: a bool is an int to Python but never a
+    window side here, and a non-int would reach the kernels' integer arithmetic."""
+    try:
+        pair = tuple(window_size)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) for w in pair):
+        raise TypeError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}; "
+                        "pass e.g. (128, 0) or (-1, -1)")
+    if any(w < -1 for w in pair):
+        raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def validate_scale(scale, name: str = "scale") -> None:
+    """``scale`` (``softmax_scale`` in flash-attn's signatures) is None or a finite real number. It is
+    static (it specialises the kernels), so arrays and strings are refused rather than converted."""
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{name} must be a Python float or None (= 1/sqrt(head dim)), got "
+                        f"{type(scale).__name__} {scale!r}; pass a number, e.g. {name}=0.125")
+    if not math.isfinite(scale):
+        raise ValueError(f"{name} must be finite, got {scale!r}")
+
+
+def validate_causal(causal) -> None:
+    """``causal`` is a bool: anything else (a string, an array) would be read by its truth value."""
+    if not isinstance(causal, bool) and not (isinstance(causal, numbers.Integral) and causal in (0, 1)):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}; pass causal=True or False")
+
+
+def array_type_error(name: str, value, framework: str) -> TypeError:
+    """The error for an argument that is not an array of ``framework`` (``"torch"`` or ``"jax"``),
+    naming the conversion that fits what was passed. Built from type names, so this module
+    imports neither framework."""
+    kind = type(value)
+    got = f"{kind.__module__.split('.')[0]}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__name__
+    from_torch = got.startswith("torch.")
+    from_jax = got.startswith(("jax.", "jaxlib."))
+    if framework == "torch":
+        expected = "a torch.Tensor"
+        convert = (f"torch.from_dlpack({name})" if from_jax else f"torch.from_numpy({name})"
+                   if got.startswith("numpy.") else f"torch.as_tensor({name})")
+    else:
+        expected = "a jax.Array (or a NumPy array)"
+        convert = f"jax.dlpack.from_dlpack({name})" if from_torch else f"jnp.asarray({name})"
+    return TypeError(f"{name} must be {expected}, got {got}; convert it first, e.g. {convert}")
+
+
+def interpreter_compute_dtype(dtype_name: str, backend: str) -> str:
+    """The dtype the fused kernels run in for inputs of ``dtype_name``: their own, except bfloat16
+    under Triton's interpreter, which runs in float32 (the caller casts the results back).
+
+    Why: the interpreter holds bfloat16 tiles as their raw 16-bit patterns (numpy has no bfloat16)
+    and its ``tl.dot`` multiplies those patterns as integers, giving values around 1e9 with no error.
+    Its bfloat16 <-> float32 casts are exact, so float32 kernels on the bfloat16 values, rounded back
+    to bfloat16, are the bfloat16 result to within bfloat16's rounding. The bfloat16 kernels
+    themselves run, and are tested, on the GPU only."""
+    if dtype_name == "bfloat16" and backend == "triton_full_fused" and is_interpreter():
+        return "float32"
+    return dtype_name
+
+
+INTERPRETER_TOO_LATE_ERROR = (
+    "TRITON_INTERPRET=1 was set after triton was imported: Triton reads it once, when it is imported, "
+    "so its kernels were built for a GPU and cannot run on the CPU. Set TRITON_INTERPRET=1 before "
+    "importing theria or triton (in the shell: TRITON_INTERPRET=1 python ..., or os.environ at the top "
+    "of the script), or use backend='reference'"
+)
+
+
+def check_interpreter_in_time() -> None:
+    """Raises ``RuntimeError(INTERPRETER_TOO_LATE_ERROR)`` when ``TRITON_INTERPRET`` is on now but
+    triton was imported while it was off. ``triton.jit`` picks the interpreter or the compiler when it
+    decorates a function, so triton's own library functions, decorated at its import, show which
+    was picked; kernels launched on CPU data in that state fail with "0 active drivers". Call it
+    only on the CPU path: on the GPU compiled kernels are what is wanted."""
+    if not is_interpreter():
+        return
+    standard = sys.modules.get("triton.language.standard")
+    if standard is None:  # triton not imported yet: it will read the variable when it is
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+
+    probe = getattr(standard, "sigmoid", None)
+    if probe is not None and not isinstance(probe, InterpretedFunction):
+        raise RuntimeError(INTERPRETER_TOO_LATE_ERROR)

@@ -57,19 +57,20 @@ def run_plan(plan: Plan, tensors: dict) -> tuple[torch.Tensor, ...]:
             tensors[name] = _allocate(spec, tensors)
     if all(tensors[name].numel() for name in plan.skip_if_empty):
         for launch in plan.launches:
-            _launch(launch, tensors)
+            launch_one(launch, tensors)
     else:
         for name in plan.outputs:
             tensors[name].zero_()
     return tuple(tensors[name] for name in plan.outputs)
 
 
-def _launch(launch, tensors: dict) -> None:
+def launch_one(launch, tensors: dict) -> None:
+    """Launch one kernel of a plan on ``tensors`` (buffer name -> tensor)."""
     args = [tensors[value.name] if type(value) is Buffer else value for value in launch.values]
     if is_interpreter() or _FORCE_JIT_RUN:
         launch.kernel[launch.grid](*args, num_warps=launch.num_warps, num_stages=launch.num_stages)
         return
-    device = tensors["q"].device.index
+    device = next(a for a in args if isinstance(a, torch.Tensor)).device.index
     key = (device, *(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor)))
     compiled = launch.compiled.get(key)
     if compiled is None:

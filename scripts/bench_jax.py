@@ -2,7 +2,8 @@
 (GPU only; on a CPU only --help runs).
 
 Implementations, all on (B, T, H, D) arrays with the causal mask top-left aligned:
-  theria_jax    theria_jax.attention, jitted (kernels through the buffer_callback bridge)
+  theria_jax    theria_jax.attention, jitted (kernels launched by XLA: triton_kernel_call_ffi)
+  theria_bridge the same, compiled with THERIA_JAX_LAUNCH=bridge (DLPack + buffer_callback)
   theria_torch  theria_torch.flash_attn_func on torch tensors (the same kernels, no bridge)
   jax_xla       jax.nn.dot_product_attention(implementation="xla"), jitted
   jax_cudnn     jax.nn.dot_product_attention(implementation="cudnn"), jitted (fp16/bf16 only)
@@ -12,6 +13,8 @@ Modes:
   grad  forward + VJP of out with cotangent dO (dq, dk, dv)
   hvp   forward-over-reverse Hessian-vector product: jvp of (q, k, v) ↦ VJP(dO) along random
         tangents (theria: forward, backward, JVP and double-backward kernels)
+  grad2 reverse over reverse: the gradient of <VJP(dO), tangents> (theria: forward, backward
+        and double-backward kernels), the shape of a full-MAML meta-gradient
 
 Each time is the median over repetitions of a burst of ``--burst`` back-to-back calls followed by
 one device sync, divided by the burst (host-timed the same way for both frameworks, since JAX
@@ -19,6 +22,7 @@ runs on its own CUDA stream), after warm-up: the steady-state cost per call, in 
 framework's host work overlaps the device's (``--burst 1`` gives the latency of a lone call).
 
     python scripts/bench_jax.py                       # B8 H16 T4096 D64 bf16
+    python scripts/bench_jax.py --preset tiny         # B64 H4 T256 D16: the MAML shape, host-bound
     python scripts/bench_jax.py --shape 8,16,1024,64 --dtype float16 --causal --mode fwd grad
 """
 
@@ -29,7 +33,8 @@ import os
 import statistics
 import time
 
-MODES = ("fwd", "grad", "hvp")
+MODES = ("fwd", "grad", "hvp", "grad2")
+PRESETS = {"tiny": "64,4,256,16", "medium": "8,16,1024,64", "large": "8,16,4096,64", "large_d128": "4,16,4096,128"}
 # Nominal FLOPs in units of one forward (two T×T GEMMs), as in scripts/bench_sdpa.py.
 UNITS = {"fwd": 1.0, "grad": 3.5}
 
@@ -40,10 +45,15 @@ def jax_workloads(attend, q, k, v, d_out, tangents):
     def grad(q, k, v):
         return jax.vjp(attend, q, k, v)[1](d_out)
 
+    def grad2(q, k, v):
+        inner = lambda q, k, v: sum(jax.numpy.vdot(g, t).real for g, t in zip(grad(q, k, v), tangents))
+        return jax.grad(inner, argnums=(0, 1, 2))(q, k, v)
+
     return {
         "fwd": jax.jit(attend),
         "grad": jax.jit(grad),
         "hvp": jax.jit(lambda q, k, v: jax.jvp(grad, (q, k, v), tangents)),
+        "grad2": jax.jit(grad2),
     }
 
 
@@ -53,11 +63,33 @@ def torch_workloads(attend, q, k, v, d_out, tangents):
     def grad(q, k, v):
         return torch.func.vjp(attend, q, k, v)[1](d_out)
 
+    def grad2(q, k, v):
+        primals = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = attend(*primals)
+        grads = torch.autograd.grad(out, primals, d_out, create_graph=True)
+        return torch.autograd.grad(grads, primals, tangents)
+
     return {
         "fwd": lambda q, k, v: attend(q, k, v),
         "grad": grad,
         "hvp": lambda q, k, v: torch.func.jvp(grad, (q, k, v), tangents),
+        "grad2": grad2,
     }
+
+
+def _compiled_with_bridge(fn, q, k, v):
+    """``fn`` compiled now, with the DLPack bridge as the launcher, or the error's first line."""
+    os.environ["THERIA_JAX_LAUNCH"] = "bridge"
+    try:
+        return fn.lower(q, k, v).compile()
+    except Exception as err:  # noqa: BLE001 - reported in the table
+        message = (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+        def failed(*args):
+            raise RuntimeError(message)
+        return failed
+    finally:
+        del os.environ["THERIA_JAX_LAUNCH"]
 
 
 def median_ms(call, sync, reps: int, burst: int) -> float:
@@ -85,7 +117,8 @@ def measure(call, sync, reps, burst) -> float | str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="8,16,4096,64", help="B,H,T,D")
+    parser.add_argument("--preset", choices=PRESETS, default="large")
+    parser.add_argument("--shape", help="B,H,T,D (overrides --preset)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
@@ -106,7 +139,7 @@ def main():
     if jax.default_backend() != "gpu" or not torch.cuda.is_available():
         raise SystemExit("bench_jax.py needs a CUDA GPU visible to both JAX and torch")
 
-    batch, heads, seq, head_dim = map(int, args.shape.split(","))
+    batch, heads, seq, head_dim = map(int, (args.shape or PRESETS[args.preset]).split(","))
     causal = args.causal
     keys = jax.random.split(jax.random.PRNGKey(0), 7)
     shape = (batch, seq, heads, head_dim)
@@ -115,6 +148,7 @@ def main():
 
     jax_impls = {
         "theria_jax": lambda q, k, v: theria_jax.attention(q, k, v, causal=causal),
+        "theria_bridge": lambda q, k, v: theria_jax.attention(q, k, v, causal=causal),
         "jax_xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla"),
         "jax_cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
                                                                   implementation="cudnn"),
@@ -123,13 +157,15 @@ def main():
     calls = {}
     for name, attend in jax_impls.items():
         fns = jax_workloads(attend, q, k, v, d_out, tuple(tangents))
+        if name == "theria_bridge":  # the launcher is chosen when a program is compiled: compile now
+            fns = {mode: _compiled_with_bridge(fn, q, k, v) for mode, fn in fns.items()}
         calls[name] = (lambda result=None: jax.block_until_ready(result),
                        {mode: (lambda fn=fn: fn(q, k, v)) for mode, fn in fns.items()})
     fns = torch_workloads(lambda q, k, v: theria_torch.flash_attn_func(q, k, v, causal=causal),
                           tq, tk, tv, t_d_out, tuple(t_tangents))
     calls["theria_torch"] = (lambda result=None: torch.cuda.synchronize(),
                              {mode: (lambda fn=fn: fn(tq, tk, tv)) for mode, fn in fns.items()})
-    order = [n for n in ("theria_jax", "theria_torch", "jax_xla", "jax_cudnn") if n not in args.skip]
+    order = [n for n in ("theria_jax", "theria_bridge", "theria_torch", "jax_xla", "jax_cudnn") if n not in args.skip]
     forward_flops = 4 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
 
     print(f"# {torch.cuda.get_device_name()} jax {jax.__version__} torch {torch.__version__} "

@@ -17,6 +17,7 @@ from jax.test_util import check_grads
 import theria_torch
 from _attention_cases import ApiCase
 from theria_jax import _primitives, attention, flash_attn_func, flash_attn_varlen_func
+from theria_kernels import _launch_torch
 from theria_kernels.attention import AttentionParams
 
 FUSED, REFERENCE = "triton_full_fused", "reference"
@@ -272,34 +273,47 @@ def test_vmap_two_extra_axes():
     assert_close(jax.jit(attend(FUSED))(q, k, v), attend(REFERENCE)(q, k, v), FLOAT64_TOLERANCE, "vmap∘vmap")
 
 
-def _poison_then_launch(launch, num_outputs, *tensors, **static):
-    """Fill the outputs with NaN first, so an element the launcher fails to write shows."""
-    for output in tensors[-num_outputs:]:
-        output.fill_(float("nan"))
-    launch(*tensors, **static)
+def _poisoned_launches(monkeypatch):
+    """Make every bridge launch fill the floating buffers it writes with NaN first, so an element a
+    kernel fails to write shows (buffers that must start at zero, e.g. counters, are integers)."""
+    launch_one = _launch_torch.launch_one
+
+    def poison_then_launch(launch, tensors):
+        for name in launch.writes_buffers:
+            if tensors[name].is_floating_point():
+                tensors[name].fill_(float("nan"))
+        launch_one(launch, tensors)
+
+    monkeypatch.setattr(_launch_torch, "launch_one", poison_then_launch)
 
 
-def test_launchers_write_every_output_element():
-    """Each launcher through the bridge, outputs pre-filled with NaN, on the case with rows that
-    see no key (whose outputs are zeros the kernel must still write)."""
+def _primitive_calls(q, k, v, params, seed, seqs=(), lengths=None):
+    out, lse = _primitives.forward_p.bind(q, k, v, *seqs, params=params, lengths=lengths)
+    d_out, d_lse = _random_like((out, lse), seed=seed)
+    cot = _random_like((q, k, v), seed=seed + 1)
+    direction = _random_like((q, k, v), seed=seed + 2)
+    return {
+        "forward": (_primitives.forward_p, ()),
+        "jvp": (_primitives.forward_tangent_p, (out, lse, *cot)),
+        "forward_second": (_primitives.forward_second_p, (out, lse, *cot, *direction)),
+        "backward": (_primitives.backward_p, (out, lse, d_out, d_lse)),
+        "backward_backward": (_primitives.backward_backward_p, (out, lse, d_out, d_lse, *cot)),
+    }
+
+
+def test_launchers_write_every_output_element(monkeypatch):
+    """Every primitive's launches through the bridge, written buffers pre-filled with NaN, on the
+    case with rows that see no key (whose outputs are zeros the kernel must still write)."""
     case = CASES[2]
     q, k, v = case.inputs(seed=9)
     params = AttentionParams(scale=case.head_dim ** -0.5, causal=True, bottom_right=True)
-    out, lse = _primitives.forward_p.bind(q, k, v, params=params)
-    d_out, d_lse = _random_like((out, lse), seed=10)
-    cot = _random_like((q, k, v), seed=11)
-    calls = [
-        (_primitives._FORWARD, "qs", ()),
-        (_primitives._JVP, "qsqs", cot),
-        (_primitives._BACKWARD, "qkv", (out, lse, d_out, d_lse)),
-        (_primitives._BACKWARD_BACKWARD, "qkvqs", (out, lse, d_out, d_lse, *cot)),
-    ]
-    for launch, kinds, rest in calls:
-        poisoned = partial(_poison_then_launch, launch, len(kinds))
-        got = _primitives._call(poisoned, kinds, q, k, v, *rest, params=params)
-        want = _primitives._call(launch, kinds, q, k, v, *rest, params=params)
-        for index, (g, w) in enumerate(zip(got, want)):
-            assert not jnp.isnan(g).any(), f"{launch.args[0].__name__} left output {index} partly unwritten"
+    calls = _primitive_calls(q, k, v, params, seed=10)
+    want = {name: p.bind(q, k, v, *rest, params=params, lengths=None) for name, (p, rest) in calls.items()}
+    _poisoned_launches(monkeypatch)
+    for name, (primitive, rest) in calls.items():
+        got = primitive.bind(q, k, v, *rest, params=params, lengths=None)
+        for index, (g, w) in enumerate(zip(got, want[name])):
+            assert not jnp.isnan(g).any(), f"{name} left output {index} partly unwritten"
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
@@ -336,7 +350,7 @@ def test_matches_theria_torch(case, torch_backend):
     assert_close(vjp(cotangents), torch_grads, FLOAT64_TOLERANCE, f"torch {torch_backend} grads")
 
 
-def test_varlen_matches_theria_torch_and_traced_cu_seqlens():
+def test_varlen_matches_theria_torch_and_traced_cu_seqlens(monkeypatch):
     """flash_attn_varlen_func: JAX and torch outputs and gradients agree; cu_seqlens passed as
     jit arguments (traced) give what closed-over ones give; the launchers write every output."""
     case = CASES[-1]
@@ -357,15 +371,13 @@ def test_varlen_matches_theria_torch_and_traced_cu_seqlens():
     assert_close(traced(*inputs, *sequences[:2]), outputs, 0.0, "traced cu_seqlens")
 
     params = AttentionParams(scale=case.head_dim ** -0.5, causal=True, bottom_right=True)
-    static = dict(params=params, lengths=sequences[2:])
     packed = [x[None] for x in inputs]
-    out, lse = _primitives.forward_p.bind(*packed, *sequences[:2], **static)
-    d_out, d_lse = _random_like((out, lse), seed=21)
-    calls = [(_primitives._FORWARD, "qs", ()), (_primitives._BACKWARD, "qkv", (out, lse, d_out, d_lse))]
-    for launch, kinds, rest in calls:
-        got = _primitives._call(partial(_poison_then_launch, launch, len(kinds)), kinds, *packed, *rest,
-                                *sequences[:2], **static)
-        assert not any(jnp.isnan(g).any() for g in got), f"{launch.args[0].__name__} left outputs unwritten"
+    calls = _primitive_calls(*packed, params, seed=21, seqs=sequences[:2], lengths=sequences[2:])
+    _poisoned_launches(monkeypatch)
+    for name in ("forward", "backward"):
+        primitive, rest = calls[name]
+        got = primitive.bind(*packed, *rest, *sequences[:2], params=params, lengths=sequences[2:])
+        assert not any(jnp.isnan(g).any() for g in got), f"{name} left outputs unwritten"
 
 
 def test_varlen_vmap_shares_cu_seqlens():

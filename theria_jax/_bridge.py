@@ -1,6 +1,8 @@
-"""The one crossing from JAX into Triton: run a torch-tensor launcher on JAX's own buffers.
+"""The DLPack crossing from JAX into Triton: run a torch-tensor launcher on JAX's own buffers.
 
-Every JAX op of theria goes through :func:`triton_call`. It stages an XLA custom call
+The fallback launcher of ``theria_jax._launch`` (the CPU interpreter, jaxlibs without an
+XLA-native Triton launch) runs one plan launch through :func:`run_launch`; rmsnorm's ops call
+:func:`triton_call` with their launchers. Both stage an XLA custom call
 (``jax.experimental.buffer_callback``) whose Python callback receives the device buffers XLA
 allocated for the inputs and the outputs, wraps each one as a torch tensor with DLPack (no copy),
 and calls the launcher, which writes the outputs in place. On a GPU the launcher runs on the CUDA
@@ -72,3 +74,29 @@ def _run(launch, static, context, outputs, *inputs) -> None:
     stream = torch.cuda.ExternalStream(context.stream, device=device)
     with torch.cuda.device(device), torch.cuda.stream(stream):
         launch(*tensors, **static)
+
+
+def run_launch(launch, operands, out_avals, zeroed) -> list[jax.Array]:
+    """Run one ``theria_kernels._plan.Launch`` on JAX arrays: ``operands`` are the buffers it reads
+    (``launch.reads_buffers``), the results the buffers it writes, typed by ``out_avals``; those
+    flagged in ``zeroed`` start at zero."""
+    shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in out_avals)
+    call = buffer_callback(_launch_callback(launch, tuple(zeroed)), shapes, vmap_method="sequential")
+    return list(call(*operands))
+
+
+@functools.cache
+def _launch_callback(launch, zeroed: tuple) -> Callable[..., None]:
+    return functools.partial(_run, functools.partial(_launch_buffers, launch, zeroed), {})
+
+
+def _launch_buffers(launch, zeroed, *tensors) -> None:
+    # The kernels address memory through the plan's strides alone, so the views' shapes do not matter.
+    from theria_kernels._launch_torch import launch_one
+
+    names = (*launch.reads_buffers, *launch.writes_buffers)
+    buffers = dict(zip(names, tensors))
+    for name, zero in zip(launch.writes_buffers, zeroed):
+        if zero:
+            buffers[name].zero_()
+    launch_one(launch, buffers)

@@ -2,7 +2,8 @@
 
 Arrays are (B, T, H, D) as in ``jax.nn.dot_product_attention``; row statistics (lse and its
 tangents and cotangents) are (B, H, T_q) in float32 (float64 for float64 inputs). Each primitive
-runs kernels of ``theria_kernels.attention`` through :func:`theria_jax._bridge.triton_call`.
+runs the launch plans of ``theria_kernels.attention`` through :func:`theria_jax._launch.run_plan`
+(XLA-native on a GPU, the DLPack bridge in the interpreter).
 Write x = (q, k, v), f(x) = (out, lse), J = f'(x), u = (d_out, d_lse) a cotangent of f and
 H_u = ∇²_x <u, f(x)> (symmetric):
 
@@ -49,67 +50,61 @@ from jax.core import ShapedArray
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from theria_jax._bridge import triton_call
-from theria_kernels.attention import VMAP_CU_SEQLENS_ERROR, AttentionParams
-from theria_kernels.attention.torch_launchers import (
-    attention_backward,
-    attention_backward_backward,
-    attention_forward,
-    attention_forward_second,
-    attention_jvp,
+from theria_jax._launch import run_plan
+from theria_kernels._contracts import (
+    INTERPRETER_MULTIPROCESSORS,
+    THIRD_ORDER_ERROR,
+    is_interpreter,
+    row_stat_dtype_name,
 )
-
-# Same words as theria_torch's error for the same limit.
-THIRD_ORDER = (
-    "third-order derivatives of attention are not implemented by backend='triton_full_fused' "
-    "(it provides forward, backward, JVP, double backward and second-order forward); use backend='reference'"
+from theria_kernels.attention import (
+    VMAP_CU_SEQLENS_ERROR,
+    AttentionCall,
+    AttentionParams,
+    Device,
+    backward_backward_plan,
+    backward_plan,
+    forward_plan,
 )
 
 
 # ----------------------------------------------------------------------------------------------
-# One bridge call per kernel launcher
+# Plans: what each primitive launches
 # ----------------------------------------------------------------------------------------------
 
 
-def _launch(launcher, num_inputs, output_names, *tensors, params, lengths=None):
-    """Call ``launcher`` on (B, H, T, D) views of the (B, T, H, D) buffers, outputs in place; for
-    varlen calls the inputs are followed by the two cu_seqlens."""
-    views = [t.transpose(1, 2) if t.dim() == 4 else t for t in tensors]
-    inputs, views = views[:num_inputs], views[num_inputs:]
-    varlen = {}
-    if lengths is not None:
-        (cu_seqlens_q, cu_seqlens_k, *views), (max_seqlen_q, max_seqlen_k) = views, lengths
-        varlen = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                      max_seqlen_k=max_seqlen_k)
-    launcher(*inputs, params, **dict(zip(output_names, views)), **varlen)
+@functools.cache
+def _device() -> Device:
+    if is_interpreter() or jax.default_backend() != "gpu":
+        return Device(INTERPRETER_MULTIPROCESSORS, interpreter=is_interpreter())
+    return Device(jax.devices()[0].core_count)
 
 
-# Module-level objects so that JAX's compilation cache, keyed on the launcher, hits.
-_FORWARD = functools.partial(_launch, attention_forward, 3, ("out", "lse"))
-_JVP = functools.partial(_launch, attention_jvp, 6, ("out", "lse", "out_dot", "lse_dot"))
-_FORWARD_SECOND = functools.partial(_launch, attention_forward_second, 9, ("out_second", "lse_second"))
-_BACKWARD = functools.partial(_launch, attention_backward, 7, ("dq", "dk", "dv"))
-_BACKWARD_BACKWARD = functools.partial(
-    _launch, attention_backward_backward, 10, ("cot_q", "cot_k", "cot_v", "cot_d_out", "cot_d_lse")
-)
+def _attention_call(q, k, params: AttentionParams, lengths, seqs) -> AttentionCall:
+    """The kernels' view of (B, T, H, D) row-major arrays: (B, H, T, D) with strides (T·H·D, D, H·D, 1)."""
+    (batch, t_q, heads, dim), (batch_k, t_k, heads_kv, _) = q.shape, k.shape
+    varlen = None if lengths is None else (*lengths, seqs[0].shape[0] - 1)
+    return AttentionCall((batch, heads, t_q, dim), (t_q * heads * dim, dim, heads * dim, 1),
+                         (batch_k, heads_kv, t_k, dim), (t_k * heads_kv * dim, dim, heads_kv * dim, 1),
+                         jnp.dtype(q.dtype).name, params, _device(), varlen)
 
 
-def _row_stat_dtype(dtype) -> jnp.dtype:
-    return jnp.dtype(jnp.float64) if dtype == jnp.float64 else jnp.dtype(jnp.float32)
+def _run(plan_of, names: tuple[str, ...], operands, params: AttentionParams, lengths) -> list:
+    """Run the plan ``plan_of(call)`` on operands named ``names`` (then the cu_seqlens, if varlen)."""
+    operands, seqs = _split(operands, lengths)
+    arrays = dict(zip(names, operands))
+    call = _attention_call(arrays["q"], arrays["k"], params, lengths, seqs)
+    arrays.update(zip(call.inputs_varlen, seqs))
+    return run_plan(plan_of(call), arrays)
 
 
 def _avals(kinds: str, q, k, v) -> list[ShapedArray]:
     """Result types named by letters: q/k/v shaped like that operand, s = a row statistic."""
     batch, t_q, heads, _ = q.shape
-    row_stat = ShapedArray((batch, heads, t_q), _row_stat_dtype(q.dtype))
+    row_stat = ShapedArray((batch, heads, t_q), jnp.dtype(row_stat_dtype_name(jnp.dtype(q.dtype).name)))
     like = {"q": ShapedArray(q.shape, q.dtype), "k": ShapedArray(k.shape, k.dtype),
             "v": ShapedArray(v.shape, v.dtype), "s": row_stat}
     return [like[kind] for kind in kinds]
-
-
-def _call(launch, kinds: str, q, k, v, *rest, params: AttentionParams, lengths=None):
-    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in _avals(kinds, q, k, v)]
-    return triton_call(launch, q, k, v, *rest, out_shapes=shapes, params=params, lengths=lengths)
 
 
 def _split(operands, lengths) -> tuple[list, list]:
@@ -156,25 +151,38 @@ def _primitive(name: str, kinds: str, impl) -> Primitive:
     return primitive
 
 
-def _forward_impl(q, k, v, *seqs, **static):
-    return _call(_FORWARD, "qs", q, k, v, *seqs, **static)
+_X = ("q", "k", "v")
+_STATS = ("out", "lse")
+_X_DOT = ("q_dot", "k_dot", "v_dot")
+_U = ("d_out", "d_lse")
 
 
-def _forward_tangent_impl(q, k, v, out, lse, *rest, **static):
+def _forward_impl(*operands, params, lengths):
+    return _run(forward_plan, _X, operands, params, lengths)
+
+
+def _forward_tangent_impl(*operands, params, lengths):
     # The JVP kernel recomputes out and lse in the same sweep; those two results are scratch.
-    return _call(_JVP, "qsqs", q, k, v, *rest, **static)[2:]
+    plan = functools.partial(forward_plan, has_tangent=True)
+    return _run(plan, _X + ("_out", "_lse") + _X_DOT, operands, params, lengths)[2:]
 
 
-def _forward_second_impl(q, k, v, out, lse, *rest, **static):
-    return _call(_FORWARD_SECOND, "qs", q, k, v, *rest, **static)
+def _forward_second_impl(*operands, params, lengths):
+    plan = functools.partial(forward_plan, has_tangent=True, second_order=True)
+    return _run(plan, _X + ("_out", "_lse") + _X_DOT + ("q_y", "k_y", "v_y"), operands, params, lengths)
 
 
-def _backward_impl(q, k, v, *rest, **static):
-    return _call(_BACKWARD, "qkv", q, k, v, *rest, **static)
+def _backward_impl(*operands, params, lengths):
+    plan = functools.partial(backward_plan, has_d_lse=True)
+    return _run(plan, _X + _STATS + _U, operands, params, lengths)
 
 
-def _backward_backward_impl(q, k, v, *rest, **static):
-    return _call(_BACKWARD_BACKWARD, "qkvqs", q, k, v, *rest, **static)
+_ALL_GIVEN = frozenset(("d_lse", "cot_dq", "cot_dk", "cot_dv"))
+
+
+def _backward_backward_impl(*operands, params, lengths):
+    plan = functools.partial(backward_backward_plan, given=_ALL_GIVEN)
+    return _run(plan, _X + _STATS + _U + ("cot_dq", "cot_dk", "cot_dv"), operands, params, lengths)
 
 
 def _backward_tangent_impl(*operands, has_x_dot, has_u_dot, **static):
@@ -276,7 +284,7 @@ def _backward_tangent_transpose(cotangents, *operands, has_x_dot, has_u_dot, **s
 
 
 def _third_order(*args, **params):
-    raise NotImplementedError(THIRD_ORDER)
+    raise NotImplementedError(THIRD_ORDER_ERROR)
 
 
 ad.primitive_jvps[forward_p] = _forward_jvp

@@ -1,0 +1,157 @@
+"""How JAX launches theria's kernels: the launcher choice, and on a GPU the XLA-native launch
+(``triton_kernel_call_ffi``) against the DLPack bridge, bit for bit, at every derivative order."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import triton
+import triton.language as tl
+
+import theria_jax
+from theria_jax import _launch
+from theria_kernels._plan import Buffer, Launch
+
+
+def test_launcher_choice_and_its_errors(monkeypatch):
+    """XLA-native only where JAX runs on a CUDA GPU with jaxlib's Triton target and no
+    interpreter; forcing it elsewhere says why; unknown values are refused."""
+    monkeypatch.delenv("THERIA_JAX_LAUNCH", raising=False)
+    native = (jax.default_backend() == "gpu" and _launch._gpu_triton() is not None
+              and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+    assert _launch.launcher() == ("xla" if native else "bridge")
+    monkeypatch.setenv("THERIA_JAX_LAUNCH", "bridge")
+    assert _launch.launcher() == "bridge"
+    monkeypatch.setenv("THERIA_JAX_LAUNCH", "ffi")
+    with pytest.raises(ValueError, match="must be 'xla' or 'bridge'"):
+        _launch.launcher()
+    if not native:
+        monkeypatch.setenv("THERIA_JAX_LAUNCH", "xla")
+        with pytest.raises(RuntimeError, match="unset THERIA_JAX_LAUNCH"):
+            _launch.launcher()
+
+
+def test_launcher_falls_back_without_the_ffi_target(monkeypatch):
+    """A jaxlib without the Triton target (no CUDA plugin) gets the bridge."""
+    monkeypatch.delenv("THERIA_JAX_LAUNCH", raising=False)
+    monkeypatch.setattr(_launch, "_gpu_triton", lambda: None)
+    assert _launch.launcher() == "bridge"
+
+
+@triton.jit
+def _axpy(X, Y, Out, alpha, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Out + offs, alpha * tl.load(X + offs, mask=offs < n) + tl.load(Y + offs, mask=offs < n), mask=offs < n)
+
+
+@triton.jit
+def _written_first(Out, X, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(Out + offs, tl.load(X + offs, mask=offs < n), mask=offs < n)
+
+
+def test_launch_names_every_argument_and_orders_pointers():
+    """A launch takes every kernel parameter by name, and the pointers a kernel writes must follow
+    those it reads (XLA passes a custom call its operands before its results)."""
+    launch = Launch(_axpy, (2,), dict(X=Buffer("x"), Y=Buffer("y"), Out=Buffer("out"), alpha=2.0, n=9, BLOCK=16),
+                    writes=("Out",), num_warps=1, num_stages=1)
+    assert launch.reads_buffers == ("x", "y") and launch.writes_buffers == ("out",) and launch.grid == (2, 1, 1)
+    with pytest.raises(TypeError, match=r"missing arguments \['n'\]"):
+        Launch(_axpy, (1,), dict(X=Buffer("x"), Y=Buffer("y"), Out=Buffer("out"), alpha=2.0, BLOCK=16),
+               writes=("Out",), num_warps=1, num_stages=1)
+    with pytest.raises(TypeError, match="must follow the pointers it reads"):
+        Launch(_written_first, (1,), dict(Out=Buffer("out"), X=Buffer("x"), n=3, BLOCK=16), writes=("Out",),
+               num_warps=1, num_stages=1)
+
+
+def test_one_launch_runs_under_jit_and_eagerly():
+    """The launch primitive on its own, through whichever launcher this machine uses."""
+    launch = Launch(_axpy, (2,), dict(X=Buffer("x"), Y=Buffer("y"), Out=Buffer("out"), alpha=2.0, n=19, BLOCK=16),
+                    writes=("Out",), num_warps=1, num_stages=1)
+    x, y = (jax.random.normal(key, (19,), jnp.float32) for key in jax.random.split(jax.random.PRNGKey(0)))
+
+    def run(x, y):
+        return _launch.launch_p.bind(x, y, launch=launch, out_avals=(jax.core.ShapedArray((19,), jnp.float32),),
+                                     zeroed=(False,))[0]
+
+    np.testing.assert_array_equal(np.asarray(run(x, y)), np.asarray(2 * x + y))
+    np.testing.assert_array_equal(np.asarray(jax.jit(run)(x, y)), np.asarray(2 * x + y))
+
+
+# Every primitive and derivative order, as jitted programs of (q, k, v).
+_GPU_CHECK = textwrap.dedent("""
+    import os, sys
+    import jax, jax.numpy as jnp, numpy as np
+    import theria_jax
+
+    def attend(q, k, v):
+        return theria_jax.attention(q, k, v, causal=True)
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 8)
+    shape = (2, 77, 4, 48)
+    q, k, v, d_out, *tangents = (jax.random.normal(key, shape, jnp.float32).astype(jnp.bfloat16) for key in keys[:7])
+    kv = (q[:, :, :2], k[:, :, :2], v[:, :, :2])
+
+    def grad(q, k, v):
+        return jax.vjp(attend, q, k, v)[1](d_out)
+
+    programs = {
+        "fwd": attend,
+        "lse": lambda q, k, v: theria_jax.attention(q, k, v, return_lse=True, window_size=(9, 3)),
+        "grad": grad,
+        "grad_of_grad": lambda q, k, v: jax.grad(
+            lambda q, k, v: sum(jnp.vdot(g.astype(jnp.float32), t.astype(jnp.float32))
+                                for g, t in zip(grad(q, k, v), tangents)), argnums=(0, 1, 2))(q, k, v),
+        "jvp_of_grad": lambda q, k, v: jax.jvp(grad, (q, k, v), tuple(tangents)),
+        "jvp": lambda q, k, v: jax.jvp(attend, (q, k, v), tuple(tangents)),
+        "jvp_of_jvp": lambda q, k, v: jax.jvp(lambda *x: jax.jvp(attend, x, tuple(tangents))[1], (q, k, v),
+                                              tuple(tangents[::-1])),
+        "grad_of_jvp": lambda q, k, v: jax.grad(lambda q: jnp.sum(
+            jax.jvp(attend, (q, k, v), tuple(tangents))[1].astype(jnp.float32) ** 2))(q),
+        "vmap_grad": lambda q, k, v: jax.vmap(grad)(q[None].repeat(2, 0), k[None].repeat(2, 0),
+                                                    v[None].repeat(2, 0)),
+        "gqa_grad": lambda q, k, v: jax.vjp(attend, q, *kv[1:])[1](d_out),
+    }
+    results = {}
+    for launcher in ("xla", "bridge"):
+        os.environ["THERIA_JAX_LAUNCH"] = launcher
+        for name, fn in programs.items():
+            results[launcher, name] = jax.tree.leaves(jax.jit(fn)(q, k, v))
+    for name in programs:
+        for a, b in zip(results["xla", name], results["bridge", name]):
+            a, b = np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32))
+            assert np.isfinite(a).all(), name
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    print("identical:", ", ".join(programs))
+""")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("command_buffers", [False, True], ids=["plain", "command_buffers"])
+def test_xla_native_launch_is_bit_identical_to_the_bridge(command_buffers):
+    """Every primitive and derivative order (grad, grad∘grad, jvp∘grad, jvp, jvp∘jvp, grad∘jvp, vmap,
+    grouped-query heads, windows) gives the same bits through triton_kernel_call_ffi as through the
+    bridge; also with XLA's command buffers capturing every custom call (a fresh process: XLA reads
+    its flags once)."""
+    env = dict(os.environ)
+    if command_buffers:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1"
+                            " --xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL").strip()
+    result = subprocess.run([sys.executable, "-c", _GPU_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "identical" in result.stdout
+
+
+@pytest.mark.gpu
+def test_jitted_attention_takes_the_xla_native_launch():
+    """On a GPU the jitted program holds jaxlib's Triton custom call, and no Python callback."""
+    if _launch.launcher() != "xla":
+        pytest.skip("jaxlib's Triton target is not available here")
+    q = jnp.ones((1, 32, 2, 16), jnp.bfloat16)
+    text = jax.jit(lambda q: theria_jax.attention(q, q, q)).lower(q).as_text()
+    assert "triton_kernel_call_ffi" in text and "callback" not in text

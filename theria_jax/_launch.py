@@ -1,0 +1,205 @@
+"""JAX's launchers of ``theria_kernels`` plans: one primitive per kernel launch, lowered either to
+jaxlib's own Triton launcher or to the DLPack bridge.
+
+* **XLA-native** (GPU): the kernel is compiled once per launch specialisation at lowering time and
+  emitted as the custom call ``triton_kernel_call_ffi`` that jaxlib's CUDA plugin registers
+  (``jax._src.lib.gpu_triton``). XLA runs it like any of its own kernels: no Python at run time,
+  no host synchronisation, and command buffers (CUDA graphs) may capture it.
+* **Bridge** (the CPU interpreter, or a jaxlib without that target): ``theria_jax._bridge`` runs the
+  torch launcher on DLPack views of XLA's buffers from a ``buffer_callback``.
+
+``THERIA_JAX_LAUNCH=xla`` or ``=bridge`` forces one (``xla`` raises where it is unavailable);
+unset, the XLA-native path is taken wherever it is available. :func:`launcher` reports the choice.
+
+Buffers between launches (delta, rho, the grouped-query partials) are XLA values like any other;
+buffers that must start at zero are zeroed by jaxlib's launcher (or created as zeros when no
+launch writes them).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src import dispatch
+from jax.core import ShapedArray
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
+
+from theria_kernels._contracts import is_interpreter
+from theria_kernels._plan import Buffer, Plan, kernel_parameters
+
+_FFI_TARGET = "triton_kernel_call_ffi"
+_TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64", "int32": "i32"}
+
+
+def _gpu_triton():
+    """jaxlib's Triton launcher module when its CUDA plugin provides it, else None."""
+    try:
+        from jax._src.lib import gpu_triton
+    except ImportError:
+        return None
+    return gpu_triton if getattr(gpu_triton, "_cuda_triton", None) is not None else None
+
+
+def launcher() -> str:
+    """``"xla"`` or ``"bridge"``: how kernels launch in this process (``THERIA_JAX_LAUNCH``
+    forces one; otherwise XLA-native wherever jaxlib provides its Triton target and JAX runs on
+    a GPU outside the interpreter)."""
+    forced = os.environ.get("THERIA_JAX_LAUNCH", "")
+    if forced not in ("", "xla", "bridge"):
+        raise ValueError(f"THERIA_JAX_LAUNCH must be 'xla' or 'bridge', got {forced!r}")
+    available = not is_interpreter() and jax.default_backend() == "gpu" and _gpu_triton() is not None
+    if forced == "xla" and not available:
+        raise RuntimeError("THERIA_JAX_LAUNCH=xla, but XLA-native Triton launches need JAX on a CUDA GPU with "
+                           "jaxlib's Triton target (jax._src.lib.gpu_triton) and TRITON_INTERPRET unset; "
+                           "unset THERIA_JAX_LAUNCH to use the DLPack bridge")
+    return "xla" if (forced == "xla" or (forced == "" and available)) else "bridge"
+
+
+def _aval(spec, avals: dict) -> ShapedArray:
+    """The JAX type of an allocated buffer: q- and k-like buffers mirror those (B, T, H, D) arrays,
+    row statistics are (B, H, T_q)."""
+    if spec.like in ("q", "k"):
+        like = avals[spec.like]
+        return ShapedArray(like.shape, like.dtype if spec.dtype is None else jnp.dtype(spec.dtype))
+    q = avals["q"]
+    if spec.like == "rows":
+        batch, t_q, heads, _ = q.shape
+        return ShapedArray((batch, heads, t_q), jnp.float64 if q.dtype == jnp.float64 else jnp.float32)
+    return ShapedArray((spec.size,), jnp.dtype(spec.dtype))
+
+
+def run_plan(plan: Plan, arrays: dict) -> list[jax.Array]:
+    """Run ``plan`` on JAX arrays (name -> array for each of ``plan.inputs``; q- and k-like
+    arrays (B, T, H, D), row statistics (B, H, T_q)) and return its outputs in order."""
+    avals = {name: ShapedArray(a.shape, a.dtype) for name, a in arrays.items()}
+    if any(arrays[name].size == 0 for name in plan.skip_if_empty):
+        return [jnp.zeros(_aval(plan.allocations[name], avals).shape, _aval(plan.allocations[name], avals).dtype)
+                for name in plan.outputs]
+    buffers = dict(arrays)
+    written = {name for launch in plan.launches for name in launch.writes_buffers}
+    for name, spec in plan.allocations.items():
+        if name not in written:  # only zeroed buffers go unwritten: absent cotangents
+            aval = _aval(spec, avals)
+            buffers[name] = jnp.zeros(aval.shape, aval.dtype)
+    for launch in plan.launches:
+        out_avals = tuple(_aval(plan.allocations[name], avals) for name in launch.writes_buffers)
+        zeroed = tuple(plan.allocations[name].zeroed for name in launch.writes_buffers)
+        results = launch_p.bind(*(buffers[name] for name in launch.reads_buffers), launch=launch,
+                                out_avals=out_avals, zeroed=zeroed)
+        buffers.update(zip(launch.writes_buffers, results))
+    return [buffers[name] for name in plan.outputs]
+
+
+# ----------------------------------------------------------------------------------------------
+# One primitive per launch
+# ----------------------------------------------------------------------------------------------
+
+launch_p = Primitive("theria_triton_launch")
+launch_p.multiple_results = True
+launch_p.def_abstract_eval(lambda *operands, launch, out_avals, zeroed: list(out_avals))
+
+
+def _bridge_impl(*operands, launch, out_avals, zeroed):
+    from theria_jax._bridge import run_launch  # torch is needed on this path only
+
+    return run_launch(launch, operands, out_avals, zeroed)
+
+
+# Eager calls compile the launch like any primitive, so they take the same lowering as jitted ones.
+launch_p.def_impl(functools.partial(dispatch.apply_primitive, launch_p))
+
+
+def _lowering(ctx, *operands, launch, out_avals, zeroed):
+    if launcher() == "bridge":
+        return mlir.lower_fun(_bridge_impl, multiple_results=True)(
+            ctx, *operands, launch=launch, out_avals=out_avals, zeroed=zeroed)
+    call = _kernel_call(launch, tuple(a.dtype for a in ctx.avals_in), out_avals, zeroed, _compute_capability())
+    return jax.ffi.ffi_lowering(_FFI_TARGET, api_version=4)(ctx, *operands, opaque=call)
+
+
+mlir.register_lowering(launch_p, _lowering)
+
+
+# ----------------------------------------------------------------------------------------------
+# The XLA-native launch: compile at lowering time, emit jaxlib's Triton custom call
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _compute_capability() -> int:
+    device = jax.devices("gpu")[0]
+    major, minor = str(device.compute_capability).split(".")
+    return int(major) * 10 + int(minor)
+
+
+def _kernel_call(launch, in_dtypes, out_avals, zeroed, capability: int) -> bytes:
+    """The serialized ``TritonKernelCall`` of one launch: its compiled kernel (cached on the launch
+    per capability and buffer dtypes), its grid, and one parameter per non-constexpr argument."""
+    gpu_triton = _gpu_triton()
+    dtypes = dict(zip(launch.reads_buffers, in_dtypes))
+    dtypes.update((name, aval.dtype) for name, aval in zip(launch.writes_buffers, out_avals))
+    key = ("xla", capability, tuple(sorted((n, str(d)) for n, d in dtypes.items())))
+    found = launch.compiled.get(key)
+    if found is None:
+        found = launch.compiled[key] = _compile(launch, dtypes, capability, gpu_triton)
+    kernel, specialization = found
+    zero_bytes = {name: aval.size * aval.dtype.itemsize
+                  for name, aval, zero in zip(launch.writes_buffers, out_avals, zeroed) if zero}
+    parameters = []
+    for value, (kind, _) in zip(launch.values, specialization):
+        if kind == "constexpr":
+            continue
+        if isinstance(value, Buffer):
+            parameters.append(gpu_triton.create_array_parameter(zero_bytes.get(value.name, 0), 16))
+        else:
+            parameters.append(gpu_triton.create_scalar_parameter(value, kind))
+    grid = launch.grid
+    call = gpu_triton.TritonKernelCall(kernel, grid[0], grid[1], grid[2], parameters)
+    return zlib.compress(call.to_proto(getattr(launch.kernel, "__name__", "theria_kernel"), b""))
+
+
+def _compile(launch, dtypes: dict, capability: int, gpu_triton):
+    """Compile ``launch``'s kernel for this GPU with Triton's own compiler, specialised as
+    ``JITFunction.run`` would specialise it (XLA's buffers are 16-byte aligned)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import compile as triton_compile
+    from triton.runtime.jit import native_specialize_impl
+
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    kernel = launch.kernel
+    specialization = []
+    for (name, is_constexpr), param, value in zip(kernel_parameters(kernel), kernel.params, launch.values):
+        if is_constexpr or value is None:
+            specialization.append(("constexpr", value))
+        elif isinstance(value, Buffer):
+            specialization.append((f"*{_TRITON_TYPES[np.dtype(dtypes[value.name]).name]}", "D"))
+        elif isinstance(param.annotation_type, str) and param.annotation_type:
+            specialization.append((param.annotation_type, None))  # floats are never specialised
+        else:
+            specialization.append(native_specialize_impl(backend, value, False, True, True))
+    bound = dict(zip((name for name, _ in kernel_parameters(kernel)), launch.values))
+    options, signature, constexprs, attrs = kernel._pack_args(
+        backend, dict(num_warps=launch.num_warps, num_stages=launch.num_stages), bound, specialization, None)
+    compiled = triton_compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                              options=options.__dict__)
+    metadata = compiled.metadata
+    for field in ("global_scratch_size", "profile_scratch_size"):
+        if getattr(metadata, field, 0):
+            raise NotImplementedError(
+                f"{kernel.__name__} needs a {field.removesuffix('_size').replace('_', ' ')} buffer, which theria's "
+                "XLA-native launch does not provide; set THERIA_JAX_LAUNCH=bridge")
+    arguments = [metadata.name, launch.num_warps, getattr(metadata, "num_ctas", 1), metadata.shared,
+                 compiled.asm["ptx"], compiled.asm["ttir"], capability]
+    try:
+        triton_kernel = gpu_triton.TritonKernel(*arguments)
+    except TypeError:  # jaxlibs whose TritonKernel takes no num_ctas
+        triton_kernel = gpu_triton.TritonKernel(*arguments[:2], *arguments[3:])
+    return triton_kernel, specialization
