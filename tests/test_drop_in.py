@@ -6,6 +6,7 @@ it the bound is 1e-6; the fused backend against the reference backend is held to
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import jax
@@ -41,33 +42,37 @@ def test_signatures_match_the_originals():
         assert ours["backend"].kind is inspect.Parameter.KEYWORD_ONLY
 
 
-def _torch_derivatives(attend, q, k, v):
-    """Output, gradient and gradient of a gradient penalty (reverse over reverse)."""
+def _torch_derivatives(attend, q, k, v, second_order):
+    """Output, gradient and, with ``second_order``, the gradient of a gradient penalty (reverse over reverse)."""
     out = attend(q, k, v)
-    grads = torch.autograd.grad(out.sin().sum(), (q, k, v), create_graph=True)
-    second = torch.autograd.grad(sum(g.square().sum() for g in grads), (q, k, v))
+    grads = torch.autograd.grad(out.sin().sum(), (q, k, v), create_graph=second_order)
+    second = torch.autograd.grad(sum(g.square().sum() for g in grads), (q, k, v)) if second_order else ()
     return [t.detach() for t in (out, *grads, *second)]
 
 
+# (keyword arguments, whether to check second order too): the no-mask path is sdpa_custom itself,
+# whose every order tests/test_attention_torch.py checks; the key-padding path is the drop-in's own.
 TORCH_CASES = {
-    "causal": dict(is_causal=True),
-    "key padding, 5-D, scale": dict(attn_mask="key_padding", scale=0.3),
+    "causal": (dict(is_causal=True), False),
+    "key padding, 5-D, scale": (dict(attn_mask="key_padding", scale=0.3), True),
 }
 
 
 @pytest.mark.parametrize("case", TORCH_CASES, ids=list(TORCH_CASES))
 def test_torch_matches_sdpa(case, one_torch_thread):
     torch.manual_seed(0)
-    kwargs = dict(TORCH_CASES[case])
+    kwargs, second_order = dict(TORCH_CASES[case][0]), TORCH_CASES[case][1]
     q = torch.randn(2, 1, 4, 5, 8, dtype=torch.float64, requires_grad=True)          # (N, M, H_q, L, E)
     k, v = (torch.randn(2, 1, 2, 7, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
     if kwargs.get("attn_mask") == "key_padding":
         kwargs["attn_mask"] = torch.tensor([[1, 1, 0, 1, 1, 0, 1], [0, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)[
             :, None, None, None, :]                                                 # (N, 1, 1, 1, S)
-    expected = _torch_derivatives(lambda *x: F.scaled_dot_product_attention(*x, enable_gqa=True, **kwargs), q, k, v)
+    expected = _torch_derivatives(lambda *x: F.scaled_dot_product_attention(*x, enable_gqa=True, **kwargs), q, k, v,
+                                  second_order)
     for backend in (FUSED, "reference"):
         got = _torch_derivatives(
-            lambda *x: theria_torch.scaled_dot_product_attention(*x, enable_gqa=True, backend=backend, **kwargs), q, k, v)
+            lambda *x: theria_torch.scaled_dot_product_attention(*x, enable_gqa=True, backend=backend, **kwargs), q, k, v,
+            second_order)
         assert _max_diff(got, expected) < 1e-10, (backend, _max_diff(got, expected))
 
 
@@ -108,7 +113,6 @@ LENGTHS = (jnp.array([4, 6], jnp.int32), jnp.array([3, 7], jnp.int32))
 # every order tests/test_jax_attention.py checks; one second-order case through the packed views
 # keeps the interpreter's time down.
 JAX_CASES = {
-    "causal, window": (dict(is_causal=True, local_window_size=(2, 1)), False),
     "kv lengths": (dict(key_value_seq_lengths=LENGTHS[1]), True),
     "causal, both lengths": (dict(is_causal=True, query_seq_lengths=LENGTHS[0], key_value_seq_lengths=LENGTHS[1]), False),
 }
@@ -128,19 +132,25 @@ def test_jax_matches_jax_nn(case):
     assert _max_diff(results[FUSED][:4], expected) < 1e-6
 
 
-def test_jax_unbatched_jit_residual_and_errors():
+def test_jax_unbatched_window_jit_residual_and_errors():
+    """Each call under one jit: eagerly, every jax.numpy op of jax.nn's and the reference's compiles
+    on its own (about a hundred compilations)."""
     rng = np.random.default_rng(1)
     q, k, v = (jnp.asarray(rng.standard_normal((6, 2, 8))) for _ in range(3))        # (T, N, H)
-    attend = jax.jit(lambda q, k, v: theria_jax.dot_product_attention(q, k, v, is_causal=True, return_residual=True))
-    out, residual = attend(q, k, v)
-    expected, expected_residual = jax.nn.dot_product_attention(q, k, v, is_causal=True, return_residual=True)
+    kwargs = dict(is_causal=True, local_window_size=(2, 1), return_residual=True)
+    out, residual = jax.jit(lambda q, k, v: theria_jax.dot_product_attention(q, k, v, **kwargs))(q, k, v)
+    expected, expected_residual = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, **kwargs))(q, k, v)
     assert out.shape == expected.shape and residual.shape == expected_residual.shape == (6, 2)
     assert residual.dtype == expected_residual.dtype
     assert jnp.abs(out - expected).max() < 1e-6 and jnp.abs(residual - expected_residual).max() < 1e-6
     # Every row keeps its diagonal: jax.nn averages all values on a fully masked row, theria gives zeros.
     mask = jnp.asarray(rng.standard_normal((1, 2, 6, 6)) > 0) | jnp.eye(6, dtype=bool)
-    got = theria_jax.dot_product_attention(q, k, v, mask=mask, bias=mask * 0.5, backend="reference")
-    assert jnp.abs(got - jax.nn.dot_product_attention(q, k, v, mask=mask, bias=mask * 0.5)).max() < 1e-6
+
+    def masked(attend):
+        return jax.jit(lambda q, k, v, mask: attend(q, k, v, mask=mask, bias=mask * 0.5))(q, k, v, mask)
+
+    ours = masked(functools.partial(theria_jax.dot_product_attention, backend="reference"))
+    assert jnp.abs(ours - masked(jax.nn.dot_product_attention)).max() < 1e-6
     for kwargs, message in ((dict(mask=mask), "backend='reference'"), (dict(implementation="xla"), "implementation"),
                             (dict(local_window_size=1, key_value_seq_lengths=jnp.array([3])), "local_window_size")):
         with pytest.raises(ValueError, match=message):
