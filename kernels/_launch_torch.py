@@ -19,7 +19,7 @@ from triton import knobs
 from triton.runtime.driver import driver
 
 from theria_kernels._contracts import is_interpreter
-from theria_kernels._plan import Allocation, Buffer, Plan
+from theria_kernels._plan import Allocation, Plan
 
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
                  "float64": torch.float64, "int32": torch.int32}
@@ -66,12 +66,16 @@ def run_plan(plan: Plan, tensors: dict) -> tuple[torch.Tensor, ...]:
 
 def launch_one(launch, tensors: dict) -> None:
     """Launch one kernel of a plan on ``tensors`` (buffer name -> tensor)."""
-    args = [tensors[value.name] if type(value) is Buffer else value for value in launch.values]
-    if is_interpreter() or _FORCE_JIT_RUN:
+    args = list(launch.values)
+    pointers = []
+    for slot, name in launch.buffer_slots:
+        args[slot] = tensor = tensors[name]
+        pointers.append(tensor)
+    if _INTERPRETER or _FORCE_JIT_RUN:
         launch.kernel[launch.grid](*args, num_warps=launch.num_warps, num_stages=launch.num_stages)
         return
-    device = next(a for a in args if isinstance(a, torch.Tensor)).device.index
-    key = (device, *(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor)))
+    device = pointers[0].device.index
+    key = (device, *(t.data_ptr() % 16 == 0 for t in pointers))
     compiled = launch.compiled.get(key)
     if compiled is None:
         # Compiles (or finds Triton's cached binary) and launches; later calls skip the binding.
@@ -88,3 +92,5 @@ def launch_one(launch, tensors: dict) -> None:
 
 
 _FORCE_JIT_RUN = os.environ.get("THERIA_TORCH_LAUNCH", "") == "triton"
+# Triton reads TRITON_INTERPRET when it decorates the kernels, so it cannot change afterwards.
+_INTERPRETER = is_interpreter()

@@ -88,6 +88,7 @@ class Launch:
     # Filled in once: the argument values in parameter order, the buffers read and written, and
     # the launchers' caches of compiled kernels (keyed by what each launcher specialises on).
     values: tuple = field(init=False)
+    buffer_slots: tuple[tuple[int, str], ...] = field(init=False)
     reads_buffers: tuple[str, ...] = field(init=False)
     writes_buffers: tuple[str, ...] = field(init=False)
     compiled: dict = field(init=False, default_factory=dict)
@@ -101,6 +102,7 @@ class Launch:
                             f"unknown arguments {extra}")
         self.grid = tuple(self.grid) + (1,) * (3 - len(self.grid))
         self.values = tuple(self.arguments[name] for name in names)
+        self.buffer_slots = tuple((i, v.name) for i, v in enumerate(self.values) if isinstance(v, Buffer))
         pointers = [(name, value.name) for name, value in zip(names, self.values) if isinstance(value, Buffer)]
         written = [name in self.writes for name, _ in pointers]
         if written != sorted(written):

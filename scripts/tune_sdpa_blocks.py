@@ -51,22 +51,17 @@ def main():
         timings = []
         for candidate in CANDIDATES:
             plans.GPU_BLOCKS[kind][block_d] = candidate
-            _clear_plans()  # plans are cached with the tiles they were built with
+            kernels.clear_plans()  # plans are cached with the tiles they were built with
             try:
                 timings.append((triton.testing.do_bench(runs[kind], warmup=10, rep=40, return_mode="median"), candidate))
             except Exception as err:  # out of shared memory / registers for this tile
                 print(f"{kind} {candidate}: {type(err).__name__}")
         plans.GPU_BLOCKS[kind][block_d] = current
-        _clear_plans()
+        kernels.clear_plans()
         timings.sort()
         now = next((ms for ms, c in timings if c == current), float("nan"))
         print(f"{kind}: current {current} {now:.3f} ms; best " +
               ", ".join(f"{c} {ms:.3f} ms" for ms, c in timings[:4]))
-
-
-def _clear_plans():
-    for builder in (plans.forward_plan, plans.backward_plan, plans.backward_backward_plan):
-        builder.cache_clear()
 
 
 if __name__ == "__main__":

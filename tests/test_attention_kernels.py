@@ -17,7 +17,6 @@ import torch
 import triton
 
 from _attention_cases import (
-    assert_close,
     cu_seqlens,
     params_for,
     poisoned,
@@ -25,6 +24,7 @@ from _attention_cases import (
     reference_fn,
     varlen_reference_fn,
 )
+from _numerics import assert_accurate
 import theria_kernels.attention._launch as launch
 from theria_kernels.attention._launch import cdiv, next_power_of_2
 from theria_kernels.attention.torch_launchers import (
@@ -34,6 +34,7 @@ from theria_kernels.attention.torch_launchers import (
     attention_forward,
     attention_forward_second,
     attention_jvp,
+    clear_plans,
     row_stat_dtype,
 )
 
@@ -61,36 +62,51 @@ def _row_stats(q):
 
 
 # Each check runs one launcher on preallocated NaN outputs and compares every output with the float64
-# reference ``fn`` (q, k, v) ↦ (out, lse); ``varlen`` holds the launchers' variable-length keywords.
+# reference ``fn`` (q, k, v) ↦ (out, lse) by the criterion of tests/_numerics.py, plain attention in
+# the inputs' dtype giving the 2× bound; ``varlen`` holds the launchers' variable-length keywords.
+
+
+def _assert_accurate(got: dict, reference, inputs, dtype):
+    """Each of ``got`` against ``reference(*inputs)`` computed in float64 and, as plain attention,
+    in ``dtype`` from the same rounded inputs."""
+    exact = reference(*(t.double() for t in inputs))
+    plain = None if dtype == torch.float64 else reference(*inputs)
+    for name, value in got.items():
+        assert_accurate(name, value, exact[name], dtype, plain=None if plain is None else plain[name])
+
+
+def _forward_and_backward_reference(fn):
+    def reference(q, k, v, d_out, d_lse):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, lse = fn(*leaves)
+        grads = torch.autograd.grad((out * d_out).sum() + (lse * d_lse.to(lse.dtype)).sum(), leaves)
+        return dict(out=out.detach(), lse=lse.detach(), dq=grads[0], dk=grads[1], dv=grads[2])
+
+    return reference
 
 
 def _check_forward_and_backward(q, k, v, params, fn, dtype, **varlen):
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref_out, ref_lse = fn(*leaves)
     out, lse = attention_forward(q, k, v, params, out=poisoned(q), lse=_row_stats(q), **varlen)
-    assert_close("out", out, ref_out, dtype)
     empty = torch.isinf(lse)
     assert torch.all(lse[empty] > 0) and torch.all(out[empty.unsqueeze(-1).expand_as(out)] == 0)
-    assert_close("lse", torch.where(empty, 0.0, lse), ref_lse, dtype)
-
     d_out = torch.randn_like(q)
-    d_lse = torch.randn(q.shape[:3], dtype=lse.dtype)
-    ref_grads = torch.autograd.grad((ref_out * d_out.double()).sum() + (ref_lse * d_lse.double()).sum(), leaves)
-    grads = attention_backward(q, k, v, out, lse, d_out, d_lse, params,
-                               dq=poisoned(q), dk=poisoned(k), dv=poisoned(v), **varlen)
-    for name, got, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert_close(name, got, ref, dtype)
+    d_lse = torch.randn(q.shape[:3], dtype=lse.dtype, device=q.device)
+    dq, dk, dv = attention_backward(q, k, v, out, lse, d_out, d_lse, params,
+                                    dq=poisoned(q), dk=poisoned(k), dv=poisoned(v), **varlen)
+    got = dict(out=out, lse=torch.where(empty, 0.0, lse), dq=dq, dk=dk, dv=dv)
+    _assert_accurate(got, _forward_and_backward_reference(fn), (q, k, v, d_out, d_lse), dtype)
 
 
 def _check_jvp(q, k, v, params, fn, dtype, **varlen):
     tangents = [torch.randn_like(t) for t in (q, k, v)]
     out, lse, out_dot, lse_dot = attention_jvp(q, k, v, *tangents, params, out_dot=poisoned(q),
                                                lse_dot=_row_stats(q), **varlen)
-    (ref_out, ref_lse), (ref_out_dot, ref_lse_dot) = torch.func.jvp(
-        fn, tuple(t.double() for t in (q, k, v)), tuple(t.double() for t in tangents))
-    assert_close("out", out, ref_out, dtype)
-    assert_close("out_dot", out_dot, ref_out_dot, dtype)
-    assert_close("lse_dot", lse_dot, ref_lse_dot, dtype)
+
+    def reference(*x):
+        (out, _), (out_dot, lse_dot) = torch.func.jvp(fn, x[:3], x[3:])
+        return dict(out=out, out_dot=out_dot, lse_dot=lse_dot)
+
+    _assert_accurate(dict(out=out, out_dot=out_dot, lse_dot=lse_dot), reference, (q, k, v, *tangents), dtype)
 
 
 def _check_forward_second(q, k, v, params, fn, dtype, **varlen):
@@ -98,33 +114,35 @@ def _check_forward_second(q, k, v, params, fn, dtype, **varlen):
     y = [torch.randn_like(t) for t in (q, k, v)]
     out_second, lse_second = attention_forward_second(
         q, k, v, *x_dot, *y, params, out_second=poisoned(q), lse_second=_row_stats(q), **varlen)
-    x_dot64 = tuple(t.double() for t in x_dot)
-    tangent = lambda *x: torch.func.jvp(fn, x, x_dot64)[1]  # noqa: E731
-    _, (ref_out, ref_lse) = torch.func.jvp(tangent, tuple(t.double() for t in (q, k, v)),
-                                           tuple(t.double() for t in y))
-    assert_close("out_second", out_second, ref_out, dtype)
-    assert_close("lse_second", lse_second, ref_lse, dtype)
+
+    def reference(*x):
+        tangent = lambda *primals: torch.func.jvp(fn, primals, x[3:6])[1]  # noqa: E731
+        _, (out_second, lse_second) = torch.func.jvp(tangent, x[:3], x[6:])
+        return dict(out_second=out_second, lse_second=lse_second)
+
+    _assert_accurate(dict(out_second=out_second, lse_second=lse_second), reference, (q, k, v, *x_dot, *y), dtype)
 
 
 def _check_backward_backward(q, k, v, params, fn, dtype, **varlen):
     out, lse = attention_forward(q, k, v, params, **varlen)
     d_out = torch.randn_like(q)
-    d_lse = torch.randn(q.shape[:3], dtype=lse.dtype)
+    d_lse = torch.randn(q.shape[:3], dtype=lse.dtype, device=q.device)
     cotangents = [torch.randn_like(t) for t in (q, k, v)]
-
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref_out, ref_lse = fn(*leaves)
-    d_out64 = d_out.double().requires_grad_()
-    d_lse64 = d_lse.double().requires_grad_()
-    grads = torch.autograd.grad((ref_out * d_out64).sum() + (ref_lse * d_lse64).sum(), leaves, create_graph=True)
-    ref = torch.autograd.grad(sum((g * c.double()).sum() for g, c in zip(grads, cotangents)),
-                              [*leaves, d_out64, d_lse64])
+    names = ("cot_q", "cot_k", "cot_v", "cot_d_out", "cot_d_lse")
     got = attention_backward_backward(
         q, k, v, out, lse, d_out, d_lse, *cotangents, params,
         cot_q=poisoned(q), cot_k=poisoned(k), cot_v=poisoned(v), cot_d_out=poisoned(q),
         cot_d_lse=poisoned(lse), **varlen)
-    for name, g, r in zip(("cot_q", "cot_k", "cot_v", "cot_d_out", "cot_d_lse"), got, ref):
-        assert_close(name, g, r, dtype)
+
+    def reference(q, k, v, d_out, d_lse, *cotangents):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, d_out)]
+        out, lse = fn(*leaves[:3])
+        d_lse = d_lse.to(lse.dtype).requires_grad_()
+        grads = torch.autograd.grad((out * leaves[3]).sum() + (lse * d_lse).sum(), leaves[:3], create_graph=True)
+        return dict(zip(names, torch.autograd.grad(sum((g * c).sum() for g, c in zip(grads, cotangents)),
+                                                   [*leaves, d_lse])))
+
+    _assert_accurate(dict(zip(names, got)), reference, (q, k, v, d_out, d_lse, *cotangents), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
@@ -203,7 +221,7 @@ def test_head_dim_padding_and_limits():
         q, k, v, params = _case((1, 1, 1, 9, 11), head_dim, torch.float64, dict(causal=True))
         (ref_out, _) = reference_fn(params)(q, k, v)
         out, _ = attention_forward(q, k, v, params, out=poisoned(q))
-        assert_close(f"out (head dim {head_dim})", out, ref_out, torch.float64)
+        assert_accurate(f"out (head dim {head_dim})", out, ref_out, torch.float64)
 
 
 def test_head_dim_split_rule():
@@ -244,12 +262,12 @@ def test_split_head_dim(head_dim, dtype, check, monkeypatch):
     included (its launcher keeps the padded tile by default, so the split is switched on here),
     with grouped heads and rows that see no key."""
     monkeypatch.setitem(launch.SPLIT_HEAD_DIM, "forward_second", True)
-    launch.forward_plan.cache_clear()  # plans are cached with the tile choice they were built with
+    clear_plans()  # plans are cached with the tile choice they were built with
     q, k, v, params = _case(SHAPES[2], head_dim, dtype, MASKS[2], seed=6)
     try:
         SPLIT_CHECKS[check](q, k, v, params, reference_fn(params), dtype)
     finally:
-        launch.forward_plan.cache_clear()
+        clear_plans()
 
 
 def test_strided_inputs_match_contiguous():
@@ -275,16 +293,11 @@ def test_grouped_query_split_does_not_change_gradients(programs_per_sm, mask, mo
     × 2 shares reach 2 programs per multiprocessor of the interpreter's 4), or one query head per
     program; the summed partials of the shares must give the gradients and the double backward."""
     monkeypatch.setattr(launch, "COLUMN_PROGRAMS_PER_SM", programs_per_sm)
-    _clear_plans()  # plans are cached with the split they were built with
+    clear_plans()  # plans are cached with the split they were built with
     q, k, v, params = _case((1, 4, 1, 19, 61), 16, torch.float64, mask, seed=3)
     fn = reference_fn(params)
     try:
         _check_forward_and_backward(q, k, v, params, fn, torch.float64)
         _check_backward_backward(q, k, v, params, fn, torch.float64)
     finally:
-        _clear_plans()
-
-
-def _clear_plans():
-    for builder in (launch.forward_plan, launch.backward_plan, launch.backward_backward_plan):
-        builder.cache_clear()
+        clear_plans()

@@ -25,7 +25,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._C import _get_dispatch_mode
 from torch._C._functorch import is_functorch_wrapped_tensor
+from torch._functorch.autograd_function import custom_function_call
+from torch._functorch.utils import unwrap_dead_wrappers
+from torch._subclasses.fake_tensor import FakeTensor
 
 from theria_kernels import attention as kernels
 from theria_kernels.attention import torch_launchers
@@ -91,24 +95,54 @@ def _backward_backward(
                                                **varlen)
 
 
+class Function(torch.autograd.Function):
+    """``torch.autograd.Function`` for callers that pass every argument positionally.
+
+    ``Function.apply`` binds the call against ``inspect.signature(forward)`` on every call of a
+    Function that has ``setup_context`` (which torch.func needs) to fill in default arguments:
+    tens of microseconds, and a MAML step applies dozens of Functions. theria's Functions take no
+    defaults and are always applied with all their arguments, so the binding is skipped and the
+    two paths of ``Function.apply`` are taken directly.
+    """
+
+    @classmethod
+    def apply(cls, *args):
+        if not torch._C._are_functorch_transforms_active():
+            return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
+        return custom_function_call(cls, *args)
+
+
 def _like(t: Tensor) -> Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
 
 
+def _kernel_layout(t: Tensor) -> Tensor:
+    """``t`` as the attention launchers hand it to the kernels (``torch_launchers._prepare``): as
+    it is if its last stride is 1 and no stride is 0 (a broadcast), else a contiguous copy; the
+    outputs shaped like q or k are allocated with these strides."""
+    return t if t.stride(-1) == 1 and 0 not in t.stride() else t.contiguous()
+
+
 def _rows(t: Tensor) -> Tensor:
     """Row statistics (lse, rstd) of ``t``: one per row of its last dimension, in the accumulator
-    dtype (float32, float64 for float64)."""
+    dtype (float32, float64 for float64), contiguous."""
     return t.new_empty(t.shape[:-1], dtype=accumulator_dtype(t.dtype))
 
 
+def _attention_fake(kinds: str):
+    """The fake of an attention operator whose outputs are named by letters: q / k an output
+    allocated in q's / k's kernel layout, s a row statistic (as theria_jax's ``_avals``)."""
+
+    def fake(q, k, *rest):
+        like = {"q": _kernel_layout(q), "k": _kernel_layout(k)}
+        return tuple(_rows(q) if kind == "s" else _like(like[kind]) for kind in kinds)
+
+    return fake
+
+
 # Fake implementations: output shapes, strides and dtypes only.
-_ATTENTION_FAKES = {
-    "forward": lambda q, *rest: (_like(q), _rows(q)),
-    "jvp": lambda q, *rest: (_like(q), _rows(q)),
-    "forward_second": lambda q, *rest: (_like(q), _rows(q)),
-    "backward": lambda q, k, *rest: (_like(q), _like(k), _like(k)),
-    "backward_backward": lambda q, k, *rest: (_like(q), _like(k), _like(k), _like(q), _rows(q)),
-}
+_ATTENTION_FAKES = {name: _attention_fake(kinds) for name, kinds in (
+    ("forward", "qs"), ("jvp", "qs"), ("forward_second", "qs"), ("backward", "qkk"), ("backward_backward", "qkkqs"))}
 
 
 def fold(t: Optional[Tensor], dim: Optional[int], size: int) -> Optional[Tensor]:
@@ -144,6 +178,9 @@ def _fold_batching(op):
     return batched
 
 
+_FAKE_MODE = torch._C._TorchDispatchModeKey.FAKE
+
+
 def _register(name: str, impl, fake, batching=None):
     """``torch.ops.theria.<name>`` for ``impl``, and the entry point that picks it or ``impl``
     itself (see the module docstring)."""
@@ -153,8 +190,10 @@ def _register(name: str, impl, fake, batching=None):
         torch.library.register_vmap(op, batching(op))
 
     def entry(*args):
-        traced = torch.compiler.is_compiling() or any(
-            isinstance(a, Tensor) and is_functorch_wrapped_tensor(a) for a in args)
+        # FakeTensorMode (torch.export, opcheck, shape propagation) and fake tensors need the
+        # operator's fake; the launcher would reach Triton with them.
+        traced = (torch.compiler.is_compiling() or _get_dispatch_mode(_FAKE_MODE) is not None or any(
+            isinstance(a, Tensor) and (is_functorch_wrapped_tensor(a) or isinstance(a, FakeTensor)) for a in args))
         return op(*args) if traced else impl(*args)
 
     entry.__name__ = entry.__qualname__ = name

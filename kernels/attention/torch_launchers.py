@@ -52,6 +52,8 @@ def _device(t: torch.Tensor) -> Device:
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal strides on every dimension longer than 1 (strides of unit dims are never used)."""
+    if a.stride() == b.stride():  # the common case, in one comparison
+        return a.shape == b.shape
     return a.shape == b.shape and all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
 
 
@@ -96,12 +98,11 @@ def _prepare(q, k, params: AttentionParams, query_like: dict, key_like: dict, ro
     # (a broadcast, e.g. from vmap over k alone, has stride 0).
     q = q if q.stride(-1) == 1 and 0 not in q.stride() else q.contiguous()
     k = k if k.stride(-1) == 1 and 0 not in k.stride() else k.contiguous()
-    varlen = varlen_keywords(q, **varlen)
     lengths = None
     if varlen:
+        varlen = varlen_keywords(q, **varlen)
         lengths = (varlen["max_seqlen_q"], varlen["max_seqlen_k"], varlen["cu_seqlens_q"].numel() - 1)
-    call = AttentionCall(tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), dtype_name(q.dtype), params,
-                         _device(q), lengths)
+    call = _call(q, k, params, lengths)
     tensors = {"q": q, "k": k}
     tensors.update((name, _in_layout(t, q)) for name, t in query_like.items() if t is not None)
     tensors.update((name, _in_layout(t, k)) for name, t in key_like.items() if t is not None)
@@ -113,6 +114,21 @@ def _prepare(q, k, params: AttentionParams, query_like: dict, key_like: dict, ro
             _check_output(given, name, q, k)
             tensors[name] = given
     return call, tensors
+
+
+_CALLS: dict = {}
+
+
+def _call(q: torch.Tensor, k: torch.Tensor, params: AttentionParams, lengths) -> AttentionCall:
+    """The ``AttentionCall`` of these tensors, found by a key of plain tuples: building and hashing
+    the frozen dataclass on every call costs more than the lookup (calls of one shape repeat)."""
+    tf32 = q.dtype == torch.float32 and q.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    key = (q.shape, q.stride(), k.shape, k.stride(), q.dtype, q.device, params, lengths, tf32)
+    found = _CALLS.get(key)
+    if found is None:
+        found = _CALLS[key] = AttentionCall(tuple(q.shape), q.stride(), tuple(k.shape), k.stride(),
+                                            dtype_name(q.dtype), params, _device(q), lengths)
+    return found
 
 
 _OUTPUT_LIKE = {"out": "q", "dq": "q", "cot_q": "q", "cot_d_out": "q", "out_dot": "q", "out_second": "q",
@@ -130,24 +146,34 @@ def _check_output(given: torch.Tensor, name: str, q: torch.Tensor, k: torch.Tens
         raise ValueError(f"preallocated {name} must have the dtype and layout of {like}")
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else _NO_GUARD
-
-
-class _NoGuard:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NO_GUARD = _NoGuard()
-
-
 def _run(plan, tensors):
-    with _device_guard(tensors["q"]):
-        return run_plan(plan, tensors)
+    # Kernels launch in the current CUDA context: switch devices only when q is on another one
+    # (entering torch.cuda.device costs several microseconds even when it changes nothing).
+    device = tensors["q"].device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            return run_plan(plan, tensors)
+    return run_plan(plan, tensors)
+
+
+_PLANS: dict = {}
+
+
+def clear_plans() -> None:
+    """Forget every cached plan (after changing a tile table or the grouped-query split rule)."""
+    _PLANS.clear()
+    for builder in (forward_plan, backward_plan, backward_backward_plan):
+        builder.cache_clear()
+
+
+def _plan(builder, call: AttentionCall, *flags):
+    """``builder(call, *flags)``, found by the identity of the cached call (``_call``), so a call of a
+    known shape skips hashing the call's dataclass."""
+    key = (builder, id(call), *flags)
+    found = _PLANS.get(key)
+    if found is None:
+        found = _PLANS[key] = builder(call, *flags)
+    return found
 
 
 def attention_forward(q, k, v, params: AttentionParams, *, out=None, lse=None, **varlen):
@@ -162,7 +188,7 @@ def attention_forward(q, k, v, params: AttentionParams, *, out=None, lse=None, *
         +inf on rows that see no key.
     """
     call, tensors = _prepare(q, k, params, {}, {"v": v}, {}, {"out": out, "lse": lse}, varlen)
-    return _run(forward_plan(call), tensors)
+    return _run(_plan(forward_plan, call), tensors)
 
 
 def attention_jvp(q, k, v, q_dot, k_dot, v_dot, params: AttentionParams, *, out=None, lse=None,
@@ -171,7 +197,7 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot, params: AttentionParams, *, out=
     the tangents for input tangents (q_dot, k_dot, v_dot) shaped like (q, k, v)."""
     call, tensors = _prepare(q, k, params, {"q_dot": q_dot}, {"v": v, "k_dot": k_dot, "v_dot": v_dot}, {},
                              dict(out=out, lse=lse, out_dot=out_dot, lse_dot=lse_dot), varlen)
-    return _run(forward_plan(call, True), tensors)
+    return _run(_plan(forward_plan, call, True), tensors)
 
 
 def attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params: AttentionParams, *,
@@ -186,7 +212,7 @@ def attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params
     call, tensors = _prepare(q, k, params, {"q_dot": q_dot, "q_y": q_y},
                              {"v": v, "k_dot": k_dot, "v_dot": v_dot, "k_y": k_y, "v_y": v_y}, {},
                              dict(out_second=out_second, lse_second=lse_second), varlen)
-    return _run(forward_plan(call, True, True), tensors)
+    return _run(_plan(forward_plan, call, True, True), tensors)
 
 
 def attention_backward(q, k, v, out, lse, d_out, d_lse, params: AttentionParams, *, dq=None, dk=None, dv=None,
@@ -194,7 +220,7 @@ def attention_backward(q, k, v, out, lse, d_out, d_lse, params: AttentionParams,
     """Gradients (dq, dk, dv) of <d_out, out> + <d_lse, lse>; ``d_lse`` may be None (zero)."""
     call, tensors = _prepare(q, k, params, {"out": out, "d_out": d_out}, {"v": v}, {"lse": lse, "d_lse": d_lse},
                              dict(dq=dq, dk=dk, dv=dv), varlen)
-    return _run(backward_plan(call, d_lse is not None), tensors)
+    return _run(_plan(backward_plan, call, d_lse is not None), tensors)
 
 
 def attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv,
@@ -212,4 +238,4 @@ def attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk,
                              dict(cot_q=cot_q, cot_k=cot_k, cot_v=cot_v, cot_d_out=cot_d_out,
                                   cot_d_lse=cot_d_lse), varlen)
     given = frozenset(name for name in ("d_lse", "cot_dq", "cot_dk", "cot_dv") if name in tensors)
-    return _run(backward_backward_plan(call, given), tensors)
+    return _run(_plan(backward_backward_plan, call, given), tensors)
