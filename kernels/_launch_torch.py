@@ -83,12 +83,25 @@ def launch_one(launch, tensors: dict) -> None:
         compiled._init_handles()
         launch.compiled[key] = compiled
         return
-    stream = driver.active.get_current_stream(device)
+    stream = _current_stream(device)
     enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-    metadata = compiled.launch_metadata(launch.grid, stream, *args) if enter is not None else None
+    if _hooked(enter) or _hooked(leave):  # a profiler listens: hand it what JITFunction.run would
+        metadata = compiled.launch_metadata(launch.grid, stream, *args)
+    else:  # Triton's hook chains are always set; empty ones would only cost two Python calls
+        enter = leave = metadata = None
     grid = launch.grid
     compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata, enter,
                  leave, *args)
+
+
+def _hooked(hook) -> bool:
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _current_stream(device: int) -> int:
+    global _current_stream
+    _current_stream = driver.active.get_current_stream  # resolve Triton's lazy driver proxy once
+    return _current_stream(device)
 
 
 _FORCE_JIT_RUN = os.environ.get("THERIA_TORCH_LAUNCH", "") == "triton"

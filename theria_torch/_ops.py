@@ -37,11 +37,17 @@ from theria_kernels import rmsnorm as rmsnorm_kernels
 from theria_kernels._common import accumulator_dtype
 
 
+_PARAMS: dict = {}
+
+
 def _launch_args(scale: float, causal: bool, window_left: int, window_right: int, bottom_right: bool,
                  cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
                  max_seqlen_k: int) -> tuple[kernels.AttentionParams, dict]:
     """The operators' trailing scalar arguments as the launchers' params and varlen keywords."""
-    params = kernels.AttentionParams(scale, causal, (window_left, window_right), bottom_right)
+    key = (scale, causal, window_left, window_right, bottom_right)
+    params = _PARAMS.get(key)
+    if params is None:  # the same few masks recur on every call of a training loop
+        params = _PARAMS[key] = kernels.AttentionParams(scale, causal, (window_left, window_right), bottom_right)
     if cu_seqlens_q is None:
         return params, {}
     return params, dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
