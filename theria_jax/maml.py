@@ -103,8 +103,10 @@ def _over_mesh(per_device: Callable, params: Params, tasks: TaskBatch, mesh: Mes
     def on_device(params, tasks):
         return jax.lax.pmean(per_device(params, tasks), axes)
 
-    # check_vma=False: theria's primitives have no rules for shard_map's varying-axes types; the
-    # pmean makes every output the same on all devices, which is what out_specs P() promises.
+    # check_vma=False: the cotangents of theria's custom derivative rules do not carry shard_map's
+    # varying-axes type (with the check, the fused backend's grad raises "Expected cotangent type
+    # float64[..]{V:tasks} but got float64[..]"). The pmean makes every output the same on all
+    # devices, which is what out_specs P() promises.
     return jax.shard_map(on_device, mesh=mesh, in_specs=(PartitionSpec(), _task_axis(mesh)),
                          out_specs=PartitionSpec(), check_vma=False)(params, tasks)
 
