@@ -62,8 +62,8 @@ TORCH_CASES = {
 def test_torch_matches_sdpa(case, one_torch_thread):
     torch.manual_seed(0)
     kwargs, second_order = dict(TORCH_CASES[case][0]), TORCH_CASES[case][1]
-    q = torch.randn(2, 1, 4, 5, 8, dtype=torch.float64, requires_grad=True)          # (N, M, H_q, L, E)
-    k, v = (torch.randn(2, 1, 2, 7, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    q = torch.randn(2, 1, 2, 5, 8, dtype=torch.float64, requires_grad=True)          # (N, M, H_q, L, E)
+    k, v = (torch.randn(2, 1, 1, 7, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
     if kwargs.get("attn_mask") == "key_padding":
         kwargs["attn_mask"] = torch.tensor([[1, 1, 0, 1, 1, 0, 1], [0, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)[
             :, None, None, None, :]                                                 # (N, 1, 1, 1, S)
@@ -121,8 +121,8 @@ JAX_CASES = {
 @pytest.mark.parametrize("case", JAX_CASES, ids=list(JAX_CASES))
 def test_jax_matches_jax_nn(case):
     rng = np.random.default_rng(0)
-    q = jnp.asarray(rng.standard_normal((2, 6, 4, 8)))                               # (B, T, N, H)
-    k, v = (jnp.asarray(rng.standard_normal((2, 7, 2, 8))) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((2, 6, 2, 8)))                               # (B, T, N, H)
+    k, v = (jnp.asarray(rng.standard_normal((2, 7, 1, 8))) for _ in range(2))
     kwargs, second_order = JAX_CASES[case]
     results = {backend: _jax_derivatives(
         lambda *x: theria_jax.dot_product_attention(*x, backend=backend, **kwargs), q, k, v, second_order)

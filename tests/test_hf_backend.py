@@ -24,8 +24,8 @@ NO_PADDING = torch.ones(B, T, dtype=torch.long)     # one dense call, no packed 
 
 def _config(family: str, **overrides):
     """A one-layer model (two for Gemma-2, whose layers alternate sliding and full attention) with
-    grouped-query heads: 4 query heads, 2 key/value heads of dim 8."""
-    sizes = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+    grouped-query heads: 2 query heads sharing 1 key/value head, of dim 8."""
+    sizes = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
                  head_dim=8, num_hidden_layers=2 if family == "gemma2" else 1, max_position_embeddings=64,
                  use_cache=False)
     if family == "mistral":
