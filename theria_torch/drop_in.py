@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from theria_kernels.attention import validate_dropout
+from theria_kernels.attention import BACKENDS, validate_dropout
 from theria_torch.attention import flash_attn_varlen_func, sdpa_custom
 
 DENSE_MASK_ERROR = (
@@ -115,6 +115,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         zeros, as in torch.
     """
     validate_dropout(dropout_p)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if min(query.ndim, key.ndim, value.ndim) < 2:
         raise ValueError(f"query, key, value need at least 2 dimensions (L, E), got shapes "
                          f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
