@@ -101,6 +101,9 @@ def _backward_backward(
                                                **varlen)
 
 
+_FUNCTION_APPLY = torch.autograd.Function.apply.__func__
+
+
 class Function(torch.autograd.Function):
     """``torch.autograd.Function`` for callers that pass every argument positionally.
 
@@ -113,6 +116,8 @@ class Function(torch.autograd.Function):
 
     @classmethod
     def apply(cls, *args):
+        if torch.compiler.is_compiling():  # Dynamo models Function.apply itself
+            return _FUNCTION_APPLY(cls, *args)
         if not torch._C._are_functorch_transforms_active():
             return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
         return custom_function_call(cls, *args)
