@@ -128,8 +128,9 @@ def theria_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
     # A side is unbounded when its bound clips no row's range: -1 lets the kernels skip that mask.
     left_reach = torch.where(has_key, diagonal - k_start[:, None], 0).amax()
     right_reach = torch.where(has_key, k_end[:, None] - 1 - diagonal, 0).amax()
-    exact, left, right, left_reach, right_reach = torch.stack(
-        [exact.long(), left, right, left_reach, right_reach]).tolist()  # the one host read
+    padded = ((q_start != 0) | (q_end != q_length) | (k_start != 0) | (k_end != kv_length)).any()
+    exact, left, right, left_reach, right_reach, padded = torch.stack(
+        [exact.long(), left, right, left_reach, right_reach, padded.long()]).tolist()  # the one host read
     if not exact or min(left, right) < 0:
         raise ValueError(
             "attn_implementation='theria' runs masks that are causal, sliding-window or bidirectional over one "
@@ -137,10 +138,9 @@ def theria_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
             "not (packed sequences, chunked attention, blocks of bidirectional tokens?). Use "
             "attn_implementation='sdpa' or 'eager' for it")
     window = (-1 if left >= left_reach else left, -1 if right >= right_reach else right)
-    padded = bool(((q_start != 0) | (q_end != q_length) | (k_start != 0) | (k_end != kv_length)).any())
     cu_seqlens_q, cu_seqlens_k = _live_segments(q_start, q_end, k_start, k_end, q_length, kv_length)
     live = token & (rows >= q_start[:, None]) & (rows < q_end[:, None])
-    return VarlenMask(cu_seqlens_q, cu_seqlens_k, window, padded, live, predicted_first, predicted_last)
+    return VarlenMask(cu_seqlens_q, cu_seqlens_k, window, bool(padded), live, predicted_first, predicted_last)
 
 
 def _live_segments(q0, q1, k0, k1, total_q, total_k):
