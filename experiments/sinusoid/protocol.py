@@ -4,7 +4,7 @@ Framework-neutral (numpy only) and shared by ``train_torch`` and ``train_jax``: 
 start from the same numpy weights and meet the same tasks in the same order, so their results
 differ only by the framework (and float32 rounding).
 
-Tasks follow ``theria_torch.tasks.Sinusoid`` (``y = A sin(x - φ)``, ``A ~ U[0.1, 5]``,
+Tasks follow ``theria_kernels._tasks.Sinusoid`` (``y = A sin(x - φ)``, ``A ~ U[0.1, 5]``,
 ``φ ~ U[0, π]``, ``x ~ U[-5, 5]``) and come as theria's :class:`TaskBatch`, inputs shaped
 (n_tasks, k, seq_len=1, d_in=1). The sampler here draws a whole meta-batch with three numpy calls
 instead of ``sample_meta_batch``'s loop over tasks (about 40 µs a task, which is 70 s of sampling
@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from theria_torch.tasks import Sinusoid, TaskBatch
+from theria_kernels._tasks import Sinusoid, TaskBatch
 
 # First word of every seed, so that the streams never share a seed.
 _TRAIN, _TEST, _INIT = 0, 1, 2
