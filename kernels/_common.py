@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from theria_kernels._contracts import INTERPRETER_MULTIPROCESSORS, is_interpreter  # noqa: F401 (re-exported)
+from theria_kernels._contracts import INTERPRETER_MULTIPROCESSORS, dtype_name, is_interpreter  # noqa: F401 (re-exported)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -19,11 +19,6 @@ _TL_DTYPES = {
     torch.float64: tl.float64,
 }
 
-
-
-def dtype_name(dtype) -> str:
-    """``torch.bfloat16`` and ``jnp.bfloat16`` alike -> ``"bfloat16"``, for error messages."""
-    return str(dtype).removeprefix("torch.")
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -149,6 +149,16 @@ def validate_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max
 INTERPRETER_MULTIPROCESSORS = 4
 
 
+def dtype_name(dtype) -> str:
+    """``torch.bfloat16``, ``jnp.bfloat16`` and ``np.dtype("bfloat16")`` alike -> ``"bfloat16"``."""
+    name = getattr(dtype, "name", None)
+    if isinstance(name, str):  # numpy and JAX dtypes
+        return name
+    if isinstance(dtype, type):  # scalar types such as jnp.bfloat16 or np.float64
+        return dtype.__name__
+    return str(dtype).removeprefix("torch.")
+
+
 def is_interpreter() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

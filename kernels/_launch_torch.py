@@ -25,19 +25,14 @@ _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
                  "float64": torch.float64, "int32": torch.int32}
 
 
-def _allocate(spec: Allocation, tensors: dict) -> torch.Tensor:
-    if spec.like in ("q", "k"):
+def _allocate(spec: Allocation, tensors: dict, device: torch.device) -> torch.Tensor:
+    if spec.like is not None:
         like = tensors[spec.like]
         dtype = like.dtype if spec.dtype is None else _TORCH_DTYPES[spec.dtype]
         if spec.zeroed:
             return torch.zeros_like(like, dtype=dtype)
         return torch.empty_strided(like.shape, like.stride(), dtype=dtype, device=like.device)
-    q = tensors["q"]
-    if spec.like == "rows":
-        shape, dtype = q.shape[:3], torch.float64 if q.dtype == torch.float64 else torch.float32
-    else:
-        shape, dtype = (spec.size,), _TORCH_DTYPES[spec.dtype]
-    return (torch.zeros if spec.zeroed else torch.empty)(shape, dtype=dtype, device=q.device)
+    return (torch.zeros if spec.zeroed else torch.empty)(spec.shape, dtype=_TORCH_DTYPES[spec.dtype], device=device)
 
 
 def run_plan(plan: Plan, tensors: dict) -> tuple[torch.Tensor, ...]:
@@ -52,9 +47,10 @@ def run_plan(plan: Plan, tensors: dict) -> tuple[torch.Tensor, ...]:
     Returns:
         The plan's outputs, in ``plan.outputs`` order.
     """
+    device = tensors[plan.inputs[0]].device
     for name, spec in plan.allocations.items():
         if name not in tensors:
-            tensors[name] = _allocate(spec, tensors)
+            tensors[name] = _allocate(spec, tensors, device)
     if all(tensors[name].numel() for name in plan.skip_if_empty):
         for launch in plan.launches:
             launch_one(launch, tensors)

@@ -32,17 +32,15 @@ class Buffer:
 
 @dataclass(frozen=True)
 class Allocation:
-    """How a launcher allocates an output or temporary buffer.
+    """How a launcher allocates an output or temporary buffer: ``like`` an input of the plan
+    (that input's shape and layout, and its dtype unless ``dtype`` is given), or, without
+    ``like``, a contiguous buffer of ``shape`` and ``dtype`` (row statistics, partial sums).
+    ``zeroed`` buffers start at zero (counters, absent cotangents); all others start
+    uninitialised and the plan writes every element it later reads."""
 
-    ``like`` is ``"q"`` or ``"k"`` (the shape, strides and, unless ``dtype`` says otherwise, the
-    dtype of that input), ``"rows"`` (one value per query row: (B, H, T_q), contiguous) or
-    ``"flat"`` (``size`` elements). ``zeroed`` buffers start at zero (counters, absent cotangents);
-    all others start uninitialised and the plan writes every element it later reads.
-    """
-
-    like: str
+    like: str | None = None
+    shape: tuple[int, ...] = ()
     dtype: str | None = None
-    size: int = 0
     zeroed: bool = False
 
 

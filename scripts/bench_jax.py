@@ -39,7 +39,7 @@ PRESETS = {"tiny": "64,4,256,16", "medium": "8,16,1024,64", "large": "8,16,4096,
 UNITS = {"fwd": 1.0, "grad": 3.5}
 
 
-def jax_workloads(attend, q, k, v, d_out, tangents):
+def jax_workloads(attend, q, k, v, d_out, tangents, chain: int = 1):
     import jax
 
     def grad(q, k, v):
@@ -49,8 +49,13 @@ def jax_workloads(attend, q, k, v, d_out, tangents):
         inner = lambda q, k, v: sum(jax.numpy.vdot(g, t).real for g, t in zip(grad(q, k, v), tangents))
         return jax.grad(inner, argnums=(0, 1, 2))(q, k, v)
 
+    def chained(q, k, v):
+        # ``chain`` forwards in one program, each output the next query: JAX's per-call dispatch
+        # is paid once, so the time per forward approaches the device's (a CUDA graph's, in torch).
+        return jax.lax.fori_loop(0, chain, lambda _, x: attend(x, k, v), q)
+
     return {
-        "fwd": jax.jit(attend),
+        "fwd": jax.jit(attend if chain == 1 else chained),
         "grad": jax.jit(grad),
         "hvp": jax.jit(lambda q, k, v: jax.jvp(grad, (q, k, v), tangents)),
         "grad2": jax.jit(grad2),
@@ -125,6 +130,8 @@ def main():
     parser.add_argument("--skip", nargs="*", default=[], help="implementations to leave out, e.g. jax_xla")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--burst", type=int, default=10, help="calls per timed repetition")
+    parser.add_argument("--chain", type=int, default=1,
+                        help="fwd only: forwards chained inside one jitted program (JAX rows; time per forward)")
     args = parser.parse_args()
 
     # JAX and torch share the GPU: let each allocate what it uses instead of JAX taking 75 %.
@@ -156,7 +163,7 @@ def main():
     # name -> (sync, {mode: call}); a call enqueues one instance, sync(result) waits for the device.
     calls = {}
     for name, attend in jax_impls.items():
-        fns = jax_workloads(attend, q, k, v, d_out, tuple(tangents))
+        fns = jax_workloads(attend, q, k, v, d_out, tuple(tangents), args.chain)
         if name == "theria_bridge":  # the launcher is chosen when a program is compiled: compile now
             fns = {mode: _compiled_with_bridge(fn, q, k, v) for mode, fn in fns.items()}
         calls[name] = (lambda result=None: jax.block_until_ready(result),
@@ -169,11 +176,14 @@ def main():
     forward_flops = 4 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
 
     print(f"# {torch.cuda.get_device_name()} jax {jax.__version__} torch {torch.__version__} "
-          f"B={batch} H={heads} T={seq} D={head_dim} {args.dtype} causal={causal} burst={args.burst}")
+          f"B={batch} H={heads} T={seq} D={head_dim} {args.dtype} causal={causal} burst={args.burst} chain={args.chain}")
     print(f"{'mode':5s} {'impl':13s} {'ms':>9s} {'TFLOP/s':>8s} {'torch/this':>11s} {'xla/this':>9s} "
           f"{'cudnn/this':>11s}")
     for mode in args.mode:
         results = {name: measure(calls[name][1][mode], calls[name][0], args.reps, args.burst) for name in order}
+        if mode == "fwd" and args.chain > 1:  # the JAX rows timed `chain` forwards per call
+            results = {name: ms / args.chain if isinstance(ms, float) and name != "theria_torch" else ms
+                       for name, ms in results.items()}
         for name, ms in results.items():
             if isinstance(ms, str):
                 print(f"{mode:5s} {name:13s} error: {ms}")

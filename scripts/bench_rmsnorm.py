@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
-from theria_kernels.rmsnorm import DEFAULT_TUNING, SweepTuning, rmsnorm_backward, rmsnorm_forward
+from theria_kernels.rmsnorm import DEFAULT_TUNING, SweepTuning
+from theria_kernels.rmsnorm.torch_launchers import rmsnorm_backward, rmsnorm_forward
 from theria_torch.rmsnorm import rmsnorm
 
 EPS = 1e-6

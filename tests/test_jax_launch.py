@@ -36,6 +36,14 @@ def test_launcher_choice_and_its_errors(monkeypatch):
             _launch.launcher()
 
 
+def test_theria_jax_imports_no_torch():
+    """Plans and the XLA-native launch are framework-neutral: torch is needed by the bridge only,
+    and imported when a bridge launch runs."""
+    code = "import sys, theria_jax; assert 'torch' not in sys.modules, 'theria_jax imported torch'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_launcher_falls_back_without_the_ffi_target(monkeypatch):
     """A jaxlib without the Triton target (no CUDA plugin) gets the bridge."""
     monkeypatch.delenv("THERIA_JAX_LAUNCH", raising=False)
@@ -116,6 +124,11 @@ _GPU_CHECK = textwrap.dedent("""
         "vmap_grad": lambda q, k, v: jax.vmap(grad)(q[None].repeat(2, 0), k[None].repeat(2, 0),
                                                     v[None].repeat(2, 0)),
         "gqa_grad": lambda q, k, v: jax.vjp(attend, q, *kv[1:])[1](d_out),
+        "rmsnorm_grad_of_grad": lambda q, k, v: jax.grad(lambda x, w: jnp.sum(jax.grad(
+            lambda x, w: jnp.sum(theria_jax.rmsnorm(x, w).astype(jnp.float32) * v.astype(jnp.float32)),
+            argnums=(0, 1))(x, w)[0].astype(jnp.float32) ** 2), argnums=(0, 1))(q, k[0, 0, 0]),
+        "rmsnorm_jvp_of_jvp": lambda q, k, v: jax.jvp(lambda x: jax.jvp(
+            lambda x: theria_jax.rmsnorm(x, k[0, 0, 0]), (x,), (v,))[1], (q,), (d_out,)),
     }
     results = {}
     for launcher in ("xla", "bridge"):
@@ -135,7 +148,7 @@ _GPU_CHECK = textwrap.dedent("""
 @pytest.mark.parametrize("command_buffers", [False, True], ids=["plain", "command_buffers"])
 def test_xla_native_launch_is_bit_identical_to_the_bridge(command_buffers):
     """Every primitive and derivative order (grad, grad∘grad, jvp∘grad, jvp, jvp∘jvp, grad∘jvp, vmap,
-    grouped-query heads, windows) gives the same bits through triton_kernel_call_ffi as through the
+    grouped-query heads, windows; rmsnorm's grad∘grad and jvp∘jvp) gives the same bits through triton_kernel_call_ffi as through the
     bridge; also with XLA's command buffers capturing every custom call (a fresh process: XLA reads
     its flags once)."""
     env = dict(os.environ)

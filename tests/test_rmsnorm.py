@@ -1,7 +1,7 @@
 """theria_torch.rmsnorm and the kernels under it against the float64 PyTorch reference.
 
-On CPU the kernels run in Triton's interpreter (tests/conftest.py), so shapes stay tiny; the
-tests marked ``gpu`` repeat the comparisons at model sizes on CUDA.
+Tensors live on tests/_device.py's DEVICE: the CUDA GPU, or the CPU with the kernels in Triton's
+interpreter, so shapes stay tiny; the tests marked ``gpu`` repeat the comparisons at model sizes.
 """
 
 from __future__ import annotations
@@ -10,39 +10,25 @@ import pytest
 import torch
 from torch.autograd import forward_ad, gradcheck, gradgradcheck
 
-import theria_kernels.rmsnorm as rmsnorm_kernels
-from theria_kernels.rmsnorm import (
-    RMSNormTuning,
-    SweepTuning,
+import theria_kernels.rmsnorm.torch_launchers as rmsnorm_kernels
+from theria_kernels.rmsnorm import RMSNormTuning, SweepTuning
+from theria_kernels.rmsnorm.torch_launchers import (
     rmsnorm_backward,
     rmsnorm_backward_backward,
     rmsnorm_forward,
     rmsnorm_jvp,
 )
+from _device import DEVICE
+from _numerics import assert_accurate
 from theria_torch.rmsnorm import rmsnorm, rmsnorm_reference
 
 # The interpreter warns on every runtime loop bound it converts to an int; noise, not a finding.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.runtime.interpreter")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 0.1  # large enough that eps visibly shapes every derivative
 
-# ‖out − ref‖ / ‖ref‖ against float64 (docs/design/rmsnorm.md).
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
-DTYPES = list(TOLERANCE)
-
-
-def assert_close(name, out, ref, tol):
-    """Relative Frobenius error within tol; on failure say where the worst entry is."""
-    out, ref = out.double(), ref.double()
-    rel = ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
-    if not rel <= tol:  # also fails on NaN
-        diff = (out - ref).abs().nan_to_num(float("inf"))
-        index = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
-        raise AssertionError(
-            f"{name}: relative error {rel:.3e} > {tol:.1e}; max |diff| {diff.max().item():.3e} at "
-            f"{index} (out {out[index].item():.6g}, ref {ref[index].item():.6g})"
-        )
+# tests/_numerics.py holds each dtype's tolerance against float64 (docs/design/rmsnorm.md).
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
 def make_inputs(leading, n_cols, dtype, seed=0, requires_grad=False):
@@ -87,11 +73,10 @@ def test_forward_backward_match_float64_reference(dtype, n_cols, leading):
     x_ref, weight_ref = as_reference(x, weight)
     y_ref = reference(x_ref, weight_ref)
     dx_ref, dweight_ref = torch.autograd.grad(y_ref, (x_ref, weight_ref), dy.double())
-    tol = TOLERANCE[dtype]
     assert y.dtype == dx.dtype == dweight.dtype == dtype
-    assert_close("y", y, y_ref, tol)
-    assert_close("dx", dx, dx_ref, tol)
-    assert_close("dweight", dweight, dweight_ref, tol)
+    assert_accurate("y", y, y_ref, dtype)
+    assert_accurate("dx", dx, dx_ref, dtype)
+    assert_accurate("dweight", dweight, dweight_ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
@@ -120,12 +105,11 @@ def test_launchers_write_every_element_of_preallocated_outputs(dtype):
     second = (dx_ref * cot_dx.double()).sum() + (dweight_ref * cot_dweight.double()).sum()
     cot_ref = torch.autograd.grad(second, (x_ref, weight_ref, dy_ref))
     rstd_ref = torch.rsqrt(x_ref.detach().pow(2).mean(-1) + EPS)
-    tol = TOLERANCE[dtype]
     outputs = {"y": (y, y_ref), "rstd": (rstd, rstd_ref), "y_dot": (y_dot, y_dot_ref),
                "dx": (dx, dx_ref), "dweight": (dweight, dweight_ref), "cot_x": (cot_x, cot_ref[0]),
                "cot_weight": (cot_weight, cot_ref[1]), "cot_dy": (cot_dy, cot_ref[2])}
     for name, (out, ref) in outputs.items():
-        assert_close(name, out, ref.detach(), tol)
+        assert_accurate(name, out, ref.detach(), dtype)
     # Same entry points, one sweep: the plain forward agrees with the JVP's primal bit for bit.
     y_plain, rstd_plain = rmsnorm_forward(x, weight, EPS)
     assert torch.equal(y_plain, y) and torch.equal(rstd_plain, rstd)
@@ -142,9 +126,9 @@ def test_grouped_weights_reduce_per_group():
         x_ref, weight_ref = as_reference(x[g], weight[g])
         y_ref = reference(x_ref, weight_ref)
         dx_ref, dweight_ref = torch.autograd.grad(y_ref, (x_ref, weight_ref), dy[g])
-        assert_close(f"y[{g}]", y[g], y_ref.detach(), 1e-12)
-        assert_close(f"dx[{g}]", dx[g], dx_ref, 1e-12)
-        assert_close(f"dweight[{g}]", dweight[g], dweight_ref, 1e-12)
+        assert_accurate(f"y[{g}]", y[g], y_ref.detach(), torch.float64, tol=1e-12)
+        assert_accurate(f"dx[{g}]", dx[g], dx_ref, torch.float64, tol=1e-12)
+        assert_accurate(f"dweight[{g}]", dweight[g], dweight_ref, torch.float64, tol=1e-12)
 
 
 def test_column_sum_over_several_rounds():
@@ -152,7 +136,7 @@ def test_column_sum_over_several_rounds():
     partial = torch.randn(2, 600, 37, dtype=torch.float64, device=DEVICE)
     out = torch.full((2, 37), float("nan"), dtype=torch.float32, device=DEVICE)
     rmsnorm_kernels._sum_partials(partial, out)
-    assert_close("column sum", out, partial.sum(1), 1e-6)
+    assert_accurate("column sum", out, partial.sum(1), torch.float32, tol=1e-6)
 
 
 @pytest.mark.parametrize("tuning", [
@@ -175,7 +159,7 @@ def test_launch_shapes_do_not_change_results(tuning):
     (cot_weight_ref,) = torch.autograd.grad(dx_ref, weight_ref, cot_dx)
     for name, out, ref in (("y", y, y_ref), ("dx", dx, dx_ref), ("dweight", dweight, dweight_ref),
                            ("cot_weight", cot_weight, cot_weight_ref)):
-        assert_close(name, out, ref.detach(), 1e-12)
+        assert_accurate(name, out, ref.detach(), torch.float64, tol=1e-12)
 
 
 def test_nan_propagates_to_its_row_only_and_empty_input_is_fine():
@@ -212,14 +196,14 @@ def test_jvp_matches_reference(tangents):
     weight_dot = torch.randn_like(weight) if tangents != "x" else torch.zeros_like(weight)
     y, y_dot = torch.func.jvp(fused, (x, weight), (x_dot, weight_dot))
     y_ref, y_dot_ref = torch.func.jvp(reference, (x, weight), (x_dot, weight_dot))
-    assert_close("y", y, y_ref, 1e-12)
-    assert_close("y_dot", y_dot, y_dot_ref, 1e-12)
+    assert_accurate("y", y, y_ref, torch.float64, tol=1e-12)
+    assert_accurate("y_dot", y_dot, y_dot_ref, torch.float64, tol=1e-12)
     # The same through torch.autograd.forward_ad dual tensors, with only the requested tangent.
     with forward_ad.dual_level():
         x_in = forward_ad.make_dual(x, x_dot) if tangents != "weight" else x
         weight_in = forward_ad.make_dual(weight, weight_dot) if tangents != "x" else weight
         dual_y_dot = forward_ad.unpack_dual(fused(x_in, weight_in)).tangent
-    assert_close("forward_ad y_dot", dual_y_dot, y_dot_ref, 1e-12)
+    assert_accurate("forward_ad y_dot", dual_y_dot, y_dot_ref, torch.float64, tol=1e-12)
 
 
 def test_hvp_forward_over_reverse_equals_reverse_over_reverse_equals_reference():
@@ -239,7 +223,7 @@ def test_hvp_forward_over_reverse_equals_reverse_over_reverse_equals_reference()
     for name, hvp in (("fwd-over-rev", forward_over_reverse(fused)),
                       ("rev-over-rev", reverse_over_reverse(fused))):
         for part, out, ref in zip(("x", "weight"), hvp, hvp_ref):
-            assert_close(f"{name} hvp[{part}]", out, ref, 1e-11)
+            assert_accurate(f"{name} hvp[{part}]", out, ref, torch.float64, tol=1e-11)
 
 
 def test_reverse_over_forward_matches_reference():
@@ -253,7 +237,7 @@ def test_reverse_over_forward_matches_reference():
     grads = torch.func.grad(tangent_loss(fused), argnums=(0, 1))(x, weight)
     grads_ref = torch.func.grad(tangent_loss(reference), argnums=(0, 1))(x, weight)
     for part, out, ref in zip(("x", "weight"), grads, grads_ref):
-        assert_close(f"grad of jvp [{part}]", out, ref, 1e-11)
+        assert_accurate(f"grad of jvp [{part}]", out, ref, torch.float64, tol=1e-11)
 
 
 def _nested(outer, inner):
@@ -271,7 +255,7 @@ def test_hessian_matches_reference(hessian):
     ref = hessian(scalar_loss(reference), argnums=(0, 1))(x, weight)
     for i in range(2):
         for j in range(2):
-            assert_close(f"hessian[{i}][{j}]", out[i][j], ref[i][j], 1e-11)
+            assert_accurate(f"hessian[{i}][{j}]", out[i][j], ref[i][j], torch.float64, tol=1e-11)
 
 
 def test_forward_over_forward_matches_reference():
@@ -283,7 +267,7 @@ def test_forward_over_forward_matches_reference():
         tangent = lambda x, weight: torch.func.jvp(norm, (x, weight), first)[1]
         return torch.func.jvp(tangent, (x, weight), second)[1]
 
-    assert_close("jvp of jvp", jvp_of_jvp(fused), jvp_of_jvp(reference), 1e-11)
+    assert_accurate("jvp of jvp", jvp_of_jvp(fused), jvp_of_jvp(reference), torch.float64, tol=1e-11)
 
 
 def test_third_order_raises_clearly():
@@ -317,7 +301,7 @@ def test_vmap_forward_and_grad(in_dims):
         out = torch.func.vmap(transform(fused), in_dims=in_dims)(x, weight)
         ref = torch.func.vmap(transform(reference), in_dims=in_dims)(x, weight)
         for i, (o, r) in enumerate(zip(out, ref)):
-            assert_close(f"vmap {name} output {i}", o, r, 1e-12)
+            assert_accurate(f"vmap {name} output {i}", o, r, torch.float64, tol=1e-12)
 
 
 def test_nested_vmap_of_jvp_of_grad():
@@ -332,7 +316,7 @@ def test_nested_vmap_of_jvp_of_grad():
         one = lambda x, t: torch.func.jvp(lambda x: grad_x(x, weight), (x,), (t,))[1]
         return torch.func.vmap(torch.func.vmap(one, in_dims=(None, 0)))(xs, tangents)
 
-    assert_close("nested vmap hvp", hvps(fused), hvps(reference), 1e-11)
+    assert_accurate("nested vmap hvp", hvps(fused), hvps(reference), torch.float64, tol=1e-11)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,27 +379,6 @@ def test_mixed_devices_raise():
 # ---------------------------------------------------------------------------------------------
 
 
-def _operator_arguments(name):
-    """Arguments of ``torch.ops.theria.<name>``: tiny float64 tensors, some optional tangents and
-    cotangents None (the kernels specialise on them)."""
-    x, weight = make_inputs((2, 3), 16, torch.float64)
-    rstd = rmsnorm_kernels.rmsnorm_forward(x, weight, EPS)[1]
-    dy, x_dot, x_dot2 = (torch.randn_like(x) for _ in range(3))
-    w_dot = torch.randn_like(weight)
-    return {"rmsnorm_forward": (x, weight, EPS), "rmsnorm_jvp": (x, weight, x_dot, None, EPS),
-            "rmsnorm_backward": (x, weight, rstd, dy),
-            "rmsnorm_backward_backward": (x, weight, rstd, dy, x_dot, None),
-            "rmsnorm_forward_second": (x, weight, rstd, x_dot, w_dot, x_dot2, None)}[name]
-
-
-@pytest.mark.parametrize("name", ["rmsnorm_forward", "rmsnorm_jvp", "rmsnorm_backward", "rmsnorm_backward_backward",
-                                  "rmsnorm_forward_second"])
-def test_registered_operator_passes_opcheck(name):
-    """Schema, fake implementation (shapes, strides, dtypes of the real outputs) and dispatch of
-    each registered operator, as ``torch.compile`` relies on them."""
-    torch.library.opcheck(getattr(torch.ops.theria, name).default, _operator_arguments(name))
-
-
 def test_torch_compile_matches_eager():
     """``torch.compile`` of a loss over the fused rmsnorm traces the registered operators (it
     cannot trace the launchers' Python and Triton's) and gives eager's value and gradient
@@ -450,11 +413,10 @@ def test_gpu_every_derivative_matches_float64_reference(dtype, shape):
     cot_x_ref, cot_weight_ref = torch.autograd.grad(second, (x_ref, weight_ref))
     _, y_dot_ref = torch.func.jvp(reference, (x_ref.detach(), weight_ref.detach()),
                                   (cot_dx.double(), cot_dweight.double()))
-    tol = TOLERANCE[dtype]
     for name, out, ref in (("y", y, y_ref), ("dx", dx, dx_ref), ("dweight", dweight, dweight_ref),
                            ("cot_x", cot_x, cot_x_ref), ("cot_weight", cot_weight, cot_weight_ref),
                            ("y_dot", y_dot, y_dot_ref)):
-        assert_close(name, out, ref.detach(), tol)
+        assert_accurate(name, out, ref.detach(), dtype)
 
 
 @pytest.mark.gpu
@@ -462,4 +424,4 @@ def test_gpu_matches_torch_rms_norm_bf16():
     x, weight = make_inputs((2, 1024), 4096, torch.bfloat16)
     ours = rmsnorm(x, weight, 1e-6)
     theirs = torch.nn.functional.rms_norm(x, (4096,), weight, 1e-6)
-    assert_close("y vs F.rms_norm", ours, theirs, 1e-2)
+    assert_accurate("y vs F.rms_norm", ours, theirs, torch.bfloat16, tol=1e-2)

@@ -62,16 +62,12 @@ def launcher() -> str:
 
 
 def _aval(spec, avals: dict) -> ShapedArray:
-    """The JAX type of an allocated buffer: q- and k-like buffers mirror those (B, T, H, D) arrays,
-    row statistics are (B, H, T_q)."""
-    if spec.like in ("q", "k"):
+    """The JAX type of an allocated buffer: like an input array (its shape, its layout being
+    row-major), or the allocation's own contiguous shape."""
+    if spec.like is not None:
         like = avals[spec.like]
         return ShapedArray(like.shape, like.dtype if spec.dtype is None else jnp.dtype(spec.dtype))
-    q = avals["q"]
-    if spec.like == "rows":
-        batch, t_q, heads, _ = q.shape
-        return ShapedArray((batch, heads, t_q), jnp.float64 if q.dtype == jnp.float64 else jnp.float32)
-    return ShapedArray((spec.size,), jnp.dtype(spec.dtype))
+    return ShapedArray(spec.shape, jnp.dtype(spec.dtype))
 
 
 def run_plan(plan: Plan, arrays: dict) -> list[jax.Array]:

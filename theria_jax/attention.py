@@ -17,7 +17,8 @@ import numpy as np
 
 from theria_jax._primitives import attention_fused
 from theria_jax.reference import attention_reference, varlen_attention_reference
-from theria_kernels._common import is_interpreter
+from theria_kernels import _contracts
+from theria_kernels._contracts import is_interpreter
 from theria_kernels.attention import (
     AttentionParams,
     validate_attention_args,
@@ -28,15 +29,43 @@ from theria_kernels.attention import (
 
 
 def _check_platform(backend: str) -> None:
-    if backend == "triton_full_fused" and jax.default_backend() == "cpu" and not is_interpreter():
-        raise ValueError(
-            "backend='triton_full_fused' needs a GPU, but JAX runs on the CPU; use backend='reference' "
-            "or set TRITON_INTERPRET=1 (before importing triton) to run the kernels in Triton's CPU interpreter")
+    if backend == "triton_full_fused" and jax.default_backend() == "cpu":
+        if not is_interpreter():
+            raise ValueError(
+                "backend='triton_full_fused' needs a GPU, but JAX runs on the CPU; use backend='reference' "
+                "or set TRITON_INTERPRET=1 (before importing triton) to run the kernels in Triton's CPU interpreter")
+        _contracts.check_interpreter_in_time()
 
 
-def _attention(q, k, v, *, backend, causal, scale, window_size, bottom_right):
+def _check_arrays(**arrays) -> None:
+    # A torch tensor has .shape and .dtype too, and would fail later with a message about its dtype.
+    for name, value in arrays.items():
+        if not isinstance(value, (jax.Array, np.ndarray)):
+            raise _contracts.array_type_error(name, value, "jax")
+
+
+def _check_options(causal, scale, window_size, scale_name: str) -> tuple[int, int]:
+    """The non-array arguments, before anything reads them; returns window_size as two ints."""
+    _contracts.validate_causal(causal)
+    _contracts.validate_scale(scale, scale_name)
+    return _contracts.validate_window_size(window_size)
+
+
+def _fused(q, k, v, params, *varlen):
+    """The fused kernels' (out, lse), bfloat16 running in float32 under Triton's interpreter
+    (``_contracts.interpreter_compute_dtype``)."""
+    dtype = q.dtype
+    compute_dtype = _contracts.interpreter_compute_dtype(str(dtype), "triton_full_fused")
+    if compute_dtype == str(dtype):
+        return attention_fused(q, k, v, params, *varlen)
+    out, lse = attention_fused(*(t.astype(compute_dtype) for t in (q, k, v)), params, *varlen)
+    return out.astype(dtype), lse
+
+
+def _attention(q, k, v, *, backend, causal, scale, window_size, bottom_right, scale_name):
     """Validated (out, lse) of (B, T, H, D) arrays, dispatched to a backend."""
-    window_size = tuple(window_size)
+    _check_arrays(q=q, k=k, v=v)
+    window_size = _check_options(causal, scale, window_size, scale_name)
     validate_attention_args(q.shape, k.shape, v.shape, tuple(str(t.dtype) for t in (q, k, v)),
                             layout="(B, T, H, D)", backend=backend, window_size=window_size)
     _check_platform(backend)
@@ -45,7 +74,7 @@ def _attention(q, k, v, *, backend, causal, scale, window_size, bottom_right):
         return attention_reference(q, k, v, causal=causal, scale=scale, window_size=window_size,
                                    bottom_right=bottom_right, return_lse=True)
     params = AttentionParams(scale=scale, causal=bool(causal), window_size=window_size, bottom_right=bottom_right)
-    return attention_fused(q, k, v, params)
+    return _fused(q, k, v, params)
 
 
 def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
@@ -72,7 +101,7 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
         out (B, T_q, H, D) in q's dtype, or (out, lse) with ``return_lse``.
     """
     out, lse = _attention(q, k, v, backend=backend, causal=causal, scale=scale, window_size=window_size,
-                          bottom_right=False)
+                          bottom_right=False, scale_name="scale")
     return (out, lse) if return_lse else out
 
 
@@ -95,7 +124,7 @@ def flash_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: float | None
     """
     validate_dropout(dropout_p)
     out, lse = _attention(q, k, v, backend=backend, causal=causal, scale=softmax_scale, window_size=window_size,
-                          bottom_right=True)
+                          bottom_right=True, scale_name="softmax_scale")
     return (out, lse) if return_lse else out
 
 
@@ -127,7 +156,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     device-to-host read; traced ones (under ``jax.jit``) cannot be read and are not checked.
     """
     validate_dropout(dropout_p)
-    window_size = tuple(window_size)
+    _check_arrays(q=q, k=k, v=v)
+    window_size = _check_options(causal, softmax_scale, window_size, "softmax_scale")
     validate_attention_args(q.shape, k.shape, v.shape, tuple(str(t.dtype) for t in (q, k, v)),
                             layout="(total, H, D)", backend=backend, window_size=window_size)
     cu_seqlens_q, cu_seqlens_k = (cu if hasattr(cu, "dtype") else np.asarray(cu) for cu in (cu_seqlens_q, cu_seqlens_k))
@@ -149,7 +179,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     else:
         params = AttentionParams(scale=scale, causal=bool(causal), window_size=window_size, bottom_right=True)
         # The kernels see one packed batch entry, (1, total, H, D).
-        out, lse = attention_fused(q[None], k[None], v[None], params,
-                                   (jnp.asarray(cu_seqlens_q), jnp.asarray(cu_seqlens_k)), (max_seqlen_q, max_seqlen_k))
+        out, lse = _fused(q[None], k[None], v[None], params,
+                          (jnp.asarray(cu_seqlens_q), jnp.asarray(cu_seqlens_k)), (max_seqlen_q, max_seqlen_k))
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out

@@ -4,19 +4,20 @@ Write p = (x, w) for the differentiable inputs, f(p) = y, J = f'(p), and for a c
 H_dy = ∇²_p <dy, f(p)> (symmetric). rstd is the forward's saved per-row statistic; it enters the
 derivative primitives only because the kernels reuse it, so every rule differentiates through
 p alone (rstd's tangent is ignored; the public function never returns rstd). Each primitive
-runs launchers of ``theria_kernels.rmsnorm`` through :func:`theria_jax._bridge.triton_call`:
+runs plans of ``theria_kernels.rmsnorm`` through :func:`theria_jax._launch.run_plan` (XLA-native
+on a GPU, the DLPack bridge in the interpreter):
 
-===================  ===================================  =================  ==========================
+===================  ===================================  =================  =========================
 primitive            operands (linear ones after ``|``)   results            kernel
-===================  ===================================  =================  ==========================
-rmsnorm_fwd          x, w                                 y, rstd            rmsnorm_forward
-rmsnorm_fwd_tangent  x, w, rstd | ẋ, ẇ                    J ṗ                rmsnorm_jvp
-rmsnorm_fwd_second   x, w, rstd, ẋ, ẇ | δx, δw            f''(p)[ṗ, δ]       rmsnorm_forward_second
-rmsnorm_bwd          x, w, rstd, dy                       Jᵀ dy              rmsnorm_backward
-rmsnorm_bwd_tangent  x, w, rstd, dy | ẋ, ẇ, dẏ            H_dy ṗ + Jᵀ dẏ     rmsnorm_backward_backward,
-                                                                             rmsnorm_backward
-rmsnorm_bwd_bwd      x, w, rstd, dy, a, b                 H_dy c, J c        rmsnorm_backward_backward
-===================  ===================================  =================  ==========================
+===================  ===================================  =================  =========================
+rmsnorm_fwd          x, w                                 y, rstd            forward_plan
+rmsnorm_fwd_tangent  x, w, rstd | ẋ, ẇ                    J ṗ                forward_plan
+rmsnorm_fwd_second   x, w, rstd, ẋ, ẇ | δx, δw            f''(p)[ṗ, δ]       forward_second_plan
+rmsnorm_bwd          x, w, rstd, dy                       Jᵀ dy              backward_plan
+rmsnorm_bwd_tangent  x, w, rstd, dy | ẋ, ẇ, dẏ            H_dy ṗ + Jᵀ dẏ     backward_backward_plan,
+                                                                             backward_plan
+rmsnorm_bwd_bwd      x, w, rstd, dy, a, b                 H_dy c, J c        backward_backward_plan
+===================  ===================================  =================  =========================
 
 (c = (a, b), the cotangents of (dx, dweight).) The rules:
 
@@ -45,16 +46,18 @@ from jax.core import ShapedArray
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from theria_jax._bridge import triton_call
-from theria_kernels._common import is_interpreter
+from theria_jax._launch import run_plan
+from theria_kernels import _contracts
+from theria_kernels._contracts import is_interpreter
 from theria_kernels.rmsnorm import (
     BEYOND_SECOND_ORDER,
+    RMSNormCall,
+    RMSNormDevice,
+    backward_backward_plan,
+    backward_plan,
     check_arguments,
-    rmsnorm_backward,
-    rmsnorm_backward_backward,
-    rmsnorm_forward,
-    rmsnorm_forward_second,
-    rmsnorm_jvp,
+    forward_plan,
+    forward_second_plan,
 )
 
 
@@ -89,7 +92,7 @@ def rmsnorm(x, weight, eps: float = 1e-6, *, backend: str = "triton_full_fused")
     """
     for name, array in (("x", x), ("weight", weight)):
         if not isinstance(array, (jax.Array, np.ndarray)):
-            raise TypeError(f"rmsnorm: {name} must be a jax.Array, got {type(array).__name__}")
+            raise TypeError(f"rmsnorm: {_contracts.array_type_error(name, array, 'jax')}")
     check_arguments(x.shape, x.dtype, weight.shape, weight.dtype, eps, backend=backend)
     if backend == "reference":
         return rmsnorm_reference(x, weight, eps)
@@ -100,14 +103,29 @@ def rmsnorm(x, weight, eps: float = 1e-6, *, backend: str = "triton_full_fused")
             "backend=\"reference\", or set TRITON_INTERPRET=1 to run the kernels in Triton's CPU "
             "interpreter (slow)"
         )
+    if platform != "gpu":
+        _contracts.check_interpreter_in_time()
     y, _ = forward_p.bind(jnp.asarray(x), jnp.asarray(weight), eps=float(eps))
     return y
 
 
 # ----------------------------------------------------------------------------------------------
-# One bridge call per launcher. Launchers take optional tangents/cotangents as None; the bridge
-# passes arrays only, so ``present`` says which optional slots the trailing arrays fill.
+# Plans: what each primitive launches. Optional tangents/cotangents are left out of the operands
+# (static ``present`` flags say which slots the trailing arrays fill) and the plans skip them.
 # ----------------------------------------------------------------------------------------------
+
+# Shared memory one program may use, by compute capability (it only bounds the reducing kernels'
+# pipelining depth, never the numbers); devices not listed get the smallest current value.
+_SHARED_MEMORY = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448}
+
+
+@functools.cache
+def _device() -> RMSNormDevice:
+    if is_interpreter() or jax.default_backend() != "gpu":
+        return RMSNormDevice(_contracts.INTERPRETER_MULTIPROCESSORS)
+    device = jax.devices()[0]
+    major, minor = str(device.compute_capability).split(".")
+    return RMSNormDevice(device.core_count, _SHARED_MEMORY.get(int(major) * 10 + int(minor), 101376))
 
 
 def _slots(arrays, present):
@@ -116,30 +134,38 @@ def _slots(arrays, present):
     return [next(arrays) if here else None for here in present]
 
 
-def _launch_forward(x, w, y, rstd, *, eps):
-    rmsnorm_forward(x, w, eps, y=y, rstd=rstd)
+def _run(plan_of, x, w, **arrays):
+    call = RMSNormCall(tuple(x.shape), tuple(w.shape), jnp.dtype(x.dtype).name, _device())
+    arrays = {name: a for name, a in arrays.items() if a is not None}
+    return run_plan(plan_of(call), dict(x=x, weight=w, **arrays))
 
 
-def _launch_jvp(x, w, *rest, eps, present):
+def _forward_impl(x, w, *, eps):
+    return _run(lambda call: forward_plan(call, eps), x, w)
+
+
+def _forward_tangent_impl(x, w, rstd, *tangents, eps, present):
     # The JVP kernel recomputes y and rstd in its sweep; the primitive keeps only y_dot.
-    tangents, (y, rstd, y_dot) = rest[:-3], rest[-3:]
-    rmsnorm_jvp(x, w, *_slots(tangents, present), eps, y=y, rstd=rstd, y_dot=y_dot)
+    x_dot, w_dot = _slots(tangents, present)
+    return _run(lambda call: forward_plan(call, eps, *present), x, w, x_dot=x_dot, weight_dot=w_dot)[2:]
 
 
-def _launch_forward_second(x, w, rstd, *rest, present, delta_present):
+def _forward_second_impl(x, w, rstd, *rest, present, delta_present):
     n_dot = sum(present)
-    tangents, deltas, y_ddot = rest[:n_dot], rest[n_dot:-1], rest[-1]
-    rmsnorm_forward_second(x, w, rstd, *_slots(tangents, present), *_slots(deltas, delta_present), y_ddot=y_ddot)
+    x_dot, w_dot = _slots(rest[:n_dot], present)
+    x_dot2, w_dot2 = _slots(rest[n_dot:], delta_present)
+    return _run(lambda call: forward_second_plan(call, (*present, *delta_present)), x, w, rstd=rstd, x_dot=x_dot,
+                weight_dot=w_dot, x_dot2=x_dot2, weight_dot2=w_dot2)
 
 
-def _launch_backward(x, w, rstd, dy, dx, dw):
-    rmsnorm_backward(x, w, rstd, dy, dx=dx, dweight=dw)
+def _backward_impl(x, w, rstd, dy):
+    return _run(backward_plan, x, w, rstd=rstd, dy=dy)
 
 
-def _launch_backward_backward(x, w, rstd, dy, *rest, present):
-    cotangents, (cot_x, cot_w, cot_dy) = rest[:-3], rest[-3:]
-    rmsnorm_backward_backward(x, w, rstd, dy, *_slots(cotangents, present),
-                              cot_x=cot_x, cot_weight=cot_w, cot_dy=cot_dy)
+def _backward_backward_impl(x, w, rstd, dy, *cotangents, present):
+    cot_dx, cot_dw = _slots(cotangents, present)
+    return _run(lambda call: backward_backward_plan(call, *present), x, w, rstd=rstd, dy=dy, cot_dx=cot_dx,
+                cot_dweight=cot_dw)
 
 
 def _avals(kinds: str, x, w) -> list[ShapedArray]:
@@ -149,31 +175,6 @@ def _avals(kinds: str, x, w) -> list[ShapedArray]:
     like = {"x": ShapedArray(x.shape, x.dtype), "w": ShapedArray(w.shape, w.dtype),
             "s": ShapedArray(x.shape[:-1], stat_dtype)}
     return [like[kind] for kind in kinds]
-
-
-def _call(launch, kinds: str, x, w, *rest, **static):
-    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in _avals(kinds, x, w)]
-    return triton_call(launch, x, w, *rest, out_shapes=shapes, **static)
-
-
-def _forward_impl(x, w, *, eps):
-    return _call(_launch_forward, "xs", x, w, eps=eps)
-
-
-def _forward_tangent_impl(x, w, rstd, *tangents, eps, present):
-    return _call(_launch_jvp, "xsx", x, w, *tangents, eps=eps, present=present)[2:]
-
-
-def _forward_second_impl(x, w, rstd, *rest, present, delta_present):
-    return _call(_launch_forward_second, "x", x, w, rstd, *rest, present=present, delta_present=delta_present)
-
-
-def _backward_impl(x, w, rstd, dy):
-    return _call(_launch_backward, "xw", x, w, rstd, dy)
-
-
-def _backward_backward_impl(x, w, rstd, dy, *cotangents, present):
-    return _call(_launch_backward_backward, "xwx", x, w, rstd, dy, *cotangents, present=present)
 
 
 def _backward_tangent_impl(x, w, rstd, dy, *tangents, present):

@@ -33,7 +33,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from theria_kernels import attention as kernels
 from theria_kernels.attention import torch_launchers
-from theria_kernels import rmsnorm as rmsnorm_kernels
+from theria_kernels.rmsnorm import torch_launchers as rmsnorm_kernels
 from theria_kernels._common import accumulator_dtype
 
 

@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from theria_kernels import _contracts
 from theria_kernels._common import dtype_name, is_interpreter
 from theria_kernels.attention import (
     VMAP_CU_SEQLENS_ERROR,
@@ -73,7 +74,7 @@ def _zeros_if_none(t, like):
     return torch.zeros_like(like) if t is None else t
 
 
-class _BatchFolding(torch.autograd.Function):
+class _BatchFolding(_ops.Function):
     """The Functions' vmap rule: every tensor argument leads with B and so does every output, so
     the vmapped dimension folds into B (``_ops.fold``) and the Function runs once on the folded
     tensors. An explicit rule rather than ``generate_vmap_rule``: the generated one wraps the
@@ -227,22 +228,46 @@ class _Attention(_BatchFolding):
         return _AttentionTangent.apply(q, k, v, *tangents, ctx.static)
 
 
+def _check_tensors(**arrays) -> None:
+    for name, value in arrays.items():
+        if not isinstance(value, torch.Tensor):
+            raise _contracts.array_type_error(name, value, "torch")
+
+
+def _check_options(causal, scale, window_size, scale_name: str) -> tuple[int, int]:
+    """The non-tensor arguments, before anything reads them; returns window_size as two ints."""
+    _contracts.validate_causal(causal)
+    _contracts.validate_scale(scale, scale_name)
+    return _contracts.validate_window_size(window_size)
+
+
 def _check_devices(q, k, v, backend):
     devices = {t.device for t in (q, k, v)}
     if len(devices) != 1:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if backend == "triton_full_fused" and not q.is_cuda and not is_interpreter():
-        raise ValueError(
-            f"backend='triton_full_fused' needs CUDA tensors, got q on {q.device}; use backend='reference' "
-            "or set TRITON_INTERPRET=1 (before importing triton) to run the kernels in Triton's CPU interpreter")
+    if backend == "triton_full_fused" and not q.is_cuda:
+        if not is_interpreter():
+            raise ValueError(
+                f"backend='triton_full_fused' needs CUDA tensors, got q on {q.device}; use backend='reference' "
+                "or set TRITON_INTERPRET=1 (before importing triton) to run the kernels in Triton's CPU interpreter")
+        _contracts.check_interpreter_in_time()
 
 
-def _attention(q, k, v, *, backend, layout, causal, scale, window_size, bottom_right):
+def _compute_dtype(q, backend) -> torch.dtype:
+    """q's dtype, or float32 for bfloat16 in Triton's interpreter (``_contracts.interpreter_compute_dtype``)."""
+    return getattr(torch, _contracts.interpreter_compute_dtype(dtype_name(q.dtype), backend))
+
+
+def _attention(q, k, v, *, backend, layout, causal, scale, window_size, bottom_right, scale_name):
     """Validated (out, lse) on (B, H, T, D) views, dispatched to a backend."""
+    _check_tensors(q=q, k=k, v=v)
+    window_size = _check_options(causal, scale, window_size, scale_name)
     validate_attention_args(q.shape, k.shape, v.shape, tuple(dtype_name(t.dtype) for t in (q, k, v)),
-                            layout=layout, backend=backend, window_size=tuple(window_size))
+                            layout=layout, backend=backend, window_size=window_size)
     _check_devices(q, k, v, backend)
-    window_size = tuple(window_size)
+    dtype, compute_dtype = q.dtype, _compute_dtype(q, backend)
+    if compute_dtype != dtype:
+        q, k, v = (t.to(compute_dtype) for t in (q, k, v))
     if layout == "(B, T, H, D)":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -252,6 +277,7 @@ def _attention(q, k, v, *, backend, layout, causal, scale, window_size, bottom_r
     else:
         params = AttentionParams(scale=scale, causal=causal, window_size=window_size, bottom_right=bottom_right)
         out, lse = _Attention.apply(q, k, v, _Static(params))
+    out = out.to(dtype)
     return (out.transpose(1, 2) if layout == "(B, T, H, D)" else out), lse
 
 
@@ -275,7 +301,7 @@ def sdpa_custom(q, k, v, *, backend: str = "triton_full_fused", causal: bool = F
         out (B, H, T_q, D) in q's dtype, or (out, lse) with ``return_lse``.
     """
     out, lse = _attention(q, k, v, backend=backend, layout="(B, H, T, D)", causal=causal, scale=scale,
-                          window_size=window_size, bottom_right=False)
+                          window_size=window_size, bottom_right=False, scale_name="scale")
     return (out, lse) if return_lse else out
 
 
@@ -297,7 +323,8 @@ def flash_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: float | None
     """
     validate_dropout(dropout_p)
     out, lse = _attention(q, k, v, backend=backend, layout="(B, T, H, D)", causal=causal,
-                          scale=softmax_scale, window_size=window_size, bottom_right=True)
+                          scale=softmax_scale, window_size=window_size, bottom_right=True,
+                          scale_name="softmax_scale")
     return (out, lse) if return_lse else out
 
 
@@ -351,7 +378,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     ``torch.func.vmap`` works when every instance shares the cu_seqlens.
     """
     validate_dropout(dropout_p)
-    window_size = tuple(window_size)
+    _check_tensors(q=q, k=k, v=v)
+    window_size = _check_options(causal, softmax_scale, window_size, "softmax_scale")
     validate_attention_args(q.shape, k.shape, v.shape, tuple(dtype_name(t.dtype) for t in (q, k, v)),
                             layout="(total, H, D)", backend=backend, window_size=window_size)
     _check_devices(q, k, v, backend)
@@ -365,10 +393,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
                                               window_size=window_size, return_lse=True)
     else:
         params = AttentionParams(scale=scale, causal=causal, window_size=window_size, bottom_right=True)
+        compute_dtype = _compute_dtype(q, backend)
         # The kernels see one packed batch entry: (total, H, D) as a (1, H, total, D) view, no copy.
-        packed = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
+        packed = [t.to(compute_dtype).transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
         out, lse = _Attention.apply(*packed, _Static(params, **varlen))
         # squeeze, not [0]: the backward of a squeeze is a view, that of an index a zero-filled
         # copy (plus a second copy of the cotangent into q's layout: +15 % on fwd + bwd).
-        out, lse = out.squeeze(0).transpose(0, 1), lse.squeeze(0)
+        out, lse = out.squeeze(0).transpose(0, 1).to(q.dtype), lse.squeeze(0)
     return (out, lse) if return_lse else out

@@ -27,8 +27,9 @@ x (*G, ..., N)), so vmap over inputs, cotangents or weights is one launch.
 from __future__ import annotations
 
 import torch
-from torch.autograd import Function
+from theria_torch._ops import Function
 
+from theria_kernels import _contracts
 from theria_kernels._common import is_interpreter
 from theria_kernels.rmsnorm import BEYOND_SECOND_ORDER, check_arguments
 from theria_torch._ops import (
@@ -72,7 +73,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
     """
     for name, tensor in (("x", x), ("weight", weight)):
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"rmsnorm: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+            raise TypeError(f"rmsnorm: {_contracts.array_type_error(name, tensor, 'torch')}")
     check_arguments(x.shape, x.dtype, weight.shape, weight.dtype, eps, backend=backend)
     if weight.device != x.device:
         raise ValueError(f"rmsnorm: weight is on {weight.device} but x is on {x.device}; "
@@ -85,6 +86,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
             "backend=\"reference\", or set TRITON_INTERPRET=1 to run the kernels in Triton's CPU "
             "interpreter (slow)"
         )
+    if x.device.type != "cuda":
+        _contracts.check_interpreter_in_time()
     y, _ = _RMSNorm.apply(x, weight, float(eps))
     return y
 

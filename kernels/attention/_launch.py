@@ -203,7 +203,12 @@ class AttentionCall:
         return ("cu_seqlens_q", "cu_seqlens_k") if self.varlen else ()
 
 
-_Q, _K, _ROWS = Allocation("q"), Allocation("k"), Allocation("rows")
+_Q, _K = Allocation("q"), Allocation("k")
+
+
+def _rows(call: AttentionCall, zeroed: bool = False) -> Allocation:
+    """One statistic per query row: (B, H, T_q) in float32 (float64 for float64 inputs)."""
+    return Allocation(shape=call.q_shape[:3], dtype=row_stat_dtype_name(call.dtype), zeroed=zeroed)
 
 
 def _row_delta(call: AttentionCall, d_lse: str | None) -> Launch:
@@ -234,9 +239,9 @@ def _column_launch(kernel, call: AttentionCall, kind: str, arguments: dict, outp
     if splits > 1:
         span = 1 + sum((n - 1) * stride for n, stride in zip(call.k_shape, call.k_strides))
         acc = row_stat_dtype_name(call.dtype)
-        allocations["part_k"] = Allocation("flat", acc, splits * span)
-        allocations["part_v"] = Allocation("flat", acc, splits * span)
-        allocations["arrivals"] = Allocation("flat", "int32", math.prod(grid) // splits, zeroed=True)
+        allocations["part_k"] = Allocation(shape=(splits * span,), dtype=acc)
+        allocations["part_v"] = Allocation(shape=(splits * span,), dtype=acc)
+        allocations["arrivals"] = Allocation(shape=(math.prod(grid) // splits,), dtype="int32", zeroed=True)
         names = {"Part_k": Buffer("part_k"), "Part_v": Buffer("part_v"), "Arrivals": Buffer("arrivals")}
         writes_extra = ("Part_k", "Part_v", "Arrivals")
     else:
@@ -260,15 +265,15 @@ def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: b
     pointers = {name: None for name in ("Q_dot", "K_dot", "V_dot", "Out_dot", "Lse_dot",
                                         "Q_y", "K_y", "V_y", "Out_second", "Lse_second")}
     inputs = ["q", "k", "v"]
-    allocations = {"out": _Q, "lse": _ROWS}
+    allocations = {"out": _Q, "lse": _rows(call)}
     writes = ["Out", "Lse"]
     if has_tangent:
         inputs += ["q_dot", "k_dot", "v_dot"]
-        allocations.update(out_dot=_Q, lse_dot=_ROWS)
+        allocations.update(out_dot=_Q, lse_dot=_rows(call))
         writes += ["Out_dot", "Lse_dot"]
     if second_order:
         inputs += ["q_y", "k_y", "v_y"]
-        allocations.update(out_second=_Q, lse_second=_ROWS)
+        allocations.update(out_second=_Q, lse_second=_rows(call))
         writes += ["Out_second", "Lse_second"]
     for name in inputs[3:] + list(allocations)[2:]:
         param = name[0].upper() + name[1:]
@@ -288,7 +293,7 @@ def backward_plan(call: AttentionCall, has_d_lse: bool) -> Plan:
     """Gradients (dq, dk, dv) of <d_out, out> + <d_lse, lse> (§2) from the inputs (q, k, v, out,
     lse, d_out[, d_lse]): the row term delta, the dQ row sweep and the dK/dV column sweep."""
     meta, block_m, block_n, warps, stages = call.meta("backward")
-    allocations = {"dq": _Q, "dk": _K, "dv": _K, "delta": _ROWS}
+    allocations = {"dq": _Q, "dk": _K, "dv": _K, "delta": _rows(call)}
     shared = dict(Q=Buffer("q"), K=Buffer("k"), V=Buffer("v"), D_out=Buffer("d_out"), Lse=Buffer("lse"),
                   Delta=Buffer("delta"))
     launches = (
@@ -308,12 +313,13 @@ def backward_backward_plan(call: AttentionCall, given: frozenset) -> Plan:
     cot_dv) (§4): outputs (cot_q, cot_k, cot_v, cot_d_out, cot_d_lse). ``given`` names which of
     d_lse, cot_dq, cot_dk, cot_dv are inputs; the others are zero (zeroed temporaries)."""
     meta, block_m, block_n, warps, stages = call.meta("backward_backward")
-    allocations = {"cot_q": _Q, "cot_k": _K, "cot_v": _K, "cot_d_out": _Q, "cot_d_lse": _ROWS,
-                   "delta": _ROWS, "rho": _ROWS}
-    optional = ("d_lse", "cot_dq", "cot_dk", "cot_dv")
-    for name, like in zip(optional, ("rows", "q", "k", "k")):
+    allocations = {"cot_q": _Q, "cot_k": _K, "cot_v": _K, "cot_d_out": _Q, "cot_d_lse": _rows(call),
+                   "delta": _rows(call), "rho": _rows(call)}
+    optional = {"d_lse": _rows(call, zeroed=True), "cot_dq": Allocation("q", zeroed=True),
+                "cot_dk": Allocation("k", zeroed=True), "cot_dv": Allocation("k", zeroed=True)}
+    for name, allocation in optional.items():
         if name not in given:
-            allocations[name] = Allocation(like, zeroed=True)
+            allocations[name] = allocation
     shared = dict(Q=Buffer("q"), K=Buffer("k"), V=Buffer("v"), D_out=Buffer("d_out"), Lse=Buffer("lse"),
                   Delta=Buffer("delta"), Cot_dq=Buffer("cot_dq"), Cot_dk=Buffer("cot_dk"), Cot_dv=Buffer("cot_dv"))
     launches = (
