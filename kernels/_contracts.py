@@ -210,8 +210,11 @@ def validate_scale(scale, name: str = "scale") -> None:
 
 
 def validate_causal(causal) -> None:
-    """``causal`` is a bool: anything else (a string, an array) would be read by its truth value."""
-    if not isinstance(causal, bool) and not (isinstance(causal, numbers.Integral) and causal in (0, 1)):
+    """``causal`` is a bool (or 0, 1, a NumPy bool): anything else (a string, an array) would be read
+    by its truth value."""
+    numpy_bool = (type(causal).__module__ == "numpy" and str(getattr(causal, "dtype", "")) == "bool"
+                  and getattr(causal, "ndim", 1) == 0)
+    if not (isinstance(causal, bool) or numpy_bool or (isinstance(causal, numbers.Integral) and causal in (0, 1))):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}; pass causal=True or False")
 
 

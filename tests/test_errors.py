@@ -163,8 +163,8 @@ def test_bad_options_same_words_in_both_frameworks(option, value, error, words):
 
 def test_numpy_scalars_are_accepted():
     q = _torch(torch.float64)
-    out = theria_torch.sdpa_custom(q, q, q, scale=np.float64(0.25), window_size=(np.int64(2), -1))
-    ref = theria_torch.sdpa_custom(q, q, q, scale=0.25, window_size=(2, -1), backend="reference")
+    out = theria_torch.sdpa_custom(q, q, q, scale=np.float64(0.25), window_size=(np.int64(2), -1), causal=np.True_)
+    ref = theria_torch.sdpa_custom(q, q, q, scale=0.25, window_size=(2, -1), causal=True, backend="reference")
     assert (out - ref).abs().max() < 1e-10
 
 

@@ -275,7 +275,7 @@ def _attention(q, k, v, *, backend, layout, causal, scale, window_size, bottom_r
         out, lse = attention_reference(q, k, v, causal=causal, scale=scale, window_size=window_size,
                                        bottom_right=bottom_right, return_lse=True)
     else:
-        params = AttentionParams(scale=scale, causal=causal, window_size=window_size, bottom_right=bottom_right)
+        params = AttentionParams(scale=scale, causal=bool(causal), window_size=window_size, bottom_right=bottom_right)
         out, lse = _Attention.apply(q, k, v, _Static(params))
     out = out.to(dtype)
     return (out.transpose(1, 2) if layout == "(B, T, H, D)" else out), lse
@@ -392,7 +392,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
         out, lse = varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
                                               window_size=window_size, return_lse=True)
     else:
-        params = AttentionParams(scale=scale, causal=causal, window_size=window_size, bottom_right=True)
+        params = AttentionParams(scale=scale, causal=bool(causal), window_size=window_size, bottom_right=True)
         compute_dtype = _compute_dtype(q, backend)
         # The kernels see one packed batch entry: (total, H, D) as a (1, H, total, D) view, no copy.
         packed = [t.to(compute_dtype).transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
