@@ -52,7 +52,8 @@ def jax_workloads(attend, q, k, v, d_out, tangents, chain: int = 1):
     def chained(q, k, v):
         # ``chain`` forwards in one program, each output the next query: JAX's per-call dispatch
         # is paid once, so the time per forward approaches the device's (a CUDA graph's, in torch).
-        return jax.lax.fori_loop(0, chain, lambda _, x: attend(x, k, v), q)
+        # Unrolled: a device loop would read its condition back to the host every iteration.
+        return jax.lax.fori_loop(0, chain, lambda _, x: attend(x, k, v), q, unroll=True)
 
     return {
         "fwd": jax.jit(attend if chain == 1 else chained),

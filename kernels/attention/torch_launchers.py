@@ -65,7 +65,10 @@ def _in_layout(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def _row_stat_input(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    return t.to(row_stat_dtype(q.dtype)).contiguous()
+    dtype = row_stat_dtype(q.dtype)
+    if t.dtype == dtype and t.is_contiguous():  # as the forward saved it: no dispatcher round trips
+        return t
+    return t.to(dtype).contiguous()
 
 
 def varlen_keywords(q, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None) -> dict:
