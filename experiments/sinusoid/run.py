@@ -4,7 +4,7 @@ baseline, trained through theria's MAML functions in torch and/or JAX.
 Usage (from the repository root)::
 
     python experiments/sinusoid/run.py --framework both            # the paper's protocol
-    python experiments/sinusoid/run.py --framework jax --quick      # about a minute, for a look
+    python experiments/sinusoid/run.py --quick                       # about a minute, for a look
 
 The protocol (experiments/sinusoid/protocol.py): MLP 1-40-40-1 (ReLU); tasks y = A sin(x - φ),
 A ~ U[0.1, 5], φ ~ U[0, π], x ~ U[-5, 5]; K = 5 and 10 support (and K query) points per task;
@@ -14,8 +14,8 @@ pretrained baseline also at 0.02). The pretrained baseline is joint regression o
 the same tasks (MAML with zero inner steps), trained for the same number of iterations. Both
 frameworks start from the same numpy weights and see the same tasks.
 
-``--jobs N`` runs the (framework, K) pairs in N worker processes (each single-threaded); the
-results do not depend on it.
+``--jobs N`` runs the (framework, K) pairs in N worker processes, each single-threaded (default:
+one per CPU, at most one per pair); the results do not depend on it.
 
 Writes to ``--out`` (default experiments/sinusoid/runs/<preset>-<time>/): ``metrics.json`` (the
 protocol, versions, every run's curves, final losses with 95 % intervals and wall times),
@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import multiprocessing
+import os
 import platform
 import sys
 import time
@@ -43,14 +44,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--framework", choices=["torch", "jax", "both"], default="both")
     parser.add_argument("--quick", action="store_true",
-                        help="1,000 iterations and 200 held-out tasks (about a minute on CPU)")
+                        help="1,000 iterations and 200 held-out tasks (about a minute on 2 idle cores)")
     parser.add_argument("--shots", type=int, nargs="+", help="K values (default: 5 10)")
     parser.add_argument("--methods", nargs="+", choices=["maml", "fo_maml", "pretrained"])
     parser.add_argument("--iterations", type=int, help="override the preset's meta-iterations")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch: torch.compile the meta-gradient (default: on, off with --quick)")
-    parser.add_argument("--jobs", type=int, default=1, help="worker processes for the (framework, K) pairs")
+    parser.add_argument("--jobs", type=int,
+                        help="worker processes for the (framework, K) pairs (default: one per CPU, at most one per pair)")
     parser.add_argument("--out", type=Path, help="output directory")
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
     return parser.parse_args(argv)
@@ -112,10 +114,11 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     pairs = [(framework, shots) for framework in frameworks for shots in protocol.shots]
+    jobs = args.jobs or min(os.cpu_count() or 1, len(pairs))
     start = time.perf_counter()
-    if args.jobs > 1:
+    if jobs > 1:
         # spawn: JAX's runtime threads do not survive a fork.
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(train_pair, protocol, framework, shots, methods, compile_torch,
                                    not args.no_progress) for framework, shots in pairs]
             outcomes = [future.result() for future in futures]
@@ -128,7 +131,7 @@ def main(argv=None) -> int:
 
     metrics = {"protocol": dataclasses.asdict(protocol), "methods": methods, "torch_compile": compile_torch,
                "command": " ".join(["python", "experiments/sinusoid/run.py", *(argv or sys.argv[1:])]),
-               "jobs": args.jobs, "versions": versions(), "wall_s": wall, "runs": runs}
+               "jobs": jobs, "versions": versions(), "wall_s": wall, "runs": runs}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     (out / "table.md").write_text(report.table(metrics))
     report.plot(metrics, out / "curves.png")
