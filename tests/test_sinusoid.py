@@ -43,7 +43,7 @@ def test_tasks_follow_the_paper_distribution():
     assert tasks.support_x.shape == (20_000, 5, 1, 1) and tasks.query_y.shape == (20_000, 7)
     x = np.concatenate([tasks.support_x[..., 0, 0], tasks.query_x[..., 0, 0]], axis=1)
     y = np.concatenate([tasks.support_y, tasks.query_y], axis=1)
-    assert -5 <= x.min() and x.max() <= 5
+    assert -5 <= x.min() and x.max() <= 5 and np.abs(y).max() <= 5
     np.testing.assert_allclose([x.mean(), x.var()], [0.0, 10.0 ** 2 / 12], atol=0.05)
     # Fitted on the support points alone, each sinusoid must reproduce the query points too.
     amplitude, phase = fit_sinusoids(tasks.support_x[..., 0, 0], tasks.support_y)
