@@ -1,11 +1,13 @@
-"""Test set-up: without a GPU, the Triton kernels run in Triton's interpreter on CPU tensors."""
+"""Test set-up: tensors go where the machine runs the kernels (tests/_device.py: the CUDA GPU, or
+the CPU under Triton's interpreter), and tests marked ``gpu`` run on a GPU machine and are skipped
+elsewhere, so ``python -m pytest -q`` is the whole suite this machine can run."""
 
 import os
 
-import torch
+from _device import DEVICE, ON_GPU  # first: it decides TRITON_INTERPRET before triton is imported
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402
+
 # torch and JAX share the GPU: JAX must not take 75 % of it up front (set before JAX starts).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -13,6 +15,21 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+
+
+def pytest_collection_modifyitems(config, items):
+    if ON_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (this machine runs the kernels in Triton's interpreter)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device() -> str:
+    """``"cuda"`` on a GPU machine, else ``"cpu"`` (the kernels then run in Triton's interpreter)."""
+    return DEVICE
 
 
 @pytest.fixture(scope="module")
