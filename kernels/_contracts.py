@@ -242,9 +242,9 @@ def interpreter_compute_dtype(dtype_name: str, backend: str) -> str:
 
     Why: the interpreter holds bfloat16 tiles as their raw 16-bit patterns (numpy has no bfloat16)
     and its ``tl.dot`` multiplies those patterns as integers, giving values around 1e9 with no error.
-    Its bfloat16 <-> float32 casts are exact, so float32 kernels on the bfloat16 values, rounded back
-    to bfloat16, are the bfloat16 result to within bfloat16's rounding. The bfloat16 kernels
-    themselves run, and are tested, on the GPU only."""
+    Every bfloat16 value is exact in float32, so the float32 kernels on the inputs, rounded back to
+    bfloat16 by the framework, give the bfloat16 result to within bfloat16's rounding. The bfloat16
+    kernels themselves run, and are tested, on the GPU only."""
     if dtype_name == "bfloat16" and backend == "triton_full_fused" and is_interpreter():
         return "float32"
     return dtype_name
