@@ -13,23 +13,15 @@ import pytest
 import torch
 from jax.test_util import check_grads
 
+from _device import DEVICE
+from _numerics import assert_accurate, assert_tree_accurate
 from theria_torch import rmsnorm as torch_rmsnorm
 from theria_jax.rmsnorm import rmsnorm, rmsnorm_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.runtime.interpreter")
 
 EPS = 0.1
-TOLERANCE = {jnp.float64: 1e-10, jnp.float32: 1e-4, jnp.float16: 5e-3, jnp.bfloat16: 2e-2}
-
-
-def assert_close(name, out, ref, tol):
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    rel = np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-300)
-    if not rel <= tol:
-        diff = np.nan_to_num(np.abs(out - ref), nan=np.inf)
-        index = np.unravel_index(np.argmax(diff), diff.shape)
-        raise AssertionError(f"{name}: relative error {rel:.3e} > {tol:.1e}; max |diff| {diff[index]:.3e} "
-                             f"at {index} (out {out[index]:.6g}, ref {ref[index]:.6g})")
+DTYPES = [jnp.float64, jnp.float32, jnp.float16, jnp.bfloat16]  # tolerances: tests/_numerics.py
 
 
 def make_inputs(leading, n_cols, dtype=jnp.float64, seed=0):
@@ -56,11 +48,10 @@ def scalar_loss(norm):
 
 
 def assert_trees_close(name, out, ref, tol=1e-11):
-    for i, (o, r) in enumerate(zip(jax.tree.leaves(out), jax.tree.leaves(ref))):
-        assert_close(f"{name} leaf {i}", o, r, tol)
+    assert_tree_accurate(name, out, ref, jnp.float64, tol=tol)
 
 
-@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("n_cols", [7, 32])
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_forward_and_vjp_match_float64_reference(dtype, n_cols, jit):
@@ -73,7 +64,7 @@ def test_forward_and_vjp_match_float64_reference(dtype, n_cols, jit):
     dx_ref, dweight_ref = vjp_ref(dy.astype(jnp.float64))
     assert y.dtype == dx.dtype == dweight.dtype == dtype
     for name, out, ref in (("y", y, y_ref), ("dx", dx, dx_ref), ("dweight", dweight, dweight_ref)):
-        assert_close(name, out, ref, TOLERANCE[dtype])
+        assert_accurate(name, out, ref, dtype)
 
 
 def test_check_grads_second_order_forward_and_reverse():
@@ -131,8 +122,7 @@ def test_same_numbers_as_torch():
     dy = randn_like(x, 9)
     y, vjp = jax.vjp(fused, x, weight)
     dx, dweight = vjp(dy)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    x_t, weight_t, dy_t = (torch.from_numpy(np.array(a)).to(device) for a in (x, weight, dy))
+    x_t, weight_t, dy_t = (torch.from_numpy(np.array(a)).to(DEVICE) for a in (x, weight, dy))
     x_t.requires_grad_(), weight_t.requires_grad_()
     y_t = torch_rmsnorm(x_t, weight_t, EPS)
     dx_t, dweight_t = torch.autograd.grad(y_t, (x_t, weight_t), dy_t)
@@ -164,7 +154,7 @@ def test_bad_input_raises_the_same_message_as_torch(case, error, match):
     with pytest.raises(error, match=match):
         rmsnorm(*args, **kwargs)
     if case != "not_array":
-        torch_args = [torch.from_numpy(np.array(a)) for a in args]
+        torch_args = [torch.from_numpy(np.array(a)).to(DEVICE) for a in args]
         with pytest.raises(error, match=match):
             torch_rmsnorm(*torch_args, **kwargs)
 
@@ -178,7 +168,7 @@ def test_cpu_without_interpreter_points_to_the_alternatives(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_gpu_jit_grad_and_hvp_at_model_size(dtype):
     x, weight = make_inputs((2, 1024), 4096, dtype, seed=10)
     v = randn_like(x, 11)
@@ -189,4 +179,4 @@ def test_gpu_jit_grad_and_hvp_at_model_size(dtype):
     ref_grad = jax.grad(lambda x, w: jnp.sum(reference(x, w) * v64), argnums=(0, 1))
     ref = (reference(x64, w64), ref_grad(x64, w64), jax.jvp(ref_grad, (x64, w64), (v64, w64))[1])
     for i, (o, r) in enumerate(zip(jax.tree.leaves(out), jax.tree.leaves(ref))):
-        assert_close(f"leaf {i}", o, r, TOLERANCE[dtype])
+        assert_accurate(f"leaf {i}", o, r, dtype)
