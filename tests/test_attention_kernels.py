@@ -1,4 +1,6 @@
-"""The Triton launchers against the float64 torch reference (CPU: Triton interpreter).
+"""The Triton launchers against the float64 torch reference, on tests/_device.py's DEVICE (the CPU
+through Triton's interpreter, or compiled for the GPU on a GPU machine), by tests/_numerics.py's
+criterion.
 
 Every derivative the kernels provide is checked directly: forward (out, lse), the JVP kernel
 (out_dot, lse_dot), the second-order forward (out'', lse''), the backward (with an lse
