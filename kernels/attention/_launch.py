@@ -227,10 +227,10 @@ def _row_delta(call: AttentionCall, d_lse: str | None) -> Launch:
 
 def _column_launch(kernel, call: AttentionCall, kind: str, arguments: dict, outputs: dict,
                    allocations: dict) -> Launch:
-    """A column sweep writing two key-shaped ``outputs`` (kernel parameter -> buffer name). When the group is split
-    (``AttentionCall.group_split``) the shares write float32 (float64) partials in k's layout,
-    ``span`` elements apart, and count their arrivals per tile (``_column_store``); the two
-    temporaries join ``allocations``."""
+    """A column sweep writing two key-shaped ``outputs`` (kernel parameter -> buffer name). When
+    the group is split (``AttentionCall.group_split``) the shares write float32 (float64) partials
+    in k's layout, ``span`` elements apart, and count their arrivals per tile (``_column_store``);
+    those temporaries join ``allocations``."""
     meta, _, block_n, warps, stages = call.meta(kind)
     splits = call.group_split(block_n)
     grid = call.column_grid(block_n, splits)
