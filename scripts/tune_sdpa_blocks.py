@@ -1,5 +1,5 @@
 """Time the attention launchers under candidate tile configurations (GPU only) and print the best
-per sweep kind, to choose the entries of ``_GPU_BLOCKS`` in kernels/attention.py.
+per sweep kind, to choose the entries of ``GPU_BLOCKS`` in kernels/attention/_launch.py.
 
     python scripts/tune_sdpa_blocks.py --shape 8,16,1024,64 --kinds backward_backward jvp
 """

@@ -1,8 +1,8 @@
 """The DLPack crossing from JAX into Triton: run a torch-tensor launcher on JAX's own buffers.
 
 The fallback launcher of ``theria_jax._launch`` (the CPU interpreter, jaxlibs without an
-XLA-native Triton launch) runs one plan launch through :func:`run_launch`; rmsnorm's ops call
-:func:`triton_call` with their launchers. Both stage an XLA custom call
+XLA-native Triton launch) runs one plan launch through :func:`run_launch`; :func:`triton_call`
+runs any torch-tensor launcher the same way. Both stage an XLA custom call
 (``jax.experimental.buffer_callback``) whose Python callback receives the device buffers XLA
 allocated for the inputs and the outputs, wraps each one as a torch tensor with DLPack (no copy),
 and calls the launcher, which writes the outputs in place. On a GPU the launcher runs on the CUDA
