@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from theria_jax.attention import attention, flash_attn_varlen_func
+from theria_kernels import _contracts
 from theria_kernels.attention import BACKENDS
 
 DENSE_MASK_ERROR = (
@@ -182,6 +183,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         local_window_size = tuple(int(w) for w in local_window_size)
         if len(local_window_size) != 2 or min(local_window_size) < 0:
             raise ValueError(f"local_window_size must be an int or (left, right) of ints >= 0, got {local_window_size}")
+    _contracts.validate_scale(scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
     if backend == "reference":

@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from theria_kernels import _contracts
 from theria_kernels.attention import BACKENDS, validate_dropout
 from theria_torch.attention import flash_attn_varlen_func, sdpa_custom
 
@@ -129,6 +130,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             "enable_gqa=True with the query heads a multiple of the key/value heads")
     leading = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
     q, k, v = (_fold_leading(t, leading) for t in (query, key, value))
+    _contracts.validate_scale(scale)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     if attn_mask is not None and is_causal:
         raise ValueError("attn_mask and is_causal=True together: give one of them (as torch requires); fold the "
