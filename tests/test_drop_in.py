@@ -2,7 +2,8 @@
 torch.nn.functional.scaled_dot_product_attention, theria_jax.dot_product_attention vs
 jax.nn.dot_product_attention: same signature, and in float64 the same outputs and first and
 second derivatives for the same inputs and masks (jax.nn takes its softmax in float32, so against
-it the bound is 1e-6; the fused backend against the reference backend is held to 1e-10)."""
+it the bound is 1e-6; the fused backend against the reference backend is held to 1e-10). torch
+tensors live on tests/_device.py's DEVICE; JAX picks the GPU by itself when there is one."""
 
 from __future__ import annotations
 
@@ -18,12 +19,18 @@ import torch.nn.functional as F
 
 import theria_jax
 import theria_torch
+from _device import DEVICE
 
 FUSED = "triton_full_fused"
 
 
+def _host(x) -> np.ndarray:
+    """A torch tensor (on any device) or a JAX array as a NumPy array."""
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
 def _max_diff(a, b):
-    return max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(a, b))
+    return max(float(np.abs(_host(x) - _host(y)).max()) for x, y in zip(a, b))
 
 
 def test_signatures_match_the_originals():
@@ -62,11 +69,11 @@ TORCH_CASES = {
 def test_torch_matches_sdpa(case, one_torch_thread):
     torch.manual_seed(0)
     kwargs, second_order = dict(TORCH_CASES[case][0]), TORCH_CASES[case][1]
-    q = torch.randn(2, 1, 2, 5, 8, dtype=torch.float64, requires_grad=True)          # (N, M, H_q, L, E)
-    k, v = (torch.randn(2, 1, 1, 7, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    q = torch.randn(2, 1, 2, 5, 8, dtype=torch.float64).to(DEVICE).requires_grad_()  # (N, M, H_q, L, E)
+    k, v = (torch.randn(2, 1, 1, 7, 8, dtype=torch.float64).to(DEVICE).requires_grad_() for _ in range(2))
     if kwargs.get("attn_mask") == "key_padding":
-        kwargs["attn_mask"] = torch.tensor([[1, 1, 0, 1, 1, 0, 1], [0, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)[
-            :, None, None, None, :]                                                 # (N, 1, 1, 1, S)
+        kwargs["attn_mask"] = torch.tensor([[1, 1, 0, 1, 1, 0, 1], [0, 1, 1, 1, 1, 1, 1]], dtype=torch.bool,
+                                           device=DEVICE)[:, None, None, None, :]  # (N, 1, 1, 1, S)
     expected = _torch_derivatives(lambda *x: F.scaled_dot_product_attention(*x, enable_gqa=True, **kwargs), q, k, v,
                                   second_order)
     for backend in (FUSED, "reference"):
@@ -78,9 +85,9 @@ def test_torch_matches_sdpa(case, one_torch_thread):
 
 def test_torch_reference_takes_any_mask_and_fused_raises():
     torch.manual_seed(0)
-    q, k, v = (torch.randn(3, 6, 8, dtype=torch.float64) for _ in range(3))          # (H, L, E)
-    dense = torch.rand(6, 6) > 0.3
-    bias = torch.randn(3, 6, 6, dtype=torch.float64)
+    q, k, v = (torch.randn(3, 6, 8, dtype=torch.float64).to(DEVICE) for _ in range(3))  # (H, L, E)
+    dense = (torch.rand(6, 6) > 0.3).to(DEVICE)
+    bias = torch.randn(3, 6, 6, dtype=torch.float64).to(DEVICE)
     for mask in (dense, bias):
         expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         got = theria_torch.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="reference")

@@ -3,6 +3,8 @@ names the argument and what to do, and no input gives silently wrong numbers (bf
 interpreter is computed correctly, see ``theria_kernels._contracts.interpreter_compute_dtype``).
 
 Checks run before any kernel, so these tests are fast; the bfloat16 ones launch tiny kernels.
+torch tensors are built on tests/_device.py's DEVICE, so every wrong input is wrong in the same one way
+on a GPU machine and on a CPU one; JAX picks the GPU by itself when there is one.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 import theria_jax
 import theria_torch
+from _device import DEVICE
 from theria_kernels import _contracts
 
 B, T, H, D = 1, 8, 2, 16
@@ -25,7 +28,7 @@ def _numpy(dtype=np.float32, shape=(B, T, H, D)):
 
 
 def _torch(dtype=torch.float32, shape=(B, T, H, D)):
-    return torch.from_numpy(_numpy(np.float64, shape)).to(dtype)
+    return torch.from_numpy(_numpy(np.float64, shape)).to(DEVICE, dtype)
 
 
 def _jax(dtype=jnp.float32, shape=(B, T, H, D)):
@@ -61,7 +64,7 @@ def test_torch_attention_rejects_other_arrays(name, kind, make, words):
 
 def test_torch_varlen_rejects_other_arrays():
     q = _numpy(shape=(T, H, D))
-    cu = torch.tensor([0, T], dtype=torch.int32)
+    cu = torch.tensor([0, T], dtype=torch.int32, device=DEVICE)
     message = _message(TypeError, theria_torch.flash_attn_varlen_func, q, q, q, cu, cu, T, T)
     assert "q must be a torch.Tensor" in message and "torch.from_numpy(q)" in message
 
@@ -92,7 +95,7 @@ def test_jax_attention_takes_numpy_arrays():
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_rmsnorm_rejects_other_arrays(framework):
     if framework == "torch":
-        message = _message(TypeError, theria_torch.rmsnorm, _numpy(shape=(4, D)), torch.ones(D))
+        message = _message(TypeError, theria_torch.rmsnorm, _numpy(shape=(4, D)), torch.ones(D, device=DEVICE))
         assert "rmsnorm: x must be a torch.Tensor" in message and "torch.from_numpy(x)" in message
     else:
         message = _message(TypeError, theria_jax.rmsnorm, _torch(shape=(4, D)), jnp.ones(D))
@@ -122,7 +125,8 @@ def test_integer_inputs_are_refused_on_every_backend(backend):
 
 @pytest.mark.parametrize("backend", _contracts.BACKENDS)
 def test_rmsnorm_integer_inputs_are_refused_on_every_backend(backend):
-    for function, x, weight in ((theria_torch.rmsnorm, _torch(torch.int64, (4, D)), torch.ones(D, dtype=torch.int64)),
+    for function, x, weight in ((theria_torch.rmsnorm, _torch(torch.int64, (4, D)),
+                                 torch.ones(D, dtype=torch.int64, device=DEVICE)),
                                 (theria_jax.rmsnorm, _jax(jnp.int64, (4, D)), jnp.ones(D, jnp.int64))):
         message = _message(TypeError, function, x, weight, backend=backend)
         assert "x has dtype int64" in message and "float32" in message, message
@@ -170,7 +174,7 @@ def test_numpy_scalars_are_accepted():
 
 def test_varlen_options_are_checked():
     q = _torch(shape=(T, H, D))
-    cu = torch.tensor([0, T], dtype=torch.int32)
+    cu = torch.tensor([0, T], dtype=torch.int32, device=DEVICE)
     message = _message(TypeError, theria_torch.flash_attn_varlen_func, q, q, q, cu, cu, T, T, softmax_scale="0.5")
     assert "softmax_scale must be a Python float or None" in message
     q = _jax(shape=(T, H, D))
@@ -195,7 +199,9 @@ def triton_imported_without_interpreter(monkeypatch):
     monkeypatch.setattr(standard, "sigmoid", object())
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the check guards the CPU path")
+# Skipped wherever CUDA is present, also under TRITON_INTERPRET=1 set by hand: JAX then runs on the
+# GPU, where theria_jax never looks at the interpreter, so the JAX half cannot raise there.
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check guards the CPU path (JAX picks the GPU when present)")
 def test_interpreter_switched_on_too_late(triton_imported_without_interpreter):
     q_torch, q_jax, x_torch, x_jax = _torch(), _jax(), _torch(shape=(4, D)), _jax(shape=(4, D))
     calls = [
@@ -222,8 +228,13 @@ def test_interpreter_switched_on_too_late(triton_imported_without_interpreter):
 BF16_BOUND = 2e-2  # the contract's bound for bfloat16 against float64 (docs/design/attention.md § 11)
 
 
+def _host(x) -> np.ndarray:
+    """A torch tensor (on any device) or a JAX array as a NumPy array."""
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
 def _relative(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a, b = np.asarray(_host(a), np.float64), np.asarray(_host(b), np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
@@ -267,7 +278,7 @@ def test_jax_bfloat16_matches_float64():
 def test_rmsnorm_bfloat16_matches_float64():
     """rmsnorm's kernels load bfloat16 and compute in float32 already, so they are right as they are."""
     x, weight = _numpy(np.float64, (4, 32)), _numpy(np.float64, (32,))
-    x_torch, w_torch = (torch.from_numpy(a).bfloat16().requires_grad_() for a in (x, weight))
+    x_torch, w_torch = (torch.from_numpy(a).to(DEVICE, torch.bfloat16).requires_grad_() for a in (x, weight))
     exact = [t.detach().double().requires_grad_() for t in (x_torch, w_torch)]
     y = theria_torch.rmsnorm(x_torch, w_torch)
     ref = theria_torch.rmsnorm(*exact, backend="reference")

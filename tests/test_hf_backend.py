@@ -2,7 +2,8 @@
 downloaded), in float64, against transformers' eager backend and against theria's reference
 backend (the same masks in plain torch, exact in float64; eager takes its softmax in float32, so
 against eager the bound is 1e-6). Padded query rows output zeros on theria (as transformers'
-flash-attention backends give them), so outputs are compared on the valid tokens."""
+flash-attention backends give them), so outputs are compared on the valid tokens. Models, token
+ids and masks live on tests/_device.py's DEVICE (drawn on the CPU, so the same on every machine)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import copy
 
 import pytest
 import torch
+
+from _device import DEVICE
 
 transformers = pytest.importorskip("transformers")
 
@@ -42,7 +45,7 @@ def _models(config, implementations):
     models = {}
     for implementation in implementations:
         model = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=implementation,
-                                                              dtype=torch.float64)
+                                                              dtype=torch.float64).to(DEVICE)
         if models:
             model.load_state_dict(next(iter(models.values())).state_dict())
         models[implementation] = model
@@ -51,8 +54,8 @@ def _models(config, implementations):
 
 def _tokens(padding):
     torch.manual_seed(1)
-    ids = torch.randint(0, VOCAB, (B, T))
-    labels = torch.where(padding.bool(), ids, -100)    # padded tokens carry no loss
+    ids = torch.randint(0, VOCAB, (B, T)).to(DEVICE)
+    labels = torch.where(padding.to(DEVICE).bool(), ids, -100)    # padded tokens carry no loss
     return ids, labels
 
 
@@ -68,6 +71,7 @@ FAMILIES = {
 @pytest.mark.parametrize("case", FAMILIES, ids=list(FAMILIES))
 def test_families_match_transformers(case, one_torch_thread):
     family, padding, theirs = FAMILIES[case]
+    padding = padding.to(DEVICE)
     models = _models(_config(family), (theirs, REFERENCE, FUSED))
     ids, labels = _tokens(padding)
     valid = padding.bool()
@@ -100,9 +104,10 @@ def _meta_gradient(model, support, query, inner_lr=0.5):
 def test_maml_meta_gradient_through_llama(one_torch_thread):
     models = _models(_config("llama"), (FUSED, REFERENCE, "eager"))
     ids, labels = _tokens(RIGHT_PADDING)
-    support = (ids, RIGHT_PADDING, labels)
+    support = (ids, RIGHT_PADDING.to(DEVICE), labels)
     torch.manual_seed(2)
-    query_ids, query_padding = torch.randint(0, VOCAB, (B, T)), torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]])
+    query_ids = torch.randint(0, VOCAB, (B, T)).to(DEVICE)
+    query_padding = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]], device=DEVICE)
     query = (query_ids, query_padding, torch.where(query_padding.bool(), query_ids, -100))
     meta = {name: _meta_gradient(model, support, query) for name, model in models.items()}
     scale = max(g.abs().max() for g in meta[REFERENCE])
@@ -113,19 +118,20 @@ def test_maml_meta_gradient_through_llama(one_torch_thread):
 def test_softcap_runs_on_the_reference_backend_and_raises_on_the_fused(one_torch_thread):
     models = _models(_config("gemma2", attn_logit_softcapping=5.0), ("eager", REFERENCE, FUSED))
     ids, labels = _tokens(RIGHT_PADDING)
-    valid = RIGHT_PADDING.bool()
-    eager, reference = (models[name](ids, attention_mask=RIGHT_PADDING).logits[valid] for name in ("eager", REFERENCE))
+    padding = RIGHT_PADDING.to(DEVICE)
+    valid = padding.bool()
+    eager, reference = (models[name](ids, attention_mask=padding).logits[valid] for name in ("eager", REFERENCE))
     assert (eager - reference).abs().max() < 1e-6
     with pytest.raises(NotImplementedError, match="backend='reference'"):
-        models[FUSED](ids, attention_mask=RIGHT_PADDING)
+        models[FUSED](ids, attention_mask=padding)
 
 
 def test_masks_it_cannot_run_raise():
     model = _models(_config("llama"), (FUSED,))[FUSED]
     ids, _ = _tokens(RIGHT_PADDING)
     # Two sequences packed into each row (position_ids restart): a block-diagonal mask.
-    packed_positions = torch.tensor([[0, 1, 2, 0, 1, 2]] * B)
+    packed_positions = torch.tensor([[0, 1, 2, 0, 1, 2]] * B, device=DEVICE)
     with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
         model(ids, position_ids=packed_positions)
     with pytest.raises(ValueError, match="2D attention_mask"):
-        model(ids, attention_mask=torch.ones(B, 1, T, T, dtype=torch.bool))
+        model(ids, attention_mask=torch.ones(B, 1, T, T, dtype=torch.bool, device=DEVICE))
