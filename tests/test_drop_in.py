@@ -162,3 +162,15 @@ def test_jax_unbatched_window_jit_residual_and_errors():
                             (dict(local_window_size=1, key_value_seq_lengths=jnp.array([3])), "local_window_size")):
         with pytest.raises(ValueError, match=message):
             theria_jax.dot_product_attention(q[None], k[None], v[None], **kwargs)
+
+
+@pytest.mark.parametrize("scale", ["0.5", True, float("nan")], ids=["string", "bool", "nan"])
+def test_drop_ins_check_scale(scale):
+    """The drop-ins check ``scale`` as every entry point does, before converting it."""
+    q = torch.randn(1, 2, 8, 16, dtype=torch.float64, device=DEVICE)
+    x = jnp.ones((1, 8, 2, 16), jnp.float64)
+    error = ValueError if isinstance(scale, float) else TypeError
+    with pytest.raises(error, match="scale must be"):
+        theria_torch.scaled_dot_product_attention(q, q, q, scale=scale)
+    with pytest.raises(error, match="scale must be"):
+        theria_jax.dot_product_attention(x, x, x, scale=scale)
