@@ -1,7 +1,8 @@
 """torch and JAX compute the same MAML: same numpy weights and tasks, float64, agreement to 1e-10.
 
 Also the parameter layout and the converters between the frameworks, and (GPU only) the
-long-context benchmark script as one command.
+long-context benchmark script as one command. The torch side runs on ``DEVICE`` (tests/_device.py),
+JAX on its default device (the GPU when there is one); the comparisons are in numpy on the CPU.
 """
 
 import subprocess
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from _device import DEVICE
 import theria_jax.maml
 import theria_jax.models
 import theria_jax.tasks
@@ -53,10 +55,10 @@ def test_torch_and_jax_meta_gradients_agree(family_name):
     batch = theria_torch.tasks.sample_meta_batch(family, np.random.default_rng(4), 3, 4, 4)
     options = dict(inner_lr=0.3, steps=2)
 
-    model = theria_torch.models.TransformerStack(config, dtype=torch.float64)
+    model = theria_torch.models.TransformerStack(config, dtype=torch.float64, device=DEVICE)
     torch_loss = theria_torch.models.make_loss_fn(model, family.loss)
-    torch_params = theria_torch.models.torch_params(weights, dtype=torch.float64)
-    torch_batch = theria_torch.tasks.as_torch(batch, dtype=torch.float64)
+    torch_params = theria_torch.models.torch_params(weights, dtype=torch.float64, device=DEVICE)
+    torch_batch = theria_torch.tasks.as_torch(batch, dtype=torch.float64, device=DEVICE)
     torch_out = {"outputs": {"": torch.func.functional_call(model, torch_params, (torch_batch.query_x[0],))}}
     for method, first_order in (("maml", False), ("fo_maml", True)):
         torch_out[method] = theria_torch.maml.meta_gradient(torch_params, torch_batch, torch_loss,
@@ -73,7 +75,8 @@ def test_torch_and_jax_meta_gradients_agree(family_name):
 
     jax_out = jax_run(theria_jax.models.jax_params(weights, dtype=jnp.float64),
                       theria_jax.tasks.as_jax(batch, dtype=jnp.float64))
-    torch_out = {quantity: {n: v.detach().numpy() for n, v in tree.items()} for quantity, tree in torch_out.items()}
+    torch_out = {quantity: {n: v.detach().cpu().numpy() for n, v in tree.items()}
+                 for quantity, tree in torch_out.items()}
     for quantity, expected in torch_out.items():
         error = relative_error(flat(jax_out[quantity]), flat(expected))
         worst = max(expected, key=lambda n: np.abs(np.asarray(jax_out[quantity][n]) - expected[n]).max())
@@ -85,7 +88,7 @@ def test_torch_and_jax_meta_gradients_agree(family_name):
 
 def test_parameter_converters_round_trip():
     config = theria_torch.models.ModelConfig(d_in=4, d_out=2, max_len=5, d_model=16, n_heads=2, n_layers=2)
-    model = theria_torch.models.TransformerStack(config, seed=5, dtype=torch.float32)
+    model = theria_torch.models.TransformerStack(config, seed=5, dtype=torch.float32, device=DEVICE)
     torch_params = dict(model.named_parameters())
     jax_params = theria_jax.models.from_torch(torch_params)
     assert {n: (v.shape, v.dtype) for n, v in jax_params.items()} == {
@@ -96,7 +99,7 @@ def test_parameter_converters_round_trip():
     with torch.no_grad():  # the JAX arrays are copies: torch's in-place updates must not reach them
         next(iter(torch_params.values())).add_(1.0)
     first = next(iter(torch_params))
-    assert not np.array_equal(np.asarray(jax_params[first]), torch_params[first].detach().numpy())
+    assert not np.array_equal(np.asarray(jax_params[first]), torch_params[first].detach().cpu().numpy())
 
 
 @pytest.mark.gpu

@@ -5,6 +5,9 @@ For one inner step from θ with rate α, θ' = θ − α ∇L_s(θ) and (docs/th
     FO-MAML:    ∇L_q(θ')
 each averaged over the tasks of the meta-batch. Both are built here from independent pieces
 (torch.func.grad of the query loss, a forward-over-reverse HVP) and compared with meta_gradient.
+
+The reference-backend tests run on the CPU; the fused backend's runs on ``DEVICE`` (tests/_device.py:
+the CUDA GPU, or the CPU under Triton's interpreter), its reference side with it.
 """
 
 import subprocess
@@ -16,6 +19,7 @@ import pytest
 import torch
 from torch.func import grad, jvp
 
+from _device import DEVICE
 from theria_torch import maml, models, tasks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,15 +36,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 
-def setup(family_name: str, *, backend: str = "reference", n_tasks: int = 3, k: int = 4, n_layers: int = 2):
-    """Float64 model, loss, parameters and a meta-batch, all seeded."""
+def setup(family_name: str, *, backend: str = "reference", n_tasks: int = 3, k: int = 4, n_layers: int = 2,
+          device: str = "cpu"):
+    """Float64 model, loss, parameters and a meta-batch on ``device``, all seeded."""
     family = tasks.make_family(family_name, **FAMILIES[family_name])
     config = models.ModelConfig(d_in=family.d_in, d_out=family.d_out, max_len=family.seq_len, d_model=16,
                                 n_heads=2, n_layers=n_layers)
-    model = models.TransformerStack(config, backend=backend, seed=1, dtype=torch.float64)
+    model = models.TransformerStack(config, backend=backend, seed=1, dtype=torch.float64, device=device)
     params = {name: p.detach() for name, p in model.named_parameters()}
     batch = tasks.as_torch(tasks.sample_meta_batch(family, np.random.default_rng(2), n_tasks, k, k),
-                           dtype=torch.float64)
+                           dtype=torch.float64, device=device)
     return models.make_loss_fn(model, family.loss), params, batch
 
 
@@ -133,8 +138,9 @@ def test_inner_adapt_and_meta_step_are_plain_gradient_descent():
 
 
 def test_fused_backend_meta_gradient_matches_reference():
-    """Full MAML (double backward through the fused kernels, vmapped over tasks) in float64."""
-    shape = dict(n_tasks=2, k=2, n_layers=1)
+    """Full MAML (double backward through the fused kernels, vmapped over tasks) in float64, both
+    backends on DEVICE."""
+    shape = dict(n_tasks=2, k=2, n_layers=1, device=DEVICE)
     loss_ref, params, batch = setup("sequence_classification", **shape)
     loss_fused, _, _ = setup("sequence_classification", backend=FUSED, **shape)
     for first_order in (False, True):
