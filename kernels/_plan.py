@@ -9,7 +9,7 @@ dtypes (as names), never tensors, so they import neither torch nor JAX and every
 the same object:
 
 * ``theria_kernels._launch_torch``: torch tensors, the compiled kernel launched directly;
-* ``theria_jax._xla_launch``: one ``triton_kernel_call_ffi`` custom call per launch inside XLA;
+* ``theria_jax._launch``: one ``triton_kernel_call_ffi`` custom call per launch inside XLA;
 * ``theria_jax._bridge``: JAX buffers as torch tensors (DLPack) through the torch launcher.
 
 One rule makes the XLA launcher possible: in every kernel the pointers it reads come before the
