@@ -14,6 +14,8 @@ half-precision cases use float16; bfloat16 is covered on the GPU (tests/test_att
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 import triton
@@ -50,6 +52,14 @@ MASKS = [
 ]
 MASK_IDS = ["full", "causal", "causal_br", "window_br"]
 HEAD_DIMS = [16, 40]
+
+
+@pytest.fixture(autouse=True)
+def _seeded_cotangents(request):
+    """Tangents and cotangents come from torch's global generator: seed it per test, so each test
+    draws the same numbers in every run and order (the accuracy bound is relative to plain
+    same-dtype attention on those numbers, so an unseeded draw made the outcome vary)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def _case(shape, head_dim, dtype, mask, seed=0):

@@ -127,13 +127,6 @@ def _like(t: Tensor) -> Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
 
 
-def _kernel_layout(t: Tensor) -> Tensor:
-    """``t`` as the attention launchers hand it to the kernels (``torch_launchers._prepare``): as
-    it is if its last stride is 1 and no stride is 0 (a broadcast), else a contiguous copy; the
-    outputs shaped like q or k are allocated with these strides."""
-    return t if t.stride(-1) == 1 and 0 not in t.stride() else t.contiguous()
-
-
 def _rows(t: Tensor) -> Tensor:
     """Row statistics (lse, rstd) of ``t``: one per row of its last dimension, in the accumulator
     dtype (float32, float64 for float64), contiguous."""
@@ -145,7 +138,7 @@ def _attention_fake(kinds: str):
     allocated in q's / k's kernel layout, s a row statistic (as theria_jax's ``_avals``)."""
 
     def fake(q, k, *rest):
-        like = {"q": _kernel_layout(q), "k": _kernel_layout(k)}
+        like = {"q": torch_launchers.kernel_layout(q), "k": torch_launchers.kernel_layout(k)}
         return tuple(_rows(q) if kind == "s" else _like(like[kind]) for kind in kinds)
 
     return fake

@@ -92,15 +92,20 @@ def varlen_keywords(q, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, 
                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
 
 
+def kernel_layout(t: torch.Tensor) -> torch.Tensor:
+    """q or k as the kernels take it: as it is when its last stride is 1 and no stride is 0, else a
+    contiguous copy. Outputs are allocated in q's and k's layouts, so those must not overlap
+    themselves (a broadcast, e.g. from vmap over k alone, has stride 0). The operators' fakes
+    follow the same rule."""
+    return t if t.stride(-1) == 1 and 0 not in t.stride() else t.contiguous()
+
+
 def _prepare(q, k, params: AttentionParams, query_like: dict, key_like: dict, rows: dict, outputs: dict,
              varlen: dict) -> tuple[AttentionCall, dict]:
     """The plan's call and its tensors by name: q and k with unit last stride, the other inputs
     moved into q's / k's layout, row statistics contiguous in their dtype, preallocated outputs
     checked."""
-    # Outputs are allocated in q's and k's layouts, so those must not overlap themselves
-    # (a broadcast, e.g. from vmap over k alone, has stride 0).
-    q = q if q.stride(-1) == 1 and 0 not in q.stride() else q.contiguous()
-    k = k if k.stride(-1) == 1 and 0 not in k.stride() else k.contiguous()
+    q, k = kernel_layout(q), kernel_layout(k)
     lengths = None
     if varlen:
         varlen = varlen_keywords(q, **varlen)
