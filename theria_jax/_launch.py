@@ -115,7 +115,7 @@ def _lowering(ctx, *operands, launch, out_avals, zeroed):
     if launcher() == "bridge":
         return mlir.lower_fun(_bridge_impl, multiple_results=True)(
             ctx, *operands, launch=launch, out_avals=out_avals, zeroed=zeroed)
-    call = _kernel_call(launch, tuple(a.dtype for a in ctx.avals_in), out_avals, zeroed, _compute_capability())
+    call = _kernel_call(launch, tuple(a.dtype for a in ctx.avals_in), out_avals, zeroed, compute_capability())
     return jax.ffi.ffi_lowering(_FFI_TARGET, api_version=4)(ctx, *operands, opaque=call)
 
 
@@ -128,7 +128,8 @@ mlir.register_lowering(launch_p, _lowering)
 
 
 @functools.cache
-def _compute_capability() -> int:
+def compute_capability() -> int:
+    """The first GPU's compute capability as an int (9.0 -> 90)."""
     device = jax.devices("gpu")[0]
     major, minor = str(device.compute_capability).split(".")
     return int(major) * 10 + int(minor)

@@ -46,7 +46,7 @@ from jax.core import ShapedArray
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from theria_jax._launch import run_plan
+from theria_jax._launch import compute_capability, run_plan
 from theria_kernels import _contracts
 from theria_kernels._contracts import is_interpreter
 from theria_kernels.rmsnorm import (
@@ -124,8 +124,7 @@ def _device() -> RMSNormDevice:
     if is_interpreter() or jax.default_backend() != "gpu":
         return RMSNormDevice(_contracts.INTERPRETER_MULTIPROCESSORS)
     device = jax.devices()[0]
-    major, minor = str(device.compute_capability).split(".")
-    return RMSNormDevice(device.core_count, _SHARED_MEMORY.get(int(major) * 10 + int(minor), 101376))
+    return RMSNormDevice(device.core_count, _SHARED_MEMORY.get(compute_capability(), 101376))
 
 
 def _slots(arrays, present):
