@@ -48,6 +48,15 @@ def run_plan(plan: Plan, tensors: dict) -> tuple[torch.Tensor, ...]:
         The plan's outputs, in ``plan.outputs`` order.
     """
     device = tensors[plan.inputs[0]].device
+    # Kernels launch in the current CUDA context: switch devices only when the inputs are on
+    # another one (entering torch.cuda.device costs several microseconds even when it changes nothing).
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            return _run_plan(plan, tensors, device)
+    return _run_plan(plan, tensors, device)
+
+
+def _run_plan(plan: Plan, tensors: dict, device: torch.device) -> tuple[torch.Tensor, ...]:
     for name, spec in plan.allocations.items():
         if name not in tensors:
             tensors[name] = _allocate(spec, tensors, device)

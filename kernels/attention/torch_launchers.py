@@ -154,16 +154,6 @@ def _check_output(given: torch.Tensor, name: str, q: torch.Tensor, k: torch.Tens
         raise ValueError(f"preallocated {name} must have the dtype and layout of {like}")
 
 
-def _run(plan, tensors):
-    # Kernels launch in the current CUDA context: switch devices only when q is on another one
-    # (entering torch.cuda.device costs several microseconds even when it changes nothing).
-    device = tensors["q"].device
-    if device.type == "cuda" and device.index != torch.cuda.current_device():
-        with torch.cuda.device(device):
-            return run_plan(plan, tensors)
-    return run_plan(plan, tensors)
-
-
 _PLANS: dict = {}
 
 
@@ -196,7 +186,7 @@ def attention_forward(q, k, v, params: AttentionParams, *, out=None, lse=None, *
         +inf on rows that see no key.
     """
     call, tensors = _prepare(q, k, params, {}, {"v": v}, {}, {"out": out, "lse": lse}, varlen)
-    return _run(_plan(forward_plan, call), tensors)
+    return run_plan(_plan(forward_plan, call), tensors)
 
 
 def attention_jvp(q, k, v, q_dot, k_dot, v_dot, params: AttentionParams, *, out=None, lse=None,
@@ -205,7 +195,7 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot, params: AttentionParams, *, out=
     the tangents for input tangents (q_dot, k_dot, v_dot) shaped like (q, k, v)."""
     call, tensors = _prepare(q, k, params, {"q_dot": q_dot}, {"v": v, "k_dot": k_dot, "v_dot": v_dot}, {},
                              dict(out=out, lse=lse, out_dot=out_dot, lse_dot=lse_dot), varlen)
-    return _run(_plan(forward_plan, call, True), tensors)
+    return run_plan(_plan(forward_plan, call, True), tensors)
 
 
 def attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params: AttentionParams, *,
@@ -220,7 +210,7 @@ def attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params
     call, tensors = _prepare(q, k, params, {"q_dot": q_dot, "q_y": q_y},
                              {"v": v, "k_dot": k_dot, "v_dot": v_dot, "k_y": k_y, "v_y": v_y}, {},
                              dict(out_second=out_second, lse_second=lse_second), varlen)
-    return _run(_plan(forward_plan, call, True, True), tensors)
+    return run_plan(_plan(forward_plan, call, True, True), tensors)
 
 
 def attention_backward(q, k, v, out, lse, d_out, d_lse, params: AttentionParams, *, dq=None, dk=None, dv=None,
@@ -228,7 +218,7 @@ def attention_backward(q, k, v, out, lse, d_out, d_lse, params: AttentionParams,
     """Gradients (dq, dk, dv) of <d_out, out> + <d_lse, lse>; ``d_lse`` may be None (zero)."""
     call, tensors = _prepare(q, k, params, {"out": out, "d_out": d_out}, {"v": v}, {"lse": lse, "d_lse": d_lse},
                              dict(dq=dq, dk=dk, dv=dv), varlen)
-    return _run(_plan(backward_plan, call, d_lse is not None), tensors)
+    return run_plan(_plan(backward_plan, call, d_lse is not None), tensors)
 
 
 def attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv,
@@ -246,4 +236,4 @@ def attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk,
                              dict(cot_q=cot_q, cot_k=cot_k, cot_v=cot_v, cot_d_out=cot_d_out,
                                   cot_d_lse=cot_d_lse), varlen)
     given = frozenset(name for name in ("d_lse", "cot_dq", "cot_dk", "cot_dv") if name in tensors)
-    return _run(_plan(backward_backward_plan, call, given), tensors)
+    return run_plan(_plan(backward_backward_plan, call, given), tensors)

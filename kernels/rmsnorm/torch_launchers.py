@@ -61,14 +61,6 @@ def _optional(tensors: dict, **given) -> dict:
     return tensors
 
 
-def _run(plan, tensors: dict):
-    device = tensors["x"].device
-    if device.type == "cuda" and device.index != torch.cuda.current_device():
-        with torch.cuda.device(device):
-            return run_plan(plan, tensors)
-    return run_plan(plan, tensors)
-
-
 def rmsnorm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
                     y: torch.Tensor | None = None, rstd: torch.Tensor | None = None,
                     tuning: RMSNormTuning = DEFAULT_TUNING):
@@ -109,7 +101,7 @@ def rmsnorm_jvp(x: torch.Tensor, weight: torch.Tensor, x_dot: torch.Tensor | Non
         tensors["y_dot"] = output_buffer(y_dot, "y_dot", x.shape, x.dtype, x.device)
     _optional(tensors, x_dot=x_dot if x_dot is None else _check_like("x_dot", x_dot, x, "x"),
               weight_dot=weight_dot if weight_dot is None else _check_like("weight_dot", weight_dot, weight, "weight"))
-    outputs = _run(forward_plan(call, float(eps), x_dot is not None, weight_dot is not None), tensors)
+    outputs = run_plan(forward_plan(call, float(eps), x_dot is not None, weight_dot is not None), tensors)
     return (*outputs, None) if not has_tangent else outputs
 
 
@@ -130,7 +122,7 @@ def rmsnorm_backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, 
                "dy": _check_like("dy", dy, x, "x"),
                "dx": output_buffer(dx, "dx", x.shape, x.dtype, x.device),
                "dweight": output_buffer(dweight, "dweight", weight.shape, weight.dtype, weight.device)}
-    return _run(backward_plan(call), tensors)
+    return run_plan(backward_plan(call), tensors)
 
 
 def rmsnorm_backward_backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor,
@@ -158,7 +150,7 @@ def rmsnorm_backward_backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch
     _optional(tensors, cot_dx=cot_dx if cot_dx is None else _check_like("cot_dx", cot_dx, x, "x"),
               cot_dweight=cot_dweight if cot_dweight is None else _check_like("cot_dweight", cot_dweight, weight,
                                                                                "weight"))
-    return _run(backward_backward_plan(call, cot_dx is not None, cot_dweight is not None), tensors)
+    return run_plan(backward_backward_plan(call, cot_dx is not None, cot_dweight is not None), tensors)
 
 
 def rmsnorm_forward_second(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
@@ -186,7 +178,7 @@ def rmsnorm_forward_second(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Te
         if t is not None:
             tensors[name] = _check_like(name, t, like, like_name)
     present = tuple(t is not None for t, _, _ in directions.values())
-    return _run(forward_second_plan(call, present), tensors)[0]
+    return run_plan(forward_second_plan(call, present), tensors)[0]
 
 
 def _sum_partials(partial: torch.Tensor, out: torch.Tensor) -> None:
