@@ -24,12 +24,19 @@ class AttentionParams:
     ``window_size`` has flash-attn's meaning: key ``j`` is visible to query ``i`` when
     ``-left <= j - i - shift <= right`` (``-1`` = unbounded); ``causal`` sets ``right = 0``.
     ``shift = T_k - T_q`` when ``bottom_right`` (flash-attn ≥ 2.1) else 0 (torch SDPA, JAX).
+
+    Score modifiers (flash-attn's ``flash_attn_func``; docs/theory/attention_derivatives.md §8):
+    ``softcap > 0`` replaces the scaled score ``s`` by ``softcap · tanh(s / softcap)`` (0 = off);
+    ``alibi`` says the call carries ALiBi slopes (an input buffer, one per sequence and query head),
+    which add ``-slope · |i + shift - j|`` to the capped score.
     """
 
     scale: float
     causal: bool = False
     window_size: tuple[int, int] = (-1, -1)
     bottom_right: bool = False
+    softcap: float = 0.0
+    alibi: bool = False
 
     def diagonal_band(self, t_q: int, t_k: int) -> tuple[int, int]:
         """(lo, hi) such that key j is visible to query i iff i + lo <= j <= i + hi."""
@@ -207,6 +214,33 @@ def validate_scale(scale, name: str = "scale") -> None:
                         f"{type(scale).__name__} {scale!r}; pass a number, e.g. {name}=0.125")
     if not math.isfinite(scale):
         raise ValueError(f"{name} must be finite, got {scale!r}")
+
+
+def validate_softcap(softcap, name: str = "softcap") -> float:
+    """``softcap`` as a float: 0 (off, flash-attn's default) or a finite positive number. Static like
+    ``scale`` (it specialises the kernels), so arrays and strings are refused rather than converted;
+    a negative cap, which flash-attn silently ignores, is refused rather than read as off."""
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"{name} must be a Python float (0.0 = off), got {type(softcap).__name__} {softcap!r}; "
+                        f"pass a number, e.g. {name}=50.0 (Gemma-2's attn_logit_softcapping)")
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (0.0 = off), got {softcap!r}")
+    return float(softcap)
+
+
+ALIBI_DTYPES = ("float32", "float64")
+
+
+def validate_alibi_slopes(shape, dtype: str, batch: int, heads: int, *, batch_name: str = "batch size",
+                          name: str = "alibi_slopes") -> None:
+    """``alibi_slopes`` (flash-attn's ALiBi) is (H,) or (B, H) of floats, H the query heads and B
+    the batch size (the number of sequences for varlen calls)."""
+    shape = tuple(shape)
+    if shape not in ((heads,), (batch, heads)):
+        raise ValueError(f"{name} must have shape (nheads,) = ({heads},) or ({batch_name}, nheads) = ({batch}, {heads}), "
+                         f"got {shape}")
+    if dtype not in ALIBI_DTYPES:
+        raise TypeError(f"{name} must be float32 (flash-attn's ALiBi slopes) or float64, got {dtype}")
 
 
 def validate_causal(causal) -> None:

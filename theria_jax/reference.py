@@ -1,7 +1,8 @@
 """Plain jax.numpy attention: the ground truth for tests and the ``reference`` backend.
 
-The layout is (B, T, H, D) like ``jax.nn.dot_product_attention``; the mask semantics are the
-same as ``theria_torch.reference`` (docs/design/attention.md).
+The layout is (B, T, H, D) like ``jax.nn.dot_product_attention``; the mask semantics and the
+score modifiers (``softcap``, ``alibi_slopes``) are the same as ``theria_torch.reference``
+(docs/design/attention.md, docs/theory/attention_derivatives.md §8).
 """
 
 from __future__ import annotations
@@ -35,6 +36,17 @@ def visible_keys(
     return mask
 
 
+def alibi_bias(slopes, t_q: int, t_k: int, *, bottom_right: bool = False, dtype=None):
+    """ALiBi's additive bias ``-slope · |i + shift - j|``, (B or 1, H, T_q, T_k), from slopes (H,) or
+    (B, H); ``shift = T_k - T_q`` when ``bottom_right`` (flash-attn) else 0. The slopes are constants
+    at every derivative order (``lax.stop_gradient``), as in flash-attn."""
+    slopes = jax.lax.stop_gradient(jnp.asarray(slopes)).astype(dtype or jnp.asarray(slopes).dtype)
+    slopes = slopes[None] if slopes.ndim == 1 else slopes
+    shift = t_k - t_q if bottom_right else 0
+    distance = jnp.abs(jnp.arange(t_q)[:, None] + shift - jnp.arange(t_k)[None, :]).astype(slopes.dtype)
+    return -slopes[:, :, None, None] * distance
+
+
 def attention_reference(
     q,
     k,
@@ -45,12 +57,16 @@ def attention_reference(
     window_size: tuple[int, int] = (-1, -1),
     bottom_right: bool = False,
     return_lse: bool = False,
+    softcap: float = 0.0,
+    alibi_slopes=None,
 ):
     """Softmax attention on (B, T, H, D) arrays, computed in the inputs' dtype.
 
     Arguments:
         q: (B, T_q, H, D). k, v: (B, T_k, H_kv, D) with ``H % H_kv == 0``.
         scale: multiplies ``q @ k^T``; ``None`` means ``1 / sqrt(D)``.
+        softcap: ``> 0`` caps the scaled scores to ``softcap · tanh(scores / softcap)``; 0 = off.
+        alibi_slopes: (H,) or (B, H): adds :func:`alibi_bias` (aligned like the mask) after the cap.
     Returns:
         out (B, T_q, H, D), and with ``return_lse`` also the row log-sum-exp (B, H, T_q).
     """
@@ -60,6 +76,11 @@ def attention_reference(
         v = jnp.repeat(v, heads // heads_kv, axis=2)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = scale * jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    if softcap:
+        scores = softcap * jnp.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes, q.shape[1], k.shape[1], bottom_right=bottom_right,
+                                     dtype=scores.dtype)
     mask = visible_keys(
         q.shape[1], k.shape[1], causal=causal, window_size=window_size, bottom_right=bottom_right
     )
@@ -87,6 +108,8 @@ def varlen_attention_reference(
     window_size: tuple[int, int] = (-1, -1),
     bottom_right: bool = True,
     return_lse: bool = False,
+    softcap: float = 0.0,
+    alibi_slopes=None,
 ):
     """:func:`attention_reference` on each sequence of a packed batch, concatenated.
 
@@ -96,16 +119,21 @@ def varlen_attention_reference(
             is rows ``cu[b]:cu[b + 1]`` (flash-attn's varlen layout).
         bottom_right: align causal masks and windows to each sequence's bottom-right corner, as
             flash-attn's ``flash_attn_varlen_func`` does.
+        softcap, alibi_slopes: as in :func:`attention_reference`; slopes (N, H) give sequence b
+            the slopes of row b, slopes (H,) serve every sequence; distances are measured within
+            each sequence.
     Returns:
         out (total_q, H, D), and with ``return_lse`` also the log-sum-exp (H, total_q).
     """
     starts_q, starts_k = np.asarray(cu_seqlens_q).tolist(), np.asarray(cu_seqlens_k).tolist()
     # Zero-length pieces first, so that a batch of no sequences concatenates too.
     outs, lses = [q[:0]], [jnp.zeros((q.shape[1], 0), q.dtype)]
-    for q0, q1, k0, k1 in zip(starts_q, starts_q[1:], starts_k, starts_k[1:]):
+    for index, (q0, q1, k0, k1) in enumerate(zip(starts_q, starts_q[1:], starts_k, starts_k[1:])):
+        slopes = None if alibi_slopes is None else alibi_slopes if jnp.ndim(alibi_slopes) == 1 else alibi_slopes[index]
         out, lse = attention_reference(
             q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal=causal, scale=scale,
-            window_size=window_size, bottom_right=bottom_right, return_lse=True)
+            window_size=window_size, bottom_right=bottom_right, return_lse=True, softcap=softcap,
+            alibi_slopes=slopes)
         outs.append(out[0])
         lses.append(lse[0])
     out = jnp.concatenate(outs)
