@@ -165,6 +165,22 @@ def test_bad_options_same_words_in_both_frameworks(option, value, error, words):
         assert messages["torch", scale_name] == messages["jax", scale_name]
 
 
+@pytest.mark.parametrize("option, good, bad", [
+    ("window_size", (1, -1), (True, -1)),  # equal and hashed alike, but a bool is no window side
+    ("scale", 1.0, True),
+    ("causal", True, 1.0),
+])
+def test_checks_are_not_skipped_for_a_call_seen_before(option, good, bad):
+    """theria_torch remembers the calls whose checks passed; a value that compares and hashes equal
+    to a remembered one, or the same call with one tensor changed, still meets every check."""
+    q = _torch()
+    theria_torch.sdpa_custom(q, q, q, **{option: good})
+    with pytest.raises(TypeError, match=option):
+        theria_torch.sdpa_custom(q, q, q, **{option: bad})
+    with pytest.raises(TypeError, match="share one dtype"):
+        theria_torch.sdpa_custom(q, q, q.double(), **{option: good})
+
+
 def test_numpy_scalars_are_accepted():
     q = _torch(torch.float64)
     out = theria_torch.sdpa_custom(q, q, q, scale=np.float64(0.25), window_size=(np.int64(2), -1), causal=np.True_)

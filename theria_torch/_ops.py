@@ -14,19 +14,21 @@ variable-length arguments (``cu_seqlens_q``, ``cu_seqlens_k``, ``max_seqlen_q``,
 An operator call costs tens of microseconds of Python in the dispatcher (its autograd fallback
 binds the signature on every call), which dominates small calls such as those of a MAML inner
 loop. So each entry point calls the launcher directly when its tensors are plain and nothing
-traces them, and goes through the operator only under a functorch transform's wrappers (vmap's
-batched tensors, grad's tracking tensors) or ``torch.compile``. Both paths run the same
-implementation.
+traces them, and goes through the operator only under an active functorch transform (vmap's
+batched tensors, grad's tracking tensors), ``torch.compile`` or fake tensors. Both paths run the
+same launches. Attention's entry points take the autograd Functions' ``Static`` (the
+``AttentionParams`` and the varlen arguments) as it is; only the operator path spells it out as
+scalars and builds it back inside the operator.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch._C import _get_dispatch_mode
-from torch._C._functorch import is_functorch_wrapped_tensor
 from torch._functorch.autograd_function import custom_function_call
 from torch._functorch.utils import unwrap_dead_wrappers
 from torch._subclasses.fake_tensor import FakeTensor
@@ -37,46 +39,97 @@ from theria_kernels.rmsnorm import torch_launchers as rmsnorm_kernels
 from theria_kernels._common import accumulator_dtype
 
 
-_PARAMS: dict = {}
+class Static(NamedTuple):
+    """What attention's autograd Functions pass on without differentiating it: the mask and scale,
+    and for packed variable-length batches the cu_seqlens and the max lengths. A NamedTuple, so that
+    torch.func transforms see the cu_seqlens tensors inside it (and unwrap them like the other
+    inputs). The Functions hand it to the entry points below as it is; only a call that goes
+    through a registered operator spells it out as the operator's scalar arguments."""
+
+    params: kernels.AttentionParams
+    cu_seqlens_q: Optional[Tensor] = None
+    cu_seqlens_k: Optional[Tensor] = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+
+    def operator_arguments(self) -> tuple:
+        """The registered operators' arguments after their tensors."""
+        params = self.params
+        return (params.scale, params.causal, *params.window_size, params.bottom_right, *self[1:])
+
+    def launcher_keywords(self) -> dict:
+        """The launchers' varlen keywords ({} for a fixed-length call)."""
+        if self.cu_seqlens_q is None:
+            return {}
+        return dict(cu_seqlens_q=self.cu_seqlens_q, cu_seqlens_k=self.cu_seqlens_k,
+                    max_seqlen_q=self.max_seqlen_q, max_seqlen_k=self.max_seqlen_k)
 
 
-def _launch_args(scale: float, causal: bool, window_left: int, window_right: int, bottom_right: bool,
-                 cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
-                 max_seqlen_k: int) -> tuple[kernels.AttentionParams, dict]:
-    """The operators' trailing scalar arguments as the launchers' params and varlen keywords."""
+_STATICS: dict = {}
+
+
+def _operator_static(scale: float, causal: bool, window_left: int, window_right: int, bottom_right: bool,
+                     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
+                     max_seqlen_k: int) -> Static:
+    """An operator's scalar arguments as the ``Static`` they were spelled from."""
     key = (scale, causal, window_left, window_right, bottom_right)
-    params = _PARAMS.get(key)
+    params = _STATICS.get(key)
     if params is None:  # the same few masks recur on every call of a training loop
-        params = _PARAMS[key] = kernels.AttentionParams(scale, causal, (window_left, window_right), bottom_right)
-    if cu_seqlens_q is None:
-        return params, {}
-    return params, dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                        max_seqlen_k=max_seqlen_k)
+        params = _STATICS[key] = kernels.AttentionParams(scale, causal, (window_left, window_right), bottom_right)
+    return Static(params, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
+
+# The launches behind attention's entry points, on plain tensors and a Static.
+
+def _launch_forward(q, k, v, static: Static) -> tuple[Tensor, Tensor]:
+    return torch_launchers.attention_forward(q, k, v, static.params, **static.launcher_keywords())
+
+
+def _launch_jvp(q, k, v, q_dot, k_dot, v_dot, static: Static) -> tuple[Tensor, Tensor]:
+    return torch_launchers.attention_jvp(q, k, v, q_dot, k_dot, v_dot, static.params,
+                                         **static.launcher_keywords())[2:]
+
+
+def _launch_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, static: Static) -> tuple[Tensor, Tensor]:
+    return torch_launchers.attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, static.params,
+                                                    **static.launcher_keywords())
+
+
+def _launch_backward(q, k, v, out, lse, d_out, d_lse, static: Static) -> tuple[Tensor, Tensor, Tensor]:
+    return torch_launchers.attention_backward(q, k, v, out, lse, d_out, d_lse, static.params,
+                                              **static.launcher_keywords())
+
+
+def _launch_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv,
+                              static: Static) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return torch_launchers.attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv,
+                                                       static.params, **static.launcher_keywords())
+
+
+# The operators' implementations: typed signatures (the operator schema) over the same launches.
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window_left: int,
              window_right: int, bottom_right: bool, cu_seqlens_q: Optional[Tensor],
              cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int) -> tuple[Tensor, Tensor]:
-    params, varlen = _launch_args(scale, causal, window_left, window_right, bottom_right, cu_seqlens_q,
-                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return torch_launchers.attention_forward(q, k, v, params, **varlen)
+    return _launch_forward(q, k, v, _operator_static(scale, causal, window_left, window_right, bottom_right,
+                                                     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
 
 
 def _jvp(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: Tensor, scale: float,
          causal: bool, window_left: int, window_right: int, bottom_right: bool, cu_seqlens_q: Optional[Tensor],
          cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int) -> tuple[Tensor, Tensor]:
-    params, varlen = _launch_args(scale, causal, window_left, window_right, bottom_right, cu_seqlens_q,
-                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return torch_launchers.attention_jvp(q, k, v, q_dot, k_dot, v_dot, params, **varlen)[2:]
+    return _launch_jvp(q, k, v, q_dot, k_dot, v_dot, _operator_static(
+        scale, causal, window_left, window_right, bottom_right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k))
 
 
 def _forward_second(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: Tensor,
                     q_y: Tensor, k_y: Tensor, v_y: Tensor, scale: float, causal: bool, window_left: int,
                     window_right: int, bottom_right: bool, cu_seqlens_q: Optional[Tensor],
                     cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int) -> tuple[Tensor, Tensor]:
-    params, varlen = _launch_args(scale, causal, window_left, window_right, bottom_right, cu_seqlens_q,
-                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return torch_launchers.attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params, **varlen)
+    return _launch_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, _operator_static(
+        scale, causal, window_left, window_right, bottom_right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k))
 
 
 def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor,
@@ -84,9 +137,9 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: 
               window_right: int, bottom_right: bool, cu_seqlens_q: Optional[Tensor],
               cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
               max_seqlen_k: int) -> tuple[Tensor, Tensor, Tensor]:
-    params, varlen = _launch_args(scale, causal, window_left, window_right, bottom_right, cu_seqlens_q,
-                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return torch_launchers.attention_backward(q, k, v, out, lse, d_out, d_lse, params, **varlen)
+    return _launch_backward(q, k, v, out, lse, d_out, d_lse, _operator_static(
+        scale, causal, window_left, window_right, bottom_right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k))
 
 
 def _backward_backward(
@@ -95,10 +148,9 @@ def _backward_backward(
     window_left: int, window_right: int, bottom_right: bool, cu_seqlens_q: Optional[Tensor],
     cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    params, varlen = _launch_args(scale, causal, window_left, window_right, bottom_right, cu_seqlens_q,
-                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return torch_launchers.attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, params,
-                                               **varlen)
+    return _launch_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, _operator_static(
+        scale, causal, window_left, window_right, bottom_right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k))
 
 
 _FUNCTION_APPLY = torch.autograd.Function.apply.__func__
@@ -111,16 +163,23 @@ class Function(torch.autograd.Function):
     Function that has ``setup_context`` (which torch.func needs) to fill in default arguments:
     tens of microseconds, and a MAML step applies dozens of Functions. theria's Functions take no
     defaults and are always applied with all their arguments, so the binding is skipped and the
-    two paths of ``Function.apply`` are taken directly.
+    two paths of ``Function.apply`` are taken directly. A call that nothing differentiates (no
+    input requires grad or grad mode is off, no forward-mode level is open, no functorch transform
+    is active) runs ``forward`` alone: there is no graph node to build and nothing to save, which
+    is the case of every backward Function run by a backward pass without ``create_graph``.
     """
 
     @classmethod
     def apply(cls, *args):
         if torch.compiler.is_compiling():  # Dynamo models Function.apply itself
             return _FUNCTION_APPLY(cls, *args)
-        if not torch._C._are_functorch_transforms_active():
-            return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
-        return custom_function_call(cls, *args)
+        if torch._C._are_functorch_transforms_active():
+            return custom_function_call(cls, *args)
+        args = unwrap_dead_wrappers(args)
+        if forward_ad._current_level < 0 and not (torch.is_grad_enabled() and any(
+                isinstance(a, Tensor) and a.requires_grad for a in args)):
+            return cls.forward(*args)
+        return super(torch.autograd.Function, cls).apply(*args)
 
 
 def _like(t: Tensor) -> Tensor:
@@ -185,30 +244,50 @@ def _fold_batching(op):
 _FAKE_MODE = torch._C._TorchDispatchModeKey.FAKE
 
 
-def _register(name: str, impl, fake, batching=None):
-    """``torch.ops.theria.<name>`` for ``impl``, and the entry point that picks it or ``impl``
-    itself (see the module docstring)."""
+def _traced(first: Tensor) -> bool:
+    """Whether an entry point must go through its registered operator: under ``torch.compile``,
+    a functorch transform (its wrapped tensors) or ``FakeTensorMode`` (torch.export, opcheck, shape
+    propagation), or with fake tensors, the launcher would reach Triton with what it cannot launch
+    on. Wrappers outside an active transform are dead ones, which ``Function.apply`` unwraps
+    before any entry point runs, and fake tensors come together, so the first tensor tells."""
+    return (torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
+            or _get_dispatch_mode(_FAKE_MODE) is not None or isinstance(first, FakeTensor))
+
+
+def _register(name: str, impl, fake, *, batching=None, launch=None, spell=None):
+    """``torch.ops.theria.<name>`` for ``impl``, and its entry point: ``launch`` (default ``impl``)
+    on plain tensors, the operator otherwise (see the module docstring); ``spell`` turns the entry's
+    arguments into the operator's."""
     op = torch.library.custom_op(f"theria::{name}", mutates_args=())(impl)
     op.register_fake(fake)
     if batching is not None:
         torch.library.register_vmap(op, batching(op))
+    launch = impl if launch is None else launch
 
     def entry(*args):
-        # FakeTensorMode (torch.export, opcheck, shape propagation) and fake tensors need the
-        # operator's fake; the launcher would reach Triton with them.
-        traced = (torch.compiler.is_compiling() or _get_dispatch_mode(_FAKE_MODE) is not None or any(
-            isinstance(a, Tensor) and (is_functorch_wrapped_tensor(a) or isinstance(a, FakeTensor)) for a in args))
-        return op(*args) if traced else impl(*args)
+        if _traced(args[0]):
+            return op(*(args if spell is None else spell(args)))
+        return launch(*args)
 
     entry.__name__ = entry.__qualname__ = name
     entry.__doc__ = f"``theria_kernels`` launcher behind ``torch.ops.theria.{name}``."
     return entry
 
 
+def _spell_static(args: tuple) -> tuple:
+    """Attention's entry arguments (tensors, then a ``Static``) as its operator's."""
+    return (*args[:-1], *args[-1].operator_arguments())
+
+
+# Attention's entry points take their tensors and a Static: (q, k, v, static) and so on, in the
+# order of the launchers' arguments.
 attention_forward, attention_jvp, attention_forward_second, attention_backward, attention_backward_backward = (
-    _register(f"attention_{name}", impl, _ATTENTION_FAKES[name], _fold_batching)
-    for name, impl in (("forward", _forward), ("jvp", _jvp), ("forward_second", _forward_second),
-                       ("backward", _backward), ("backward_backward", _backward_backward)))
+    _register(f"attention_{name}", impl, _ATTENTION_FAKES[name], batching=_fold_batching, launch=launch,
+              spell=_spell_static)
+    for name, impl, launch in (
+        ("forward", _forward, _launch_forward), ("jvp", _jvp, _launch_jvp),
+        ("forward_second", _forward_second, _launch_forward_second), ("backward", _backward, _launch_backward),
+        ("backward_backward", _backward_backward, _launch_backward_backward)))
 
 
 # rmsnorm: the launchers of theria_kernels.rmsnorm with typed signatures (the operator schema),

@@ -21,15 +21,13 @@ plain tensors.
 them as functions of (q, k, v), so no gradient flows into them separately.
 
 ``flash_attn_varlen_func`` runs the same Functions on (1, H, total, D) views of packed
-variable-length batches; its cu_seqlens and max lengths travel in the Functions' ``_Static``
+variable-length batches; its cu_seqlens and max lengths travel in the Functions' ``_ops.Static``
 argument, next to the mask, and are never differentiated.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
-
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -37,6 +35,7 @@ from theria_kernels import _contracts
 from theria_kernels._common import dtype_name, is_interpreter
 from theria_kernels.attention import (
     VMAP_CU_SEQLENS_ERROR,
+    THIRD_ORDER_ERROR,
     AttentionParams,
     validate_attention_args,
     validate_cu_seqlens_values,
@@ -45,30 +44,6 @@ from theria_kernels.attention import (
 from theria_kernels.attention.torch_launchers import varlen_keywords
 from theria_torch import _ops
 from theria_torch.reference import attention_reference, varlen_attention_reference
-
-THIRD_ORDER_ERROR = (
-    "third-order derivatives of attention are not implemented by backend='triton_full_fused' "
-    "(it provides forward, backward, JVP, double backward and second-order forward); use backend='reference'"
-)
-
-
-class _Static(NamedTuple):
-    """What the Functions pass on without differentiating it: the mask and scale, and for packed
-    variable-length batches the cu_seqlens and the max lengths. A NamedTuple, so that torch.func
-    transforms see the cu_seqlens tensors inside it (and unwrap them like the other inputs)."""
-
-    params: AttentionParams
-    cu_seqlens_q: torch.Tensor | None = None
-    cu_seqlens_k: torch.Tensor | None = None
-    max_seqlen_q: int = 0
-    max_seqlen_k: int = 0
-
-
-def _static(static: _Static) -> tuple:
-    """The operators' arguments after their tensors (``theria_torch._ops``)."""
-    params = static.params
-    return params.scale, params.causal, *params.window_size, params.bottom_right, *static[1:]
-
 
 def _zeros_if_none(t, like):
     return torch.zeros_like(like) if t is None else t
@@ -110,13 +85,13 @@ class _AttentionBackwardBackward(_SecondOrderKernel):
     @staticmethod
     def forward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, static):
         return _ops.attention_backward_backward(
-            q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, *_static(static))
+            q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, static)
 
 
 class _AttentionBackward(_BatchFolding):
     @staticmethod
     def forward(q, k, v, out, lse, d_out, d_lse, static):
-        return _ops.attention_backward(q, k, v, out, lse, d_out, d_lse, *_static(static))
+        return _ops.attention_backward(q, k, v, out, lse, d_out, d_lse, static)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -152,7 +127,7 @@ class _AttentionSecond(_SecondOrderKernel):
 
     @staticmethod
     def forward(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, static):
-        return _ops.attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, *_static(static))
+        return _ops.attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, static)
 
 
 class _AttentionTangent(_BatchFolding):
@@ -162,7 +137,7 @@ class _AttentionTangent(_BatchFolding):
 
     @staticmethod
     def forward(q, k, v, q_dot, k_dot, v_dot, static):
-        return _ops.attention_jvp(q, k, v, q_dot, k_dot, v_dot, *_static(static))
+        return _ops.attention_jvp(q, k, v, q_dot, k_dot, v_dot, static)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -202,7 +177,7 @@ class _AttentionTangent(_BatchFolding):
 class _Attention(_BatchFolding):
     @staticmethod
     def forward(q, k, v, static):
-        return _ops.attention_forward(q, k, v, *_static(static))
+        return _ops.attention_forward(q, k, v, static)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -258,26 +233,63 @@ def _compute_dtype(q, backend) -> torch.dtype:
     return getattr(torch, _contracts.interpreter_compute_dtype(dtype_name(q.dtype), backend))
 
 
-def _attention(q, k, v, *, backend, layout, causal, scale, window_size, bottom_right, scale_name):
-    """Validated (out, lse) on (B, H, T, D) views, dispatched to a backend."""
+# Calls whose checks passed, keyed by everything the checks read: q, k and v's shapes, dtypes and
+# devices, the backend, the layout and the options. A training loop repeats a few calls, and the
+# checks cost as much Python as the rest of a small call together.
+_CHECKED: dict = {}
+
+
+def _plain_options(causal, scale, window_size) -> bool:
+    """Whether the options can key ``_CHECKED``: only builtin bools, floats and int pairs, since a
+    bool window side or a NumPy scalar hashes like a valid value but must meet the checks."""
+    return (causal.__class__ is bool and (scale is None or scale.__class__ is float)
+            and window_size.__class__ is tuple and len(window_size) == 2
+            and window_size[0].__class__ is int and window_size[1].__class__ is int)
+
+
+def _check_call(q, k, v, *, backend, layout, causal, scale, window_size, bottom_right,
+                scale_name) -> tuple[_ops.Static, torch.dtype]:
+    """The checks of one call, up front and naming the argument at fault; returns the call's
+    ``Static`` and the dtype the backend computes in."""
     _check_tensors(q=q, k=k, v=v)
     window_size = _check_options(causal, scale, window_size, scale_name)
     validate_attention_args(q.shape, k.shape, v.shape, tuple(dtype_name(t.dtype) for t in (q, k, v)),
                             layout=layout, backend=backend, window_size=window_size)
     _check_devices(q, k, v, backend)
-    dtype, compute_dtype = q.dtype, _compute_dtype(q, backend)
+    params = AttentionParams(scale=_contracts.default_scale(q.shape[-1], scale), causal=bool(causal),
+                             window_size=window_size, bottom_right=bottom_right)
+    return _ops.Static(params), _compute_dtype(q, backend)
+
+
+def _attention(q, k, v, *, backend, layout, causal, scale, window_size, bottom_right, scale_name):
+    """Checked (out, lse) on (B, H, T, D) views, dispatched to a backend."""
+    key = None
+    if _plain_options(causal, scale, window_size):
+        try:
+            key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, backend,
+                   layout, causal, scale, window_size, bottom_right)
+        except AttributeError:  # not tensors: _check_call names the argument
+            pass
+    checked = _CHECKED.get(key)
+    if checked is None:
+        checked = _check_call(q, k, v, backend=backend, layout=layout, causal=causal, scale=scale,
+                              window_size=window_size, bottom_right=bottom_right, scale_name=scale_name)
+        if key is not None:
+            _CHECKED[key] = checked
+    static, compute_dtype = checked
+    dtype = q.dtype
     if compute_dtype != dtype:
         q, k, v = (t.to(compute_dtype) for t in (q, k, v))
     if layout == "(B, T, H, D)":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "reference":
-        out, lse = attention_reference(q, k, v, causal=causal, scale=scale, window_size=window_size,
-                                       bottom_right=bottom_right, return_lse=True)
+        params = static.params
+        out, lse = attention_reference(q, k, v, causal=params.causal, scale=params.scale,
+                                       window_size=params.window_size, bottom_right=bottom_right, return_lse=True)
     else:
-        params = AttentionParams(scale=scale, causal=bool(causal), window_size=window_size, bottom_right=bottom_right)
-        out, lse = _Attention.apply(q, k, v, _Static(params))
-    out = out.to(dtype)
+        out, lse = _Attention.apply(q, k, v, static)
+    if out.dtype != dtype:
+        out = out.to(dtype)
     return (out.transpose(1, 2) if layout == "(B, T, H, D)" else out), lse
 
 
@@ -396,7 +408,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
         compute_dtype = _compute_dtype(q, backend)
         # The kernels see one packed batch entry: (total, H, D) as a (1, H, total, D) view, no copy.
         packed = [t.to(compute_dtype).transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
-        out, lse = _Attention.apply(*packed, _Static(params, **varlen))
+        out, lse = _Attention.apply(*packed, _ops.Static(params, **varlen))
         # squeeze, not [0]: the backward of a squeeze is a view, that of an index a zero-filled
         # copy (plus a second copy of the cotangent into q's layout: +15 % on fwd + bwd).
         out, lse = out.squeeze(0).transpose(0, 1).to(q.dtype), lse.squeeze(0)
