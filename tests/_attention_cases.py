@@ -25,19 +25,31 @@ def random_inputs(batch, heads, heads_kv, t_q, t_k, head_dim, dtype, device=DEVI
             draw(batch, heads_kv, t_k, head_dim))
 
 
-def params_for(head_dim, causal=False, window_size=(-1, -1), bottom_right=False):
+def params_for(head_dim, causal=False, window_size=(-1, -1), bottom_right=False, softcap=0.0, alibi=False):
     return AttentionParams(scale=1 / math.sqrt(head_dim), causal=causal, window_size=window_size,
-                           bottom_right=bottom_right)
+                           bottom_right=bottom_right, softcap=softcap, alibi=alibi)
 
 
-def reference_fn(params: AttentionParams):
-    """(q, k, v) ↦ (out, lse) of the float64 torch reference with these parameters, lse's
-    +inf rows (no visible key) replaced by 0 so that it can enter a loss."""
+# A cap at which scores ~ N(0, 1) (unit inputs at scale 1/sqrt(D)) are far from both tanh's linear
+# part and its saturation, so every term of the cap's derivatives (§8) matters.
+SOFTCAP = 1.5
+
+
+def random_slopes(rows, heads, seed=0):
+    """flash-attn's ALiBi slopes: float32 (rows, H), positive, distinct per row and head."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.rand(rows, heads, generator=gen, dtype=torch.float32) * 0.5 + 0.1
+
+
+def reference_fn(params: AttentionParams, alibi_slopes=None):
+    """(q, k, v) ↦ (out, lse) of the float64 torch reference with these parameters (and the ALiBi
+    slopes when ``params.alibi``), lse's +inf rows (no visible key) replaced by 0 so that it can
+    enter a loss."""
 
     def fn(q, k, v):
         out, lse = attention_reference(q, k, v, causal=params.causal, scale=params.scale,
                                        window_size=params.window_size, bottom_right=params.bottom_right,
-                                       return_lse=True)
+                                       return_lse=True, softcap=params.softcap, alibi_slopes=alibi_slopes)
         return out, torch.where(torch.isfinite(lse), lse, 0.0)
 
     return fn
@@ -58,10 +70,17 @@ class ApiCase:
     causal: bool = False
     window_size: tuple[int, int] = (-1, -1)
     batch: int = 1
+    softcap: float = 0.0
+    alibi: bool = False  # flash_attn_func only: random (B, H) slopes (random_slopes)
 
     def __str__(self):
         mask = "causal" if self.causal else "window" if self.window_size != (-1, -1) else "full"
-        return f"{self.api}-{mask}-T{self.t_q}x{self.t_k}-H{self.heads}/{self.heads_kv}-D{self.head_dim}"
+        modifiers = ("-softcap" if self.softcap else "") + ("-alibi" if self.alibi else "")
+        return f"{self.api}-{mask}{modifiers}-T{self.t_q}x{self.t_k}-H{self.heads}/{self.heads_kv}-D{self.head_dim}"
+
+    def slopes(self):
+        """The case's ALiBi slopes as a float32 torch tensor (B, H) on the host, or None."""
+        return random_slopes(self.batch, self.heads) if self.alibi else None
 
     def shapes(self):
         """(B, T, H, D) shapes of q, k, v."""
@@ -74,14 +93,15 @@ def cu_seqlens(lengths, device=DEVICE) -> torch.Tensor:
     return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
 
 
-def varlen_reference_fn(params: AttentionParams, cu_seqlens_q, cu_seqlens_k):
+def varlen_reference_fn(params: AttentionParams, cu_seqlens_q, cu_seqlens_k, alibi_slopes=None):
     """:func:`reference_fn` for packed sequences, on the launchers' (1, H, total, D) views:
     the reference run per sequence, lse's +inf rows replaced by 0."""
 
     def fn(q, k, v):
         out, lse = varlen_attention_reference(
             *(t[0].transpose(0, 1) for t in (q, k, v)), cu_seqlens_q, cu_seqlens_k, causal=params.causal,
-            scale=params.scale, window_size=params.window_size, bottom_right=params.bottom_right, return_lse=True)
+            scale=params.scale, window_size=params.window_size, bottom_right=params.bottom_right, return_lse=True,
+            softcap=params.softcap, alibi_slopes=alibi_slopes)
         return out.transpose(0, 1)[None], torch.where(torch.isfinite(lse), lse, 0.0)[None]
 
     return fn

@@ -33,11 +33,18 @@ The rules (docs/design/jax_bridge.md):
   f(x), so every rule differentiates through x alone (their own tangents are ignored).
 * vmap folds the mapped axis into B (an unmapped operand is broadcast first).
 
-Variable-length batches (``flash_attn_varlen_func``) use the same primitives on one packed batch
-entry, (1, total, H, D): the parameter ``lengths = (max_seqlen_q, max_seqlen_k)`` (static; None
-for fixed-length calls) says so, and the last two operands are then ``cu_seqlens_q`` and
-``cu_seqlens_k`` (int32). Every rule passes them through unchanged: they have no tangent, no
-transpose, and vmap shares them between the instances (mapping over them raises).
+Operands are named, never counted: each primitive's differentiable operands are one of the name
+tuples below (``FORWARD`` ... ``BACKWARD_BACKWARD``, ``backward_tangent_names``), and the rules
+read and build them as dictionaries. After them come the constants (``constant_names``):
+
+* ``row_slopes`` when ``params.alibi`` (flash-attn's ALiBi): each query row's slope, (B, H, T_q) like
+  lse (float32 or float64), a constant at every order (no tangent, no cotangent;
+  docs/theory/attention_derivatives.md §8); vmap folds it into B like q.
+* ``cu_seqlens_q``, ``cu_seqlens_k`` (int32) for variable-length batches (``flash_attn_varlen_func``),
+  which use the same primitives on one packed batch entry, (1, total, H, D): the parameter
+  ``lengths = (max_seqlen_q, max_seqlen_k)`` (static; None for fixed-length calls) says so. Every
+  rule passes them through unchanged: they have no tangent, no transpose, and vmap shares them
+  between the instances (mapping over them raises).
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from jax.core import ShapedArray
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from theria_jax._launch import run_plan
+from theria_jax._launch import compute_capability, run_plan
 from theria_kernels._contracts import (
     INTERPRETER_MULTIPROCESSORS,
     THIRD_ORDER_ERROR,
@@ -77,25 +84,64 @@ from theria_kernels.attention import (
 def _device() -> Device:
     if is_interpreter() or jax.default_backend() != "gpu":
         return Device(INTERPRETER_MULTIPROCESSORS, interpreter=is_interpreter())
-    return Device(jax.devices()[0].core_count)
+    return Device(jax.devices()[0].core_count, capability=compute_capability())
 
 
-def _attention_call(q, k, params: AttentionParams, lengths, seqs) -> AttentionCall:
+# ----------------------------------------------------------------------------------------------
+# Operand names
+# ----------------------------------------------------------------------------------------------
+
+_X = ("q", "k", "v")
+_STATS = ("out", "lse")
+_X_DOT = ("q_dot", "k_dot", "v_dot")
+_Y = ("q_y", "k_y", "v_y")
+_U = ("d_out", "d_lse")
+_U_DOT = ("d_out_dot", "d_lse_dot")
+_COT = ("cot_dq", "cot_dk", "cot_dv")
+
+FORWARD = _X
+FORWARD_TANGENT = _X + _STATS + _X_DOT
+FORWARD_SECOND = FORWARD_TANGENT + _Y
+BACKWARD = _X + _STATS + _U
+BACKWARD_BACKWARD = BACKWARD + _COT
+
+
+def backward_tangent_names(has_x_dot: bool, has_u_dot: bool) -> tuple[str, ...]:
+    """``attention_bwd_tangent``'s operands: the backward's, then the tangents it carries."""
+    return BACKWARD + (_X_DOT if has_x_dot else ()) + (_U_DOT if has_u_dot else ())
+
+
+def constant_names(params: AttentionParams, lengths) -> tuple[str, ...]:
+    """The operands after the differentiable ones: the ALiBi slopes, then the cu_seqlens."""
+    return (("row_slopes",) if params.alibi else ()) + (("cu_seqlens_q", "cu_seqlens_k") if lengths else ())
+
+
+def _named(values, names: tuple[str, ...], params: AttentionParams, lengths) -> dict:
+    """A primitive's operands (or their tangents or cotangents) by name: ``names``, then the constants."""
+    names = names + constant_names(params, lengths)
+    values = list(values)
+    if len(values) != len(names):
+        raise TypeError(f"attention primitive: {len(values)} operands for the {len(names)} names {names}")
+    return dict(zip(names, values))
+
+
+def _operands(arrays: dict, names: tuple[str, ...], params: AttentionParams, lengths) -> list:
+    """The operand list of a primitive taking ``names``: the named arrays, then the constants."""
+    return [arrays[name] for name in names + constant_names(params, lengths)]
+
+
+def _attention_call(arrays: dict, params: AttentionParams, lengths) -> AttentionCall:
     """The kernels' view of (B, T, H, D) row-major arrays: (B, H, T, D) with strides (T·H·D, D, H·D, 1)."""
-    (batch, t_q, heads, dim), (batch_k, t_k, heads_kv, _) = q.shape, k.shape
-    varlen = None if lengths is None else (*lengths, seqs[0].shape[0] - 1)
+    (batch, t_q, heads, dim), (batch_k, t_k, heads_kv, _) = arrays["q"].shape, arrays["k"].shape
+    varlen = None if lengths is None else (*lengths, arrays["cu_seqlens_q"].shape[0] - 1)
     return AttentionCall((batch, heads, t_q, dim), (t_q * heads * dim, dim, heads * dim, 1),
                          (batch_k, heads_kv, t_k, dim), (t_k * heads_kv * dim, dim, heads_kv * dim, 1),
-                         jnp.dtype(q.dtype).name, params, _device(), varlen)
+                         jnp.dtype(arrays["q"].dtype).name, params, _device(), varlen)
 
 
-def _run(plan_of, names: tuple[str, ...], operands, params: AttentionParams, lengths) -> list:
-    """Run the plan ``plan_of(call)`` on operands named ``names`` (then the cu_seqlens, if varlen)."""
-    operands, seqs = _split(operands, lengths)
-    arrays = dict(zip(names, operands))
-    call = _attention_call(arrays["q"], arrays["k"], params, lengths, seqs)
-    arrays.update(zip(call.inputs_varlen, seqs))
-    return run_plan(plan_of(call), arrays)
+def _run(plan_of, arrays: dict, params: AttentionParams, lengths) -> list:
+    """Run the plan ``plan_of(call)`` on named arrays (the plan reads the ones it names)."""
+    return run_plan(plan_of(_attention_call(arrays, params, lengths)), arrays)
 
 
 def _avals(kinds: str, q, k, v) -> list[ShapedArray]:
@@ -107,32 +153,31 @@ def _avals(kinds: str, q, k, v) -> list[ShapedArray]:
     return [like[kind] for kind in kinds]
 
 
-def _split(operands, lengths) -> tuple[list, list]:
-    """(the attention operands, the cu_seqlens): varlen calls carry the two cu_seqlens last."""
-    operands = list(operands)
-    end = len(operands) - (2 if lengths is not None else 0)
-    return operands[:end], operands[end:]
-
-
 # ----------------------------------------------------------------------------------------------
 # vmap
 # ----------------------------------------------------------------------------------------------
 
 
-def _fold_batch_axis(primitive, operands, axes, **params):
-    """Run one call with the mapped axis folded into B (every attention operand's leading axis);
-    the cu_seqlens describe how each batch entry is packed, shared by all of them."""
-    operands, seqs = _split(operands, params["lengths"])
-    axes, seq_axes = _split(axes, params["lengths"])
-    if any(axis is not None for axis in seq_axes):
+_SHARED = ("cu_seqlens_q", "cu_seqlens_k")
+
+
+def _fold_batch_axis(primitive, names_of, operands, axes, **params):
+    """Run one call with the mapped axis folded into B (the leading axis of every attention operand,
+    the ALiBi row slopes included); the cu_seqlens describe how each batch entry is packed, shared
+    by all of them."""
+    names = names_of(params)
+    operands = _named(operands, names, params["params"], params["lengths"])
+    axes = _named(axes, names, params["params"], params["lengths"])
+    if any(axes[name] is not None for name in _SHARED if name in axes):
         raise NotImplementedError(VMAP_CU_SEQLENS_ERROR)
-    size = next(x.shape[axis] for x, axis in zip(operands, axes) if axis is not None)
+    size = next(operands[name].shape[axis] for name, axis in axes.items() if axis is not None)
 
     def fold(x, axis):
         x = jnp.broadcast_to(x, (size, *x.shape)) if axis is None else jnp.moveaxis(x, axis, 0)
         return x.reshape(size * x.shape[1], *x.shape[2:])
 
-    results = primitive.bind(*map(fold, operands, axes), *seqs, **params)
+    folded = {name: x if name in _SHARED else fold(x, axes[name]) for name, x in operands.items()}
+    results = primitive.bind(*_operands(folded, names, params["params"], params["lengths"]), **params)
     return [r.reshape(size, r.shape[0] // size, *r.shape[1:]) for r in results], [0] * len(results)
 
 
@@ -141,74 +186,89 @@ def _fold_batch_axis(primitive, operands, axes, **params):
 # ----------------------------------------------------------------------------------------------
 
 
-def _primitive(name: str, kinds: str, impl) -> Primitive:
+def _primitive(name: str, kinds: str, names_of, impl) -> Primitive:
+    """A primitive whose operands are ``names_of(params)`` then the constants, and whose
+    implementation takes them as a dictionary: ``impl(arrays, **params)``."""
+
+    def run(*operands, **params):
+        return impl(_named(operands, names_of(params), params["params"], params["lengths"]), **params)
+
     primitive = Primitive(name)
     primitive.multiple_results = True
-    primitive.def_impl(impl)
+    primitive.def_impl(run)
     primitive.def_abstract_eval(lambda q, k, v, *rest, **params: _avals(kinds, q, k, v))
-    mlir.register_lowering(primitive, mlir.lower_fun(impl, multiple_results=True))
-    batching.primitive_batchers[primitive] = functools.partial(_fold_batch_axis, primitive)
+    mlir.register_lowering(primitive, mlir.lower_fun(run, multiple_results=True))
+    batching.primitive_batchers[primitive] = functools.partial(_fold_batch_axis, primitive, names_of)
     return primitive
 
 
-_X = ("q", "k", "v")
-_STATS = ("out", "lse")
-_X_DOT = ("q_dot", "k_dot", "v_dot")
-_U = ("d_out", "d_lse")
+def _forward_impl(arrays, *, params, lengths):
+    return _run(forward_plan, arrays, params, lengths)
 
 
-def _forward_impl(*operands, params, lengths):
-    return _run(forward_plan, _X, operands, params, lengths)
+def _recomputed(arrays: dict) -> dict:
+    """The arrays without out and lse, which the JVP kernel recomputes in its sweep (the plan
+    allocates its own; the primitive returns only the tangents)."""
+    return {name: x for name, x in arrays.items() if name not in _STATS}
 
 
-def _forward_tangent_impl(*operands, params, lengths):
-    # The JVP kernel recomputes out and lse in the same sweep; those two results are scratch.
+def _forward_tangent_impl(arrays, *, params, lengths):
     plan = functools.partial(forward_plan, has_tangent=True)
-    return _run(plan, _X + ("_out", "_lse") + _X_DOT, operands, params, lengths)[2:]
+    _, _, out_dot, lse_dot = _run(plan, _recomputed(arrays), params, lengths)
+    return [out_dot, lse_dot]
 
 
-def _forward_second_impl(*operands, params, lengths):
+def _forward_second_impl(arrays, *, params, lengths):
     plan = functools.partial(forward_plan, has_tangent=True, second_order=True)
-    return _run(plan, _X + ("_out", "_lse") + _X_DOT + ("q_y", "k_y", "v_y"), operands, params, lengths)
+    return _run(plan, _recomputed(arrays), params, lengths)
 
 
-def _backward_impl(*operands, params, lengths):
+def _backward_impl(arrays, *, params, lengths):
     plan = functools.partial(backward_plan, has_d_lse=True)
-    return _run(plan, _X + _STATS + _U, operands, params, lengths)
+    return _run(plan, arrays, params, lengths)
 
 
-_ALL_GIVEN = frozenset(("d_lse", "cot_dq", "cot_dk", "cot_dv"))
+_ALL_GIVEN = frozenset(("d_lse",) + _COT)
 
 
-def _backward_backward_impl(*operands, params, lengths):
+def _backward_backward_impl(arrays, *, params, lengths):
     plan = functools.partial(backward_backward_plan, given=_ALL_GIVEN)
-    return _run(plan, _X + _STATS + _U + ("cot_dq", "cot_dk", "cot_dv"), operands, params, lengths)
+    return _run(plan, arrays, params, lengths)
 
 
-def _backward_tangent_impl(*operands, has_x_dot, has_u_dot, **static):
-    operands, seqs = _split(operands, static["lengths"])
-    primals, tangents = operands[:7], operands[7:]
+def _backward_tangent_impl(arrays, *, has_x_dot, has_u_dot, **static):
     terms = []
     if has_x_dot:  # H_u x_dot: the Hessian is symmetric, so it is the double backward with cotangent x_dot.
-        terms.append(_backward_backward_impl(*primals, *tangents[:3], *seqs, **static)[:3])
+        cotangents = dict(zip(_COT, (arrays[name] for name in _X_DOT)))
+        cot_q, cot_k, cot_v, _, _ = _backward_backward_impl({**arrays, **cotangents}, **static)
+        terms.append((cot_q, cot_k, cot_v))
     if has_u_dot:  # Jᵀ u_dot: the backward is linear in u.
-        terms.append(_backward_impl(*primals[:5], *tangents[-2:], *seqs, **static))
+        cotangents = dict(zip(_U, (arrays[name] for name in _U_DOT)))
+        terms.append(_backward_impl({**arrays, **cotangents}, **static))
     return [sum(parts) for parts in zip(*terms)]
 
 
-forward_p = _primitive("attention_fwd", "qs", _forward_impl)
-forward_tangent_p = _primitive("attention_fwd_tangent", "qs", _forward_tangent_impl)
-forward_second_p = _primitive("attention_fwd_second", "qs", _forward_second_impl)
-backward_p = _primitive("attention_bwd", "qkv", _backward_impl)
-backward_tangent_p = _primitive("attention_bwd_tangent", "qkv", _backward_tangent_impl)
-backward_backward_p = _primitive("attention_bwd_bwd", "qkvqs", _backward_backward_impl)
+def _names(names: tuple[str, ...]):
+    return lambda params: names
 
 
-def attention_fused(q, k, v, params: AttentionParams, cu_seqlens=(), lengths=None):
-    """(out, lse) = attention of (B, T, H, D) arrays on the fused kernels; differentiable. For
-    packed variable-length sequences, ``cu_seqlens = (cu_seqlens_q, cu_seqlens_k)`` and
-    ``lengths = (max_seqlen_q, max_seqlen_k)``."""
-    out, lse = forward_p.bind(q, k, v, *cu_seqlens, params=params, lengths=lengths)
+forward_p = _primitive("attention_fwd", "qs", _names(FORWARD), _forward_impl)
+forward_tangent_p = _primitive("attention_fwd_tangent", "qs", _names(FORWARD_TANGENT), _forward_tangent_impl)
+forward_second_p = _primitive("attention_fwd_second", "qs", _names(FORWARD_SECOND), _forward_second_impl)
+backward_p = _primitive("attention_bwd", "qkv", _names(BACKWARD), _backward_impl)
+backward_tangent_p = _primitive("attention_bwd_tangent", "qkv",
+                                lambda params: backward_tangent_names(params["has_x_dot"], params["has_u_dot"]),
+                                _backward_tangent_impl)
+backward_backward_p = _primitive("attention_bwd_bwd", "qkvqs", _names(BACKWARD_BACKWARD), _backward_backward_impl)
+
+
+def attention_fused(q, k, v, params: AttentionParams, cu_seqlens=(), lengths=None, row_slopes=None):
+    """(out, lse) = attention of (B, T, H, D) arrays on the fused kernels; differentiable in q, k, v.
+    For packed variable-length sequences, ``cu_seqlens = (cu_seqlens_q, cu_seqlens_k)`` and
+    ``lengths = (max_seqlen_q, max_seqlen_k)``. With ``params.alibi``, ``row_slopes`` (B, H, T_q)
+    holds the ALiBi slope of each query row, a constant."""
+    arrays = dict(q=q, k=k, v=v, row_slopes=row_slopes, **dict(zip(_SHARED, cu_seqlens)))
+    out, lse = forward_p.bind(*_operands(arrays, FORWARD, params, lengths), params=params, lengths=lengths)
     return out, lse
 
 
@@ -217,70 +277,86 @@ def attention_fused(q, k, v, params: AttentionParams, cu_seqlens=(), lengths=Non
 # ----------------------------------------------------------------------------------------------
 
 
-def _nonzero(tangents) -> bool:
-    return any(type(t) is not ad.Zero for t in tangents)
+def _nonzero(tangents: dict, names: tuple[str, ...]) -> bool:
+    return any(type(tangents[name]) is not ad.Zero for name in names)
 
 
-def _dense(tangents) -> list:
-    return [ad.instantiate_zeros(t) for t in tangents]
+def _dense(tangents: dict, names: tuple[str, ...], as_names: tuple[str, ...]) -> dict:
+    """The tangents (or cotangents) ``names``, symbolic zeros made arrays, renamed ``as_names``."""
+    return {new: ad.instantiate_zeros(tangents[old]) for old, new in zip(names, as_names)}
 
 
-def _forward_jvp(primals, tangents, **static):
-    x, seqs = _split(primals, static["lengths"])
-    out, lse = forward_p.bind(*x, *seqs, **static)
-    out_dot, lse_dot = forward_tangent_p.bind(*x, out, lse, *_dense(tangents[:3]), *seqs, **static)
+def _linear_cotangents(cots: dict, operands: dict) -> list:
+    """A transpose rule's result, one entry per named operand in order: the cotangent from ``cots``
+    of each operand the primitive is linear in (an undefined primal), None for every other one."""
+    return [cots.get(name) if ad.is_undefined_primal(x) else None for name, x in operands.items()]
+
+
+def _forward_jvp(primals, tangents, *, params, lengths):
+    static = dict(params=params, lengths=lengths)
+    x, x_dot = _named(primals, FORWARD, params, lengths), _named(tangents, FORWARD, params, lengths)
+    out, lse = forward_p.bind(*_operands(x, FORWARD, params, lengths), **static)
+    arrays = {**x, "out": out, "lse": lse, **_dense(x_dot, _X, _X_DOT)}
+    out_dot, lse_dot = forward_tangent_p.bind(*_operands(arrays, FORWARD_TANGENT, params, lengths), **static)
     return (out, lse), (out_dot, lse_dot)
 
 
-def _forward_tangent_jvp(primals, tangents, **static):
-    operands, seqs = _split(primals, static["lengths"])
-    x_and_stats, x_dot = operands[:5], operands[5:]
+def _forward_tangent_jvp(primals, tangents, *, params, lengths):
+    static = dict(params=params, lengths=lengths)
+    arrays = _named(primals, FORWARD_TANGENT, params, lengths)
+    moved = _named(tangents, FORWARD_TANGENT, params, lengths)
     results = forward_tangent_p.bind(*primals, **static)
     terms = []
-    if _nonzero(tangents[5:8]):  # linear in x_dot
-        terms.append(forward_tangent_p.bind(*x_and_stats, *_dense(tangents[5:8]), *seqs, **static))
-    if _nonzero(tangents[:3]):  # derivative of J(x) x_dot in x
-        terms.append(forward_second_p.bind(*x_and_stats, *x_dot, *_dense(tangents[:3]), *seqs, **static))
+    if _nonzero(moved, _X_DOT):  # linear in x_dot
+        along = {**arrays, **_dense(moved, _X_DOT, _X_DOT)}
+        terms.append(forward_tangent_p.bind(*_operands(along, FORWARD_TANGENT, params, lengths), **static))
+    if _nonzero(moved, _X):  # derivative of J(x) x_dot in x
+        along = {**arrays, **_dense(moved, _X, _Y)}
+        terms.append(forward_second_p.bind(*_operands(along, FORWARD_SECOND, params, lengths), **static))
     if not terms:  # only out/lse moved, which happens only off f(x): nothing to differentiate
         return results, [jnp.zeros_like(r) for r in results]
     return results, [sum(parts) for parts in zip(*terms)]
 
 
-def _forward_tangent_transpose(cotangents, *operands, **static):
-    operands, seqs = _split(operands, static["lengths"])
-    x_and_stats, x_dot = operands[:5], operands[5:]
-    grads = backward_p.bind(*x_and_stats, *_dense(cotangents), *seqs, **static)
-    return [None] * 5 + [g if ad.is_undefined_primal(t) else None for g, t in zip(grads, x_dot)] + [None] * len(seqs)
+def _forward_tangent_transpose(cotangents, *operands, params, lengths):
+    arrays = _named(operands, FORWARD_TANGENT, params, lengths)
+    given = {**arrays, **_dense(dict(zip(_U, cotangents)), _U, _U)}
+    grads = backward_p.bind(*_operands(given, BACKWARD, params, lengths), params=params, lengths=lengths)
+    return _linear_cotangents(dict(zip(_X_DOT, grads)), arrays)
 
 
-def _forward_second_transpose(cotangents, *operands, **static):
-    operands, seqs = _split(operands, static["lengths"])
-    x_and_stats, x_dot, y = operands[:5], operands[5:8], operands[8:]
+def _forward_second_transpose(cotangents, *operands, params, lengths):
+    arrays = _named(operands, FORWARD_SECOND, params, lengths)
     # <c, f''[x_dot, y]> = <y, H_c x_dot>: the double backward with d_out, d_lse = c, cotangent x_dot.
-    cots = backward_backward_p.bind(*x_and_stats, *_dense(cotangents), *x_dot, *seqs, **static)
-    return [None] * 8 + [c if ad.is_undefined_primal(t) else None for c, t in zip(cots[:3], y)] + [None] * len(seqs)
+    given = {**arrays, **_dense(dict(zip(_U, cotangents)), _U, _U), **_dense(arrays, _X_DOT, _COT)}
+    cot_q, cot_k, cot_v, _, _ = backward_backward_p.bind(*_operands(given, BACKWARD_BACKWARD, params, lengths),
+                                                         params=params, lengths=lengths)
+    return _linear_cotangents(dict(zip(_Y, (cot_q, cot_k, cot_v))), arrays)
 
 
-def _backward_jvp(primals, tangents, **static):
+def _backward_jvp(primals, tangents, *, params, lengths):
+    static = dict(params=params, lengths=lengths)
     results = backward_p.bind(*primals, **static)
-    x_dot, u_dot = tangents[:3], tangents[5:7]
-    has_x_dot, has_u_dot = _nonzero(x_dot), _nonzero(u_dot)
+    moved = _named(tangents, BACKWARD, params, lengths)
+    has_x_dot, has_u_dot = _nonzero(moved, _X), _nonzero(moved, _U)
     if not (has_x_dot or has_u_dot):
         return results, [jnp.zeros_like(r) for r in results]
-    operands, seqs = _split(primals, static["lengths"])
-    linear = (_dense(x_dot) if has_x_dot else []) + (_dense(u_dot) if has_u_dot else [])
-    result_dots = backward_tangent_p.bind(*operands, *linear, *seqs, has_x_dot=has_x_dot, has_u_dot=has_u_dot,
-                                          **static)
+    arrays = {**_named(primals, BACKWARD, params, lengths), **_dense(moved, _X, _X_DOT), **_dense(moved, _U, _U_DOT)}
+    names = backward_tangent_names(has_x_dot, has_u_dot)
+    result_dots = backward_tangent_p.bind(*_operands(arrays, names, params, lengths), has_x_dot=has_x_dot,
+                                          has_u_dot=has_u_dot, **static)
     return results, result_dots
 
 
-def _backward_tangent_transpose(cotangents, *operands, has_x_dot, has_u_dot, **static):
-    operands, seqs = _split(operands, static["lengths"])
-    primals, linear = operands[:7], operands[7:]
-    cots = backward_backward_p.bind(*primals, *_dense(cotangents), *seqs, **static)
+def _backward_tangent_transpose(cotangents, *operands, has_x_dot, has_u_dot, params, lengths):
+    names = backward_tangent_names(has_x_dot, has_u_dot)
+    arrays = _named(operands, names, params, lengths)
+    given = {**arrays, **_dense(dict(zip(_COT, cotangents)), _COT, _COT)}
+    cot_q, cot_k, cot_v, cot_d_out, cot_d_lse = backward_backward_p.bind(
+        *_operands(given, BACKWARD_BACKWARD, params, lengths), params=params, lengths=lengths)
     # (H_u c, J c): cotangents of x_dot and of u_dot, for whichever of them this call carries.
-    cots = (cots[:3] if has_x_dot else []) + (cots[3:] if has_u_dot else [])
-    return [None] * 7 + [c if ad.is_undefined_primal(t) else None for c, t in zip(cots, linear)] + [None] * len(seqs)
+    cots = {**dict(zip(_X_DOT, (cot_q, cot_k, cot_v))), **dict(zip(_U_DOT, (cot_d_out, cot_d_lse)))}
+    return _linear_cotangents(cots, arrays)
 
 
 def _third_order(*args, **params):

@@ -44,37 +44,65 @@ def _check_arrays(**arrays) -> None:
             raise _contracts.array_type_error(name, value, "jax")
 
 
-def _check_options(causal, scale, window_size, scale_name: str) -> tuple[int, int]:
-    """The non-array arguments, before anything reads them; returns window_size as two ints."""
+def _check_options(causal, scale, window_size, scale_name: str, softcap=0.0) -> tuple[tuple[int, int], float]:
+    """The non-array arguments, before anything reads them; returns window_size as two ints and
+    softcap as a float."""
     _contracts.validate_causal(causal)
     _contracts.validate_scale(scale, scale_name)
-    return _contracts.validate_window_size(window_size)
+    return _contracts.validate_window_size(window_size), _contracts.validate_softcap(softcap)
 
 
-def _fused(q, k, v, params, *varlen):
+def _slopes(alibi_slopes, sequences: int, heads: int, batch_name: str):
+    """flash-attn's ``alibi_slopes`` (H,) or (sequences, H), checked, as (sequences, H) constants
+    (never differentiated). None stays None."""
+    if alibi_slopes is None:
+        return None
+    _check_arrays(alibi_slopes=alibi_slopes)
+    _contracts.validate_alibi_slopes(jnp.shape(alibi_slopes), str(alibi_slopes.dtype), sequences, heads,
+                                     batch_name=batch_name)
+    return jax.lax.stop_gradient(jnp.broadcast_to(jnp.asarray(alibi_slopes), (sequences, heads)))
+
+
+def _row_slopes(slopes, t_q: int, cu_seqlens_q=None):
+    """The kernels' ALiBi operand: each query row's slope, (B, H, T_q) like lse, from (B, H) slopes;
+    for a packed batch, (1, H, total_q) from the (sequences, H) slopes and the rows' sequences."""
+    if cu_seqlens_q is None:
+        return jnp.broadcast_to(slopes[:, :, None], (*slopes.shape, t_q))
+    sequence = jnp.searchsorted(cu_seqlens_q, jnp.arange(t_q, dtype=cu_seqlens_q.dtype), side="right") - 1
+    return slopes[jnp.clip(sequence, 0, slopes.shape[0] - 1)].T[None]
+
+
+def _fused(q, k, v, params, cu_seqlens=(), lengths=None, row_slopes=None):
     """The fused kernels' (out, lse), bfloat16 running in float32 under Triton's interpreter
     (``_contracts.interpreter_compute_dtype``)."""
+    if params.softcap or params.alibi:
+        raise NotImplementedError("softcap and alibi_slopes are not in backend='triton_full_fused' yet; "
+                                  "use backend='reference'")
     dtype = q.dtype
     compute_dtype = _contracts.interpreter_compute_dtype(str(dtype), "triton_full_fused")
     if compute_dtype == str(dtype):
-        return attention_fused(q, k, v, params, *varlen)
-    out, lse = attention_fused(*(t.astype(compute_dtype) for t in (q, k, v)), params, *varlen)
+        return attention_fused(q, k, v, params, cu_seqlens, lengths, row_slopes)
+    out, lse = attention_fused(*(t.astype(compute_dtype) for t in (q, k, v)), params, cu_seqlens, lengths,
+                               row_slopes)
     return out.astype(dtype), lse
 
 
-def _attention(q, k, v, *, backend, causal, scale, window_size, bottom_right, scale_name):
+def _attention(q, k, v, *, backend, causal, scale, window_size, bottom_right, scale_name, softcap=0.0,
+               alibi_slopes=None):
     """Validated (out, lse) of (B, T, H, D) arrays, dispatched to a backend."""
     _check_arrays(q=q, k=k, v=v)
-    window_size = _check_options(causal, scale, window_size, scale_name)
+    window_size, softcap = _check_options(causal, scale, window_size, scale_name, softcap)
     validate_attention_args(q.shape, k.shape, v.shape, tuple(str(t.dtype) for t in (q, k, v)),
                             layout="(B, T, H, D)", backend=backend, window_size=window_size)
+    slopes = _slopes(alibi_slopes, q.shape[0], q.shape[2], "batch size")
     _check_platform(backend)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if backend == "reference":
         return attention_reference(q, k, v, causal=causal, scale=scale, window_size=window_size,
-                                   bottom_right=bottom_right, return_lse=True)
-    params = AttentionParams(scale=scale, causal=bool(causal), window_size=window_size, bottom_right=bottom_right)
-    return _fused(q, k, v, params)
+                                   bottom_right=bottom_right, return_lse=True, softcap=softcap, alibi_slopes=slopes)
+    params = AttentionParams(scale=scale, causal=bool(causal), window_size=window_size, bottom_right=bottom_right,
+                             softcap=softcap, alibi=slopes is not None)
+    return _fused(q, k, v, params, row_slopes=None if slopes is None else _row_slopes(slopes, q.shape[1]))
 
 
 def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
@@ -106,8 +134,8 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
 
 
 def flash_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: float | None = None,
-                    causal: bool = False, window_size: tuple[int, int] = (-1, -1),
-                    return_lse: bool = False, *, backend: str = "triton_full_fused"):
+                    causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                    alibi_slopes=None, return_lse: bool = False, *, backend: str = "triton_full_fused"):
     """flash-attn's interface on (B, T, H, D) JAX arrays, with the transformations of :func:`attention`.
 
     Arguments:
@@ -117,21 +145,27 @@ def flash_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: float | None
         causal: aligned to the bottom-right corner as in flash-attn ≥ 2.1: when T_q > T_k the
             first T_q − T_k query rows see no key and output zeros.
         window_size: (left, right), -1 = unbounded; with ``causal`` right is 0.
-        return_lse: also return the log-sum-exp (B, H, T_q), differentiable.
+        softcap: ``> 0`` caps the scaled scores s to ``softcap · tanh(s / softcap)`` (Gemma-2, Grok);
+            0.0 = off.
+        alibi_slopes: (H,) or (B, H), float32 (or float64): adds ``-slope · |i + T_k - T_q - j|`` to
+            the (capped) score of query i and key j (BLOOM, MPT, Falcon); constants, never
+            differentiated (their gradient is zero, as flash-attn gives none).
+        return_lse: also return the log-sum-exp (B, H, T_q) of the modified scores, differentiable.
         backend: ``"triton_full_fused"`` or ``"reference"``, as in :func:`attention`.
     Returns:
         out (B, T_q, H, D), or (out, lse) with ``return_lse``.
     """
     validate_dropout(dropout_p)
     out, lse = _attention(q, k, v, backend=backend, causal=causal, scale=softmax_scale, window_size=window_size,
-                          bottom_right=True, scale_name="softmax_scale")
+                          bottom_right=True, scale_name="softmax_scale", softcap=softcap,
+                          alibi_slopes=alibi_slopes)
     return (out, lse) if return_lse else out
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                            dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
-                           window_size: tuple[int, int] = (-1, -1), return_lse: bool = False, *,
-                           backend: str = "triton_full_fused"):
+                           window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes=None,
+                           return_lse: bool = False, *, backend: str = "triton_full_fused"):
     """flash-attn's variable-length interface on packed JAX arrays, with the transformations of
     :func:`attention` (vmap when every instance shares the cu_seqlens).
 
@@ -146,6 +180,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
             (static: they size the kernel grid).
         dropout_p, softmax_scale: as in :func:`flash_attn_func`.
         causal, window_size: per sequence, aligned to its bottom-right corner (flash-attn ≥ 2.1).
+        softcap: as in :func:`flash_attn_func`.
+        alibi_slopes: (H,) or (batch, H): sequence b's slopes, the distance ``|i + T_k - T_q - j|``
+            taken within the sequence (its own lengths); constants, as in :func:`flash_attn_func`.
         return_lse: also return the log-sum-exp (H, total_q), differentiable.
         backend: ``"triton_full_fused"``, or ``"reference"``, which slices the batch per sequence
             and so needs concrete (not traced) cu_seqlens.
@@ -157,12 +194,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     """
     validate_dropout(dropout_p)
     _check_arrays(q=q, k=k, v=v)
-    window_size = _check_options(causal, softmax_scale, window_size, "softmax_scale")
+    window_size, softcap = _check_options(causal, softmax_scale, window_size, "softmax_scale", softcap)
     validate_attention_args(q.shape, k.shape, v.shape, tuple(str(t.dtype) for t in (q, k, v)),
                             layout="(total, H, D)", backend=backend, window_size=window_size)
     cu_seqlens_q, cu_seqlens_k = (cu if hasattr(cu, "dtype") else np.asarray(cu) for cu in (cu_seqlens_q, cu_seqlens_k))
     validate_cu_seqlens(jnp.shape(cu_seqlens_q), jnp.shape(cu_seqlens_k),
                         (str(cu_seqlens_q.dtype), str(cu_seqlens_k.dtype)), max_seqlen_q, max_seqlen_k)
+    slopes = _slopes(alibi_slopes, jnp.shape(cu_seqlens_q)[0] - 1, q.shape[1], "batch (len(cu_seqlens_q) - 1)")
     _check_platform(backend)
     traced = any(isinstance(cu, jax.core.Tracer) for cu in (cu_seqlens_q, cu_seqlens_k))
     if not traced:
@@ -175,11 +213,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
             raise ValueError("backend='reference' needs concrete cu_seqlens (it slices the batch per sequence); "
                              "call it outside jax.jit or close over the cu_seqlens")
         out, lse = varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
-                                              window_size=window_size, return_lse=True)
+                                              window_size=window_size, return_lse=True, softcap=softcap,
+                                              alibi_slopes=slopes)
     else:
-        params = AttentionParams(scale=scale, causal=bool(causal), window_size=window_size, bottom_right=True)
+        params = AttentionParams(scale=scale, causal=bool(causal), window_size=window_size, bottom_right=True,
+                                 softcap=softcap, alibi=slopes is not None)
         # The kernels see one packed batch entry, (1, total, H, D).
-        out, lse = _fused(q[None], k[None], v[None], params,
-                          (jnp.asarray(cu_seqlens_q), jnp.asarray(cu_seqlens_k)), (max_seqlen_q, max_seqlen_k))
+        cu_seqlens = (jnp.asarray(cu_seqlens_q), jnp.asarray(cu_seqlens_k))
+        row_slopes = None if slopes is None else _row_slopes(slopes, q.shape[0], cu_seqlens[0])
+        out, lse = _fused(q[None], k[None], v[None], params, cu_seqlens, (max_seqlen_q, max_seqlen_k), row_slopes)
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out
