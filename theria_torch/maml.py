@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from torch.func import grad, grad_and_value, vmap
+from torch.func import grad, vmap
 
 from theria_torch.tasks import TaskBatch, tasks_per_device
 
@@ -123,17 +123,22 @@ def meta_gradient(params: Params, tasks: TaskBatch, loss_fn: LossFn, *, inner_lr
             adapts its share, :func:`shard_tasks`), or None for one device.
     Returns:
         (meta-gradient dict shaped like ``params``, mean query loss as a 0-d tensor), both means
-        over every task of ``tasks``; with a group, every rank returns the same values.
+        over every task of ``tasks``; with a group, every rank returns the same values. Plain
+        tensors: ``params`` are detached first, so the result carries no graph back to them.
     Raises:
         ValueError: with a group, a meta-batch that does not divide by the group's size.
     """
-    def one_task(task):
-        return grad_and_value(meta_loss)(params, task, loss_fn, inner_lr=inner_lr, steps=steps,
-                                         first_order=first_order)
-
-    grads, losses = vmap(one_task)(shard_tasks(tasks, group))
-    *means, loss = all_reduce_mean([g.mean(0) for g in grads.values()] + [losses.mean()], group)
-    return dict(zip(grads, means)), loss
+    # The outer derivative is taken by torch.autograd, not by torch.func.grad around the vmap:
+    # every op and every autograd Function then passes two functorch layers (vmap, the inner
+    # grad) instead of three, which makes an eager meta-step about 2.6x fewer Python calls.
+    leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
+    with torch.enable_grad():
+        losses = vmap(lambda task: meta_loss(leaves, task, loss_fn, inner_lr=inner_lr, steps=steps,
+                                             first_order=first_order))(shard_tasks(tasks, group))
+        loss = losses.mean()
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+    *means, loss = all_reduce_mean([*grads, loss.detach()], group)
+    return dict(zip(leaves, means)), loss
 
 
 def meta_step(params: Params, tasks: TaskBatch, loss_fn: LossFn, *, inner_lr: float, outer_lr: float,
