@@ -1,6 +1,8 @@
 """Device helpers every attention sweep is built from: loads and stores of (T, D) tiles and of
 their head-dim parts, masks and key/query ranges of a causal or windowed band, where a program's
-sequence and heads live, and the column kernels' split-group store.
+sequence and heads live, the column kernels' split-group store, and the backward sweeps: one row
+tile and one column tile (``_row_tile``, ``_column_tile``) that the backward and the double
+backward specialise by a constexpr STAGE.
 
 Notation per (sequence, head): S = scale · Q Kᵀ (masked entries −∞), P = softmax(S) row-wise,
 O = P V, lse = row log-sum-exp of S. Row statistics live in (B, H, T_q) buffers; nothing of size
@@ -308,3 +310,163 @@ def _scales(sm_scale, ACC_DTYPE: tl.constexpr):
     one = tl.full([], 1.0, tl.float64)
     return (sm_scale * one).to(ACC_DTYPE), (sm_scale * log2e).to(ACC_DTYPE), log2e.to(ACC_DTYPE)
 
+
+
+# ----------------------------------------------------------------------------------------------
+# The backward sweeps (§2, §4). A row sweep runs over the key blocks a query block sees (dQ-like
+# outputs), a column sweep over the query blocks a key block is seen by (dK/dV-like outputs); each
+# has one tile function, specialised by STAGE (what the tile accumulates) and by whether its
+# block needs masks. Column tiles are key-major (keys × queries): the row tiles' transposes.
+# ----------------------------------------------------------------------------------------------
+
+# STAGE of ``_row_tile`` and ``_column_tile``: the backward's gradients (§2: dQ, or dK and dV),
+# the double backward's row reductions (§4: sigma, the terms of rho, P Ḡv; row sweeps only), or
+# the double backward's outputs (cot_q and cot_dO, or cot_k and cot_v).
+GRADIENT = tl.constexpr(0)
+ROW_REDUCTIONS = tl.constexpr(1)
+COTANGENTS = tl.constexpr(2)
+
+
+@triton.jit
+def _second_order_tile(p, dp, ds_bar, do_gv, delta, sigma, rho):
+    """dS, S̄ and dP̄ of one tile (§4); the row statistics arrive broadcast to the tile's
+    orientation, so row tiles and column (transposed) tiles share this code."""
+    ds = p * (dp - delta)
+    p_bar = ds_bar * (dp - delta) + do_gv - sigma * dp
+    s_bar = p * (p_bar - rho)
+    dp_bar = p * (ds_bar - sigma)
+    return ds, s_bar, dp_bar
+
+
+@triton.jit
+def _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, K, V, Cot_dk, Cot_dv, k_base, start_m, start_n, offs_m,
+              offs_d, t_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, HEAD_DIM: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BANDED: tl.constexpr,
+              MASKED: tl.constexpr, STAGE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc`` plus what the key block [start_n, start_n + BLOCK_N) adds to it, for the query block
+    whose tiles (q, d_out, cot_dq) and row statistics (lse2 = lse · log2 e, delta, sigma, rho) the
+    caller holds; key-shaped pointers are offset by k_base. ``acc`` is (dQ,) for GRADIENT, (sigma, Σ_j P dS̄ dP, P Ḡv) for ROW_REDUCTIONS, (cot_q, cot_dO) for
+    COTANGENTS; the first-order tile reads no cotangent or second-order statistic (None)."""
+    offs_k = start_n + tl.arange(0, BLOCK_N)
+    k = _load_tile(K + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+    v = _load_tile(V + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+    if STAGE != GRADIENT:
+        cot_dk = _load_tile(Cot_dk + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+        cot_dv = _load_tile(Cot_dv + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    p = _mask(_probs(scores, lse2[:, None], qk_scale), 0.0, offs_m[:, None], offs_k[None, :], start_m, start_n, t_k,
+              band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED, MASKED)
+    dp = tl.dot(d_out, tl.trans(v), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    if STAGE == GRADIENT:
+        ds = p * (dp - delta[:, None])
+        acc = (acc[0] + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC_DTYPE),)
+    else:
+        # dS̄ = scale (Ḡq Kᵀ + Q Ḡkᵀ)
+        ds_bar = tl.dot(cot_dq, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        ds_bar = (ds_bar + tl.dot(q, tl.trans(cot_dk), input_precision=PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
+        if STAGE == ROW_REDUCTIONS:
+            p_ds_bar = p * ds_bar
+            acc = (acc[0] + tl.sum(p_ds_bar, 1), acc[1] + tl.sum(p_ds_bar * dp, 1),
+                   acc[2] + tl.dot(p.to(cot_dv.dtype), cot_dv, input_precision=PRECISION, out_dtype=ACC_DTYPE))
+        else:
+            do_gv = tl.dot(d_out, tl.trans(cot_dv), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            ds, s_bar, dp_bar = _second_order_tile(p, dp, ds_bar, do_gv, delta[:, None], sigma[:, None], rho[:, None])
+            cot_q = acc[0] + tl.dot(s_bar.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            cot_q += tl.dot(ds.to(cot_dk.dtype), cot_dk, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            acc = (cot_q, acc[1] + tl.dot(dp_bar.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC_DTYPE))
+    return acc
+
+
+@triton.jit
+def _row_sweep(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, K, V, Cot_dk, Cot_dv, k_base, start_m, offs_m, offs_d,
+               len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, HEAD_DIM: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BANDED: tl.constexpr,
+               EVEN_K: tl.constexpr, STAGE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """``_row_tile`` over every key block the query block [start_m, start_m + BLOCK_M) sees. Key
+    blocks are loaded with masks (cheap against a row tile's work); only a band or a last key
+    block past T_k (not EVEN_K) compiles the score mask in (``_mask``)."""
+    lo, hi = _key_range(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
+    for start_n in range(lo, hi, BLOCK_N):
+        acc = _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, K, V, Cot_dk, Cot_dv, k_base, start_m, start_n,
+                        offs_m, offs_d, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, HEAD_DIM, BLOCK_M,
+                        BLOCK_N, BLOCK_D, BANDED, BANDED or not EVEN_K, STAGE, ACC_DTYPE, PRECISION)
+    return acc
+
+
+@triton.jit
+def _full_blocks_end(lo, hi, t_q, BLOCK_M: tl.constexpr):
+    """Where a column program's query sweep [lo, hi) (lo a multiple of BLOCK_M) stops having whole
+    blocks of rows < t_q. The sweep loops over the whole blocks with unmasked loads, then takes
+    the one partial block, if any, with masked ones: per-row masks against a length the compiler
+    knows nothing about (a VARLEN sequence's) cost more address and predicate work than the tile's
+    arithmetic hides (VARLEN dK/dV was 30–40 % slower than at a fixed length, H100; perf-notes 8)."""
+    return tl.maximum(lo, tl.minimum(hi, t_q // BLOCK_M * BLOCK_M))
+
+
+@triton.jit
+def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, q_base, row_base,
+                 start_m, start_n, offs_n, offs_d, t_q, t_k, stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BANDED: tl.constexpr, ROWS_MASKED: tl.constexpr, STAGE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """(acc_k, acc_v) plus what the query block [start_m, start_m + BLOCK_M) adds for the key block
+    whose tiles (k, v, cot_dk, cot_dv) the caller holds: (dK / scale, dV) for GRADIENT, (cot_k /
+    scale, cot_v) for COTANGENTS. Query-shaped pointers are offset by q_base, row statistics by
+    row_base; the first-order tile reads no cotangent or second-order statistic (None). Without
+    ROWS_MASKED every query row of the block is < t_q."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _load_tile(Q + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D, ROWS_MASKED)
+    d_out = _load_tile(D_out + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D, ROWS_MASKED)
+    lse2 = _load_rows(Lse + row_base, offs_m, t_q, float("inf"), ROWS_MASKED).to(ACC_DTYPE) * log2e
+    delta = _load_rows(Delta + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
+    if STAGE == COTANGENTS:
+        cot_dq = _load_tile(Cot_dq + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D, ROWS_MASKED)
+        sigma = _load_rows(Sigma + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
+        rho = _load_rows(Rho + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
+    scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    p_t = _mask(_probs(scores_t, lse2[None, :], qk_scale), 0.0, offs_m[None, :], offs_n[:, None], start_m, start_n,
+                t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED, BANDED)
+    if STAGE == GRADIENT:
+        acc_v += tl.dot(p_t.to(d_out.dtype), d_out, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        dp_t = tl.dot(v, tl.trans(d_out), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        ds_t = p_t * (dp_t - delta[None, :])
+        acc_k += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    else:
+        dp_t = tl.dot(v, tl.trans(d_out), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        ds_bar_t = tl.dot(k, tl.trans(cot_dq), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        ds_bar_t = (ds_bar_t + tl.dot(cot_dk, tl.trans(q), input_precision=PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
+        do_gv_t = tl.dot(cot_dv, tl.trans(d_out), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        ds_t, s_bar_t, dp_bar_t = _second_order_tile(p_t, dp_t, ds_bar_t, do_gv_t, delta[None, :], sigma[None, :],
+                                                     rho[None, :])
+        acc_k += tl.dot(s_bar_t.to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        acc_k += tl.dot(ds_t.to(cot_dq.dtype), cot_dq, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        acc_v += tl.dot(dp_bar_t.to(d_out.dtype), d_out, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    return acc_k, acc_v
+
+
+@triton.jit
+def _column_sweep(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, first_q_base,
+                  first_row_base, members, start_n, offs_n, offs_d, t_q, len_q, len_k, stride_qh, stride_qt, band_lo,
+                  band_hi, sm_scale, qk_scale, log2e, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BANDED: tl.constexpr, STAGE: tl.constexpr,
+                  ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """``_column_tile`` over every query block that sees the key block [start_n, start_n + BLOCK_N),
+    of each of the ``members`` query heads a column program serves (``_column_program``): the
+    whole blocks with unmasked loads, then the one partial block, if any (``_full_blocks_end``)."""
+    lo, hi = _query_range(start_n, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
+    full_hi = _full_blocks_end(lo, hi, len_q, BLOCK_M)
+    for member in range(members):
+        # The group's query heads are adjacent: each one stride_qh elements and T_q row statistics on.
+        q_base = first_q_base + tl.cast(member, tl.int64) * stride_qh
+        row_base = first_row_base + member * t_q
+        for start_m in range(lo, full_hi, BLOCK_M):
+            acc_k, acc_v = _column_tile(
+                acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, q_base, row_base,
+                start_m, start_n, offs_n, offs_d, len_q, len_k, stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e,
+                HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BANDED, False, STAGE, ACC_DTYPE, PRECISION)
+        if full_hi < hi:  # the one partial block
+            acc_k, acc_v = _column_tile(
+                acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, q_base, row_base,
+                full_hi, start_n, offs_n, offs_d, len_q, len_k, stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e,
+                HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BANDED, True, STAGE, ACC_DTYPE, PRECISION)
+    return acc_k, acc_v
