@@ -148,9 +148,10 @@ class AttentionCall:
             stride_qb=self.q_strides[0], stride_qh=self.q_strides[1], stride_qt=self.q_strides[2],
             stride_kb=self.k_strides[0], stride_kh=self.k_strides[1], stride_kt=self.k_strides[2],
             t_q=t_q, t_k=self.k_shape[2], heads=heads, group=self.group, sm_scale=float(self.params.scale),
-            band_lo=band_lo, band_hi=band_hi,
+            softcap=float(self.params.softcap), band_lo=band_lo, band_hi=band_hi,
             Cu_q=Buffer("cu_seqlens_q") if self.varlen else None,
             Cu_k=Buffer("cu_seqlens_k") if self.varlen else None,
+            Slopes=Buffer("row_slopes") if self.params.alibi else None,
         )
 
     def meta(self, kind: str) -> tuple[dict, int, int, int, int]:
@@ -166,7 +167,9 @@ class AttentionCall:
         meta = dict(
             HEAD_DIM=self.q_shape[-1], BLOCK_M=block_m, BLOCK_N=block_n, **head_dim_tiles,
             BANDED=self.params.banded, VARLEN=self.varlen is not None,
-            BOTTOM_RIGHT=self.varlen is not None and self.params.bottom_right,
+            # Fixed-length bands arrive shifted; BOTTOM_RIGHT also tells ALiBi where its diagonal is (§8).
+            BOTTOM_RIGHT=(self.varlen is not None or self.params.alibi) and self.params.bottom_right,
+            SOFTCAP=self.params.softcap > 0, ALIBI=self.params.alibi,
             ACC_DTYPE=tl.float64 if self.dtype == "float64" else tl.float32,
             PRECISION="tf32" if tf32 else "ieee",
         )
@@ -201,6 +204,12 @@ class AttentionCall:
     @property
     def inputs_varlen(self) -> tuple[str, ...]:
         return ("cu_seqlens_q", "cu_seqlens_k") if self.varlen else ()
+
+    @property
+    def inputs_constant(self) -> tuple[str, ...]:
+        """The inputs every plan of the call reads besides its tensors: the ALiBi ``row_slopes``
+        ((B, H, T_q) like lse: each query row's slope, §8) and the varlen cu_seqlens."""
+        return (("row_slopes",) if self.params.alibi else ()) + self.inputs_varlen
 
 
 _Q, _K = Allocation("q"), Allocation("k")
@@ -285,7 +294,7 @@ def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: b
              SECOND_ORDER=second_order),
         writes=tuple(writes), num_warps=warps, num_stages=stages)
     outputs = ("out_second", "lse_second") if second_order else tuple(allocations)
-    return Plan(tuple(inputs) + call.inputs_varlen, outputs, allocations, (launch,))
+    return Plan(tuple(inputs) + call.inputs_constant, outputs, allocations, (launch,))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -304,7 +313,7 @@ def backward_plan(call: AttentionCall, has_d_lse: bool) -> Plan:
         _column_launch(_attn_bwd_dkdv_kernel, call, "backward", shared, dict(DK="dk", DV="dv"), allocations),
     )
     inputs = ("q", "k", "v", "out", "lse", "d_out") + (("d_lse",) if has_d_lse else ())
-    return Plan(inputs + call.inputs_varlen, ("dq", "dk", "dv"), allocations, launches, skip_if_empty=("q", "k"))
+    return Plan(inputs + call.inputs_constant, ("dq", "dk", "dv"), allocations, launches, skip_if_empty=("q", "k"))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -334,5 +343,5 @@ def backward_backward_plan(call: AttentionCall, given: frozenset) -> Plan:
                        allocations),
     )
     inputs = ("q", "k", "v", "out", "lse", "d_out") + tuple(name for name in optional if name in given)
-    return Plan(inputs + call.inputs_varlen, ("cot_q", "cot_k", "cot_v", "cot_d_out", "cot_d_lse"),
+    return Plan(inputs + call.inputs_constant, ("cot_q", "cot_k", "cot_v", "cot_d_out", "cot_d_lse"),
                 allocations, launches, skip_if_empty=("q", "k"))

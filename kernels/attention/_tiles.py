@@ -173,6 +173,28 @@ def _mask(x, fill, q_idx, k_idx, start_m, start_n, t_k, band_lo, band_hi, BLOCK_
 
 
 @triton.jit
+def _scores(dot, q_idx, k_idx, slope, diagonal, sm_scale, qk_scale, log2e, softcap, SOFTCAP: tl.constexpr,
+            ALIBI: tl.constexpr):
+    """(s, t) of a tile from ``dot`` = Q Kᵀ: the scores in base-2 units, s = log2 e · S, and the cap's
+    t = tanh(R / softcap) (§1; §8). Plain, S = R = scale · dot. SOFTCAP: S = softcap · t; ALIBI then
+    adds −slope · |i + diagonal − j|. q_idx, k_idx and slope broadcast like ``dot``, so row tiles and
+    column (transposed) tiles share this; without the flags it is the one multiply of §1 and t is
+    unused."""
+    scores = dot * qk_scale
+    cap = dot
+    if SOFTCAP or ALIBI:
+        modified = dot * sm_scale
+        if SOFTCAP:
+            # tanh(x) = 1 − 2 / (1 + e^{2x}): one exp2, and exactly ±1 where e^{2x} overflows or vanishes.
+            cap = 1.0 - 2.0 / (1.0 + tl.exp2(modified * (2.0 * log2e / softcap)))
+            modified = softcap * cap
+        if ALIBI:
+            modified -= slope * tl.abs(q_idx + diagonal - k_idx).to(modified.dtype)
+        scores = modified * log2e
+    return scores, cap
+
+
+@triton.jit
 def _probs(scores, lse2, qk_scale):
     """P recomputed from the saved row log-sum-exp (lse2 = lse · log2 e, broadcast like scores).
     Rows that see no key have lse = +∞, so their probabilities come out exactly 0."""
@@ -303,6 +325,25 @@ _LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
+def _modifiers(Slopes, row_base, offs_m, len_q, len_k, softcap, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+               ROWS: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """What a program's tiles need of the score modifiers (§8): with ROWS (a row program) the rows'
+    ALiBi slopes broadcast along keys (column programs load theirs per query block), the ALiBi
+    diagonal (the sequence's T_k − T_q when BOTTOM_RIGHT, as the mask's) and the cap in the
+    accumulator dtype; what a flag leaves off is unused (0)."""
+    slope = 0
+    diagonal = 0
+    if ALIBI:
+        if ROWS:
+            slope = tl.load(Slopes + row_base + offs_m, mask=offs_m < len_q, other=0.0).to(ACC_DTYPE)[:, None]
+        if BOTTOM_RIGHT:
+            diagonal = len_k - len_q
+    if SOFTCAP:  # formed in float64, like _scales' products
+        softcap = (softcap * tl.full([], 1.0, tl.float64)).to(ACC_DTYPE)
+    return slope, diagonal, softcap
+
+
+@triton.jit
 def _scales(sm_scale, ACC_DTYPE: tl.constexpr):
     """(scale, scale · log2 e, log2 e) in the accumulator dtype. ``sm_scale`` arrives as a float64
     argument and the products are formed in float64, so float64 runs lose no precision."""
@@ -328,49 +369,66 @@ COTANGENTS = tl.constexpr(2)
 
 
 @triton.jit
-def _second_order_tile(p, dp, ds_bar, do_gv, delta, sigma, rho):
+def _second_order_tile(p, dp, ds_bar, do_gv, delta, sigma, rho, cap, softcap, SOFTCAP: tl.constexpr):
     """dS, S̄ and dP̄ of one tile (§4); the row statistics arrive broadcast to the tile's
-    orientation, so row tiles and column (transposed) tiles share this code."""
+    orientation, so row tiles and column (transposed) tiles share this code. SOFTCAP (§8):
+    ``ds_bar`` is the cotangent of dR, the softmax sees g ∘ ds_bar (g = 1 − t², t = ``cap``), and
+    the results are the scores' dR = g ∘ dS and R̄ = g ∘ (S̄ − (2 / softcap) t ∘ ds_bar ∘ dS)."""
     ds = p * (dp - delta)
-    p_bar = ds_bar * (dp - delta) + do_gv - sigma * dp
+    ds_bar_s = ds_bar
+    if SOFTCAP:
+        gate = 1.0 - cap * cap
+        ds_bar_s = gate * ds_bar
+    p_bar = ds_bar_s * (dp - delta) + do_gv - sigma * dp
     s_bar = p * (p_bar - rho)
-    dp_bar = p * (ds_bar - sigma)
+    dp_bar = p * (ds_bar_s - sigma)
+    if SOFTCAP:
+        s_bar = gate * (s_bar - (2.0 / softcap) * cap * ds_bar * ds)
+        ds = gate * ds
     return ds, s_bar, dp_bar
 
 
 @triton.jit
 def _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, K, V, Cot_dk, Cot_dv, k_base, start_m, start_n, offs_m,
-              offs_d, t_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, HEAD_DIM: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BANDED: tl.constexpr,
-              MASKED: tl.constexpr, STAGE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+              offs_d, t_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              BANDED: tl.constexpr, MASKED: tl.constexpr, STAGE: tl.constexpr, SOFTCAP: tl.constexpr,
+              ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """``acc`` plus what the key block [start_n, start_n + BLOCK_N) adds to it, for the query block
     whose tiles (q, d_out, cot_dq) and row statistics (lse2 = lse · log2 e, delta, sigma, rho) the
     caller holds; key-shaped pointers are offset by k_base. ``acc`` is (dQ,) for GRADIENT, (sigma, Σ_j P dS̄ dP, P Ḡv) for ROW_REDUCTIONS, (cot_q, cot_dO) for
-    COTANGENTS; the first-order tile reads no cotangent or second-order statistic (None)."""
+    COTANGENTS; the first-order tile reads no cotangent or second-order statistic (None). The
+    score modifiers (§8, ``_scores``): ``slope`` is the rows' ALiBi slope broadcast along keys."""
     offs_k = start_n + tl.arange(0, BLOCK_N)
     k = _load_tile(K + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
     v = _load_tile(V + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
     if STAGE != GRADIENT:
         cot_dk = _load_tile(Cot_dk + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
         cot_dv = _load_tile(Cot_dv + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
-    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    p = _mask(_probs(scores, lse2[:, None], qk_scale), 0.0, offs_m[:, None], offs_k[None, :], start_m, start_n, t_k,
+    scores, cap = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE), offs_m[:, None],
+                          offs_k[None, :], slope, diagonal, sm_scale, qk_scale, log2e, softcap, SOFTCAP, ALIBI)
+    p = _mask(tl.exp2(scores - lse2[:, None]), 0.0, offs_m[:, None], offs_k[None, :], start_m, start_n, t_k,
               band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED, MASKED)
     dp = tl.dot(d_out, tl.trans(v), input_precision=PRECISION, out_dtype=ACC_DTYPE)
     if STAGE == GRADIENT:
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:  # dR = g ∘ dS (§8)
+            ds = (1.0 - cap * cap) * ds
         acc = (acc[0] + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC_DTYPE),)
     else:
         # dS̄ = scale (Ḡq Kᵀ + Q Ḡkᵀ)
         ds_bar = tl.dot(cot_dq, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
         ds_bar = (ds_bar + tl.dot(q, tl.trans(cot_dk), input_precision=PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
         if STAGE == ROW_REDUCTIONS:
+            if SOFTCAP:  # the softmax's dS̄ = g ∘ dR̄ (§8)
+                ds_bar = (1.0 - cap * cap) * ds_bar
             p_ds_bar = p * ds_bar
             acc = (acc[0] + tl.sum(p_ds_bar, 1), acc[1] + tl.sum(p_ds_bar * dp, 1),
                    acc[2] + tl.dot(p.to(cot_dv.dtype), cot_dv, input_precision=PRECISION, out_dtype=ACC_DTYPE))
         else:
             do_gv = tl.dot(d_out, tl.trans(cot_dv), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            ds, s_bar, dp_bar = _second_order_tile(p, dp, ds_bar, do_gv, delta[:, None], sigma[:, None], rho[:, None])
+            ds, s_bar, dp_bar = _second_order_tile(p, dp, ds_bar, do_gv, delta[:, None], sigma[:, None], rho[:, None],
+                                                   cap, softcap, SOFTCAP)
             cot_q = acc[0] + tl.dot(s_bar.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             cot_q += tl.dot(ds.to(cot_dk.dtype), cot_dk, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             acc = (cot_q, acc[1] + tl.dot(dp_bar.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC_DTYPE))
@@ -379,17 +437,19 @@ def _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, K, V, Cot_dk, Cot_
 
 @triton.jit
 def _row_sweep(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, K, V, Cot_dk, Cot_dv, k_base, start_m, offs_m, offs_d,
-               len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, HEAD_DIM: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BANDED: tl.constexpr,
-               EVEN_K: tl.constexpr, STAGE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+               len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               BANDED: tl.constexpr, EVEN_K: tl.constexpr, STAGE: tl.constexpr, SOFTCAP: tl.constexpr,
+               ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """``_row_tile`` over every key block the query block [start_m, start_m + BLOCK_M) sees. Key
     blocks are loaded with masks (cheap against a row tile's work); only a band or a last key
     block past T_k (not EVEN_K) compiles the score mask in (``_mask``)."""
     lo, hi = _key_range(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
     for start_n in range(lo, hi, BLOCK_N):
         acc = _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, K, V, Cot_dk, Cot_dv, k_base, start_m, start_n,
-                        offs_m, offs_d, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, HEAD_DIM, BLOCK_M,
-                        BLOCK_N, BLOCK_D, BANDED, BANDED or not EVEN_K, STAGE, ACC_DTYPE, PRECISION)
+                        offs_m, offs_d, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal,
+                        softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BANDED, BANDED or not EVEN_K, STAGE, SOFTCAP,
+                        ALIBI, ACC_DTYPE, PRECISION)
     return acc
 
 
@@ -404,11 +464,11 @@ def _full_blocks_end(lo, hi, t_q, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, q_base, row_base,
-                 start_m, start_n, offs_n, offs_d, t_q, t_k, stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e,
-                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BANDED: tl.constexpr, ROWS_MASKED: tl.constexpr, STAGE: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                 PRECISION: tl.constexpr):
+def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, Slopes, q_base,
+                 row_base, start_m, start_n, offs_n, offs_d, t_q, t_k, stride_qt, band_lo, band_hi, sm_scale, qk_scale,
+                 log2e, diagonal, softcap, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BANDED: tl.constexpr, ROWS_MASKED: tl.constexpr, STAGE: tl.constexpr,
+                 SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """(acc_k, acc_v) plus what the query block [start_m, start_m + BLOCK_M) adds for the key block
     whose tiles (k, v, cot_dk, cot_dv) the caller holds: (dK / scale, dV) for GRADIENT, (cot_k /
     scale, cot_v) for COTANGENTS. Query-shaped pointers are offset by q_base, row statistics by
@@ -423,13 +483,19 @@ def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delt
         cot_dq = _load_tile(Cot_dq + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D, ROWS_MASKED)
         sigma = _load_rows(Sigma + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
         rho = _load_rows(Rho + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
-    scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    p_t = _mask(_probs(scores_t, lse2[None, :], qk_scale), 0.0, offs_m[None, :], offs_n[:, None], start_m, start_n,
+    slope = None
+    if ALIBI:  # the ALiBi slope of each query row (§8), laid out like lse
+        slope = _load_rows(Slopes + row_base, offs_m, t_q, 0.0, ROWS_MASKED).to(ACC_DTYPE)[None, :]
+    scores_t, cap_t = _scores(tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC_DTYPE), offs_m[None, :],
+                              offs_n[:, None], slope, diagonal, sm_scale, qk_scale, log2e, softcap, SOFTCAP, ALIBI)
+    p_t = _mask(tl.exp2(scores_t - lse2[None, :]), 0.0, offs_m[None, :], offs_n[:, None], start_m, start_n,
                 t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED, BANDED)
     if STAGE == GRADIENT:
         acc_v += tl.dot(p_t.to(d_out.dtype), d_out, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         dp_t = tl.dot(v, tl.trans(d_out), input_precision=PRECISION, out_dtype=ACC_DTYPE)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:  # dR = g ∘ dS (§8)
+            ds_t = (1.0 - cap_t * cap_t) * ds_t
         acc_k += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC_DTYPE)
     else:
         dp_t = tl.dot(v, tl.trans(d_out), input_precision=PRECISION, out_dtype=ACC_DTYPE)
@@ -437,7 +503,7 @@ def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delt
         ds_bar_t = (ds_bar_t + tl.dot(cot_dk, tl.trans(q), input_precision=PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
         do_gv_t = tl.dot(cot_dv, tl.trans(d_out), input_precision=PRECISION, out_dtype=ACC_DTYPE)
         ds_t, s_bar_t, dp_bar_t = _second_order_tile(p_t, dp_t, ds_bar_t, do_gv_t, delta[None, :], sigma[None, :],
-                                                     rho[None, :])
+                                                     rho[None, :], cap_t, softcap, SOFTCAP)
         acc_k += tl.dot(s_bar_t.to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         acc_k += tl.dot(ds_t.to(cot_dq.dtype), cot_dq, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         acc_v += tl.dot(dp_bar_t.to(d_out.dtype), d_out, input_precision=PRECISION, out_dtype=ACC_DTYPE)
@@ -445,11 +511,12 @@ def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delt
 
 
 @triton.jit
-def _column_sweep(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, first_q_base,
+def _column_sweep(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, Slopes, first_q_base,
                   first_row_base, members, start_n, offs_n, offs_d, t_q, len_q, len_k, stride_qh, stride_qt, band_lo,
-                  band_hi, sm_scale, qk_scale, log2e, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BANDED: tl.constexpr, STAGE: tl.constexpr,
-                  ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                  band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BANDED: tl.constexpr,
+                  STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                  PRECISION: tl.constexpr):
     """``_column_tile`` over every query block that sees the key block [start_n, start_n + BLOCK_N),
     of each of the ``members`` query heads a column program serves (``_column_program``): the
     whole blocks with unmasked loads, then the one partial block, if any (``_full_blocks_end``)."""
@@ -461,12 +528,14 @@ def _column_sweep(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Del
         row_base = first_row_base + member * t_q
         for start_m in range(lo, full_hi, BLOCK_M):
             acc_k, acc_v = _column_tile(
-                acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, q_base, row_base,
+                acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, Slopes, q_base, row_base,
                 start_m, start_n, offs_n, offs_d, len_q, len_k, stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e,
-                HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BANDED, False, STAGE, ACC_DTYPE, PRECISION)
+                diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BANDED, False, STAGE, SOFTCAP, ALIBI,
+                ACC_DTYPE, PRECISION)
         if full_hi < hi:  # the one partial block
             acc_k, acc_v = _column_tile(
-                acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, q_base, row_base,
+                acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, Slopes, q_base, row_base,
                 full_hi, start_n, offs_n, offs_d, len_q, len_k, stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e,
-                HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BANDED, True, STAGE, ACC_DTYPE, PRECISION)
+                diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BANDED, True, STAGE, SOFTCAP, ALIBI,
+                ACC_DTYPE, PRECISION)
     return acc_k, acc_v

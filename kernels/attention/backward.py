@@ -11,6 +11,7 @@ from theria_kernels.attention._tiles import (
     _column_store,
     _column_sweep,
     _load_tile,
+    _modifiers,
     _program,
     _row_sweep,
     _scales,
@@ -20,7 +21,8 @@ from theria_kernels.attention._tiles import (
 
 # ----------------------------------------------------------------------------------------------
 # Backward (§2): delta = rowsum(dO ∘ O) − d_lse, dS = P ∘ (dP − delta), dP = dO Vᵀ,
-# dQ = scale · dS K (row sweep), dK = scale · dSᵀ Q and dV = Pᵀ dO (column sweep).
+# dQ = scale · dS K (row sweep), dK = scale · dSᵀ Q and dV = Pᵀ dO (column sweep). With a cap (§8)
+# dS becomes the scores' dR = g ∘ dS in dQ and dK.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -46,13 +48,13 @@ def _row_delta_kernel(Out, D_out, D_lse, Delta, stride_qb, stride_qh, stride_qt,
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, D_out, Lse, Delta, Cu_q, Cu_k,
+    Q, K, V, D_out, Lse, Delta, Cu_q, Cu_k, Slopes,
     DQ,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-    t_q, t_k, heads, group, sm_scale: tl.float64, band_lo, band_hi,
+    t_q, t_k, heads, group, sm_scale: tl.float64, softcap: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     batch, head, entry = _program(heads, VARLEN)
@@ -71,21 +73,24 @@ def _attn_bwd_dq_kernel(
     row_mask = offs_m < len_q
     lse2 = tl.load(Lse + row_base + offs_m, mask=row_mask, other=float("inf")).to(ACC_DTYPE) * log2e
     delta = tl.load(Delta + row_base + offs_m, mask=row_mask, other=0.0)
+    slope, diagonal, softcap = _modifiers(Slopes, row_base, offs_m, len_q, len_k, softcap, SOFTCAP, ALIBI, True,
+                                          BOTTOM_RIGHT, ACC_DTYPE)
     dq = _row_sweep((tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE),), q, d_out, None, lse2, delta, None, None, K, V, None,
                     None, k_base, start_m, offs_m, offs_d, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale,
-                    qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BANDED, EVEN_K, GRADIENT, ACC_DTYPE, PRECISION)[0]
+                    qk_scale, log2e, slope, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BANDED, EVEN_K,
+                    GRADIENT, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)[0]
     _store_tile(DQ + q_base, dq * sm_scale, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, D_out, Lse, Delta, Cu_q, Cu_k,
+    Q, K, V, D_out, Lse, Delta, Cu_q, Cu_k, Slopes,
     DK, DV, Part_k, Part_v, Arrivals,
     members, stride_split, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-    t_q, t_k, heads, group, sm_scale: tl.float64, band_lo, band_hi,
+    t_q, t_k, heads, group, sm_scale: tl.float64, softcap: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BANDED: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SPLIT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program per key block of one key/value head (or of one share of its query heads, see
     ``_column_program``); it sums over the query heads it serves, so grouped-query gradients need
@@ -103,10 +108,12 @@ def _attn_bwd_dkdv_kernel(
     k = _load_tile(K + k_base, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
     v = _load_tile(V + k_base, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
     zeros = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
-    dk, dv = _column_sweep(zeros, zeros, k, v, None, None, Q, D_out, None, Lse, Delta, None, None, first_q_base,
+    _, diagonal, softcap = _modifiers(Slopes, first_row_base, offs_n, len_q, len_k, softcap, SOFTCAP, ALIBI, False,
+                                      BOTTOM_RIGHT, ACC_DTYPE)
+    dk, dv = _column_sweep(zeros, zeros, k, v, None, None, Q, D_out, None, Lse, Delta, None, None, Slopes, first_q_base,
                            first_row_base, members, start_n, offs_n, offs_d, t_q, len_q, len_k, stride_qh, stride_qt,
-                           band_lo, band_hi, sm_scale, qk_scale, log2e, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BANDED,
-                           GRADIENT, ACC_DTYPE, PRECISION)
+                           band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N,
+                           BLOCK_D, BANDED, GRADIENT, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
     _column_store(DK, DV, Part_k, Part_v, Arrivals, dk * sm_scale, dv, k_base, share, tile, group // members,
                   stride_split, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D, SPLIT)
 

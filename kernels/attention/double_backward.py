@@ -12,6 +12,7 @@ from theria_kernels.attention._tiles import (
     _column_store,
     _column_sweep,
     _load_tile,
+    _modifiers,
     _program,
     _row_sweep,
     _scales,
@@ -30,19 +31,21 @@ from theria_kernels.attention._tiles import (
 #   cot_q = scale (S̄ K + dS Ḡk),  cot_k = scale (S̄ᵀ Q + dSᵀ Ḡq),  cot_v = dP̄ᵀ dO,
 #   cot_dO = P Ḡv + dP̄ V.
 # The row kernel sweeps the keys twice (reductions, then cot_q and cot_dO); the column kernel
-# then sweeps the queries once for cot_k and cot_v, reading sigma and rho.
+# then sweeps the queries once for cot_k and cot_v, reading sigma and rho. With a cap (§8) dS̄ above
+# is g ∘ dR̄ (dR̄ = scale (Ḡq Kᵀ + Q Ḡkᵀ)), and cot_q, cot_k read dR = g ∘ dS and
+# R̄ = g ∘ (S̄ − (2/c) t ∘ dR̄ ∘ dS) in place of dS and S̄.
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _attn_bwd_bwd_rows_kernel(
-    Q, K, V, D_out, Lse, Delta, D_lse, Cot_dq, Cot_dk, Cot_dv, Cu_q, Cu_k,
+    Q, K, V, D_out, Lse, Delta, D_lse, Cot_dq, Cot_dk, Cot_dv, Cu_q, Cu_k, Slopes,
     Cot_q, Cot_d_out, Sigma, Rho,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-    t_q, t_k, heads, group, sm_scale: tl.float64, band_lo, band_hi,
+    t_q, t_k, heads, group, sm_scale: tl.float64, softcap: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     batch, head, entry = _program(heads, VARLEN)
@@ -63,13 +66,15 @@ def _attn_bwd_bwd_rows_kernel(
     lse2 = tl.load(Lse + row_base + offs_m, mask=row_mask, other=float("inf")).to(ACC_DTYPE) * log2e
     delta = tl.load(Delta + row_base + offs_m, mask=row_mask, other=0.0)
     d_lse = tl.load(D_lse + row_base + offs_m, mask=row_mask, other=0.0).to(ACC_DTYPE)
+    slope, diagonal, softcap = _modifiers(Slopes, row_base, offs_m, len_q, len_k, softcap, SOFTCAP, ALIBI, True,
+                                          BOTTOM_RIGHT, ACC_DTYPE)
 
     # Sweep 1: the row reductions sigma, rho and the row vectors P Ḡv.
     sums = (tl.zeros([BLOCK_M], ACC_DTYPE), tl.zeros([BLOCK_M], ACC_DTYPE), tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE))
     sigma, p_ds_bar_dp, p_gv = _row_sweep(
         sums, q, d_out, cot_dq, lse2, None, None, None, K, V, Cot_dk, Cot_dv, k_base, start_m, offs_m, offs_d, len_q,
-        len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BANDED, EVEN_K,
-        ROW_REDUCTIONS, ACC_DTYPE, PRECISION)
+        len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap, HEAD_DIM, BLOCK_M,
+        BLOCK_N, BLOCK_D, BANDED, EVEN_K, ROW_REDUCTIONS, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
     rho = p_ds_bar_dp - sigma * (2.0 * delta + d_lse) + tl.sum(d_out.to(ACC_DTYPE) * p_gv, 1)
     tl.store(Sigma + row_base + offs_m, sigma, mask=row_mask)
     tl.store(Rho + row_base + offs_m, rho, mask=row_mask)
@@ -77,21 +82,22 @@ def _attn_bwd_bwd_rows_kernel(
     # Sweep 2: cot_q and cot_dO (which starts at P Ḡv), now that every row statistic is complete.
     cot_q, cot_d_out = _row_sweep(
         (tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE), p_gv), q, d_out, cot_dq, lse2, delta, sigma, rho, K, V, Cot_dk,
-        Cot_dv, k_base, start_m, offs_m, offs_d, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BANDED, EVEN_K, COTANGENTS, ACC_DTYPE, PRECISION)
+        Cot_dv, k_base, start_m, offs_m, offs_d, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e,
+        slope, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BANDED, EVEN_K, COTANGENTS, SOFTCAP, ALIBI,
+        ACC_DTYPE, PRECISION)
     _store_tile(Cot_q + q_base, cot_q * sm_scale, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
     _store_tile(Cot_d_out + q_base, cot_d_out, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
 def _attn_bwd_bwd_cols_kernel(
-    Q, K, V, D_out, Lse, Delta, Sigma, Rho, Cot_dq, Cot_dk, Cot_dv, Cu_q, Cu_k,
+    Q, K, V, D_out, Lse, Delta, Sigma, Rho, Cot_dq, Cot_dk, Cot_dv, Cu_q, Cu_k, Slopes,
     Cot_k, Cot_v, Part_k, Part_v, Arrivals,
     members, stride_split, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-    t_q, t_k, heads, group, sm_scale: tl.float64, band_lo, band_hi,
+    t_q, t_k, heads, group, sm_scale: tl.float64, softcap: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BANDED: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SPLIT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """cot_k and cot_v for one key block of one key/value head, summed over the query heads the
     program serves (``_column_program``): the column sweep of the backward's dK/dV kernel at
@@ -111,10 +117,13 @@ def _attn_bwd_bwd_cols_kernel(
     cot_dk = _load_tile(Cot_dk + k_base, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
     cot_dv = _load_tile(Cot_dv + k_base, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
     zeros = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
+    _, diagonal, softcap = _modifiers(Slopes, first_row_base, offs_n, len_q, len_k, softcap, SOFTCAP, ALIBI, False,
+                                      BOTTOM_RIGHT, ACC_DTYPE)
     cot_k, cot_v = _column_sweep(
-        zeros, zeros, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, first_q_base, first_row_base,
-        members, start_n, offs_n, offs_d, t_q, len_q, len_k, stride_qh, stride_qt, band_lo, band_hi, sm_scale,
-        qk_scale, log2e, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BANDED, COTANGENTS, ACC_DTYPE, PRECISION)
+        zeros, zeros, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, Slopes, first_q_base,
+        first_row_base, members, start_n, offs_n, offs_d, t_q, len_q, len_k, stride_qh, stride_qt, band_lo, band_hi,
+        sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BANDED, COTANGENTS,
+        SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
     _column_store(Cot_k, Cot_v, Part_k, Part_v, Arrivals, cot_k * sm_scale, cot_v, k_base, share, tile,
                   group // members, stride_split, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D, SPLIT)
 

@@ -12,10 +12,12 @@ from theria_kernels.attention._tiles import (
     _key_range,
     _load_parts,
     _mask,
+    _modifiers,
     _normalise,
     _program,
     _scale_rows,
     _scales,
+    _scores,
     _sequence,
     _store_parts,
     _zeros_like_parts,
@@ -28,18 +30,20 @@ from theria_kernels.attention._tiles import (
 # second sweep. The second derivative along (ẋ, y) does the same with a second direction y:
 #   O'' = Σ_j P_ij ((S^y_ij Ṡ_ij + S''_ij) V_j + Ṡ_ij V^y_j + S^y_ij V̇_j) − mu^y Ȯ − mu O^y − m O,
 #   lse'' = m − mu mu^y,   with S'' = scale (Q̇ K^yᵀ + Q^y K̇ᵀ), m = Σ_j P_ij (S^y_ij Ṡ_ij + S''_ij).
+# Score modifiers (§8): with a cap the tangents are Ṡ = g Ṙ, S^y = g R^y and S'' = g (R'' − (2/c) t Ṙ R^y)
+# (g = 1 − t², t = tanh(R / c)); ALiBi's bias is a constant.
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Q_dot, K_dot, V_dot, Q_y, K_y, V_y, Cu_q, Cu_k,
+    Q, K, V, Q_dot, K_dot, V_dot, Q_y, K_y, V_y, Cu_q, Cu_k, Slopes,
     Out, Lse, Out_dot, Lse_dot, Out_second, Lse_second,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-    t_q, t_k, heads, group, sm_scale: tl.float64, band_lo, band_hi,
+    t_q, t_k, heads, group, sm_scale: tl.float64, softcap: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
     BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr,
-    BOTTOM_RIGHT: tl.constexpr, HAS_TANGENT: tl.constexpr, SECOND_ORDER: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, HAS_TANGENT: tl.constexpr, SECOND_ORDER: tl.constexpr, ACC_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """HAS_TANGENT adds Ȯ, l̇se along (Q̇, K̇, V̇); SECOND_ORDER (with HAS_TANGENT) adds the second
@@ -56,6 +60,8 @@ def _attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     sm_scale, qk_scale, log2e = _scales(sm_scale, ACC_DTYPE)
+    slope, diagonal, softcap = _modifiers(Slopes, row_base, offs_m, len_q, len_k, softcap, SOFTCAP, ALIBI, True,
+                                          BOTTOM_RIGHT, ACC_DTYPE)
 
     q = _load_parts(Q + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
     row_max = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
@@ -77,7 +83,8 @@ def _attn_fwd_kernel(
         offs_k = start_n + offs_n
         k = _load_parts(K + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
         v = _load_parts(V + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
-        scores = _dot_t(q, k, PRECISION, ACC_DTYPE) * qk_scale
+        scores, cap = _scores(_dot_t(q, k, PRECISION, ACC_DTYPE), offs_m[:, None], offs_k[None, :], slope, diagonal,
+                              sm_scale, qk_scale, log2e, softcap, SOFTCAP, ALIBI)
         scores = _mask(scores, float("-inf"), offs_m[:, None], offs_k[None, :], start_m, start_n, len_k, band_lo,
                        band_hi, BLOCK_M, BLOCK_N, BANDED, BANDED or not EVEN_K)
         new_max = tl.maximum(row_max, tl.max(scores, 1))
@@ -94,6 +101,10 @@ def _attn_fwd_kernel(
             scores_dot = _dot_t(q_dot, k, PRECISION, ACC_DTYPE)
             scores_dot += _dot_t(q, k_dot, PRECISION, ACC_DTYPE)
             scores_dot *= sm_scale
+            if SOFTCAP:  # Ṡ = g Ṙ; the second order needs Ṙ itself
+                gate = 1.0 - cap * cap
+                r_dot = scores_dot
+                scores_dot = gate * scores_dot
             p_scores_dot = p * scores_dot
             mu = mu * rescale + tl.sum(p_scores_dot, 1)
             acc_dot = _scale_rows(acc_dot, rescale)
@@ -106,8 +117,12 @@ def _attn_fwd_kernel(
             scores_y = (scores_y + _dot_t(q, k_y, PRECISION, ACC_DTYPE)) * sm_scale
             scores_xy = _dot_t(q_dot, k_y, PRECISION, ACC_DTYPE)
             scores_xy += _dot_t(q_y, k_dot, PRECISION, ACC_DTYPE)
+            scores_xy *= sm_scale
+            if SOFTCAP:  # S'' = g (R'' − (2/c) t Ṙ R^y), S^y = g R^y
+                scores_xy = gate * (scores_xy - (2.0 / softcap) * cap * r_dot * scores_y)
+                scores_y = gate * scores_y
             p_scores_y = p * scores_y
-            p_second = p * (scores_y * scores_dot + scores_xy * sm_scale)
+            p_second = p * (scores_y * scores_dot + scores_xy)
             mu_y = mu_y * rescale + tl.sum(p_scores_y, 1)
             m_second = m_second * rescale + tl.sum(p_second, 1)
             acc_y = _scale_rows(acc_y, rescale)
