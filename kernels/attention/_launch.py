@@ -25,6 +25,7 @@ import triton.language as tl
 
 from theria_kernels._contracts import AttentionParams, row_stat_dtype_name
 from theria_kernels._plan import Allocation, Buffer, Launch, Plan
+from theria_kernels.attention._tuning import TILE_TABLES, tile
 from theria_kernels.attention.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _row_delta_kernel
 from theria_kernels.attention.double_backward import _attn_bwd_bwd_cols_kernel, _attn_bwd_bwd_rows_kernel
 from theria_kernels.attention.forward import _attn_fwd_kernel
@@ -41,19 +42,10 @@ def cdiv(x: int, y: int) -> int:
     return (x + y - 1) // y
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per sweep kind and padded head dim, for 2-byte
-# dtypes on a Hopper-class GPU (chosen with scripts/tune_sdpa_blocks.py and profiler sweeps,
-# docs/perf-notes.md); 4-byte dtypes halve the tiles and 8-byte ones quarter them, so they fit in
-# registers and shared memory. Row sweeps tile queries by BLOCK_M, column sweeps keys by BLOCK_N.
-# The forward kinds key by the padded head dim also where they split it (``head_dim_parts``):
-# the split tiles are narrower, so they fit wherever the padded one does.
-GPU_BLOCKS = {
-    "forward": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)},
-    "jvp": {64: (64, 64, 4, 2), 128: (128, 64, 8, 2), 256: (32, 32, 4, 1)},
-    "forward_second": {64: (64, 32, 4, 1), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
-    "backward": {64: (64, 64, 4, 3), 128: (64, 64, 4, 2), 256: (64, 32, 4, 2)},
-    "backward_backward": {64: (64, 64, 4, 2), 128: (64, 32, 4, 2), 256: (16, 32, 4, 1)},
-}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per compute capability, sweep kind, padded head dim and
+# dtype class: the per-architecture tile tables of ``_tuning`` (how they are chosen and checked:
+# docs/design/tuning.md). A device's capability picks its table (``_tuning.tile``).
+GPU_BLOCKS = TILE_TABLES
 # Grouped-query attention: a column program sums over a whole group of query heads, which leaves
 # the column kernels H / H_kv times fewer and longer programs than multi-head attention, and the
 # last wave of them runs on a partly idle GPU (under a causal or window mask their lengths also
@@ -100,12 +92,14 @@ def head_dim_parts(head_dim: int) -> tuple[int, int]:
 @dataclass(frozen=True)
 class Device:
     """What the plans need to know of the device: its multiprocessors (they size the grouped-query
-    split), whether kernels run in Triton's interpreter (tiny tiles), and whether float32 matmuls
-    may use tf32."""
+    split), whether kernels run in Triton's interpreter (tiny tiles), whether float32 matmuls
+    may use tf32, and its compute capability (major * 10 + minor: it picks the tile table; 0 for
+    unknown takes the table that fits every architecture)."""
 
     multiprocessors: int
     interpreter: bool = False
     allow_tf32: bool = False
+    capability: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,9 +128,7 @@ class AttentionCall:
     def blocks(self, kind: str) -> tuple[int, int, int, int]:
         if self.device.interpreter:
             return INTERPRETER_BLOCKS
-        block_m, block_n, warps, stages = GPU_BLOCKS[kind][max(self.block_d, 64)]
-        shrink = {"float32": 2, "float64": 4}.get(self.dtype, 1)
-        return max(block_m // shrink, 16), max(block_n // shrink, 16), warps, max(stages - shrink // 2, 1)
+        return tile(self.device.capability, kind, self.block_d, self.dtype)
 
     def geometry(self) -> dict:
         """The scalar arguments every attention kernel takes, by name."""

@@ -46,7 +46,8 @@ def _device(t: torch.Tensor) -> Device:
     key = (t.device, tf32)
     found = _DEVICES.get(key)
     if found is None:
-        found = _DEVICES[key] = Device(multiprocessor_count(t.device), is_interpreter(), tf32)
+        major, minor = torch.cuda.get_device_capability(t.device) if t.is_cuda else (0, 0)
+        found = _DEVICES[key] = Device(multiprocessor_count(t.device), is_interpreter(), tf32, 10 * major + minor)
     return found
 
 

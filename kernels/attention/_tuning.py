@@ -1,0 +1,293 @@
+"""Attention's tile tables, one per GPU architecture, and what each target gives one program.
+
+A tile is ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``: row sweeps tile queries by BLOCK_M,
+column sweeps keys by BLOCK_N. Each table maps sweep kind → padded head dim (64, 128, 256; head
+dims up to 64 use the 64 entry) → dtype class (bytes per element: 2 for float16 and bfloat16, 4
+for float32, 8 for float64) → tile. The forward kinds key by the padded head dim also where they
+split it (``_launch.head_dim_parts``): the split tiles are narrower.
+
+How the tables were chosen and how they are checked: docs/design/tuning.md. In short, sm_90's is
+the table tuned by timing on an H100 and H200 (docs/perf-notes.md; scripts/tune_attention.py
+retunes it); the others start from it and shrink (fewer stages first, then a narrower tile) where
+a kernel would not fit the target's shared memory. tests/test_tile_fit.py compiles every entry
+for its target on the CPU (``compile_launch``) and checks shared memory, registers and spills.
+Only sm_90's entries are timed; the others are fits, not measurements.
+
+Framework-neutral: imports neither torch nor JAX (nor Triton's compiler until a launch is
+compiled).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+KINDS = ("forward", "jvp", "forward_second", "backward", "backward_backward")
+HEAD_DIMS = (64, 128, 256)
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+# Shared memory one program may use (CUDA's per-block opt-in limit, bytes): the multiprocessor's
+# shared memory less the 1 KB the system keeps per program. sm_80 (A100) 164 KB per SM, sm_86 /
+# sm_89 (GA10x, Ada) and sm_120 (RTX 50) 100 / 100 / 128 KB, sm_90 (H100, H200) and sm_100 / sm_103
+# (B200, B300) 228 KB.
+SHARED_MEMORY_PER_BLOCK = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448,
+                           103: 232448, 120: 101376, 121: 101376}
+# Every architecture here has 64 K 32-bit registers per multiprocessor and at most 255 per thread.
+REGISTERS_PER_SM = 65536
+# Blackwell's tensor memory: 512 columns per multiprocessor (Triton's own launch-time limit).
+TENSOR_MEMORY_COLUMNS = 512
+
+Tile = tuple[int, int, int, int]
+
+# Hopper (H100, H200): tuned by timing. The 4- and 8-byte entries halve and quarter the 2-byte
+# tile and drop one and two pipeline stages: wider elements need that much more shared memory and
+# registers per tile.
+SM90: dict[str, dict[int, dict[int, Tile]]] = {
+    "forward": {
+        64: {2: (128, 64, 4, 3), 4: (64, 32, 4, 2), 8: (32, 16, 4, 1)},
+        128: {2: (128, 64, 8, 3), 4: (64, 32, 8, 2), 8: (32, 16, 8, 1)},
+        256: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
+    },
+    "jvp": {
+        64: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
+        128: {2: (128, 64, 8, 2), 4: (64, 32, 8, 1), 8: (32, 16, 8, 1)},
+        256: {2: (32, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
+    },
+    "forward_second": {
+        64: {2: (64, 32, 4, 1), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
+        128: {2: (32, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
+        256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
+    },
+    "backward": {
+        64: {2: (64, 64, 4, 3), 4: (32, 32, 4, 2), 8: (16, 16, 4, 1)},
+        128: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
+        256: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
+    },
+    "backward_backward": {
+        64: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
+        128: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
+        256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
+    },
+}
+
+# A100 (164 KB a multiprocessor, 163 KB a program): sm_90's tiles except the 2-byte JVP at head
+# dim 128: sm_90's 128 × 64 × 8 warps fits (144 KB) but ptxas settles on 32 registers and spills
+# 8.3 KB a thread (128 × 32: 4 KB); the 64 × 64 tile of head dim 64 spills 696 B.
+SM80: dict[str, dict[int, dict[int, Tile]]] = {
+    "forward": {
+        64: {2: (128, 64, 4, 3), 4: (64, 32, 4, 2), 8: (32, 16, 4, 1)},
+        128: {2: (128, 64, 8, 3), 4: (64, 32, 8, 2), 8: (32, 16, 8, 1)},
+        256: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
+    },
+    "jvp": {
+        64: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
+        128: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
+        256: {2: (32, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
+    },
+    "forward_second": {
+        64: {2: (64, 32, 4, 1), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
+        128: {2: (32, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
+        256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
+    },
+    "backward": {
+        64: {2: (64, 64, 4, 3), 4: (32, 32, 4, 2), 8: (16, 16, 4, 1)},
+        128: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
+        256: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
+    },
+    "backward_backward": {
+        64: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
+        128: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
+        256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
+    },
+}
+
+# Ada (L4, L40S, RTX 40; 100 KB a multiprocessor, 99 KB a program): sm_90's tiles except the
+# 2-byte forward at head dim 128 (two stages: 80 KB; a third needs 112), the JVP at 128 (64 × 32:
+# 68 KB; 64 × 64 needs 104 on sm_80) and the backward at 256 (32 × 32, one stage: at BLOCK_M 64 the dK/dV
+# sweep needs 100 KB with two stages and 112 KB with one). Float64 at head dim 256 fits no tile
+# here (the JVP needs 128 KB at 16 × 16); Ada's float64 rate is 1/64 of its float32 anyway.
+SM89: dict[str, dict[int, dict[int, Tile]]] = {
+    "forward": {
+        64: {2: (128, 64, 4, 3), 4: (64, 32, 4, 2), 8: (32, 16, 4, 1)},
+        128: {2: (128, 64, 8, 2), 4: (64, 32, 8, 1), 8: (32, 16, 8, 1)},
+        256: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
+    },
+    "jvp": {
+        64: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
+        128: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
+        256: {2: (32, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
+    },
+    "forward_second": {
+        64: {2: (64, 32, 4, 1), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
+        128: {2: (32, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
+        256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
+    },
+    "backward": {
+        64: {2: (64, 64, 4, 3), 4: (32, 32, 4, 2), 8: (16, 16, 4, 1)},
+        128: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
+        256: {2: (32, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
+    },
+    "backward_backward": {
+        64: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
+        128: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
+        256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
+    },
+}
+
+# Blackwell (B200, 228 KB a multiprocessor, and 512 columns of tensor memory, where tcgen05 keeps
+# its accumulators): sm_90's tiles except the 2-byte JVP at head dim 128, whose 128 × 64 tile needs
+# 640 columns (the output and its tangent, 128 each, and six BLOCK_N-wide score tiles): BLOCK_N 32.
+SM100: dict[str, dict[int, dict[int, Tile]]] = {
+    "forward": {
+        64: {2: (128, 64, 4, 3), 4: (64, 32, 4, 2), 8: (32, 16, 4, 1)},
+        128: {2: (128, 64, 8, 3), 4: (64, 32, 8, 2), 8: (32, 16, 8, 1)},
+        256: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
+    },
+    "jvp": {
+        64: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
+        128: {2: (128, 32, 8, 2), 4: (64, 16, 8, 1), 8: (32, 16, 8, 1)},
+        256: {2: (32, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
+    },
+    "forward_second": {
+        64: {2: (64, 32, 4, 1), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
+        128: {2: (32, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
+        256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
+    },
+    "backward": {
+        64: {2: (64, 64, 4, 3), 4: (32, 32, 4, 2), 8: (16, 16, 4, 1)},
+        128: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
+        256: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
+    },
+    "backward_backward": {
+        64: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
+        128: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
+        256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
+    },
+}
+
+TILE_TABLES = {80: SM80, 89: SM89, 90: SM90, 100: SM100}
+# Architectures without a table of their own take the table of the tabled one with the same
+# shared memory and tensor-core generation: GA10x like Ada, Orin like the A100, B300 like B200,
+# consumer Blackwell (mma.sync, 99 KB a program) like Ada.
+TABLE_ALIASES = {86: 89, 87: 80, 103: 100, 120: 89, 121: 89}
+# Anything else, and a device whose capability is unknown (0): the table made for the least shared
+# memory, which launches on every architecture Triton's tensor-core kernels run on.
+FALLBACK_CAPABILITY = 89
+
+
+def table_capability(capability: int) -> int:
+    """The compute capability (major * 10 + minor) whose tile table a device of ``capability`` uses."""
+    if capability in TILE_TABLES:
+        return capability
+    return TABLE_ALIASES.get(capability, FALLBACK_CAPABILITY)
+
+
+def tile(capability: int, kind: str, block_d: int, dtype: str) -> Tile:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of one sweep ``kind`` on a device of
+    ``capability`` for a head dim padded to ``block_d`` and a dtype name."""
+    return TILE_TABLES[table_capability(capability)][kind][max(block_d, 64)][DTYPE_BYTES[dtype]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking an entry without a GPU: compile a launch for a target, read what it uses
+# ----------------------------------------------------------------------------------------------
+
+_TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64", "int32": "i32"}
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one compiled kernel asks of a multiprocessor, per program: ``shared`` bytes of shared
+    memory (Triton's dynamic allocation plus the kernel's static one), ``registers`` per thread,
+    ``spills`` (local memory per thread in 4-byte words, as Triton's ``CompiledKernel.n_spills``:
+    ptxas spills registers there), ``threads`` and Blackwell's ``tensor_memory`` columns."""
+
+    kernel: str
+    capability: int
+    shared: int
+    registers: int
+    spills: int
+    threads: int
+    tensor_memory: int
+
+    def problems(self) -> list[str]:
+        """Why this kernel cannot run well on its target; empty when it fits."""
+        found = []
+        limit = SHARED_MEMORY_PER_BLOCK.get(self.capability)
+        if limit is not None and self.shared > limit:
+            found.append(f"{self.shared} bytes of shared memory, above sm_{self.capability}'s {limit}")
+        if self.spills:
+            found.append(f"{4 * self.spills} bytes of local memory per thread (spilled registers)")
+        # The register file is allocated per warp in units of 256 (8 per thread).
+        if -(-self.registers // 8) * 8 * self.threads > REGISTERS_PER_SM:
+            found.append(f"{self.registers} registers × {self.threads} threads exceed the register file")
+        if self.tensor_memory > TENSOR_MEMORY_COLUMNS:
+            found.append(f"{self.tensor_memory} tensor-memory columns, above {TENSOR_MEMORY_COLUMNS}")
+        return found
+
+
+def buffer_dtypes(plan, dtype: str) -> dict[str, str]:
+    """The dtype name of every buffer a plan of ``dtype`` inputs touches: inputs and ``like``
+    allocations have the inputs' dtype, the varlen offsets are int32, others say their own."""
+    dtypes = {name: "int32" if name.startswith("cu_seqlens") else dtype for name in plan.inputs}
+    dtypes.update((name, allocation.dtype or dtype) for name, allocation in plan.allocations.items())
+    return dtypes
+
+
+def compile_launch(launch, dtypes: dict[str, str], capability: int) -> Resources:
+    """Compile ``launch``'s kernel for sm_``capability`` with Triton's own compiler and ptxas (no
+    GPU needed), specialised as ``JITFunction.run`` specialises it for 16-byte-aligned buffers, and
+    read the resources it uses off the binary.
+
+    Needs the compiled kernels: in a process whose Triton runs the interpreter (TRITON_INTERPRET
+    set before triton was imported) the kernels are not ``JITFunction`` s and this raises.
+    """
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import compile as triton_compile
+    from triton.runtime.jit import native_specialize_impl
+
+    from theria_kernels._plan import Buffer, kernel_parameters
+
+    kernel = launch.kernel
+    if not hasattr(kernel, "params"):
+        raise RuntimeError(f"{kernel}: Triton's interpreter is on (TRITON_INTERPRET); compile in a process without it")
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    specialization = []
+    for (_, is_constexpr), param, value in zip(kernel_parameters(kernel), kernel.params, launch.values):
+        if is_constexpr or value is None:
+            specialization.append(("constexpr", value))
+        elif isinstance(value, Buffer):
+            specialization.append((f"*{_TRITON_TYPES[dtypes[value.name]]}", "D"))
+        elif isinstance(param.annotation_type, str) and param.annotation_type:
+            specialization.append((param.annotation_type, None))
+        else:
+            specialization.append(native_specialize_impl(backend, value, False, True, True))
+    bound = dict(zip((name for name, _ in kernel_parameters(kernel)), launch.values))
+    options, signature, constexprs, attrs = kernel._pack_args(
+        backend, dict(num_warps=launch.num_warps, num_stages=launch.num_stages), bound, specialization, None)
+    compiled = triton_compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+    usage = _resource_usage(compiled.asm["cubin"], knobs.nvidia.cuobjdump.path)
+    metadata = compiled.metadata
+    return Resources(
+        kernel=metadata.name, capability=capability, shared=metadata.shared + usage["SHARED"],
+        registers=usage["REG"], spills=(usage["STACK"] + usage["LOCAL"]) // 4, threads=32 * metadata.num_warps,
+        tensor_memory=getattr(metadata, "tmem_size", 0) or 0)
+
+
+def _resource_usage(cubin: bytes, cuobjdump: str) -> dict[str, int]:
+    """REG, STACK, SHARED (static) and LOCAL of the one function in ``cubin``, as ``cuobjdump
+    -res-usage`` (shipped with Triton) reports them: the numbers the driver's function attributes
+    give on a GPU."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        report = subprocess.run([cuobjdump, "-res-usage", path], check=True, capture_output=True, text=True).stdout
+    line = next(line for line in report.splitlines() if "REG:" in line)
+    return {key: int(value) for key, value in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}

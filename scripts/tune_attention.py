@@ -1,0 +1,279 @@
+"""Choose this GPU's attention tile table: time candidate tiles (BLOCK_M, BLOCK_N, num_warps,
+num_stages) per sweep kind and head dim, print the table it would choose, and write JSON and
+markdown under --out (GPU only; docs/design/tuning.md).
+
+    python scripts/tune_attention.py --out docs/results/tuning/h200
+
+For each sweep kind (forward, jvp, forward_second, backward, backward_backward) and head dim of
+--shapes, the candidates are the table's current entry for this GPU's compute capability
+(kernels/attention/_tuning.py) and its 13 neighbours (``neighbours``). Every candidate's kernels
+are first compiled for this GPU on all CPU cores at once (``_tuning.compile_launch``; Triton's disk
+cache then serves the timed runs), and candidates that need more shared memory than the GPU gives
+one program are dropped. The rest are timed through the torch launchers with
+``triton.testing.do_bench`` (median) on every shape and mask of that head dim, and the candidate
+that spills no registers with the smallest geometric mean of its time relative to the current
+entry wins (the fastest of all where every candidate spills, flagged so). Past --budget
+seconds the remaining candidates are not timed and the report says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+KINDS = ("forward", "jvp", "forward_second", "backward", "backward_backward")
+MASKS = {"full": dict(causal=False), "causal": dict(causal=True)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Candidates and their compiled resources (worker processes: no CUDA, no torch tensors)
+# ----------------------------------------------------------------------------------------------
+
+
+def neighbours(current: tuple[int, int, int, int]) -> list[tuple[int, int, int, int]]:
+    """The current tile first, then its neighbours: each setting changed alone (BLOCK_M or BLOCK_N
+    halved or doubled within 16 to 256, num_warps 4 ↔ 8, num_stages ± 1 within 1 to 4), and the
+    tile's shape (BLOCK_M and BLOCK_N) or its schedule (num_warps and num_stages) changed together."""
+    m, n, warps, stages = current
+    sizes = lambda x: [y for y in (x // 2, 2 * x) if 16 <= y <= 256]  # noqa: E731
+    depths = [y for y in (stages - 1, stages + 1) if 1 <= y <= 4]
+    other_warps = 12 - warps
+    found = [current]
+    found += [(y, n, warps, stages) for y in sizes(m)] + [(m, y, warps, stages) for y in sizes(n)]
+    found += [(m, n, other_warps, stages)] + [(m, n, warps, y) for y in depths]
+    found += [(a, b, warps, stages) for a in sizes(m) for b in sizes(n)]
+    found += [(m, n, other_warps, y) for y in depths]
+    return found
+
+
+def _call(shape, dtype: str, mask: str, device):
+    from theria_kernels.attention import AttentionParams, _launch
+
+    batch, heads, seq, head_dim = shape
+    shape4 = (batch, heads, seq, head_dim)
+    strides = (heads * seq * head_dim, seq * head_dim, head_dim, 1)
+    return _launch.AttentionCall(shape4, strides, shape4, strides, dtype,
+                                 AttentionParams(scale=head_dim ** -0.5, **MASKS[mask]), device)
+
+
+def _plan(kind: str, call):
+    """The plan the torch launcher of ``kind`` builds for these tensors (no d_lse, every cotangent)."""
+    from theria_kernels.attention import _launch
+
+    if kind in ("forward", "jvp", "forward_second"):
+        return _launch.forward_plan(call, kind != "forward", kind == "forward_second")
+    if kind == "backward":
+        return _launch.backward_plan(call, False)
+    return _launch.backward_backward_plan(call, frozenset({"cot_dq", "cot_dk", "cot_dv"}))
+
+
+def with_tile(kind: str, block_d: int, dtype: str, capability: int, candidate):
+    """Put ``candidate`` into the table entry a call of this kind, padded head dim and dtype reads
+    on a device of ``capability``, and forget cached plans; returns the entry's previous tile."""
+    from theria_kernels.attention import _launch, _tuning
+
+    row = _tuning.TILE_TABLES[_tuning.table_capability(capability)][kind][max(block_d, 64)]
+    previous = row[_tuning.DTYPE_BYTES[dtype]]
+    row[_tuning.DTYPE_BYTES[dtype]] = tuple(candidate)
+    for builder in (_launch.forward_plan, _launch.backward_plan, _launch.backward_backward_plan):
+        builder.cache_clear()
+    return previous
+
+
+def _compile_candidate(job) -> dict:
+    """Worker: compile every launch of one candidate for one shape and mask; its worst resources,
+    or the compiler's error."""
+    from theria_kernels.attention import _launch, _tuning
+
+    kind, shape, dtype, mask, device_facts, candidate = job
+    device = _launch.Device(*device_facts)
+    call = _call(shape, dtype, mask, device)
+    with_tile(kind, call.block_d, dtype, device.capability, candidate)
+    plan = _plan(kind, call)
+    used = dict(shared=0, registers=0, spills=0, problems=[])
+    try:
+        for launch in plan.launches:
+            found = _tuning.compile_launch(launch, _tuning.buffer_dtypes(plan, dtype), device.capability)
+            used = dict(shared=max(used["shared"], found.shared), registers=max(used["registers"], found.registers),
+                        spills=max(used["spills"], found.spills),
+                        problems=used["problems"] + [f"{found.kernel}: {p}" for p in found.problems()])
+    except Exception as error:  # out of resources at compile time, or a compiler failure
+        used["problems"] = used["problems"] + [f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"]
+    return used
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing (main process, on the GPU)
+# ----------------------------------------------------------------------------------------------
+
+
+def workloads(shape, dtype: str, mask: str):
+    """The torch launcher of each sweep kind on random inputs of one shape and mask."""
+    import torch
+
+    from theria_kernels.attention import AttentionParams
+    from theria_kernels.attention import torch_launchers as kernels
+
+    torch_dtype = getattr(torch, dtype)
+    draw = lambda: torch.randn(shape, device="cuda", dtype=torch_dtype)  # noqa: E731
+    q, k, v, *directions = (draw() for _ in range(9))
+    params = AttentionParams(scale=shape[-1] ** -0.5, **MASKS[mask])
+    out, lse = kernels.attention_forward(q, k, v, params)
+    d_out = draw()
+    return {
+        "forward": lambda: kernels.attention_forward(q, k, v, params),
+        "jvp": lambda: kernels.attention_jvp(q, k, v, *directions[:3], params),
+        "forward_second": lambda: kernels.attention_forward_second(q, k, v, *directions, params),
+        "backward": lambda: kernels.attention_backward(q, k, v, out, lse, d_out, None, params),
+        "backward_backward": lambda: kernels.attention_backward_backward(
+            q, k, v, out, lse, d_out, None, *directions[:3], params),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["8,16,4096,64", "4,16,4096,128"], help="B,H,T,D each")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32", "float64"])
+    parser.add_argument("--masks", nargs="+", default=["full", "causal"], choices=list(MASKS))
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--rep", type=float, default=60, help="do_bench's measuring time per run, ms")
+    parser.add_argument("--budget", type=float, default=330, help="seconds; later kinds keep their entries")
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--out", required=True, help="folder for tuning.json and tuning.md")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+
+    import torch
+    import triton
+    import triton.testing
+
+    from theria_kernels.attention import _launch, _tuning
+    from theria_kernels.attention import torch_launchers as kernels
+
+    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("tune_attention.py times kernels on a CUDA GPU (and without TRITON_INTERPRET)")
+    major, minor = torch.cuda.get_device_capability()
+    capability = 10 * major + minor
+    name = torch.cuda.get_device_name()
+    device = kernels._device(torch.empty(0, device="cuda", dtype=getattr(torch, args.dtype)))
+    device_facts = (device.multiprocessors, device.interpreter, device.allow_tf32, device.capability)
+    table_of = _tuning.table_capability(capability)
+    print(f"{name}, sm_{capability} (table of sm_{table_of}), {args.dtype}, shapes {args.shapes}, masks {args.masks}")
+
+    # (kind, padded head dim) → its shapes, its current tile and its candidates.
+    groups = {}
+    for kind, shape in itertools.product(args.kinds, shapes):
+        block_d = max(triton.next_power_of_2(shape[-1]), 64)
+        group = groups.setdefault((kind, block_d), dict(shapes=[], current=_tuning.tile(
+            capability, kind, block_d, args.dtype)))
+        group["shapes"].append(shape)
+    for group in groups.values():
+        group["candidates"] = neighbours(group["current"])
+
+    # Compile every candidate on every core (resources, and Triton's cache for the timed runs).
+    jobs = [(kind, shape, args.dtype, mask, device_facts, candidate)
+            for (kind, _), group in groups.items() for shape in group["shapes"] for mask in args.masks
+            for candidate in group["candidates"]]
+    import multiprocessing
+
+    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        compiled = dict(zip(jobs, pool.map(_compile_candidate, jobs)))
+    print(f"compiled {len(jobs)} candidate launches in {time.perf_counter() - start:.0f} s")
+
+    results = []
+    for (kind, block_d), group in groups.items():
+        row = dict(kind=kind, head_dim=block_d, current=group["current"], candidates=[])
+        results.append(row)
+        if time.perf_counter() - start > args.budget:
+            row["skipped"] = "over the time budget: keeps its entry"
+            continue
+        runs = {(shape, mask): workloads(shape, args.dtype, mask)[kind] for shape in group["shapes"]
+                for mask in args.masks}
+        for candidate in group["candidates"]:
+            used = [compiled[(kind, shape, args.dtype, mask, device_facts, candidate)] for shape, mask in runs]
+            entry = dict(tile=candidate, shared=max(u["shared"] for u in used),
+                         registers=max(u["registers"] for u in used), spills=max(u["spills"] for u in used),
+                         problems=sorted({p for u in used for p in u["problems"]}), ms={})
+            row["candidates"].append(entry)
+            if any("spilled" not in problem for problem in entry["problems"]):
+                continue  # cannot launch (shared memory, registers) or did not compile
+            if time.perf_counter() - start > args.budget:
+                row["skipped"] = "over the time budget: chosen among the candidates timed"
+                break
+            with_tile(kind, block_d, args.dtype, capability, candidate)
+            kernels.clear_plans()
+            for (shape, mask), run in runs.items():
+                entry["ms"][f"{','.join(map(str, shape))} {mask}"] = triton.testing.do_bench(
+                    run, warmup=10, rep=args.rep, return_mode="median")
+        with_tile(kind, block_d, args.dtype, capability, group["current"])
+        kernels.clear_plans()
+        # Against the current entry, or the first candidate timed where the current one does not fit.
+        baseline = next((e["ms"] for e in row["candidates"] if e["ms"]), None)
+        for entry in row["candidates"]:
+            if entry["ms"] and baseline:
+                entry["relative"] = math.exp(sum(math.log(entry["ms"][key] / baseline[key]) for key in baseline)
+                                             / len(baseline))
+        # The fastest candidate that does not spill; where every one spills, the fastest (flagged).
+        timed = [e for e in row["candidates"] if "relative" in e]
+        clean = [e for e in timed if not e["spills"]]
+        best = min(clean or timed, key=lambda e: e["relative"]) if timed else None
+        row["chosen"] = best["tile"] if best else group["current"]
+        print(f"{kind:18s} D{block_d:<4d} current {group['current']} "
+              + (f"-> {tuple(best['tile'])} ({best['relative']:.3f}x the current time"
+                 f"{', spills' if best['spills'] else ''})" if best else "-> kept (nothing timed)"))
+
+    elapsed = time.perf_counter() - start
+    report = dict(device=name, capability=capability, table_of=table_of, dtype=args.dtype, shapes=args.shapes,
+                  masks=args.masks, rep_ms=args.rep, seconds=round(elapsed, 1),
+                  versions=dict(torch=torch.__version__, triton=triton.__version__, python=platform.python_version()),
+                  command=" ".join(["python", *sys.argv]), results=results)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "tuning.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(args.out, "tuning.md"), "w") as f:
+        f.write(markdown(report))
+    print(markdown(report))
+    print(f"{elapsed:.0f} s; wrote {args.out}/tuning.json and tuning.md")
+
+
+def markdown(report: dict) -> str:
+    """The chosen table and, per (kind, head dim), every candidate timed or why it was dropped."""
+    lines = [f"# Attention tiles on {report['device']} (sm_{report['capability']}), {report['dtype']}", "",
+             f"`{report['command']}` ({report['seconds']} s; torch {report['versions']['torch']}, "
+             f"triton {report['versions']['triton']}). Times: median ms of `triton.testing.do_bench`; relative: "
+             "geometric mean over shapes and masks against the current entry.", "",
+             "| kind | head dim | current | chosen | chosen / current |", "|---|---|---|---|---|"]
+    for row in report["results"]:
+        best = next((e for e in row["candidates"] if tuple(e["tile"]) == tuple(row.get("chosen", ()))), None)
+        ratio = f"{best['relative']:.3f}" if best and "relative" in best else row.get("skipped", "—")
+        if best and best["spills"]:
+            ratio += " (every timed candidate spills)"
+        lines.append(f"| {row['kind']} | {row['head_dim']} | {tuple(row['current'])} | "
+                     f"{tuple(row.get('chosen', row['current']))} | {ratio} |")
+    lines += ["", f"Table entries ({report['dtype']}) for `_tuning.py` (kind: {{head dim: tile}}):", "", "```"]
+    chosen = {}
+    for row in report["results"]:
+        chosen.setdefault(row["kind"], {})[row["head_dim"]] = tuple(row.get("chosen", row["current"]))
+    lines += [f"{kind!r}: {entries}," for kind, entries in chosen.items()] + ["```", ""]
+    for row in report["results"]:
+        lines += [f"## {row['kind']}, head dim {row['head_dim']}", "",
+                  "| tile | shared KB | regs | spills | relative | ms |", "|---|---|---|---|---|---|"]
+        for e in sorted(row["candidates"], key=lambda e: e.get("relative", math.inf)):
+            times = ", ".join(f"{k}: {v:.3f}" for k, v in e["ms"].items()) or "; ".join(e["problems"]) or "not timed"
+            relative = f"{e['relative']:.3f}" if "relative" in e else "—"
+            lines.append(f"| {tuple(e['tile'])} | {e['shared'] / 1024:.1f} | {e['registers']} | {e['spills']} | "
+                         f"{relative} | {times} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

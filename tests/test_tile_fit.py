@@ -1,0 +1,267 @@
+"""Every entry of the per-architecture tile tables (kernels/attention/_tuning.py) fits its target:
+each kernel the entry launches, compiled for sm_80, sm_89, sm_90 and sm_100 with Triton's own
+compiler and ptxas on the CPU (no GPU), needs no more shared memory than the target gives one
+program, spills no registers and fits the register file (``_tuning.Resources.problems``), except
+the launches listed in ``KNOWN_SPILLS`` and ``KNOWN_SHARED_MEMORY`` (docs/design/tuning.md §3).
+
+The launches come from the real plan builders (``forward_plan``, ``backward_plan``,
+``backward_backward_plan``) for one call per entry, so signatures and constexprs follow the kernels
+as they change. The call takes the heaviest specialisation the plans make: a causal mask (BANDED),
+a length no tile divides (masked key loads), grouped-query heads split over several programs
+(SPLIT: the partial stores), and every optional input given (d_lse, every cotangent).
+
+The compiler runs in a child process: this one may have Triton's interpreter on (tests/_device.py),
+which replaces every kernel by an interpreted function. ``python tests/test_tile_fit.py 90 100``
+prints the table of resources for those targets; ``--known`` prints the two lists instead.
+
+The default run compiles the 2-byte entries at head dim 128 of the forward, JVP, backward and
+double backward on every target (28 launches: about 110 s of CPU, a minute on 2 cores);
+``-m slow`` adds the whole matrix (every kind, head dim and dtype class: 324 launches, about
+20 minutes of CPU, longer for the entries that spill kilobytes).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+TARGETS = (80, 89, 90, 100)
+DTYPE_OF_CLASS = {2: "bfloat16", 4: "float32", 8: "float64"}
+# Multiprocessors of the GPU each target names (A100, L40S, H100 SXM, B200): they only decide the
+# grouped-query split, which the call below forces anyway.
+MULTIPROCESSORS = {80: 108, 89: 142, 90: 132, 100: 148}
+# (B, H, H_kv, T): a group of 8 query heads on one key head over few key blocks, so the column
+# kernels split the group (SPLIT); T = 1000 is a multiple of no tile, so keys are masked.
+SHAPE = (1, 8, 1, 1000)
+# The default run: every kernel at head dim 128 in 2-byte dtypes, the entries with the deepest
+# pipelines (the second-order forward is the JVP's kernel with one more tangent, at smaller tiles).
+DEFAULT_SUBSET = [(kind, 128, 2) for kind in ("forward", "jvp", "backward", "backward_backward")]
+
+# Launches (capability, kind, head dim, dtype class, kernel) that misfit today, found by
+# ``python tests/test_tile_fit.py --known``: the test fails on any other misfit and warns about any
+# of these that fits (take it off). docs/design/tuning.md §3 says why they exist. The float32 and
+# float64 entries of sm_80, sm_89 and sm_100 are not recorded yet (part of sm_89's are).
+KNOWN_SPILLS = {
+    (80, "backward", 64, 2, "bwd_dkdv"), (80, "backward", 128, 2, "bwd_dkdv"),
+    (80, "backward", 256, 2, "bwd_dkdv"), (80, "backward", 256, 2, "bwd_dq"),
+    (80, "backward_backward", 64, 2, "bwd_bwd_cols"), (80, "backward_backward", 64, 2, "bwd_bwd_rows"),
+    (80, "backward_backward", 128, 2, "bwd_bwd_cols"), (80, "backward_backward", 128, 2, "bwd_bwd_rows"),
+    (80, "backward_backward", 256, 2, "bwd_bwd_cols"), (80, "backward_backward", 256, 2, "bwd_bwd_rows"),
+    (80, "forward_second", 64, 2, "fwd"), (80, "forward_second", 128, 2, "fwd"),
+    (80, "forward_second", 256, 2, "fwd"), (80, "jvp", 64, 2, "fwd"),
+    (80, "jvp", 128, 2, "fwd"), (80, "jvp", 256, 2, "fwd"),
+    (89, "backward", 64, 2, "bwd_dkdv"), (89, "backward", 128, 2, "bwd_dkdv"),
+    (89, "backward", 256, 2, "bwd_dkdv"), (89, "backward_backward", 64, 2, "bwd_bwd_cols"),
+    (89, "backward_backward", 64, 2, "bwd_bwd_rows"), (89, "backward_backward", 128, 2, "bwd_bwd_cols"),
+    (89, "backward_backward", 128, 2, "bwd_bwd_rows"), (89, "backward_backward", 256, 2, "bwd_bwd_cols"),
+    (89, "backward_backward", 256, 2, "bwd_bwd_rows"), (89, "forward_second", 64, 2, "fwd"),
+    (89, "forward_second", 64, 4, "fwd"), (89, "forward_second", 64, 8, "fwd"),
+    (89, "forward_second", 128, 2, "fwd"), (89, "forward_second", 128, 4, "fwd"),
+    (89, "forward_second", 128, 8, "fwd"), (89, "forward_second", 256, 2, "fwd"),
+    (89, "forward_second", 256, 4, "fwd"), (89, "jvp", 64, 2, "fwd"),
+    (89, "jvp", 64, 4, "fwd"), (89, "jvp", 64, 8, "fwd"),
+    (89, "jvp", 128, 2, "fwd"), (89, "jvp", 128, 4, "fwd"),
+    (89, "jvp", 128, 8, "fwd"), (89, "jvp", 256, 2, "fwd"),
+    (89, "jvp", 256, 4, "fwd"), (89, "jvp", 256, 8, "fwd"),
+    (90, "backward", 64, 2, "bwd_dkdv"), (90, "backward", 64, 4, "bwd_dkdv"),
+    (90, "backward", 64, 8, "bwd_dkdv"), (90, "backward", 128, 2, "bwd_dkdv"),
+    (90, "backward", 128, 4, "bwd_dkdv"), (90, "backward", 128, 8, "bwd_dkdv"),
+    (90, "backward", 256, 2, "bwd_dkdv"), (90, "backward", 256, 4, "bwd_dkdv"),
+    (90, "backward", 256, 8, "bwd_dkdv"), (90, "backward", 256, 8, "bwd_dq"),
+    (90, "backward_backward", 64, 2, "bwd_bwd_cols"), (90, "backward_backward", 64, 2, "bwd_bwd_rows"),
+    (90, "backward_backward", 64, 4, "bwd_bwd_cols"), (90, "backward_backward", 64, 4, "bwd_bwd_rows"),
+    (90, "backward_backward", 64, 8, "bwd_bwd_cols"), (90, "backward_backward", 64, 8, "bwd_bwd_rows"),
+    (90, "backward_backward", 128, 2, "bwd_bwd_cols"), (90, "backward_backward", 128, 2, "bwd_bwd_rows"),
+    (90, "backward_backward", 128, 4, "bwd_bwd_cols"), (90, "backward_backward", 128, 4, "bwd_bwd_rows"),
+    (90, "backward_backward", 128, 8, "bwd_bwd_cols"), (90, "backward_backward", 128, 8, "bwd_bwd_rows"),
+    (90, "backward_backward", 256, 2, "bwd_bwd_cols"), (90, "backward_backward", 256, 2, "bwd_bwd_rows"),
+    (90, "backward_backward", 256, 4, "bwd_bwd_cols"), (90, "backward_backward", 256, 4, "bwd_bwd_rows"),
+    (90, "backward_backward", 256, 8, "bwd_bwd_cols"), (90, "backward_backward", 256, 8, "bwd_bwd_rows"),
+    (90, "forward", 256, 8, "fwd"), (90, "forward_second", 64, 2, "fwd"),
+    (90, "forward_second", 64, 4, "fwd"), (90, "forward_second", 64, 8, "fwd"),
+    (90, "forward_second", 128, 2, "fwd"), (90, "forward_second", 128, 4, "fwd"),
+    (90, "forward_second", 128, 8, "fwd"), (90, "forward_second", 256, 2, "fwd"),
+    (90, "forward_second", 256, 4, "fwd"), (90, "forward_second", 256, 8, "fwd"),
+    (90, "jvp", 64, 4, "fwd"), (90, "jvp", 64, 8, "fwd"),
+    (90, "jvp", 128, 2, "fwd"), (90, "jvp", 128, 4, "fwd"),
+    (90, "jvp", 128, 8, "fwd"), (90, "jvp", 256, 2, "fwd"),
+    (90, "jvp", 256, 4, "fwd"), (90, "jvp", 256, 8, "fwd"),
+    (100, "backward", 128, 2, "bwd_dkdv"), (100, "backward", 256, 2, "bwd_dkdv"),
+    (100, "backward_backward", 64, 2, "bwd_bwd_cols"), (100, "backward_backward", 64, 2, "bwd_bwd_rows"),
+    (100, "backward_backward", 128, 2, "bwd_bwd_cols"), (100, "backward_backward", 128, 2, "bwd_bwd_rows"),
+    (100, "backward_backward", 256, 2, "bwd_bwd_cols"), (100, "backward_backward", 256, 2, "bwd_bwd_rows"),
+    (100, "forward_second", 128, 2, "fwd"), (100, "forward_second", 256, 2, "fwd"),
+    (100, "jvp", 256, 2, "fwd"),
+}
+# sm_89"s float64 JVP at head dim 256 and sm_90"s float64 double-backward columns at 256 need more
+# shared memory than the target has at the smallest tile, 16 × 16.
+KNOWN_SHARED_MEMORY = {
+    (89, "jvp", 256, 8, "fwd"), (90, "backward_backward", 256, 8, "bwd_bwd_cols"),
+}
+
+
+def entry_launches(capability: int, kind: str, head_dim: int, dtype_bytes: int):
+    """The launches (and the dtype of each buffer) that the tile-table entry (capability, kind,
+    head dim, dtype class) runs, built by the real plan builders."""
+    from theria_kernels.attention import AttentionParams, _launch
+    from theria_kernels.attention._tuning import buffer_dtypes
+
+    batch, heads, heads_kv, seq = SHAPE
+    dtype = DTYPE_OF_CLASS[dtype_bytes]
+    q_shape, k_shape = (batch, heads, seq, head_dim), (batch, heads_kv, seq, head_dim)
+    strides = lambda shape: (shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1)  # noqa: E731
+    device = _launch.Device(MULTIPROCESSORS[capability], capability=capability)
+    params = AttentionParams(scale=head_dim ** -0.5, causal=True)
+    call = _launch.AttentionCall(q_shape, strides(q_shape), k_shape, strides(k_shape), dtype, params, device)
+    plans = {
+        "forward": lambda: _launch.forward_plan(call),
+        "jvp": lambda: _launch.forward_plan(call, True),
+        "forward_second": lambda: _launch.forward_plan(call, True, True),
+        "backward": lambda: _launch.backward_plan(call, True),
+        "backward_backward": lambda: _launch.backward_backward_plan(
+            call, frozenset({"d_lse", "cot_dq", "cot_dk", "cot_dv"})),
+    }
+    plan = plans[kind]()
+    return [(launch, buffer_dtypes(plan, dtype)) for launch in plan.launches]
+
+
+def _compile_one(job):
+    """Child process: compile one launch of one entry; its resources or the compiler's error."""
+    from theria_kernels.attention._tuning import compile_launch, tile
+
+    capability, kind, head_dim, dtype_bytes, index = job
+    launch, dtypes = entry_launches(capability, kind, head_dim, dtype_bytes)[index]
+    row = dict(capability=capability, kind=kind, head_dim=head_dim, dtype_bytes=dtype_bytes,
+               tile=tile(capability, kind, head_dim, DTYPE_OF_CLASS[dtype_bytes]),
+               kernel=launch.kernel.__name__, num_warps=launch.num_warps, num_stages=launch.num_stages)
+    try:
+        resources = compile_launch(launch, dtypes, capability)
+    except Exception as error:  # a compiler or ptxas failure is a finding, reported with the entry
+        return dict(row, error=f"{type(error).__name__}: {str(error)[:400]}")
+    return dict(row, shared=resources.shared, registers=resources.registers, spills=resources.spills,
+                tensor_memory=resources.tensor_memory, problems=resources.problems())
+
+
+def compile_entries(entries, workers: int | None = None) -> list[dict]:
+    """Child process: compile every launch of ``entries`` (capability, kind, head dim, dtype class),
+    one launch per job over ``workers`` processes; the row delta kernel, the same in both backward
+    plans, once per entry all the same."""
+    jobs = [(*entry, index) for entry in entries for index in range(len(entry_launches(*entry)))]
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+        return list(pool.map(_compile_one, jobs))
+
+
+def run_compiler(entries) -> list[dict]:
+    """Compile ``entries`` in a child process without Triton's interpreter; the rows it returns."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, __file__, "--json", json.dumps(entries)], env=env,
+                            capture_output=True, text=True, timeout=3600)
+    if result.returncode:
+        raise AssertionError(f"the compiler process failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def format_rows(rows) -> str:
+    """A markdown table of compiled launches: what each uses of its target."""
+    lines = ["| target | kind | D | bytes | tile (M, N, warps, stages) | kernel | shared KB | regs | spills | fits |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            used, fits = "— | — | —", r["error"].splitlines()[0]
+        else:
+            used = f"{r['shared'] / 1024:.1f} | {r['registers']} | {r['spills']}"
+            fits = "yes" if not r["problems"] else "; ".join(r["problems"])
+        lines.append(f"| sm_{r['capability']} | {r['kind']} | {r['head_dim']} | {r['dtype_bytes']} | "
+                     f"{tuple(r['tile'])} | {r['kernel']} | {used} | {fits} |")
+    return "\n".join(lines)
+
+
+def _short(kernel: str) -> str:
+    return kernel.removeprefix("_attn_").removeprefix("_").removesuffix("_kernel")
+
+
+def _misfits(rows) -> dict[str, set]:
+    """(capability, kind, head dim, dtype class, kernel) of each launch that spills, that needs more
+    shared memory than its target has, or that fails otherwise (compiler errors, register file)."""
+    found = {"spills": set(), "shared_memory": set(), "other": set()}
+    for row in rows:
+        key = (row["capability"], row["kind"], row["head_dim"], row["dtype_bytes"], _short(row["kernel"]))
+        problems = [row["error"]] if "error" in row else row["problems"]
+        for problem in problems:
+            found["spills" if "spilled" in problem else "shared_memory" if "shared memory" in problem
+                  else "other"].add(key)
+    return found
+
+
+def _assert_fit(entries):
+    """Every launch of ``entries`` fits, except those ``KNOWN_SPILLS`` and ``KNOWN_SHARED_MEMORY``
+    list; a listed one that fits now is reported (a warning: take it off its list)."""
+    rows = run_compiler(entries)
+    found = _misfits(rows)
+    known = dict(spills=KNOWN_SPILLS, shared_memory=KNOWN_SHARED_MEMORY, other=set())
+    covered = {(c, k, d, b) for c, k, d, b in entries}
+    new = {problem: found[problem] - known[problem] for problem in found}
+    fixed = {problem: {key for key in known[problem] - found[problem] if key[:4] in covered} for problem in found}
+    new_keys = set().union(*new.values())
+    unexpected = [r for r in rows if (r["capability"], r["kind"], r["head_dim"], r["dtype_bytes"],
+                                      _short(r["kernel"])) in new_keys]
+    assert not unexpected, (f"{len(unexpected)} of {len(rows)} launches do not fit their target:\n"
+                            f"{format_rows(unexpected)}")
+    if any(fixed.values()):
+        warnings.warn(f"these fit now; take them off their lists: {fixed}", stacklevel=2)
+
+
+@pytest.mark.parametrize("capability", TARGETS, ids=[f"sm_{c}" for c in TARGETS])
+def test_tiles_fit_representative(capability):
+    """``DEFAULT_SUBSET`` on every target."""
+    _assert_fit([(capability, *entry) for entry in DEFAULT_SUBSET])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capability", TARGETS, ids=[f"sm_{c}" for c in TARGETS])
+def test_tiles_fit_every_entry(capability):
+    """Every kind × head dim × dtype class of the target's table."""
+    from theria_kernels.attention._tuning import HEAD_DIMS, KINDS
+
+    _assert_fit([(capability, kind, head_dim, dtype_bytes) for kind, head_dim, dtype_bytes
+                 in itertools.product(KINDS, HEAD_DIMS, DTYPE_OF_CLASS)])
+
+
+def test_unknown_architectures_fall_back_to_a_table_that_fits():
+    """Capabilities without a table of their own take one made for no more shared memory than
+    they have; an unknown one takes the smallest."""
+    from theria_kernels.attention import _tuning
+
+    for capability, limit in _tuning.SHARED_MEMORY_PER_BLOCK.items():
+        assert _tuning.SHARED_MEMORY_PER_BLOCK[_tuning.table_capability(capability)] <= limit, capability
+    smallest = min(_tuning.TILE_TABLES, key=_tuning.SHARED_MEMORY_PER_BLOCK.__getitem__)
+    for capability in (0, 75, 95, 130):
+        assert _tuning.table_capability(capability) == smallest
+    for table in _tuning.TILE_TABLES.values():
+        assert set(table) == set(_tuning.KINDS)
+        for kind in _tuning.KINDS:
+            assert set(table[kind]) == set(_tuning.HEAD_DIMS)
+            assert all(set(row) == set(DTYPE_OF_CLASS) for row in table[kind].values())
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--json"]:  # the child process of run_compiler
+        print(json.dumps(compile_entries([tuple(e) for e in json.loads(sys.argv[2])])))
+    else:  # python tests/test_tile_fit.py [--known] [capability ...]
+        from theria_kernels.attention._tuning import HEAD_DIMS, KINDS
+
+        known = "--known" in sys.argv
+        targets = [int(c) for c in sys.argv[1:] if c != "--known"] or list(TARGETS)
+        rows = compile_entries(list(itertools.product(targets, KINDS, HEAD_DIMS, DTYPE_OF_CLASS)))
+        if known:  # the lists of misfits, as KNOWN_SPILLS and KNOWN_SHARED_MEMORY spell them
+            for problem, keys in _misfits(rows).items():
+                print(f"{problem}:\n" + "".join(f"    {key!r},\n".replace("'", '"') for key in sorted(keys)))
+        else:
+            print(format_rows(rows))
