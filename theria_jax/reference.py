@@ -60,7 +60,8 @@ def attention_reference(
     softcap: float = 0.0,
     alibi_slopes=None,
 ):
-    """Softmax attention on (B, T, H, D) arrays, computed in the inputs' dtype.
+    """Softmax attention on (B, T, H, D) arrays, computed in the inputs' dtype except the softmax
+    (and log-sum-exp), which runs in float32 at least and is rounded back, as torch's does.
 
     Arguments:
         q: (B, T_q, H, D). k, v: (B, T_k, H_kv, D) with ``H % H_kv == 0``.
@@ -88,11 +89,16 @@ def attention_reference(
     # Finite scores on rows that see no key keep every derivative order NaN-free.
     scores = jnp.where(mask, scores, -jnp.inf)
     scores = jnp.where(row_has_key, scores, 0.0)
-    probs = jax.nn.softmax(scores, axis=-1) * row_has_key
+    # torch's softmax (the twin's) and its derivatives accumulate in float32 for bf16/fp16 and round
+    # once; jax.nn.softmax in bf16 rounds exp, the normaliser and its derivative rule's row term
+    # rowsum(P ∘ dP) to 8 bits before subtracting it, which made bf16 dq 2-3x less accurate than
+    # torch's (docs/results/maml_t1024.md). float64 stays float64.
+    wide = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+    probs = jax.nn.softmax(wide, axis=-1) * row_has_key
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
     if not return_lse:
         return out
-    lse = jnp.where(row_has_key[..., 0], jax.nn.logsumexp(scores, axis=-1), jnp.inf)
+    lse = jnp.where(row_has_key[..., 0], jax.nn.logsumexp(wide, axis=-1).astype(scores.dtype), jnp.inf)
     return out, lse
 
 
