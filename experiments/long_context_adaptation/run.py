@@ -1,0 +1,309 @@
+"""Adaptation at long context: MAML vs first-order MAML vs a pretrained baseline on needle
+classification (experiments/long_context_adaptation/protocol.py), trained through theria's MAML
+functions (``theria_torch.maml``, ``theria_jax.maml``) on the fused kernels.
+
+Usage (from the repository root)::
+
+    python experiments/long_context_adaptation/run.py --quick                 # CPU, interpreter, ~1 min
+    python experiments/long_context_adaptation/run.py --preset gpu --seeds 0 1 2 \\
+        --frameworks jax torch --out $OUT/lca --math-oom                      # one H200, T = 8192
+    python experiments/long_context_adaptation/run.py --preset cpu --frameworks torch \\
+        --set inner_steps=3 --set inner_lr=0.3                               # the regime study
+
+Every (seed, method, framework) run starts from the seed's numpy weights (head weight zero: loss
+ln n_classes) and meets the seed's task batches, trains for ``meta_steps`` Adam steps, then is
+scored on the same held-out tasks after 0, 1, ... inner steps at the training inner lr (query
+cross-entropy and accuracy, mean over tasks). ``--set FIELD=VALUE`` overrides a preset field
+(value parsed as YAML).
+
+Partial-result safe: each finished run is appended to ``--out``/results.jsonl at once, and runs
+already there (same preset fields, framework, method, seed) are skipped, so a command cut short
+is resumed by running it again. ``--time-budget S`` starts no run that its estimate (the last
+run of that framework and method, or for full MAML ``--probe``'s) says would end after S seconds. ``--math-oom``
+first tries one meta-gradient of the same configuration with torch's math attention (theria's
+"reference" backend: plain torch softmax(QKᵀ)V, what SDPA's math backend computes) and records
+the out-of-memory error; ``--probe`` times a few meta-steps per framework first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+if not __package__:
+    sys.path.insert(0, str(REPO))
+
+from experiments.long_context_adaptation import protocol as P  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(P.PRESETS), default="gpu")
+    parser.add_argument("--quick", action="store_true", help="the 'quick' preset (CPU, interpreter)")
+    parser.add_argument("--frameworks", nargs="+", choices=["torch", "jax"], default=["jax", "torch"])
+    parser.add_argument("--methods", nargs="+", choices=P.METHODS, default=list(P.METHODS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--time-budget", type=float, help="seconds; start no run expected to end later")
+    parser.add_argument("--math-oom", action="store_true", help="try the math reference first (GPU)")
+    parser.add_argument("--probe", type=int, default=0, metavar="STEPS",
+                        help="time STEPS meta-steps of each framework and method before the runs")
+    return parser.parse_args(argv)
+
+
+def resolve_preset(args) -> P.Preset:
+    preset = P.PRESETS["quick" if args.quick else args.preset]
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in {field.name for field in dataclasses.fields(P.Preset)}:
+            raise SystemExit(f"--set expects FIELD=VALUE with a Preset field, got {item!r}")
+        value = yaml.safe_load(value)
+        overrides[key] = tuple(value) if isinstance(value, list) else value
+    return dataclasses.replace(preset, **overrides)
+
+
+def setup_for(preset: P.Preset, method: str):
+    from experiments.phase10.frameworks import MetaSetup
+
+    steps = 0 if method == "pretrained" else preset.inner_steps
+    return MetaSetup(family=preset.family(), model=preset.model(), inner_lr=preset.inner_lr, inner_steps=steps,
+                     outer_lr=preset.outer_lr, dtype=preset.dtype, device=preset.device)
+
+
+def make_learner(preset: P.Preset, framework: str, method: str, seed: int, params=None):
+    """experiments/phase10's learner (parameters, Adam, the MAML calls) for one run; ``params``
+    (numpy) replace the seed's initial parameters when given."""
+    from experiments.phase10.frameworks import make_learner as phase10_learner
+
+    params = P.initial_params(preset, seed) if params is None else params
+    return phase10_learner(framework, setup_for(preset, method), params, backend=preset.backend,
+                           method="fo_maml" if method == "fo_maml" else "maml")
+
+
+class TorchScorer:
+    """Held-out query loss and accuracy after ``steps`` first-order inner steps, in torch."""
+
+    def __init__(self, preset: P.Preset, learner):
+        import torch
+
+        from theria_torch import models
+
+        self.torch, self.preset, self.learner = torch, preset, learner
+        self.model = models.TransformerStack(preset.model(), backend=preset.backend, dtype=learner.dtype,
+                                             device=learner.device)
+        self.loss_fn = models.make_loss_fn(self.model, "cross_entropy")
+
+    def __call__(self, tasks, steps: int) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        from torch.func import functional_call, vmap
+
+        from theria_torch import maml
+
+        def one_task(task):
+            adapted = maml.inner_adapt(self.learner.params, (task.support_x, task.support_y), self.loss_fn,
+                                       inner_lr=self.preset.inner_lr, steps=steps, first_order=True)
+            logits = functional_call(self.model, adapted, (task.query_x,))[:, -1].float()
+            loss = torch.nn.functional.cross_entropy(logits, task.query_y)
+            return loss, (logits.argmax(-1) == task.query_y).float().mean()
+
+        with torch.no_grad():
+            losses, accuracies = vmap(one_task)(tasks)
+        return losses.double().cpu().numpy(), accuracies.double().cpu().numpy()
+
+
+class JaxScorer:
+    """:class:`TorchScorer` in JAX (jitted per number of inner steps)."""
+
+    def __init__(self, preset: P.Preset, learner):
+        import jax
+        import jax.numpy as jnp
+
+        from theria_jax import maml, models
+
+        config = preset.model()
+        loss_fn = models.make_loss_fn(config, "cross_entropy", backend=preset.backend)
+
+        def score(params, tasks, steps):
+            def one_task(task):
+                adapted = maml.inner_adapt(params, (task.support_x, task.support_y), loss_fn,
+                                           inner_lr=preset.inner_lr, steps=steps, first_order=True)
+                logits = models.apply(adapted, task.query_x, config, backend=preset.backend)[:, -1]
+                logits = logits.astype(jnp.float32)
+                log_probs = jax.nn.log_softmax(logits)
+                loss = -jnp.mean(jnp.take_along_axis(log_probs, task.query_y[:, None], axis=-1))
+                return loss, jnp.mean(jnp.argmax(logits, -1) == task.query_y)
+
+            return jax.vmap(one_task)(tasks)
+
+        self.learner = learner
+        self.score = jax.jit(score, static_argnames="steps")
+
+    def __call__(self, tasks, steps: int) -> tuple[np.ndarray, np.ndarray]:
+        losses, accuracies = self.score(self.learner.params, tasks, steps=steps)
+        return np.asarray(losses, np.float64), np.asarray(accuracies, np.float64)
+
+
+def to_device(learner, batch, vocab_size: int):
+    """A token-id batch as the learner's one-hot inputs, made on its device."""
+    if learner.framework == "torch":
+        import torch
+
+        def one_hot(tokens):
+            ids = torch.from_numpy(tokens).to(device=learner.device, dtype=torch.int64)
+            return torch.nn.functional.one_hot(ids, vocab_size).to(learner.dtype)
+    else:
+        import jax
+
+        def one_hot(tokens):
+            return jax.nn.one_hot(jax.device_put(tokens, learner.placement), vocab_size, dtype=learner.dtype)
+    labels = learner.convert(batch._replace(support_x=np.zeros(1), query_x=np.zeros(1)))
+    return labels._replace(support_x=one_hot(batch.support_x), query_x=one_hot(batch.query_x))
+
+
+def evaluate(preset: P.Preset, framework: str, learner) -> dict:
+    """{steps: {"loss": [...per task], "accuracy": [...]}} on the held-out tasks."""
+    scorer = (TorchScorer if framework == "torch" else JaxScorer)(preset, learner)
+    tasks = P.held_out_tasks(preset)
+    result = {}
+    for steps in preset.eval_steps:
+        losses, accuracies = [], []
+        for start in range(0, preset.eval_tasks, preset.eval_chunk):
+            chunk = to_device(learner, type(tasks)(*(field[start:start + preset.eval_chunk] for field in tasks)),
+                              preset.vocab_size)
+            loss, accuracy = scorer(chunk, steps)
+            losses.append(loss)
+            accuracies.append(accuracy)
+        result[str(steps)] = {"loss": np.concatenate(losses).tolist(),
+                              "accuracy": np.concatenate(accuracies).tolist()}
+    return result
+
+
+def train_one(preset: P.Preset, framework: str, method: str, seed: int, *, steps: int | None = None,
+              score: bool = True) -> dict:
+    """Meta-train one learner and (``score``) score it on the held-out tasks; returns the run's record."""
+    steps = preset.meta_steps if steps is None else steps
+    start = time.perf_counter()
+    learner = make_learner(preset, framework, method, seed)
+    losses, times = [], []
+    for step in range(steps):
+        batch = to_device(learner, P.train_batch(preset, seed, step), preset.vocab_size)
+        learner.synchronize()
+        tick = time.perf_counter()
+        losses.append(learner.step(batch))  # a float: the step has finished on the device
+        times.append(time.perf_counter() - tick)
+        if not np.isfinite(losses[-1]):
+            break
+    train_s = time.perf_counter() - start
+    held_out = evaluate(preset, framework, learner) if score else None
+    return {"framework": framework, "method": method, "seed": seed, "train_losses": losses,
+            "step_times_s": times, "median_step_s": statistics.median(times[1:] or times),
+            "first_step_s": times[0], "train_s": train_s, "eval_s": time.perf_counter() - start - train_s,
+            "held_out": held_out}
+
+
+def math_oom_attempt(preset: P.Preset) -> dict:
+    """One full-MAML meta-gradient of the preset's meta-batch on torch's math attention."""
+    import torch
+
+    reference = dataclasses.replace(preset, backend="reference")
+    learner = make_learner(reference, "torch", "maml", 0)
+    batch = to_device(learner, P.train_batch(preset, 0, 0), preset.vocab_size)
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        learner.meta_gradient(batch)
+        torch.cuda.synchronize()
+        outcome = {"status": "ok", "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+    except torch.cuda.OutOfMemoryError as error:
+        outcome = {"status": "OOM", "message": str(error).splitlines()[0],
+                   "peak_gb_before_failure": torch.cuda.max_memory_allocated() / 2**30}
+    del learner, batch
+    torch.cuda.empty_cache()
+    outcome["total_gb"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return outcome
+
+
+def done_runs(path: Path, preset: P.Preset) -> set[tuple]:
+    if not path.exists():
+        return set()
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["framework"], r["method"], r["seed"]) for r in runs if r.get("preset") == preset.key()}
+
+
+def append(path: Path, record: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    preset = resolve_preset(args)
+    began = time.perf_counter()
+    if preset.device == "cpu" and preset.backend == "triton_full_fused":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch and JAX share the GPU
+    import torch
+
+    if preset.threads:
+        torch.set_num_threads(preset.threads)
+    out = args.out or REPO / "experiments/long_context_adaptation/runs" / f"{preset.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    command = " ".join(["python", "experiments/long_context_adaptation/run.py", *(argv or sys.argv[1:])])
+    if args.math_oom:
+        outcome = math_oom_attempt(preset)
+        print("math attention (torch reference backend):", outcome, flush=True)
+        append(out / "math_oom.jsonl", {"preset": preset.key(), **outcome})
+    estimate = {}  # (framework, method) -> seconds for a whole run
+    if args.probe:
+        for framework in args.frameworks:  # full MAML only: the dearest step
+            record = train_one(preset, framework, "maml", 0, steps=args.probe, score=False)
+            estimate[framework, "maml"] = record["first_step_s"] + preset.meta_steps * record["median_step_s"]
+            print(f"probe {framework}/maml: first step {record['first_step_s']:.1f} s, "
+                  f"{1e3 * record['median_step_s']:.1f} ms/step; training ≈ {estimate[framework, 'maml']:.0f} s",
+                  flush=True)
+            append(out / "probe.jsonl", {"preset": preset.key(), "command": command, **record})
+    done = done_runs(results, preset)
+    for seed in args.seeds:
+        for method in args.methods:
+            for framework in args.frameworks:
+                if (framework, method, seed) in done:
+                    continue
+                left = args.time_budget - (time.perf_counter() - began) if args.time_budget else None
+                if left is not None and estimate.get((framework, method), 0) > left:
+                    print(f"skip {framework}/{method}/seed {seed}: ≈{estimate[framework, method]:.0f} s "
+                          f"needed, {left:.0f} s left", flush=True)
+                    continue
+                record = train_one(preset, framework, method, seed)
+                estimate[framework, method] = record["train_s"] + record["eval_s"]
+                append(results, {"preset": preset.key(), "command": command, **record})
+                summary = {s: f"{np.mean(v['loss']):.3f}/{np.mean(v['accuracy']):.2f}"
+                           for s, v in record["held_out"].items()}
+                print(f"{framework}/{method}/seed {seed}: train {record['train_s']:.0f} s "
+                      f"({1e3 * record['median_step_s']:.1f} ms/step), final train loss "
+                      f"{np.mean(record['train_losses'][-10:]):.3f}, held-out loss/acc by inner steps {summary}",
+                      flush=True)
+    if results.exists():
+        from experiments.long_context_adaptation import report
+
+        runs = [run for run in map(json.loads, results.read_text().splitlines()) if run["preset"] == preset.key()]
+        (out / "table.md").write_text(report.table(runs))
+        report.plot(runs, out / "curves.png")
+    print(f"wall {time.perf_counter() - began:.0f} s; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
