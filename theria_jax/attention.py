@@ -75,9 +75,6 @@ def _row_slopes(slopes, t_q: int, cu_seqlens_q=None):
 def _fused(q, k, v, params, cu_seqlens=(), lengths=None, row_slopes=None):
     """The fused kernels' (out, lse), bfloat16 running in float32 under Triton's interpreter
     (``_contracts.interpreter_compute_dtype``)."""
-    if params.softcap or params.alibi:
-        raise NotImplementedError("softcap and alibi_slopes are not in backend='triton_full_fused' yet; "
-                                  "use backend='reference'")
     dtype = q.dtype
     compute_dtype = _contracts.interpreter_compute_dtype(str(dtype), "triton_full_fused")
     if compute_dtype == str(dtype):

@@ -9,7 +9,9 @@ Triton's. The attention operators also have a batching rule that folds a vmapped
 the batch dimension B, so one launch serves every vmapped instance (the rmsnorm Functions fold
 vmap themselves before their operators run). Every attention operator ends with the
 variable-length arguments (``cu_seqlens_q``, ``cu_seqlens_k``, ``max_seqlen_q``,
-``max_seqlen_k``; None and 0 for fixed-length calls), which vmap shares between the instances.
+``max_seqlen_k``; None and 0 for fixed-length calls), which vmap shares between the instances, and
+``row_slopes``, ALiBi's slope of each query row ((B, H, T_q) like lse, None without ALiBi), which
+vmap folds into B like the other floating tensors.
 
 An operator call costs tens of microseconds of Python in the dispatcher (its autograd fallback
 binds the signature on every call), which dominates small calls such as those of a MAML inner
@@ -40,10 +42,10 @@ from theria_kernels._common import accumulator_dtype
 
 
 class Static(NamedTuple):
-    """What attention's autograd Functions pass on without differentiating it: the mask and scale,
-    and for packed variable-length batches the cu_seqlens and the max lengths. A NamedTuple, so that
-    torch.func transforms see the cu_seqlens tensors inside it (and unwrap them like the other
-    inputs). The Functions hand it to the entry points below as it is; only a call that goes
+    """What attention's autograd Functions pass on without differentiating it: the mask, scale and
+    cap, for packed variable-length batches the cu_seqlens and the max lengths, and ALiBi's row
+    slopes (constants at every order, §8). A NamedTuple, so that torch.func transforms see its
+    tensors (and unwrap them like the other inputs). The Functions hand it to the entry points below as it is; only a call that goes
     through a registered operator spells it out as the operator's scalar arguments."""
 
     params: kernels.AttentionParams
@@ -51,32 +53,35 @@ class Static(NamedTuple):
     cu_seqlens_k: Optional[Tensor] = None
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
+    row_slopes: Optional[Tensor] = None
 
     def operator_arguments(self) -> tuple:
         """The registered operators' arguments after their tensors."""
         params = self.params
-        return (params.scale, params.causal, *params.window_size, params.bottom_right, *self[1:])
+        return (params.scale, params.causal, *params.window_size, params.bottom_right, params.softcap, *self[1:])
 
     def launcher_keywords(self) -> dict:
-        """The launchers' varlen keywords ({} for a fixed-length call)."""
-        if self.cu_seqlens_q is None:
-            return {}
-        return dict(cu_seqlens_q=self.cu_seqlens_q, cu_seqlens_k=self.cu_seqlens_k,
-                    max_seqlen_q=self.max_seqlen_q, max_seqlen_k=self.max_seqlen_k)
+        """The launchers' varlen and ALiBi keywords ({} for a fixed-length call without ALiBi)."""
+        keywords = {} if self.row_slopes is None else {"row_slopes": self.row_slopes}
+        if self.cu_seqlens_q is not None:
+            keywords.update(cu_seqlens_q=self.cu_seqlens_q, cu_seqlens_k=self.cu_seqlens_k,
+                            max_seqlen_q=self.max_seqlen_q, max_seqlen_k=self.max_seqlen_k)
+        return keywords
 
 
 _STATICS: dict = {}
 
 
 def _operator_static(scale: float, causal: bool, window_left: int, window_right: int, bottom_right: bool,
-                     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
-                     max_seqlen_k: int) -> Static:
+                     softcap: float, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                     max_seqlen_q: int, max_seqlen_k: int, row_slopes: Optional[Tensor]) -> Static:
     """An operator's scalar arguments as the ``Static`` they were spelled from."""
-    key = (scale, causal, window_left, window_right, bottom_right)
+    key = (scale, causal, window_left, window_right, bottom_right, softcap, row_slopes is not None)
     params = _STATICS.get(key)
     if params is None:  # the same few masks recur on every call of a training loop
-        params = _STATICS[key] = kernels.AttentionParams(scale, causal, (window_left, window_right), bottom_right)
-    return Static(params, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        params = _STATICS[key] = kernels.AttentionParams(scale, causal, (window_left, window_right), bottom_right,
+                                                         softcap, row_slopes is not None)
+    return Static(params, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, row_slopes)
 
 
 # The launches behind attention's entry points, on plain tensors and a Static.
@@ -109,48 +114,48 @@ def _launch_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, c
 # The operators' implementations: typed signatures (the operator schema) over the same launches.
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window_left: int,
-             window_right: int, bottom_right: bool, cu_seqlens_q: Optional[Tensor],
-             cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int) -> tuple[Tensor, Tensor]:
-    return _launch_forward(q, k, v, _operator_static(scale, causal, window_left, window_right, bottom_right,
-                                                     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+             window_right: int, bottom_right: bool, softcap: float, cu_seqlens_q: Optional[Tensor],
+             cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, row_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return _launch_forward(q, k, v, _operator_static(scale, causal, window_left, window_right, bottom_right, softcap,
+                                                     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, row_slopes))
 
 
 def _jvp(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: Tensor, scale: float,
-         causal: bool, window_left: int, window_right: int, bottom_right: bool, cu_seqlens_q: Optional[Tensor],
-         cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int) -> tuple[Tensor, Tensor]:
+         causal: bool, window_left: int, window_right: int, bottom_right: bool, softcap: float, cu_seqlens_q: Optional[Tensor],
+         cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, row_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return _launch_jvp(q, k, v, q_dot, k_dot, v_dot, _operator_static(
-        scale, causal, window_left, window_right, bottom_right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        max_seqlen_k))
+        scale, causal, window_left, window_right, bottom_right, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, row_slopes))
 
 
 def _forward_second(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: Tensor,
                     q_y: Tensor, k_y: Tensor, v_y: Tensor, scale: float, causal: bool, window_left: int,
-                    window_right: int, bottom_right: bool, cu_seqlens_q: Optional[Tensor],
-                    cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int) -> tuple[Tensor, Tensor]:
+                    window_right: int, bottom_right: bool, softcap: float, cu_seqlens_q: Optional[Tensor],
+                    cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, row_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return _launch_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, _operator_static(
-        scale, causal, window_left, window_right, bottom_right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        max_seqlen_k))
+        scale, causal, window_left, window_right, bottom_right, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, row_slopes))
 
 
 def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor,
               d_lse: Optional[Tensor], scale: float, causal: bool, window_left: int,
-              window_right: int, bottom_right: bool, cu_seqlens_q: Optional[Tensor],
+              window_right: int, bottom_right: bool, softcap: float, cu_seqlens_q: Optional[Tensor],
               cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
-              max_seqlen_k: int) -> tuple[Tensor, Tensor, Tensor]:
+              max_seqlen_k: int, row_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     return _launch_backward(q, k, v, out, lse, d_out, d_lse, _operator_static(
-        scale, causal, window_left, window_right, bottom_right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        max_seqlen_k))
+        scale, causal, window_left, window_right, bottom_right, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, row_slopes))
 
 
 def _backward_backward(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Optional[Tensor],
     cot_dq: Optional[Tensor], cot_dk: Optional[Tensor], cot_dv: Optional[Tensor], scale: float, causal: bool,
-    window_left: int, window_right: int, bottom_right: bool, cu_seqlens_q: Optional[Tensor],
-    cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+    window_left: int, window_right: int, bottom_right: bool, softcap: float, cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, row_slopes: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _launch_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, _operator_static(
-        scale, causal, window_left, window_right, bottom_right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        max_seqlen_k))
+        scale, causal, window_left, window_right, bottom_right, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, row_slopes))
 
 
 _FUNCTION_APPLY = torch.autograd.Function.apply.__func__

@@ -22,7 +22,9 @@ them as functions of (q, k, v), so no gradient flows into them separately.
 
 ``flash_attn_varlen_func`` runs the same Functions on (1, H, total, D) views of packed
 variable-length batches; its cu_seqlens and max lengths travel in the Functions' ``_ops.Static``
-argument, next to the mask, and are never differentiated.
+argument, next to the mask, and are never differentiated. So do flash-attn's score modifiers
+(docs/theory/attention_derivatives.md §8): the cap in the ``AttentionParams``, ALiBi's slopes as
+``row_slopes``, each query row's slope, (B, H, T_q) like lse.
 """
 
 from __future__ import annotations
@@ -59,8 +61,11 @@ class _BatchFolding(_ops.Function):
     @classmethod
     def vmap(cls, info, in_dims, *args):
         *tensors, static = args
-        if any(d is not None for d in in_dims[-1]):
+        static_dims = _ops.Static(*in_dims[-1])
+        if static_dims.cu_seqlens_q is not None or static_dims.cu_seqlens_k is not None:
             raise NotImplementedError(VMAP_CU_SEQLENS_ERROR)
+        if static.row_slopes is not None:  # one slope per query row: folded like q
+            static = static._replace(row_slopes=_ops.fold(static.row_slopes, static_dims.row_slopes, info.batch_size))
         outputs = cls.apply(*(_ops.fold(t, d, info.batch_size) for t, d in zip(tensors, in_dims)), static)
         return _ops.unfold(outputs, info.batch_size)
 
@@ -216,6 +221,29 @@ def _check_options(causal, scale, window_size, scale_name: str) -> tuple[int, in
     return _contracts.validate_window_size(window_size)
 
 
+def _check_slopes(alibi_slopes, q, sequences: int, heads: int, batch_name: str):
+    """flash-attn's ``alibi_slopes`` (H,) or (sequences, H), checked, as (sequences, H) constants
+    (detached: no gradient flows into them, as in flash-attn). None stays None."""
+    if alibi_slopes is None:
+        return None
+    _check_tensors(alibi_slopes=alibi_slopes)
+    _contracts.validate_alibi_slopes(tuple(alibi_slopes.shape), dtype_name(alibi_slopes.dtype), sequences, heads,
+                                     batch_name=batch_name)
+    if alibi_slopes.device != q.device:
+        raise ValueError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
+    return alibi_slopes.detach().expand(sequences, heads)
+
+
+def _row_slopes(slopes, t_q: int, cu_seqlens_q=None):
+    """The kernels' ALiBi input: each query row's slope, (B, H, T_q) like lse, from (B, H) slopes; for a
+    packed batch, (1, H, total_q) from the (sequences, H) slopes and the rows' sequences."""
+    if cu_seqlens_q is None:
+        return slopes[:, :, None].expand(*slopes.shape, t_q)
+    rows = torch.arange(t_q, device=cu_seqlens_q.device, dtype=cu_seqlens_q.dtype)
+    sequence = torch.searchsorted(cu_seqlens_q, rows, right=True) - 1
+    return slopes[sequence.clamp(0, slopes.shape[0] - 1)].T[None]
+
+
 def _check_devices(q, k, v, backend):
     devices = {t.device for t in (q, k, v)}
     if len(devices) != 1:
@@ -247,36 +275,46 @@ def _plain_options(causal, scale, window_size) -> bool:
             and window_size[0].__class__ is int and window_size[1].__class__ is int)
 
 
-def _check_call(q, k, v, *, backend, layout, causal, scale, window_size, bottom_right,
-                scale_name) -> tuple[_ops.Static, torch.dtype]:
+def _check_call(q, k, v, *, backend, layout, causal, scale, window_size, bottom_right, scale_name, softcap,
+                alibi_slopes) -> tuple[_ops.Static, torch.dtype]:
     """The checks of one call, up front and naming the argument at fault; returns the call's
-    ``Static`` and the dtype the backend computes in."""
+    ``Static`` (without the ALiBi slopes' values) and the dtype the backend computes in."""
     _check_tensors(q=q, k=k, v=v)
     window_size = _check_options(causal, scale, window_size, scale_name)
+    softcap = _contracts.validate_softcap(softcap)
     validate_attention_args(q.shape, k.shape, v.shape, tuple(dtype_name(t.dtype) for t in (q, k, v)),
                             layout=layout, backend=backend, window_size=window_size)
     _check_devices(q, k, v, backend)
+    _check_slopes(alibi_slopes, q, q.shape[0], q.shape[layout.strip("()").split(", ").index("H")], "batch size")
     params = AttentionParams(scale=_contracts.default_scale(q.shape[-1], scale), causal=bool(causal),
-                             window_size=window_size, bottom_right=bottom_right)
+                             window_size=window_size, bottom_right=bottom_right, softcap=softcap,
+                             alibi=alibi_slopes is not None)
     return _ops.Static(params), _compute_dtype(q, backend)
 
 
-def _attention(q, k, v, *, backend, layout, causal, scale, window_size, bottom_right, scale_name):
+def _attention(q, k, v, *, backend, layout, causal, scale, window_size, bottom_right, scale_name, softcap=0.0,
+               alibi_slopes=None):
     """Checked (out, lse) on (B, H, T, D) views, dispatched to a backend."""
     key = None
-    if _plain_options(causal, scale, window_size):
+    if _plain_options(causal, scale, window_size) and softcap.__class__ in (float, int):
         try:
+            slopes_key = None if alibi_slopes is None else (alibi_slopes.shape, alibi_slopes.dtype,
+                                                            alibi_slopes.device)
             key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, backend,
-                   layout, causal, scale, window_size, bottom_right)
+                   layout, causal, scale, window_size, bottom_right, softcap, slopes_key)
         except AttributeError:  # not tensors: _check_call names the argument
             pass
     checked = _CHECKED.get(key)
     if checked is None:
         checked = _check_call(q, k, v, backend=backend, layout=layout, causal=causal, scale=scale,
-                              window_size=window_size, bottom_right=bottom_right, scale_name=scale_name)
+                              window_size=window_size, bottom_right=bottom_right, scale_name=scale_name,
+                              softcap=softcap, alibi_slopes=alibi_slopes)
         if key is not None:
             _CHECKED[key] = checked
     static, compute_dtype = checked
+    slopes = None
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.detach().expand(q.shape[0], alibi_slopes.shape[-1])
     dtype = q.dtype
     if compute_dtype != dtype:
         q, k, v = (t.to(compute_dtype) for t in (q, k, v))
@@ -285,8 +323,11 @@ def _attention(q, k, v, *, backend, layout, causal, scale, window_size, bottom_r
     if backend == "reference":
         params = static.params
         out, lse = attention_reference(q, k, v, causal=params.causal, scale=params.scale,
-                                       window_size=params.window_size, bottom_right=bottom_right, return_lse=True)
+                                       window_size=params.window_size, bottom_right=bottom_right, return_lse=True,
+                                       softcap=params.softcap, alibi_slopes=slopes)
     else:
+        if slopes is not None:
+            static = static._replace(row_slopes=_row_slopes(slopes, q.shape[2]))
         out, lse = _Attention.apply(q, k, v, static)
     if out.dtype != dtype:
         out = out.to(dtype)
@@ -318,8 +359,9 @@ def sdpa_custom(q, k, v, *, backend: str = "triton_full_fused", causal: bool = F
 
 
 def flash_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: float | None = None,
-                    causal: bool = False, window_size: tuple[int, int] = (-1, -1),
-                    return_lse: bool = False, *, backend: str = "triton_full_fused"):
+                    causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                    alibi_slopes: torch.Tensor | None = None, return_lse: bool = False, *,
+                    backend: str = "triton_full_fused"):
     """flash-attn / AITER interface on (B, T, H, D) tensors, with every derivative order.
 
     Arguments:
@@ -329,14 +371,19 @@ def flash_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale: float | None
         causal: aligned to the bottom-right corner as in flash-attn ≥ 2.1: when T_q > T_k the
             first T_q − T_k query rows see no key and output zeros.
         window_size: (left, right), -1 = unbounded; with ``causal`` right is 0.
-        return_lse: also return the log-sum-exp (B, H, T_q), differentiable.
+        softcap: ``> 0`` caps the scaled scores s to ``softcap · tanh(s / softcap)`` (Gemma-2, Grok);
+            0.0 = off.
+        alibi_slopes: (H,) or (B, H), float32 (or float64), on q's device: adds
+            ``-slope · |i + T_k - T_q - j|`` to the (capped) score of query i and key j (BLOOM, MPT,
+            Falcon); constants, never differentiated (as in flash-attn).
+        return_lse: also return the log-sum-exp (B, H, T_q) of the modified scores, differentiable.
     Returns:
         out (B, T_q, H, D), or (out, lse) with ``return_lse``.
     """
     validate_dropout(dropout_p)
     out, lse = _attention(q, k, v, backend=backend, layout="(B, T, H, D)", causal=causal,
                           scale=softmax_scale, window_size=window_size, bottom_right=True,
-                          scale_name="softmax_scale")
+                          scale_name="softmax_scale", softcap=softcap, alibi_slopes=alibi_slopes)
     return (out, lse) if return_lse else out
 
 
@@ -361,7 +408,8 @@ def _check_cu_seqlens_values(cu_q, cu_k, total_q, total_k, max_seqlen_q, max_seq
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                            dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
-                           window_size: tuple[int, int] = (-1, -1), return_lse: bool = False, *,
+                           window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: torch.Tensor | None = None, return_lse: bool = False, *,
                            backend: str = "triton_full_fused"):
     """flash-attn's variable-length interface: a batch of sequences of different lengths packed
     along the token dimension, with every derivative order of :func:`flash_attn_func`.
@@ -377,6 +425,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
             (they size the kernel grid).
         dropout_p, softmax_scale: as in :func:`flash_attn_func`.
         causal, window_size: per sequence, aligned to its bottom-right corner (flash-attn ≥ 2.1).
+        softcap: as in :func:`flash_attn_func`.
+        alibi_slopes: (H,) or (batch, H): sequence b's slopes, the distance ``|i + T_k - T_q - j|``
+            taken within the sequence (its own lengths); constants, as in :func:`flash_attn_func`.
         return_lse: also return the log-sum-exp (H, total_q), float32 (float64 for float64
             inputs), like flash-attn's varlen; differentiable; +inf on rows that see no key.
     Returns:
@@ -392,23 +443,28 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     validate_dropout(dropout_p)
     _check_tensors(q=q, k=k, v=v)
     window_size = _check_options(causal, softmax_scale, window_size, "softmax_scale")
+    softcap = _contracts.validate_softcap(softcap)
     validate_attention_args(q.shape, k.shape, v.shape, tuple(dtype_name(t.dtype) for t in (q, k, v)),
                             layout="(total, H, D)", backend=backend, window_size=window_size)
     _check_devices(q, k, v, backend)
     varlen = varlen_keywords(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    slopes = _check_slopes(alibi_slopes, q, cu_seqlens_q.shape[0] - 1, q.shape[1], "batch (len(cu_seqlens_q) - 1)")
     if torch._C._functorch.is_batchedtensor(cu_seqlens_q) or torch._C._functorch.is_batchedtensor(cu_seqlens_k):
         raise NotImplementedError(VMAP_CU_SEQLENS_ERROR)
     _check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if backend == "reference":
         out, lse = varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
-                                              window_size=window_size, return_lse=True)
+                                              window_size=window_size, return_lse=True, softcap=softcap,
+                                              alibi_slopes=slopes)
     else:
-        params = AttentionParams(scale=scale, causal=bool(causal), window_size=window_size, bottom_right=True)
+        params = AttentionParams(scale=scale, causal=bool(causal), window_size=window_size, bottom_right=True,
+                                 softcap=softcap, alibi=slopes is not None)
         compute_dtype = _compute_dtype(q, backend)
         # The kernels see one packed batch entry: (total, H, D) as a (1, H, total, D) view, no copy.
         packed = [t.to(compute_dtype).transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
-        out, lse = _Attention.apply(*packed, _ops.Static(params, **varlen))
+        row_slopes = None if slopes is None else _row_slopes(slopes, q.shape[0], varlen["cu_seqlens_q"])
+        out, lse = _Attention.apply(*packed, _ops.Static(params, **varlen, row_slopes=row_slopes))
         # squeeze, not [0]: the backward of a squeeze is a view, that of an index a zero-filled
         # copy (plus a second copy of the cotangent into q's layout: +15 % on fwd + bwd).
         out, lse = out.squeeze(0).transpose(0, 1).to(q.dtype), lse.squeeze(0)

@@ -18,8 +18,8 @@ function each layer calls) and ``AttentionMaskInterface`` (what ``create_causal_
 
 Padded query rows output zeros, as transformers' flash-attention backends give them (eager and
 sdpa fill them with values that no valid token reads). Logit soft-capping (Gemma-2's
-``attn_logit_softcapping``) is not in the fused kernels: the fused backend raises, and
-``register(backend="reference")`` computes it (and everything else) in plain torch.
+``attn_logit_softcapping``, which transformers hands the attention function as ``softcap``) runs
+in the fused kernels at every order, as flash_attn_func's ``softcap``.
 
 The mask is checked with one device-to-host read per mask (one per forward, shared by the layers),
 so a forward through this backend cannot be captured in a CUDA graph.
@@ -39,13 +39,6 @@ from theria_torch.attention import flash_attn_func, flash_attn_varlen_func
 # Query rows per evaluation of transformers' dense mask: bounds the transient boolean block to
 # B × 1024 × T_k while the kept statistics stay O(B·T).
 _ROWS_PER_CHUNK = 1024
-
-SOFTCAP_ERROR = (
-    "logit soft-capping (softcap={softcap}, e.g. Gemma-2's config.attn_logit_softcapping) is not in "
-    "theria's fused kernels yet; register the backend with theria_torch.hf.register(backend='reference') "
-    "(plain torch, O(T^2) memory), or set the config's attn_logit_softcapping to None"
-)
-
 
 class VarlenMask(NamedTuple):
     """What the theria mask function hands every layer: an exact O(B·T) description of the mask.
@@ -197,10 +190,9 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
             raise ValueError("attn_implementation='theria' needs a mask when queries and keys differ in length")
     if backend == "reference":
         return _reference(query, key, value, attention_mask, scaling, softcap), None
-    if softcap is not None:
-        raise NotImplementedError(SOFTCAP_ERROR.format(softcap=softcap))
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))   # (B, T, H, D) views
-    window = {"causal": attention_mask.window[1] == 0, "window_size": attention_mask.window, "softmax_scale": scaling}
+    window = {"causal": attention_mask.window[1] == 0, "window_size": attention_mask.window, "softmax_scale": scaling,
+              "softcap": 0.0 if softcap is None else float(softcap)}
     if not attention_mask.padded:
         return flash_attn_func(q, k, v, **window), None
     batch, length = q.shape[:2]
@@ -217,8 +209,7 @@ def register(name: str = "theria", *, backend: str = "triton_full_fused") -> str
         name: the ``attn_implementation`` string, e.g. ``AutoModelForCausalLM.from_config(config,
             attn_implementation="theria")`` or ``model.set_attn_implementation("theria")``.
         backend: ``"triton_full_fused"`` (the Triton kernels, every derivative order with O(T)
-            extra memory) or ``"reference"`` (plain torch on the same masks, O(T²), with logit
-            soft-capping).
+            extra memory) or ``"reference"`` (plain torch on the same masks, O(T²)).
     Returns:
         ``name``.
     """

@@ -175,32 +175,35 @@ def _plan(builder, call: AttentionCall, *flags):
     return found
 
 
-def attention_forward(q, k, v, params: AttentionParams, *, out=None, lse=None, **varlen):
+def attention_forward(q, k, v, params: AttentionParams, *, out=None, lse=None, row_slopes=None, **varlen):
     """Fused attention forward.
 
     Arguments:
         q: (B, H, T_q, D); k, v: (B, H_kv, T_k, D), H % H_kv == 0; fp16, bf16, fp32 or fp64.
+        row_slopes: with ``params.alibi``, each query row's ALiBi slope, (B, H, T_q) like lse
+            (docs/theory/attention_derivatives.md §8), as every launcher takes it.
         varlen: cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k for packed sequences
             (T = total tokens; see the module docstring), as every launcher takes them.
     Returns:
         out (B, H, T_q, D) in q's dtype; lse (B, H, T_q) in float32 (float64 for fp64 inputs),
         +inf on rows that see no key.
     """
-    call, tensors = _prepare(q, k, params, {}, {"v": v}, {}, {"out": out, "lse": lse}, varlen)
+    call, tensors = _prepare(q, k, params, {}, {"v": v}, {"row_slopes": row_slopes}, {"out": out, "lse": lse}, varlen)
     return run_plan(_plan(forward_plan, call), tensors)
 
 
 def attention_jvp(q, k, v, q_dot, k_dot, v_dot, params: AttentionParams, *, out=None, lse=None,
-                  out_dot=None, lse_dot=None, **varlen):
+                  out_dot=None, lse_dot=None, row_slopes=None, **varlen):
     """Forward and forward-mode derivative in one sweep: returns (out, lse, out_dot, lse_dot),
     the tangents for input tangents (q_dot, k_dot, v_dot) shaped like (q, k, v)."""
-    call, tensors = _prepare(q, k, params, {"q_dot": q_dot}, {"v": v, "k_dot": k_dot, "v_dot": v_dot}, {},
+    call, tensors = _prepare(q, k, params, {"q_dot": q_dot}, {"v": v, "k_dot": k_dot, "v_dot": v_dot},
+                             {"row_slopes": row_slopes},
                              dict(out=out, lse=lse, out_dot=out_dot, lse_dot=lse_dot), varlen)
     return run_plan(_plan(forward_plan, call, True), tensors)
 
 
 def attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params: AttentionParams, *,
-                             out_second=None, lse_second=None, **varlen):
+                             out_second=None, lse_second=None, row_slopes=None, **varlen):
     """Second directional derivative of (out, lse) along x_dot = (q_dot, k_dot, v_dot) and
     y = (q_y, k_y, v_y), both shaped like (q, k, v): f''(x)[x_dot, y], symmetric and bilinear in
     the two directions (the forward-over-forward derivative without its linear part J ẍ).
@@ -209,22 +212,22 @@ def attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params
         (out_second, lse_second) shaped like (out, lse); zero on rows that see no key.
     """
     call, tensors = _prepare(q, k, params, {"q_dot": q_dot, "q_y": q_y},
-                             {"v": v, "k_dot": k_dot, "v_dot": v_dot, "k_y": k_y, "v_y": v_y}, {},
+                             {"v": v, "k_dot": k_dot, "v_dot": v_dot, "k_y": k_y, "v_y": v_y}, {"row_slopes": row_slopes},
                              dict(out_second=out_second, lse_second=lse_second), varlen)
     return run_plan(_plan(forward_plan, call, True, True), tensors)
 
 
 def attention_backward(q, k, v, out, lse, d_out, d_lse, params: AttentionParams, *, dq=None, dk=None, dv=None,
-                       **varlen):
+                       row_slopes=None, **varlen):
     """Gradients (dq, dk, dv) of <d_out, out> + <d_lse, lse>; ``d_lse`` may be None (zero)."""
-    call, tensors = _prepare(q, k, params, {"out": out, "d_out": d_out}, {"v": v}, {"lse": lse, "d_lse": d_lse},
-                             dict(dq=dq, dk=dk, dv=dv), varlen)
+    call, tensors = _prepare(q, k, params, {"out": out, "d_out": d_out}, {"v": v},
+                             {"lse": lse, "d_lse": d_lse, "row_slopes": row_slopes}, dict(dq=dq, dk=dk, dv=dv), varlen)
     return run_plan(_plan(backward_plan, call, d_lse is not None), tensors)
 
 
 def attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv,
                                 params: AttentionParams, *, cot_q=None, cot_k=None, cot_v=None,
-                                cot_d_out=None, cot_d_lse=None, **varlen):
+                                cot_d_out=None, cot_d_lse=None, row_slopes=None, **varlen):
     """VJP of the backward (q, k, v, d_out, d_lse) ↦ (dq, dk, dv) for cotangents
     (cot_dq, cot_dk, cot_dv); ``d_lse`` and any cotangent may be None (zero); out and lse count as
     functions of q, k, v.
@@ -233,7 +236,8 @@ def attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk,
         (cot_q, cot_k, cot_v, cot_d_out, cot_d_lse), shaped like (q, k, v, out, lse).
     """
     call, tensors = _prepare(q, k, params, {"out": out, "d_out": d_out, "cot_dq": cot_dq},
-                             {"v": v, "cot_dk": cot_dk, "cot_dv": cot_dv}, {"lse": lse, "d_lse": d_lse},
+                             {"v": v, "cot_dk": cot_dk, "cot_dv": cot_dv},
+                             {"lse": lse, "d_lse": d_lse, "row_slopes": row_slopes},
                              dict(cot_q=cot_q, cot_k=cot_k, cot_v=cot_v, cot_d_out=cot_d_out,
                                   cot_d_lse=cot_d_lse), varlen)
     given = frozenset(name for name in ("d_lse", "cot_dq", "cot_dk", "cot_dv") if name in tensors)
