@@ -41,6 +41,15 @@ def random_slopes(rows, heads, seed=0):
     return torch.rand(rows, heads, generator=gen, dtype=torch.float32) * 0.5 + 0.1
 
 
+def row_slopes(slopes: torch.Tensor, t_q: int, cu_seqlens_q=None) -> torch.Tensor:
+    """The launchers' ALiBi input from (B, H) slopes: each query row's slope, (B, H, T_q) like lse; for
+    a packed batch, (1, H, total_q) from (sequences, H) slopes."""
+    if cu_seqlens_q is None:
+        return slopes[:, :, None].expand(*slopes.shape, t_q)
+    lengths = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+    return slopes.repeat_interleave(lengths, dim=0).T[None]
+
+
 def reference_fn(params: AttentionParams, alibi_slopes=None):
     """(q, k, v) ↦ (out, lse) of the float64 torch reference with these parameters (and the ALiBi
     slopes when ``params.alibi``), lse's +inf rows (no visible key) replaced by 0 so that it can

@@ -24,7 +24,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _attention_cases import cu_seqlens
+from _attention_cases import SOFTCAP, cu_seqlens, random_slopes
 from _numerics import assert_accurate, tolerance
 from theria_torch import flash_attn_func, flash_attn_varlen_func, sdpa_custom
 from theria_torch.reference import attention_reference, varlen_attention_reference
@@ -143,6 +143,40 @@ WINDOWS = [((48, 16), False), ((16, 48), False), ((48, 16), True)]
 def test_sliding_window_grouped_query(head_dim, dtype, window, causal, lengths):
     attend, reference = _flash(window_size=window, causal=causal)
     _check(attend, reference, (1, 4, 1, *lengths, head_dim), dtype, seed=head_dim + 1)
+
+
+# Logit soft-capping and ALiBi (flash-attn's softcap and alibi_slopes, §8 of the theory): each
+# alone and together; slopes per head (H,) or per batch entry and head (B, H).
+MODIFIERS = {"softcap": (SOFTCAP, None), "alibi": (0.0, "heads"), "softcap-alibi": (SOFTCAP, "batch")}
+
+
+def _modifiers(name, batch, heads):
+    softcap, slopes = MODIFIERS[name]
+    if slopes is not None:
+        slopes = random_slopes(batch, heads).to(DEVICE)
+        slopes = slopes[0] if MODIFIERS[name][1] == "heads" else slopes
+    return dict(softcap=softcap, alibi_slopes=slopes)
+
+
+@pytest.mark.parametrize("lengths", ODD_LENGTHS, ids=_lengths_id)
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("modifiers", _quick(list(MODIFIERS), ("softcap-alibi",), str))
+def test_softcap_and_alibi(modifiers, causal, dtype, lengths):
+    attend, reference = _flash(causal=causal, **_modifiers(modifiers, 2, 4))
+    _check(attend, reference, (2, 4, 2, *lengths, 64), dtype, seed=11)
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=DTYPE_IDS.get)
+def test_varlen_softcap_and_alibi(dtype):
+    """Per-sequence slopes and ALiBi distances (each sequence's own T_k − T_q) in a packed batch."""
+    lengths_q, lengths_k = zip(*VARLEN_LENGTHS)
+    cu_q, cu_k = cu_seqlens(lengths_q, DEVICE), cu_seqlens(lengths_k, DEVICE)
+    modifiers = _modifiers("softcap-alibi", len(lengths_q), 8)
+    _check(lambda q, k, v: flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), causal=True,
+                                                  **modifiers),
+           lambda q, k, v: varlen_attention_reference(q, k, v, cu_q, cu_k, causal=True, **modifiers),
+           (1, 8, 2, sum(lengths_q), sum(lengths_k), 128), dtype, seed=8, packed=True)
 
 
 LENGTHS = [(2, 3), (113, 113), (1023, 1023), (257, 1000), (1000, 257)]

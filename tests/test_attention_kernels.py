@@ -21,11 +21,14 @@ import torch
 import triton
 
 from _attention_cases import (
+    SOFTCAP,
     cu_seqlens,
     params_for,
     poisoned,
     random_inputs,
+    random_slopes,
     reference_fn,
+    row_slopes,
     varlen_reference_fn,
 )
 from _numerics import assert_accurate
@@ -219,6 +222,29 @@ def test_varlen(mask, check):
     """Every launcher in VARLEN mode against the reference run per sequence, in float64."""
     q, k, v, params, fn, varlen = _varlen_case(16, torch.float64, mask, seed=4)
     VARLEN_CHECKS[check](q, k, v, params, fn, torch.float64, **varlen)
+
+
+# Logit soft-capping and ALiBi (§8), together: every launcher, on grouped heads with rows that see
+# no key (bottom-right causal, T_q > T_k), and on packed sequences with per-sequence slopes.
+MODIFIERS = dict(causal=True, bottom_right=True, softcap=SOFTCAP, alibi=True)
+
+
+@pytest.mark.parametrize("check", list(VARLEN_CHECKS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_softcap_and_alibi(check, dtype):
+    q, k, v, params = _case(SHAPES[2], 16, dtype, MODIFIERS, seed=7)
+    slopes = random_slopes(q.shape[0], q.shape[1]).to(q.device)
+    VARLEN_CHECKS[check](q, k, v, params, reference_fn(params, slopes), dtype,
+                         row_slopes=row_slopes(slopes, q.shape[2]))
+
+
+@pytest.mark.parametrize("check", list(VARLEN_CHECKS))
+def test_varlen_softcap_and_alibi(check):
+    q, k, v, params, _, varlen = _varlen_case(16, torch.float64, MODIFIERS, seed=8)
+    slopes = random_slopes(len(VARLEN_LENGTHS), q.shape[1]).to(q.device)
+    fn = varlen_reference_fn(params, varlen["cu_seqlens_q"], varlen["cu_seqlens_k"], slopes)
+    VARLEN_CHECKS[check](q, k, v, params, fn, torch.float64, **varlen,
+                         row_slopes=row_slopes(slopes, q.shape[2], varlen["cu_seqlens_q"]))
 
 
 @pytest.mark.parametrize("check", ["forward_and_backward", "backward_backward"])

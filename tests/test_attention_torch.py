@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from _attention_cases import cu_seqlens, random_inputs
+from _attention_cases import SOFTCAP, cu_seqlens, random_inputs, random_slopes
 from _device import DEVICE
 from _numerics import assert_accurate
 from theria_torch import flash_attn_func, flash_attn_varlen_func, sdpa_custom
@@ -123,6 +123,78 @@ def test_reverse_over_forward_and_forward_over_forward():
     fused, ref = (torch.func.jvp(jvp_out(backend), (q, k, direction), (direction_y, k_y, tangent_of_tangent))[1]
                   for backend in ("triton_full_fused", "reference"))
     torch.testing.assert_close(fused, ref, rtol=1e-10, atol=1e-10)
+
+
+# flash-attn's softcap and alibi_slopes (docs/theory/attention_derivatives.md §8): (B, H) slopes,
+# grouped heads, bottom-right causal.
+# The slopes of the batch entries (or sequences) and heads of the tests below, drawn outside any vmap.
+SLOPES = random_slopes(4, 2).to(DEVICE)
+
+
+def _capped(q, k, v, backend="triton_full_fused", cu=None, **options):
+    """flash_attn_func (or, given ``cu`` = (cu_seqlens, max_seqlen), flash_attn_varlen_func) with the
+    cap and per-sequence slopes."""
+    heads = q.shape[-2]
+    if cu is None:
+        slopes = SLOPES[:q.shape[0], :heads]
+        return flash_attn_func(q, k, v, causal=True, softcap=SOFTCAP, alibi_slopes=slopes, backend=backend, **options)
+    slopes = SLOPES[:cu[0].numel() - 1, :heads]
+    return flash_attn_varlen_func(q, k, v, cu[0], cu[0], cu[1], cu[1], causal=True, softcap=SOFTCAP,
+                                  alibi_slopes=slopes, backend=backend, **options)
+
+
+def test_softcap_and_alibi_every_order():
+    """gradgradcheck (reverse over reverse) of out and lse, forward AD, and the HVP and jvp of jvp
+    against the reference backend."""
+    q, k, v = (t.transpose(1, 2).detach().requires_grad_() for t in _leaves(batch=2, t_q=7, t_k=9, seed=10))
+    assert torch.autograd.gradgradcheck(lambda *x: _capped(*x, return_lse=True), (q, k, v), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda *x: _capped(*x, return_lse=True), (q, k, v), fast_mode=True,
+                                    check_forward_ad=True, check_backward_ad=False, check_undefined_grad=False)
+    x = tuple(t.detach() for t in (q, k, v))
+    tangents = tuple(torch.randn_like(t) for t in x)
+
+    def hvp_and_jvp_of_jvp(backend):
+        loss = lambda *x: _capped(*x, backend=backend).sin().sum()  # noqa: E731
+        hvp = torch.func.jvp(torch.func.grad(loss, argnums=(0, 1, 2)), x, tangents)[1]
+        tangent = lambda *x: torch.func.jvp(lambda *y: _capped(*y, backend=backend), x, tangents)[1]  # noqa: E731
+        return (*hvp, torch.func.jvp(tangent, x, tuple(0.5 * t.flip(1) for t in tangents))[1])
+
+    for got, want in zip(hvp_and_jvp_of_jvp("triton_full_fused"), hvp_and_jvp_of_jvp("reference")):
+        assert_accurate("softcap and ALiBi, second order", got, want, F64)
+
+
+def test_varlen_softcap_and_alibi_and_vmap():
+    """Packed sequences with their own slopes: gradient of a gradient penalty against the reference;
+    vmap over q folds the row slopes with the batch."""
+    lengths = [5, 0, 9, 3]
+    cu = (cu_seqlens(lengths), max(lengths))
+    q, k, v = (torch.randn(sum(lengths), 2, 8, dtype=F64, device=DEVICE, requires_grad=True) for _ in range(3))
+
+    def penalty(backend):
+        grads = torch.autograd.grad(_capped(q, k, v, backend, cu).sin().sum(), (q, k, v), create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), (q, k, v))
+
+    for got, want in zip(penalty("triton_full_fused"), penalty("reference")):
+        assert_accurate("varlen softcap and ALiBi, gradient of a gradient", got, want, F64)
+    queries = torch.randn(3, 2, 5, 2, 8, dtype=F64, device=DEVICE)  # 3 instances of (B, T, H, D)
+    keys, values = (torch.randn(2, 6, 1, 8, dtype=F64, device=DEVICE) for _ in range(2))
+    fused, reference = (torch.func.vmap(lambda q: _capped(q, keys, values, backend))(queries)
+                        for backend in ("triton_full_fused", "reference"))
+    assert_accurate("vmap", fused, reference, F64)
+
+
+def test_softcap_and_alibi_bad_arguments():
+    q, k, v = (t.transpose(1, 2) for t in random_inputs(2, 4, 2, 8, 8, 16, F64))
+    slopes = random_slopes(2, 4).to(DEVICE)
+    for options, error, message in (
+            (dict(softcap=-1.0), ValueError, "softcap must be a finite number >= 0"),
+            (dict(softcap="50"), TypeError, "softcap must be a Python float"),
+            (dict(alibi_slopes=slopes[:, :3]), ValueError, r"alibi_slopes must have shape \(nheads,\) = \(4,\)"),
+            (dict(alibi_slopes=slopes.to(torch.int32)), TypeError, "alibi_slopes must be float32"),
+            (dict(alibi_slopes=slopes.numpy() if DEVICE == "cpu" else slopes.cpu()),
+             (TypeError, ValueError), "alibi_slopes")):
+        with pytest.raises(error, match=message):
+            flash_attn_func(q, k, v, **options)
 
 
 def test_third_order_raises_clearly():

@@ -49,6 +49,29 @@ def test_signatures_match_the_originals():
         assert ours["backend"].kind is inspect.Parameter.KEYWORD_ONLY
 
 
+# flash-attn's signatures (flash_attn/flash_attn_interface.py, v2.8), through the arguments theria
+# shares with them; flash-attn itself is not installed where the tests run. theria's two
+# implementations of each follow them to alibi_slopes (then return_lse and the keyword backend).
+FLASH_ATTN_SIGNATURES = {
+    "flash_attn_func": "q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), "
+                       "softcap=0.0, alibi_slopes=None",
+    "flash_attn_varlen_func": "q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, "
+                              "softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None",
+}
+
+
+@pytest.mark.parametrize("framework", [theria_torch, theria_jax], ids=["torch", "jax"])
+@pytest.mark.parametrize("name", FLASH_ATTN_SIGNATURES)
+def test_flash_attn_signatures_match_flash_attn(framework, name):
+    """flash-attn's positional order, names and defaults, softcap and alibi_slopes included."""
+    original = inspect.signature(eval(f"lambda {FLASH_ATTN_SIGNATURES[name]}: 0")).parameters
+    ours = inspect.signature(getattr(framework, name)).parameters
+    assert list(ours)[:len(original)] == list(original)
+    for parameter_name, parameter in original.items():
+        assert (ours[parameter_name].kind, ours[parameter_name].default) == (parameter.kind, parameter.default), \
+            parameter_name
+
+
 def _torch_derivatives(attend, q, k, v, second_order):
     """Output, gradient and, with ``second_order``, the gradient of a gradient penalty (reverse over reverse)."""
     out = attend(q, k, v)

@@ -165,6 +165,31 @@ def test_bad_options_same_words_in_both_frameworks(option, value, error, words):
         assert messages["torch", scale_name] == messages["jax", scale_name]
 
 
+# flash-attn's score modifiers: (option, value, error, words); slopes given as (shape, dtype name).
+BAD_MODIFIERS = [
+    ("softcap", -1.0, ValueError, "softcap must be a finite number >= 0 (0.0 = off), got -1.0"),
+    ("softcap", float("inf"), ValueError, "softcap must be a finite number >= 0"),
+    ("softcap", "50", TypeError, "softcap must be a Python float (0.0 = off), got str '50'"),
+    ("alibi_slopes", ((H + 1,), "float32"), ValueError,
+     f"alibi_slopes must have shape (nheads,) = ({H},) or (batch size, nheads) = ({B}, {H}), got ({H + 1},)"),
+    ("alibi_slopes", ((B, H), "int32"), TypeError, "alibi_slopes must be float32 (flash-attn's ALiBi slopes) or float64"),
+]
+
+
+@pytest.mark.parametrize("option, value, error, words", BAD_MODIFIERS,
+                         ids=[f"{o}={v!r}" for o, v, _, _ in BAD_MODIFIERS])
+def test_bad_score_modifiers_same_words_in_both_frameworks(option, value, error, words):
+    messages = []
+    for function, make, array in ((theria_torch.flash_attn_func, _torch, lambda s, d: torch.zeros(s, device=DEVICE,
+                                                                                                  dtype=getattr(torch, d))),
+                                  (theria_jax.flash_attn_func, _jax, lambda s, d: jnp.zeros(s, d))):
+        q = make()
+        given = array(*value) if option == "alibi_slopes" else value
+        messages.append(_message(error, function, q, q, q, **{option: given}))
+        assert words in messages[-1], messages[-1]
+    assert messages[0] == messages[1]
+
+
 @pytest.mark.parametrize("option, good, bad", [
     ("window_size", (1, -1), (True, -1)),  # equal and hashed alike, but a bool is no window side
     ("scale", 1.0, True),

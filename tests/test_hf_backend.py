@@ -115,15 +115,24 @@ def test_maml_meta_gradient_through_llama(one_torch_thread):
         assert max((a - b).abs().max() for a, b in zip(meta[FUSED], meta[name])) < bound * scale, name
 
 
-def test_softcap_runs_on_the_reference_backend_and_raises_on_the_fused(one_torch_thread):
+def test_gemma2_logit_softcapping_on_the_fused_kernels(one_torch_thread):
+    """Gemma-2's attn_logit_softcapping reaches the fused kernels as flash_attn's softcap: logits
+    against the reference backend and eager, and a full second-order MAML meta-gradient (through
+    the cap's second derivative) against the reference backend."""
     models = _models(_config("gemma2", attn_logit_softcapping=5.0), ("eager", REFERENCE, FUSED))
     ids, labels = _tokens(RIGHT_PADDING)
     padding = RIGHT_PADDING.to(DEVICE)
     valid = padding.bool()
-    eager, reference = (models[name](ids, attention_mask=padding).logits[valid] for name in ("eager", REFERENCE))
-    assert (eager - reference).abs().max() < 1e-6
-    with pytest.raises(NotImplementedError, match="backend='reference'"):
-        models[FUSED](ids, attention_mask=padding)
+    logits = {name: model(ids, attention_mask=padding).logits[valid] for name, model in models.items()}
+    assert (logits[FUSED] - logits[REFERENCE]).abs().max() < 1e-10
+    assert (logits["eager"] - logits[REFERENCE]).abs().max() < 1e-6
+    support = (ids, padding, labels)
+    torch.manual_seed(3)
+    query_ids = torch.randint(0, VOCAB, (B, T)).to(DEVICE)
+    query = (query_ids, padding, torch.where(valid, query_ids, -100))
+    meta = {name: _meta_gradient(models[name], support, query) for name in (FUSED, REFERENCE)}
+    scale = max(g.abs().max() for g in meta[REFERENCE])
+    assert max((a - b).abs().max() for a, b in zip(meta[FUSED], meta[REFERENCE])) < 1e-10 * scale
 
 
 def test_masks_it_cannot_run_raise():

@@ -17,7 +17,7 @@ import torch
 from jax.test_util import check_grads
 
 import theria_torch
-from _attention_cases import ApiCase
+from _attention_cases import SOFTCAP, ApiCase, random_slopes
 from _device import DEVICE
 from _numerics import assert_tree_accurate, tolerance
 from theria_jax import _primitives, attention, flash_attn_func, flash_attn_varlen_func
@@ -37,10 +37,18 @@ class Case(ApiCase):
     def attend(self, backend, q, k, v):
         """(out, lse) with the rows that see no key given lse 0 instead of +inf, so that smooth
         losses of lse stay finite (their derivatives there are 0 in both backends)."""
-        function = attention if self.api == "attention" else flash_attn_func
-        out, lse = function(q, k, v, causal=self.causal, window_size=self.window_size, return_lse=True,
-                            backend=backend)
+        if self.api == "attention":
+            out, lse = attention(q, k, v, causal=self.causal, window_size=self.window_size, return_lse=True,
+                                 backend=backend)
+        else:
+            out, lse = flash_attn_func(q, k, v, causal=self.causal, window_size=self.window_size, return_lse=True,
+                                       backend=backend, softcap=self.softcap, alibi_slopes=_slopes(self.slopes()))
         return out, jnp.where(jnp.isfinite(lse), lse, 0.0)
+
+
+def _slopes(slopes: torch.Tensor | None):
+    """A case's ALiBi slopes (float32 torch, on the host) as a JAX array."""
+    return None if slopes is None else jnp.asarray(slopes.numpy())
 
 
 @dataclass(frozen=True)
@@ -53,11 +61,14 @@ class VarlenCase:
     head_dim: int
     causal: bool = False
     window_size: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    alibi: bool = False  # random (sequences, H) slopes
 
     def __str__(self):
         mask = "causal" if self.causal else "window" if self.window_size != (-1, -1) else "full"
+        modifiers = ("-softcap" if self.softcap else "") + ("-alibi" if self.alibi else "")
         lengths = ",".join(f"{t_q}x{t_k}" for t_q, t_k in self.lengths)
-        return f"varlen-{mask}-T{lengths}-H{self.heads}/{self.heads_kv}-D{self.head_dim}"
+        return f"varlen-{mask}{modifiers}-T{lengths}-H{self.heads}/{self.heads_kv}-D{self.head_dim}"
 
     def sequences(self):
         """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) as NumPy int32 and ints."""
@@ -74,8 +85,10 @@ class VarlenCase:
 
     def attend(self, backend, q, k, v, sequences=None):
         """(out, lse) like :meth:`Case.attend`; ``sequences`` overrides the cu_seqlens (e.g. traced ones)."""
+        slopes = _slopes(random_slopes(len(self.lengths), self.heads)) if self.alibi else None
         out, lse = flash_attn_varlen_func(q, k, v, *(sequences or self.sequences()), causal=self.causal,
-                                          window_size=self.window_size, return_lse=True, backend=backend)
+                                          window_size=self.window_size, return_lse=True, backend=backend,
+                                          softcap=self.softcap, alibi_slopes=slopes)
         return out, jnp.where(jnp.isfinite(lse), lse, 0.0)
 
 
@@ -84,8 +97,10 @@ CASES = [
     Case("attention", 7, 13, 4, 2, 8, causal=True),  # T_q != T_k, grouped-query, top-left
     Case("flash_attn_func", 13, 7, 2, 1, 12, causal=True),  # bottom-right: 6 rows see no key
     Case("flash_attn_func", 17, 17, 2, 2, 32, window_size=(3, 2)),
+    # Logit soft-capping and ALiBi (§8), per-batch slopes, grouped heads, rows with no key.
+    Case("flash_attn_func", 11, 7, 4, 2, 8, causal=True, batch=2, softcap=SOFTCAP, alibi=True),
     # Queries shorter and longer than keys (rows without keys), an empty query and an empty key
-    # sequence, grouped heads, causal per sequence.
+    # sequence, grouped heads, causal per sequence (the last case: the varlen tests below use it).
     VarlenCase(((3, 5), (0, 2), (9, 4), (2, 0)), 2, 1, 8, causal=True),
 ]
 
@@ -231,6 +246,8 @@ PADDED_HEAD_DIM_CASES = [
     Case("flash_attn_func", 5, 9, 1, 1, 80, causal=True),
     Case("flash_attn_func", 7, 7, 1, 1, 96, window_size=(2, 1)),
     VarlenCase(((4, 6), (7, 3), (2, 2)), 2, 2, 16, window_size=(2, 1)),
+    # Per-sequence slopes and lengths (each its own ALiBi diagonal), a cap, a window.
+    VarlenCase(((4, 6), (7, 3), (2, 2)), 2, 1, 8, window_size=(3, 1), softcap=SOFTCAP, alibi=True),
 ]
 
 

@@ -27,7 +27,7 @@ import torch
 
 import theria_jax
 import theria_torch
-from _attention_cases import ApiCase
+from _attention_cases import SOFTCAP, ApiCase
 from _numerics import as_float64, assert_accurate
 from theria_jax.reference import attention_reference
 
@@ -47,16 +47,25 @@ class Case(ApiCase):
 
     batch: int = 2
 
+    def modifiers(self, framework):
+        """flash_attn_func's softcap and alibi_slopes keywords, the slopes as ``framework``'s array."""
+        slopes = self.slopes()
+        if slopes is not None:
+            slopes = jnp.asarray(slopes.numpy()) if framework == "jax" else slopes.to(DEVICE)
+        return dict(softcap=self.softcap, alibi_slopes=slopes)
+
     def jax_attend(self, q, k, v):
-        function = theria_jax.attention if self.api == "attention" else theria_jax.flash_attn_func
-        return function(q, k, v, causal=self.causal)
+        if self.api == "attention":
+            return theria_jax.attention(q, k, v, causal=self.causal)
+        return theria_jax.flash_attn_func(q, k, v, causal=self.causal, **self.modifiers("jax"))
 
     def reference_attend(self, q, k, v):
-        return attention_reference(q, k, v, causal=self.causal, bottom_right=self.api == "flash_attn_func")
+        return attention_reference(q, k, v, causal=self.causal, bottom_right=self.api == "flash_attn_func",
+                                   **self.modifiers("jax"))
 
     def torch_attend(self, q, k, v):
         if self.api == "flash_attn_func":
-            return theria_torch.flash_attn_func(q, k, v, causal=self.causal)
+            return theria_torch.flash_attn_func(q, k, v, causal=self.causal, **self.modifiers("torch"))
         bhtd = (t.transpose(1, 2) for t in (q, k, v))
         return theria_torch.sdpa_custom(*bhtd, causal=self.causal).transpose(1, 2)
 
@@ -65,6 +74,8 @@ CASES = [
     Case("attention", 128, 128, 4, 4, 64, causal=False),  # key length a block multiple: unmasked tiles
     Case("attention", 97, 203, 4, 1, 80, causal=True),  # grouped-query, top-left, T_q < T_k
     Case("flash_attn_func", 203, 97, 4, 2, 128, causal=True),  # 106 rows see no key
+    # Logit soft-capping and ALiBi (§8): the cap far from linear, per-batch slopes, grouped-query.
+    Case("flash_attn_func", 150, 211, 4, 2, 64, causal=True, softcap=SOFTCAP, alibi=True),
 ]
 
 

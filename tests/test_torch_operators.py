@@ -20,8 +20,9 @@ from _device import DEVICE
 from theria_torch import flash_attn_func, rmsnorm, sdpa_custom
 
 F64 = torch.float64
-# Trailing scalars of a fixed-length call: scale, causal, window, bottom_right, no varlen.
-SCALARS = (8**-0.5, True, -1, -1, False, None, None, 0, 0)
+# Trailing arguments of a fixed-length call: scale, causal, window, bottom_right, softcap (off), no
+# varlen, no ALiBi row slopes.
+SCALARS = (8**-0.5, True, -1, -1, False, 0.0, None, None, 0, 0, None)
 ATTENTION_OPERATORS = ("forward", "jvp", "forward_second", "backward", "backward_backward")
 
 
@@ -54,16 +55,16 @@ def _attention_layout(layout: str):
 ATTENTION_LAYOUTS = ["contiguous", "bthd_view", "every_third", "gapped", "broadcast_kv", "broadcast_q"]
 
 
-def _attention_arguments(name: str, q, k, v) -> tuple:
+def _attention_arguments(name: str, q, k, v, scalars=SCALARS) -> tuple:
     """Arguments of ``torch.ops.theria.attention_<name>``; tangents and cotangents shaped like
     their primal but contiguous, some optional ones None."""
-    out, lse = torch.ops.theria.attention_forward(q, k, v, *SCALARS)
+    out, lse = torch.ops.theria.attention_forward(q, k, v, *scalars)
     q_dot, d_out, k_dot, v_dot = (torch.randn(t.shape, dtype=F64, device=t.device) for t in (q, q, k, v))
     return {"forward": (q, k, v),
             "jvp": (q, k, v, q_dot, k_dot, v_dot),
             "forward_second": (q, k, v, q_dot, k_dot, v_dot, d_out, v_dot, k_dot),
             "backward": (q, k, v, out, lse, d_out, None),
-            "backward_backward": (q, k, v, out, lse, d_out, None, q_dot, None, v_dot)}[name] + SCALARS
+            "backward_backward": (q, k, v, out, lse, d_out, None, q_dot, None, v_dot)}[name] + tuple(scalars)
 
 
 def _metadata(outputs) -> list[tuple]:
@@ -93,6 +94,17 @@ def test_attention_operator_opcheck_strided(name):
     """q with last stride 3 (the launchers copy it), k and v (B, T, H, D) buffers (used as they are)."""
     (q, _, _), (_, k, v) = _attention_layout("every_third"), _attention_layout("bthd_view")
     torch.library.opcheck(getattr(torch.ops.theria, f"attention_{name}").default, _attention_arguments(name, q, k, v))
+
+
+@pytest.mark.parametrize("name", ATTENTION_OPERATORS)
+def test_attention_operator_opcheck_softcap_alibi(name):
+    """The score modifiers in the schema: a cap, and ALiBi's row slopes (B, H, T_q) as a tensor
+    argument (bottom-right, so the ALiBi diagonal moves)."""
+    q, k, v = _attention_layout("contiguous")
+    row_slopes = torch.rand(*q.shape[:3], dtype=torch.float32, device=q.device)
+    scalars = (8**-0.5, True, -1, -1, True, 1.5, None, None, 0, 0, row_slopes)
+    torch.library.opcheck(getattr(torch.ops.theria, f"attention_{name}").default,
+                          _attention_arguments(name, q, k, v, scalars))
 
 
 def _rmsnorm_layout(layout: str):
