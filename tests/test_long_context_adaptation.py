@@ -48,10 +48,9 @@ def test_torch_and_jax_fused_meta_gradients_agree_in_float64(device):
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    # One task of 3 + 3 sequences of 16 tokens: the interpreter's time is per launch, and one task
-    # already exercises every second-order path.
-    preset = dataclasses.replace(P.PRESETS["quick"], dtype="float64", device=device, seq_len=16, meta_batch=1,
-                                 k_support=3, k_query=3)
+    # The quick preset: one task of 3 + 3 sequences of 16 tokens (the interpreter's time is per
+    # launch and per program; one task already exercises every second-order path).
+    preset = dataclasses.replace(P.PRESETS["quick"], dtype="float64", device=device)
     grads = {}
     for framework in ("torch", "jax"):
         # A non-zero head, so that the second-order term reaches every parameter.

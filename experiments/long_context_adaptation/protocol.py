@@ -20,7 +20,9 @@ at zero until training has put something in the head.
 
 Methods: ``maml`` (second order through the inner steps), ``fo_maml`` (inner gradients detached),
 ``pretrained`` (joint training on the query sets with no inner step, i.e. MAML with zero inner
-steps; at test time it is fine-tuned with the same inner steps and learning rate as the others).
+steps; at test time it is fine-tuned with the same inner steps and learning rate as the others),
+``untrained`` (the initial weights, not trained at all, adapted like the others: what the random
+network's features allow on their own).
 
 Batches are drawn as token ids (:class:`TokenBatch`); the run turns them into one-hot inputs on
 the device (at T = 8192 a one-hot meta-batch is 67 MB in float32, and drawing it on the host took
@@ -37,7 +39,7 @@ import numpy as np
 from theria_kernels._models import ModelConfig, init_params
 from theria_kernels._tasks import SequenceClassification, TaskBatch, sample_meta_batch
 
-METHODS = ("maml", "fo_maml", "pretrained")
+METHODS = ("maml", "fo_maml", "pretrained", "untrained")
 # Held-out tasks come from their own seed stream (training batches use [seed, 1, step]), the
 # same for every seed, method and framework.
 HELD_OUT_SEED = [2026, 12, 1]
@@ -128,9 +130,9 @@ PRESETS = {
     # The GPU experiment: T = 8192 on the fused kernels, bf16 (the math reference OOMs here).
     "gpu": Preset(name="gpu", seq_len=8192),
     # A look on the CPU under Triton's interpreter: tiny T and model, a few meta-steps.
-    "quick": Preset(name="quick", seq_len=32, vocab_size=12, n_classes=3, signal_every=16, d_model=16,
-                    n_heads=2, n_layers=1, inner_lr=1.0, meta_batch=2, k_support=3, k_query=3,
-                    meta_steps=4, outer_lr=3e-3, eval_tasks=4, eval_chunk=4, eval_steps=(0, 1),
+    "quick": Preset(name="quick", seq_len=16, vocab_size=12, n_classes=3, signal_every=8, d_model=16,
+                    n_heads=2, n_layers=1, inner_lr=1.0, meta_batch=1, k_support=3, k_query=3,
+                    meta_steps=3, outer_lr=3e-3, eval_tasks=2, eval_chunk=2, eval_steps=(0, 1),
                     dtype="float32", device="cpu", threads=1),
     # The regime study on the CPU: small T on the reference backend (plain attention, the same
     # numbers as the fused kernels to rounding), float32, where many runs are affordable.

@@ -18,8 +18,8 @@ import math
 import statistics
 from pathlib import Path
 
-LABELS = {"maml": "MAML", "fo_maml": "first-order MAML", "pretrained": "pretrained"}
-COLOURS = {"maml": "tab:green", "fo_maml": "tab:orange", "pretrained": "tab:blue"}
+LABELS = {"maml": "MAML", "fo_maml": "first-order MAML", "pretrained": "pretrained", "untrained": "untrained (initial weights)"}
+COLOURS = {"maml": "tab:green", "fo_maml": "tab:orange", "pretrained": "tab:blue", "untrained": "tab:grey"}
 LINESTYLES = {"jax": "-", "torch": "--"}
 
 
@@ -59,8 +59,9 @@ def table(runs: list[dict]) -> str:
             for s in steps:
                 m, sd = mean_std([statistics.fmean(r["held_out"][s][metric]) for r in chosen])
                 cells.append(f"{m:.3f}" if math.isnan(sd) else f"{m:.3f} ± {sd:.3f}")
-        cells.append(f"{1e3 * statistics.fmean(r['median_step_s'] for r in chosen):.0f}")
-        cells.append(f"{statistics.fmean(r['train_s'] for r in chosen):.0f}")
+        trained = [r for r in chosen if r["train_losses"]]
+        cells.append(f"{1e3 * statistics.fmean(r['median_step_s'] for r in trained):.0f}" if trained else "–")
+        cells.append(f"{statistics.fmean(r['train_s'] for r in trained):.0f}" if trained else "–")
         lines.append("| " + " | ".join(cells) + " |")
     n_tasks = preset["eval_tasks"]
     lines += ["", f"T = {preset['seq_len']}, {preset['n_layers']} layers, d_model {preset['d_model']}, "
@@ -86,15 +87,18 @@ def plot(runs: list[dict], path: Path, *, smooth: int = 20) -> None:
     for (framework, method), chosen in groups(runs).items():
         style = dict(color=COLOURS[method], linestyle=LINESTYLES[framework])
         length = min(len(r["train_losses"]) for r in chosen)
+        if length < smooth:  # untrained: no curve, only the held-out scores
+            length = 0
         curves = np.array([r["train_losses"][:length] for r in chosen])
-        kernel = np.ones(smooth) / smooth
-        smoothed = np.array([np.convolve(c, kernel, mode="valid") for c in curves])
-        x = np.arange(smoothed.shape[1]) + smooth
-        mean = smoothed.mean(0)
-        left.plot(x, mean, label=f"{LABELS[method]} ({framework}, {len(chosen)} seeds)", **style)
-        if len(chosen) > 1:
-            sd = smoothed.std(0, ddof=1)
-            left.fill_between(x, mean - sd, mean + sd, color=COLOURS[method], alpha=0.15)
+        if length:
+            kernel = np.ones(smooth) / smooth
+            smoothed = np.array([np.convolve(c, kernel, mode="valid") for c in curves])
+            x = np.arange(smoothed.shape[1]) + smooth
+            mean = smoothed.mean(0)
+            left.plot(x, mean, label=f"{LABELS[method]} ({framework}, {len(chosen)} seeds)", **style)
+            if len(chosen) > 1:
+                sd = smoothed.std(0, ddof=1)
+                left.fill_between(x, mean - sd, mean + sd, color=COLOURS[method], alpha=0.15)
         steps = list(preset["eval_steps"])
         per_seed = np.array([[statistics.fmean(r["held_out"][str(s)]["loss"]) for s in steps] for r in chosen])
         right.errorbar(steps, per_seed.mean(0), yerr=per_seed.std(0, ddof=1) if len(chosen) > 1 else None,

@@ -4,11 +4,16 @@ functions (``theria_torch.maml``, ``theria_jax.maml``) on the fused kernels.
 
 Usage (from the repository root)::
 
-    python experiments/long_context_adaptation/run.py --quick                 # CPU, interpreter, ~1 min
+    python experiments/long_context_adaptation/run.py --quick                 # CPU, interpreter, torch
     python experiments/long_context_adaptation/run.py --preset gpu --seeds 0 1 2 \\
         --frameworks jax torch --out $OUT/lca --math-oom                      # one H200, T = 8192
     python experiments/long_context_adaptation/run.py --preset cpu --frameworks torch \\
         --set inner_steps=3 --set inner_lr=0.3                               # the regime study
+
+``--quick`` trains torch alone by default (``--quick --frameworks jax torch`` runs both): under
+Triton's interpreter every launch is emulated in Python, and a meta-step of the quick preset took
+1-2 minutes in either framework on a 2-core machine loaded ~5x over; JAX's fused path is checked on
+the CPU by tests/test_long_context_adaptation.py (one float64 meta-gradient against torch's).
 
 Every (seed, method, framework) run starts from the seed's numpy weights (head weight zero: loss
 ln n_classes) and meets the seed's task batches, trains for ``meta_steps`` Adam steps, then is
@@ -51,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(P.PRESETS), default="gpu")
     parser.add_argument("--quick", action="store_true", help="the 'quick' preset (CPU, interpreter)")
-    parser.add_argument("--frameworks", nargs="+", choices=["torch", "jax"], default=["jax", "torch"])
+    parser.add_argument("--frameworks", nargs="+", choices=["torch", "jax"],
+                        help="default: jax torch; torch alone with --quick (see the module's docstring)")
     parser.add_argument("--methods", nargs="+", choices=P.METHODS, default=list(P.METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
@@ -78,7 +84,7 @@ def resolve_preset(args) -> P.Preset:
 def setup_for(preset: P.Preset, method: str):
     from experiments.phase10.frameworks import MetaSetup
 
-    steps = 0 if method == "pretrained" else preset.inner_steps
+    steps = 0 if method in ("pretrained", "untrained") else preset.inner_steps
     return MetaSetup(family=preset.family(), model=preset.model(), inner_lr=preset.inner_lr, inner_steps=steps,
                      outer_lr=preset.outer_lr, dtype=preset.dtype, device=preset.device)
 
@@ -195,6 +201,8 @@ def train_one(preset: P.Preset, framework: str, method: str, seed: int, *, steps
               score: bool = True) -> dict:
     """Meta-train one learner and (``score``) score it on the held-out tasks; returns the run's record."""
     steps = preset.meta_steps if steps is None else steps
+    if method == "untrained":
+        steps = 0
     start = time.perf_counter()
     learner = make_learner(preset, framework, method, seed)
     losses, times = [], []
@@ -209,8 +217,8 @@ def train_one(preset: P.Preset, framework: str, method: str, seed: int, *, steps
     train_s = time.perf_counter() - start
     held_out = evaluate(preset, framework, learner) if score else None
     return {"framework": framework, "method": method, "seed": seed, "train_losses": losses,
-            "step_times_s": times, "median_step_s": statistics.median(times[1:] or times),
-            "first_step_s": times[0], "train_s": train_s, "eval_s": time.perf_counter() - start - train_s,
+            "step_times_s": times, "median_step_s": statistics.median(times[1:] or times) if times else None,
+            "first_step_s": times[0] if times else None, "train_s": train_s, "eval_s": time.perf_counter() - start - train_s,
             "held_out": held_out}
 
 
@@ -250,6 +258,7 @@ def append(path: Path, record: dict) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     preset = resolve_preset(args)
+    args.frameworks = args.frameworks or (["torch"] if args.quick else ["jax", "torch"])
     began = time.perf_counter()
     if preset.device == "cpu" and preset.backend == "triton_full_fused":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import
@@ -291,9 +300,9 @@ def main(argv=None) -> int:
                 append(results, {"preset": preset.key(), "command": command, **record})
                 summary = {s: f"{np.mean(v['loss']):.3f}/{np.mean(v['accuracy']):.2f}"
                            for s, v in record["held_out"].items()}
-                print(f"{framework}/{method}/seed {seed}: train {record['train_s']:.0f} s "
-                      f"({1e3 * record['median_step_s']:.1f} ms/step), final train loss "
-                      f"{np.mean(record['train_losses'][-10:]):.3f}, held-out loss/acc by inner steps {summary}",
+                trained = (f"train {record['train_s']:.0f} s ({1e3 * record['median_step_s']:.1f} ms/step), final "
+                           f"train loss {np.mean(record['train_losses'][-10:]):.3f}, " if record["train_losses"] else "")
+                print(f"{framework}/{method}/seed {seed}: {trained}held-out loss/acc by inner steps {summary}",
                       flush=True)
     if results.exists():
         from experiments.long_context_adaptation import report
