@@ -4,16 +4,16 @@ functions (``theria_torch.maml``, ``theria_jax.maml``) on the fused kernels.
 
 Usage (from the repository root)::
 
-    python experiments/long_context_adaptation/run.py --quick                 # CPU, interpreter, torch
+    python experiments/long_context_adaptation/run.py --quick                 # CPU, interpreter, torch, ~50 s
     python experiments/long_context_adaptation/run.py --preset gpu --seeds 0 1 2 \\
         --frameworks jax torch --out $OUT/lca --math-oom                      # one H200, T = 8192
     python experiments/long_context_adaptation/run.py --preset cpu --frameworks torch \\
         --set inner_steps=3 --set inner_lr=0.3                               # the regime study
 
-``--quick`` trains torch alone by default (``--quick --frameworks jax torch`` runs both): under
-Triton's interpreter every launch is emulated in Python, and a meta-step of the quick preset took
-1-2 minutes in either framework on a 2-core machine loaded ~5x over; JAX's fused path is checked on
-the CPU by tests/test_long_context_adaptation.py (one float64 meta-gradient against torch's).
+``--quick`` trains torch alone by default, in about 50 s on 2 cores (``--quick --frameworks jax
+torch`` runs both, about 2.5 minutes: JAX's jitted steps and scorers compile once per run, which
+under Triton's interpreter dominates at this size); JAX's fused path is also checked on the CPU by
+tests/test_long_context_adaptation.py (one float64 meta-gradient against torch's).
 
 Every (seed, method, framework) run starts from the seed's numpy weights (head weight zero: loss
 ln n_classes) and meets the seed's task batches, trains for ``meta_steps`` Adam steps, then is
