@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _device import DEVICE
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # experiments/ is scripts, not an installed package
@@ -68,8 +69,10 @@ def test_torch_and_jax_fused_meta_gradients_agree_in_float64(device):
 
 
 def test_quick_preset_runs(tmp_path):
+    # On DEVICE: the quick preset's CPU tensors need the interpreter, which a GPU machine's test
+    # process does not run (tests/_device.py).
     command = ["--quick", "--frameworks", "torch", "--methods", "maml", "pretrained", "--set", "meta_steps=2",
-               "--out", str(tmp_path)]
+               "--set", f"device={DEVICE}", "--out", str(tmp_path)]
     assert R.main(command) == 0
     runs = {run["method"]: run for run in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())}
     assert sorted(runs) == ["maml", "pretrained"]
