@@ -179,7 +179,8 @@ def _scores(dot, q_idx, k_idx, slope, diagonal, sm_scale, qk_scale, log2e, softc
     t = tanh(R / softcap) (§1; §8). Plain, S = R = scale · dot. SOFTCAP: S = softcap · t; ALIBI then
     adds −slope · |i + diagonal − j|. q_idx, k_idx and slope broadcast like ``dot``, so row tiles and
     column (transposed) tiles share this; without the flags it is the one multiply of §1 and t is
-    unused."""
+    unused. The derivative sweeps recompute P = exp2(s − lse · log2 e) from it: rows that see no key
+    have lse = +∞, so their probabilities come out exactly 0."""
     scores = dot * qk_scale
     cap = dot
     if SOFTCAP or ALIBI:
@@ -192,13 +193,6 @@ def _scores(dot, q_idx, k_idx, slope, diagonal, sm_scale, qk_scale, log2e, softc
             modified -= slope * tl.abs(q_idx + diagonal - k_idx).to(modified.dtype)
         scores = modified * log2e
     return scores, cap
-
-
-@triton.jit
-def _probs(scores, lse2, qk_scale):
-    """P recomputed from the saved row log-sum-exp (lse2 = lse · log2 e, broadcast like scores).
-    Rows that see no key have lse = +∞, so their probabilities come out exactly 0."""
-    return tl.exp2(scores * qk_scale - lse2)
 
 
 @triton.jit
