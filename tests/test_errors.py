@@ -23,16 +23,16 @@ from theria_kernels import _contracts
 B, T, H, D = 1, 8, 2, 16
 
 
-def _numpy(dtype=np.float32, shape=(B, T, H, D)):
-    return np.random.default_rng(0).standard_normal(shape).astype(dtype)
+def _numpy(dtype=np.float32, shape=(B, T, H, D), seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
 
 
-def _torch(dtype=torch.float32, shape=(B, T, H, D)):
-    return torch.from_numpy(_numpy(np.float64, shape)).to(DEVICE, dtype)
+def _torch(dtype=torch.float32, shape=(B, T, H, D), seed=0):
+    return torch.from_numpy(_numpy(np.float64, shape, seed)).to(DEVICE, dtype)
 
 
-def _jax(dtype=jnp.float32, shape=(B, T, H, D)):
-    return jnp.asarray(_numpy(np.float64, shape)).astype(dtype)
+def _jax(dtype=jnp.float32, shape=(B, T, H, D), seed=0):
+    return jnp.asarray(_numpy(np.float64, shape, seed)).astype(dtype)
 
 
 TORCH_ATTENTION = {"sdpa_custom": theria_torch.sdpa_custom, "flash_attn_func": theria_torch.flash_attn_func}
@@ -280,7 +280,9 @@ def _relative(a, b) -> float:
 
 
 def test_torch_bfloat16_matches_float64():
-    q, k, v = (_torch(torch.bfloat16).transpose(1, 2).requires_grad_() for _ in range(3))
+    # Three independent draws: with q = k = v under a causal mask at T = 8, plain bfloat16 attention
+    # itself is 3-7e-2 from float64 in dq and dk, past any bound a kernel could be held to.
+    q, k, v = (_torch(torch.bfloat16, seed=seed).transpose(1, 2).requires_grad_() for seed in range(3))
     exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
     for name, function in TORCH_ATTENTION.items():
         out = function(q, k, v, causal=True)
@@ -296,7 +298,7 @@ def test_torch_bfloat16_matches_float64():
 
 def test_jax_bfloat16_matches_float64():
     """Gradients through ``attention`` only: ``flash_attn_func`` takes the same path to the kernels."""
-    q, k, v = (_jax(jnp.bfloat16) for _ in range(3))
+    q, k, v = (_jax(jnp.bfloat16, seed=seed) for seed in range(3))  # independent, as in the torch test
     exact = [t.astype(jnp.float64) for t in (q, k, v)]
     for name, function in JAX_ATTENTION.items():
         out = function(q, k, v, causal=True)
