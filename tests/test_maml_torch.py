@@ -171,3 +171,20 @@ def test_phase10_cli_torch_smoke(tmp_path):
     for name in ("results.json", "metrics.csv", "config.json", "loss.png", "step_time.png"):
         assert (tmp_path / name).exists(), name
     assert "torch/reference/maml" in done.stdout and "torch/reference/fo_maml" in done.stdout
+
+
+def test_meta_gradient_of_an_unused_parameter_is_zero():
+    """A parameter the loss never reads gets a zero meta-gradient (as torch.func.grad gives it),
+    not an error from torch.autograd.grad."""
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(3, 1, dtype=torch.float64, generator=gen), "unused": torch.ones(2, dtype=torch.float64)}
+
+    def loss_fn(p, batch):
+        x, y = batch
+        return ((x @ p["w"])[:, 0] - y).pow(2).mean()
+
+    batch = tasks.TaskBatch(*(torch.randn(4, 5, *extra, dtype=torch.float64, generator=gen)
+                              for extra in ((3,), (), (3,), ())))
+    grads, loss = maml.meta_gradient(params, batch, loss_fn, inner_lr=0.1, steps=1, first_order=False)
+    assert torch.equal(grads["unused"], torch.zeros(2, dtype=torch.float64))
+    assert grads["w"].abs().sum() > 0 and torch.isfinite(loss)

@@ -136,7 +136,8 @@ def meta_gradient(params: Params, tasks: TaskBatch, loss_fn: LossFn, *, inner_lr
         losses = vmap(lambda task: meta_loss(leaves, task, loss_fn, inner_lr=inner_lr, steps=steps,
                                              first_order=first_order))(shard_tasks(tasks, group))
         loss = losses.mean()
-        grads = torch.autograd.grad(loss, list(leaves.values()))
+        # A parameter the loss does not use gets a zero meta-gradient, as torch.func.grad gives it.
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True, materialize_grads=True)
     *means, loss = all_reduce_mean([*grads, loss.detach()], group)
     return dict(zip(leaves, means)), loss
 
