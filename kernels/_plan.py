@@ -122,3 +122,43 @@ class Plan:
     allocations: dict
     launches: tuple[Launch, ...]
     skip_if_empty: tuple[str, ...] = ("q",)
+
+
+_TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64", "int32": "i32"}
+
+
+def compile_for_target(launch: Launch, dtypes: dict[str, str], capability: int):
+    """``launch``'s kernel compiled by Triton's own compiler for sm_``capability`` (no GPU needed),
+    specialised as ``JITFunction.run`` specialises it for 16-byte-aligned buffers (XLA's buffers
+    are; the torch launcher keys its own compilations by alignment). ``dtypes`` names the dtype of
+    every buffer the launch reads or writes. Returns Triton's ``CompiledKernel``; the JAX launcher
+    takes its PTX, the tile-table check its cubin.
+
+    Needs the compiled kernels: in a process whose Triton runs the interpreter (TRITON_INTERPRET set
+    before triton was imported) the kernels are not ``JITFunction`` s and this raises.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import compile as triton_compile
+    from triton.runtime.jit import native_specialize_impl
+
+    kernel = launch.kernel
+    if not hasattr(kernel, "params"):
+        raise RuntimeError(f"{kernel}: Triton's interpreter is on (TRITON_INTERPRET); compile in a process without it")
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    parameters = kernel_parameters(kernel)
+    specialization = []
+    for (_, is_constexpr), param, value in zip(parameters, kernel.params, launch.values):
+        if is_constexpr or value is None:
+            specialization.append(("constexpr", value))
+        elif isinstance(value, Buffer):
+            specialization.append((f"*{_TRITON_TYPES[dtypes[value.name]]}", "D"))
+        elif isinstance(param.annotation_type, str) and param.annotation_type:
+            specialization.append((param.annotation_type, None))  # floats are never specialised
+        else:
+            specialization.append(native_specialize_impl(backend, value, False, True, True))
+    bound = dict(zip((name for name, _ in parameters), launch.values))
+    options, signature, constexprs, attrs = kernel._pack_args(
+        backend, dict(num_warps=launch.num_warps, num_stages=launch.num_stages), bound, specialization, None)
+    return triton_compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)

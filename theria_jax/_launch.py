@@ -31,10 +31,9 @@ from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
 from theria_kernels._contracts import is_interpreter
-from theria_kernels._plan import Buffer, Plan, kernel_parameters
+from theria_kernels._plan import Buffer, Plan, compile_for_target
 
 _FFI_TARGET = "triton_kernel_call_ffi"
-_TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64", "int32": "i32"}
 
 
 def _gpu_triton():
@@ -164,29 +163,7 @@ def _kernel_call(launch, in_dtypes, out_avals, zeroed, capability: int) -> bytes
 def _compile(launch, dtypes: dict, capability: int, gpu_triton):
     """Compile ``launch``'s kernel for this GPU with Triton's own compiler, specialised as
     ``JITFunction.run`` would specialise it (XLA's buffers are 16-byte aligned)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.compiler import compile as triton_compile
-    from triton.runtime.jit import native_specialize_impl
-
-    target = GPUTarget("cuda", capability, 32)
-    backend = make_backend(target)
-    kernel = launch.kernel
-    specialization = []
-    for (name, is_constexpr), param, value in zip(kernel_parameters(kernel), kernel.params, launch.values):
-        if is_constexpr or value is None:
-            specialization.append(("constexpr", value))
-        elif isinstance(value, Buffer):
-            specialization.append((f"*{_TRITON_TYPES[np.dtype(dtypes[value.name]).name]}", "D"))
-        elif isinstance(param.annotation_type, str) and param.annotation_type:
-            specialization.append((param.annotation_type, None))  # floats are never specialised
-        else:
-            specialization.append(native_specialize_impl(backend, value, False, True, True))
-    bound = dict(zip((name for name, _ in kernel_parameters(kernel)), launch.values))
-    options, signature, constexprs, attrs = kernel._pack_args(
-        backend, dict(num_warps=launch.num_warps, num_stages=launch.num_stages), bound, specialization, None)
-    compiled = triton_compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                              options=options.__dict__)
+    compiled = compile_for_target(launch, {name: np.dtype(dtype).name for name, dtype in dtypes.items()}, capability)
     metadata = compiled.metadata
     for field in ("global_scratch_size", "profile_scratch_size"):
         if getattr(metadata, field, 0):

@@ -133,8 +133,6 @@ def tile(capability: int, kind: str, block_d: int, dtype: str) -> Tile:
 # Checking an entry without a GPU: compile a launch for a target, read what it uses
 # ----------------------------------------------------------------------------------------------
 
-_TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64", "int32": "i32"}
-
 
 @dataclass(frozen=True)
 class Resources:
@@ -178,38 +176,14 @@ def buffer_dtypes(plan, dtype: str) -> dict[str, str]:
 def compile_launch(launch, dtypes: dict[str, str], capability: int) -> Resources:
     """Compile ``launch``'s kernel for sm_``capability`` with Triton's own compiler and ptxas (no
     GPU needed), specialised as ``JITFunction.run`` specialises it for 16-byte-aligned buffers, and
-    read the resources it uses off the binary.
-
-    Needs the compiled kernels: in a process whose Triton runs the interpreter (TRITON_INTERPRET
-    set before triton was imported) the kernels are not ``JITFunction`` s and this raises.
+    read the resources it uses off the binary (``theria_kernels._plan.compile_for_target``, which
+    raises in a process whose Triton runs the interpreter).
     """
     from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.compiler import compile as triton_compile
-    from triton.runtime.jit import native_specialize_impl
 
-    from theria_kernels._plan import Buffer, kernel_parameters
+    from theria_kernels._plan import compile_for_target
 
-    kernel = launch.kernel
-    if not hasattr(kernel, "params"):
-        raise RuntimeError(f"{kernel}: Triton's interpreter is on (TRITON_INTERPRET); compile in a process without it")
-    target = GPUTarget("cuda", capability, 32)
-    backend = make_backend(target)
-    specialization = []
-    for (_, is_constexpr), param, value in zip(kernel_parameters(kernel), kernel.params, launch.values):
-        if is_constexpr or value is None:
-            specialization.append(("constexpr", value))
-        elif isinstance(value, Buffer):
-            specialization.append((f"*{_TRITON_TYPES[dtypes[value.name]]}", "D"))
-        elif isinstance(param.annotation_type, str) and param.annotation_type:
-            specialization.append((param.annotation_type, None))
-        else:
-            specialization.append(native_specialize_impl(backend, value, False, True, True))
-    bound = dict(zip((name for name, _ in kernel_parameters(kernel)), launch.values))
-    options, signature, constexprs, attrs = kernel._pack_args(
-        backend, dict(num_warps=launch.num_warps, num_stages=launch.num_stages), bound, specialization, None)
-    compiled = triton_compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+    compiled = compile_for_target(launch, dtypes, capability)
     usage = _resource_usage(compiled.asm["cubin"], knobs.nvidia.cuobjdump.path)
     metadata = compiled.metadata
     return Resources(
