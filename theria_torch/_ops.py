@@ -45,8 +45,9 @@ class Static(NamedTuple):
     """What attention's autograd Functions pass on without differentiating it: the mask, scale and
     cap, for packed variable-length batches the cu_seqlens and the max lengths, and ALiBi's row
     slopes (constants at every order, §8). A NamedTuple, so that torch.func transforms see its
-    tensors (and unwrap them like the other inputs). The Functions hand it to the entry points below as it is; only a call that goes
-    through a registered operator spells it out as the operator's scalar arguments."""
+    tensors (and unwrap them like the other inputs). The Functions hand it to the entry points
+    below as it is; only a call that goes through a registered operator spells it out as the
+    operator's scalar arguments."""
 
     params: kernels.AttentionParams
     cu_seqlens_q: Optional[Tensor] = None
@@ -115,14 +116,17 @@ def _launch_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, c
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, window_left: int,
              window_right: int, bottom_right: bool, softcap: float, cu_seqlens_q: Optional[Tensor],
-             cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, row_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    return _launch_forward(q, k, v, _operator_static(scale, causal, window_left, window_right, bottom_right, softcap,
-                                                     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, row_slopes))
+             cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+             row_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return _launch_forward(q, k, v, _operator_static(
+        scale, causal, window_left, window_right, bottom_right, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, row_slopes))
 
 
 def _jvp(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: Tensor, scale: float,
-         causal: bool, window_left: int, window_right: int, bottom_right: bool, softcap: float, cu_seqlens_q: Optional[Tensor],
-         cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, row_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+         causal: bool, window_left: int, window_right: int, bottom_right: bool, softcap: float,
+         cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+         row_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return _launch_jvp(q, k, v, q_dot, k_dot, v_dot, _operator_static(
         scale, causal, window_left, window_right, bottom_right, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         max_seqlen_k, row_slopes))
@@ -131,7 +135,8 @@ def _jvp(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: T
 def _forward_second(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: Tensor,
                     q_y: Tensor, k_y: Tensor, v_y: Tensor, scale: float, causal: bool, window_left: int,
                     window_right: int, bottom_right: bool, softcap: float, cu_seqlens_q: Optional[Tensor],
-                    cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, row_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+                    cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+                    row_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return _launch_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, _operator_static(
         scale, causal, window_left, window_right, bottom_right, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         max_seqlen_k, row_slopes))
