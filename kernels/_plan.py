@@ -131,8 +131,10 @@ def compile_for_target(launch: Launch, dtypes: dict[str, str], capability: int):
     """``launch``'s kernel compiled by Triton's own compiler for sm_``capability`` (no GPU needed),
     specialised as ``JITFunction.run`` specialises it for 16-byte-aligned buffers (XLA's buffers
     are; the torch launcher keys its own compilations by alignment). ``dtypes`` names the dtype of
-    every buffer the launch reads or writes. Returns Triton's ``CompiledKernel``; the JAX launcher
-    takes its PTX, the tile-table check its cubin.
+    every buffer the launch reads or writes. Returns Triton's ``CompiledKernel`` and the
+    specialisation, one ``(kind, value)`` per kernel parameter (kind ``"constexpr"`` for those
+    compiled in, else the Triton type the launcher passes); the JAX launcher takes the PTX and the
+    specialisation, the tile-table check the cubin.
 
     Needs the compiled kernels: in a process whose Triton runs the interpreter (TRITON_INTERPRET set
     before triton was imported) the kernels are not ``JITFunction`` s and this raises.
@@ -161,4 +163,5 @@ def compile_for_target(launch: Launch, dtypes: dict[str, str], capability: int):
     bound = dict(zip((name for name, _ in parameters), launch.values))
     options, signature, constexprs, attrs = kernel._pack_args(
         backend, dict(num_warps=launch.num_warps, num_stages=launch.num_stages), bound, specialization, None)
-    return triton_compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+    compiled = triton_compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+    return compiled, tuple(specialization)

@@ -168,3 +168,61 @@ def test_jitted_attention_takes_the_xla_native_launch():
     q = jnp.ones((1, 32, 2, 16), jnp.bfloat16)
     text = jax.jit(lambda q: theria_jax.attention(q, q, q)).lower(q).as_text()
     assert "triton_kernel_call_ffi" in text and "callback" not in text
+
+
+# A child process without the interpreter builds the XLA-native custom call of a real attention
+# launch, with jaxlib's launcher module stood in for by a recorder: no GPU is needed to compile
+# for sm_90, and the serialized call must carry one parameter per runtime kernel argument.
+_KERNEL_CALL_CHECK = textwrap.dedent("""
+    import jax.numpy as jnp
+    from jax.core import ShapedArray
+    from theria_jax import _launch
+    from theria_kernels._plan import Buffer
+    from theria_kernels.attention import AttentionParams
+    from theria_kernels.attention._launch import AttentionCall, Device, forward_plan
+
+    class Recorder:
+        def __init__(self):
+            self.kernels, self.parameters = [], []
+        def TritonKernel(self, name, num_warps, num_ctas, shared, ptx, ttir, capability):
+            assert ".entry" in ptx and capability == 90, (name, capability)
+            self.kernels.append(name)
+            return name
+        def create_array_parameter(self, zero_bytes, alignment):
+            self.parameters.append(("array", zero_bytes))
+            return self.parameters[-1]
+        def create_scalar_parameter(self, value, kind):
+            self.parameters.append((kind, value))
+            return self.parameters[-1]
+        def TritonKernelCall(self, kernel, x, y, z, parameters):
+            self.call = (kernel, (x, y, z), parameters)
+            return self
+        def to_proto(self, name, metadata):
+            return name.encode()
+
+    recorder = Recorder()
+    _launch._gpu_triton = lambda: recorder
+    shape = (2, 3, 40, 32)
+    call = AttentionCall(shape, (3840, 1280, 32, 1), shape, (3840, 1280, 32, 1), "bfloat16",
+                         AttentionParams(scale=0.125, causal=True), Device(132, False, False, 90))
+    (launch,) = forward_plan(call).launches
+    avals = tuple(ShapedArray(shape if n == "out" else shape[:3], jnp.bfloat16 if n == "out" else jnp.float32)
+                  for n in launch.writes_buffers)
+    _launch._kernel_call(launch, (jnp.dtype(jnp.bfloat16),) * len(launch.reads_buffers), avals,
+                         (False,) * len(avals), 90)
+    kernel, grid, parameters = recorder.call
+    arrays = [p for p in parameters if p[0] == "array"]
+    assert len(arrays) == len(launch.reads_buffers) + len(launch.writes_buffers), parameters
+    assert grid == launch.grid and kernel == recorder.kernels[0]
+    print("kernel call:", kernel, len(parameters), "parameters")
+""")
+
+
+def test_xla_native_kernel_call_is_built_for_sm90_without_a_gpu():
+    """The XLA-native lowering's compile-and-serialise step, for a real forward launch compiled
+    for sm_90 on any machine (the GPU test above runs it; this one keeps it covered on the CPU)."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _KERNEL_CALL_CHECK], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "kernel call: _attn_fwd_kernel" in result.stdout

@@ -163,12 +163,12 @@ def _kernel_call(launch, in_dtypes, out_avals, zeroed, capability: int) -> bytes
 def _compile(launch, dtypes: dict, capability: int, gpu_triton):
     """Compile ``launch``'s kernel for this GPU with Triton's own compiler, specialised as
     ``JITFunction.run`` would specialise it (XLA's buffers are 16-byte aligned)."""
-    compiled = compile_for_target(launch, {name: np.dtype(dtype).name for name, dtype in dtypes.items()}, capability)
+    compiled, specialization = compile_for_target(launch, {name: np.dtype(dtype).name for name, dtype in dtypes.items()}, capability)
     metadata = compiled.metadata
     for field in ("global_scratch_size", "profile_scratch_size"):
         if getattr(metadata, field, 0):
             raise NotImplementedError(
-                f"{kernel.__name__} needs a {field.removesuffix('_size').replace('_', ' ')} buffer, which theria's "
+                f"{launch.kernel.__name__} needs a {field.removesuffix('_size').replace('_', ' ')} buffer, which theria's "
                 "XLA-native launch does not provide; set THERIA_JAX_LAUNCH=bridge")
     arguments = [metadata.name, launch.num_warps, getattr(metadata, "num_ctas", 1), metadata.shared,
                  compiled.asm["ptx"], compiled.asm["ttir"], capability]

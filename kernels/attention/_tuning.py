@@ -183,7 +183,7 @@ def compile_launch(launch, dtypes: dict[str, str], capability: int) -> Resources
 
     from theria_kernels._plan import compile_for_target
 
-    compiled = compile_for_target(launch, dtypes, capability)
+    compiled, _ = compile_for_target(launch, dtypes, capability)
     usage = _resource_usage(compiled.asm["cubin"], knobs.nvidia.cuobjdump.path)
     metadata = compiled.metadata
     return Resources(
