@@ -26,7 +26,7 @@ import triton.language as tl
 from theria_kernels._contracts import AttentionParams, row_stat_dtype_name
 from theria_kernels._plan import Allocation, Buffer, Launch, Plan
 from theria_kernels.attention._tuning import TILE_TABLES, tile
-from theria_kernels.attention.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _row_delta_kernel
+from theria_kernels.attention.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from theria_kernels.attention.double_backward import _attn_bwd_bwd_cols_kernel, _attn_bwd_bwd_rows_kernel
 from theria_kernels.attention.forward import _attn_fwd_kernel
 
@@ -212,20 +212,6 @@ def _rows(call: AttentionCall, zeroed: bool = False) -> Allocation:
     return Allocation(shape=call.q_shape[:3], dtype=row_stat_dtype_name(call.dtype), zeroed=zeroed)
 
 
-def _row_delta(call: AttentionCall, d_lse: str | None) -> Launch:
-    """delta = rowsum(d_out ∘ out) − d_lse over every row of every (packed) entry: the row term
-    does not care where sequences start."""
-    meta, block_m, _, warps, stages = call.meta("backward")
-    batch, heads, t_q, _ = call.q_shape
-    return Launch(
-        _row_delta_kernel, (cdiv(t_q, block_m), batch * heads),
-        dict(Out=Buffer("out"), D_out=Buffer("d_out"), D_lse=Buffer(d_lse) if d_lse else None,
-             Delta=Buffer("delta"), stride_qb=call.q_strides[0], stride_qh=call.q_strides[1],
-             stride_qt=call.q_strides[2], t_q=t_q, heads=heads, HEAD_DIM=meta["HEAD_DIM"], BLOCK_M=block_m,
-             BLOCK_D=meta["BLOCK_D"], HAS_D_LSE=d_lse is not None, ACC_DTYPE=meta["ACC_DTYPE"]),
-        writes=("Delta",), num_warps=warps, num_stages=stages)
-
-
 def _column_launch(kernel, call: AttentionCall, kind: str, arguments: dict, outputs: dict,
                    allocations: dict) -> Launch:
     """A column sweep writing two key-shaped ``outputs`` (kernel parameter -> buffer name). When
@@ -292,16 +278,17 @@ def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: b
 @functools.lru_cache(maxsize=4096)
 def backward_plan(call: AttentionCall, has_d_lse: bool) -> Plan:
     """Gradients (dq, dk, dv) of <d_out, out> + <d_lse, lse> (§2) from the inputs (q, k, v, out,
-    lse, d_out[, d_lse]): the row term delta, the dQ row sweep and the dK/dV column sweep."""
+    lse, d_out[, d_lse]): the dQ row sweep, which also stores the row term delta, then the dK/dV
+    column sweep."""
     meta, block_m, block_n, warps, stages = call.meta("backward")
     allocations = {"dq": _Q, "dk": _K, "dv": _K, "delta": _rows(call)}
     shared = dict(Q=Buffer("q"), K=Buffer("k"), V=Buffer("v"), D_out=Buffer("d_out"), Lse=Buffer("lse"),
                   Delta=Buffer("delta"))
     launches = (
-        _row_delta(call, "d_lse" if has_d_lse else None),
         Launch(_attn_bwd_dq_kernel, call.row_grid(block_m),
-               dict(shared, DQ=Buffer("dq"), **call.geometry(), **meta, EVEN_K=call.even_k(block_n)),
-               writes=("DQ",), num_warps=warps, num_stages=stages),
+               dict(shared, Out=Buffer("out"), D_lse=Buffer("d_lse") if has_d_lse else None, DQ=Buffer("dq"),
+                    **call.geometry(), **meta, EVEN_K=call.even_k(block_n)),
+               writes=("Delta", "DQ"), num_warps=warps, num_stages=stages),
         _column_launch(_attn_bwd_dkdv_kernel, call, "backward", shared, dict(DK="dk", DV="dv"), allocations),
     )
     inputs = ("q", "k", "v", "out", "lse", "d_out") + (("d_lse",) if has_d_lse else ())
@@ -312,28 +299,28 @@ def backward_plan(call: AttentionCall, has_d_lse: bool) -> Plan:
 def backward_backward_plan(call: AttentionCall, given: frozenset) -> Plan:
     """VJP of the backward (q, k, v, d_out, d_lse) ↦ (dq, dk, dv) for cotangents (cot_dq, cot_dk,
     cot_dv) (§4): outputs (cot_q, cot_k, cot_v, cot_d_out, cot_d_lse). ``given`` names which of
-    d_lse, cot_dq, cot_dk, cot_dv are inputs; the others are zero (zeroed temporaries)."""
+    d_lse, cot_dq, cot_dk, cot_dv are inputs; the others are zero (d_lse a None pointer, the
+    cotangents zeroed temporaries). The row sweeps store delta for the column sweep."""
     meta, block_m, block_n, warps, stages = call.meta("backward_backward")
     allocations = {"cot_q": _Q, "cot_k": _K, "cot_v": _K, "cot_d_out": _Q, "cot_d_lse": _rows(call),
                    "delta": _rows(call), "rho": _rows(call)}
-    optional = {"d_lse": _rows(call, zeroed=True), "cot_dq": Allocation("q", zeroed=True),
-                "cot_dk": Allocation("k", zeroed=True), "cot_dv": Allocation("k", zeroed=True)}
-    for name, allocation in optional.items():
-        if name not in given:
-            allocations[name] = allocation
+    # An absent d_lse is a None pointer (the kernel reads zero); absent cotangents are zeroed buffers.
+    cotangents = {"cot_dq": Allocation("q", zeroed=True), "cot_dk": Allocation("k", zeroed=True),
+                  "cot_dv": Allocation("k", zeroed=True)}
+    allocations.update((name, allocation) for name, allocation in cotangents.items() if name not in given)
     shared = dict(Q=Buffer("q"), K=Buffer("k"), V=Buffer("v"), D_out=Buffer("d_out"), Lse=Buffer("lse"),
                   Delta=Buffer("delta"), Cot_dq=Buffer("cot_dq"), Cot_dk=Buffer("cot_dk"), Cot_dv=Buffer("cot_dv"))
     launches = (
-        _row_delta(call, "d_lse" if "d_lse" in given else None),
         Launch(_attn_bwd_bwd_rows_kernel, call.row_grid(block_m),
-               dict(shared, D_lse=Buffer("d_lse"), Cot_q=Buffer("cot_q"), Cot_d_out=Buffer("cot_d_out"),
-                    Sigma=Buffer("cot_d_lse"), Rho=Buffer("rho"), **call.geometry(), **meta,
-                    EVEN_K=call.even_k(block_n)),
-               writes=("Cot_q", "Cot_d_out", "Sigma", "Rho"), num_warps=warps, num_stages=stages),
+               dict(shared, Out=Buffer("out"), D_lse=Buffer("d_lse") if "d_lse" in given else None,
+                    Cot_q=Buffer("cot_q"), Cot_d_out=Buffer("cot_d_out"), Sigma=Buffer("cot_d_lse"), Rho=Buffer("rho"),
+                    **call.geometry(), **meta, EVEN_K=call.even_k(block_n)),
+               writes=("Delta", "Cot_q", "Cot_d_out", "Sigma", "Rho"), num_warps=warps, num_stages=stages),
         _column_launch(_attn_bwd_bwd_cols_kernel, call, "backward_backward",
                        dict(shared, Sigma=Buffer("cot_d_lse"), Rho=Buffer("rho")), dict(Cot_k="cot_k", Cot_v="cot_v"),
                        allocations),
     )
-    inputs = ("q", "k", "v", "out", "lse", "d_out") + tuple(name for name in optional if name in given)
+    inputs = ("q", "k", "v", "out", "lse", "d_out") + tuple(
+        name for name in ("d_lse", "cot_dq", "cot_dk", "cot_dv") if name in given)
     return Plan(inputs + call.inputs_constant, ("cot_q", "cot_k", "cot_v", "cot_d_out", "cot_d_lse"),
                 allocations, launches, skip_if_empty=("q", "k"))

@@ -1,4 +1,5 @@
-"""Backward of attention: the row term delta, the row sweep for dQ and the column sweep for dK, dV."""
+"""Backward of attention: the row sweep for dQ (which also stores the row term delta) and the column
+sweep for dK, dV."""
 
 from __future__ import annotations
 
@@ -21,35 +22,32 @@ from theria_kernels.attention._tiles import (
 
 # ----------------------------------------------------------------------------------------------
 # Backward (§2): delta = rowsum(dO ∘ O) − d_lse, dS = P ∘ (dP − delta), dP = dO Vᵀ,
-# dQ = scale · dS K (row sweep), dK = scale · dSᵀ Q and dV = Pᵀ dO (column sweep). With a cap (§8)
+# dQ = scale · dS K and delta (row sweep), dK = scale · dSᵀ Q and dV = Pᵀ dO (column sweep, after it). With a cap (§8)
 # dS becomes the scores' dR = g ∘ dS in dQ and dK.
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _row_delta_kernel(Out, D_out, D_lse, Delta, stride_qb, stride_qh, stride_qt, t_q, heads,
-                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                      HAS_D_LSE: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """delta_i = Σ_d dO_id O_id − d_lse_i: the row term shared by every backward kernel. Rows are
-    independent, so packed variable-length sequences need no VARLEN mode here: the launch covers
-    every row of the packed tensors."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    q_base = (bh // heads).to(tl.int64) * stride_qb + (bh % heads).to(tl.int64) * stride_qh
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    out = _load_tile(Out + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D).to(ACC_DTYPE)
-    d_out = _load_tile(D_out + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D).to(ACC_DTYPE)
-    delta = tl.sum(out * d_out, 1)
-    if HAS_D_LSE:
-        delta -= tl.load(D_lse + bh * t_q + offs_m, mask=offs_m < t_q, other=0.0).to(ACC_DTYPE)
-    tl.store(Delta + bh * t_q + offs_m, delta, mask=offs_m < t_q)
+def _row_delta(Out, D_out, D_lse, Delta, row_base, q_base, offs_m, offs_d, d_out, len_q, stride_qt,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """(delta, r) with r_i = Σ_d dO_id O_id and delta_i = r_i − d_lse_i, for a row block whose dO
+    tile the caller holds; delta is stored for the column sweep that follows. The row kernels
+    compute it on the way: one (BLOCK_M, D) load of O, no launch of its own. ``D_lse`` None means
+    d_lse = 0."""
+    out = _load_tile(Out + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+    row_dot = tl.sum(out.to(ACC_DTYPE) * d_out.to(ACC_DTYPE), 1)
+    row_mask = offs_m < len_q
+    delta = row_dot
+    if D_lse is not None:
+        delta -= tl.load(D_lse + row_base + offs_m, mask=row_mask, other=0.0).to(ACC_DTYPE)
+    tl.store(Delta + row_base + offs_m, delta, mask=row_mask)
+    return delta, row_dot
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, D_out, Lse, Delta, Cu_q, Cu_k, Slopes,
-    DQ,
+    Q, K, V, Out, D_out, Lse, D_lse, Cu_q, Cu_k, Slopes,
+    Delta, DQ,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     t_q, t_k, heads, group, sm_scale: tl.float64, softcap: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -72,7 +70,8 @@ def _attn_bwd_dq_kernel(
     d_out = _load_tile(D_out + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
     row_mask = offs_m < len_q
     lse2 = tl.load(Lse + row_base + offs_m, mask=row_mask, other=float("inf")).to(ACC_DTYPE) * log2e
-    delta = tl.load(Delta + row_base + offs_m, mask=row_mask, other=0.0)
+    delta, _ = _row_delta(Out, D_out, D_lse, Delta, row_base, q_base, offs_m, offs_d, d_out, len_q, stride_qt, HEAD_DIM,
+                       BLOCK_D, ACC_DTYPE)
     slope, diagonal, softcap = _modifiers(Slopes, row_base, offs_m, len_q, len_k, softcap, SOFTCAP, ALIBI, True,
                                           BOTTOM_RIGHT, ACC_DTYPE)
     dq = _row_sweep((tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE),), q, d_out, None, lse2, delta, None, None, K, V, None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from theria_kernels.attention.backward import _row_delta
 from theria_kernels.attention._tiles import (
     COTANGENTS,
     ROW_REDUCTIONS,
@@ -39,8 +40,8 @@ from theria_kernels.attention._tiles import (
 
 @triton.jit
 def _attn_bwd_bwd_rows_kernel(
-    Q, K, V, D_out, Lse, Delta, D_lse, Cot_dq, Cot_dk, Cot_dv, Cu_q, Cu_k, Slopes,
-    Cot_q, Cot_d_out, Sigma, Rho,
+    Q, K, V, Out, D_out, Lse, D_lse, Cot_dq, Cot_dk, Cot_dv, Cu_q, Cu_k, Slopes,
+    Delta, Cot_q, Cot_d_out, Sigma, Rho,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     t_q, t_k, heads, group, sm_scale: tl.float64, softcap: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -64,8 +65,8 @@ def _attn_bwd_bwd_rows_kernel(
     d_out = _load_tile(D_out + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
     cot_dq = _load_tile(Cot_dq + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
     lse2 = tl.load(Lse + row_base + offs_m, mask=row_mask, other=float("inf")).to(ACC_DTYPE) * log2e
-    delta = tl.load(Delta + row_base + offs_m, mask=row_mask, other=0.0)
-    d_lse = tl.load(D_lse + row_base + offs_m, mask=row_mask, other=0.0).to(ACC_DTYPE)
+    delta, row_dot = _row_delta(Out, D_out, D_lse, Delta, row_base, q_base, offs_m, offs_d, d_out, len_q, stride_qt,
+                                HEAD_DIM, BLOCK_D, ACC_DTYPE)
     slope, diagonal, softcap = _modifiers(Slopes, row_base, offs_m, len_q, len_k, softcap, SOFTCAP, ALIBI, True,
                                           BOTTOM_RIGHT, ACC_DTYPE)
 
@@ -75,7 +76,8 @@ def _attn_bwd_bwd_rows_kernel(
         sums, q, d_out, cot_dq, lse2, None, None, None, K, V, Cot_dk, Cot_dv, k_base, start_m, offs_m, offs_d, len_q,
         len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap, HEAD_DIM, BLOCK_M,
         BLOCK_N, BLOCK_D, BANDED, EVEN_K, ROW_REDUCTIONS, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
-    rho = p_ds_bar_dp - sigma * (2.0 * delta + d_lse) + tl.sum(d_out.to(ACC_DTYPE) * p_gv, 1)
+    # 2 delta + d_lse = delta + rowsum(dO ∘ O)
+    rho = p_ds_bar_dp - sigma * (delta + row_dot) + tl.sum(d_out.to(ACC_DTYPE) * p_gv, 1)
     tl.store(Sigma + row_base + offs_m, sigma, mask=row_mask)
     tl.store(Rho + row_base + offs_m, rho, mask=row_mask)
 
