@@ -1,11 +1,11 @@
-"""experiments/long_context_adaptation: the needle tasks, torch against JAX on one fused meta-gradient
-in float64, and the --quick preset end to end.
+"""experiments/long_context_adaptation: the key-value retrieval tasks, torch against JAX on one fused
+meta-gradient in float64, and the --quick preset end to end.
 
 The experiment trains through theria's MAML functions on the fused backend ("triton_full_fused",
 here in Triton's interpreter); these tests check that the tasks are what the protocol says (the
-label is only in the task's needles, the readout token closes every sequence, held-out tasks come
-from their own stream), that the two frameworks compute the same second-order meta-gradient, and
-that the quick preset runs, starts at chance and resumes.
+label is only in which value the task key carries, never in the token counts; held-out tasks use
+keys training never shows, from their own stream), that the two frameworks compute the same
+second-order meta-gradient, and that the quick preset runs, starts at chance and resumes.
 """
 
 import dataclasses
@@ -27,21 +27,37 @@ from experiments.long_context_adaptation import run as R  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_needle_tasks():
-    family = P.NeedleClassification(vocab_size=12, seq_len=64, n_classes=3, n_signal=4)
+def test_key_value_tasks():
+    family = P.KeyValueRetrieval(seq_len=200, n_classes=3, n_keys=8, held_out_keys=3, n_background=4,
+                                 pair_every=64, split="train")
     rng = np.random.default_rng(0)
     task = family.sample_task(rng)
     tokens, labels = family.sample(rng, task, 9)
-    assert tokens.shape == (9, 64) and np.bincount(labels).tolist() == [3, 3, 3]
-    assert (tokens[:, -1] == family.readout).all() and family.readout not in task
-    for row, label in zip(tokens, labels):
-        # Exactly the label's needle, n_signal times, and no other needle.
-        assert (row == task[label]).sum() == 4
-        assert not np.isin(row, np.delete(task, label)).any()
+    assert tokens.shape == (9, 200) and np.bincount(labels).tolist() == [3, 3, 3]
+    assert (tokens[:, -1] == family.readout).all() and family.copies == 3
+    table = family.input_table()
+    inputs = table[tokens]  # (9, 200, vocab)
+    values = inputs[..., family.value_token(np.arange(3))]
+    keys = inputs[..., family.key_token(np.arange(8))]
+    # The counts carry no label: every sequence holds every value `copies` times, the task key
+    # `copies` times, and only keys of the training pool.
+    np.testing.assert_array_equal(values.sum(1), 3)
+    np.testing.assert_array_equal(keys[..., task].sum(1), 3)
+    assert keys[..., family.pool.max() + 1:].sum() == 0
+    for row, label in zip(inputs, labels):
+        pairs = row[row[:, family.n_background:family.n_background + 8].sum(1) == 1]
+        assert len(pairs) == 9 and (pairs.sum(1) == 2).all()  # pair positions are two-hot
+        # The task key always carries the label's value; each group's keys are distinct.
+        with_task_key = pairs[pairs[:, family.key_token(task)] == 1]
+        assert (with_task_key[:, family.value_token(label)] == 1).all()
+    assert (family.input_table()[:family.vocab_size] == np.eye(family.vocab_size)).all()
+    held_out = dataclasses.replace(family, split="held_out")
+    assert set(held_out.pool).isdisjoint(family.pool) and len(held_out.pool) == 3
     preset = P.PRESETS["quick"]
-    held_out, train = P.held_out_tasks(preset), P.train_batch(preset, 0, 0)
-    assert held_out.support_x.shape == (preset.eval_tasks, preset.k_support, preset.seq_len)
-    assert not np.array_equal(held_out.support_x[: preset.meta_batch], train.support_x)
+    held_out_tasks, train = P.held_out_tasks(preset), P.train_batch(preset, 0, 0)
+    assert held_out_tasks.support_x.shape == (preset.eval_tasks, preset.k_support, preset.seq_len)
+    train_keys = P.encode(train, preset.family())[0][..., preset.family().key_token(preset.family("held_out").pool)]
+    assert train_keys.sum() == 0  # training never shows a held-out key
     np.testing.assert_array_equal(P.train_batch(preset, 0, 3).query_x, P.train_batch(preset, 0, 3).query_x)
 
 
@@ -58,7 +74,7 @@ def test_torch_and_jax_fused_meta_gradients_agree_in_float64(device):
         params = P.initial_params(preset, 0)
         params["head.weight"] = np.random.default_rng(1).standard_normal(params["head.weight"].shape)
         learner = R.make_learner(preset, framework, "maml", 0, params=params)
-        batch = R.to_device(learner, P.train_batch(preset, 0, 0), preset.vocab_size)
+        batch = R.to_device(learner, P.train_batch(preset, 0, 0), preset.family())
         g, loss = learner.meta_gradient(batch)
         grads[framework] = (learner.numpy(g), float(loss))
     (g_t, loss_t), (g_j, loss_j) = grads["torch"], grads["jax"]

@@ -1,18 +1,46 @@
 """The long-context adaptation protocol: the task family, the model, the presets and the seeds.
 
-Task (:class:`NeedleClassification`): every task draws ``n_classes`` needle tokens out of the
-vocabulary; a sequence of ``seq_len`` tokens is background (tokens that are none of the task's
-needles) with one class's needle planted at ``n_signal`` random positions anywhere before the
-last, and a fixed readout token at the last position, where the label is predicted: which needle
-was planted. The needles, and which label each means, change from task to task, so a model that
-has not seen the task's support set cannot do better than chance (ln n_classes), whatever it was
-trained on; the evidence is spread over the whole sequence, so the readout position must gather
-it through attention over all ``seq_len`` tokens, and what it must look for is what the support
-set teaches. ``n_signal = seq_len // signal_every`` keeps the fraction of evidence fixed as the
-context grows. (The readout token keeps the last position's own embedding, which carries nothing
-about the label, out of the features; with a random token there, as in
-``theria_kernels._tasks.SequenceClassification``, training sat at chance for most of a 300-step
-run at T = 8192.)
+Task (:class:`KeyValueRetrieval`): a sequence of ``seq_len`` positions is background (tokens
+drawn from ``n_background`` filler tokens) with ``n_classes * copies`` *pair* positions scattered
+anywhere before the last, and a fixed readout token at the last position, where the label is
+predicted. A pair position carries two tokens at once, a key and a value (its input is the sum of
+the two one-hot vectors, so the network sees them added, never as one joint symbol). Each task
+draws one *task key* out of ``n_keys``; in each of the ``copies`` groups every one of the
+``n_classes`` value tokens appears once, the label's value paired with the task key and every
+other value with a distinct *distractor* key. The label is which value the task key carries.
+
+What that makes a model do:
+- Every sequence holds every value equally often, and the task key equally often, so the
+  histogram of tokens says nothing about the label: a uniform (or any content-blind) average over
+  the sequence, which is what a random network's attention gives, carries no label at all, and
+  neither does anything linear in it. Only attention that singles out the pair positions whose
+  *key* is the task key, and reads their *value*, solves it; that is a content-based retrieval
+  over all ``seq_len`` positions.
+- The part shared by every task (attend to pair positions, not to the background; read the
+  value out to the class) can be learned into the initial weights. The part that changes per
+  task (which key to retrieve) must be adapted from the support set, and it lives in the
+  attention: the readout position's query has to move toward the task key. That is what the inner
+  step adapts.
+- Without the support set no model beats chance (ln n_classes): the joint (pretrained) model
+  can learn the shared part, but not which key.
+- Held-out tasks are new tasks, not new draws of the training tasks: the key vocabulary is split,
+  training tasks take their task key and their distractors from the first ``n_keys -
+  held_out_keys`` keys, held-out tasks from the last ``held_out_keys``, so a held-out key token
+  was never seen in training at all (its embedding row is the initial one). What meta-learning
+  can carry over is a mechanism (find the key the support set points to, read its value), not a
+  table of the training keys. (The pools must be disjoint: with distractors drawn from every key
+  in training, a key never seen as a task key is never the answer, and a joint model learns that,
+  beating chance on training tasks and scoring far below it on held-out ones.) They come from
+  their own seed stream.
+
+``copies = max(1, seq_len // pair_every)`` keeps the fraction of pair positions fixed as the
+context grows.
+
+Token ids (int16): ids below ``vocab_size`` are single tokens (background, keys, values, readout,
+in that order); the id ``vocab_size + key * n_classes + value`` is a pair.
+:meth:`KeyValueRetrieval.input_table` maps ids to input vectors (one-hot, two-hot for pairs); the
+run builds the inputs on the device from it (at T = 8192 a float32 meta-batch of inputs is 60 MB,
+and building it on the host took as long as the meta-step).
 
 Model: the MAML experiments' pre-norm transformer (``theria_kernels._models``) with its head
 weight set to zero, so every method starts at exactly chance (ln n_classes), and the logits stay
@@ -23,10 +51,6 @@ Methods: ``maml`` (second order through the inner steps), ``fo_maml`` (inner gra
 steps; at test time it is fine-tuned with the same inner steps and learning rate as the others),
 ``untrained`` (the initial weights, not trained at all, adapted like the others: what the random
 network's features allow on their own).
-
-Batches are drawn as token ids (:class:`TokenBatch`); the run turns them into one-hot inputs on
-the device (at T = 8192 a one-hot meta-batch is 67 MB in float32, and drawing it on the host took
-as long as the meta-step).
 """
 
 from __future__ import annotations
@@ -37,7 +61,7 @@ import json
 import numpy as np
 
 from theria_kernels._models import ModelConfig, init_params
-from theria_kernels._tasks import SequenceClassification, TaskBatch, sample_meta_batch
+from theria_kernels._tasks import TaskBatch, sample_meta_batch
 
 METHODS = ("maml", "fo_maml", "pretrained", "untrained")
 # Held-out tasks come from their own seed stream (training batches use [seed, 1, step]), the
@@ -46,39 +70,94 @@ HELD_OUT_SEED = [2026, 12, 1]
 
 
 @dataclasses.dataclass(frozen=True)
-class NeedleClassification(SequenceClassification):
-    """Which of the task's needle tokens is planted ``n_signal`` times; the last token is the
-    readout token ``vocab_size - 1``. ``sample`` returns token ids, not one-hot vectors."""
+class KeyValueRetrieval:
+    """Which value the task key carries (module docstring). ``split`` picks the key pool (task
+    key and distractors): "train" the first ``n_keys - held_out_keys`` keys, "held_out" the rest. ``sample`` returns token
+    ids, not input vectors."""
+
+    seq_len: int
+    n_classes: int = 4
+    n_keys: int = 24
+    held_out_keys: int = 8
+    n_background: int = 8
+    pair_every: int = 256
+    split: str = "train"
+    loss = "cross_entropy"
 
     def __post_init__(self):
-        super().__post_init__()
-        if self.n_classes >= self.vocab_size - 1 or self.n_signal >= self.seq_len:
-            raise ValueError("needs n_classes < vocab_size - 1 (one token is the readout) and "
-                             "n_signal < seq_len")
+        if self.split not in ("train", "held_out"):
+            raise ValueError(f"split must be 'train' or 'held_out', got {self.split!r}")
+        if min(self.held_out_keys, self.n_keys - self.held_out_keys) < self.n_classes:
+            raise ValueError("each key pool (held_out_keys, n_keys - held_out_keys) needs at least n_classes keys")
+        if self.n_classes * self.copies >= self.seq_len:
+            raise ValueError(f"{self.n_classes * self.copies} pair positions do not fit before the readout "
+                             f"of a sequence of {self.seq_len}")
+
+    @property
+    def copies(self) -> int:
+        return max(1, self.seq_len // self.pair_every)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_background + self.n_keys + self.n_classes + 1
 
     @property
     def readout(self) -> int:
         return self.vocab_size - 1
 
-    def sample_task(self, rng: np.random.Generator) -> np.ndarray:
-        return rng.choice(self.readout, size=self.n_classes, replace=False)
+    @property
+    def d_in(self) -> int:
+        return self.vocab_size
 
-    def sample(self, rng: np.random.Generator, task: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """``n`` sequences with balanced labels: token ids (n, seq_len) int8, labels (n,) int64."""
-        labels = rng.permutation(np.arange(n) % self.n_classes)
-        background = np.setdiff1d(np.arange(self.readout), task)
-        tokens = rng.choice(background, size=(n, self.seq_len)).astype(np.int8)
-        # n_signal distinct positions per row, anywhere before the readout (argpartition: O(T)).
-        positions = np.argpartition(rng.random((n, self.seq_len - 1)), self.n_signal, axis=1)[:, :self.n_signal]
-        np.put_along_axis(tokens, positions, task[labels][:, None].astype(np.int8), axis=1)
+    @property
+    def d_out(self) -> int:
+        return self.n_classes
+
+    def key_token(self, key) -> np.ndarray:
+        return self.n_background + np.asarray(key)
+
+    def value_token(self, value) -> np.ndarray:
+        return self.n_background + self.n_keys + np.asarray(value)
+
+    def input_table(self) -> np.ndarray:
+        """(vocab_size + n_keys * n_classes, vocab_size): row ``id`` is that id's input vector."""
+        singles = np.eye(self.vocab_size)
+        keys, values = np.divmod(np.arange(self.n_keys * self.n_classes), self.n_classes)
+        pairs = singles[self.key_token(keys)] + singles[self.value_token(values)]
+        return np.concatenate([singles, pairs])
+
+    @property
+    def pool(self) -> np.ndarray:
+        """The keys of this split's tasks and distractors."""
+        trained = self.n_keys - self.held_out_keys
+        return np.arange(trained) if self.split == "train" else np.arange(trained, self.n_keys)
+
+    def sample_task(self, rng: np.random.Generator) -> int:
+        return int(rng.choice(self.pool))
+
+    def sample(self, rng: np.random.Generator, task: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` sequences with balanced labels: token ids (n, seq_len) int16, labels (n,) int64."""
+        c, copies = self.n_classes, self.copies
+        labels = rng.permutation(np.arange(n) % c)
+        tokens = rng.integers(self.n_background, size=(n, self.seq_len)).astype(np.int16)
+        # Per group: distinct distractor keys (any of the pool's but the task's) for the other values.
+        others = self.pool[self.pool != task]
+        distractors = others[np.argsort(rng.random((n, copies, len(others))), axis=-1)[..., :c - 1]]
+        is_label = np.broadcast_to(np.arange(c) == labels[:, None, None], (n, copies, c))
+        keys = np.full((n, copies, c), task)  # (sequence, group, value) -> key
+        keys[~is_label] = distractors.reshape(-1)  # row-major: each group's c - 1 other values in order
+        pairs = self.vocab_size + keys * c + np.arange(c)
+        # n_classes * copies distinct positions per row, anywhere before the readout (O(T)).
+        positions = np.argpartition(rng.random((n, self.seq_len - 1)), c * copies, axis=1)[:, :c * copies]
+        np.put_along_axis(tokens, positions, pairs.reshape(n, -1).astype(np.int16), axis=1)
         tokens[:, -1] = self.readout
         return tokens, labels.astype(np.int64)
 
 
-def one_hot(batch: TaskBatch, vocab_size: int) -> TaskBatch:
-    """A batch of token ids as one-hot float64 inputs (numpy; what the tests and small runs use)."""
-    eye = np.eye(vocab_size)
-    return batch._replace(support_x=eye[batch.support_x], query_x=eye[batch.query_x])
+def encode(batch: TaskBatch, family: KeyValueRetrieval) -> TaskBatch:
+    """A batch of token ids as float64 input vectors (numpy; what the tests and small runs use)."""
+    table = family.input_table()
+    return batch._replace(support_x=table[batch.support_x], query_x=table[batch.query_x])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,37 +166,36 @@ class Preset:
 
     name: str
     seq_len: int
-    vocab_size: int = 32
     n_classes: int = 4
-    signal_every: int = 16  # one needle per this many tokens
+    n_keys: int = 24
+    held_out_keys: int = 8
+    n_background: int = 8
+    pair_every: int = 256  # one group of n_classes pairs per this many positions
     d_model: int = 64
     n_heads: int = 4
-    n_layers: int = 2
-    inner_lr: float = 0.5
+    n_layers: int = 1
+    inner_lr: float = 1.0
     inner_steps: int = 1
     meta_batch: int = 4
     k_support: int = 8
     k_query: int = 8
-    meta_steps: int = 300
-    outer_lr: float = 5e-3
+    meta_steps: int = 600
+    outer_lr: float = 3e-3
     eval_tasks: int = 32
     eval_chunk: int = 4  # held-out tasks adapted at once (bounds memory at long T)
-    eval_steps: tuple[int, ...] = (0, 1, 5)
+    eval_steps: tuple[int, ...] = (0, 1, 3)
     dtype: str = "bfloat16"
     device: str = "cuda"
     backend: str = "triton_full_fused"
     threads: int | None = None
 
-    @property
-    def n_signal(self) -> int:
-        return max(1, self.seq_len // self.signal_every)
-
-    def family(self) -> NeedleClassification:
-        return NeedleClassification(vocab_size=self.vocab_size, seq_len=self.seq_len,
-                                    n_classes=self.n_classes, n_signal=self.n_signal)
+    def family(self, split: str = "train") -> KeyValueRetrieval:
+        return KeyValueRetrieval(seq_len=self.seq_len, n_classes=self.n_classes, n_keys=self.n_keys,
+                                 held_out_keys=self.held_out_keys, n_background=self.n_background,
+                                 pair_every=self.pair_every, split=split)
 
     def model(self) -> ModelConfig:
-        return ModelConfig(d_in=self.vocab_size, d_out=self.n_classes, max_len=self.seq_len,
+        return ModelConfig(d_in=self.family().d_in, d_out=self.n_classes, max_len=self.seq_len,
                            d_model=self.d_model, n_heads=self.n_heads, n_layers=self.n_layers, causal=True)
 
     def key(self) -> dict:
@@ -127,17 +205,17 @@ class Preset:
 
 
 PRESETS = {
-    # The GPU experiment: T = 8192 on the fused kernels, bf16 (the math reference OOMs here).
-    "gpu": Preset(name="gpu", seq_len=8192),
+    # The GPU experiment: T = 8192 on the fused kernels (the math reference OOMs here), float32
+    # like the CPU study (bf16 parameters under Adam drifted in the needle runs).
+    "gpu": Preset(name="gpu", seq_len=8192, dtype="float32"),
     # A look on the CPU under Triton's interpreter: tiny T and model, a few meta-steps.
-    "quick": Preset(name="quick", seq_len=16, vocab_size=12, n_classes=3, signal_every=8, d_model=16,
-                    n_heads=2, n_layers=1, inner_lr=1.0, meta_batch=1, k_support=3, k_query=3,
-                    meta_steps=3, outer_lr=3e-3, eval_tasks=2, eval_chunk=2, eval_steps=(0, 1),
-                    dtype="float32", device="cpu", threads=1),
+    "quick": Preset(name="quick", seq_len=16, n_classes=3, n_keys=6, held_out_keys=3, n_background=3,
+                    pair_every=16, d_model=16, n_heads=2, meta_batch=1, k_support=3, k_query=3, meta_steps=3,
+                    eval_tasks=2, eval_chunk=2, eval_steps=(0, 1), dtype="float32", device="cpu", threads=1),
     # The regime study on the CPU: small T on the reference backend (plain attention, the same
     # numbers as the fused kernels to rounding), float32, where many runs are affordable.
-    "cpu": Preset(name="cpu", seq_len=256, d_model=32, n_heads=2, n_layers=2, meta_steps=300,
-                  eval_tasks=64, eval_chunk=16, dtype="float32", device="cpu", backend="reference"),
+    "cpu": Preset(name="cpu", seq_len=128, d_model=32, n_heads=2, meta_steps=400, eval_tasks=64,
+                  eval_chunk=16, dtype="float32", device="cpu", backend="reference", threads=1),
 }
 
 
@@ -150,12 +228,12 @@ def initial_params(preset: Preset, seed: int) -> dict[str, np.ndarray]:
 
 def train_batch(preset: Preset, seed: int, step: int) -> TaskBatch:
     """The meta-batch of training step ``step`` (token ids), seeded by (seed, step)."""
-    return sample_meta_batch(preset.family(), np.random.default_rng([seed, 1, step]), preset.meta_batch,
+    return sample_meta_batch(preset.family("train"), np.random.default_rng([seed, 1, step]), preset.meta_batch,
                              preset.k_support, preset.k_query)
 
 
 def held_out_tasks(preset: Preset) -> TaskBatch:
-    """``eval_tasks`` tasks never drawn in training (their own seed stream), K support and
-    ``k_query`` query sequences each."""
-    return sample_meta_batch(preset.family(), np.random.default_rng(HELD_OUT_SEED), preset.eval_tasks,
+    """``eval_tasks`` tasks on keys never a task key in training (their own seed stream), K
+    support and ``k_query`` query sequences each."""
+    return sample_meta_batch(preset.family("held_out"), np.random.default_rng(HELD_OUT_SEED), preset.eval_tasks,
                              preset.k_support, preset.k_query)

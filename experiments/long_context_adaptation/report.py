@@ -4,10 +4,13 @@ Usage::
 
     python experiments/long_context_adaptation/report.py RESULTS.jsonl [...] --out DIR
 
-Groups runs by (framework, method) for one preset (the first file's, or ``--preset NAME``) and
-writes ``table.md`` (held-out query loss and accuracy after 0, 1, ... inner steps: mean ± std over
-seeds, each seed's value being the mean over the held-out tasks) and ``curves.png`` (meta-train
-loss during training, mean ± std over seeds, and held-out loss against inner steps).
+Takes the runs of one preset name (the first file's, or ``--preset NAME``); runs whose settings
+differ (a regime study: ``--set inner_lr=...`` and the like) are kept apart as settings, named by
+the fields that differ. Writes ``table.md`` (per setting, framework and method: held-out query
+loss and accuracy after 0, 1, ... inner steps, mean ± standard error over seeds, each seed's value
+being the mean over the held-out tasks) and per setting a figure, ``curves.png`` (one setting) or
+``curves_<setting>.png``: meta-train loss during training and held-out loss against inner steps,
+mean ± standard error over seeds.
 """
 
 from __future__ import annotations
@@ -26,14 +29,27 @@ LINESTYLES = {"jax": "-", "torch": "--"}
 def load(paths: list[Path], preset: str | None = None) -> list[dict]:
     runs = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
     name = preset or runs[0]["preset"]["name"]
-    keys = {json.dumps(run["preset"], sort_keys=True) for run in runs if run["preset"]["name"] == name}
-    if len(keys) > 1:
-        raise SystemExit(f"runs of preset {name!r} with different settings; pass one setting's files")
     return [run for run in runs if run["preset"]["name"] == name]
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
+def mean_sem(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (nan for one value)."""
+    if len(values) < 2:
+        return statistics.fmean(values), math.nan
+    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+
+
+def settings(runs: list[dict]) -> dict[str, list[dict]]:
+    """Runs split by preset settings, each named by the fields that differ between settings
+    ("" when there is one setting)."""
+    keys = {json.dumps(run["preset"], sort_keys=True) for run in runs}
+    presets = [json.loads(key) for key in sorted(keys)]
+    differ = [field for field in presets[0] if len({json.dumps(p[field]) for p in presets}) > 1]
+    out: dict[str, list[dict]] = {}
+    for run in runs:
+        name = " ".join(f"{field}={run['preset'][field]}" for field in differ)
+        out.setdefault(name, []).append(run)
+    return dict(sorted(out.items()))
 
 
 def groups(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -47,35 +63,43 @@ def groups(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return out
 
 
+def per_seed(chosen: list[dict], steps: str, metric: str) -> list[float]:
+    return [statistics.fmean(r["held_out"][steps][metric]) for r in chosen]
+
+
 def table(runs: list[dict]) -> str:
+    split = settings(runs)
     preset = runs[0]["preset"]
     steps = [str(s) for s in preset["eval_steps"]]
-    head = ["framework", "method", "seeds"] + [f"loss, {s} steps" for s in steps] + \
-           [f"accuracy, {s} steps" for s in steps] + ["ms / meta-step", "train s / run"]
+    head = (["setting"] if len(split) > 1 else []) + ["framework", "method", "seeds"] + \
+        [f"loss, {s} steps" for s in steps] + [f"accuracy, {s} steps" for s in steps] + ["ms / meta-step", "train s / run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (framework, method), chosen in groups(runs).items():
-        cells = [framework, LABELS[method], " ".join(str(r["seed"]) for r in chosen)]
-        for metric in ("loss", "accuracy"):
-            for s in steps:
-                m, sd = mean_std([statistics.fmean(r["held_out"][s][metric]) for r in chosen])
-                cells.append(f"{m:.3f}" if math.isnan(sd) else f"{m:.3f} ± {sd:.3f}")
-        trained = [r for r in chosen if r["train_losses"]]
-        cells.append(f"{1e3 * statistics.fmean(r['median_step_s'] for r in trained):.0f}" if trained else "–")
-        cells.append(f"{statistics.fmean(r['train_s'] for r in trained):.0f}" if trained else "–")
-        lines.append("| " + " | ".join(cells) + " |")
+    for name, chosen_runs in split.items():
+        for (framework, method), chosen in groups(chosen_runs).items():
+            cells = ([name] if len(split) > 1 else []) + [framework, LABELS[method], " ".join(str(r["seed"]) for r in chosen)]
+            for metric in ("loss", "accuracy"):
+                for s in steps:
+                    m, se = mean_sem(per_seed(chosen, s, metric))
+                    cells.append(f"{m:.3f}" if math.isnan(se) else f"{m:.3f} ± {se:.3f}")
+            trained = [r for r in chosen if r["train_losses"]]
+            cells.append(f"{1e3 * statistics.fmean(r['median_step_s'] for r in trained):.0f}" if trained else "–")
+            cells.append(f"{statistics.fmean(r['train_s'] for r in trained):.0f}" if trained else "–")
+            lines.append("| " + " | ".join(cells) + " |")
     n_tasks = preset["eval_tasks"]
-    lines += ["", f"T = {preset['seq_len']}, {preset['n_layers']} layers, d_model {preset['d_model']}, "
+    lines += ["", f"T = {preset['seq_len']}, {preset['n_layers']} layer(s), d_model {preset['d_model']}, "
               f"{preset['n_heads']} heads, {preset['dtype']}, backend {preset['backend']}; "
               f"{preset['meta_steps']} meta-steps (Adam {preset['outer_lr']}), meta-batch {preset['meta_batch']}, "
               f"K = {preset['k_support']} support / {preset['k_query']} query sequences, "
-              f"{preset['inner_steps']} inner step(s) at lr {preset['inner_lr']} in training. Held-out: "
-              f"{n_tasks} tasks, query cross-entropy (chance ln {preset['n_classes']} = "
-              f"{math.log(preset['n_classes']):.3f}) and accuracy (chance {1 / preset['n_classes']:.2f}) after "
-              f"adapting on the support set at the training inner lr; mean ± std over seeds."]
+              f"{preset['inner_steps']} inner step(s) at lr {preset['inner_lr']} in training"
+              + (" (the first setting's values; the setting column names what differs)" if len(split) > 1 else "")
+              + f". Held-out: {n_tasks} tasks on keys never a task key in training, query cross-entropy (chance "
+              f"ln {preset['n_classes']} = {math.log(preset['n_classes']):.3f}) and accuracy (chance "
+              f"{1 / preset['n_classes']:.2f}) after adapting on the support set at the training inner lr; "
+              f"mean ± standard error over seeds."]
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: list[dict], path: Path, *, smooth: int = 20) -> None:
+def plot(runs: list[dict], path: Path, *, smooth: int = 20, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,11 +121,11 @@ def plot(runs: list[dict], path: Path, *, smooth: int = 20) -> None:
             mean = smoothed.mean(0)
             left.plot(x, mean, label=f"{LABELS[method]} ({framework}, {len(chosen)} seeds)", **style)
             if len(chosen) > 1:
-                sd = smoothed.std(0, ddof=1)
-                left.fill_between(x, mean - sd, mean + sd, color=COLOURS[method], alpha=0.15)
+                se = smoothed.std(0, ddof=1) / np.sqrt(len(chosen))
+                left.fill_between(x, mean - se, mean + se, color=COLOURS[method], alpha=0.15)
         steps = list(preset["eval_steps"])
-        per_seed = np.array([[statistics.fmean(r["held_out"][str(s)]["loss"]) for s in steps] for r in chosen])
-        right.errorbar(steps, per_seed.mean(0), yerr=per_seed.std(0, ddof=1) if len(chosen) > 1 else None,
+        scores = np.array([per_seed(chosen, str(s), "loss") for s in steps]).T  # (seeds, steps)
+        right.errorbar(steps, scores.mean(0), yerr=scores.std(0, ddof=1) / np.sqrt(len(chosen)) if len(chosen) > 1 else None,
                        marker="o", capsize=3, label=f"{LABELS[method]} ({framework})", **style)
     chance = math.log(preset["n_classes"])
     for axis in (left, right):
@@ -111,12 +135,26 @@ def plot(runs: list[dict], path: Path, *, smooth: int = 20) -> None:
     left.set_title(f"meta-train loss after adaptation ({smooth}-step mean)")
     right.set_xlabel("inner steps at test time")
     right.set_title("held-out tasks after adaptation")
-    left.legend(fontsize=7)
-    right.legend(fontsize=7)
-    fig.suptitle(f"needle classification, T = {preset['seq_len']}, {preset['backend']}, {preset['dtype']}")
+    for axis in (left, right):
+        if axis.get_legend_handles_labels()[0]:  # untrained alone draws no training curve
+            axis.legend(fontsize=7)
+    fig.suptitle(f"key-value retrieval, T = {preset['seq_len']}, {preset['backend']}, {preset['dtype']}"
+                 + (f"; {title}" if title else "") + " (mean ± s.e. over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write(runs: list[dict], out: Path, *, smooth: int = 20) -> str:
+    """table.md and the figures of ``runs`` into ``out``; returns the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = table(runs)
+    (out / "table.md").write_text(text)
+    split = settings(runs)
+    for name, chosen in split.items():
+        stem = "curves" if len(split) == 1 else "curves_" + name.replace(" ", "_").replace("=", "")
+        plot(chosen, out / f"{stem}.png", smooth=smooth, title=name)
+    return text
 
 
 def main(argv=None) -> int:
@@ -126,11 +164,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--smooth", type=int, default=20)
     args = parser.parse_args(argv)
-    runs = load(args.results, args.preset)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.md").write_text(table(runs))
-    plot(runs, args.out / "curves.png", smooth=args.smooth)
-    print(table(runs))
+    print(write(load(args.results, args.preset), args.out, smooth=args.smooth))
     return 0
 
 

@@ -1,25 +1,26 @@
-"""Adaptation at long context: MAML vs first-order MAML vs a pretrained baseline on needle
-classification (experiments/long_context_adaptation/protocol.py), trained through theria's MAML
-functions (``theria_torch.maml``, ``theria_jax.maml``) on the fused kernels.
+"""Adaptation at long context: MAML vs first-order MAML vs a pretrained baseline vs the untrained
+network on key-value retrieval (experiments/long_context_adaptation/protocol.py), trained through
+theria's MAML functions (``theria_torch.maml``, ``theria_jax.maml``) on the fused kernels.
 
 Usage (from the repository root)::
 
-    python experiments/long_context_adaptation/run.py --quick                 # CPU, interpreter, torch, ~50 s
-    python experiments/long_context_adaptation/run.py --preset gpu --seeds 0 1 2 \\
-        --frameworks jax torch --out $OUT/lca --math-oom                      # one H200, T = 8192
-    python experiments/long_context_adaptation/run.py --preset cpu --frameworks torch \\
-        --set inner_steps=3 --set inner_lr=0.3                               # the regime study
+    python experiments/long_context_adaptation/run.py --quick                 # CPU, interpreter, torch, ~1 min
+    python experiments/long_context_adaptation/run.py --preset gpu --seeds 0 1 2 \
+        --frameworks jax torch --out $OUT/lca --math-oom --probe 5           # one H200, T = 8192
+    python experiments/long_context_adaptation/run.py --preset cpu --frameworks torch \
+        --seeds 0 1 2 --set inner_lr=0.3 --out runs/cpu_lr0.3                # the regime study
 
-``--quick`` trains torch alone by default, in about 50 s on 2 cores (``--quick --frameworks jax
-torch`` runs both, about 2.5 minutes: JAX's jitted steps and scorers compile once per run, which
-under Triton's interpreter dominates at this size); JAX's fused path is also checked on the CPU by
+``--quick`` trains torch alone by default (``--quick --frameworks jax torch`` runs both, minutes
+more: JAX's jitted steps and scorers compile once per run, which under Triton's interpreter
+dominates at this size); JAX's fused path is also checked on the CPU by
 tests/test_long_context_adaptation.py (one float64 meta-gradient against torch's).
 
 Every (seed, method, framework) run starts from the seed's numpy weights (head weight zero: loss
 ln n_classes) and meets the seed's task batches, trains for ``meta_steps`` Adam steps, then is
 scored on the same held-out tasks after 0, 1, ... inner steps at the training inner lr (query
-cross-entropy and accuracy, mean over tasks). ``--set FIELD=VALUE`` overrides a preset field
-(value parsed as YAML).
+cross-entropy and accuracy, per task). ``--set FIELD=VALUE`` overrides a preset field
+(value parsed as YAML). Everything lands in ``--out``: results.jsonl (one line per run), and when
+the runs end report.py's table.md (mean ± standard error over seeds) and curves.png.
 
 Partial-result safe: each finished run is appended to ``--out``/results.jsonl at once, and runs
 already there (same preset fields, framework, method, seed) are skipped, so a command cut short
@@ -51,6 +52,8 @@ if not __package__:
 
 from experiments.long_context_adaptation import protocol as P  # noqa: E402
 
+PROGRESS_EVERY = 100  # meta-steps between progress lines
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -77,6 +80,8 @@ def resolve_preset(args) -> P.Preset:
         if not sep or key not in {field.name for field in dataclasses.fields(P.Preset)}:
             raise SystemExit(f"--set expects FIELD=VALUE with a Preset field, got {item!r}")
         value = yaml.safe_load(value)
+        if isinstance(getattr(preset, key), float) and isinstance(value, (int, str)):
+            value = float(value)  # YAML reads 1e-2 as a string
         overrides[key] = tuple(value) if isinstance(value, list) else value
     return dataclasses.replace(preset, **overrides)
 
@@ -162,21 +167,27 @@ class JaxScorer:
         return np.asarray(losses, np.float64), np.asarray(accuracies, np.float64)
 
 
-def to_device(learner, batch, vocab_size: int):
-    """A token-id batch as the learner's one-hot inputs, made on its device."""
+def to_device(learner, batch, family):
+    """A token-id batch as the learner's input vectors (``family.input_table()`` rows: one-hot,
+    two-hot for pairs), made on its device."""
+    table = family.input_table()
     if learner.framework == "torch":
         import torch
 
-        def one_hot(tokens):
-            ids = torch.from_numpy(tokens).to(device=learner.device, dtype=torch.int64)
-            return torch.nn.functional.one_hot(ids, vocab_size).to(learner.dtype)
+        table = torch.as_tensor(table, dtype=learner.dtype, device=learner.device)
+
+        def encode(tokens):
+            return table[torch.from_numpy(tokens.astype(np.int64)).to(learner.device)]
     else:
         import jax
+        import jax.numpy as jnp
 
-        def one_hot(tokens):
-            return jax.nn.one_hot(jax.device_put(tokens, learner.placement), vocab_size, dtype=learner.dtype)
+        table = jax.device_put(jnp.asarray(table, dtype=learner.dtype), learner.placement)
+
+        def encode(tokens):
+            return jnp.take(table, jax.device_put(tokens.astype(np.int32), learner.placement), axis=0)
     labels = learner.convert(batch._replace(support_x=np.zeros(1), query_x=np.zeros(1)))
-    return labels._replace(support_x=one_hot(batch.support_x), query_x=one_hot(batch.query_x))
+    return labels._replace(support_x=encode(batch.support_x), query_x=encode(batch.query_x))
 
 
 def evaluate(preset: P.Preset, framework: str, learner) -> dict:
@@ -188,7 +199,7 @@ def evaluate(preset: P.Preset, framework: str, learner) -> dict:
         losses, accuracies = [], []
         for start in range(0, preset.eval_tasks, preset.eval_chunk):
             chunk = to_device(learner, type(tasks)(*(field[start:start + preset.eval_chunk] for field in tasks)),
-                              preset.vocab_size)
+                              preset.family())
             loss, accuracy = scorer(chunk, steps)
             losses.append(loss)
             accuracies.append(accuracy)
@@ -207,13 +218,16 @@ def train_one(preset: P.Preset, framework: str, method: str, seed: int, *, steps
     learner = make_learner(preset, framework, method, seed)
     losses, times = [], []
     for step in range(steps):
-        batch = to_device(learner, P.train_batch(preset, seed, step), preset.vocab_size)
+        batch = to_device(learner, P.train_batch(preset, seed, step), preset.family())
         learner.synchronize()
         tick = time.perf_counter()
         losses.append(learner.step(batch))  # a float: the step has finished on the device
         times.append(time.perf_counter() - tick)
         if not np.isfinite(losses[-1]):
             break
+        if (step + 1) % PROGRESS_EVERY == 0:
+            print(f"  {framework}/{method}/seed {seed} step {step + 1}: train loss "
+                  f"{np.mean(losses[-PROGRESS_EVERY:]):.3f} ({PROGRESS_EVERY}-step mean)", flush=True)
     train_s = time.perf_counter() - start
     held_out = evaluate(preset, framework, learner) if score else None
     return {"framework": framework, "method": method, "seed": seed, "train_losses": losses,
@@ -228,7 +242,7 @@ def math_oom_attempt(preset: P.Preset) -> dict:
 
     reference = dataclasses.replace(preset, backend="reference")
     learner = make_learner(reference, "torch", "maml", 0)
-    batch = to_device(learner, P.train_batch(preset, 0, 0), preset.vocab_size)
+    batch = to_device(learner, P.train_batch(preset, 0, 0), preset.family())
     torch.cuda.reset_peak_memory_stats()
     try:
         learner.meta_gradient(batch)
@@ -308,8 +322,7 @@ def main(argv=None) -> int:
         from experiments.long_context_adaptation import report
 
         runs = [run for run in map(json.loads, results.read_text().splitlines()) if run["preset"] == preset.key()]
-        (out / "table.md").write_text(report.table(runs))
-        report.plot(runs, out / "curves.png")
+        report.write(runs, out)
     print(f"wall {time.perf_counter() - began:.0f} s; results in {out}")
     return 0
 
