@@ -45,8 +45,11 @@ from theria_kernels.attention.torch_launchers import (
     row_stat_dtype,
 )
 
-# (batch, heads, heads_kv, t_q, t_k): odd lengths, T_q ≠ T_k both ways, grouped-query heads.
-SHAPES = [(1, 2, 2, 17, 17), (2, 2, 1, 19, 33), (1, 2, 1, 33, 9)]
+# (batch, heads, heads_kv, t_q, t_k): odd lengths, T_q ≠ T_k both ways, grouped-query heads. The
+# interpreter's blocks are 16 (so 17 and 23 cross one block boundary, 33 two); with T_k - T_q = 6
+# the window's last row block skips the first key block and top-left causal's first row block
+# skips the last one, and the interpreter's time grows with batch × heads × row blocks × key blocks.
+SHAPES = [(1, 2, 2, 17, 17), (2, 2, 1, 17, 23), (1, 2, 1, 33, 9)]
 MASKS = [
     dict(causal=False),
     dict(causal=True),  # top-left (torch SDPA)
@@ -271,8 +274,8 @@ def test_head_dim_split_rule():
     q, k, _, params = _case((1, 1, 1, 9, 9), 80, torch.float64, {})
     call = launch.AttentionCall(tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), "float64", params, _device(q))
     expected = {"forward": dict(BLOCK_D0=64, BLOCK_D1=16), "jvp": dict(BLOCK_D0=64, BLOCK_D1=16),
-                "forward_second": dict(BLOCK_D0=128, BLOCK_D1=0), "backward": dict(BLOCK_D=128),
-                "backward_backward": dict(BLOCK_D=128)}
+                "forward_second": dict(BLOCK_D0=128, BLOCK_D1=0), "backward": dict(BLOCK_D0=64, BLOCK_D1=16),
+                "backward_backward": dict(BLOCK_D0=128, BLOCK_D1=0)}
     for kind, tiles in expected.items():
         assert {key: value for key, value in call.meta(kind)[0].items() if key.startswith("BLOCK_D")} == tiles, kind
 
@@ -289,17 +292,18 @@ def test_launch_arithmetic_matches_triton():
 
 # Split head dims: 48 = 32 + 16 fills both parts, 40 = 32 + 16 pads the second, 80 = 64 + 16.
 SPLIT_CHECKS = {"forward_and_backward": _check_forward_and_backward, "jvp": _check_jvp,
-                "forward_second": _check_forward_second}
+                "forward_second": _check_forward_second, "backward_backward": _check_backward_backward}
 
 
 @pytest.mark.parametrize("check", list(SPLIT_CHECKS))
 @pytest.mark.parametrize("head_dim, dtype", [(40, torch.float64), (80, torch.float64), (48, torch.float16)],
                          ids=["D40-float64", "D80-float64", "D48-float16"])
 def test_split_head_dim(head_dim, dtype, check, monkeypatch):
-    """Every specialisation of the forward kernel on a split head dim, the second-order forward
-    included (its launcher keeps the padded tile by default, so the split is switched on here),
-    with grouped heads and rows that see no key."""
-    monkeypatch.setitem(launch.SPLIT_HEAD_DIM, "forward_second", True)
+    """Every kernel on a split head dim: each specialisation of the forward, the backward and the
+    double backward (the second-order forward's and the double backward's launchers keep the padded
+    tile by default, so the split is switched on here), with grouped heads and rows that see no key."""
+    for kind in ("forward_second", "backward_backward"):  # kinds whose launchers keep the padded tile
+        monkeypatch.setitem(launch.SPLIT_HEAD_DIM, kind, True)
     clear_plans()  # plans are cached with the tile choice they were built with
     q, k, v, params = _case(SHAPES[2], head_dim, dtype, MASKS[2], seed=6)
     try:
@@ -324,12 +328,15 @@ def test_strided_inputs_match_contiguous():
 
 
 @pytest.mark.parametrize("mask", [dict(causal=True, bottom_right=True), {}], ids=["causal", "no_mask"])
-@pytest.mark.parametrize("programs_per_sm", [0, 2, 1000], ids=["whole_group", "two_shares", "one_head_each"])
+@pytest.mark.parametrize("programs_per_sm", [0, 2], ids=["whole_group", "two_shares"])
 def test_grouped_query_split_does_not_change_gradients(programs_per_sm, mask, monkeypatch):
     """The column kernels split a grouped-query group over several programs when there would be
-    too few (``AttentionCall.group_split``): the whole group of 4 in one program, shares of 2 (4 key blocks
-    × 2 shares reach 2 programs per multiprocessor of the interpreter's 4), or one query head per
-    program; the summed partials of the shares must give the gradients and the double backward."""
+    too few (``AttentionCall.group_split``): the whole group of 4 in one program, or shares of 2 (4
+    key blocks × 2 shares reach 2 programs per multiprocessor of the interpreter's 4); the summed
+    partials of the shares must give the gradients and the double backward. One query head per
+    program is the default split on the CPU (COLUMN_PROGRAMS_PER_SM × 4 interpreter
+    multiprocessors is more programs than any test's grid), so every other grouped-query test
+    here runs it."""
     monkeypatch.setattr(launch, "COLUMN_PROGRAMS_PER_SM", programs_per_sm)
     clear_plans()  # plans are cached with the split they were built with
     q, k, v, params = _case((1, 4, 1, 19, 61), 16, torch.float64, mask, seed=3)

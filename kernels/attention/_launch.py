@@ -59,12 +59,16 @@ COLUMN_PROGRAMS_PER_SM = 12
 # The interpreter runs one program at a time on the CPU: the smallest tiles tl.dot accepts keep
 # test shapes tiny while still crossing several blocks and block boundaries.
 INTERPRETER_BLOCKS = (16, 16, 1, 1)
-# The sweep kinds of ``_attn_fwd_kernel``, which takes its head-dim tiles as BLOCK_D0, BLOCK_D1, and
-# whether each splits the head dim (``head_dim_parts``); the other kinds take one padded BLOCK_D.
-# The kernel supports the split in every specialisation, but the second-order forward keeps the
-# padded tile: at its 32 × 32 GPU tiles the split (80, 96) makes ptxas fall back to 32 registers
-# and ~8 KB of stack (the padded kernel: 255 registers, 1.1 KB), so it needs its own tiles first.
-SPLIT_HEAD_DIM = {"forward": True, "jvp": True, "forward_second": False}
+# Whether each sweep kind splits the head dim into two power-of-two tiles (``head_dim_parts``)
+# where that is narrower than padding it: every kernel supports the split (BLOCK_D0, BLOCK_D1), but
+# at some tiles ptxas handles the split kernel worse than the padded one. Compiled for sm_90 at head
+# dim 80, bf16 (tests/test_tile_fit.py's launches; registers, spilled bytes): the backward's dK/dV
+# kernel 255 / 44 padded, 255 / 8 split (dQ 211 / 0 and 171 / 0), so the backward splits; the
+# double backward's column kernel 255 / 328 padded but 32 / 2,118 split, and the second-order
+# forward at its 32 × 32 tiles 255 registers and 1.1 KB of stack padded but 32 and ~8 KB split,
+# so those two keep the padded tile until they have tiles of their own.
+SPLIT_HEAD_DIM = {"forward": True, "jvp": True, "forward_second": False, "backward": True,
+                  "backward_backward": False}
 
 _TL_DTYPES = {"float16": tl.float16, "bfloat16": tl.bfloat16, "float32": tl.float32, "float64": tl.float64}
 
@@ -150,9 +154,7 @@ class AttentionCall:
         """The constexprs of one sweep kind, and (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
         block_m, block_n, warps, stages = self.blocks(kind)
         tf32 = self.dtype == "float32" and self.device.allow_tf32 and not self.device.interpreter
-        if kind not in SPLIT_HEAD_DIM:
-            head_dim_tiles = dict(BLOCK_D=self.block_d)
-        elif SPLIT_HEAD_DIM[kind]:
+        if SPLIT_HEAD_DIM[kind]:
             head_dim_tiles = dict(zip(("BLOCK_D0", "BLOCK_D1"), head_dim_parts(self.q_shape[-1])))
         else:
             head_dim_tiles = dict(BLOCK_D0=self.block_d, BLOCK_D1=0)

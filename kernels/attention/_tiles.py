@@ -68,10 +68,11 @@ def _store_tile(base, tile, offs_t, offs_d, t_len, stride_t, HEAD_DIM: tl.conste
 
 @triton.jit
 def _load_part(base, offs_t, t_len, stride_t, PART: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr):
+               BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, ROWS_MASKED: tl.constexpr = True):
     start: tl.constexpr = PART * BLOCK_D0
     width: tl.constexpr = BLOCK_D1 if PART else BLOCK_D0
-    return _load_tile(base + start, offs_t, tl.arange(0, width), t_len, stride_t, min(HEAD_DIM - start, width), width)
+    return _load_tile(base + start, offs_t, tl.arange(0, width), t_len, stride_t, min(HEAD_DIM - start, width), width,
+                      ROWS_MASKED)
 
 
 @triton.jit
@@ -84,11 +85,12 @@ def _store_part(base, tile, offs_t, t_len, stride_t, PART: tl.constexpr, HEAD_DI
 
 @triton.jit
 def _load_parts(base, offs_t, t_len, stride_t, HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr,
-                BLOCK_D1: tl.constexpr):
-    """A (len(offs_t), HEAD_DIM) tile of a (T, HEAD_DIM) matrix as the tuple of its head-dim parts."""
-    tile = (_load_part(base, offs_t, t_len, stride_t, 0, HEAD_DIM, BLOCK_D0, BLOCK_D1),)
+                BLOCK_D1: tl.constexpr, ROWS_MASKED: tl.constexpr = True):
+    """A (len(offs_t), HEAD_DIM) tile of a (T, HEAD_DIM) matrix as the tuple of its head-dim parts
+    (``_load_tile``'s ROWS_MASKED)."""
+    tile = (_load_part(base, offs_t, t_len, stride_t, 0, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED),)
     if BLOCK_D1 > 0:
-        tile += (_load_part(base, offs_t, t_len, stride_t, 1, HEAD_DIM, BLOCK_D0, BLOCK_D1),)
+        tile += (_load_part(base, offs_t, t_len, stride_t, 1, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED),)
     return tile
 
 
@@ -128,6 +130,30 @@ def _add_dot(acc, p, b, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
     total = ()
     for part in tl.static_range(len(b)):
         total += (acc[part] + tl.dot(p, b[part], input_precision=PRECISION, out_dtype=ACC_DTYPE),)
+    return total
+
+
+@triton.jit
+def _add_parts(a, b):
+    """a + b part by part."""
+    total = ()
+    for part in tl.static_range(len(a)):
+        total += (a[part] + b[part],)
+    return total
+
+
+@triton.jit
+def _times(tile, factor):
+    """Each part of a split tile times one scalar."""
+    return [part * factor for part in tile]
+
+
+@triton.jit
+def _row_dot(a, b, ACC_DTYPE: tl.constexpr):
+    """Σ_d a_id b_id for every row i, over the whole head dim of two split tiles, in ACC_DTYPE."""
+    total = tl.sum(a[0].to(ACC_DTYPE) * b[0].to(ACC_DTYPE), 1)
+    for part in tl.static_range(1, len(a)):
+        total += tl.sum(a[part].to(ACC_DTYPE) * b[part].to(ACC_DTYPE), 1)
     return total
 
 
@@ -290,29 +316,33 @@ def _column_program(Cu_q, Cu_k, members, t_q, t_k, heads, group, band_lo, band_h
 
 @triton.jit
 def _column_store(Out_a, Out_b, Part_a, Part_b, Arrivals, tile_a, tile_b, k_base, share, tile, shares, stride_split,
-                  offs_n, offs_d, len_k, stride_kt, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  offs_n, len_k, stride_kt, HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                   SPLIT: tl.constexpr):
-    """Store a column program's two key-shaped output tiles. SPLIT (the group shared among
-    ``shares`` programs): each share stores its float32 partials, ``stride_split`` elements
-    apart, and the last share of the tile to arrive sums all of them in share order, so the
-    result does not depend on which share arrives last (no float atomics)."""
+    """Store a column program's two key-shaped output tiles (split into head-dim parts). SPLIT (the
+    group shared among ``shares`` programs): each share stores its float32 partials,
+    ``stride_split`` elements apart, and the last share of the tile to arrive sums all of them in
+    share order, so the result does not depend on which share arrives last (no float atomics)."""
     if SPLIT:
-        _store_tile(Part_a + k_base + share * stride_split, tile_a, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
-        _store_tile(Part_b + k_base + share * stride_split, tile_b, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+        _store_parts(Part_a + k_base + share * stride_split, tile_a, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0,
+                     BLOCK_D1)
+        _store_parts(Part_b + k_base + share * stride_split, tile_b, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0,
+                     BLOCK_D1)
         # Every thread's partial stores precede the counter's release; the last share acquires.
         tl.debug_barrier()
         if tl.atomic_add(Arrivals + tile, 1, sem="acq_rel") == shares - 1:
-            tile_a = tl.zeros_like(tile_a)
-            tile_b = tl.zeros_like(tile_b)
-            for other in range(shares):
+            tile_a = _load_parts(Part_a + k_base, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+            tile_b = _load_parts(Part_b + k_base, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+            for other in range(1, shares):
                 offset = k_base + other * stride_split
-                tile_a += _load_tile(Part_a + offset, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
-                tile_b += _load_tile(Part_b + offset, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
-            _store_tile(Out_a + k_base, tile_a, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
-            _store_tile(Out_b + k_base, tile_b, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+                tile_a = _add_parts(tile_a, _load_parts(Part_a + offset, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0,
+                                                        BLOCK_D1))
+                tile_b = _add_parts(tile_b, _load_parts(Part_b + offset, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0,
+                                                        BLOCK_D1))
+            _store_parts(Out_a + k_base, tile_a, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+            _store_parts(Out_b + k_base, tile_b, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
     else:
-        _store_tile(Out_a + k_base, tile_a, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
-        _store_tile(Out_b + k_base, tile_b, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
+        _store_parts(Out_a + k_base, tile_a, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+        _store_parts(Out_b + k_base, tile_b, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
 
 
 _LOG2E = tl.constexpr(LOG2E)
@@ -384,66 +414,65 @@ def _second_order_tile(p, dp, ds_bar, do_gv, delta, sigma, rho, cap, softcap, SO
 
 @triton.jit
 def _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, K, V, Cot_dk, Cot_dv, k_base, start_m, start_n, offs_m,
-              offs_d, t_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap,
-              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              BANDED: tl.constexpr, MASKED: tl.constexpr, STAGE: tl.constexpr, SOFTCAP: tl.constexpr,
-              ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+              t_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
+              BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, MASKED: tl.constexpr, STAGE: tl.constexpr,
+              SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """``acc`` plus what the key block [start_n, start_n + BLOCK_N) adds to it, for the query block
-    whose tiles (q, d_out, cot_dq) and row statistics (lse2 = lse · log2 e, delta, sigma, rho) the
-    caller holds; key-shaped pointers are offset by k_base. ``acc`` is (dQ,) for GRADIENT, (sigma, Σ_j P dS̄ dP, P Ḡv) for ROW_REDUCTIONS, (cot_q, cot_dO) for
-    COTANGENTS; the first-order tile reads no cotangent or second-order statistic (None). The
-    score modifiers (§8, ``_scores``): ``slope`` is the rows' ALiBi slope broadcast along keys."""
+    whose tiles (q, d_out, cot_dq; split into head-dim parts) and row statistics (lse2 = lse · log2 e,
+    delta, sigma, rho) the caller holds; key-shaped pointers are offset by k_base. ``acc`` is (dQ,)
+    for GRADIENT, (sigma, Σ_j P dS̄ dP, P Ḡv) for ROW_REDUCTIONS, (cot_q, cot_dO) for COTANGENTS;
+    the first-order tile reads no cotangent or second-order statistic (None). The score modifiers
+    (§8, ``_scores``): ``slope`` is the rows' ALiBi slope broadcast along keys."""
     offs_k = start_n + tl.arange(0, BLOCK_N)
-    k = _load_tile(K + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
-    v = _load_tile(V + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
+    k = _load_parts(K + k_base, offs_k, t_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    v = _load_parts(V + k_base, offs_k, t_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
     if STAGE != GRADIENT:
-        cot_dk = _load_tile(Cot_dk + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
-        cot_dv = _load_tile(Cot_dv + k_base, offs_k, offs_d, t_k, stride_kt, HEAD_DIM, BLOCK_D)
-    scores, cap = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE), offs_m[:, None],
-                          offs_k[None, :], slope, diagonal, sm_scale, qk_scale, log2e, softcap, SOFTCAP, ALIBI)
+        cot_dk = _load_parts(Cot_dk + k_base, offs_k, t_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+        cot_dv = _load_parts(Cot_dv + k_base, offs_k, t_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    scores, cap = _scores(_dot_t(q, k, PRECISION, ACC_DTYPE), offs_m[:, None], offs_k[None, :], slope, diagonal,
+                          sm_scale, qk_scale, log2e, softcap, SOFTCAP, ALIBI)
     p = _mask(tl.exp2(scores - lse2[:, None]), 0.0, offs_m[:, None], offs_k[None, :], start_m, start_n, t_k,
               band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED, MASKED)
-    dp = tl.dot(d_out, tl.trans(v), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    dp = _dot_t(d_out, v, PRECISION, ACC_DTYPE)
     if STAGE == GRADIENT:
         ds = p * (dp - delta[:, None])
         if SOFTCAP:  # dR = g ∘ dS (§8)
             ds = (1.0 - cap * cap) * ds
-        acc = (acc[0] + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC_DTYPE),)
+        acc = (_add_dot(acc[0], ds, k, PRECISION, ACC_DTYPE),)
     else:
         # dS̄ = scale (Ḡq Kᵀ + Q Ḡkᵀ)
-        ds_bar = tl.dot(cot_dq, tl.trans(k), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        ds_bar = (ds_bar + tl.dot(q, tl.trans(cot_dk), input_precision=PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
+        ds_bar = (_dot_t(cot_dq, k, PRECISION, ACC_DTYPE) + _dot_t(q, cot_dk, PRECISION, ACC_DTYPE)) * sm_scale
         if STAGE == ROW_REDUCTIONS:
             if SOFTCAP:  # the softmax's dS̄ = g ∘ dR̄ (§8)
                 ds_bar = (1.0 - cap * cap) * ds_bar
             p_ds_bar = p * ds_bar
             acc = (acc[0] + tl.sum(p_ds_bar, 1), acc[1] + tl.sum(p_ds_bar * dp, 1),
-                   acc[2] + tl.dot(p.to(cot_dv.dtype), cot_dv, input_precision=PRECISION, out_dtype=ACC_DTYPE))
+                   _add_dot(acc[2], p, cot_dv, PRECISION, ACC_DTYPE))
         else:
-            do_gv = tl.dot(d_out, tl.trans(cot_dv), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            do_gv = _dot_t(d_out, cot_dv, PRECISION, ACC_DTYPE)
             ds, s_bar, dp_bar = _second_order_tile(p, dp, ds_bar, do_gv, delta[:, None], sigma[:, None], rho[:, None],
                                                    cap, softcap, SOFTCAP)
-            cot_q = acc[0] + tl.dot(s_bar.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            cot_q += tl.dot(ds.to(cot_dk.dtype), cot_dk, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            acc = (cot_q, acc[1] + tl.dot(dp_bar.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC_DTYPE))
+            cot_q = _add_dot(_add_dot(acc[0], s_bar, k, PRECISION, ACC_DTYPE), ds, cot_dk, PRECISION, ACC_DTYPE)
+            acc = (cot_q, _add_dot(acc[1], dp_bar, v, PRECISION, ACC_DTYPE))
     return acc
 
 
 @triton.jit
-def _row_sweep(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, K, V, Cot_dk, Cot_dv, k_base, start_m, offs_m, offs_d,
+def _row_sweep(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, K, V, Cot_dk, Cot_dv, k_base, start_m, offs_m,
                len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap,
-               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               BANDED: tl.constexpr, EVEN_K: tl.constexpr, STAGE: tl.constexpr, SOFTCAP: tl.constexpr,
-               ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
+               BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, EVEN_K: tl.constexpr, STAGE: tl.constexpr,
+               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """``_row_tile`` over every key block the query block [start_m, start_m + BLOCK_M) sees. Key
     blocks are loaded with masks (cheap against a row tile's work); only a band or a last key
     block past T_k (not EVEN_K) compiles the score mask in (``_mask``)."""
     lo, hi = _key_range(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
     for start_n in range(lo, hi, BLOCK_N):
         acc = _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, K, V, Cot_dk, Cot_dv, k_base, start_m, start_n,
-                        offs_m, offs_d, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal,
-                        softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BANDED, BANDED or not EVEN_K, STAGE, SOFTCAP,
-                        ALIBI, ACC_DTYPE, PRECISION)
+                        offs_m, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal,
+                        softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, BANDED or not EVEN_K, STAGE,
+                        SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
     return acc
 
 
@@ -459,58 +488,56 @@ def _full_blocks_end(lo, hi, t_q, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, Slopes, q_base,
-                 row_base, start_m, start_n, offs_n, offs_d, t_q, t_k, stride_qt, band_lo, band_hi, sm_scale, qk_scale,
+                 row_base, start_m, start_n, offs_n, t_q, t_k, stride_qt, band_lo, band_hi, sm_scale, qk_scale,
                  log2e, diagonal, softcap, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BANDED: tl.constexpr, ROWS_MASKED: tl.constexpr, STAGE: tl.constexpr,
-                 SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, ROWS_MASKED: tl.constexpr,
+                 STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """(acc_k, acc_v) plus what the query block [start_m, start_m + BLOCK_M) adds for the key block
-    whose tiles (k, v, cot_dk, cot_dv) the caller holds: (dK / scale, dV) for GRADIENT, (cot_k /
-    scale, cot_v) for COTANGENTS. Query-shaped pointers are offset by q_base, row statistics by
-    row_base; the first-order tile reads no cotangent or second-order statistic (None). Without
-    ROWS_MASKED every query row of the block is < t_q."""
+    whose tiles (k, v, cot_dk, cot_dv; split into head-dim parts) the caller holds: (dK / scale, dV)
+    for GRADIENT, (cot_k / scale, cot_v) for COTANGENTS. Query-shaped pointers are offset by q_base,
+    row statistics by row_base; the first-order tile reads no cotangent or second-order statistic
+    (None). Without ROWS_MASKED every query row of the block is < t_q."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = _load_tile(Q + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D, ROWS_MASKED)
-    d_out = _load_tile(D_out + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D, ROWS_MASKED)
+    q = _load_parts(Q + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
+    d_out = _load_parts(D_out + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
     lse2 = _load_rows(Lse + row_base, offs_m, t_q, float("inf"), ROWS_MASKED).to(ACC_DTYPE) * log2e
     delta = _load_rows(Delta + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
     if STAGE == COTANGENTS:
-        cot_dq = _load_tile(Cot_dq + q_base, offs_m, offs_d, t_q, stride_qt, HEAD_DIM, BLOCK_D, ROWS_MASKED)
+        cot_dq = _load_parts(Cot_dq + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
         sigma = _load_rows(Sigma + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
         rho = _load_rows(Rho + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
     slope = None
     if ALIBI:  # the ALiBi slope of each query row (§8), laid out like lse
         slope = _load_rows(Slopes + row_base, offs_m, t_q, 0.0, ROWS_MASKED).to(ACC_DTYPE)[None, :]
-    scores_t, cap_t = _scores(tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC_DTYPE), offs_m[None, :],
-                              offs_n[:, None], slope, diagonal, sm_scale, qk_scale, log2e, softcap, SOFTCAP, ALIBI)
+    scores_t, cap_t = _scores(_dot_t(k, q, PRECISION, ACC_DTYPE), offs_m[None, :], offs_n[:, None], slope, diagonal,
+                              sm_scale, qk_scale, log2e, softcap, SOFTCAP, ALIBI)
     p_t = _mask(tl.exp2(scores_t - lse2[None, :]), 0.0, offs_m[None, :], offs_n[:, None], start_m, start_n,
                 t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED, BANDED)
+    dp_t = _dot_t(v, d_out, PRECISION, ACC_DTYPE)
     if STAGE == GRADIENT:
-        acc_v += tl.dot(p_t.to(d_out.dtype), d_out, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        dp_t = tl.dot(v, tl.trans(d_out), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        acc_v = _add_dot(acc_v, p_t, d_out, PRECISION, ACC_DTYPE)
         ds_t = p_t * (dp_t - delta[None, :])
         if SOFTCAP:  # dR = g ∘ dS (§8)
             ds_t = (1.0 - cap_t * cap_t) * ds_t
-        acc_k += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        acc_k = _add_dot(acc_k, ds_t, q, PRECISION, ACC_DTYPE)
     else:
-        dp_t = tl.dot(v, tl.trans(d_out), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        ds_bar_t = tl.dot(k, tl.trans(cot_dq), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        ds_bar_t = (ds_bar_t + tl.dot(cot_dk, tl.trans(q), input_precision=PRECISION, out_dtype=ACC_DTYPE)) * sm_scale
-        do_gv_t = tl.dot(cot_dv, tl.trans(d_out), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        ds_bar_t = (_dot_t(k, cot_dq, PRECISION, ACC_DTYPE) + _dot_t(cot_dk, q, PRECISION, ACC_DTYPE)) * sm_scale
+        do_gv_t = _dot_t(cot_dv, d_out, PRECISION, ACC_DTYPE)
         ds_t, s_bar_t, dp_bar_t = _second_order_tile(p_t, dp_t, ds_bar_t, do_gv_t, delta[None, :], sigma[None, :],
                                                      rho[None, :], cap_t, softcap, SOFTCAP)
-        acc_k += tl.dot(s_bar_t.to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        acc_k += tl.dot(ds_t.to(cot_dq.dtype), cot_dq, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        acc_v += tl.dot(dp_bar_t.to(d_out.dtype), d_out, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        acc_k = _add_dot(_add_dot(acc_k, s_bar_t, q, PRECISION, ACC_DTYPE), ds_t, cot_dq, PRECISION, ACC_DTYPE)
+        acc_v = _add_dot(acc_v, dp_bar_t, d_out, PRECISION, ACC_DTYPE)
     return acc_k, acc_v
 
 
 @triton.jit
 def _column_sweep(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, Slopes, first_q_base,
-                  first_row_base, members, start_n, offs_n, offs_d, t_q, len_q, len_k, stride_qh, stride_qt, band_lo,
+                  first_row_base, members, start_n, offs_n, t_q, len_q, len_k, stride_qh, stride_qt, band_lo,
                   band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BANDED: tl.constexpr,
-                  STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+                  BANDED: tl.constexpr, STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                  ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """``_column_tile`` over every query block that sees the key block [start_n, start_n + BLOCK_N),
     of each of the ``members`` query heads a column program serves (``_column_program``): the
     whole blocks with unmasked loads, then the one partial block, if any (``_full_blocks_end``)."""
@@ -523,13 +550,13 @@ def _column_sweep(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Del
         for start_m in range(lo, full_hi, BLOCK_M):
             acc_k, acc_v = _column_tile(
                 acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, Slopes, q_base, row_base,
-                start_m, start_n, offs_n, offs_d, len_q, len_k, stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e,
-                diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BANDED, False, STAGE, SOFTCAP, ALIBI,
-                ACC_DTYPE, PRECISION)
+                start_m, start_n, offs_n, len_q, len_k, stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e,
+                diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, False, STAGE, SOFTCAP,
+                ALIBI, ACC_DTYPE, PRECISION)
         if full_hi < hi:  # the one partial block
             acc_k, acc_v = _column_tile(
                 acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, Slopes, q_base, row_base,
-                full_hi, start_n, offs_n, offs_d, len_q, len_k, stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e,
-                diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BANDED, True, STAGE, SOFTCAP, ALIBI,
-                ACC_DTYPE, PRECISION)
+                full_hi, start_n, offs_n, len_q, len_k, stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e,
+                diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, True, STAGE, SOFTCAP,
+                ALIBI, ACC_DTYPE, PRECISION)
     return acc_k, acc_v

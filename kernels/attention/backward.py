@@ -11,31 +11,35 @@ from theria_kernels.attention._tiles import (
     _column_program,
     _column_store,
     _column_sweep,
-    _load_tile,
+    _load_parts,
     _modifiers,
     _program,
     _row_sweep,
     _scales,
     _sequence,
-    _store_tile,
+    _store_parts,
+    _row_dot,
+    _times,
+    _zeros_like_parts,
 )
 
 # ----------------------------------------------------------------------------------------------
 # Backward (§2): delta = rowsum(dO ∘ O) − d_lse, dS = P ∘ (dP − delta), dP = dO Vᵀ,
-# dQ = scale · dS K and delta (row sweep), dK = scale · dSᵀ Q and dV = Pᵀ dO (column sweep, after it). With a cap (§8)
-# dS becomes the scores' dR = g ∘ dS in dQ and dK.
+# dQ = scale · dS K and delta (row sweep), dK = scale · dSᵀ Q and dV = Pᵀ dO (column sweep, after it).
+# With a cap (§8) dS becomes the scores' dR = g ∘ dS in dQ and dK. Tiles with a head-dim axis are
+# tuples of head-dim parts (BLOCK_D0, BLOCK_D1: ``_launch.head_dim_parts``).
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _row_delta(Out, D_out, D_lse, Delta, row_base, q_base, offs_m, offs_d, d_out, len_q, stride_qt,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def _row_delta(Out, D_lse, Delta, row_base, q_base, offs_m, d_out, len_q, stride_qt, HEAD_DIM: tl.constexpr,
+               BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """(delta, r) with r_i = Σ_d dO_id O_id and delta_i = r_i − d_lse_i, for a row block whose dO
     tile the caller holds; delta is stored for the column sweep that follows. The row kernels
     compute it on the way: one (BLOCK_M, D) load of O, no launch of its own. ``D_lse`` None means
     d_lse = 0."""
-    out = _load_tile(Out + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
-    row_dot = tl.sum(out.to(ACC_DTYPE) * d_out.to(ACC_DTYPE), 1)
+    out = _load_parts(Out + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    row_dot = _row_dot(out, d_out, ACC_DTYPE)
     row_mask = offs_m < len_q
     delta = row_dot
     if D_lse is not None:
@@ -50,10 +54,13 @@ def _attn_bwd_dq_kernel(
     Delta, DQ,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     t_q, t_k, heads, group, sm_scale: tl.float64, softcap: tl.float64, band_lo, band_hi,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
+    BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
+    """dQ for one query block of one query head, and the block's row term delta (``_row_delta``).
+    Tiles with a head-dim axis are tuples of head-dim parts (``_load_parts``)."""
     start_m = tl.program_id(0) * BLOCK_M
     batch, head, entry = _program(heads, VARLEN)
     q_base, k_base, row_base, len_q, len_k, band_lo, band_hi = _sequence(
@@ -63,22 +70,21 @@ def _attn_bwd_dq_kernel(
         if start_m >= len_q:  # the grid is sized for the longest sequence
             return
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     sm_scale, qk_scale, log2e = _scales(sm_scale, ACC_DTYPE)
 
-    q = _load_tile(Q + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
-    d_out = _load_tile(D_out + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+    q = _load_parts(Q + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    d_out = _load_parts(D_out + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
     row_mask = offs_m < len_q
     lse2 = tl.load(Lse + row_base + offs_m, mask=row_mask, other=float("inf")).to(ACC_DTYPE) * log2e
-    delta, _ = _row_delta(Out, D_out, D_lse, Delta, row_base, q_base, offs_m, offs_d, d_out, len_q, stride_qt, HEAD_DIM,
-                       BLOCK_D, ACC_DTYPE)
+    delta, _ = _row_delta(Out, D_lse, Delta, row_base, q_base, offs_m, d_out, len_q, stride_qt, HEAD_DIM, BLOCK_D0,
+                          BLOCK_D1, ACC_DTYPE)
     slope, diagonal, softcap = _modifiers(Slopes, row_base, offs_m, len_q, len_k, softcap, SOFTCAP, ALIBI, True,
                                           BOTTOM_RIGHT, ACC_DTYPE)
-    dq = _row_sweep((tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE),), q, d_out, None, lse2, delta, None, None, K, V, None,
-                    None, k_base, start_m, offs_m, offs_d, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale,
-                    qk_scale, log2e, slope, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BANDED, EVEN_K,
+    dq = _row_sweep((_zeros_like_parts(q, ACC_DTYPE),), q, d_out, None, lse2, delta, None, None, K, V, None, None,
+                    k_base, start_m, offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e,
+                    slope, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, EVEN_K,
                     GRADIENT, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)[0]
-    _store_tile(DQ + q_base, dq * sm_scale, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+    _store_parts(DQ + q_base, _times(dq, sm_scale), offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
 
 
 @triton.jit
@@ -87,9 +93,10 @@ def _attn_bwd_dkdv_kernel(
     DK, DV, Part_k, Part_v, Arrivals,
     members, stride_split, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     t_q, t_k, heads, group, sm_scale: tl.float64, softcap: tl.float64, band_lo, band_hi,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BANDED: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SPLIT: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
+    BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One program per key block of one key/value head (or of one share of its query heads, see
     ``_column_program``); it sums over the query heads it serves, so grouped-query gradients need
@@ -102,17 +109,16 @@ def _attn_bwd_dkdv_kernel(
         if start_n >= len_k:  # the grid is sized for the longest sequence
             return
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     sm_scale, qk_scale, log2e = _scales(sm_scale, ACC_DTYPE)
-    k = _load_tile(K + k_base, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
-    v = _load_tile(V + k_base, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
-    zeros = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
+    k = _load_parts(K + k_base, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    v = _load_parts(V + k_base, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    zeros = _zeros_like_parts(k, ACC_DTYPE)
     _, diagonal, softcap = _modifiers(Slopes, first_row_base, offs_n, len_q, len_k, softcap, SOFTCAP, ALIBI, False,
                                       BOTTOM_RIGHT, ACC_DTYPE)
     dk, dv = _column_sweep(zeros, zeros, k, v, None, None, Q, D_out, None, Lse, Delta, None, None, Slopes, first_q_base,
-                           first_row_base, members, start_n, offs_n, offs_d, t_q, len_q, len_k, stride_qh, stride_qt,
-                           band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N,
-                           BLOCK_D, BANDED, GRADIENT, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
-    _column_store(DK, DV, Part_k, Part_v, Arrivals, dk * sm_scale, dv, k_base, share, tile, group // members,
-                  stride_split, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D, SPLIT)
+                           first_row_base, members, start_n, offs_n, t_q, len_q, len_k, stride_qh, stride_qt, band_lo,
+                           band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0,
+                           BLOCK_D1, BANDED, GRADIENT, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+    _column_store(DK, DV, Part_k, Part_v, Arrivals, _times(dk, sm_scale), dv, k_base, share, tile, group // members,
+                  stride_split, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT)
 

@@ -12,13 +12,16 @@ from theria_kernels.attention._tiles import (
     _column_program,
     _column_store,
     _column_sweep,
-    _load_tile,
+    _load_parts,
     _modifiers,
     _program,
     _row_sweep,
     _scales,
     _sequence,
-    _store_tile,
+    _store_parts,
+    _row_dot,
+    _times,
+    _zeros_like_parts,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -44,9 +47,10 @@ def _attn_bwd_bwd_rows_kernel(
     Delta, Cot_q, Cot_d_out, Sigma, Rho,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     t_q, t_k, heads, group, sm_scale: tl.float64, softcap: tl.float64, band_lo, band_hi,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
+    BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     batch, head, entry = _program(heads, VARLEN)
@@ -57,38 +61,37 @@ def _attn_bwd_bwd_rows_kernel(
         if start_m >= len_q:  # the grid is sized for the longest sequence
             return
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     sm_scale, qk_scale, log2e = _scales(sm_scale, ACC_DTYPE)
     row_mask = offs_m < len_q
 
-    q = _load_tile(Q + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
-    d_out = _load_tile(D_out + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
-    cot_dq = _load_tile(Cot_dq + q_base, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+    q = _load_parts(Q + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    d_out = _load_parts(D_out + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    cot_dq = _load_parts(Cot_dq + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
     lse2 = tl.load(Lse + row_base + offs_m, mask=row_mask, other=float("inf")).to(ACC_DTYPE) * log2e
-    delta, row_dot = _row_delta(Out, D_out, D_lse, Delta, row_base, q_base, offs_m, offs_d, d_out, len_q, stride_qt,
-                                HEAD_DIM, BLOCK_D, ACC_DTYPE)
+    delta, row_dot = _row_delta(Out, D_lse, Delta, row_base, q_base, offs_m, d_out, len_q, stride_qt, HEAD_DIM,
+                                BLOCK_D0, BLOCK_D1, ACC_DTYPE)
     slope, diagonal, softcap = _modifiers(Slopes, row_base, offs_m, len_q, len_k, softcap, SOFTCAP, ALIBI, True,
                                           BOTTOM_RIGHT, ACC_DTYPE)
 
     # Sweep 1: the row reductions sigma, rho and the row vectors P Ḡv.
-    sums = (tl.zeros([BLOCK_M], ACC_DTYPE), tl.zeros([BLOCK_M], ACC_DTYPE), tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE))
+    sums = (tl.zeros([BLOCK_M], ACC_DTYPE), tl.zeros([BLOCK_M], ACC_DTYPE), _zeros_like_parts(q, ACC_DTYPE))
     sigma, p_ds_bar_dp, p_gv = _row_sweep(
-        sums, q, d_out, cot_dq, lse2, None, None, None, K, V, Cot_dk, Cot_dv, k_base, start_m, offs_m, offs_d, len_q,
-        len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap, HEAD_DIM, BLOCK_M,
-        BLOCK_N, BLOCK_D, BANDED, EVEN_K, ROW_REDUCTIONS, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+        sums, q, d_out, cot_dq, lse2, None, None, None, K, V, Cot_dk, Cot_dv, k_base, start_m, offs_m, len_q, len_k,
+        stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N,
+        BLOCK_D0, BLOCK_D1, BANDED, EVEN_K, ROW_REDUCTIONS, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
     # 2 delta + d_lse = delta + rowsum(dO ∘ O)
-    rho = p_ds_bar_dp - sigma * (delta + row_dot) + tl.sum(d_out.to(ACC_DTYPE) * p_gv, 1)
+    rho = p_ds_bar_dp - sigma * (delta + row_dot) + _row_dot(d_out, p_gv, ACC_DTYPE)
     tl.store(Sigma + row_base + offs_m, sigma, mask=row_mask)
     tl.store(Rho + row_base + offs_m, rho, mask=row_mask)
 
     # Sweep 2: cot_q and cot_dO (which starts at P Ḡv), now that every row statistic is complete.
     cot_q, cot_d_out = _row_sweep(
-        (tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE), p_gv), q, d_out, cot_dq, lse2, delta, sigma, rho, K, V, Cot_dk,
-        Cot_dv, k_base, start_m, offs_m, offs_d, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e,
-        slope, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BANDED, EVEN_K, COTANGENTS, SOFTCAP, ALIBI,
-        ACC_DTYPE, PRECISION)
-    _store_tile(Cot_q + q_base, cot_q * sm_scale, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
-    _store_tile(Cot_d_out + q_base, cot_d_out, offs_m, offs_d, len_q, stride_qt, HEAD_DIM, BLOCK_D)
+        (_zeros_like_parts(q, ACC_DTYPE), p_gv), q, d_out, cot_dq, lse2, delta, sigma, rho, K, V, Cot_dk, Cot_dv,
+        k_base, start_m, offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal,
+        softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, EVEN_K, COTANGENTS, SOFTCAP, ALIBI, ACC_DTYPE,
+        PRECISION)
+    _store_parts(Cot_q + q_base, _times(cot_q, sm_scale), offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    _store_parts(Cot_d_out + q_base, cot_d_out, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
 
 
 @triton.jit
@@ -97,7 +100,8 @@ def _attn_bwd_bwd_cols_kernel(
     Cot_k, Cot_v, Part_k, Part_v, Arrivals,
     members, stride_split, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     t_q, t_k, heads, group, sm_scale: tl.float64, softcap: tl.float64, band_lo, band_hi,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
+    BLOCK_D1: tl.constexpr,
     BANDED: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SPLIT: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -112,20 +116,19 @@ def _attn_bwd_bwd_cols_kernel(
         if start_n >= len_k:  # the grid is sized for the longest sequence
             return
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     sm_scale, qk_scale, log2e = _scales(sm_scale, ACC_DTYPE)
-    k = _load_tile(K + k_base, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
-    v = _load_tile(V + k_base, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
-    cot_dk = _load_tile(Cot_dk + k_base, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
-    cot_dv = _load_tile(Cot_dv + k_base, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D)
-    zeros = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
+    k = _load_parts(K + k_base, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    v = _load_parts(V + k_base, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    cot_dk = _load_parts(Cot_dk + k_base, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    cot_dv = _load_parts(Cot_dv + k_base, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    zeros = _zeros_like_parts(k, ACC_DTYPE)
     _, diagonal, softcap = _modifiers(Slopes, first_row_base, offs_n, len_q, len_k, softcap, SOFTCAP, ALIBI, False,
                                       BOTTOM_RIGHT, ACC_DTYPE)
     cot_k, cot_v = _column_sweep(
         zeros, zeros, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, Slopes, first_q_base,
-        first_row_base, members, start_n, offs_n, offs_d, t_q, len_q, len_k, stride_qh, stride_qt, band_lo, band_hi,
-        sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BANDED, COTANGENTS,
-        SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
-    _column_store(Cot_k, Cot_v, Part_k, Part_v, Arrivals, cot_k * sm_scale, cot_v, k_base, share, tile,
-                  group // members, stride_split, offs_n, offs_d, len_k, stride_kt, HEAD_DIM, BLOCK_D, SPLIT)
+        first_row_base, members, start_n, offs_n, t_q, len_q, len_k, stride_qh, stride_qt, band_lo, band_hi,
+        sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED,
+        COTANGENTS, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+    _column_store(Cot_k, Cot_v, Part_k, Part_v, Arrivals, _times(cot_k, sm_scale), cot_v, k_base, share, tile,
+                  group // members, stride_split, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT)
 
