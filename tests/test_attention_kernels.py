@@ -163,6 +163,31 @@ def _check_backward_backward(q, k, v, params, fn, dtype, **varlen):
     _assert_accurate(dict(zip(names, got)), reference, (q, k, v, d_out, d_lse, *cotangents), dtype)
 
 
+def _check_backward_tangent(q, k, v, params, fn, dtype, **varlen):
+    """The tangent of the backward along (ẋ, u̇) = ((q̇, k̇, v̇), (dȮ, dl̇se)), H_u ẋ + Jᵀ u̇: the double
+    backward's launches with the second cotangent u̇, against the reference's double backward plus
+    its backward for u̇."""
+    out, lse = attention_forward(q, k, v, params, **varlen)
+    d_out, d_out_dot = torch.randn_like(q), torch.randn_like(q)
+    d_lse, d_lse_dot = (torch.randn(q.shape[:3], dtype=lse.dtype, device=q.device) for _ in range(2))
+    x_dot = [torch.randn_like(t) for t in (q, k, v)]
+    names = ("q_tangent", "k_tangent", "v_tangent")
+    got = attention_backward_backward(q, k, v, out, lse, d_out, d_lse, *x_dot, params, d_out_dot=d_out_dot,
+                                      d_lse_dot=d_lse_dot, cot_q=poisoned(q), cot_k=poisoned(k), cot_v=poisoned(v),
+                                      **varlen)[:3]
+
+    def reference(q, k, v, d_out, d_lse, d_out_dot, d_lse_dot, *x_dot):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, lse = fn(*leaves)
+        grads = torch.autograd.grad((out * d_out).sum() + (lse * d_lse.to(lse.dtype)).sum(), leaves,
+                                    create_graph=True, retain_graph=True)
+        hessian = torch.autograd.grad(sum((g * t).sum() for g, t in zip(grads, x_dot)), leaves, retain_graph=True)
+        linear = torch.autograd.grad((out * d_out_dot).sum() + (lse * d_lse_dot.to(lse.dtype)).sum(), leaves)
+        return dict(zip(names, (a + b for a, b in zip(hessian, linear))))
+
+    _assert_accurate(dict(zip(names, got)), reference, (q, k, v, d_out, d_lse, d_out_dot, d_lse_dot, *x_dot), dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
 @pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -206,6 +231,7 @@ VARLEN_CHECKS = {
     "jvp": _check_jvp,
     "forward_second": _check_forward_second,
     "backward_backward": _check_backward_backward,
+    "backward_tangent": _check_backward_tangent,
 }
 
 
@@ -292,7 +318,8 @@ def test_launch_arithmetic_matches_triton():
 
 # Split head dims: 48 = 32 + 16 fills both parts, 40 = 32 + 16 pads the second, 80 = 64 + 16.
 SPLIT_CHECKS = {"forward_and_backward": _check_forward_and_backward, "jvp": _check_jvp,
-                "forward_second": _check_forward_second, "backward_backward": _check_backward_backward}
+                "forward_second": _check_forward_second, "backward_backward": _check_backward_backward,
+                "backward_tangent": _check_backward_tangent}
 
 
 @pytest.mark.parametrize("check", list(SPLIT_CHECKS))

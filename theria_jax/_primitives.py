@@ -12,7 +12,8 @@ H_u = ∇²_x <u, f(x)> (symmetric):
 * ``attention_fwd_second(x, out, lse, x_dot | y) = f''(x)[x_dot, y]``: attention_forward_second.
 * ``attention_bwd(x, out, lse, u) = Jᵀ u``: attention_backward.
 * ``attention_bwd_tangent(x, out, lse, u | x_dot, u_dot) = H_u x_dot + Jᵀ u_dot``:
-  attention_backward_backward and attention_backward.
+  attention_backward_backward with the second cotangent u_dot (one launch pair), or
+  attention_backward alone when x_dot is zero.
 * ``attention_bwd_bwd(x, out, lse, u, c) = (H_u c, J c)``: attention_backward_backward.
 
 Operands after ``|`` are the ones the primitive is linear in (the ones a transpose rule solves for).
@@ -237,15 +238,14 @@ def _backward_backward_impl(arrays, *, params, lengths):
 
 
 def _backward_tangent_impl(arrays, *, has_x_dot, has_u_dot, **static):
-    terms = []
-    if has_x_dot:  # H_u x_dot: the Hessian is symmetric, so it is the double backward with cotangent x_dot.
+    if has_x_dot:
+        # H_u x_dot (+ Jᵀ u_dot): the Hessian is symmetric, so H_u x_dot is the double backward with
+        # cotangent x_dot, whose kernels also add the backward for u_dot when it is given.
         cotangents = dict(zip(_COT, (arrays[name] for name in _X_DOT)))
-        cot_q, cot_k, cot_v, _, _ = _backward_backward_impl({**arrays, **cotangents}, **static)
-        terms.append((cot_q, cot_k, cot_v))
-    if has_u_dot:  # Jᵀ u_dot: the backward is linear in u.
-        cotangents = dict(zip(_U, (arrays[name] for name in _U_DOT)))
-        terms.append(_backward_impl({**arrays, **cotangents}, **static))
-    return [sum(parts) for parts in zip(*terms)]
+        given = _ALL_GIVEN | (frozenset(_U_DOT) if has_u_dot else frozenset())
+        return _run(functools.partial(backward_backward_plan, given=given), {**arrays, **cotangents}, **static)[:3]
+    # Jᵀ u_dot alone: the backward is linear in u.
+    return _backward_impl({**arrays, **dict(zip(_U, (arrays[name] for name in _U_DOT)))}, **static)
 
 
 def _names(names: tuple[str, ...]):

@@ -106,10 +106,11 @@ def _launch_backward(q, k, v, out, lse, d_out, d_lse, static: Static) -> tuple[T
                                               **static.launcher_keywords())
 
 
-def _launch_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv,
+def _launch_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, d_out_dot, d_lse_dot,
                               static: Static) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return torch_launchers.attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv,
-                                                       static.params, **static.launcher_keywords())
+                                                       static.params, d_out_dot=d_out_dot, d_lse_dot=d_lse_dot,
+                                                       **static.launcher_keywords())
 
 
 # The operators' implementations: typed signatures (the operator schema) over the same launches.
@@ -154,11 +155,13 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: 
 
 def _backward_backward(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Optional[Tensor],
-    cot_dq: Optional[Tensor], cot_dk: Optional[Tensor], cot_dv: Optional[Tensor], scale: float, causal: bool,
-    window_left: int, window_right: int, bottom_right: bool, softcap: float, cu_seqlens_q: Optional[Tensor],
-    cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, row_slopes: Optional[Tensor],
+    cot_dq: Optional[Tensor], cot_dk: Optional[Tensor], cot_dv: Optional[Tensor], d_out_dot: Optional[Tensor],
+    d_lse_dot: Optional[Tensor], scale: float, causal: bool, window_left: int, window_right: int, bottom_right: bool,
+    softcap: float, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
+    max_seqlen_k: int, row_slopes: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _launch_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, _operator_static(
+    return _launch_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, d_out_dot, d_lse_dot,
+                                     _operator_static(
         scale, causal, window_left, window_right, bottom_right, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         max_seqlen_k, row_slopes))
 

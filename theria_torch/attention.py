@@ -87,10 +87,14 @@ class _SecondOrderKernel(_BatchFolding):
 
 
 class _AttentionBackwardBackward(_SecondOrderKernel):
+    """The double backward (cot_q, cot_k, cot_v, cot_d_out, cot_d_lse) for cotangents (cot_dq,
+    cot_dk, cot_dv); with a second cotangent (d_out_dot, d_lse_dot) the first three also hold its
+    backward (the tangent of the backward, in the same launches)."""
+
     @staticmethod
-    def forward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, static):
+    def forward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, d_out_dot, d_lse_dot, static):
         return _ops.attention_backward_backward(
-            q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, static)
+            q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, d_out_dot, d_lse_dot, static)
 
 
 class _AttentionBackward(_BatchFolding):
@@ -110,21 +114,19 @@ class _AttentionBackward(_BatchFolding):
     def backward(ctx, cot_dq, cot_dk, cot_dv):
         q, k, v, out, lse, d_out, d_lse = ctx.saved_tensors
         cot_q, cot_k, cot_v, cot_d_out, cot_d_lse = _AttentionBackwardBackward.apply(
-            q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, ctx.static)
+            q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, None, None, ctx.static)
         return cot_q, cot_k, cot_v, None, None, cot_d_out, cot_d_lse if d_lse is not None else None, None
 
     @staticmethod
     def jvp(ctx, q_dot, k_dot, v_dot, _out_dot, _lse_dot, d_out_dot, d_lse_dot, _static):
         # Through the Functions rather than the raw operators, so that a further transform on top
         # either works or raises instead of seeing constants.
+        # H_u ẋ + Jᵀ u̇ in one double-backward launch pair (the kernels add the backward for u̇).
         q, k, v, out, lse, d_out, d_lse = ctx.saved_tensors
-        hessian_part = _AttentionBackwardBackward.apply(
-            q, k, v, out, lse, d_out, d_lse, q_dot, k_dot, v_dot, ctx.static)[:3]
-        if d_out_dot is None and d_lse_dot is None:
-            return hessian_part
-        linear_part = _AttentionBackward.apply(
-            q, k, v, out, lse, _zeros_if_none(d_out_dot, out), d_lse_dot, ctx.static)
-        return tuple(a + b for a, b in zip(hessian_part, linear_part))
+        if d_lse_dot is not None:
+            d_out_dot = _zeros_if_none(d_out_dot, out)
+        return _AttentionBackwardBackward.apply(
+            q, k, v, out, lse, d_out, d_lse, q_dot, k_dot, v_dot, d_out_dot, d_lse_dot, ctx.static)[:3]
 
 
 class _AttentionSecond(_SecondOrderKernel):
@@ -160,7 +162,7 @@ class _AttentionTangent(_BatchFolding):
         out, lse = _Attention.apply(q.detach(), k.detach(), v.detach(), ctx.static)
         cot_out_dot = _zeros_if_none(cot_out_dot, out)
         second = _AttentionBackwardBackward.apply(
-            q, k, v, out, lse, cot_out_dot, cot_lse_dot, q_dot, k_dot, v_dot, ctx.static)[:3]
+            q, k, v, out, lse, cot_out_dot, cot_lse_dot, q_dot, k_dot, v_dot, None, None, ctx.static)[:3]
         first = _AttentionBackward.apply(q, k, v, out, lse, cot_out_dot, cot_lse_dot, ctx.static)
         return (*second, *first, None)
 

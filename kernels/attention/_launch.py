@@ -302,27 +302,38 @@ def backward_backward_plan(call: AttentionCall, given: frozenset) -> Plan:
     """VJP of the backward (q, k, v, d_out, d_lse) ↦ (dq, dk, dv) for cotangents (cot_dq, cot_dk,
     cot_dv) (§4): outputs (cot_q, cot_k, cot_v, cot_d_out, cot_d_lse). ``given`` names which of
     d_lse, cot_dq, cot_dk, cot_dv are inputs; the others are zero (d_lse a None pointer, the
-    cotangents zeroed temporaries). The row sweeps store delta for the column sweep."""
+    cotangents zeroed temporaries). The row sweeps store delta for the column sweep.
+
+    With ``d_out_dot`` in ``given`` (and optionally ``d_lse_dot``), (cot_q, cot_k, cot_v) also hold
+    the backward for the second cotangent u̇ = (d_out_dot, d_lse_dot): with (cot_dq, cot_dk,
+    cot_dv) = ẋ they are H_u ẋ + Jᵀ u̇, the tangent of the backward along (ẋ, u̇)."""
     meta, block_m, block_n, warps, stages = call.meta("backward_backward")
+    tangent = "d_out_dot" in given
     allocations = {"cot_q": _Q, "cot_k": _K, "cot_v": _K, "cot_d_out": _Q, "cot_d_lse": _rows(call),
                    "delta": _rows(call), "rho": _rows(call)}
+    if tangent:
+        allocations["delta_dot"] = _rows(call)
     # An absent d_lse is a None pointer (the kernel reads zero); absent cotangents are zeroed buffers.
     cotangents = {"cot_dq": Allocation("q", zeroed=True), "cot_dk": Allocation("k", zeroed=True),
                   "cot_dv": Allocation("k", zeroed=True)}
     allocations.update((name, allocation) for name, allocation in cotangents.items() if name not in given)
     shared = dict(Q=Buffer("q"), K=Buffer("k"), V=Buffer("v"), D_out=Buffer("d_out"), Lse=Buffer("lse"),
-                  Delta=Buffer("delta"), Cot_dq=Buffer("cot_dq"), Cot_dk=Buffer("cot_dk"), Cot_dv=Buffer("cot_dv"))
+                  Delta=Buffer("delta"), Cot_dq=Buffer("cot_dq"), Cot_dk=Buffer("cot_dk"), Cot_dv=Buffer("cot_dv"),
+                  D_out_dot=Buffer("d_out_dot") if tangent else None,
+                  Delta_dot=Buffer("delta_dot") if tangent else None, TANGENT=tangent)
     launches = (
         Launch(_attn_bwd_bwd_rows_kernel, call.row_grid(block_m),
                dict(shared, Out=Buffer("out"), D_lse=Buffer("d_lse") if "d_lse" in given else None,
+                    D_lse_dot=Buffer("d_lse_dot") if "d_lse_dot" in given else None,
                     Cot_q=Buffer("cot_q"), Cot_d_out=Buffer("cot_d_out"), Sigma=Buffer("cot_d_lse"), Rho=Buffer("rho"),
                     **call.geometry(), **meta, EVEN_K=call.even_k(block_n)),
-               writes=("Delta", "Cot_q", "Cot_d_out", "Sigma", "Rho"), num_warps=warps, num_stages=stages),
+               writes=("Delta", *(("Delta_dot",) if tangent else ()), "Cot_q", "Cot_d_out", "Sigma", "Rho"),
+               num_warps=warps, num_stages=stages),
         _column_launch(_attn_bwd_bwd_cols_kernel, call, "backward_backward",
                        dict(shared, Sigma=Buffer("cot_d_lse"), Rho=Buffer("rho")), dict(Cot_k="cot_k", Cot_v="cot_v"),
                        allocations),
     )
     inputs = ("q", "k", "v", "out", "lse", "d_out") + tuple(
-        name for name in ("d_lse", "cot_dq", "cot_dk", "cot_dv") if name in given)
+        name for name in ("d_lse", "cot_dq", "cot_dk", "cot_dv", "d_out_dot", "d_lse_dot") if name in given)
     return Plan(inputs + call.inputs_constant, ("cot_q", "cot_k", "cot_v", "cot_d_out", "cot_d_lse"),
                 allocations, launches, skip_if_empty=("q", "k"))

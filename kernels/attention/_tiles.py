@@ -385,11 +385,14 @@ def _scales(sm_scale, ACC_DTYPE: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 
 # STAGE of ``_row_tile`` and ``_column_tile``: the backward's gradients (§2: dQ, or dK and dV),
-# the double backward's row reductions (§4: sigma, the terms of rho, P Ḡv; row sweeps only), or
-# the double backward's outputs (cot_q and cot_dO, or cot_k and cot_v).
+# the double backward's row reductions (§4: sigma, the terms of rho, P Ḡv; row sweeps only), the
+# double backward's outputs (cot_q and cot_dO, or cot_k and cot_v), or those outputs plus the
+# backward for a second cotangent u̇ = (dȮ, dl̇se): H_u ẋ + Jᵀ u̇, the tangent of the backward
+# (forward over reverse, §4.6), whose Jᵀ u̇ adds the backward's dS for u̇ to S̄ and P u̇ to cot_v.
 GRADIENT = tl.constexpr(0)
 ROW_REDUCTIONS = tl.constexpr(1)
 COTANGENTS = tl.constexpr(2)
+BACKWARD_TANGENT = tl.constexpr(3)
 
 
 @triton.jit
@@ -413,16 +416,17 @@ def _second_order_tile(p, dp, ds_bar, do_gv, delta, sigma, rho, cap, softcap, SO
 
 
 @triton.jit
-def _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, K, V, Cot_dk, Cot_dv, k_base, start_m, start_n, offs_m,
-              t_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap,
+def _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K, V, Cot_dk, Cot_dv, k_base, start_m,
+              start_n, offs_m, t_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
               BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, MASKED: tl.constexpr, STAGE: tl.constexpr,
               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """``acc`` plus what the key block [start_n, start_n + BLOCK_N) adds to it, for the query block
-    whose tiles (q, d_out, cot_dq; split into head-dim parts) and row statistics (lse2 = lse · log2 e,
-    delta, sigma, rho) the caller holds; key-shaped pointers are offset by k_base. ``acc`` is (dQ,)
-    for GRADIENT, (sigma, Σ_j P dS̄ dP, P Ḡv) for ROW_REDUCTIONS, (cot_q, cot_dO) for COTANGENTS;
-    the first-order tile reads no cotangent or second-order statistic (None). The score modifiers
+    whose tiles (q, d_out, cot_dq, u_dot; split into head-dim parts) and row statistics (lse2 =
+    lse · log2 e, delta, sigma, rho, delta_u) the caller holds; key-shaped pointers are offset by
+    k_base. ``acc`` is (dQ,) for GRADIENT, (sigma, Σ_j P dS̄ dP, P Ḡv) for ROW_REDUCTIONS, (cot_q,
+    cot_dO) for COTANGENTS and BACKWARD_TANGENT; a stage reads no tile or statistic it does not
+    use (None). The score modifiers
     (§8, ``_scores``): ``slope`` is the rows' ALiBi slope broadcast along keys."""
     offs_k = start_n + tl.arange(0, BLOCK_N)
     k = _load_parts(K + k_base, offs_k, t_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
@@ -453,14 +457,19 @@ def _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, K, V, Cot_dk, Cot_
             do_gv = _dot_t(d_out, cot_dv, PRECISION, ACC_DTYPE)
             ds, s_bar, dp_bar = _second_order_tile(p, dp, ds_bar, do_gv, delta[:, None], sigma[:, None], rho[:, None],
                                                    cap, softcap, SOFTCAP)
+            if STAGE == BACKWARD_TANGENT:  # + Jᵀ u̇: the backward's dS for u̇ (§2) multiplies K as S̄ does
+                ds_u = p * (_dot_t(u_dot, v, PRECISION, ACC_DTYPE) - delta_u[:, None])
+                if SOFTCAP:
+                    ds_u = (1.0 - cap * cap) * ds_u
+                s_bar += ds_u
             cot_q = _add_dot(_add_dot(acc[0], s_bar, k, PRECISION, ACC_DTYPE), ds, cot_dk, PRECISION, ACC_DTYPE)
             acc = (cot_q, _add_dot(acc[1], dp_bar, v, PRECISION, ACC_DTYPE))
     return acc
 
 
 @triton.jit
-def _row_sweep(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, K, V, Cot_dk, Cot_dv, k_base, start_m, offs_m,
-               len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap,
+def _row_sweep(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K, V, Cot_dk, Cot_dv, k_base, start_m,
+               offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
                BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, EVEN_K: tl.constexpr, STAGE: tl.constexpr,
                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
@@ -469,8 +478,8 @@ def _row_sweep(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, K, V, Cot_dk, Cot
     block past T_k (not EVEN_K) compiles the score mask in (``_mask``)."""
     lo, hi = _key_range(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
     for start_n in range(lo, hi, BLOCK_N):
-        acc = _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, K, V, Cot_dk, Cot_dv, k_base, start_m, start_n,
-                        offs_m, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal,
+        acc = _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K, V, Cot_dk, Cot_dv, k_base,
+                        start_m, start_n, offs_m, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal,
                         softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, BANDED or not EVEN_K, STAGE,
                         SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
     return acc
@@ -487,26 +496,29 @@ def _full_blocks_end(lo, hi, t_q, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, Slopes, q_base,
-                 row_base, start_m, start_n, offs_n, t_q, t_k, stride_qt, band_lo, band_hi, sm_scale, qk_scale,
-                 log2e, diagonal, softcap, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot,
+                 Slopes, q_base, row_base, start_m, start_n, offs_n, t_q, t_k, stride_qt, band_lo, band_hi, sm_scale,
+                 qk_scale, log2e, diagonal, softcap, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, ROWS_MASKED: tl.constexpr,
                  STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
                  PRECISION: tl.constexpr):
     """(acc_k, acc_v) plus what the query block [start_m, start_m + BLOCK_M) adds for the key block
     whose tiles (k, v, cot_dk, cot_dv; split into head-dim parts) the caller holds: (dK / scale, dV)
-    for GRADIENT, (cot_k / scale, cot_v) for COTANGENTS. Query-shaped pointers are offset by q_base,
-    row statistics by row_base; the first-order tile reads no cotangent or second-order statistic
+    for GRADIENT, (cot_k / scale, cot_v) for COTANGENTS and BACKWARD_TANGENT. Query-shaped pointers
+    are offset by q_base, row statistics by row_base; a stage reads no pointer it does not use
     (None). Without ROWS_MASKED every query row of the block is < t_q."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_parts(Q + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
     d_out = _load_parts(D_out + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
     lse2 = _load_rows(Lse + row_base, offs_m, t_q, float("inf"), ROWS_MASKED).to(ACC_DTYPE) * log2e
     delta = _load_rows(Delta + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
-    if STAGE == COTANGENTS:
+    if STAGE != GRADIENT:
         cot_dq = _load_parts(Cot_dq + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
         sigma = _load_rows(Sigma + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
         rho = _load_rows(Rho + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
+    if STAGE == BACKWARD_TANGENT:
+        u_dot = _load_parts(D_out_dot + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
+        delta_u = _load_rows(Delta_dot + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
     slope = None
     if ALIBI:  # the ALiBi slope of each query row (§8), laid out like lse
         slope = _load_rows(Slopes + row_base, offs_m, t_q, 0.0, ROWS_MASKED).to(ACC_DTYPE)[None, :]
@@ -526,14 +538,20 @@ def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delt
         do_gv_t = _dot_t(cot_dv, d_out, PRECISION, ACC_DTYPE)
         ds_t, s_bar_t, dp_bar_t = _second_order_tile(p_t, dp_t, ds_bar_t, do_gv_t, delta[None, :], sigma[None, :],
                                                      rho[None, :], cap_t, softcap, SOFTCAP)
+        if STAGE == BACKWARD_TANGENT:  # + Jᵀ u̇: the backward's dSᵀ for u̇ joins S̄ᵀ, and dV gains Pᵀ u̇
+            ds_u_t = p_t * (_dot_t(v, u_dot, PRECISION, ACC_DTYPE) - delta_u[None, :])
+            if SOFTCAP:
+                ds_u_t = (1.0 - cap_t * cap_t) * ds_u_t
+            s_bar_t += ds_u_t
+            acc_v = _add_dot(acc_v, p_t, u_dot, PRECISION, ACC_DTYPE)
         acc_k = _add_dot(_add_dot(acc_k, s_bar_t, q, PRECISION, ACC_DTYPE), ds_t, cot_dq, PRECISION, ACC_DTYPE)
         acc_v = _add_dot(acc_v, dp_bar_t, d_out, PRECISION, ACC_DTYPE)
     return acc_k, acc_v
 
 
 @triton.jit
-def _column_sweep(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, Slopes, first_q_base,
-                  first_row_base, members, start_n, offs_n, t_q, len_q, len_k, stride_qh, stride_qt, band_lo,
+def _column_sweep(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot,
+                  Slopes, first_q_base, first_row_base, members, start_n, offs_n, t_q, len_q, len_k, stride_qh, stride_qt, band_lo,
                   band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                   BANDED: tl.constexpr, STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
@@ -549,14 +567,14 @@ def _column_sweep(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Del
         row_base = first_row_base + member * t_q
         for start_m in range(lo, full_hi, BLOCK_M):
             acc_k, acc_v = _column_tile(
-                acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, Slopes, q_base, row_base,
-                start_m, start_n, offs_n, len_q, len_k, stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e,
-                diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, False, STAGE, SOFTCAP,
-                ALIBI, ACC_DTYPE, PRECISION)
+                acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot,
+                Slopes, q_base, row_base, start_m, start_n, offs_n, len_q, len_k, stride_qt, band_lo, band_hi, sm_scale,
+                qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, False, STAGE,
+                SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
         if full_hi < hi:  # the one partial block
             acc_k, acc_v = _column_tile(
-                acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, Slopes, q_base, row_base,
-                full_hi, start_n, offs_n, len_q, len_k, stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e,
-                diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, True, STAGE, SOFTCAP,
-                ALIBI, ACC_DTYPE, PRECISION)
+                acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot,
+                Slopes, q_base, row_base, full_hi, start_n, offs_n, len_q, len_k, stride_qt, band_lo, band_hi, sm_scale,
+                qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, True, STAGE,
+                SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
     return acc_k, acc_v

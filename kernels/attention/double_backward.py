@@ -7,6 +7,7 @@ import triton.language as tl
 
 from theria_kernels.attention.backward import _row_delta
 from theria_kernels.attention._tiles import (
+    BACKWARD_TANGENT,
     COTANGENTS,
     ROW_REDUCTIONS,
     _column_program,
@@ -38,20 +39,28 @@ from theria_kernels.attention._tiles import (
 # then sweeps the queries once for cot_k and cot_v, reading sigma and rho. With a cap (§8) dS̄ above
 # is g ∘ dR̄ (dR̄ = scale (Ḡq Kᵀ + Q Ḡkᵀ)), and cot_q, cot_k read dR = g ∘ dS and
 # R̄ = g ∘ (S̄ − (2/c) t ∘ dR̄ ∘ dS) in place of dS and S̄.
+# The tangent of the backward along (ẋ, u̇) (forward over reverse) is H_u ẋ + Jᵀ u̇: the double
+# backward with cotangents Ḡ = ẋ (the Hessian is symmetric) plus the backward for u̇, which is
+# linear in u. TANGENT fuses the two: with u̇ = (dȮ, dl̇se), delta_u = rowsum(dȮ ∘ O) − dl̇se and
+# dS_u = P ∘ (dȮ Vᵀ − delta_u) (§2 for u̇), S̄ + dS_u takes S̄'s place in cot_q and cot_k, and
+# cot_v gains Pᵀ dȮ: three GEMMs per tile pair instead of the backward's own launches and sweeps.
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _attn_bwd_bwd_rows_kernel(
-    Q, K, V, Out, D_out, Lse, D_lse, Cot_dq, Cot_dk, Cot_dv, Cu_q, Cu_k, Slopes,
-    Delta, Cot_q, Cot_d_out, Sigma, Rho,
+    Q, K, V, Out, D_out, Lse, D_lse, Cot_dq, Cot_dk, Cot_dv, D_out_dot, D_lse_dot, Cu_q, Cu_k, Slopes,
+    Delta, Delta_dot, Cot_q, Cot_d_out, Sigma, Rho,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     t_q, t_k, heads, group, sm_scale: tl.float64, softcap: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
     BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr,
-    BOTTOM_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, TANGENT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """cot_q, cot_dO, sigma (= cot_d_lse), rho and the row term delta for one query block of one
+    query head. TANGENT adds Jᵀ u̇ for the second cotangent u̇ = (D_out_dot, D_lse_dot) to cot_q
+    (``BACKWARD_TANGENT``) and stores its row term in Delta_dot for the column kernel."""
     start_m = tl.program_id(0) * BLOCK_M
     batch, head, entry = _program(heads, VARLEN)
     q_base, k_base, row_base, len_q, len_k, band_lo, band_hi = _sequence(
@@ -72,11 +81,18 @@ def _attn_bwd_bwd_rows_kernel(
                                 BLOCK_D0, BLOCK_D1, ACC_DTYPE)
     slope, diagonal, softcap = _modifiers(Slopes, row_base, offs_m, len_q, len_k, softcap, SOFTCAP, ALIBI, True,
                                           BOTTOM_RIGHT, ACC_DTYPE)
+    u_dot = None
+    delta_u = None
+    if TANGENT:
+        u_dot = _load_parts(D_out_dot + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+        delta_u, _ = _row_delta(Out, D_lse_dot, Delta_dot, row_base, q_base, offs_m, u_dot, len_q, stride_qt, HEAD_DIM,
+                                BLOCK_D0, BLOCK_D1, ACC_DTYPE)
+    STAGE: tl.constexpr = BACKWARD_TANGENT if TANGENT else COTANGENTS
 
     # Sweep 1: the row reductions sigma, rho and the row vectors P Ḡv.
     sums = (tl.zeros([BLOCK_M], ACC_DTYPE), tl.zeros([BLOCK_M], ACC_DTYPE), _zeros_like_parts(q, ACC_DTYPE))
     sigma, p_ds_bar_dp, p_gv = _row_sweep(
-        sums, q, d_out, cot_dq, lse2, None, None, None, K, V, Cot_dk, Cot_dv, k_base, start_m, offs_m, len_q, len_k,
+        sums, q, d_out, cot_dq, lse2, None, None, None, None, None, K, V, Cot_dk, Cot_dv, k_base, start_m, offs_m, len_q, len_k,
         stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N,
         BLOCK_D0, BLOCK_D1, BANDED, EVEN_K, ROW_REDUCTIONS, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
     # 2 delta + d_lse = delta + rowsum(dO ∘ O)
@@ -86,28 +102,30 @@ def _attn_bwd_bwd_rows_kernel(
 
     # Sweep 2: cot_q and cot_dO (which starts at P Ḡv), now that every row statistic is complete.
     cot_q, cot_d_out = _row_sweep(
-        (_zeros_like_parts(q, ACC_DTYPE), p_gv), q, d_out, cot_dq, lse2, delta, sigma, rho, K, V, Cot_dk, Cot_dv,
-        k_base, start_m, offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal,
-        softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, EVEN_K, COTANGENTS, SOFTCAP, ALIBI, ACC_DTYPE,
-        PRECISION)
+        (_zeros_like_parts(q, ACC_DTYPE), p_gv), q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K, V,
+        Cot_dk, Cot_dv, k_base, start_m, offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e,
+        slope, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, EVEN_K, STAGE, SOFTCAP, ALIBI,
+        ACC_DTYPE, PRECISION)
     _store_parts(Cot_q + q_base, _times(cot_q, sm_scale), offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
     _store_parts(Cot_d_out + q_base, cot_d_out, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
 
 
 @triton.jit
 def _attn_bwd_bwd_cols_kernel(
-    Q, K, V, D_out, Lse, Delta, Sigma, Rho, Cot_dq, Cot_dk, Cot_dv, Cu_q, Cu_k, Slopes,
+    Q, K, V, D_out, Lse, Delta, Sigma, Rho, Cot_dq, Cot_dk, Cot_dv, D_out_dot, Delta_dot, Cu_q, Cu_k, Slopes,
     Cot_k, Cot_v, Part_k, Part_v, Arrivals,
     members, stride_split, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     t_q, t_k, heads, group, sm_scale: tl.float64, softcap: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
-    BLOCK_D1: tl.constexpr,
-    BANDED: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SPLIT: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, TANGENT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """cot_k and cot_v for one key block of one key/value head, summed over the query heads the
     program serves (``_column_program``): the column sweep of the backward's dK/dV kernel at
-    STAGE = COTANGENTS (whole query blocks unmasked, the one partial block masked)."""
+    STAGE = COTANGENTS, or BACKWARD_TANGENT with TANGENT (reading u̇ = D_out_dot and its row term
+    Delta_dot), whole query blocks unmasked, the one partial block masked."""
+    STAGE: tl.constexpr = BACKWARD_TANGENT if TANGENT else COTANGENTS
     start_n = tl.program_id(0) * BLOCK_N
     first_q_base, k_base, first_row_base, len_q, len_k, band_lo, band_hi, share, tile = _column_program(
         Cu_q, Cu_k, members, t_q, t_k, heads, group, band_lo, band_hi,
@@ -125,10 +143,10 @@ def _attn_bwd_bwd_cols_kernel(
     _, diagonal, softcap = _modifiers(Slopes, first_row_base, offs_n, len_q, len_k, softcap, SOFTCAP, ALIBI, False,
                                       BOTTOM_RIGHT, ACC_DTYPE)
     cot_k, cot_v = _column_sweep(
-        zeros, zeros, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, Slopes, first_q_base,
-        first_row_base, members, start_n, offs_n, t_q, len_q, len_k, stride_qh, stride_qt, band_lo, band_hi,
-        sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED,
-        COTANGENTS, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+        zeros, zeros, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot, Slopes,
+        first_q_base, first_row_base, members, start_n, offs_n, t_q, len_q, len_k, stride_qh, stride_qt, band_lo,
+        band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED,
+        STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
     _column_store(Cot_k, Cot_v, Part_k, Part_v, Arrivals, _times(cot_k, sm_scale), cot_v, k_base, share, tile,
                   group // members, stride_split, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT)
 

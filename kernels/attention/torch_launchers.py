@@ -226,19 +226,26 @@ def attention_backward(q, k, v, out, lse, d_out, d_lse, params: AttentionParams,
 
 
 def attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv,
-                                params: AttentionParams, *, cot_q=None, cot_k=None, cot_v=None,
-                                cot_d_out=None, cot_d_lse=None, row_slopes=None, **varlen):
+                                params: AttentionParams, *, d_out_dot=None, d_lse_dot=None, cot_q=None, cot_k=None,
+                                cot_v=None, cot_d_out=None, cot_d_lse=None, row_slopes=None, **varlen):
     """VJP of the backward (q, k, v, d_out, d_lse) ↦ (dq, dk, dv) for cotangents
     (cot_dq, cot_dk, cot_dv); ``d_lse`` and any cotangent may be None (zero); out and lse count as
     functions of q, k, v.
 
+    With ``d_out_dot`` (and optionally ``d_lse_dot``: None is zero) the first three outputs also hold
+    the backward for that second cotangent: for (cot_dq, cot_dk, cot_dv) = (q̇, k̇, v̇) they are the
+    tangent of (dq, dk, dv) along (q̇, k̇, v̇, d_out_dot, d_lse_dot), in one pair of launches.
+
     Returns:
         (cot_q, cot_k, cot_v, cot_d_out, cot_d_lse), shaped like (q, k, v, out, lse).
     """
-    call, tensors = _prepare(q, k, params, {"out": out, "d_out": d_out, "cot_dq": cot_dq},
+    call, tensors = _prepare(q, k, params, {"out": out, "d_out": d_out, "cot_dq": cot_dq, "d_out_dot": d_out_dot},
                              {"v": v, "cot_dk": cot_dk, "cot_dv": cot_dv},
-                             {"lse": lse, "d_lse": d_lse, "row_slopes": row_slopes},
+                             {"lse": lse, "d_lse": d_lse, "d_lse_dot": d_lse_dot, "row_slopes": row_slopes},
                              dict(cot_q=cot_q, cot_k=cot_k, cot_v=cot_v, cot_d_out=cot_d_out,
                                   cot_d_lse=cot_d_lse), varlen)
-    given = frozenset(name for name in ("d_lse", "cot_dq", "cot_dk", "cot_dv") if name in tensors)
+    if "d_lse_dot" in tensors and "d_out_dot" not in tensors:
+        raise ValueError("d_lse_dot needs d_out_dot (pass zeros for a zero d_out_dot)")
+    given = frozenset(name for name in ("d_lse", "cot_dq", "cot_dk", "cot_dv", "d_out_dot", "d_lse_dot")
+                      if name in tensors)
     return run_plan(_plan(backward_backward_plan, call, given), tensors)
