@@ -251,11 +251,14 @@ PADDED_HEAD_DIM_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES[1:4] + PADDED_HEAD_DIM_CASES, ids=str)
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]] + PADDED_HEAD_DIM_CASES, ids=str)
 def test_check_grads(case):
     """Finite differences to second order in forward and reverse mode (jvp∘jvp, grad∘jvp,
     jvp∘grad, grad∘grad) of out and lse: grouped heads, top-left and bottom-right alignment
-    (rows with no key), a window, head dims 40, 80, 96, and a packed variable-length batch."""
+    (rows with no key), a window over several blocks, head dims 40, 80, 96, and a packed
+    variable-length batch. (CASES[2], bottom-right causal with grouped heads and rows with no key,
+    is PADDED_HEAD_DIM_CASES[0]'s mask and layout; its own head dim runs every transformation
+    against the reference above.)"""
     attend = jax.jit(partial(case.attend, FUSED))
     check_grads(attend, case.inputs(seed=4), order=2, modes=("fwd", "rev"))
 
@@ -353,15 +356,17 @@ def _torch_attention_bthd(case, backend, q, k, v):
     return out.transpose(1, 2), lse
 
 
-@pytest.mark.parametrize("torch_backend", [REFERENCE, FUSED])
 @pytest.mark.parametrize("case", [CASES[1], CASES[2]], ids=str)
-def test_matches_theria_torch(case, torch_backend):
+def test_matches_theria_torch(case):
+    """One JAX forward and vjp on the fused kernels against both torch backends."""
     inputs = case.inputs(seed=12)
     outputs, vjp = jax.vjp(partial(case.attend, FUSED), *inputs)
     cotangents = _random_like(outputs, seed=13)
-    torch_outputs, torch_grads = _torch_out_lse_and_grads(case, torch_backend, inputs, *cotangents)
-    assert_tree_accurate(f"torch {torch_backend} outputs", outputs, torch_outputs, jnp.float64)
-    assert_tree_accurate(f"torch {torch_backend} grads", vjp(cotangents), torch_grads, jnp.float64)
+    grads = vjp(cotangents)
+    for torch_backend in (REFERENCE, FUSED):
+        torch_outputs, torch_grads = _torch_out_lse_and_grads(case, torch_backend, inputs, *cotangents)
+        assert_tree_accurate(f"torch {torch_backend} outputs", outputs, torch_outputs, jnp.float64)
+        assert_tree_accurate(f"torch {torch_backend} grads", grads, torch_grads, jnp.float64)
 
 
 def test_varlen_matches_theria_torch_and_traced_cu_seqlens(monkeypatch):
