@@ -29,7 +29,11 @@ LINESTYLES = {"jax": "-", "torch": "--"}
 def load(paths: list[Path], preset: str | None = None) -> list[dict]:
     runs = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
     name = preset or runs[0]["preset"]["name"]
-    return [run for run in runs if run["preset"]["name"] == name]
+    # One run per (setting, framework, method, seed): the last one read (a run made twice, as
+    # the untrained one is by every command that lists it, counts once).
+    unique = {(json.dumps(run["preset"], sort_keys=True), run["framework"], run["method"], run["seed"]): run
+              for run in runs if run["preset"]["name"] == name}
+    return list(unique.values())
 
 
 def mean_sem(values: list[float]) -> tuple[float, float]:
@@ -69,10 +73,10 @@ def per_seed(chosen: list[dict], steps: str, metric: str) -> list[float]:
 
 def table(runs: list[dict]) -> str:
     split = settings(runs)
-    preset = runs[0]["preset"]
+    preset = next(iter(split.values()))[0]["preset"]
     steps = [str(s) for s in preset["eval_steps"]]
     head = (["setting"] if len(split) > 1 else []) + ["framework", "method", "seeds"] + \
-        [f"loss, {s} steps" for s in steps] + [f"accuracy, {s} steps" for s in steps] + ["ms / meta-step", "train s / run"]
+        [f"loss, {s} step{'s' * (s != '1')}" for s in steps] + [f"accuracy, {s} step{'s' * (s != '1')}" for s in steps] + ["ms / meta-step", "train s / run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, chosen_runs in split.items():
         for (framework, method), chosen in groups(chosen_runs).items():
@@ -92,7 +96,7 @@ def table(runs: list[dict]) -> str:
               f"K = {preset['k_support']} support / {preset['k_query']} query sequences, "
               f"{preset['inner_steps']} inner step(s) at lr {preset['inner_lr']} in training"
               + (" (the first setting's values; the setting column names what differs)" if len(split) > 1 else "")
-              + f". Held-out: {n_tasks} tasks on keys never a task key in training, query cross-entropy (chance "
+              + f". Held-out: {n_tasks} tasks on keys training never shows, query cross-entropy (chance "
               f"ln {preset['n_classes']} = {math.log(preset['n_classes']):.3f}) and accuracy (chance "
               f"{1 / preset['n_classes']:.2f}) after adapting on the support set at the training inner lr; "
               f"mean ± standard error over seeds."]
