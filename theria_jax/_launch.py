@@ -163,7 +163,8 @@ def _kernel_call(launch, in_dtypes, out_avals, zeroed, capability: int) -> bytes
 def _compile(launch, dtypes: dict, capability: int, gpu_triton):
     """Compile ``launch``'s kernel for this GPU with Triton's own compiler, specialised as
     ``JITFunction.run`` would specialise it (XLA's buffers are 16-byte aligned)."""
-    compiled, specialization = compile_for_target(launch, {name: np.dtype(dtype).name for name, dtype in dtypes.items()}, capability)
+    names = {name: np.dtype(dtype).name for name, dtype in dtypes.items()}
+    compiled, specialization = compile_for_target(launch, names, capability)
     metadata = compiled.metadata
     for field in ("global_scratch_size", "profile_scratch_size"):
         if getattr(metadata, field, 0):

@@ -388,7 +388,8 @@ def _scales(sm_scale, ACC_DTYPE: tl.constexpr):
 # the double backward's row reductions (§4: sigma, the terms of rho, P Ḡv; row sweeps only), the
 # double backward's outputs (cot_q and cot_dO, or cot_k and cot_v), or those outputs plus the
 # backward for a second cotangent u̇ = (dȮ, dl̇se): H_u ẋ + Jᵀ u̇, the tangent of the backward
-# (forward over reverse, §4.6), whose Jᵀ u̇ adds the backward's dS for u̇ to S̄ and P u̇ to cot_v.
+# (forward over reverse, theory §5), whose Jᵀ u̇ adds the backward's dS for u̇ to S̄ and Pᵀ dȮ to
+# cot_v.
 GRADIENT = tl.constexpr(0)
 ROW_REDUCTIONS = tl.constexpr(1)
 COTANGENTS = tl.constexpr(2)
@@ -426,8 +427,8 @@ def _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K,
     lse · log2 e, delta, sigma, rho, delta_u) the caller holds; key-shaped pointers are offset by
     k_base. ``acc`` is (dQ,) for GRADIENT, (sigma, Σ_j P dS̄ dP, P Ḡv) for ROW_REDUCTIONS, (cot_q,
     cot_dO) for COTANGENTS and BACKWARD_TANGENT; a stage reads no tile or statistic it does not
-    use (None). The score modifiers
-    (§8, ``_scores``): ``slope`` is the rows' ALiBi slope broadcast along keys."""
+    use (None). The score modifiers (§8, ``_scores``): ``slope`` is the rows' ALiBi slope
+    broadcast along keys."""
     offs_k = start_n + tl.arange(0, BLOCK_N)
     k = _load_parts(K + k_base, offs_k, t_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
     v = _load_parts(V + k_base, offs_k, t_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
@@ -479,9 +480,9 @@ def _row_sweep(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K
     lo, hi = _key_range(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
     for start_n in range(lo, hi, BLOCK_N):
         acc = _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K, V, Cot_dk, Cot_dv, k_base,
-                        start_m, start_n, offs_m, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal,
-                        softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, BANDED or not EVEN_K, STAGE,
-                        SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+                        start_m, start_n, offs_m, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope,
+                        diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED,
+                        BANDED or not EVEN_K, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
     return acc
 
 
@@ -498,10 +499,10 @@ def _full_blocks_end(lo, hi, t_q, BLOCK_M: tl.constexpr):
 @triton.jit
 def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot,
                  Slopes, q_base, row_base, start_m, start_n, offs_n, t_q, t_k, stride_qt, band_lo, band_hi, sm_scale,
-                 qk_scale, log2e, diagonal, softcap, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, ROWS_MASKED: tl.constexpr,
-                 STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 qk_scale, log2e, diagonal, softcap, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BANDED: tl.constexpr,
+                 ROWS_MASKED: tl.constexpr, STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                 ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """(acc_k, acc_v) plus what the query block [start_m, start_m + BLOCK_M) adds for the key block
     whose tiles (k, v, cot_dk, cot_dv; split into head-dim parts) the caller holds: (dK / scale, dV)
     for GRADIENT, (cot_k / scale, cot_v) for COTANGENTS and BACKWARD_TANGENT. Query-shaped pointers
@@ -551,8 +552,8 @@ def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delt
 
 @triton.jit
 def _column_sweep(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot,
-                  Slopes, first_q_base, first_row_base, members, start_n, offs_n, t_q, len_q, len_k, stride_qh, stride_qt, band_lo,
-                  band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM: tl.constexpr,
+                  Slopes, first_q_base, first_row_base, members, start_n, offs_n, t_q, len_q, len_k, stride_qh,
+                  stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                   BANDED: tl.constexpr, STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                   ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
@@ -569,8 +570,8 @@ def _column_sweep(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Del
             acc_k, acc_v = _column_tile(
                 acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot,
                 Slopes, q_base, row_base, start_m, start_n, offs_n, len_q, len_k, stride_qt, band_lo, band_hi, sm_scale,
-                qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, False, STAGE,
-                SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+                qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, False,
+                STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
         if full_hi < hi:  # the one partial block
             acc_k, acc_v = _column_tile(
                 acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot,

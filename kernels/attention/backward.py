@@ -14,11 +14,11 @@ from theria_kernels.attention._tiles import (
     _load_parts,
     _modifiers,
     _program,
+    _row_dot,
     _row_sweep,
     _scales,
     _sequence,
     _store_parts,
-    _row_dot,
     _times,
     _zeros_like_parts,
 )
@@ -81,9 +81,8 @@ def _attn_bwd_dq_kernel(
     slope, diagonal, softcap = _modifiers(Slopes, row_base, offs_m, len_q, len_k, softcap, SOFTCAP, ALIBI, True,
                                           BOTTOM_RIGHT, ACC_DTYPE)
     dq = _row_sweep((_zeros_like_parts(q, ACC_DTYPE),), q, d_out, None, lse2, delta, None, None, None, None, K, V,
-                    None, None,
-                    k_base, start_m, offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e,
-                    slope, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, EVEN_K,
+                    None, None, k_base, start_m, offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale,
+                    log2e, slope, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, EVEN_K,
                     GRADIENT, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)[0]
     _store_parts(DQ + q_base, _times(dq, sm_scale), offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
 
@@ -117,9 +116,9 @@ def _attn_bwd_dkdv_kernel(
     _, diagonal, softcap = _modifiers(Slopes, first_row_base, offs_n, len_q, len_k, softcap, SOFTCAP, ALIBI, False,
                                       BOTTOM_RIGHT, ACC_DTYPE)
     dk, dv = _column_sweep(zeros, zeros, k, v, None, None, Q, D_out, None, Lse, Delta, None, None, None, None, Slopes,
-                           first_q_base, first_row_base, members, start_n, offs_n, t_q, len_q, len_k, stride_qh, stride_qt, band_lo,
-                           band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0,
-                           BLOCK_D1, BANDED, GRADIENT, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+                           first_q_base, first_row_base, members, start_n, offs_n, t_q, len_q, len_k, stride_qh,
+                           stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM,
+                           BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, GRADIENT, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
     _column_store(DK, DV, Part_k, Part_v, Arrivals, _times(dk, sm_scale), dv, k_base, share, tile, group // members,
                   stride_split, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from theria_kernels.attention.backward import _row_delta
 from theria_kernels.attention._tiles import (
     BACKWARD_TANGENT,
     COTANGENTS,
@@ -24,6 +23,7 @@ from theria_kernels.attention._tiles import (
     _times,
     _zeros_like_parts,
 )
+from theria_kernels.attention.backward import _row_delta
 
 # ----------------------------------------------------------------------------------------------
 # Double backward (§4): the VJP of (Q, K, V, dO, d_lse) ↦ (dQ, dK, dV) for cotangents
@@ -92,9 +92,9 @@ def _attn_bwd_bwd_rows_kernel(
     # Sweep 1: the row reductions sigma, rho and the row vectors P Ḡv.
     sums = (tl.zeros([BLOCK_M], ACC_DTYPE), tl.zeros([BLOCK_M], ACC_DTYPE), _zeros_like_parts(q, ACC_DTYPE))
     sigma, p_ds_bar_dp, p_gv = _row_sweep(
-        sums, q, d_out, cot_dq, lse2, None, None, None, None, None, K, V, Cot_dk, Cot_dv, k_base, start_m, offs_m, len_q, len_k,
-        stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N,
-        BLOCK_D0, BLOCK_D1, BANDED, EVEN_K, ROW_REDUCTIONS, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+        sums, q, d_out, cot_dq, lse2, None, None, None, None, None, K, V, Cot_dk, Cot_dv, k_base, start_m, offs_m,
+        len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap, HEAD_DIM,
+        BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, EVEN_K, ROW_REDUCTIONS, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
     # 2 delta + d_lse = delta + rowsum(dO ∘ O)
     rho = p_ds_bar_dp - sigma * (delta + row_dot) + _row_dot(d_out, p_gv, ACC_DTYPE)
     tl.store(Sigma + row_base + offs_m, sigma, mask=row_mask)
