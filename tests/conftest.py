@@ -8,6 +8,12 @@ from _device import DEVICE, ON_GPU  # first: it decides TRITON_INTERPRET before 
 
 import torch  # noqa: E402
 
+# Under pytest-xdist each worker takes its share of the cores for torch's intra-op threads: workers
+# that each start a thread per core stall one another on tiny reference computations.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 # torch and JAX share the GPU: JAX must not take 75 % of it up front (set before JAX starts).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -15,6 +21,20 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Run the suite on every core when pytest-xdist is installed and the command line chose no
+    ``-n``: the kernels run in Triton's interpreter, one Python thread each, so CI's 2 cores halve
+    the wall time (``-n 0`` runs in one process). Whole files go to one worker (``loadfile``), so
+    a module's expensive fixtures (compiled MAML steps, jitted programs) are built once."""
+    if (hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("xdist")
+            or config.getoption("numprocesses", None) is not None or config.getoption("collectonly")):
+        return
+    config.option.numprocesses = "auto"
+    if config.option.dist == "no":
+        config.option.dist = "loadfile"
 
 
 def pytest_collection_modifyitems(config, items):
