@@ -169,8 +169,8 @@ def _compile(launch, dtypes: dict, capability: int, gpu_triton):
     for field in ("global_scratch_size", "profile_scratch_size"):
         if getattr(metadata, field, 0):
             raise NotImplementedError(
-                f"{launch.kernel.__name__} needs a {field.removesuffix('_size').replace('_', ' ')} buffer, which theria's "
-                "XLA-native launch does not provide; set THERIA_JAX_LAUNCH=bridge")
+                f"{launch.kernel.__name__} needs a {field.removesuffix('_size').replace('_', ' ')} buffer, which "
+                "theria's XLA-native launch does not provide; set THERIA_JAX_LAUNCH=bridge")
     arguments = [metadata.name, launch.num_warps, getattr(metadata, "num_ctas", 1), metadata.shared,
                  compiled.asm["ptx"], compiled.asm["ttir"], capability]
     try:

@@ -160,10 +160,10 @@ def _backward_backward(
     softcap: float, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
     max_seqlen_k: int, row_slopes: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    static = _operator_static(scale, causal, window_left, window_right, bottom_right, softcap, cu_seqlens_q,
+                              cu_seqlens_k, max_seqlen_q, max_seqlen_k, row_slopes)
     return _launch_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, d_out_dot, d_lse_dot,
-                                     _operator_static(
-        scale, causal, window_left, window_right, bottom_right, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        max_seqlen_k, row_slopes))
+                                     static)
 
 
 _FUNCTION_APPLY = torch.autograd.Function.apply.__func__
