@@ -6,7 +6,8 @@ markdown under --out (GPU only; docs/design/tuning.md).
 
 For each sweep kind (forward, jvp, forward_second, backward, backward_backward) and head dim of
 --shapes, the candidates are the table's current entry for this GPU's compute capability
-(kernels/attention/_tuning.py) and its 13 neighbours (``neighbours``). Every candidate's kernels
+(kernels/attention/_tuning.py), its 13 neighbours (``neighbours``) and any tile --candidates
+names for that kind. Every candidate's kernels
 are first compiled for this GPU on all CPU cores at once (``_tuning.compile_launch``; Triton's disk
 cache then serves the timed runs), and candidates that need more shared memory than the GPU gives
 one program are dropped. The rest are timed through the torch launchers with
@@ -147,6 +148,8 @@ def main():
     parser.add_argument("--budget", type=float, default=330, help="seconds; later kinds keep their entries")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--out", required=True, help="folder for tuning.json and tuning.md")
+    parser.add_argument("--candidates", nargs="+", default=[], metavar="KIND:M,N,WARPS,STAGES",
+                        help="tiles to time besides the neighbours, e.g. backward_backward:64,64,8,1")
     args = parser.parse_args()
     start = time.perf_counter()
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
@@ -175,8 +178,10 @@ def main():
         group = groups.setdefault((kind, block_d), dict(shapes=[], current=_tuning.tile(
             capability, kind, block_d, args.dtype)))
         group["shapes"].append(shape)
-    for group in groups.values():
+    extra = [(spec.split(":")[0], tuple(int(x) for x in spec.split(":")[1].split(","))) for spec in args.candidates]
+    for (kind, _), group in groups.items():
         group["candidates"] = neighbours(group["current"])
+        group["candidates"] += [tile for of, tile in extra if of == kind and tile not in group["candidates"]]
 
     # Compile every candidate on every core (resources, and Triton's cache for the timed runs).
     jobs = [(kind, shape, args.dtype, mask, device_facts, candidate)
