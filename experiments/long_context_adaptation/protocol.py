@@ -72,8 +72,8 @@ HELD_OUT_SEED = [2026, 12, 1]
 @dataclasses.dataclass(frozen=True)
 class KeyValueRetrieval:
     """Which value the task key carries (module docstring). ``split`` picks the key pool (task
-    key and distractors): "train" the first ``n_keys - held_out_keys`` keys, "held_out" the rest. ``sample`` returns token
-    ids, not input vectors."""
+    key and distractors): "train" the first ``n_keys - held_out_keys`` keys, "held_out" the rest.
+    ``sample`` returns token ids, not input vectors."""
 
     seq_len: int
     n_classes: int = 4

@@ -21,7 +21,8 @@ import math
 import statistics
 from pathlib import Path
 
-LABELS = {"maml": "MAML", "fo_maml": "first-order MAML", "pretrained": "pretrained", "untrained": "untrained (initial weights)"}
+LABELS = {"maml": "MAML", "fo_maml": "first-order MAML", "pretrained": "pretrained",
+          "untrained": "untrained (initial weights)"}
 COLOURS = {"maml": "tab:green", "fo_maml": "tab:orange", "pretrained": "tab:blue", "untrained": "tab:grey"}
 LINESTYLES = {"jax": "-", "torch": "--"}
 
@@ -75,12 +76,14 @@ def table(runs: list[dict]) -> str:
     split = settings(runs)
     preset = next(iter(split.values()))[0]["preset"]
     steps = [str(s) for s in preset["eval_steps"]]
-    head = (["setting"] if len(split) > 1 else []) + ["framework", "method", "seeds"] + \
-        [f"loss, {s} step{'s' * (s != '1')}" for s in steps] + [f"accuracy, {s} step{'s' * (s != '1')}" for s in steps] + ["ms / meta-step", "train s / run"]
+    head = ((["setting"] if len(split) > 1 else []) + ["framework", "method", "seeds"]
+            + [f"loss, {s} step{'s' * (s != '1')}" for s in steps]
+            + [f"accuracy, {s} step{'s' * (s != '1')}" for s in steps] + ["ms / meta-step", "train s / run"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, chosen_runs in split.items():
         for (framework, method), chosen in groups(chosen_runs).items():
-            cells = ([name] if len(split) > 1 else []) + [framework, LABELS[method], " ".join(str(r["seed"]) for r in chosen)]
+            seeds = " ".join(str(r["seed"]) for r in chosen)
+            cells = ([name] if len(split) > 1 else []) + [framework, LABELS[method], seeds]
             for metric in ("loss", "accuracy"):
                 for s in steps:
                     m, se = mean_sem(per_seed(chosen, s, metric))
@@ -129,7 +132,8 @@ def plot(runs: list[dict], path: Path, *, smooth: int = 20, title: str = "") -> 
                 left.fill_between(x, mean - se, mean + se, color=COLOURS[method], alpha=0.15)
         steps = list(preset["eval_steps"])
         scores = np.array([per_seed(chosen, str(s), "loss") for s in steps]).T  # (seeds, steps)
-        right.errorbar(steps, scores.mean(0), yerr=scores.std(0, ddof=1) / np.sqrt(len(chosen)) if len(chosen) > 1 else None,
+        error = scores.std(0, ddof=1) / np.sqrt(len(chosen)) if len(chosen) > 1 else None
+        right.errorbar(steps, scores.mean(0), yerr=error,
                        marker="o", capsize=3, label=f"{LABELS[method]} ({framework})", **style)
     chance = math.log(preset["n_classes"])
     for axis in (left, right):

@@ -232,7 +232,8 @@ def train_one(preset: P.Preset, framework: str, method: str, seed: int, *, steps
     held_out = evaluate(preset, framework, learner) if score else None
     return {"framework": framework, "method": method, "seed": seed, "train_losses": losses,
             "step_times_s": times, "median_step_s": statistics.median(times[1:] or times) if times else None,
-            "first_step_s": times[0] if times else None, "train_s": train_s, "eval_s": time.perf_counter() - start - train_s,
+            "first_step_s": times[0] if times else None, "train_s": train_s,
+            "eval_s": time.perf_counter() - start - train_s,
             "held_out": held_out}
 
 
@@ -281,7 +282,8 @@ def main(argv=None) -> int:
 
     if preset.threads:
         torch.set_num_threads(preset.threads)
-    out = args.out or REPO / "experiments/long_context_adaptation/runs" / f"{preset.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = args.out or REPO / "experiments/long_context_adaptation/runs" / f"{preset.name}-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     command = " ".join(["python", "experiments/long_context_adaptation/run.py", *(argv or sys.argv[1:])])
@@ -314,8 +316,10 @@ def main(argv=None) -> int:
                 append(results, {"preset": preset.key(), "command": command, **record})
                 summary = {s: f"{np.mean(v['loss']):.3f}/{np.mean(v['accuracy']):.2f}"
                            for s, v in record["held_out"].items()}
-                trained = (f"train {record['train_s']:.0f} s ({1e3 * record['median_step_s']:.1f} ms/step), final "
-                           f"train loss {np.mean(record['train_losses'][-10:]):.3f}, " if record["train_losses"] else "")
+                trained = ""
+                if record["train_losses"]:
+                    trained = (f"train {record['train_s']:.0f} s ({1e3 * record['median_step_s']:.1f} ms/step), "
+                               f"final train loss {np.mean(record['train_losses'][-10:]):.3f}, ")
                 print(f"{framework}/{method}/seed {seed}: {trained}held-out loss/acc by inner steps {summary}",
                       flush=True)
     if results.exists():
