@@ -141,7 +141,10 @@ class Resources:
     """What one compiled kernel asks of a multiprocessor, per program: ``shared`` bytes of shared
     memory (Triton's dynamic allocation plus the kernel's static one), ``registers`` per thread,
     ``spills`` (local memory per thread in 4-byte words, as Triton's ``CompiledKernel.n_spills``:
-    ptxas spills registers there), ``threads`` and Blackwell's ``tensor_memory`` columns."""
+    ptxas spills registers there), ``threads``, Blackwell's ``tensor_memory`` columns, and
+    ``legacy_mma``: the 16-bit ``mma.sync`` instructions of its PTX, which on sm_90 mean the tensor
+    cores run the pre-Hopper path instead of ``wgmma`` (it needs 64 rows per warpgroup, so a tile
+    dimension below 64 keeps a dot on mma.sync)."""
 
     kernel: str
     capability: int
@@ -150,6 +153,7 @@ class Resources:
     spills: int
     threads: int
     tensor_memory: int
+    legacy_mma: int = 0
 
     def problems(self) -> list[str]:
         """Why this kernel cannot run well on its target; empty when it fits."""
@@ -164,6 +168,8 @@ class Resources:
             found.append(f"{self.registers} registers × {self.threads} threads exceed the register file")
         if self.tensor_memory > TENSOR_MEMORY_COLUMNS:
             found.append(f"{self.tensor_memory} tensor-memory columns, above {TENSOR_MEMORY_COLUMNS}")
+        if self.capability == 90 and self.legacy_mma:
+            found.append(f"{self.legacy_mma} 16-bit mma.sync instructions: not Hopper's wgmma")
         return found
 
 
@@ -202,7 +208,8 @@ def compile_launch(launch, dtypes: dict[str, str], capability: int) -> Resources
     return Resources(
         kernel=metadata.name, capability=capability, shared=metadata.shared + usage["SHARED"],
         registers=usage["REG"], spills=(usage["STACK"] + usage["LOCAL"]) // 4, threads=32 * metadata.num_warps,
-        tensor_memory=getattr(metadata, "tmem_size", 0) or 0)
+        tensor_memory=getattr(metadata, "tmem_size", 0) or 0,
+        legacy_mma=len(re.findall(r"mma\.sync[^\n]*\.(?:bf16|f16)", compiled.asm["ptx"])))
 
 
 def _resource_usage(cubin: bytes, cuobjdump: str) -> dict[str, int]:
