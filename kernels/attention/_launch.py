@@ -209,9 +209,9 @@ class AttentionCall:
 _Q, _K = Allocation("q"), Allocation("k")
 
 
-def _rows(call: AttentionCall, zeroed: bool = False) -> Allocation:
+def _rows(call: AttentionCall) -> Allocation:
     """One statistic per query row: (B, H, T_q) in float32 (float64 for float64 inputs)."""
-    return Allocation(shape=call.q_shape[:3], dtype=row_stat_dtype_name(call.dtype), zeroed=zeroed)
+    return Allocation(shape=call.q_shape[:3], dtype=row_stat_dtype_name(call.dtype))
 
 
 def _column_launch(kernel, call: AttentionCall, kind: str, arguments: dict, outputs: dict,
