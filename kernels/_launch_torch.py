@@ -47,7 +47,7 @@ def run_plan(plan: Plan, tensors: dict) -> tuple[torch.Tensor, ...]:
     Returns:
         The plan's outputs, in ``plan.outputs`` order.
     """
-    device = tensors[plan.inputs[0]].device
+    device = tensors[next(iter(plan.inputs))].device
     # Kernels launch in the current CUDA context: switch devices only when the inputs are on
     # another one (entering torch.cuda.device costs several microseconds even when it changes nothing).
     if device.type == "cuda" and device.index != torch.cuda.current_device():

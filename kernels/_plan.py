@@ -1,8 +1,8 @@
 """Launch plans: every kernel call described once, by name, for every launcher.
 
 A :class:`Plan` is what one op call runs: its launches in order, the buffers it reads (named
-inputs), the buffers it writes (named outputs the caller receives) and the temporaries it needs
-between launches. Each :class:`Launch` names its kernel, its grid and *every* kernel parameter by
+inputs, each with its declared dtype), the buffers it writes (named outputs the caller receives)
+and the temporaries it needs between launches. Each :class:`Launch` names its kernel, its grid and *every* kernel parameter by
 name: a :class:`Buffer` (a device buffer of the call), ``None`` (a pointer the specialisation never
 touches, passed as a constexpr), a scalar, or a constexpr value. Plans know shapes, strides and
 dtypes (as names), never tensors, so they import neither torch nor JAX and every launcher consumes
@@ -19,6 +19,7 @@ pointers it writes (XLA hands a custom call its operands, then its results), whi
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 
@@ -112,16 +113,26 @@ class Launch:
 
 @dataclass(eq=False)
 class Plan:
-    """One op call: ``launches`` run in order on the caller's ``inputs``; every buffer in
-    ``allocations`` is written by some launch (or starts zeroed), and those named in ``outputs``
-    are returned (in that order); the rest are temporaries. When any input named in
-    ``skip_if_empty`` has no elements nothing is launched and every output is zero."""
+    """One op call: ``launches`` run in order on the caller's ``inputs`` (name -> dtype name, as
+    the plan's builder declares them: the call's dtype for q-like tensors, the statistic dtype for
+    row statistics, int32 for offsets); every buffer in ``allocations`` is written by some launch
+    (or starts zeroed), and those named in ``outputs`` are returned (in that order); the rest are
+    temporaries. When any input named in ``skip_if_empty`` has no elements nothing is launched and
+    every output is zero."""
 
-    inputs: tuple[str, ...]
+    inputs: dict[str, str]
     outputs: tuple[str, ...]
     allocations: dict
     launches: tuple[Launch, ...]
     skip_if_empty: tuple[str, ...] = ("q",)
+
+    @functools.cached_property
+    def buffer_dtypes(self) -> dict[str, str]:
+        """The dtype name of every buffer the plan touches: its inputs as declared, each allocation
+        its own dtype or that of the input it is ``like``."""
+        dtypes = dict(self.inputs)
+        dtypes.update((name, spec.dtype or self.inputs[spec.like]) for name, spec in self.allocations.items())
+        return dtypes
 
 
 _TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64", "int32": "i32"}

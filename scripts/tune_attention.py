@@ -101,7 +101,7 @@ def _compile_candidate(job) -> dict:
     used = dict(shared=0, registers=0, spills=0, problems=[])
     try:
         for launch in plan.launches:
-            found = _tuning.compile_launch(launch, _tuning.buffer_dtypes(plan, dtype), device.capability)
+            found = _tuning.compile_launch(launch, plan.buffer_dtypes, device.capability)
             used = dict(shared=max(used["shared"], found.shared), registers=max(used["registers"], found.registers),
                         spills=max(used["spills"], found.spills),
                         problems=used["problems"] + [f"{found.kernel}: {p}" for p in found.problems()])

@@ -27,14 +27,16 @@ jax.config.update("jax_enable_x64", True)
 def pytest_cmdline_main(config):
     """Run the suite on every core when pytest-xdist is installed and the command line chose no
     ``-n``: the kernels run in Triton's interpreter, one Python thread each, so CI's 2 cores halve
-    the wall time (``-n 0`` runs in one process). Whole files go to one worker (``loadfile``), so
-    a module's expensive fixtures (compiled MAML steps, jitted programs) are built once."""
+    the wall time (``-n 0`` runs in one process). On the CPU whole files go to one worker
+    (``loadfile``), so a module's expensive fixtures (compiled MAML steps, jitted programs) are
+    built once; on a GPU tests go one by one (``load``): there the cost is the kernels' compilation,
+    which Triton caches on disk for every worker, and the GPU accuracy matrix is a few large files."""
     if (hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("xdist")
             or config.getoption("numprocesses", None) is not None or config.getoption("collectonly")):
         return
     config.option.numprocesses = "auto"
     if config.option.dist == "no":
-        config.option.dist = "loadfile"
+        config.option.dist = "load" if ON_GPU else "loadfile"
 
 
 def pytest_collection_modifyitems(config, items):

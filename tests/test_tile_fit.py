@@ -119,7 +119,6 @@ def entry_launches(capability: int, kind: str, head_dim: int, dtype_bytes: int):
     """The launches (and the dtype of each buffer) that the tile-table entry (capability, kind,
     head dim, dtype class) runs, built by the real plan builders."""
     from theria_kernels.attention import AttentionParams, _launch
-    from theria_kernels.attention._tuning import buffer_dtypes
 
     batch, heads, heads_kv, seq = SHAPE
     dtype = DTYPE_OF_CLASS[dtype_bytes]
@@ -137,7 +136,7 @@ def entry_launches(capability: int, kind: str, head_dim: int, dtype_bytes: int):
             call, frozenset({"d_lse", "cot_dq", "cot_dk", "cot_dv"})),
     }
     plan = plans[kind]()
-    return [(launch, buffer_dtypes(plan, dtype)) for launch in plan.launches]
+    return [(launch, plan.buffer_dtypes) for launch in plan.launches]
 
 
 def _compile_one(job):

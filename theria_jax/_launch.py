@@ -73,6 +73,10 @@ def run_plan(plan: Plan, arrays: dict) -> list[jax.Array]:
     """Run ``plan`` on JAX arrays (name -> array for each of ``plan.inputs``; q- and k-like
     arrays (B, T, H, D), row statistics (B, H, T_q)) and return its outputs in order."""
     avals = {name: ShapedArray(a.shape, a.dtype) for name, a in arrays.items()}
+    wrong = [f"{name} is {avals[name].dtype}, the plan reads {dtype}" for name, dtype in plan.inputs.items()
+             if avals[name].dtype != jnp.dtype(dtype)]
+    if wrong:  # an adapter bug, caught at trace time rather than as a kernel reading the wrong width
+        raise TypeError(f"theria launch plan: {'; '.join(wrong)}")
     if any(arrays[name].size == 0 for name in plan.skip_if_empty):
         return [jnp.zeros(_aval(plan.allocations[name], avals).shape, _aval(plan.allocations[name], avals).dtype)
                 for name in plan.outputs]

@@ -63,9 +63,11 @@ def _slopes(alibi_slopes, sequences: int, heads: int, batch_name: str):
     return jax.lax.stop_gradient(jnp.broadcast_to(jnp.asarray(alibi_slopes), (sequences, heads)))
 
 
-def _row_slopes(slopes, t_q: int, cu_seqlens_q=None):
-    """The kernels' ALiBi operand: each query row's slope, (B, H, T_q) like lse, from (B, H) slopes;
-    for a packed batch, (1, H, total_q) from the (sequences, H) slopes and the rows' sequences."""
+def _row_slopes(slopes, t_q: int, dtype, cu_seqlens_q=None):
+    """The kernels' ALiBi operand: each query row's slope, (B, H, T_q) like lse (and in lse's dtype
+    for kernel inputs of ``dtype``), from (B, H) slopes; for a packed batch, (1, H, total_q) from
+    the (sequences, H) slopes and the rows' sequences."""
+    slopes = slopes.astype(jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32)
     if cu_seqlens_q is None:
         return jnp.broadcast_to(slopes[:, :, None], (*slopes.shape, t_q))
     sequence = jnp.searchsorted(cu_seqlens_q, jnp.arange(t_q, dtype=cu_seqlens_q.dtype), side="right") - 1
@@ -99,7 +101,7 @@ def _attention(q, k, v, *, backend, causal, scale, window_size, bottom_right, sc
                                    bottom_right=bottom_right, return_lse=True, softcap=softcap, alibi_slopes=slopes)
     params = AttentionParams(scale=scale, causal=bool(causal), window_size=window_size, bottom_right=bottom_right,
                              softcap=softcap, alibi=slopes is not None)
-    return _fused(q, k, v, params, row_slopes=None if slopes is None else _row_slopes(slopes, q.shape[1]))
+    return _fused(q, k, v, params, row_slopes=None if slopes is None else _row_slopes(slopes, q.shape[1], q.dtype))
 
 
 def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
@@ -217,7 +219,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
                                  softcap=softcap, alibi=slopes is not None)
         # The kernels see one packed batch entry, (1, total, H, D).
         cu_seqlens = (jnp.asarray(cu_seqlens_q), jnp.asarray(cu_seqlens_k))
-        row_slopes = None if slopes is None else _row_slopes(slopes, q.shape[0], cu_seqlens[0])
+        row_slopes = None if slopes is None else _row_slopes(slopes, q.shape[0], q.dtype, cu_seqlens[0])
         out, lse = _fused(q[None], k[None], v[None], params, cu_seqlens, (max_seqlen_q, max_seqlen_k), row_slopes)
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out

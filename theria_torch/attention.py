@@ -236,9 +236,11 @@ def _check_slopes(alibi_slopes, q, sequences: int, heads: int, batch_name: str):
     return alibi_slopes.detach().expand(sequences, heads)
 
 
-def _row_slopes(slopes, t_q: int, cu_seqlens_q=None):
-    """The kernels' ALiBi input: each query row's slope, (B, H, T_q) like lse, from (B, H) slopes; for a
-    packed batch, (1, H, total_q) from the (sequences, H) slopes and the rows' sequences."""
+def _row_slopes(slopes, t_q: int, dtype: torch.dtype, cu_seqlens_q=None):
+    """The kernels' ALiBi input: each query row's slope, (B, H, T_q) like lse (and in lse's dtype
+    for kernel inputs of ``dtype``), from (B, H) slopes; for a packed batch, (1, H, total_q) from
+    the (sequences, H) slopes and the rows' sequences."""
+    slopes = slopes.to(torch.float64 if dtype == torch.float64 else torch.float32)
     if cu_seqlens_q is None:
         return slopes[:, :, None].expand(*slopes.shape, t_q)
     rows = torch.arange(t_q, device=cu_seqlens_q.device, dtype=cu_seqlens_q.dtype)
@@ -329,7 +331,7 @@ def _attention(q, k, v, *, backend, layout, causal, scale, window_size, bottom_r
                                        softcap=params.softcap, alibi_slopes=slopes)
     else:
         if slopes is not None:
-            static = static._replace(row_slopes=_row_slopes(slopes, q.shape[2]))
+            static = static._replace(row_slopes=_row_slopes(slopes, q.shape[2], q.dtype))
         out, lse = _Attention.apply(q, k, v, static)
     if out.dtype != dtype:
         out = out.to(dtype)
@@ -465,7 +467,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
         compute_dtype = _compute_dtype(q, backend)
         # The kernels see one packed batch entry: (total, H, D) as a (1, H, total, D) view, no copy.
         packed = [t.to(compute_dtype).transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
-        row_slopes = None if slopes is None else _row_slopes(slopes, q.shape[0], varlen["cu_seqlens_q"])
+        row_slopes = None if slopes is None else _row_slopes(slopes, q.shape[0], compute_dtype, varlen["cu_seqlens_q"])
         out, lse = _Attention.apply(*packed, _ops.Static(params, **varlen, row_slopes=row_slopes))
         # squeeze, not [0]: the backward of a squeeze is a view, that of an index a zero-filled
         # copy (plus a second copy of the cotangent into q's layout: +15 % on fwd + bwd).

@@ -195,15 +195,19 @@ class AttentionCall:
         programs = math.prod(self.column_grid(block_n))
         return next(s for s in range(1, group + 1) if group % s == 0 and (programs * s >= target or s == group))
 
-    @property
-    def inputs_varlen(self) -> tuple[str, ...]:
-        return ("cu_seqlens_q", "cu_seqlens_k") if self.varlen else ()
-
-    @property
-    def inputs_constant(self) -> tuple[str, ...]:
-        """The inputs every plan of the call reads besides its tensors: the ALiBi ``row_slopes``
-        ((B, H, T_q) like lse: each query row's slope, §8) and the varlen cu_seqlens."""
-        return (("row_slopes",) if self.params.alibi else ()) + self.inputs_varlen
+    def inputs(self, tensors: tuple[str, ...], statistics: tuple[str, ...] = ()) -> dict[str, str]:
+        """A plan's inputs with their dtypes: ``tensors`` (q-, k- or v-like) in the call's dtype,
+        ``statistics`` (B, H, T_q) row statistics in theirs, then the inputs every plan of the call
+        reads: the ALiBi ``row_slopes`` (a row statistic: each query row's slope, §8) and the
+        varlen ``cu_seqlens`` (int32)."""
+        stat = row_stat_dtype_name(self.dtype)
+        found = dict.fromkeys(tensors, self.dtype)
+        found.update(dict.fromkeys(statistics, stat))
+        if self.params.alibi:
+            found["row_slopes"] = stat
+        if self.varlen:
+            found.update(cu_seqlens_q="int32", cu_seqlens_k="int32")
+        return found
 
 
 _Q, _K = Allocation("q"), Allocation("k")
@@ -274,7 +278,7 @@ def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: b
              SECOND_ORDER=second_order),
         writes=tuple(writes), num_warps=warps, num_stages=stages)
     outputs = ("out_second", "lse_second") if second_order else tuple(allocations)
-    return Plan(tuple(inputs) + call.inputs_constant, outputs, allocations, (launch,))
+    return Plan(call.inputs(tuple(inputs)), outputs, allocations, (launch,))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -293,8 +297,8 @@ def backward_plan(call: AttentionCall, has_d_lse: bool) -> Plan:
                writes=("Delta", "DQ"), num_warps=warps, num_stages=stages),
         _column_launch(_attn_bwd_dkdv_kernel, call, "backward", shared, dict(DK="dk", DV="dv"), allocations),
     )
-    inputs = ("q", "k", "v", "out", "lse", "d_out") + (("d_lse",) if has_d_lse else ())
-    return Plan(inputs + call.inputs_constant, ("dq", "dk", "dv"), allocations, launches, skip_if_empty=("q", "k"))
+    inputs = call.inputs(("q", "k", "v", "out", "d_out"), ("lse", "d_lse") if has_d_lse else ("lse",))
+    return Plan(inputs, ("dq", "dk", "dv"), allocations, launches, skip_if_empty=("q", "k"))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -333,7 +337,8 @@ def backward_backward_plan(call: AttentionCall, given: frozenset) -> Plan:
                        dict(shared, Sigma=Buffer("cot_d_lse"), Rho=Buffer("rho")), dict(Cot_k="cot_k", Cot_v="cot_v"),
                        allocations),
     )
-    inputs = ("q", "k", "v", "out", "lse", "d_out") + tuple(
-        name for name in ("d_lse", "cot_dq", "cot_dk", "cot_dv", "d_out_dot", "d_lse_dot") if name in given)
-    return Plan(inputs + call.inputs_constant, ("cot_q", "cot_k", "cot_v", "cot_d_out", "cot_d_lse"),
+    inputs = call.inputs(("q", "k", "v", "out", "d_out", *(n for n in ("cot_dq", "cot_dk", "cot_dv", "d_out_dot")
+                                                            if n in given)),
+                         ("lse", *(n for n in ("d_lse", "d_lse_dot") if n in given)))
+    return Plan(inputs, ("cot_q", "cot_k", "cot_v", "cot_d_out", "cot_d_lse"),
                 allocations, launches, skip_if_empty=("q", "k"))

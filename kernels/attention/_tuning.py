@@ -25,7 +25,6 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
-from theria_kernels._contracts import row_stat_dtype_name
 
 KINDS = ("forward", "jvp", "forward_second", "backward", "backward_backward")
 HEAD_DIMS = (64, 128, 256)
@@ -171,25 +170,6 @@ class Resources:
         if self.capability == 90 and self.legacy_mma:
             found.append(f"{self.legacy_mma} 16-bit mma.sync instructions: not Hopper's wgmma")
         return found
-
-
-# Inputs that are row statistics ((B, H, T_q), float32, float64 for float64 inputs), not q-, k- or
-# v-like tensors of the inputs' dtype.
-ROW_STATISTIC_INPUTS = frozenset(("lse", "d_lse", "d_lse_dot", "row_slopes"))
-
-
-def buffer_dtypes(plan, dtype: str) -> dict[str, str]:
-    """The dtype name of every buffer a plan of ``dtype`` inputs touches: q-, k- and v-like inputs
-    and ``like`` allocations have the inputs' dtype, row statistics theirs, the varlen offsets are
-    int32, other allocations say their own."""
-    def input_dtype(name: str) -> str:
-        if name.startswith("cu_seqlens"):
-            return "int32"
-        return row_stat_dtype_name(dtype) if name in ROW_STATISTIC_INPUTS else dtype
-
-    dtypes = {name: input_dtype(name) for name in plan.inputs}
-    dtypes.update((name, allocation.dtype or dtype) for name, allocation in plan.allocations.items())
-    return dtypes
 
 
 def compile_launch(launch, dtypes: dict[str, str], capability: int) -> Resources:

@@ -108,6 +108,10 @@ class RMSNormCall:
     def acc(self) -> str:
         return row_stat_dtype_name(self.dtype)
 
+    def inputs(self, *names: str) -> dict[str, str]:
+        """A plan's inputs with their dtypes: ``rstd`` a row statistic, the rest the call's dtype."""
+        return {name: self.acc if name == "rstd" else self.dtype for name in names}
+
 
 @dataclass(frozen=True)
 class _Layout:
@@ -199,7 +203,7 @@ def forward_plan(call: RMSNormCall, eps: float, has_x_dot: bool = False, has_w_d
                          w_dot_ptr=_given("weight_dot", has_w_dot), y_ptr=Buffer("y"), rstd_ptr=Buffer("rstd"),
                          y_dot_ptr=_given("y_dot", has_tangent), eps=float(eps)),
                     ("y_ptr", "rstd_ptr", "y_dot_ptr"), HAS_X_DOT=has_x_dot, HAS_W_DOT=has_w_dot)
-    inputs = ("x", "weight") + (("x_dot",) if has_x_dot else ()) + (("weight_dot",) if has_w_dot else ())
+    inputs = call.inputs("x", "weight", *(("x_dot",) if has_x_dot else ()), *(("weight_dot",) if has_w_dot else ()))
     return Plan(inputs, tuple(allocations), allocations, (launch,) if layout.grid[0] else (), skip_if_empty=())
 
 
@@ -217,7 +221,7 @@ def backward_plan(call: RMSNormCall) -> Plan:
                    ("dx_ptr", "dw_partial_ptr"), LOOP_STAGES=layout.loop_stages),
             _column_sum(call, layout, "dweight_partial", "dweight", allocations),
         )
-    return Plan(("x", "weight", "rstd", "dy"), ("dx", "dweight"), allocations, launches, skip_if_empty=())
+    return Plan(call.inputs("x", "weight", "rstd", "dy"), ("dx", "dweight"), allocations, launches, skip_if_empty=())
 
 
 @functools.lru_cache(maxsize=1024)
@@ -238,8 +242,8 @@ def backward_backward_plan(call: RMSNormCall, has_cot_dx: bool, has_cot_dw: bool
                    HAS_COT_DX=has_cot_dx, HAS_COT_DW=has_cot_dw),
             _column_sum(call, layout, "cot_weight_partial", "cot_weight", allocations),
         )
-    inputs = ("x", "weight", "rstd", "dy") + (("cot_dx",) if has_cot_dx else ()) + \
-        (("cot_dweight",) if has_cot_dw else ())
+    inputs = call.inputs("x", "weight", "rstd", "dy", *(("cot_dx",) if has_cot_dx else ()),
+                         *(("cot_dweight",) if has_cot_dw else ()))
     return Plan(inputs, ("cot_x", "cot_weight", "cot_dy"), allocations, launches, skip_if_empty=())
 
 
@@ -257,5 +261,5 @@ def forward_second_plan(call: RMSNormCall, present: tuple[bool, bool, bool, bool
                     ("out_ptr",), HAS_X_DOT=present[0], HAS_W_DOT=present[1], HAS_X_DOT2=present[2],
                     HAS_W_DOT2=present[3])
     allocations = {"y_ddot": _X}
-    inputs = ("x", "weight", "rstd") + tuple(name for name, here in zip(names, present) if here)
+    inputs = call.inputs("x", "weight", "rstd", *(name for name, here in zip(names, present) if here))
     return Plan(inputs, ("y_ddot",), allocations, (launch,) if layout.grid[0] else (), skip_if_empty=())
