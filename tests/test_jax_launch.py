@@ -226,3 +226,53 @@ def test_xla_native_kernel_call_is_built_for_sm90_without_a_gpu():
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "kernel call: _attn_fwd_kernel" in result.stdout
+
+
+def test_tensorfloat32_precision_reaches_the_kernels():
+    """``jax.default_matmul_precision("tensorfloat32")`` is JAX's opt-in to TF32 products (torch's
+    ``allow_tf32``): the kernels' device says so inside it and not outside, and a float32 call on a
+    GPU then compiles its dots as TF32 (in the interpreter they stay IEEE)."""
+    import dataclasses
+
+    from theria_jax import _primitives
+    from theria_kernels.attention import AttentionParams
+    from theria_kernels.attention._launch import AttentionCall
+
+    assert not _primitives._device().allow_tf32
+    with jax.default_matmul_precision("tensorfloat32"):
+        device = _primitives._device()
+    assert device.allow_tf32
+    with jax.default_matmul_precision("float32"):
+        assert not _primitives._device().allow_tf32
+    shape, strides = (1, 2, 40, 32), (2560, 1280, 32, 1)
+    params = AttentionParams(scale=0.125, causal=True)
+    on_gpu = dataclasses.replace(device, interpreter=False, capability=90)
+    precision = lambda device, dtype: AttentionCall(  # noqa: E731
+        shape, strides, shape, strides, dtype, params, device).meta("forward")[0]["PRECISION"]
+    assert precision(on_gpu, "float32") == "tf32"
+    assert precision(on_gpu, "bfloat16") == precision(device, "float32") == "ieee"
+    assert precision(dataclasses.replace(on_gpu, allow_tf32=False), "float32") == "ieee"
+
+
+@pytest.mark.gpu
+def test_tensorfloat32_attention_on_the_gpu():
+    """float32 attention under ``jax.default_matmul_precision("tensorfloat32")`` runs TF32 products:
+    against float64 its output's error is well above IEEE float32's and within TF32's rounding
+    (10-bit mantissa); its gradient stays close to the IEEE one."""
+    rng = np.random.default_rng(3)
+    x = [rng.standard_normal((2, 128, 2, 64)) for _ in range(3)]
+    logits = np.einsum("bqhd,bkhd->bhqk", x[0], x[1]) / 8.0
+    logits = np.where(np.tril(np.ones((128, 128), bool)), logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    want = np.einsum("bhqk,bkhd->bqhd", weights / weights.sum(-1, keepdims=True), x[2])
+    q, k, v = (jnp.asarray(a, jnp.float32) for a in x)
+    attend = jax.jit(lambda q, k, v: theria_jax.attention(q, k, v, causal=True))
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(theria_jax.attention(q, k, v, causal=True))), (0, 1, 2)))
+    ieee, ieee_grads = np.asarray(attend(q, k, v)), grad(q, k, v)
+    with jax.default_matmul_precision("tensorfloat32"):
+        tf32, tf32_grads = np.asarray(attend(q, k, v)), grad(q, k, v)
+    ieee_error, tf32_error = np.max(np.abs(ieee - want)), np.max(np.abs(tf32 - want))
+    assert ieee_error < 1e-5 and 10 * ieee_error < tf32_error < 2e-2, (ieee_error, tf32_error)
+    for a, b in zip(tf32_grads, ieee_grads):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.isfinite(a).all() and np.max(np.abs(a - b)) < 5e-2 * np.max(np.abs(b))

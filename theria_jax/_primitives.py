@@ -81,11 +81,18 @@ from theria_kernels.attention import (
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.cache
 def _device() -> Device:
+    """The kernels' device; float32 products are TF32 inside ``jax.default_matmul_precision(
+    "tensorfloat32")`` (JAX's spelling of torch's ``allow_tf32``), IEEE float32 otherwise. Read at
+    trace time, where JAX's own jit cache already keys on the precision setting."""
+    return _device_for(jax.config.jax_default_matmul_precision == "tensorfloat32")
+
+
+@functools.cache
+def _device_for(allow_tf32: bool) -> Device:
     if is_interpreter() or jax.default_backend() != "gpu":
-        return Device(INTERPRETER_MULTIPROCESSORS, interpreter=is_interpreter())
-    return Device(jax.devices()[0].core_count, capability=compute_capability())
+        return Device(INTERPRETER_MULTIPROCESSORS, interpreter=is_interpreter(), allow_tf32=allow_tf32)
+    return Device(jax.devices()[0].core_count, allow_tf32=allow_tf32, capability=compute_capability())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -282,6 +282,12 @@ def main(argv=None) -> int:
 
     if preset.threads:
         torch.set_num_threads(preset.threads)
+    if preset.tf32:  # the model's matmuls and theria's kernels alike, in both frameworks
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if "jax" in args.frameworks:
+            import jax
+
+            jax.config.update("jax_default_matmul_precision", "tensorfloat32")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out or REPO / "experiments/long_context_adaptation/runs" / f"{preset.name}-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
