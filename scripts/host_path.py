@@ -1,0 +1,127 @@
+"""The host cost of theria's torch path, against the floor that torch's autograd sets for it.
+
+At the small shapes of MAML an eager call's time is the host's: Python, the operator entries,
+autograd's engine. This script times the host work alone, on any machine (kernel launches are
+stubbed out, so the kernels never run and the interpreter is never entered), per call of:
+
+  fwd       out = sdpa_custom(q, k, v)                                  (no grad)
+  fwd_bwd   forward, then torch.autograd.grad of out                    (forward + backward)
+  hvp       forward, grad with create_graph, grad of a function of it   (+ double backward)
+
+for ``theria``, and for ``floor``: the same three autograd Functions (forward, backward, double
+backward) with the same inputs, saved tensors and outputs, applied the way theria applies its
+own (``theria_torch._ops.Function``: no per-call signature binding, the forward alone when
+nothing differentiates), whose bodies only allocate their outputs. ``floor`` is what an operator
+with theria's derivative structure pays in torch's autograd; theria's time above it is its own
+(argument checks, plans, launchers).
+
+    python scripts/host_path.py
+    python scripts/host_path.py --shape 64,4,256,16 --calls 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # no kernel runs; the interpreter keeps it GPU-free
+
+import torch  # noqa: E402
+
+import theria_kernels._launch_torch as launch_torch  # noqa: E402
+from theria_torch import sdpa_custom  # noqa: E402
+from theria_torch._ops import Function  # noqa: E402
+
+
+class _DoubleBackward(Function):
+    @staticmethod
+    def forward(q, k, v, out, lse, d_out, cot_dq, cot_dk, cot_dv):
+        return tuple(torch.empty_like(x) for x in (q, k, v, d_out, lse))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+
+class _Backward(Function):
+    @staticmethod
+    def forward(q, k, v, out, lse, d_out):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, cot_dq, cot_dk, cot_dv):
+        cot_q, cot_k, cot_v, cot_d_out, _ = _DoubleBackward.apply(*ctx.saved_tensors, cot_dq, cot_dk, cot_dv)
+        return cot_q, cot_k, cot_v, None, None, cot_d_out
+
+
+class _Forward(Function):
+    @staticmethod
+    def forward(q, k, v):
+        return torch.empty_like(q), q.new_empty(q.shape[:3])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, *output)
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        return _Backward.apply(*ctx.saved_tensors, d_out)
+
+
+def floor(q, k, v):
+    return _Forward.apply(q, k, v)[0]
+
+
+def modes(attend, q, k, v, d_out):
+    q_, k_, v_ = (t.detach().requires_grad_() for t in (q, k, v))
+
+    def fwd():
+        attend(q, k, v)
+
+    def fwd_bwd():
+        torch.autograd.grad(attend(q_, k_, v_), (q_, k_, v_), d_out)
+
+    def hvp():
+        grads = torch.autograd.grad(attend(q_, k_, v_), (q_, k_, v_), d_out, create_graph=True)
+        torch.autograd.grad(sum((g * g).sum() for g in grads), (q_, k_, v_))
+
+    return {"fwd": fwd, "fwd_bwd": fwd_bwd, "hvp": hvp}
+
+
+def per_call_us(fn, calls: int, rounds: int = 5) -> float:
+    for _ in range(max(calls // 10, 20)):
+        fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="2,2,16,16", help="B,H,T,D (the host cost hardly depends on it)")
+    parser.add_argument("--calls", type=int, default=1000, help="calls per timed round (median of 5 rounds)")
+    args = parser.parse_args()
+    launch_torch.launch_one = lambda launch, tensors: None  # the host path up to the launch, no kernel
+    torch.set_num_threads(1)
+    shape = tuple(map(int, args.shape.split(",")))
+    q, k, v, d_out = (torch.randn(shape) for _ in range(4))
+    print(f"# host time per call, µs (launches stubbed), B,H,T,D = {shape}, torch {torch.__version__}")
+    print(f"{'mode':8s} {'theria':>8s} {'floor':>8s} {'theria/floor':>13s}")
+    ours, base = modes(sdpa_custom, q, k, v, d_out), modes(floor, q, k, v, d_out)
+    for mode in ours:
+        a, b = per_call_us(ours[mode], args.calls), per_call_us(base[mode], args.calls)
+        print(f"{mode:8s} {a:8.1f} {b:8.1f} {a / b:12.2f}x")
+
+
+if __name__ == "__main__":
+    main()
