@@ -2,11 +2,11 @@
 
 A :class:`Plan` is what one op call runs: its launches in order, the buffers it reads (named
 inputs, each with its declared dtype), the buffers it writes (named outputs the caller receives)
-and the temporaries it needs between launches. Each :class:`Launch` names its kernel, its grid and *every* kernel parameter by
-name: a :class:`Buffer` (a device buffer of the call), ``None`` (a pointer the specialisation never
-touches, passed as a constexpr), a scalar, or a constexpr value. Plans know shapes, strides and
-dtypes (as names), never tensors, so they import neither torch nor JAX and every launcher consumes
-the same object:
+and the temporaries it needs between launches. Each :class:`Launch` names its kernel, its grid
+and *every* kernel parameter by name: a :class:`Buffer` (a device buffer of the call), ``None``
+(a pointer the specialisation never touches, passed as a constexpr), a scalar, or a constexpr
+value. Plans know shapes, strides and dtypes (as names), never tensors, so they import neither
+torch nor JAX and every launcher consumes the same object:
 
 * ``theria_kernels._launch_torch``: torch tensors, the compiled kernel launched directly;
 * ``theria_jax._launch``: one ``triton_kernel_call_ffi`` custom call per launch inside XLA;
