@@ -67,7 +67,7 @@ def _row_slopes(slopes, t_q: int, dtype, cu_seqlens_q=None):
     """The kernels' ALiBi operand: each query row's slope, (B, H, T_q) like lse (and in lse's dtype
     for kernel inputs of ``dtype``), from (B, H) slopes; for a packed batch, (1, H, total_q) from
     the (sequences, H) slopes and the rows' sequences."""
-    slopes = slopes.astype(jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32)
+    slopes = slopes.astype(_contracts.row_stat_dtype_name(jnp.dtype(dtype).name))
     if cu_seqlens_q is None:
         return jnp.broadcast_to(slopes[:, :, None], (*slopes.shape, t_q))
     sequence = jnp.searchsorted(cu_seqlens_q, jnp.arange(t_q, dtype=cu_seqlens_q.dtype), side="right") - 1

@@ -43,7 +43,7 @@ from theria_kernels.attention import (
     validate_cu_seqlens_values,
     validate_dropout,
 )
-from theria_kernels.attention.torch_launchers import varlen_keywords
+from theria_kernels.attention.torch_launchers import row_stat_dtype, varlen_keywords
 from theria_torch import _ops
 from theria_torch.reference import attention_reference, varlen_attention_reference
 
@@ -240,7 +240,7 @@ def _row_slopes(slopes, t_q: int, dtype: torch.dtype, cu_seqlens_q=None):
     """The kernels' ALiBi input: each query row's slope, (B, H, T_q) like lse (and in lse's dtype
     for kernel inputs of ``dtype``), from (B, H) slopes; for a packed batch, (1, H, total_q) from
     the (sequences, H) slopes and the rows' sequences."""
-    slopes = slopes.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    slopes = slopes.to(row_stat_dtype(dtype))
     if cu_seqlens_q is None:
         return slopes[:, :, None].expand(*slopes.shape, t_q)
     rows = torch.arange(t_q, device=cu_seqlens_q.device, dtype=cu_seqlens_q.dtype)
