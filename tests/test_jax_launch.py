@@ -247,10 +247,11 @@ def test_tensorfloat32_precision_reaches_the_kernels():
     shape, strides = (1, 2, 40, 32), (2560, 1280, 32, 1)
     params = AttentionParams(scale=0.125, causal=True)
     on_gpu = dataclasses.replace(device, interpreter=False, capability=90)
+    in_interpreter = dataclasses.replace(device, interpreter=True)
     precision = lambda device, dtype: AttentionCall(  # noqa: E731
         shape, strides, shape, strides, dtype, params, device).meta("forward")[0]["PRECISION"]
     assert precision(on_gpu, "float32") == "tf32"
-    assert precision(on_gpu, "bfloat16") == precision(device, "float32") == "ieee"
+    assert precision(on_gpu, "bfloat16") == precision(in_interpreter, "float32") == "ieee"
     assert precision(dataclasses.replace(on_gpu, allow_tf32=False), "float32") == "ieee"
 
 
