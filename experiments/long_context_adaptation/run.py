@@ -265,6 +265,24 @@ def done_runs(path: Path, preset: P.Preset) -> set[tuple]:
     return {(r["framework"], r["method"], r["seed"]) for r in runs if r.get("preset") == preset.key()}
 
 
+def known_estimates(out: Path, preset: P.Preset) -> dict[tuple, float]:
+    """Seconds per whole run from an earlier invocation's records in ``out``, so that a resumed
+    command budgets its runs without probing again: the last finished run of each (framework,
+    method), else full MAML's probe."""
+    estimate = {}
+    probes = out / "probe.jsonl"
+    for line in probes.read_text().splitlines() if probes.exists() else []:
+        record = json.loads(line)
+        if record.get("preset") == preset.key():
+            estimate[record["framework"], "maml"] = record["first_step_s"] + preset.meta_steps * record["median_step_s"]
+    results = out / "results.jsonl"
+    for line in results.read_text().splitlines() if results.exists() else []:
+        record = json.loads(line)
+        if record.get("preset") == preset.key():
+            estimate[record["framework"], record["method"]] = record["train_s"] + record["eval_s"]
+    return estimate
+
+
 def append(path: Path, record: dict) -> None:
     with open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
@@ -297,9 +315,9 @@ def main(argv=None) -> int:
         outcome = math_oom_attempt(preset)
         print("math attention (torch reference backend):", outcome, flush=True)
         append(out / "math_oom.jsonl", {"preset": preset.key(), **outcome})
-    estimate = {}  # (framework, method) -> seconds for a whole run
+    estimate = known_estimates(out, preset)  # (framework, method) -> seconds for a whole run
     if args.probe:
-        for framework in args.frameworks:  # full MAML only: the dearest step
+        for framework in [f for f in args.frameworks if (f, "maml") not in estimate]:  # the dearest step
             record = train_one(preset, framework, "maml", 0, steps=args.probe, score=False)
             estimate[framework, "maml"] = record["first_step_s"] + preset.meta_steps * record["median_step_s"]
             print(f"probe {framework}/maml: first step {record['first_step_s']:.1f} s, "
@@ -313,9 +331,11 @@ def main(argv=None) -> int:
                 if (framework, method, seed) in done:
                     continue
                 left = args.time_budget - (time.perf_counter() - began) if args.time_budget else None
-                if left is not None and estimate.get((framework, method), 0) > left:
-                    print(f"skip {framework}/{method}/seed {seed}: ≈{estimate[framework, method]:.0f} s "
-                          f"needed, {left:.0f} s left", flush=True)
+                # A method not run yet is bounded by full MAML's estimate: its step is the dearest.
+                needed = estimate.get((framework, method), estimate.get((framework, "maml"), 0))
+                if left is not None and needed > left:
+                    print(f"skip {framework}/{method}/seed {seed}: ≈{needed:.0f} s needed, {left:.0f} s left",
+                          flush=True)
                     continue
                 record = train_one(preset, framework, method, seed)
                 estimate[framework, method] = record["train_s"] + record["eval_s"]
