@@ -24,11 +24,13 @@ the runs end report.py's table.md (mean ± standard error over seeds) and curves
 
 Partial-result safe: each finished run is appended to ``--out``/results.jsonl at once, and runs
 already there (same preset fields, framework, method, seed) are skipped, so a command cut short
-is resumed by running it again. ``--time-budget S`` starts no run that its estimate (the last
-run of that framework and method, or for full MAML ``--probe``'s) says would end after S seconds. ``--math-oom``
-first tries one meta-gradient of the same configuration with torch's math attention (theria's
-"reference" backend: plain torch softmax(QKᵀ)V, what SDPA's math backend computes) and records
-the out-of-memory error; ``--probe`` times a few meta-steps per framework first.
+is resumed by running it again. ``--time-budget S`` starts no run that its estimate says would
+end after S seconds: the last run of that framework and method (in ``--out``, from this command or
+an earlier one), else full MAML's (the dearest step: ``--probe``'s, which a resumed command does
+not repeat). ``--math-oom`` first tries one meta-gradient of the same configuration with torch's
+math attention (theria's "reference" backend: plain torch softmax(QKᵀ)V, what SDPA's math backend
+computes) and records the out-of-memory error; ``--probe`` times a few meta-steps per framework
+first.
 """
 
 from __future__ import annotations
