@@ -61,9 +61,36 @@ def test_key_value_tasks():
     preset = P.PRESETS["quick"]
     held_out_tasks, train = P.held_out_tasks(preset), P.train_batch(preset, 0, 0)
     assert held_out_tasks.support_x.shape == (preset.eval_tasks, preset.k_support, preset.seq_len)
-    train_keys = P.encode(train, preset.family())[0][..., preset.family().key_token(preset.family("held_out").pool)]
-    assert train_keys.sum() == 0  # training never shows a held-out key
+    family = preset.family()
+    pair_ids = np.concatenate([train.support_x, train.query_x], axis=None)
+    train_keys = (pair_ids[pair_ids >= family.vocab_size] - family.vocab_size) // family.n_classes
+    assert set(train_keys).issubset(family.pool)  # training never shows a held-out key
     np.testing.assert_array_equal(P.train_batch(preset, 0, 3).query_x, P.train_batch(preset, 0, 3).query_x)
+
+
+def test_key_codes():
+    """With ``key_dim`` the sequences are the same token ids; only a key's input changes, from a
+    one-hot column to its code: unit vectors, one table for both splits, each pair its key's code
+    plus its value's one-hot entry."""
+    one_hot = P.KeyValueRetrieval(seq_len=200, n_classes=3, n_keys=8, held_out_keys=3, n_background=4,
+                                  pair_every=64)
+    coded = dataclasses.replace(one_hot, key_dim=5)
+    tokens, labels = coded.sample(np.random.default_rng(1), 2, 4)
+    same_tokens, same_labels = one_hot.sample(np.random.default_rng(1), 2, 4)
+    np.testing.assert_array_equal(tokens, same_tokens)
+    np.testing.assert_array_equal(labels, same_labels)
+    codes, table = coded.key_codes(), coded.input_table()
+    assert table.shape == (coded.vocab_size + 8 * 3, 4 + 5 + 3 + 1) and coded.d_in == table.shape[1]
+    np.testing.assert_allclose(np.linalg.norm(codes, axis=1), 1.0)
+    np.testing.assert_array_equal(codes, dataclasses.replace(coded, split="held_out").key_codes())
+    key, value = 6, 2  # a held-out key
+    pair = table[coded.vocab_size + key * 3 + value]
+    np.testing.assert_array_equal(pair[4:9], codes[key])
+    assert pair[9 + value] == 1 and pair[:4].sum() == 0 and pair[9:].sum() == 1
+    # Background, value and readout tokens keep their one-hot inputs.
+    for token in (0, 3, coded.value_token(1), coded.readout):
+        np.testing.assert_array_equal(np.delete(table[token], range(4, 9)),
+                                      np.delete(one_hot.input_table()[token], range(4, 12)))
 
 
 def test_torch_and_jax_fused_meta_gradients_agree_in_float64(device):

@@ -35,19 +35,29 @@ What that makes a model do:
 - Held-out tasks are new tasks, not new draws of the training tasks: the key vocabulary is split,
   training tasks take their task key and their distractors from the first ``n_keys -
   held_out_keys`` keys, held-out tasks from the last ``held_out_keys``, so a held-out key token
-  was never seen in training at all (its embedding row is the initial one). What meta-learning
-  can carry over is a mechanism (find the key the support set points to, read its value), not a
-  table of the training keys. (The pools must be disjoint: with distractors drawn from every key
-  in training, a key never seen as a task key is never the answer, and a joint model learns that,
-  beating chance on training tasks and scoring far below it on held-out ones.) They come from
-  their own seed stream.
+  was never seen in training at all (one-hot: its embedding column is the initial one; as a code,
+  see below). What meta-learning can carry over is a mechanism (find the key the support set
+  points to, read its value), not a table of the training keys. (The pools must be disjoint:
+  with distractors drawn from every key in training, a key never seen as a task key is never the
+  answer, and a joint model learns that, beating chance on training tasks and scoring far below
+  it on held-out ones.) They come from their own seed stream.
 
 ``copies = max(1, seq_len // pair_every)`` keeps the fraction of pair positions fixed as the
 context grows.
 
+Key codes (``key_dim`` > 0): each key's input is then a fixed random unit vector of ``key_dim``
+entries instead of a one-hot column, the same table for both splits. With one-hot keys a held-out
+key's embedding column is the initial one while training has moved every training key's, so the
+network meets held-out keys off the distribution it was trained on; with codes a held-out key is
+one more draw from the distribution every training key came from, and the network has no
+parameter that belongs to one key. (With one-hot keys MAML's transfer was real but miscalibrated,
+its held-out accuracy well above chance and its loss above chance too: docs/results/
+long_context_adaptation.md.)
+
 Token ids (int16): ids below ``vocab_size`` are single tokens (background, keys, values, readout,
 in that order); the id ``vocab_size + key * n_classes + value`` is a pair.
-:meth:`KeyValueRetrieval.input_table` maps ids to input vectors (one-hot, two-hot for pairs); the
+:meth:`KeyValueRetrieval.input_table` maps ids to input vectors (one-hot, two-hot for pairs, a key
+code in place of the key's one-hot entry with ``key_dim``); the
 run builds the inputs on the device from it (at T = 8192 a float32 meta-batch of inputs is 60 MB,
 and building it on the host took as long as the meta-step).
 
@@ -76,6 +86,7 @@ METHODS = ("maml", "fo_maml", "pretrained", "untrained")
 # Held-out tasks come from their own seed stream (training batches use [seed, 1, step]), the
 # same for every seed, method and framework.
 HELD_OUT_SEED = [2026, 12, 1]
+KEY_CODE_SEED = [2026, 12, 2]  # the key codes' stream (``key_dim`` > 0), one table for every run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +102,7 @@ class KeyValueRetrieval:
     n_background: int = 8
     pair_every: int = 256
     split: str = "train"
+    key_dim: int = 0  # > 0: keys as fixed random unit vectors of this size (module docstring)
     loss = "cross_entropy"
 
     def __post_init__(self):
@@ -116,7 +128,7 @@ class KeyValueRetrieval:
 
     @property
     def d_in(self) -> int:
-        return self.vocab_size
+        return self.n_background + (self.key_dim or self.n_keys) + self.n_classes + 1
 
     @property
     def d_out(self) -> int:
@@ -128,9 +140,18 @@ class KeyValueRetrieval:
     def value_token(self, value) -> np.ndarray:
         return self.n_background + self.n_keys + np.asarray(value)
 
+    def key_codes(self) -> np.ndarray:
+        """(n_keys, key_dim): each key's code, unit vectors from a fixed stream (both splits)."""
+        codes = np.random.default_rng(KEY_CODE_SEED).standard_normal((self.n_keys, self.key_dim))
+        return codes / np.linalg.norm(codes, axis=1, keepdims=True)
+
     def input_table(self) -> np.ndarray:
-        """(vocab_size + n_keys * n_classes, vocab_size): row ``id`` is that id's input vector."""
+        """(vocab_size + n_keys * n_classes, d_in): row ``id`` is that id's input vector."""
         singles = np.eye(self.vocab_size)
+        if self.key_dim:  # the key block of one-hot columns becomes a block of key_dim code entries
+            keys = slice(self.n_background, self.n_background + self.n_keys)
+            singles = np.concatenate([singles[:, :keys.start], singles[:, keys] @ self.key_codes(),
+                                      singles[:, keys.stop:]], axis=1)
         keys, values = np.divmod(np.arange(self.n_keys * self.n_classes), self.n_classes)
         pairs = singles[self.key_token(keys)] + singles[self.value_token(values)]
         return np.concatenate([singles, pairs])
@@ -182,6 +203,7 @@ class Preset:
     held_out_keys: int = 8
     n_background: int = 8
     pair_every: int = 256  # one group of n_classes pairs per this many positions
+    key_dim: int = 0  # > 0: keys as random codes of this size (KeyValueRetrieval), else one-hot
     d_model: int = 64
     n_heads: int = 4
     n_layers: int = 1
@@ -204,7 +226,7 @@ class Preset:
     def family(self, split: str = "train") -> KeyValueRetrieval:
         return KeyValueRetrieval(seq_len=self.seq_len, n_classes=self.n_classes, n_keys=self.n_keys,
                                  held_out_keys=self.held_out_keys, n_background=self.n_background,
-                                 pair_every=self.pair_every, split=split)
+                                 pair_every=self.pair_every, split=split, key_dim=self.key_dim)
 
     def model(self) -> ModelConfig:
         return ModelConfig(d_in=self.family().d_in, d_out=self.n_classes, max_len=self.seq_len,
@@ -220,11 +242,13 @@ PRESETS = {
     # The GPU experiment: T = 8192 on the fused kernels (the math reference OOMs here), float32
     # like the CPU study (bf16 parameters under Adam drifted in the needle runs), with TF32
     # products: IEEE float32 ones cost 0.70 s per torch MAML step on the H200, 7x the bf16 step.
-    "gpu": Preset(name="gpu", seq_len=8192, dtype="float32", tf32=True),
+    # Keys as codes, 64 of them in training (held-out keys one more draw of the same distribution).
+    "gpu": Preset(name="gpu", seq_len=8192, n_keys=72, key_dim=16, dtype="float32", tf32=True),
     # A look on the CPU under Triton's interpreter: tiny T and model, a few meta-steps.
     "quick": Preset(name="quick", seq_len=16, n_classes=3, n_keys=6, held_out_keys=3, n_background=3,
-                    pair_every=16, d_model=16, n_heads=2, meta_batch=1, k_support=3, k_query=3, meta_steps=3,
-                    eval_tasks=2, eval_chunk=2, eval_steps=(0, 1), dtype="float32", device="cpu", threads=1),
+                    pair_every=16, key_dim=4, d_model=16, n_heads=2, meta_batch=1, k_support=3, k_query=3,
+                    meta_steps=3, eval_tasks=2, eval_chunk=2, eval_steps=(0, 1), dtype="float32", device="cpu",
+                    threads=1),
     # The regime study on the CPU: small T on the reference backend (plain attention, the same
     # numbers as the fused kernels to rounding), float32, where many runs are affordable.
     "cpu": Preset(name="cpu", seq_len=128, d_model=32, n_heads=2, meta_steps=400, eval_tasks=64,
