@@ -50,8 +50,8 @@ def test_key_value_tasks():
         # The task key always carries the label's value; each group's keys are distinct.
         with_task_key = pairs[pairs[:, family.key_token(task)] == 1]
         assert (with_task_key[:, family.value_token(label)] == 1).all()
-        # Nor do the pairs: the sequence holds 3 distinct (key, value) pairs, 3 times each, so
-        # the task key is in every group and so is each distractor.
+        # The pairs carry no label either: the sequence holds 3 distinct (key, value) pairs, 3 times
+        # each, so the task key is in every group and so is each distractor.
         kinds, counts = np.unique(pairs, axis=0, return_counts=True)
         assert len(kinds) == 3 and (counts == 3).all()
         assert len(np.unique(kinds[:, family.n_background:family.n_background + 8].argmax(1))) == 3

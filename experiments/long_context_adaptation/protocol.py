@@ -4,7 +4,7 @@ Task (:class:`KeyValueRetrieval`): a sequence of ``seq_len`` positions is backgr
 drawn from ``n_background`` filler tokens) with ``n_classes * copies`` *pair* positions scattered
 anywhere before the last, and a fixed readout token at the last position, where the label is
 predicted. A pair position carries two tokens at once, a key and a value (its input is the sum of
-the two one-hot vectors, so the network sees them added, never as one joint symbol). Each task
+the two tokens' input vectors, so the network sees them added, never as one joint symbol). Each task
 draws one *task key* out of ``n_keys``; each sequence draws ``n_classes - 1`` distinct
 *distractor* keys and pairs every one of the ``n_classes`` value tokens with one key: the label's
 value with the task key, every other value with its own distractor. The sequence holds those same
