@@ -189,13 +189,21 @@ def _transformed(transform, case, backend, weights):
     return TRANSFORMS[transform](partial(case.attend, backend), weights)
 
 
+def _jitted(transform, attend):
+    """``TRANSFORMS[transform]`` of ``attend`` jitted as a function of (weights, q, k, v): the weights
+    are arguments, not constants closed over, which XLA would fold at compile time (the products of
+    two tangents in a second-order program are dots of constants: seconds each, on the host, at the
+    GPU cases' shapes)."""
+    return jax.jit(lambda weights, *x: TRANSFORMS[transform](attend, Weights(*weights))(*x))
+
+
 @pytest.mark.parametrize("transform", list(TRANSFORMS))
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_transformation_matches_reference(case, transform):
     inputs = case.inputs()
     weights = _weights(case, inputs)
-    got = jax.jit(_transformed(transform, case, FUSED, weights))(*inputs)
-    want = jax.jit(_transformed(transform, case, REFERENCE, weights))(*inputs)
+    got = _jitted(transform, partial(case.attend, FUSED))((weights.outputs, weights.inputs), *inputs)
+    want = _jitted(transform, partial(case.attend, REFERENCE))((weights.outputs, weights.inputs), *inputs)
     assert_tree_accurate(f"{case} {transform}", got, want, jnp.float64)
 
 
@@ -496,15 +504,17 @@ def test_gpu_matches_float64_reference(case, dtype, transform):
     kernel at its GPU tiles."""
     inputs = tuple(x.astype(dtype) for x in case.inputs(seed=14))
     weights = _weights(case, inputs, seed=15)
-    fused = jax.jit(_transformed(transform, case, FUSED, weights))
-    fused(*inputs)
+    weights = (weights.outputs, weights.inputs)
+    fused = _jitted(transform, partial(case.attend, FUSED))
+    fused(weights, *inputs)
     with jax.transfer_guard("disallow"):
-        got = jax.block_until_ready(fused(*inputs))
-    # The float64 reference sees the same (rounded) inputs and weights.
+        got = jax.block_until_ready(fused(weights, *inputs))
+    # The float64 reference sees the same (rounded) inputs and weights (jitted too: run eagerly,
+    # every primitive of a second-order program would compile on its own, on every worker).
     upcast = partial(jax.tree.map, lambda x: x.astype(jnp.float64))
-    want = _transformed(transform, case, REFERENCE, Weights(*map(upcast, (weights.outputs, weights.inputs))))(
-        *upcast(inputs))
-    plain = jax.jit(_transformed(transform, case, REFERENCE, weights))(*inputs)
+    reference = _jitted(transform, partial(case.attend, REFERENCE))
+    want = reference(upcast(weights), *upcast(inputs))
+    plain = reference(weights, *inputs)
     assert_tree_accurate(f"{case} {transform} {jnp.dtype(dtype).name}", got, want, dtype, plain=plain)
 
 
@@ -529,6 +539,7 @@ def test_gpu_varlen_matches_per_sequence_calls(dtype, transform):
         lse = jnp.concatenate([lse[0] for _, lse in parts], axis=1)
         return jnp.concatenate([out[0] for out, _ in parts]), jnp.where(jnp.isfinite(lse), lse, 0.0)
 
-    got = jax.jit(TRANSFORMS[transform](partial(case.attend, FUSED), weights))(*inputs)
-    want = jax.jit(TRANSFORMS[transform](per_sequence, weights))(*inputs)
+    weights = (weights.outputs, weights.inputs)
+    got = _jitted(transform, partial(case.attend, FUSED))(weights, *inputs)
+    want = _jitted(transform, per_sequence)(weights, *inputs)
     assert_tree_accurate(f"varlen {transform} {jnp.dtype(dtype).name}", got, want, dtype, tol=tolerance(dtype) / 4)
