@@ -260,28 +260,28 @@ def math_oom_attempt(preset: P.Preset) -> dict:
     return outcome
 
 
+def records(path: Path, preset: P.Preset) -> list[dict]:
+    """The records of ``path`` (one JSON object a line) made with ``preset``; none if it is absent."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [r for r in map(json.loads, filter(str.strip, lines)) if r.get("preset") == preset.key()]
+
+
 def done_runs(path: Path, preset: P.Preset) -> set[tuple]:
-    if not path.exists():
-        return set()
-    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(r["framework"], r["method"], r["seed"]) for r in runs if r.get("preset") == preset.key()}
+    return {(r["framework"], r["method"], r["seed"]) for r in records(path, preset)}
+
+
+def maml_estimate(preset: P.Preset, probe: dict) -> float:
+    """Seconds for a whole full-MAML run, from a probe's first and median step."""
+    return probe["first_step_s"] + preset.meta_steps * probe["median_step_s"]
 
 
 def known_estimates(out: Path, preset: P.Preset) -> dict[tuple, float]:
     """Seconds per whole run from an earlier invocation's records in ``out``, so that a resumed
     command budgets its runs without probing again: the last finished run of each (framework,
     method), else full MAML's probe."""
-    estimate = {}
-    probes = out / "probe.jsonl"
-    for line in probes.read_text().splitlines() if probes.exists() else []:
-        record = json.loads(line)
-        if record.get("preset") == preset.key():
-            estimate[record["framework"], "maml"] = record["first_step_s"] + preset.meta_steps * record["median_step_s"]
-    results = out / "results.jsonl"
-    for line in results.read_text().splitlines() if results.exists() else []:
-        record = json.loads(line)
-        if record.get("preset") == preset.key():
-            estimate[record["framework"], record["method"]] = record["train_s"] + record["eval_s"]
+    estimate = {(r["framework"], "maml"): maml_estimate(preset, r) for r in records(out / "probe.jsonl", preset)}
+    estimate.update(((r["framework"], r["method"]), r["train_s"] + r["eval_s"])
+                    for r in records(out / "results.jsonl", preset))
     return estimate
 
 
@@ -321,7 +321,7 @@ def main(argv=None) -> int:
     if args.probe:
         for framework in [f for f in args.frameworks if (f, "maml") not in estimate]:  # the dearest step
             record = train_one(preset, framework, "maml", 0, steps=args.probe, score=False)
-            estimate[framework, "maml"] = record["first_step_s"] + preset.meta_steps * record["median_step_s"]
+            estimate[framework, "maml"] = maml_estimate(preset, record)
             print(f"probe {framework}/maml: first step {record['first_step_s']:.1f} s, "
                   f"{1e3 * record['median_step_s']:.1f} ms/step; training ≈ {estimate[framework, 'maml']:.0f} s",
                   flush=True)
@@ -353,8 +353,7 @@ def main(argv=None) -> int:
     if results.exists():
         from experiments.long_context_adaptation import report
 
-        runs = [run for run in map(json.loads, results.read_text().splitlines()) if run["preset"] == preset.key()]
-        report.write(runs, out)
+        report.write(records(results, preset), out)
     print(f"wall {time.perf_counter() - began:.0f} s; results in {out}")
     return 0
 
