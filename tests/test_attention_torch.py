@@ -397,8 +397,9 @@ VARLEN_ERRORS = [  # (arguments, error, message); totals: 14 queries, 11 keys; m
     (_bad_varlen(max_seqlen_q=8), ValueError, "max_seqlen_q=8 but sequence 2 of cu_seqlens_q has 9 tokens"),
     (_bad_varlen(max_seqlen_k=torch.tensor(5)), ValueError, "max_seqlen_k must be a Python int"),
     (_bad_varlen(cu_seqlens_q=[0, 3, 3, 12, 14]), TypeError, "cu_seqlens_q must be a tensor"),
-    (_bad_varlen(cu_seqlens_k=torch.tensor([0, 5, 7, 11, 11], dtype=I32, device="meta")), ValueError,
-     rf"cu_seqlens_k must be on q's device {DEVICE}(:0)?, got meta"),
+    # An id without the device, so the case has one node id on every machine.
+    pytest.param(_bad_varlen(cu_seqlens_k=torch.tensor([0, 5, 7, 11, 11], dtype=I32, device="meta")), ValueError,
+                 rf"cu_seqlens_k must be on q's device {DEVICE}(:0)?, got meta", id="cu_seqlens_k-on-meta"),
 ]
 
 
