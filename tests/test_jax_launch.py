@@ -13,6 +13,7 @@ import pytest
 import triton
 import triton.language as tl
 
+import _protobuf
 import theria_jax
 from theria_jax import _launch
 from theria_kernels._plan import Buffer, Launch
@@ -160,6 +161,33 @@ def test_xla_native_launch_is_bit_identical_to_the_bridge(command_buffers):
     assert "identical" in result.stdout
 
 
+_ATTEND_ONCE = textwrap.dedent("""
+    import jax, jax.numpy as jnp, theria_jax
+    q = jnp.ones((1, 32, 2, 16), jnp.bfloat16)
+    print(float(jax.jit(lambda q: theria_jax.attention(q, q, q).sum())(q)))
+""")
+
+
+@pytest.mark.gpu
+def test_xla_native_launch_loads_tritons_cubin_without_ptxas():
+    """With the cubin in the call, jaxlib runs no ptxas: a ptxas flag that does not exist
+    (``JAX_TRITON_PTXAS_EXTRA_FLAGS``) breaks the launch only when the cubin is left out
+    (``THERIA_JAX_CUBIN=0``). Fresh processes, so no image is cached from an earlier compile."""
+    if _launch.launcher() != "xla":
+        pytest.skip("jaxlib's Triton target is not available here")
+    env = dict(os.environ, JAX_TRITON_PTXAS_EXTRA_FLAGS="--no-such-ptxas-flag")
+    run = lambda **extra: subprocess.run([sys.executable, "-c", _ATTEND_ONCE], env=dict(env, **extra),  # noqa: E731
+                                         capture_output=True, text=True, timeout=600)
+    without = run(THERIA_JAX_CUBIN="0")
+    if without.returncode == 0:
+        pytest.skip("this jaxlib does not pass JAX_TRITON_PTXAS_EXTRA_FLAGS to ptxas: nothing to tell apart")
+    with_cubin = run()
+    if with_cubin.returncode != 0 and "no-such-ptxas-flag" in with_cubin.stderr:
+        pytest.skip(f"jaxlib {jax.lib.__version__} compiles the PTX even when the call carries a module image")
+    assert with_cubin.returncode == 0, with_cubin.stderr[-4000:]
+    assert float(with_cubin.stdout.split()[-1]) == 1024.0
+
+
 @pytest.mark.gpu
 def test_jitted_attention_takes_the_xla_native_launch():
     """On a GPU the jitted program holds jaxlib's Triton custom call, and no Python callback."""
@@ -172,8 +200,13 @@ def test_jitted_attention_takes_the_xla_native_launch():
 
 # A child process without the interpreter builds the XLA-native custom call of a real attention
 # launch, with jaxlib's launcher module stood in for by a recorder: no GPU is needed to compile
-# for sm_90, and the serialized call must carry one parameter per runtime kernel argument.
+# for sm_90. The serialized call must carry one parameter per runtime kernel argument, and the
+# cubin Triton compiled as the kernel's module image (tests/_protobuf.py reads it back).
 _KERNEL_CALL_CHECK = textwrap.dedent("""
+    import os
+    import zlib
+
+    import _protobuf
     import jax.numpy as jnp
     from jax.core import ShapedArray
     from theria_jax import _launch
@@ -187,6 +220,7 @@ _KERNEL_CALL_CHECK = textwrap.dedent("""
         def TritonKernel(self, name, num_warps, num_ctas, shared, ptx, ttir, capability):
             assert ".entry" in ptx and capability == 90, (name, capability)
             self.kernels.append(name)
+            self.shared = shared
             return name
         def create_array_parameter(self, zero_bytes, alignment):
             self.parameters.append(("array", zero_bytes))
@@ -198,7 +232,7 @@ _KERNEL_CALL_CHECK = textwrap.dedent("""
             self.call = (kernel, (x, y, z), parameters)
             return self
         def to_proto(self, name, metadata):
-            return name.encode()
+            return _protobuf.kernel_call(self.call[0], self.shared, self.call[1], self.call[2], name)
 
     recorder = Recorder()
     _launch._gpu_triton = lambda: recorder
@@ -208,22 +242,54 @@ _KERNEL_CALL_CHECK = textwrap.dedent("""
     (launch,) = forward_plan(call).launches
     avals = tuple(ShapedArray(shape if n == "out" else shape[:3], jnp.bfloat16 if n == "out" else jnp.float32)
                   for n in launch.writes_buffers)
-    _launch._kernel_call(launch, (jnp.dtype(jnp.bfloat16),) * len(launch.reads_buffers), avals,
-                         (False,) * len(avals), 90)
+    serialized = _launch._kernel_call(launch, (jnp.dtype(jnp.bfloat16),) * len(launch.reads_buffers), avals,
+                                      (False,) * len(avals), 90)
     kernel, grid, parameters = recorder.call
     arrays = [p for p in parameters if p[0] == "array"]
     assert len(arrays) == len(launch.reads_buffers) + len(launch.writes_buffers), parameters
     assert grid == launch.grid and kernel == recorder.kernels[0]
-    print("kernel call:", kernel, len(parameters), "parameters")
+    # The call carries Triton's cubin for sm_90 as the kernel's module image (name and shared
+    # memory as the kernel's), with everything to_proto wrote unchanged; THERIA_JAX_CUBIN=0 leaves
+    # the serialized call as to_proto wrote it.
+    wrote = _protobuf.decode(recorder.to_proto(kernel, b""), _protobuf.ANY_KERNEL_CALL)
+    sent = _protobuf.decode(zlib.decompress(serialized), _protobuf.ANY_KERNEL_CALL)
+    (call_fields,), (wrote_call,) = [v for n, v in sent if n == 1], [v for n, v in wrote if n == 1]
+    kernel_fields = call_fields[0][1]
+    image = [v for n, v in kernel_fields if n == 11]
+    assert len(image) == 1, kernel_fields
+    assert [f for f in kernel_fields if f[0] != 11] == wrote_call[0][1], "the kernel's own fields changed"
+    assert call_fields[1:] == wrote_call[1:] and [f for f in sent if f[0] != 1] == [f for f in wrote if f[0] != 1]
+    cubin, name, shared = (dict(image[0])[n] for n in (1, 2, 3))
+    assert cubin[:4] == b"\\x7fELF" and name == kernel.encode() and shared == recorder.shared, (name, shared)
+    os.environ["THERIA_JAX_CUBIN"] = "0"
+    assert zlib.decompress(_launch._kernel_call(launch, (jnp.dtype(jnp.bfloat16),) * len(launch.reads_buffers),
+                                                avals, (False,) * len(avals), 90)) == recorder.to_proto(kernel, b"")
+    print("kernel call:", kernel, len(parameters), "parameters,", len(cubin), "bytes of cubin")
 """)
+
+
+def test_module_image_joins_the_kernel_and_changes_nothing_else():
+    """The cubin goes into TritonAnyKernelCall.kernel_call.kernel.module_image; every other field,
+    of every wire type (varints, a negative one, 4- and 8-byte floats, strings, nested parameters),
+    reads back as it was."""
+    parameters = [("array", 0), ("array", 4096), ("i32", 7), ("fp32", 0.5), ("fp64", 2.0), ("i64", -3)]
+    wrote = _protobuf.kernel_call("_attn_fwd_kernel", 50176, (5, 3, 2), parameters, "_attn_fwd_kernel")
+    image = _launch.module_image_proto(b"\x7fELF" + bytes(range(256)) * 3, "_attn_fwd_kernel", 50176)
+    sent = _protobuf.decode(_launch.with_module_image(wrote, image), _protobuf.ANY_KERNEL_CALL)
+    wrote = _protobuf.decode(wrote, _protobuf.ANY_KERNEL_CALL)
+    (kernel_number, kernel), *call_rest = sent[0][1]
+    assert kernel_number == 1 and kernel[:-1] == wrote[0][1][0][1] and call_rest == wrote[0][1][1:]
+    assert sent[1:] == wrote[1:]
+    assert (call_rest[-1][1][0][1], call_rest[-2][1][0][1]) == (-3 + (1 << 64), ("fixed64", 2.0))
+    assert kernel[-1] == (11, [(1, b"\x7fELF" + bytes(range(256)) * 3), (2, b"_attn_fwd_kernel"), (3, 50176)])
 
 
 def test_xla_native_kernel_call_is_built_for_sm90_without_a_gpu():
     """The XLA-native lowering's compile-and-serialise step, for a real forward launch compiled
     for sm_90 on any machine (the GPU test above runs it; this one keeps it covered on the CPU)."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _KERNEL_CALL_CHECK], env=env, capture_output=True, text=True,
-                            timeout=600)
+    code = f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n" + _KERNEL_CALL_CHECK
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "kernel call: _attn_fwd_kernel" in result.stdout
 

@@ -11,6 +11,12 @@ jaxlib's own Triton launcher or to the DLPack bridge.
 ``THERIA_JAX_LAUNCH=xla`` or ``=bridge`` forces one (``xla`` raises where it is unavailable);
 unset, the XLA-native path is taken wherever it is available. :func:`launcher` reports the choice.
 
+The XLA-native call carries Triton's own machine code (the cubin it compiled, from its on-disk
+cache when warm) beside the PTX, as the ``module_image`` of jaxlib's ``TritonKernel`` message:
+jaxlibs that read it load the cubin instead of running ptxas on the PTX in every process (0.2-8 s
+per kernel on the CPU, the dearest for the float32 second-order kernels); older ones ignore the
+field and compile the PTX as before. ``THERIA_JAX_CUBIN=0`` leaves the cubin out.
+
 Buffers between launches (delta, rho, the grouped-query partials) are XLA values like any other;
 buffers that must start at zero are zeroed by jaxlib's launcher (or created as zeros when no
 launch writes them).
@@ -148,7 +154,7 @@ def _kernel_call(launch, in_dtypes, out_avals, zeroed, capability: int) -> bytes
     found = launch.compiled.get(key)
     if found is None:
         found = launch.compiled[key] = _compile(launch, dtypes, capability, gpu_triton)
-    kernel, specialization = found
+    kernel, specialization, module_image = found
     zero_bytes = {name: aval.size * aval.dtype.itemsize
                   for name, aval, zero in zip(launch.writes_buffers, out_avals, zeroed) if zero}
     parameters = []
@@ -161,7 +167,10 @@ def _kernel_call(launch, in_dtypes, out_avals, zeroed, capability: int) -> bytes
             parameters.append(gpu_triton.create_scalar_parameter(value, kind))
     grid = launch.grid
     call = gpu_triton.TritonKernelCall(kernel, grid[0], grid[1], grid[2], parameters)
-    return zlib.compress(call.to_proto(getattr(launch.kernel, "__name__", "theria_kernel"), b""))
+    serialized = call.to_proto(getattr(launch.kernel, "__name__", "theria_kernel"), b"")
+    if os.environ.get("THERIA_JAX_CUBIN", "1") != "0":
+        serialized = with_module_image(serialized, module_image)
+    return zlib.compress(serialized)
 
 
 def _compile(launch, dtypes: dict, capability: int, gpu_triton):
@@ -181,4 +190,77 @@ def _compile(launch, dtypes: dict, capability: int, gpu_triton):
         triton_kernel = gpu_triton.TritonKernel(*arguments)
     except TypeError:  # jaxlibs whose TritonKernel takes no num_ctas
         triton_kernel = gpu_triton.TritonKernel(*arguments[:2], *arguments[3:])
-    return triton_kernel, specialization
+    return triton_kernel, specialization, module_image_proto(compiled.asm["cubin"], metadata.name, metadata.shared)
+
+
+# jaxlib/gpu/triton.proto's field numbers, for the one edit made to the serialized call: the
+# bindings build a TritonKernel from PTX only, and this adds the cubin Triton already produced.
+_ANY_CALL_KERNEL_CALL = 1  # TritonAnyKernelCall.kernel_call
+_KERNEL_CALL_KERNEL = 1  # TritonKernelCall.kernel
+_KERNEL_MODULE_IMAGE = 11  # TritonKernel.module_image: ModuleImageProto
+_IMAGE_OBJECT_FILE, _IMAGE_KERNEL_NAME, _IMAGE_SHARED_MEM_BYTES = 1, 2, 3  # ModuleImageProto's fields
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if byte < 0x80:
+            return value, at
+
+
+def _bytes_field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def module_image_proto(cubin: bytes, kernel_name: str, shared_mem_bytes: int) -> bytes:
+    """A serialized ``TritonKernel.module_image`` field: the kernel's machine code, its name and its
+    dynamic shared memory (the keys under which jaxlib caches a loaded image)."""
+    image = (_bytes_field(_IMAGE_OBJECT_FILE, cubin) + _bytes_field(_IMAGE_KERNEL_NAME, kernel_name.encode())
+             + _varint(_IMAGE_SHARED_MEM_BYTES << 3) + _varint(shared_mem_bytes))
+    return _bytes_field(_KERNEL_MODULE_IMAGE, image)
+
+
+def _edit_field(message: bytes, number: int, edit) -> bytes:
+    """``message`` with each length-delimited field ``number`` replaced by ``edit`` of its payload;
+    every other field copied as it is."""
+    out, at = bytearray(), 0
+    while at < len(message):
+        start = at
+        tag, at = _read_varint(message, at)
+        wire_type = tag & 7
+        if wire_type == 0:
+            _, at = _read_varint(message, at)
+        elif wire_type == 1:
+            at += 8
+        elif wire_type == 5:
+            at += 4
+        elif wire_type == 2:
+            length, payload = _read_varint(message, at)
+            at = payload + length
+            if tag >> 3 == number:
+                out += _bytes_field(number, edit(message[payload:at]))
+                continue
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire_type} in jaxlib's TritonAnyKernelCall")
+        out += message[start:at]
+    return bytes(out)
+
+
+def with_module_image(any_kernel_call: bytes, module_image: bytes) -> bytes:
+    """A serialized ``TritonAnyKernelCall`` (``TritonKernelCall.to_proto``) whose kernel also carries
+    ``module_image`` (:func:`module_image_proto`). Protobuf parsers take a message's fields in any
+    order, so the field is appended to the kernel's and the enclosing lengths re-encoded."""
+    return _edit_field(any_kernel_call, _ANY_CALL_KERNEL_CALL,
+                       lambda call: _edit_field(call, _KERNEL_CALL_KERNEL, lambda kernel: kernel + module_image))
