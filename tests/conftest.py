@@ -41,6 +41,11 @@ def pytest_cmdline_main(config):
 
 def pytest_collection_modifyitems(config, items):
     if ON_GPU:
+        # The GPU-only cases are the long ones there (each compiles its kernels for the GPU): started
+        # first, they spread over the workers instead of leaving one worker to finish the last of
+        # them alone (one H200 run: 718 of 781 cases in 10 minutes, the GPU cases of the files late
+        # in the alphabet not reached). The sort is stable: file order holds within each group.
+        items.sort(key=lambda item: "gpu" not in item.keywords)
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (this machine runs the kernels in Triton's interpreter)")
     for item in items:
