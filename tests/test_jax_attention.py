@@ -8,6 +8,7 @@ sizes with the float64 reference by the criterion of the torch GPU tests.
 
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -119,8 +120,7 @@ def _random_like(tree, seed):
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Weights:
+class Weights(NamedTuple):  # a pytree: jitted functions take it as an argument
     outputs: tuple  # shaped like (out, lse): loss weights
     inputs: tuple  # shaped like (q, k, v): tangents, and weights of losses of the gradients
 
@@ -194,7 +194,7 @@ def _jitted(transform, attend):
     are arguments, not constants closed over, which XLA would fold at compile time (the products of
     two tangents in a second-order program are dots of constants: seconds each, on the host, at the
     GPU cases' shapes)."""
-    return jax.jit(lambda weights, *x: TRANSFORMS[transform](attend, Weights(*weights))(*x))
+    return jax.jit(lambda weights, *x: TRANSFORMS[transform](attend, weights)(*x))
 
 
 @pytest.mark.parametrize("transform", list(TRANSFORMS))
@@ -202,8 +202,8 @@ def _jitted(transform, attend):
 def test_transformation_matches_reference(case, transform):
     inputs = case.inputs()
     weights = _weights(case, inputs)
-    got = _jitted(transform, partial(case.attend, FUSED))((weights.outputs, weights.inputs), *inputs)
-    want = _jitted(transform, partial(case.attend, REFERENCE))((weights.outputs, weights.inputs), *inputs)
+    got = _jitted(transform, partial(case.attend, FUSED))(weights, *inputs)
+    want = _jitted(transform, partial(case.attend, REFERENCE))(weights, *inputs)
     assert_tree_accurate(f"{case} {transform}", got, want, jnp.float64)
 
 
@@ -504,7 +504,6 @@ def test_gpu_matches_float64_reference(case, dtype, transform):
     kernel at its GPU tiles."""
     inputs = tuple(x.astype(dtype) for x in case.inputs(seed=14))
     weights = _weights(case, inputs, seed=15)
-    weights = (weights.outputs, weights.inputs)
     fused = _jitted(transform, partial(case.attend, FUSED))
     fused(weights, *inputs)
     with jax.transfer_guard("disallow"):
@@ -539,7 +538,6 @@ def test_gpu_varlen_matches_per_sequence_calls(dtype, transform):
         lse = jnp.concatenate([lse[0] for _, lse in parts], axis=1)
         return jnp.concatenate([out[0] for out, _ in parts]), jnp.where(jnp.isfinite(lse), lse, 0.0)
 
-    weights = (weights.outputs, weights.inputs)
     got = _jitted(transform, partial(case.attend, FUSED))(weights, *inputs)
     want = _jitted(transform, per_sequence)(weights, *inputs)
     assert_tree_accurate(f"varlen {transform} {jnp.dtype(dtype).name}", got, want, dtype, tol=tolerance(dtype) / 4)
