@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
+
+from _timing import median_wall_ms
 
 MODES = ("fwd", "grad", "hvp", "grad2")
 PRESETS = {"tiny": "64,4,256,16", "medium": "8,16,1024,64", "large": "8,16,4096,64", "large_d128": "4,16,4096,128"}
@@ -98,25 +98,10 @@ def _compiled_with_bridge(fn, q, k, v):
         del os.environ["THERIA_JAX_LAUNCH"]
 
 
-def median_ms(call, sync, reps: int, burst: int) -> float:
-    """Median wall time per call of ``burst`` calls and one ``sync``, after warm-up."""
-    for _ in range(3):
-        call()
-    sync()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(burst):
-            result = call()
-        sync(result)
-        times.append((time.perf_counter() - start) / burst)
-    return 1e3 * statistics.median(times)
-
-
 def measure(call, sync, reps, burst) -> float | str:
     """Median ms, or the first line of the error (unsupported derivative, out of memory)."""
     try:
-        return median_ms(call, sync, reps, burst)
+        return median_wall_ms(call, sync, reps, burst)
     except Exception as err:  # noqa: BLE001 - every failure is a table entry, not a crash
         return (str(err).strip().splitlines() or [type(err).__name__])[0][:70]
 

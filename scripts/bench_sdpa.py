@@ -10,6 +10,15 @@ to math):
 
     python scripts/bench_sdpa.py --preset large --dtype bfloat16 --mode fwd fwd_bwd
     python scripts/bench_sdpa.py --preset medium --mode hvp jvp --causal
+    python scripts/bench_sdpa.py --preset tiny --mode fwd fwd_bwd hvp     # per-call wall time
+
+Timing (``--timing``): ``wall`` is a user's eager time per call (a burst of back-to-back calls and
+one sync, timed on the host; scripts/_timing.py), the default for the tiny preset, where the host
+is the cost; ``events`` is ``triton.testing.do_bench`` (CUDA events around each call after an L2
+clear: the device's time when the host keeps up, the default elsewhere); ``graph`` (or
+``--graph``) times CUDA-graph replays, the device's time alone. Under ``events`` a host path
+shorter than the L2-clearing kernel (a 256 MB write) overlaps it and does not show, so
+``events`` must not be read as wall time at small shapes.
 
 --varlen times theria alone, on equal total tokens: flash_attn_func on the padded B×T batch,
 flash_attn_varlen_func on the same B·T tokens packed as B sequences of length T (the same work,
@@ -35,6 +44,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from theria_kernels.attention import AttentionParams
 from theria_kernels.attention.torch_launchers import attention_backward_backward, attention_forward
 from theria_torch import flash_attn_func, flash_attn_varlen_func, sdpa_custom
+
+from _timing import median_wall_ms
 
 PRESETS = {  # B, H, T, D
     "tiny": (64, 4, 256, 16),  # the MAML shape
@@ -92,7 +103,7 @@ def varlen_cases(causal: bool, window: tuple[int, int], batch: int, seq: int, de
     }
 
 
-def bench_varlen(args, q, k, v):
+def bench_varlen(args, q, k, v, timing: str):
     """Rows per mode: padded, varlen with equal lengths, varlen with random lengths (see the
     docstring); q, k, v are the (B, H, T, D) inputs of the other modes."""
     batch, heads, seq, head_dim = q.shape
@@ -109,7 +120,7 @@ def bench_varlen(args, q, k, v):
             d_out = pack(d_out_bthd)
             tangents = tuple(pack(t) for t in tangents_bthd)
             flops = 4 * heads * head_dim * sum(n * n for n in lengths) * fraction
-            results[name] = (measure(workload(mode, attend, *inputs, d_out, tangents), args.graph), flops)
+            results[name] = (measure(workload(mode, attend, *inputs, d_out, tangents), timing), flops)
         padded = results["padded"][0]
         for name, (res, flops) in results.items():
             if isinstance(res, str):
@@ -138,9 +149,9 @@ def workload(mode: str, attend, q, k, v, d_out, tangents):
     raise ValueError(mode)
 
 
-def measure(fn, graph: bool) -> tuple[float, float] | str:
-    """(median ms, peak MB above what was allocated before), or the error's first line. With
-    ``graph`` the time is of a CUDA-graph replay: the device's time alone, without the host's."""
+def measure(fn, timing: str) -> tuple[float, float] | str:
+    """(median ms, peak MB above what was allocated before), or the error's first line. ``timing``
+    is ``wall``, ``events`` or ``graph`` (the module's docstring)."""
     import triton.testing
 
     try:
@@ -151,10 +162,12 @@ def measure(fn, graph: bool) -> tuple[float, float] | str:
         fn()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        if graph:
+        if timing == "graph":
             ms = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-        else:
+        elif timing == "events":
             ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        else:
+            ms = median_wall_ms(fn, lambda _: torch.cuda.synchronize(), reps=50, burst=10)
         return ms, peak
     except (RuntimeError, NotImplementedError) as err:  # unsupported derivative, out of memory
         torch.cuda.empty_cache()
@@ -172,13 +185,17 @@ def main():
     parser.add_argument("--mode", nargs="+", choices=["fwd", "fwd_bwd", "jvp", "hvp"], default=["fwd", "fwd_bwd"])
     parser.add_argument("--skip", nargs="*", default=[], help="implementations to leave out, e.g. math")
     parser.add_argument("--heads-kv", type=int, help="key/value heads (grouped-query); default: H")
-    parser.add_argument("--graph", action="store_true",
-                        help="time CUDA-graph replays (device time only; small calls are otherwise host-bound)")
+    parser.add_argument("--timing", choices=["wall", "events", "graph"],
+                        help="wall (per-call wall time), events (do_bench) or graph (CUDA-graph replays); "
+                             "default: wall for the tiny preset, events otherwise")
+    parser.add_argument("--graph", action="store_true", help="--timing graph")
     parser.add_argument("--varlen", action="store_true",
                         help="theria only: flash_attn_varlen_func against the padded batch on equal total tokens")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_sdpa.py needs a CUDA GPU")
+    tiny = args.preset == "tiny" and not args.shape
+    timing = "graph" if args.graph else args.timing or ("wall" if tiny else "events")
 
     batch, heads, seq, head_dim = map(int, args.shape.split(",")) if args.shape else PRESETS[args.preset]
     dtype = getattr(torch, args.dtype)
@@ -192,25 +209,25 @@ def main():
     window = tuple(map(int, args.window.split(",")))
     if args.varlen:
         print(f"# {torch.cuda.get_device_name()} B={batch} H={heads} H_kv={heads_kv} T={seq} D={head_dim} "
-              f"{args.dtype} causal={args.causal} window={window} timing={'CUDA graph' if args.graph else 'eager'}, "
+              f"{args.dtype} causal={args.causal} window={window} timing={timing}, "
               "varlen against padded")
-        bench_varlen(args, q, k, v)
+        bench_varlen(args, q, k, v, timing)
         return
     impls = {"theria": theria(args.causal, window), **{n: torch_sdpa(n, args.causal) for n in TORCH_BACKENDS}}
     impls = {n: f for n, f in impls.items() if n not in args.skip}
 
     print(f"# {torch.cuda.get_device_name()} B={batch} H={heads} H_kv={heads_kv} T={seq} D={head_dim} {args.dtype} "
-          f"causal={args.causal} window={window} timing={'CUDA graph' if args.graph else 'eager'}")
+          f"causal={args.causal} window={window} timing={timing}")
     print(f"{'mode':8s} {'impl':16s} {'ms':>9s} {'TFLOP/s':>8s} {'peak MB':>9s} {'vs flash':>9s} {'vs math':>8s}")
     for mode in args.mode:
-        results = {name: measure(workload(mode, fn, q, k, v, d_out, tangents), args.graph)
+        results = {name: measure(workload(mode, fn, q, k, v, d_out, tangents), timing)
                    for name, fn in impls.items()}
         if mode == "hvp":
             params = AttentionParams(scale=1 / math.sqrt(head_dim), causal=args.causal)
             qd, kd, vd = (t.detach() for t in (q, k, v))
             out, lse = attention_forward(qd, kd, vd, params)
             results["theria bwd_bwd"] = measure(
-                lambda: attention_backward_backward(qd, kd, vd, out, lse, d_out, None, *tangents, params), args.graph)
+                lambda: attention_backward_backward(qd, kd, vd, out, lse, d_out, None, *tangents, params), timing)
         for name, res in results.items():
             if isinstance(res, str):
                 print(f"{mode:8s} {name:16s} {'error: ' + res}")
