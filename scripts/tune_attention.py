@@ -80,7 +80,7 @@ def with_tile(kind: str, block_d: int, dtype: str, capability: int, candidate):
     on a device of ``capability``, and forget cached plans; returns the entry's previous tile."""
     from theria_kernels.attention import _launch, _tuning
 
-    row = _tuning.TILE_TABLES[_tuning.table_capability(capability)][kind][max(block_d, 64)]
+    row = _tuning.TILE_TABLES[_tuning.table_capability(capability)][kind][_tuning.head_dim_class(block_d)]
     previous = row[_tuning.DTYPE_BYTES[dtype]]
     row[_tuning.DTYPE_BYTES[dtype]] = tuple(candidate)
     for builder in (_launch.forward_plan, _launch.backward_plan, _launch.backward_backward_plan):
@@ -174,7 +174,7 @@ def main():
     # (kind, padded head dim) → its shapes, its current tile and its candidates.
     groups = {}
     for kind, shape in itertools.product(args.kinds, shapes):
-        block_d = max(triton.next_power_of_2(shape[-1]), 64)
+        block_d = _tuning.head_dim_class(triton.next_power_of_2(shape[-1]))
         group = groups.setdefault((kind, block_d), dict(shapes=[], current=_tuning.tile(
             capability, kind, block_d, args.dtype)))
         group["shapes"].append(shape)

@@ -99,6 +99,16 @@ KNOWN_SPILLS = {
     (100, "backward_backward", 256, 2, "bwd_bwd_cols"), (100, "backward_backward", 256, 2, "bwd_bwd_rows"),
     (100, "forward_second", 128, 2, "fwd"), (100, "forward_second", 256, 2, "fwd"),
     (100, "jvp", 256, 2, "fwd"),
+    # the 32 head-dim class (the 64 class's tiles)
+    (80, "backward", 32, 2, "bwd_dkdv"), (80, "backward_backward", 32, 2, "bwd_bwd_cols"),
+    (80, "backward_backward", 32, 2, "bwd_bwd_rows"), (80, "forward_second", 32, 2, "fwd"),
+    (89, "backward", 32, 2, "bwd_dkdv"), (89, "backward_backward", 32, 2, "bwd_bwd_cols"),
+    (89, "backward_backward", 32, 2, "bwd_bwd_rows"), (89, "forward_second", 32, 2, "fwd"),
+    (90, "backward", 32, 4, "bwd_dkdv"), (90, "backward_backward", 32, 2, "bwd_bwd_cols"),
+    (90, "backward_backward", 32, 4, "bwd_bwd_cols"), (90, "backward_backward", 32, 4, "bwd_bwd_rows"),
+    (90, "backward_backward", 32, 8, "bwd_bwd_cols"), (90, "forward_second", 32, 4, "fwd"),
+    (90, "forward_second", 32, 8, "fwd"), (90, "jvp", 32, 4, "fwd"),
+    (100, "backward_backward", 32, 2, "bwd_bwd_cols"),
 }
 # sm_89"s float64 JVP at head dim 256 and sm_90"s float64 double-backward columns at 256 need more
 # shared memory than the target has at the smallest tile, 16 × 16.

@@ -1,8 +1,8 @@
 """Attention's tile tables, one per GPU architecture, and what each target gives one program.
 
 A tile is ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``: row sweeps tile queries by BLOCK_M,
-column sweeps keys by BLOCK_N. Each table maps sweep kind → padded head dim (64, 128, 256; head
-dims up to 64 use the 64 entry) → dtype class (bytes per element: 2 for float16 and bfloat16, 4
+column sweeps keys by BLOCK_N. Each table maps sweep kind → head-dim class (``head_dim_class``:
+32 for head dims up to 32, the head dims of MAML's small models, then 64, 128, 256) → dtype class (bytes per element: 2 for float16 and bfloat16, 4
 for float32, 8 for float64) → tile. The forward kinds key by the padded head dim also where they
 split it (``_launch.head_dim_parts``): the split tiles are narrower.
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 
 KINDS = ("forward", "jvp", "forward_second", "backward", "backward_backward")
-HEAD_DIMS = (64, 128, 256)
+HEAD_DIMS = (32, 64, 128, 256)
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
 # Shared memory one program may use (CUDA's per-block opt-in limit, bytes): the multiprocessor's
@@ -45,29 +45,35 @@ Tile = tuple[int, int, int, int]
 
 # Hopper (H100, H200): tuned by timing. The 4- and 8-byte entries halve and quarter the 2-byte
 # tile and drop one and two pipeline stages: wider elements need that much more shared memory and
-# registers per tile.
+# registers per tile. The 32 class (head dims up to 32) starts as the 64 class's tiles, which it
+# used before it had its own row; it is to be timed at MAML's shapes (docs/design/tuning.md §6).
 SM90: dict[str, dict[int, dict[int, Tile]]] = {
     "forward": {
+        32: {2: (128, 64, 4, 3), 4: (64, 32, 4, 2), 8: (32, 16, 4, 1)},
         64: {2: (128, 64, 4, 3), 4: (64, 32, 4, 2), 8: (32, 16, 4, 1)},
         128: {2: (128, 64, 8, 3), 4: (64, 32, 8, 2), 8: (32, 16, 8, 1)},
         256: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
     },
     "jvp": {
+        32: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
         64: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
         128: {2: (128, 64, 8, 2), 4: (64, 32, 8, 1), 8: (32, 16, 8, 1)},
         256: {2: (32, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
     },
     "forward_second": {
+        32: {2: (64, 32, 4, 1), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
         64: {2: (64, 32, 4, 1), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
         128: {2: (32, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
         256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
     },
     "backward": {
+        32: {2: (64, 64, 4, 3), 4: (32, 32, 4, 2), 8: (16, 16, 4, 1)},
         64: {2: (64, 64, 4, 3), 4: (32, 32, 4, 2), 8: (16, 16, 4, 1)},
         128: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
         256: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
     },
     "backward_backward": {
+        32: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
         64: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
         128: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
         256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
@@ -124,10 +130,16 @@ def table_capability(capability: int) -> int:
     return TABLE_ALIASES.get(capability, FALLBACK_CAPABILITY)
 
 
+def head_dim_class(block_d: int) -> int:
+    """The tables' head-dim key of a head dim padded to ``block_d``: the smallest of ``HEAD_DIMS``
+    at least as large."""
+    return next(head_dim for head_dim in HEAD_DIMS if block_d <= head_dim)
+
+
 def tile(capability: int, kind: str, block_d: int, dtype: str) -> Tile:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of one sweep ``kind`` on a device of
     ``capability`` for a head dim padded to ``block_d`` and a dtype name."""
-    return TILE_TABLES[table_capability(capability)][kind][max(block_d, 64)][DTYPE_BYTES[dtype]]
+    return TILE_TABLES[table_capability(capability)][kind][head_dim_class(block_d)][DTYPE_BYTES[dtype]]
 
 
 # ----------------------------------------------------------------------------------------------
