@@ -8,14 +8,20 @@ Triton specialises on) can differ between calls. The first call of each key goes
 ``JITFunction.run``, which compiles and launches. In Triton's interpreter every launch goes through
 the interpreter. ``THERIA_TORCH_LAUNCH=triton`` forces ``JITFunction.run`` on every call (to compare
 the two).
+
+Kernels that create tensor descriptors on the device (the attention forward's TMA loads) need
+Triton's global scratch, which Triton asks of the allocator set with ``triton.set_allocator``; where
+none is set, this launcher lends torch's caching allocator for those launches only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 from triton import knobs
+from triton.runtime import _allocation
 from triton.runtime.driver import driver
 
 from theria_kernels._contracts import is_interpreter
@@ -81,13 +87,15 @@ def launch_one(launch, tensors: dict) -> None:
         return
     device = pointers[0].device.index
     key = (device, *(t.data_ptr() % 16 == 0 for t in pointers))
-    compiled = launch.compiled.get(key)
-    if compiled is None:
+    found = launch.compiled.get(key)
+    if found is None:
         # Compiles (or finds Triton's cached binary) and launches; later calls skip the binding.
-        compiled = launch.kernel[launch.grid](*args, num_warps=launch.num_warps, num_stages=launch.num_stages)
+        with _scratch_allocator():
+            compiled = launch.kernel[launch.grid](*args, num_warps=launch.num_warps, num_stages=launch.num_stages)
         compiled._init_handles()
-        launch.compiled[key] = compiled
+        launch.compiled[key] = compiled, bool(compiled.metadata.global_scratch_size)
         return
+    compiled, scratch = found
     stream = _current_stream(device)
     enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
     if _hooked(enter) or _hooked(leave):  # a profiler listens: hand it what JITFunction.run would
@@ -95,8 +103,27 @@ def launch_one(launch, tensors: dict) -> None:
     else:  # Triton's hook chains are always set; empty ones would only cost two Python calls
         enter = leave = metadata = None
     grid = launch.grid
-    compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata, enter,
-                 leave, *args)
+    with _scratch_allocator() if scratch else contextlib.nullcontext():
+        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata,
+                     enter, leave, *args)
+
+
+def _torch_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    # The caching allocator's blocks start at 512-byte boundaries, above any alignment Triton asks.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+@contextlib.contextmanager
+def _scratch_allocator():
+    """torch's allocator as Triton's for the launches inside, unless the user set one."""
+    if _allocation._allocator.get() is not _allocation._NULL_ALLOCATOR:
+        yield
+        return
+    token = _allocation._allocator.set(_torch_scratch)
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)
 
 
 def _hooked(hook) -> bool:

@@ -32,7 +32,10 @@ from _attention_cases import (
     varlen_reference_fn,
 )
 from _numerics import assert_accurate
+from _device import INTERPRETER
 import theria_kernels.attention._launch as launch
+import theria_kernels.attention._tuning as tuning
+import theria_kernels.attention.torch_launchers as torch_launchers
 from theria_kernels.attention._launch import cdiv, next_power_of_2
 from theria_kernels.attention.torch_launchers import (
     _device,
@@ -337,6 +340,68 @@ def test_split_head_dim(head_dim, dtype, check, monkeypatch):
         SPLIT_CHECKS[check](q, k, v, params, reference_fn(params), dtype)
     finally:
         clear_plans()
+
+
+TMA_CHECKS = {"forward_and_backward": _check_forward_and_backward, "jvp": _check_jvp,
+              "forward_second": _check_forward_second}
+
+
+def _tma_flags() -> set:
+    """The TMA flag of every cached forward plan."""
+    return {plan.launches[0].arguments["TMA"] for plan in torch_launchers._PLANS.values()
+            if "TMA" in plan.launches[0].arguments}
+
+
+@pytest.fixture
+def tma_on(monkeypatch):
+    """Every forward kind loads K and V through tensor descriptors where a call allows it (no tile
+    table turns TMA on until it is timed, so the tests force it as THERIA_ATTENTION_TMA=1 does)."""
+    monkeypatch.setattr(tuning, "TMA_OVERRIDE", True)
+    clear_plans()  # plans are cached with the choice they were built with
+    yield
+    clear_plans()
+
+
+@pytest.mark.parametrize("check", list(TMA_CHECKS))
+@pytest.mark.parametrize("mask", MASKS[2:], ids=MASK_IDS[2:])
+@pytest.mark.parametrize("packed", [False, True], ids=["fixed", "varlen"])
+def test_tma_loads(packed, mask, check, tma_on):
+    """The forward kinds with TMA loads: grouped heads, odd lengths whose last key block is partly
+    past the keys (the descriptor's box reads zeros there), rows that see no key, and packed
+    sequences (each descriptor spans one sequence's keys, so no box reads the next sequence's)."""
+    if packed:
+        q, k, v, params, fn, varlen = _varlen_case(16, torch.float64, mask, seed=8)
+        TMA_CHECKS[check](q, k, v, params, fn, torch.float64, **varlen)
+    else:
+        q, k, v, params = _case(SHAPES[1], 16, torch.float32, mask, seed=8)
+        TMA_CHECKS[check](q, k, v, params, reference_fn(params), torch.float32)
+    assert _tma_flags() == {True}
+
+
+def test_tma_loads_give_the_masked_loads_numbers(tma_on):
+    """In the interpreter the descriptors' loads are the masked loads' numbers, bit for bit; a k or
+    v whose data starts off a 16-byte boundary (a view one element into its buffer) takes the
+    masked loads."""
+    if not INTERPRETER:
+        pytest.skip("compiled kernels may schedule the two loads' arithmetic differently: "
+                    "test_tma_loads holds them to the accuracy criterion")
+    q, k, v, params = _case(SHAPES[2], 32, torch.float32, MASKS[2], seed=9)
+    with_tma = attention_forward(q, k, v, params)
+    assert _tma_flags() == {True}
+    buffer = torch.empty(1 + k.numel(), dtype=k.dtype, device=k.device)
+    k_off = buffer[1:].view_as(k).copy_(k)
+    tuning.TMA_OVERRIDE = False
+    clear_plans()
+    without = attention_forward(q, k, v, params)
+    assert _tma_flags() == {False}
+    for a, b in zip(with_tma, without):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    tuning.TMA_OVERRIDE = True
+    clear_plans()
+    misaligned = attention_forward(q, k_off, v, params)
+    assert _tma_flags() == {False}
+    for a, b in zip(misaligned, without):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_strided_inputs_match_contiguous():

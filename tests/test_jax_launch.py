@@ -188,6 +188,38 @@ def test_xla_native_launch_loads_tritons_cubin_without_ptxas():
     assert float(with_cubin.stdout.split()[-1]) == 1024.0
 
 
+# Forward and JVP of a jitted call (odd length, grouped heads, causal) against the reference, in a
+# process whose plans load K and V with TMA or not as THERIA_ATTENTION_TMA says.
+_TMA_ATTEND = textwrap.dedent("""
+    import jax, jax.numpy as jnp, theria_jax
+    from theria_kernels.attention._tuning import TMA_OVERRIDE
+    jax.config.update("jax_default_matmul_precision", "highest")  # the reference's dots in IEEE float32 too
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    q = jax.random.normal(keys[0], (2, 77, 4, 64), jnp.float32)
+    k, v = (jax.random.normal(key, (2, 77, 2, 64), jnp.float32) for key in keys[1:])
+    def run(backend):
+        attend = lambda q, k, v: theria_jax.attention(q, k, v, causal=True, backend=backend)
+        return jax.jit(lambda q, k, v: jax.jvp(attend, (q, k, v), (v[:, :, :1].repeat(4, 2), k, q[:, :, :2])))(q, k, v)
+    errors = [float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) for a, b in zip(run("triton_full_fused"),
+                                                                                 run("reference"))]
+    print("tma", TMA_OVERRIDE, "errors", max(errors))
+""")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tma", ["0", "1"], ids=["pointer_loads", "tma_loads"])
+def test_xla_native_launch_with_and_without_tma(tma):
+    """jaxlib allocates the global scratch of a kernel that builds tensor descriptors: the forward
+    and JVP with TMA loads match the reference as those without do."""
+    if _launch.launcher() != "xla":
+        pytest.skip("jaxlib's Triton target is not available here")
+    result = subprocess.run([sys.executable, "-c", _TMA_ATTEND], env=dict(os.environ, THERIA_ATTENTION_TMA=tma),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    flag, error = result.stdout.split()[-3], float(result.stdout.split()[-1])
+    assert flag == str(tma == "1") and error < 1e-5, result.stdout
+
+
 @pytest.mark.gpu
 def test_jitted_attention_takes_the_xla_native_launch():
     """On a GPU the jitted program holds jaxlib's Triton custom call, and no Python callback."""
@@ -217,10 +249,10 @@ _KERNEL_CALL_CHECK = textwrap.dedent("""
     class Recorder:
         def __init__(self):
             self.kernels, self.parameters = [], []
-        def TritonKernel(self, name, num_warps, num_ctas, shared, ptx, ttir, capability):
+        def TritonKernel(self, name, num_warps, num_ctas, shared, ptx, ttir, capability, **scratch):
             assert ".entry" in ptx and capability == 90, (name, capability)
             self.kernels.append(name)
-            self.shared = shared
+            self.shared, self.scratch, self.tma_loads = shared, scratch, ptx.count("cp.async.bulk.tensor")
             return name
         def create_array_parameter(self, zero_bytes, alignment):
             self.parameters.append(("array", zero_bytes))
@@ -265,6 +297,7 @@ _KERNEL_CALL_CHECK = textwrap.dedent("""
     assert zlib.decompress(_launch._kernel_call(launch, (jnp.dtype(jnp.bfloat16),) * len(launch.reads_buffers),
                                                 avals, (False,) * len(avals), 90)) == recorder.to_proto(kernel, b"")
     print("kernel call:", kernel, len(parameters), "parameters,", len(cubin), "bytes of cubin")
+    print("scratch:", sorted(recorder.scratch.items()), "tma loads:", recorder.tma_loads)
 """)
 
 
@@ -284,14 +317,24 @@ def test_module_image_joins_the_kernel_and_changes_nothing_else():
     assert kernel[-1] == (11, [(1, b"\x7fELF" + bytes(range(256)) * 3), (2, b"_attn_fwd_kernel"), (3, 50176)])
 
 
-def test_xla_native_kernel_call_is_built_for_sm90_without_a_gpu():
+@pytest.mark.parametrize("tma", ["0", "1"], ids=["pointer_loads", "tma_loads"])
+def test_xla_native_kernel_call_is_built_for_sm90_without_a_gpu(tma):
     """The XLA-native lowering's compile-and-serialise step, for a real forward launch compiled
-    for sm_90 on any machine (the GPU test above runs it; this one keeps it covered on the CPU)."""
+    for sm_90 on any machine (the GPU test above runs it; this one keeps it covered on the CPU).
+    With TMA loads (THERIA_ATTENTION_TMA=1) the kernel builds its tensor descriptors in global
+    scratch, whose size and alignment jaxlib's TritonKernel is given to allocate per launch."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["THERIA_ATTENTION_TMA"] = tma
     code = f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n" + _KERNEL_CALL_CHECK
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "kernel call: _attn_fwd_kernel" in result.stdout
+    scratch = result.stdout.split("scratch:")[1]
+    if tma == "1":
+        assert "('global_scratch_align', " in scratch and "('global_scratch_size', 0)" not in scratch, scratch
+        assert "tma loads: 0" not in scratch, scratch
+    else:
+        assert scratch.startswith(" [] tma loads: 0"), scratch
 
 
 def test_tensorfloat32_precision_reaches_the_kernels():

@@ -163,7 +163,8 @@ def _compile_one(job):
     except Exception as error:  # a compiler or ptxas failure is a finding, reported with the entry
         return dict(row, error=f"{type(error).__name__}: {str(error)[:400]}")
     return dict(row, shared=resources.shared, registers=resources.registers, spills=resources.spills,
-                tensor_memory=resources.tensor_memory, problems=resources.problems())
+                tensor_memory=resources.tensor_memory, tensor_loads=resources.tensor_loads,
+                global_scratch=resources.global_scratch, problems=resources.problems())
 
 
 def compile_entries(entries, workers: int | None = None) -> list[dict]:
@@ -175,9 +176,10 @@ def compile_entries(entries, workers: int | None = None) -> list[dict]:
         return list(pool.map(_compile_one, jobs))
 
 
-def run_compiler(entries) -> list[dict]:
-    """Compile ``entries`` in a child process without Triton's interpreter; the rows it returns."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+def run_compiler(entries, **environment) -> list[dict]:
+    """Compile ``entries`` in a child process without Triton's interpreter, with ``environment``
+    added to its environment; the rows it returns."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"} | environment
     result = subprocess.run([sys.executable, __file__, "--json", json.dumps(entries)], env=env,
                             capture_output=True, text=True, timeout=3600)
     if result.returncode:
@@ -252,6 +254,20 @@ def test_tiles_fit_every_entry(capability):
 
     _assert_fit([(capability, kind, head_dim, dtype_bytes) for kind, head_dim, dtype_bytes
                  in itertools.product(KINDS, HEAD_DIMS, DTYPE_OF_CLASS)])
+
+
+def test_tma_forward_compiles_for_hopper():
+    """The forward kinds with K and V loaded through tensor descriptors (THERIA_ATTENTION_TMA=1:
+    no table turns TMA on until it is timed) compile for sm_90 at their tiles, issue TMA copies, ask
+    for the descriptors' global scratch and fit as the entries without TMA do; without the override
+    no sm_90 forward uses TMA."""
+    entries = [(90, kind, head_dim, 2) for kind in ("forward", "jvp") for head_dim in (64, 128)]
+    with_tma, without = run_compiler(entries, THERIA_ATTENTION_TMA="1"), run_compiler(entries)
+    for row in with_tma:
+        assert "error" not in row and row["tensor_loads"] > 0 and row["global_scratch"] > 0, row
+    for row in without:
+        assert row["tensor_loads"] == 0 and row["global_scratch"] == 0, row
+    assert _misfits(with_tma) == _misfits(without)  # the same launches spill (the D128 JVP), no others
 
 
 def test_unknown_architectures_fall_back_to_a_table_that_fits():

@@ -179,16 +179,23 @@ def _compile(launch, dtypes: dict, capability: int, gpu_triton):
     names = {name: np.dtype(dtype).name for name, dtype in dtypes.items()}
     compiled, specialization = compile_for_target(launch, names, capability)
     metadata = compiled.metadata
-    for field in ("global_scratch_size", "profile_scratch_size"):
-        if getattr(metadata, field, 0):
-            raise NotImplementedError(
-                f"{launch.kernel.__name__} needs a {field.removesuffix('_size').replace('_', ' ')} buffer, which "
-                "theria's XLA-native launch does not provide; set THERIA_JAX_LAUNCH=bridge")
+    if getattr(metadata, "profile_scratch_size", 0):
+        raise NotImplementedError(
+            f"{launch.kernel.__name__} needs a profile scratch buffer, which theria's XLA-native launch does not "
+            "provide; set THERIA_JAX_LAUNCH=bridge")
     arguments = [metadata.name, launch.num_warps, getattr(metadata, "num_ctas", 1), metadata.shared,
                  compiled.asm["ptx"], compiled.asm["ttir"], capability]
+    # Global scratch (the forward's TMA descriptors): jaxlib allocates it per launch when told its size.
+    scratch = getattr(metadata, "global_scratch_size", 0)
+    keywords = dict(global_scratch_size=scratch, global_scratch_align=metadata.global_scratch_align) if scratch else {}
     try:
-        triton_kernel = gpu_triton.TritonKernel(*arguments)
-    except TypeError:  # jaxlibs whose TritonKernel takes no num_ctas
+        triton_kernel = gpu_triton.TritonKernel(*arguments, **keywords)
+    except TypeError:
+        if scratch:
+            raise NotImplementedError(
+                f"{launch.kernel.__name__} needs a global scratch buffer, which this jaxlib's Triton launcher does "
+                "not take; set THERIA_ATTENTION_TMA=0 or THERIA_JAX_LAUNCH=bridge") from None
+        # jaxlibs whose TritonKernel takes no num_ctas
         triton_kernel = gpu_triton.TritonKernel(*arguments[:2], *arguments[3:])
     return triton_kernel, specialization, module_image_proto(compiled.asm["cubin"], metadata.name, metadata.shared)
 

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from theria_kernels._contracts import AttentionParams, row_stat_dtype_name
 from theria_kernels._plan import Allocation, Buffer, Launch, Plan
-from theria_kernels.attention._tuning import TILE_TABLES, tile
+from theria_kernels.attention._tuning import TILE_TABLES, tile, uses_tma
 from theria_kernels.attention.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from theria_kernels.attention.double_backward import _attn_bwd_bwd_cols_kernel, _attn_bwd_bwd_rows_kernel
 from theria_kernels.attention.forward import _attn_fwd_kernel
@@ -169,6 +169,18 @@ class AttentionCall:
         )
         return meta, block_m, block_n, warps, stages
 
+    def tma(self, kind: str, aligned: bool) -> bool:
+        """Whether the forward sweep ``kind`` loads K and V through tensor descriptors (the
+        kernel's TMA): where ``_tuning.uses_tma`` says so for the device and the call allows it,
+        that is one head-dim tile exactly as wide as the head dim (a power of two from 16), k's
+        and v's rows at 16-byte offsets (strides) and ``aligned`` base pointers (the torch
+        launcher checks them per call; XLA's buffers always are)."""
+        head_dim = self.q_shape[-1]
+        itemsize = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}[self.dtype]
+        return (aligned and uses_tma(self.device.capability, kind) and head_dim >= 16
+                and head_dim_parts(head_dim) == (head_dim, 0)
+                and all(stride * itemsize % 16 == 0 for stride in self.k_strides[:3]))
+
     def even_k(self, block_n: int) -> bool:
         return self.varlen is None and self.k_shape[2] % block_n == 0
 
@@ -249,10 +261,12 @@ def _column_launch(kernel, call: AttentionCall, kind: str, arguments: dict, outp
 
 
 @functools.lru_cache(maxsize=4096)
-def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: bool = False) -> Plan:
+def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: bool = False,
+                 aligned: bool = True) -> Plan:
     """One forward sweep: outputs (out, lse); with ``has_tangent`` also (out_dot, lse_dot) along
     the inputs (q_dot, k_dot, v_dot); with ``second_order`` only (out_second, lse_second), the
-    second derivative along (q_dot, k_dot, v_dot) and (q_y, k_y, v_y)."""
+    second derivative along (q_dot, k_dot, v_dot) and (q_y, k_y, v_y). ``aligned``: k's and v's
+    data start at 16-byte boundaries (``AttentionCall.tma``)."""
     kind = "forward_second" if second_order else "jvp" if has_tangent else "forward"
     meta, block_m, block_n, warps, stages = call.meta(kind)
     pointers = {name: None for name in ("Q_dot", "K_dot", "V_dot", "Out_dot", "Lse_dot",
@@ -275,7 +289,7 @@ def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: b
         _attn_fwd_kernel, call.row_grid(block_m),
         dict(Q=Buffer("q"), K=Buffer("k"), V=Buffer("v"), Out=Buffer("out"), Lse=Buffer("lse"), **pointers,
              **call.geometry(), **meta, EVEN_K=call.even_k(block_n), HAS_TANGENT=has_tangent,
-             SECOND_ORDER=second_order),
+             SECOND_ORDER=second_order, TMA=call.tma(kind, aligned)),
         writes=tuple(writes), num_warps=warps, num_stages=stages)
     outputs = ("out_second", "lse_second") if second_order else tuple(allocations)
     return Plan(call.inputs(tuple(inputs)), outputs, allocations, (launch,))

@@ -2,9 +2,11 @@
 
 A tile is ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``: row sweeps tile queries by BLOCK_M,
 column sweeps keys by BLOCK_N. Each table maps sweep kind → head-dim class (``head_dim_class``:
-32 for head dims up to 32, the head dims of MAML's small models, then 64, 128, 256) → dtype class (bytes per element: 2 for float16 and bfloat16, 4
-for float32, 8 for float64) → tile. The forward kinds key by the padded head dim also where they
-split it (``_launch.head_dim_parts``): the split tiles are narrower.
+32 for head dims up to 32, the head dims of MAML's small models, then 64, 128, 256) → dtype class
+(bytes per element: 2 for float16 and bfloat16, 4 for float32, 8 for float64) → tile. The forward
+kinds key by the padded head dim also where they split it (``_launch.head_dim_parts``): the split
+tiles are narrower. ``TMA_KINDS`` says where the forward kinds load K and V through tensor
+descriptors.
 
 How the tables were chosen and how they are checked: docs/design/tuning.md. In short, sm_90's is
 the table tuned by timing on an H100 and H200 (docs/perf-notes.md; scripts/tune_attention.py
@@ -130,6 +132,24 @@ def table_capability(capability: int) -> int:
     return TABLE_ALIASES.get(capability, FALLBACK_CAPABILITY)
 
 
+# The forward kinds whose kernels load K and V through the tensor memory accelerator (TMA: tensor
+# descriptors, sm_90 and later), per table: none until a timing shows it pays (docs/design/tuning.md
+# §6). Compiled for sm_90 (bf16, non-causal forward) TMA takes the D64 kernel from 234 registers to
+# 212 and D128 from 176 to 174, at 256 bytes of global scratch a program for the descriptors.
+TMA_KINDS: dict[int, frozenset] = {90: frozenset(), 100: frozenset()}
+# THERIA_ATTENTION_TMA=1 turns TMA on for every forward kind wherever a call allows it (the
+# interpreter included, which is how the CPU tests run it); =0 turns it off everywhere.
+TMA_OVERRIDE = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENTION_TMA", ""))
+
+
+def uses_tma(capability: int, kind: str) -> bool:
+    """Whether a forward sweep ``kind`` loads K and V through TMA on a device of ``capability``
+    (0: the interpreter or unknown), where the call allows it (``AttentionCall.tma``)."""
+    if TMA_OVERRIDE is not None:
+        return TMA_OVERRIDE and kind in ("forward", "jvp", "forward_second")
+    return capability >= 90 and kind in TMA_KINDS.get(table_capability(capability), ())
+
+
 def head_dim_class(block_d: int) -> int:
     """The tables' head-dim key of a head dim padded to ``block_d``: the smallest of ``HEAD_DIMS``
     at least as large."""
@@ -155,7 +175,9 @@ class Resources:
     ptxas spills registers there), ``threads``, Blackwell's ``tensor_memory`` columns, and
     ``legacy_mma``: the 16-bit ``mma.sync`` instructions of its PTX, which on sm_90 mean the tensor
     cores run the pre-Hopper path instead of ``wgmma`` (it needs 64 rows per warpgroup, so a tile
-    dimension below 64 keeps a dot on mma.sync)."""
+    dimension below 64 keeps a dot on mma.sync); ``tensor_loads``: its tensor-memory-accelerator
+    copies (``cp.async.bulk.tensor``), and ``global_scratch``: the bytes of global scratch a program
+    asks (the TMA descriptors it builds)."""
 
     kernel: str
     capability: int
@@ -165,6 +187,8 @@ class Resources:
     threads: int
     tensor_memory: int
     legacy_mma: int = 0
+    tensor_loads: int = 0
+    global_scratch: int = 0
 
     def problems(self) -> list[str]:
         """Why this kernel cannot run well on its target; empty when it fits."""
@@ -201,7 +225,9 @@ def compile_launch(launch, dtypes: dict[str, str], capability: int) -> Resources
         kernel=metadata.name, capability=capability, shared=metadata.shared + usage["SHARED"],
         registers=usage["REG"], spills=(usage["STACK"] + usage["LOCAL"]) // 4, threads=32 * metadata.num_warps,
         tensor_memory=getattr(metadata, "tmem_size", 0) or 0,
-        legacy_mma=len(re.findall(r"mma\.sync[^\n]*\.(?:bf16|f16)", compiled.asm["ptx"])))
+        legacy_mma=len(re.findall(r"mma\.sync[^\n]*\.(?:bf16|f16)", compiled.asm["ptx"])),
+        tensor_loads=compiled.asm["ptx"].count("cp.async.bulk.tensor"),
+        global_scratch=getattr(metadata, "global_scratch_size", 0) or 0)
 
 
 def _resource_usage(cubin: bytes, cuobjdump: str) -> dict[str, int]:

@@ -140,6 +140,12 @@ def _call(q: torch.Tensor, k: torch.Tensor, params: AttentionParams, lengths) ->
     return found
 
 
+def _aligned(tensors: dict) -> bool:
+    """Whether k's and v's data start at 16-byte boundaries, which the forward's tensor
+    descriptors need (``AttentionCall.tma``); a view that starts inside a row does not."""
+    return tensors["k"].data_ptr() % 16 == 0 and tensors["v"].data_ptr() % 16 == 0
+
+
 _OUTPUT_LIKE = {"out": "q", "dq": "q", "cot_q": "q", "cot_d_out": "q", "out_dot": "q", "out_second": "q",
                 "dk": "k", "dv": "k", "cot_k": "k", "cot_v": "k"}
 
@@ -189,7 +195,7 @@ def attention_forward(q, k, v, params: AttentionParams, *, out=None, lse=None, r
         +inf on rows that see no key.
     """
     call, tensors = _prepare(q, k, params, {}, {"v": v}, {"row_slopes": row_slopes}, {"out": out, "lse": lse}, varlen)
-    return run_plan(_plan(forward_plan, call), tensors)
+    return run_plan(_plan(forward_plan, call, False, False, _aligned(tensors)), tensors)
 
 
 def attention_jvp(q, k, v, q_dot, k_dot, v_dot, params: AttentionParams, *, out=None, lse=None,
@@ -199,7 +205,7 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot, params: AttentionParams, *, out=
     call, tensors = _prepare(q, k, params, {"q_dot": q_dot}, {"v": v, "k_dot": k_dot, "v_dot": v_dot},
                              {"row_slopes": row_slopes},
                              dict(out=out, lse=lse, out_dot=out_dot, lse_dot=lse_dot), varlen)
-    return run_plan(_plan(forward_plan, call, True), tensors)
+    return run_plan(_plan(forward_plan, call, True, False, _aligned(tensors)), tensors)
 
 
 def attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params: AttentionParams, *,
@@ -214,7 +220,7 @@ def attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params
     call, tensors = _prepare(q, k, params, {"q_dot": q_dot, "q_y": q_y},
                              {"v": v, "k_dot": k_dot, "v_dot": v_dot, "k_y": k_y, "v_y": v_y}, {"row_slopes": row_slopes},
                              dict(out_second=out_second, lse_second=lse_second), varlen)
-    return run_plan(_plan(forward_plan, call, True, True), tensors)
+    return run_plan(_plan(forward_plan, call, True, True, _aligned(tensors)), tensors)
 
 
 def attention_backward(q, k, v, out, lse, d_out, d_lse, params: AttentionParams, *, dq=None, dk=None, dv=None,
