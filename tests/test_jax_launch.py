@@ -268,6 +268,8 @@ _KERNEL_CALL_CHECK = textwrap.dedent("""
 
     recorder = Recorder()
     _launch._gpu_triton = lambda: recorder
+    from_image = os.environ.get("CHECK_LAUNCHES_FROM_IMAGE") == "1"
+    _launch._launches_from_image = lambda: from_image
     shape = (2, 3, 40, 32)
     call = AttentionCall(shape, (3840, 1280, 32, 1), shape, (3840, 1280, 32, 1), "bfloat16",
                          AttentionParams(scale=0.125, causal=True), Device(132, False, False, 90))
@@ -289,7 +291,12 @@ _KERNEL_CALL_CHECK = textwrap.dedent("""
     kernel_fields = call_fields[0][1]
     image = [v for n, v in kernel_fields if n == 11]
     assert len(image) == 1, kernel_fields
-    assert [f for f in kernel_fields if f[0] != 11] == wrote_call[0][1], "the kernel's own fields changed"
+    if from_image:  # the PTX is a stand-in naming the real PTX's digest, and the TTIR is gone
+        ptx = [v for n, v in kernel_fields if n == 4]
+        assert len(ptx) == 1 and b"sha256" in ptx[0] and len(ptx[0]) < 200 and 5 not in dict(kernel_fields), ptx
+        assert [f for f in kernel_fields if f[0] not in (4, 11)] == [f for f in wrote_call[0][1] if f[0] not in (4, 5)]
+    else:
+        assert [f for f in kernel_fields if f[0] != 11] == wrote_call[0][1], "the kernel's own fields changed"
     assert call_fields[1:] == wrote_call[1:] and [f for f in sent if f[0] != 1] == [f for f in wrote if f[0] != 1]
     cubin, name, shared = (dict(image[0])[n] for n in (1, 2, 3))
     assert cubin[:4] == b"\\x7fELF" and name == kernel.encode() and shared == recorder.shared, (name, shared)
@@ -317,14 +324,33 @@ def test_module_image_joins_the_kernel_and_changes_nothing_else():
     assert kernel[-1] == (11, [(1, b"\x7fELF" + bytes(range(256)) * 3), (2, b"_attn_fwd_kernel"), (3, 50176)])
 
 
-@pytest.mark.parametrize("tma", ["0", "1"], ids=["pointer_loads", "tma_loads"])
-def test_xla_native_kernel_call_is_built_for_sm90_without_a_gpu(tma):
+def test_ptx_stand_in_replaces_the_ptx_and_drops_the_ttir():
+    """For jaxlibs that launch from the module image, the kernel's PTX (field 4) becomes the given
+    stand-in and its TTIR (field 5) goes; every other field, and the rest of the call, stay."""
+    parameters = [("array", 0), ("i32", 7), ("fp64", 2.0)]
+    serialized = _protobuf.kernel_call("_attn_fwd_kernel", 50176, (5, 3, 2), parameters, "_attn_fwd_kernel")
+    image = _launch.module_image_proto(b"\x7fELF" + bytes(64), "_attn_fwd_kernel", 50176)
+    sent = _protobuf.decode(_launch.with_module_image(serialized, image, b"// theria: key"),
+                            _protobuf.ANY_KERNEL_CALL)
+    wrote = _protobuf.decode(serialized, _protobuf.ANY_KERNEL_CALL)
+    (_, kernel), *call_rest = sent[0][1]
+    (_, wrote_kernel), *wrote_rest = wrote[0][1]
+    assert call_rest == wrote_rest and sent[1:] == wrote[1:]
+    assert [f for f in kernel if f[0] not in (4, 5, 11)] == [f for f in wrote_kernel if f[0] not in (4, 5)]
+    assert [f for f in kernel if f[0] in (4, 5)] == [(4, b"// theria: key")]
+    assert [f[0] for f in kernel][-1] == 11
+
+
+@pytest.mark.parametrize("tma, from_image", [("0", "0"), ("1", "0"), ("0", "1")],
+                         ids=["pointer_loads", "tma_loads", "ptx_stand_in"])
+def test_xla_native_kernel_call_is_built_for_sm90_without_a_gpu(tma, from_image):
     """The XLA-native lowering's compile-and-serialise step, for a real forward launch compiled
     for sm_90 on any machine (the GPU test above runs it; this one keeps it covered on the CPU).
     With TMA loads (THERIA_ATTENTION_TMA=1) the kernel builds its tensor descriptors in global
-    scratch, whose size and alignment jaxlib's TritonKernel is given to allocate per launch."""
+    scratch, whose size and alignment jaxlib's TritonKernel is given to allocate per launch. For a
+    jaxlib that launches from the module image, the PTX is a stand-in and the TTIR is left out."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["THERIA_ATTENTION_TMA"] = tma
+    env.update(THERIA_ATTENTION_TMA=tma, CHECK_LAUNCHES_FROM_IMAGE=from_image)
     code = f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n" + _KERNEL_CALL_CHECK
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -15,7 +15,11 @@ The XLA-native call carries Triton's own machine code (the cubin it compiled, fr
 cache when warm) beside the PTX, as the ``module_image`` of jaxlib's ``TritonKernel`` message:
 jaxlibs that read it load the cubin instead of running ptxas on the PTX in every process (0.2-8 s
 per kernel on the CPU, the dearest for the float32 second-order kernels); older ones ignore the
-field and compile the PTX as before. ``THERIA_JAX_CUBIN=0`` leaves the cubin out.
+field and compile the PTX as before. jaxlibs from 0.11.2, which launch from the image, get a short
+stand-in for the PTX and no TTIR: they rebuild the kernel from its message at every execution,
+copying both strings (0.1-0.35 MB for theria's kernels) and hashing the PTX as the image cache's
+key, and the stand-in (the PTX's digest) keeps that key one per kernel. ``THERIA_JAX_CUBIN=0``
+leaves the cubin out, and the PTX in.
 
 Buffers between launches (delta, rho, the grouped-query partials) are XLA values like any other;
 buffers that must start at zero are zeroed by jaxlib's launcher (or created as zeros when no
@@ -25,6 +29,7 @@ launch writes them).
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import zlib
 
@@ -154,7 +159,7 @@ def _kernel_call(launch, in_dtypes, out_avals, zeroed, capability: int) -> bytes
     found = launch.compiled.get(key)
     if found is None:
         found = launch.compiled[key] = _compile(launch, dtypes, capability, gpu_triton)
-    kernel, specialization, module_image = found
+    kernel, specialization, module_image, ptx_key = found
     zero_bytes = {name: aval.size * aval.dtype.itemsize
                   for name, aval, zero in zip(launch.writes_buffers, out_avals, zeroed) if zero}
     parameters = []
@@ -169,7 +174,7 @@ def _kernel_call(launch, in_dtypes, out_avals, zeroed, capability: int) -> bytes
     call = gpu_triton.TritonKernelCall(kernel, grid[0], grid[1], grid[2], parameters)
     serialized = call.to_proto(getattr(launch.kernel, "__name__", "theria_kernel"), b"")
     if os.environ.get("THERIA_JAX_CUBIN", "1") != "0":
-        serialized = with_module_image(serialized, module_image)
+        serialized = with_module_image(serialized, module_image, ptx_key if _launches_from_image() else None)
     return zlib.compress(serialized)
 
 
@@ -197,13 +202,25 @@ def _compile(launch, dtypes: dict, capability: int, gpu_triton):
                 "not take; set THERIA_ATTENTION_TMA=0 or THERIA_JAX_LAUNCH=bridge") from None
         # jaxlibs whose TritonKernel takes no num_ctas
         triton_kernel = gpu_triton.TritonKernel(*arguments[:2], *arguments[3:])
-    return triton_kernel, specialization, module_image_proto(compiled.asm["cubin"], metadata.name, metadata.shared)
+    ptx_key = (f"// theria: {metadata.name} for sm_{capability} runs from its module image; "
+               f"PTX sha256 {hashlib.sha256(compiled.asm['ptx'].encode()).hexdigest()}\n").encode()
+    image = module_image_proto(compiled.asm["cubin"], metadata.name, metadata.shared)
+    return triton_kernel, specialization, image, ptx_key
+
+
+def _launches_from_image() -> bool:
+    """Whether the installed jaxlib launches a kernel from its module image without reading its
+    PTX (the field arrived with jaxlib 0.11.2; jaxlib-side ahead-of-time compilation, August 2026)."""
+    from jax._src.lib import version
+
+    return tuple(version[:3]) >= (0, 11, 2)
 
 
 # jaxlib/gpu/triton.proto's field numbers, for the one edit made to the serialized call: the
 # bindings build a TritonKernel from PTX only, and this adds the cubin Triton already produced.
 _ANY_CALL_KERNEL_CALL = 1  # TritonAnyKernelCall.kernel_call
 _KERNEL_CALL_KERNEL = 1  # TritonKernelCall.kernel
+_KERNEL_PTX, _KERNEL_TTIR = 4, 5  # TritonKernel.ptx, .ttir
 _KERNEL_MODULE_IMAGE = 11  # TritonKernel.module_image: ModuleImageProto
 _IMAGE_OBJECT_FILE, _IMAGE_KERNEL_NAME, _IMAGE_SHARED_MEM_BYTES = 1, 2, 3  # ModuleImageProto's fields
 
@@ -240,8 +257,8 @@ def module_image_proto(cubin: bytes, kernel_name: str, shared_mem_bytes: int) ->
 
 
 def _edit_field(message: bytes, number: int, edit) -> bytes:
-    """``message`` with each length-delimited field ``number`` replaced by ``edit`` of its payload;
-    every other field copied as it is."""
+    """``message`` with each length-delimited field ``number`` replaced by ``edit`` of its payload
+    (left out where ``edit`` returns None); every other field copied as it is."""
     out, at = bytearray(), 0
     while at < len(message):
         start = at
@@ -257,7 +274,9 @@ def _edit_field(message: bytes, number: int, edit) -> bytes:
             length, payload = _read_varint(message, at)
             at = payload + length
             if tag >> 3 == number:
-                out += _bytes_field(number, edit(message[payload:at]))
+                edited = edit(message[payload:at])
+                if edited is not None:
+                    out += _bytes_field(number, edited)
                 continue
         else:
             raise ValueError(f"unexpected protobuf wire type {wire_type} in jaxlib's TritonAnyKernelCall")
@@ -265,9 +284,19 @@ def _edit_field(message: bytes, number: int, edit) -> bytes:
     return bytes(out)
 
 
-def with_module_image(any_kernel_call: bytes, module_image: bytes) -> bytes:
+def with_module_image(any_kernel_call: bytes, module_image: bytes, ptx_key: bytes | None = None) -> bytes:
     """A serialized ``TritonAnyKernelCall`` (``TritonKernelCall.to_proto``) whose kernel also carries
-    ``module_image`` (:func:`module_image_proto`). Protobuf parsers take a message's fields in any
-    order, so the field is appended to the kernel's and the enclosing lengths re-encoded."""
+    ``module_image`` (:func:`module_image_proto`); with ``ptx_key``, whose PTX is that stand-in and
+    whose TTIR is left out (the module docstring says when). Protobuf parsers take a message's
+    fields in any order, so fields are appended to the kernel's and the enclosing lengths
+    re-encoded."""
+
+    def kernel(message: bytes) -> bytes:
+        if ptx_key is not None:
+            for number in (_KERNEL_PTX, _KERNEL_TTIR):
+                message = _edit_field(message, number, lambda _: None)
+            message += _bytes_field(_KERNEL_PTX, ptx_key)
+        return message + module_image
+
     return _edit_field(any_kernel_call, _ANY_CALL_KERNEL_CALL,
-                       lambda call: _edit_field(call, _KERNEL_CALL_KERNEL, lambda kernel: kernel + module_image))
+                       lambda call: _edit_field(call, _KERNEL_CALL_KERNEL, kernel))
