@@ -93,7 +93,7 @@ def launch_one(launch, tensors: dict) -> None:
         with _scratch_allocator():
             compiled = launch.kernel[launch.grid](*args, num_warps=launch.num_warps, num_stages=launch.num_stages)
         compiled._init_handles()
-        launch.compiled[key] = compiled, bool(compiled.metadata.global_scratch_size)
+        launch.compiled[key] = compiled, bool(getattr(compiled.metadata, "global_scratch_size", 0))
         return
     compiled, scratch = found
     stream = _current_stream(device)

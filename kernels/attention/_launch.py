@@ -25,7 +25,7 @@ import triton.language as tl
 
 from theria_kernels._contracts import AttentionParams, row_stat_dtype_name
 from theria_kernels._plan import Allocation, Buffer, Launch, Plan
-from theria_kernels.attention._tuning import TILE_TABLES, tile, uses_tma
+from theria_kernels.attention._tuning import DTYPE_BYTES, TILE_TABLES, tile, uses_tma
 from theria_kernels.attention.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from theria_kernels.attention.double_backward import _attn_bwd_bwd_cols_kernel, _attn_bwd_bwd_rows_kernel
 from theria_kernels.attention.forward import _attn_fwd_kernel
@@ -176,10 +176,9 @@ class AttentionCall:
         and v's rows at 16-byte offsets (strides) and ``aligned`` base pointers (the torch
         launcher checks them per call; XLA's buffers always are)."""
         head_dim = self.q_shape[-1]
-        itemsize = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}[self.dtype]
         return (aligned and uses_tma(self.device.capability, kind) and head_dim >= 16
                 and head_dim_parts(head_dim) == (head_dim, 0)
-                and all(stride * itemsize % 16 == 0 for stride in self.k_strides[:3]))
+                and all(stride * DTYPE_BYTES[self.dtype] % 16 == 0 for stride in self.k_strides[:3]))
 
     def even_k(self, block_n: int) -> bool:
         return self.varlen is None and self.k_shape[2] % block_n == 0
