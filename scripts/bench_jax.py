@@ -39,26 +39,28 @@ PRESETS = {"tiny": "64,4,256,16", "medium": "8,16,1024,64", "large": "8,16,4096,
 UNITS = {"fwd": 1.0, "grad": 3.5}
 
 
-def jax_workloads(attend, q, k, v, d_out, tangents, chain: int = 1):
+def jax_workloads(attend, chain: int = 1):
+    """Jitted programs of (q, k, v, d_out, tangents): the cotangent and tangents are arguments, not
+    constants, so XLA cannot fold any part of the work into the program at compile time."""
     import jax
 
-    def grad(q, k, v):
+    def grad(q, k, v, d_out):
         return jax.vjp(attend, q, k, v)[1](d_out)
 
-    def grad2(q, k, v):
-        inner = lambda q, k, v: sum(jax.numpy.vdot(g, t).real for g, t in zip(grad(q, k, v), tangents))
+    def grad2(q, k, v, d_out, tangents):
+        inner = lambda q, k, v: sum(jax.numpy.vdot(g, t).real for g, t in zip(grad(q, k, v, d_out), tangents))
         return jax.grad(inner, argnums=(0, 1, 2))(q, k, v)
 
-    def chained(q, k, v):
+    def chained(q, k, v, d_out, tangents):
         # ``chain`` forwards in one program, each output the next query: JAX's per-call dispatch
         # is paid once, so the time per forward approaches the device's (a CUDA graph's, in torch).
         # Unrolled: a device loop would read its condition back to the host every iteration.
         return jax.lax.fori_loop(0, chain, lambda _, x: attend(x, k, v), q, unroll=True)
 
     return {
-        "fwd": jax.jit(attend if chain == 1 else chained),
-        "grad": jax.jit(grad),
-        "hvp": jax.jit(lambda q, k, v: jax.jvp(grad, (q, k, v), tangents)),
+        "fwd": jax.jit(chained if chain > 1 else lambda q, k, v, d_out, tangents: attend(q, k, v)),
+        "grad": jax.jit(lambda q, k, v, d_out, tangents: grad(q, k, v, d_out)),
+        "hvp": jax.jit(lambda q, k, v, d_out, tangents: jax.jvp(lambda *x: grad(*x, d_out), (q, k, v), tangents)),
         "grad2": jax.jit(grad2),
     }
 
@@ -83,11 +85,11 @@ def torch_workloads(attend, q, k, v, d_out, tangents):
     }
 
 
-def _compiled_with_bridge(fn, q, k, v):
+def _compiled_with_bridge(fn, *args):
     """``fn`` compiled now, with the DLPack bridge as the launcher, or the error's first line."""
     os.environ["THERIA_JAX_LAUNCH"] = "bridge"
     try:
-        return fn.lower(q, k, v).compile()
+        return fn.lower(*args).compile()
     except Exception as err:  # noqa: BLE001 - reported in the table
         message = (str(err).strip().splitlines() or [type(err).__name__])[0]
 
@@ -149,11 +151,12 @@ def main():
     # name -> (sync, {mode: call}); a call enqueues one instance, sync(result) waits for the device.
     calls = {}
     for name, attend in jax_impls.items():
-        fns = jax_workloads(attend, q, k, v, d_out, tuple(tangents), args.chain)
+        fns = jax_workloads(attend, args.chain)
+        operands = (q, k, v, d_out, tuple(tangents))
         if name == "theria_bridge":  # the launcher is chosen when a program is compiled: compile now
-            fns = {mode: _compiled_with_bridge(fn, q, k, v) for mode, fn in fns.items()}
+            fns = {mode: _compiled_with_bridge(fn, *operands) for mode, fn in fns.items()}
         calls[name] = (lambda result=None: jax.block_until_ready(result),
-                       {mode: (lambda fn=fn: fn(q, k, v)) for mode, fn in fns.items()})
+                       {mode: (lambda fn=fn: fn(*operands)) for mode, fn in fns.items()})
     fns = torch_workloads(lambda q, k, v: theria_torch.flash_attn_func(q, k, v, causal=causal),
                           tq, tk, tv, t_d_out, tuple(t_tangents))
     calls["theria_torch"] = (lambda result=None: torch.cuda.synchronize(),
