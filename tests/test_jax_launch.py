@@ -188,6 +188,19 @@ def test_xla_native_launch_loads_tritons_cubin_without_ptxas():
     assert float(with_cubin.stdout.split()[-1]) == 1024.0
 
 
+@pytest.mark.gpu
+def test_xla_native_launch_with_a_ptx_stand_in():
+    """THERIA_JAX_PTX=0: the call carries the cubin and a one-line stand-in for the PTX; jaxlib
+    launches it from the cubin, with the same result as with the PTX, and runs no ptxas."""
+    if _launch.launcher() != "xla" or not _launch._launches_from_image():
+        pytest.skip("needs jaxlib's Triton target, 0.11.2 or later")
+    run = lambda **extra: subprocess.run([sys.executable, "-c", _ATTEND_ONCE], env=dict(os.environ, **extra),  # noqa: E731
+                                         capture_output=True, text=True, timeout=600)
+    with_ptx, stand_in = run(), run(THERIA_JAX_PTX="0", JAX_TRITON_PTXAS_EXTRA_FLAGS="--no-such-ptxas-flag")
+    assert with_ptx.returncode == 0 and stand_in.returncode == 0, stand_in.stderr[-4000:]
+    assert stand_in.stdout.split()[-1] == with_ptx.stdout.split()[-1] == "1024.0"
+
+
 # Forward and JVP of a jitted call (odd length, grouped heads, causal) against the reference, in a
 # process whose plans load K and V with TMA or not as THERIA_ATTENTION_TMA says.
 _TMA_ATTEND = textwrap.dedent("""
@@ -268,8 +281,8 @@ _KERNEL_CALL_CHECK = textwrap.dedent("""
 
     recorder = Recorder()
     _launch._gpu_triton = lambda: recorder
-    from_image = os.environ.get("CHECK_LAUNCHES_FROM_IMAGE") == "1"
-    _launch._launches_from_image = lambda: from_image
+    from_image = os.environ.get("THERIA_JAX_PTX") == "0"
+    _launch._launches_from_image = lambda: True  # as jaxlib 0.11.2 and later
     shape = (2, 3, 40, 32)
     call = AttentionCall(shape, (3840, 1280, 32, 1), shape, (3840, 1280, 32, 1), "bfloat16",
                          AttentionParams(scale=0.125, causal=True), Device(132, False, False, 90))
@@ -348,9 +361,10 @@ def test_xla_native_kernel_call_is_built_for_sm90_without_a_gpu(tma, from_image)
     for sm_90 on any machine (the GPU test above runs it; this one keeps it covered on the CPU).
     With TMA loads (THERIA_ATTENTION_TMA=1) the kernel builds its tensor descriptors in global
     scratch, whose size and alignment jaxlib's TritonKernel is given to allocate per launch. For a
-    jaxlib that launches from the module image, the PTX is a stand-in and the TTIR is left out."""
+    jaxlib that launches from the module image, THERIA_JAX_PTX=0 makes the PTX a stand-in and
+    leaves the TTIR out."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env.update(THERIA_ATTENTION_TMA=tma, CHECK_LAUNCHES_FROM_IMAGE=from_image)
+    env.update(THERIA_ATTENTION_TMA=tma, THERIA_JAX_PTX="0" if from_image == "1" else "1")
     code = f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n" + _KERNEL_CALL_CHECK
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -15,11 +15,12 @@ The XLA-native call carries Triton's own machine code (the cubin it compiled, fr
 cache when warm) beside the PTX, as the ``module_image`` of jaxlib's ``TritonKernel`` message:
 jaxlibs that read it load the cubin instead of running ptxas on the PTX in every process (0.2-8 s
 per kernel on the CPU, the dearest for the float32 second-order kernels); older ones ignore the
-field and compile the PTX as before. jaxlibs from 0.11.2, which launch from the image, get a short
-stand-in for the PTX and no TTIR: they rebuild the kernel from its message at every execution,
-copying both strings (0.1-0.35 MB for theria's kernels) and hashing the PTX as the image cache's
-key, and the stand-in (the PTX's digest) keeps that key one per kernel. ``THERIA_JAX_CUBIN=0``
-leaves the cubin out, and the PTX in.
+field and compile the PTX as before. ``THERIA_JAX_CUBIN=0`` leaves the cubin out.
+``THERIA_JAX_PTX=0`` (with the cubin in, on jaxlib 0.11.2 or later, which launches from the image)
+sends a one-line stand-in for the PTX and no TTIR: such a jaxlib rebuilds the kernel from its
+message at every execution outside a command buffer, copying both strings (0.1-0.35 MB for
+theria's kernels) and hashing the PTX as its image cache's key, and the stand-in (the PTX's
+digest) keeps that key one per kernel. Opt-in until a GPU run has timed and checked it.
 
 Buffers between launches (delta, rho, the grouped-query partials) are XLA values like any other;
 buffers that must start at zero are zeroed by jaxlib's launcher (or created as zeros when no
@@ -174,7 +175,8 @@ def _kernel_call(launch, in_dtypes, out_avals, zeroed, capability: int) -> bytes
     call = gpu_triton.TritonKernelCall(kernel, grid[0], grid[1], grid[2], parameters)
     serialized = call.to_proto(getattr(launch.kernel, "__name__", "theria_kernel"), b"")
     if os.environ.get("THERIA_JAX_CUBIN", "1") != "0":
-        serialized = with_module_image(serialized, module_image, ptx_key if _launches_from_image() else None)
+        stand_in = os.environ.get("THERIA_JAX_PTX", "1") == "0" and _launches_from_image()
+        serialized = with_module_image(serialized, module_image, ptx_key if stand_in else None)
     return zlib.compress(serialized)
 
 
