@@ -93,9 +93,10 @@ def launch_one(launch, tensors: dict) -> None:
         with _scratch_allocator():
             compiled = launch.kernel[launch.grid](*args, num_warps=launch.num_warps, num_stages=launch.num_stages)
         compiled._init_handles()
-        launch.compiled[key] = compiled, bool(getattr(compiled.metadata, "global_scratch_size", 0))
+        scratch = getattr(compiled.metadata, "global_scratch_size", 0)
+        launch.compiled[key] = compiled, _with_scratch_allocator(compiled.run) if scratch else compiled.run
         return
-    compiled, scratch = found
+    compiled, run = found
     stream = _current_stream(device)
     enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
     if _hooked(enter) or _hooked(leave):  # a profiler listens: hand it what JITFunction.run would
@@ -103,14 +104,23 @@ def launch_one(launch, tensors: dict) -> None:
     else:  # Triton's hook chains are always set; empty ones would only cost two Python calls
         enter = leave = metadata = None
     grid = launch.grid
-    with _scratch_allocator() if scratch else contextlib.nullcontext():
-        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata,
-                     enter, leave, *args)
+    run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata, enter, leave,
+        *args)
 
 
 def _torch_scratch(size: int, alignment: int, stream) -> torch.Tensor:
     # The caching allocator's blocks start at 512-byte boundaries, above any alignment Triton asks.
     return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _with_scratch_allocator(run):
+    """``run`` (a compiled kernel's launcher) inside ``_scratch_allocator``."""
+
+    def scratched(*args):
+        with _scratch_allocator():
+            return run(*args)
+
+    return scratched
 
 
 @contextlib.contextmanager
