@@ -386,22 +386,20 @@ def test_tma_loads_give_the_masked_loads_numbers(tma_on):
         pytest.skip("compiled kernels may schedule the two loads' arithmetic differently: "
                     "test_tma_loads holds them to the accuracy criterion")
     q, k, v, params = _case(SHAPES[2], 32, torch.float32, MASKS[2], seed=9)
-    with_tma = attention_forward(q, k, v, params)
-    assert _tma_flags() == {True}
     buffer = torch.empty(1 + k.numel(), dtype=k.dtype, device=k.device)
     k_off = buffer[1:].view_as(k).copy_(k)
-    tuning.TMA_OVERRIDE = False
-    clear_plans()
-    without = attention_forward(q, k, v, params)
-    assert _tma_flags() == {False}
-    for a, b in zip(with_tma, without):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    tuning.TMA_OVERRIDE = True
-    clear_plans()
-    misaligned = attention_forward(q, k_off, v, params)
-    assert _tma_flags() == {False}
-    for a, b in zip(misaligned, without):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    def forward(k, tma: bool, uses_tma: bool):
+        tuning.TMA_OVERRIDE = tma
+        clear_plans()
+        outputs = attention_forward(q, k, v, params)
+        assert _tma_flags() == {uses_tma}
+        return outputs
+
+    without = forward(k, tma=False, uses_tma=False)
+    for got in (forward(k, tma=True, uses_tma=True), forward(k_off, tma=True, uses_tma=False)):
+        for a, b in zip(got, without):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_strided_inputs_match_contiguous():

@@ -161,6 +161,13 @@ def test_xla_native_launch_is_bit_identical_to_the_bridge(command_buffers):
     assert "identical" in result.stdout
 
 
+def _run_child(code: str, **environment) -> subprocess.CompletedProcess:
+    """``code`` in a fresh Python process with ``environment`` added to this one's (a fresh process
+    holds no kernel image or plan from an earlier compile)."""
+    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **environment), capture_output=True,
+                          text=True, timeout=600)
+
+
 _ATTEND_ONCE = textwrap.dedent("""
     import jax, jax.numpy as jnp, theria_jax
     q = jnp.ones((1, 32, 2, 16), jnp.bfloat16)
@@ -175,9 +182,8 @@ def test_xla_native_launch_loads_tritons_cubin_without_ptxas():
     (``THERIA_JAX_CUBIN=0``). Fresh processes, so no image is cached from an earlier compile."""
     if _launch.launcher() != "xla":
         pytest.skip("jaxlib's Triton target is not available here")
-    env = dict(os.environ, JAX_TRITON_PTXAS_EXTRA_FLAGS="--no-such-ptxas-flag")
-    run = lambda **extra: subprocess.run([sys.executable, "-c", _ATTEND_ONCE], env=dict(env, **extra),  # noqa: E731
-                                         capture_output=True, text=True, timeout=600)
+    bad_flag = dict(JAX_TRITON_PTXAS_EXTRA_FLAGS="--no-such-ptxas-flag")
+    run = lambda **extra: _run_child(_ATTEND_ONCE, **bad_flag, **extra)  # noqa: E731
     without = run(THERIA_JAX_CUBIN="0")
     if without.returncode == 0:
         pytest.skip("this jaxlib does not pass JAX_TRITON_PTXAS_EXTRA_FLAGS to ptxas: nothing to tell apart")
@@ -194,9 +200,8 @@ def test_xla_native_launch_with_a_ptx_stand_in():
     launches it from the cubin, with the same result as with the PTX, and runs no ptxas."""
     if _launch.launcher() != "xla" or not _launch._launches_from_image():
         pytest.skip("needs jaxlib's Triton target, 0.11.2 or later")
-    run = lambda **extra: subprocess.run([sys.executable, "-c", _ATTEND_ONCE], env=dict(os.environ, **extra),  # noqa: E731
-                                         capture_output=True, text=True, timeout=600)
-    with_ptx, stand_in = run(), run(THERIA_JAX_PTX="0", JAX_TRITON_PTXAS_EXTRA_FLAGS="--no-such-ptxas-flag")
+    with_ptx = _run_child(_ATTEND_ONCE)
+    stand_in = _run_child(_ATTEND_ONCE, THERIA_JAX_PTX="0", JAX_TRITON_PTXAS_EXTRA_FLAGS="--no-such-ptxas-flag")
     assert with_ptx.returncode == 0 and stand_in.returncode == 0, stand_in.stderr[-4000:]
     assert stand_in.stdout.split()[-1] == with_ptx.stdout.split()[-1] == "1024.0"
 
@@ -226,8 +231,7 @@ def test_xla_native_launch_with_and_without_tma(tma):
     and JVP with TMA loads match the reference as those without do."""
     if _launch.launcher() != "xla":
         pytest.skip("jaxlib's Triton target is not available here")
-    result = subprocess.run([sys.executable, "-c", _TMA_ATTEND], env=dict(os.environ, THERIA_ATTENTION_TMA=tma),
-                            capture_output=True, text=True, timeout=600)
+    result = _run_child(_TMA_ATTEND, THERIA_ATTENTION_TMA=tma)
     assert result.returncode == 0, result.stderr[-4000:]
     flag, error = result.stdout.split()[-3], float(result.stdout.split()[-1])
     assert flag == str(tma == "1") and error < 1e-5, result.stdout
