@@ -10,11 +10,20 @@ For each sweep kind (forward, jvp, forward_second, backward, backward_backward) 
 names for that kind. Every candidate's kernels
 are first compiled for this GPU on all CPU cores at once (``_tuning.compile_launch``; Triton's disk
 cache then serves the timed runs), and candidates that need more shared memory than the GPU gives
-one program are dropped. The rest are timed through the torch launchers with
-``triton.testing.do_bench`` (median) on every shape and mask of that head dim, and the candidate
-that spills no registers with the smallest geometric mean of its time relative to the current
-entry wins (the fastest of all where every candidate spills, flagged so). Past --budget
-seconds the remaining candidates are not timed and the report says so.
+one program are dropped. The rest are timed through the torch launchers on every shape and mask of that head dim, as the
+device's time (``--timing graph``, the default: ``triton.testing.do_bench_cudagraph``, CUDA-graph
+replay, median), and the candidate that spills no registers with the smallest geometric mean of
+its time relative to the current entry wins (the fastest of all where every candidate spills,
+flagged so). A tile changes only the device's work, so the host's time must not enter: at small
+shapes ``--timing events`` (``triton.testing.do_bench``, CUDA events) reads the host path, not
+the kernel (docs/perf-notes.md items 17 and 20). Past --budget seconds the remaining candidates
+are not timed and the report says so.
+
+``--reselect RUN.json`` chooses again from an earlier run's times (no GPU needed), keeping only
+the shapes and masks given:
+
+    python scripts/tune_attention.py --reselect docs/results/tuning/h200_d32/tuning.json \
+        --shapes 64,8,1024,32 --out docs/results/tuning/h200_d32/reselected
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 KINDS = ("forward", "jvp", "forward_second", "backward", "backward_backward")
+TIMINGS = {"graph": "`triton.testing.do_bench_cudagraph` (the device's time)",
+           "events": "`triton.testing.do_bench` (CUDA events)"}
 MASKS = {"full": dict(causal=False), "causal": dict(causal=True)}
 
 
@@ -144,7 +155,10 @@ def main():
     parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32", "float64"])
     parser.add_argument("--masks", nargs="+", default=["full", "causal"], choices=list(MASKS))
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
-    parser.add_argument("--rep", type=float, default=60, help="do_bench's measuring time per run, ms")
+    parser.add_argument("--rep", type=float, default=60, help="measuring time per run, ms")
+    parser.add_argument("--timing", choices=["graph", "events"], default="graph",
+                        help="graph: the device's time by CUDA-graph replay; events: do_bench's CUDA events")
+    parser.add_argument("--reselect", metavar="RUN.json", help="choose again from an earlier run's times")
     parser.add_argument("--budget", type=float, default=330, help="seconds; later kinds keep their entries")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--out", required=True, help="folder for tuning.json and tuning.md")
@@ -153,6 +167,9 @@ def main():
     args = parser.parse_args()
     start = time.perf_counter()
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+    if args.reselect:
+        write_report(reselect(args.reselect, args.shapes, args.masks, " ".join(["python", *sys.argv])), args.out)
+        return
 
     import torch
     import triton
@@ -217,45 +234,78 @@ def main():
             with_tile(kind, block_d, args.dtype, capability, candidate)
             kernels.clear_plans()
             for (shape, mask), run in runs.items():
-                entry["ms"][f"{','.join(map(str, shape))} {mask}"] = triton.testing.do_bench(
-                    run, warmup=10, rep=args.rep, return_mode="median")
+                if args.timing == "graph":
+                    run()  # compiles outside the capture
+                    ms = triton.testing.do_bench_cudagraph(run, rep=args.rep, return_mode="median")
+                else:
+                    ms = triton.testing.do_bench(run, warmup=10, rep=args.rep, return_mode="median")
+                entry["ms"][f"{','.join(map(str, shape))} {mask}"] = ms
         with_tile(kind, block_d, args.dtype, capability, group["current"])
         kernels.clear_plans()
-        # Against the current entry, or the first candidate timed where the current one does not fit.
-        baseline = next((e["ms"] for e in row["candidates"] if e["ms"]), None)
-        for entry in row["candidates"]:
-            if entry["ms"] and baseline:
-                entry["relative"] = math.exp(sum(math.log(entry["ms"][key] / baseline[key]) for key in baseline)
-                                             / len(baseline))
-        # The fastest candidate that does not spill; where every one spills, the fastest (flagged).
-        timed = [e for e in row["candidates"] if "relative" in e]
-        clean = [e for e in timed if not e["spills"]]
-        best = min(clean or timed, key=lambda e: e["relative"]) if timed else None
-        row["chosen"] = best["tile"] if best else group["current"]
-        print(f"{kind:18s} D{block_d:<4d} current {group['current']} "
-              + (f"-> {tuple(best['tile'])} ({best['relative']:.3f}x the current time"
-                 f"{', spills' if best['spills'] else ''})" if best else "-> kept (nothing timed)"))
+        choose(row)
 
     elapsed = time.perf_counter() - start
     report = dict(device=name, capability=capability, table_of=table_of, dtype=args.dtype, shapes=args.shapes,
-                  masks=args.masks, rep_ms=args.rep, seconds=round(elapsed, 1),
+                  masks=args.masks, rep_ms=args.rep, timing=args.timing, seconds=round(elapsed, 1),
                   versions=dict(torch=torch.__version__, triton=triton.__version__, python=platform.python_version()),
                   command=" ".join(["python", *sys.argv]), results=results)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "tuning.json"), "w") as f:
+    write_report(report, args.out)
+
+
+def choose(row: dict) -> None:
+    """Set each timed candidate's ``relative`` (the geometric mean over its times of the ratio to
+    the current entry's, or to the first candidate timed where the current one does not fit) and
+    the row's ``chosen`` tile: the fastest candidate that does not spill; where every one spills,
+    the fastest (flagged in the report)."""
+    baseline = next((e["ms"] for e in row["candidates"] if e["ms"]), None)
+    for entry in row["candidates"]:
+        entry.pop("relative", None)
+        if entry["ms"] and baseline:
+            entry["relative"] = math.exp(sum(math.log(entry["ms"][key] / baseline[key]) for key in baseline)
+                                         / len(baseline))
+    timed = [e for e in row["candidates"] if "relative" in e]
+    clean = [e for e in timed if not e["spills"]]
+    best = min(clean or timed, key=lambda e: e["relative"]) if timed else None
+    row["chosen"] = best["tile"] if best else row["current"]
+    print(f"{row['kind']:18s} D{row['head_dim']:<4d} current {tuple(row['current'])} "
+          + (f"-> {tuple(best['tile'])} ({best['relative']:.3f}x the current time"
+             f"{', spills' if best['spills'] else ''})" if best else "-> kept (nothing timed)"))
+
+
+def reselect(path: str, shapes: list[str], masks: list[str], command: str) -> dict:
+    """An earlier run's report chosen again from its times of ``shapes`` and ``masks`` alone."""
+    with open(path) as f:
+        report = json.load(f)
+    keys = {f"{shape} {mask}" for shape in shapes for mask in masks}
+    if not keys & {key for row in report["results"] for e in row["candidates"] for key in e["ms"]}:
+        sys.exit(f"{path} holds no times of shapes {shapes} and masks {masks}")
+    for row in report["results"]:
+        for entry in row["candidates"]:
+            entry["ms"] = {key: ms for key, ms in entry["ms"].items() if key in keys}
+        choose(row)
+    report.update(shapes=shapes, masks=masks, command=command, reselected_from=report["command"])
+    return report
+
+
+def write_report(report: dict, out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "tuning.json"), "w") as f:
         json.dump(report, f, indent=1)
-    with open(os.path.join(args.out, "tuning.md"), "w") as f:
+    with open(os.path.join(out, "tuning.md"), "w") as f:
         f.write(markdown(report))
     print(markdown(report))
-    print(f"{elapsed:.0f} s; wrote {args.out}/tuning.json and tuning.md")
+    print(f"{report['seconds']:.0f} s; wrote {out}/tuning.json and tuning.md")
 
 
 def markdown(report: dict) -> str:
     """The chosen table and, per (kind, head dim), every candidate timed or why it was dropped."""
     lines = [f"# Attention tiles on {report['device']} (sm_{report['capability']}), {report['dtype']}", "",
              f"`{report['command']}` ({report['seconds']} s; torch {report['versions']['torch']}, "
-             f"triton {report['versions']['triton']}). Times: median ms of `triton.testing.do_bench`; relative: "
-             "geometric mean over shapes and masks against the current entry.", "",
+             f"triton {report['versions']['triton']}). Times: median ms of "
+             f"{TIMINGS[report.get('timing', 'events')]}; relative: geometric mean over shapes and masks against "
+             "the current entry."
+             + (f" Chosen again from the times of `{report['reselected_from']}`." if "reselected_from" in report
+                else ""), "",
              "| kind | head dim | current | chosen | chosen / current |", "|---|---|---|---|---|"]
     for row in report["results"]:
         best = next((e for e in row["candidates"] if tuple(e["tile"]) == tuple(row.get("chosen", ()))), None)

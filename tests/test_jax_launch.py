@@ -228,10 +228,12 @@ _TMA_ATTEND = textwrap.dedent("""
 @pytest.mark.parametrize("tma", ["0", "1"], ids=["pointer_loads", "tma_loads"])
 def test_xla_native_launch_with_and_without_tma(tma):
     """jaxlib allocates the global scratch of a kernel that builds tensor descriptors: the forward
-    and JVP with TMA loads match the reference as those without do."""
+    and JVP with TMA loads (forced, with XLA's command buffers off, as ``_primitives._tma_ok``
+    says) match the reference as those without do."""
     if _launch.launcher() != "xla":
         pytest.skip("jaxlib's Triton target is not available here")
-    result = _run_child(_TMA_ATTEND, THERIA_ATTENTION_TMA=tma)
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
+    result = _run_child(_TMA_ATTEND, THERIA_ATTENTION_TMA=tma, XLA_FLAGS=flags)
     assert result.returncode == 0, result.stderr[-4000:]
     flag, error = result.stdout.split()[-3], float(result.stdout.split()[-1])
     assert flag == str(tma == "1") and error < 1e-5, result.stdout

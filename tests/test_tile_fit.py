@@ -257,17 +257,26 @@ def test_tiles_fit_every_entry(capability):
 
 
 def test_tma_forward_compiles_for_hopper():
-    """The forward kinds with K and V loaded through tensor descriptors (THERIA_ATTENTION_TMA=1:
-    no table turns TMA on until it is timed) compile for sm_90 at their tiles, issue TMA copies, ask
-    for the descriptors' global scratch and fit as the entries without TMA do; without the override
-    no sm_90 forward uses TMA."""
-    entries = [(90, kind, head_dim, 2) for kind in ("forward", "jvp") for head_dim in (64, 128)]
-    with_tma, without = run_compiler(entries, THERIA_ATTENTION_TMA="1"), run_compiler(entries)
+    """The forward kinds with K and V loaded through tensor descriptors compile for sm_90 at their
+    2-byte tiles, issue TMA copies, ask for the descriptors' global scratch and fit as the entries
+    without TMA do; by default exactly the (kind, head dim, dtype class) entries of sm_90's
+    ``TMA_KINDS`` use them (not float32, whose forward spills with TMA, nor untimed head dims)."""
+    from theria_kernels.attention._tuning import FORWARD_KINDS, TMA_KINDS
+
+    entries = [(90, kind, head_dim, 2) for kind in FORWARD_KINDS for head_dim in (64, 128)]
+    with_tma, without = run_compiler(entries, THERIA_ATTENTION_TMA="1"), run_compiler(entries, THERIA_ATTENTION_TMA="0")
     for row in with_tma:
         assert "error" not in row and row["tensor_loads"] > 0 and row["global_scratch"] > 0, row
     for row in without:
         assert row["tensor_loads"] == 0 and row["global_scratch"] == 0, row
-    assert _misfits(with_tma) == _misfits(without)  # the same launches spill (the D128 JVP), no others
+    assert _misfits(with_tma) == _misfits(without)  # the same launches spill, no others
+    others = [(90, "forward", 64, 4), (90, "forward", 32, 2)]
+    by_default = run_compiler(entries + others, THERIA_ATTENTION_TMA="")  # the tables' choice
+    chosen = {(row["kind"], row["head_dim"], row["dtype_bytes"]) for row in by_default if row["tensor_loads"]}
+    assert chosen == TMA_KINDS[90] != set()
+    for row in by_default:
+        entry = (row["kind"], row["head_dim"], row["dtype_bytes"])
+        assert (row["global_scratch"] > 0) == (entry in TMA_KINDS[90]), row
 
 
 def test_unknown_architectures_fall_back_to_a_table_that_fits():

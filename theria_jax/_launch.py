@@ -20,7 +20,8 @@ field and compile the PTX as before. ``THERIA_JAX_CUBIN=0`` leaves the cubin out
 sends a one-line stand-in for the PTX and no TTIR: such a jaxlib rebuilds the kernel from its
 message at every execution outside a command buffer, copying both strings (0.1-0.35 MB for
 theria's kernels) and hashing the PTX as its image cache's key, and the stand-in (the PTX's
-digest) keeps that key one per kernel. Opt-in until a GPU run has timed and checked it.
+digest) keeps that key one per kernel. It passes on the H200; opt-in until a timing tells it
+apart from the machine's noise (docs/perf-notes.md item 20).
 
 Buffers between launches (delta, rho, the grouped-query partials) are XLA values like any other;
 buffers that must start at zero are zeroed by jaxlib's launcher (or created as zeros when no

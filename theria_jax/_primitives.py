@@ -65,6 +65,7 @@ from theria_kernels._contracts import (
     is_interpreter,
     row_stat_dtype_name,
 )
+from theria_kernels.attention import _tuning as tuning
 from theria_kernels.attention import (
     VMAP_CU_SEQLENS_ERROR,
     AttentionCall,
@@ -210,8 +211,18 @@ def _primitive(name: str, kinds: str, names_of, impl) -> Primitive:
     return primitive
 
 
+def _tma_ok() -> bool:
+    """Whether JAX's forward calls may load K and V through TMA (``AttentionCall.tma``): only where
+    THERIA_ATTENTION_TMA=1 forces it. The tensor descriptors live in Triton's global scratch, which
+    jaxlib allocates at each launch (``cuMemAllocAsync``); XLA's command buffers, which take
+    custom calls by default, cannot hold that allocation ("Failed to create a child graph node"),
+    so a jitted program XLA records into one would fail. Forcing TMA in JAX therefore also needs
+    ``XLA_FLAGS=--xla_gpu_enable_command_buffer=``."""
+    return tuning.TMA_OVERRIDE is True
+
+
 def _forward_impl(arrays, *, params, lengths):
-    return _run(forward_plan, arrays, params, lengths)
+    return _run(functools.partial(forward_plan, tma_ok=_tma_ok()), arrays, params, lengths)
 
 
 def _recomputed(arrays: dict) -> dict:
@@ -221,13 +232,13 @@ def _recomputed(arrays: dict) -> dict:
 
 
 def _forward_tangent_impl(arrays, *, params, lengths):
-    plan = functools.partial(forward_plan, has_tangent=True)
+    plan = functools.partial(forward_plan, has_tangent=True, tma_ok=_tma_ok())
     _, _, out_dot, lse_dot = _run(plan, _recomputed(arrays), params, lengths)
     return [out_dot, lse_dot]
 
 
 def _forward_second_impl(arrays, *, params, lengths):
-    plan = functools.partial(forward_plan, has_tangent=True, second_order=True)
+    plan = functools.partial(forward_plan, has_tangent=True, second_order=True, tma_ok=_tma_ok())
     return _run(plan, _recomputed(arrays), params, lengths)
 
 

@@ -169,14 +169,16 @@ class AttentionCall:
         )
         return meta, block_m, block_n, warps, stages
 
-    def tma(self, kind: str, aligned: bool) -> bool:
+    def tma(self, kind: str, tma_ok: bool) -> bool:
         """Whether the forward sweep ``kind`` loads K and V through tensor descriptors (the
         kernel's TMA): where ``_tuning.uses_tma`` says so for the device and the call allows it,
         that is one head-dim tile exactly as wide as the head dim (a power of two from 16), k's
-        and v's rows at 16-byte offsets (strides) and ``aligned`` base pointers (the torch
-        launcher checks them per call; XLA's buffers always are)."""
+        and v's rows at 16-byte offsets (strides), and ``tma_ok``: the launcher says that k's and
+        v's data start at 16-byte boundaries and that it can give the kernel Triton's global
+        scratch, where the descriptors are built (the torch launcher checks the pointers per call;
+        JAX's calls say no, ``theria_jax._primitives``)."""
         head_dim = self.q_shape[-1]
-        return (aligned and uses_tma(self.device.capability, kind) and head_dim >= 16
+        return (tma_ok and uses_tma(self.device.capability, kind, head_dim, self.dtype) and head_dim >= 16
                 and head_dim_parts(head_dim) == (head_dim, 0)
                 and all(stride * DTYPE_BYTES[self.dtype] % 16 == 0 for stride in self.k_strides[:3]))
 
@@ -261,11 +263,11 @@ def _column_launch(kernel, call: AttentionCall, kind: str, arguments: dict, outp
 
 @functools.lru_cache(maxsize=4096)
 def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: bool = False,
-                 aligned: bool = True) -> Plan:
+                 tma_ok: bool = True) -> Plan:
     """One forward sweep: outputs (out, lse); with ``has_tangent`` also (out_dot, lse_dot) along
     the inputs (q_dot, k_dot, v_dot); with ``second_order`` only (out_second, lse_second), the
-    second derivative along (q_dot, k_dot, v_dot) and (q_y, k_y, v_y). ``aligned``: k's and v's
-    data start at 16-byte boundaries (``AttentionCall.tma``)."""
+    second derivative along (q_dot, k_dot, v_dot) and (q_y, k_y, v_y). ``tma_ok``: the launcher
+    allows TMA loads for this call (``AttentionCall.tma``)."""
     kind = "forward_second" if second_order else "jvp" if has_tangent else "forward"
     meta, block_m, block_n, warps, stages = call.meta(kind)
     pointers = {name: None for name in ("Q_dot", "K_dot", "V_dot", "Out_dot", "Lse_dot",
@@ -288,7 +290,7 @@ def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: b
         _attn_fwd_kernel, call.row_grid(block_m),
         dict(Q=Buffer("q"), K=Buffer("k"), V=Buffer("v"), Out=Buffer("out"), Lse=Buffer("lse"), **pointers,
              **call.geometry(), **meta, EVEN_K=call.even_k(block_n), HAS_TANGENT=has_tangent,
-             SECOND_ORDER=second_order, TMA=call.tma(kind, aligned)),
+             SECOND_ORDER=second_order, TMA=call.tma(kind, tma_ok)),
         writes=tuple(writes), num_warps=warps, num_stages=stages)
     outputs = ("out_second", "lse_second") if second_order else tuple(allocations)
     return Plan(call.inputs(tuple(inputs)), outputs, allocations, (launch,))

@@ -47,11 +47,12 @@ Tile = tuple[int, int, int, int]
 
 # Hopper (H100, H200): tuned by timing. The 4- and 8-byte entries halve and quarter the 2-byte
 # tile and drop one and two pipeline stages: wider elements need that much more shared memory and
-# registers per tile. The 32 class (head dims up to 32) starts as the 64 class's tiles, which it
-# used before it had its own row; it is to be timed at MAML's shapes (docs/design/tuning.md §6).
+# registers per tile. The 32 class (head dims up to 32): the 2-byte forward and double backward
+# chosen by timing on the H200 at MAML's t1024 shape (docs/design/tuning.md §1), the others the
+# 64 class's tiles (the backward's timed best).
 SM90: dict[str, dict[int, dict[int, Tile]]] = {
     "forward": {
-        32: {2: (128, 64, 4, 3), 4: (64, 32, 4, 2), 8: (32, 16, 4, 1)},
+        32: {2: (64, 64, 4, 3), 4: (64, 32, 4, 2), 8: (32, 16, 4, 1)},
         64: {2: (128, 64, 4, 3), 4: (64, 32, 4, 2), 8: (32, 16, 4, 1)},
         128: {2: (128, 64, 8, 3), 4: (64, 32, 8, 2), 8: (32, 16, 8, 1)},
         256: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
@@ -75,7 +76,7 @@ SM90: dict[str, dict[int, dict[int, Tile]]] = {
         256: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
     },
     "backward_backward": {
-        32: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
+        32: {2: (64, 64, 4, 3), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
         64: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
         128: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
         256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
@@ -132,22 +133,34 @@ def table_capability(capability: int) -> int:
     return TABLE_ALIASES.get(capability, FALLBACK_CAPABILITY)
 
 
-# The forward kinds whose kernels load K and V through the tensor memory accelerator (TMA: tensor
-# descriptors, sm_90 and later), per table: none until a timing shows it pays (docs/design/tuning.md
-# §6). Compiled for sm_90 (bf16, non-causal forward) TMA takes the D64 kernel from 234 registers to
-# 212 and D128 from 176 to 174, at 256 bytes of global scratch a program for the descriptors.
-TMA_KINDS: dict[int, frozenset] = {90: frozenset(), 100: frozenset()}
-# THERIA_ATTENTION_TMA=1 turns TMA on for every forward kind wherever a call allows it (the
-# interpreter included, which is how the CPU tests run it); =0 turns it off everywhere.
+# Where the forward kinds load K and V through the tensor memory accelerator (TMA: tensor
+# descriptors, sm_90 and later), per table: (kind, head-dim class, dtype class) entries where a
+# timing showed it pays (docs/design/tuning.md §1). On the H200 (bf16, T 4096) TMA takes the
+# forward from 1.174 to 1.099 ms at D128 (causal 0.710 to 0.643) and 1.395 to 1.374 ms at D64,
+# the JVP from 4.43 to 4.19 ms (D128) and 5.23 to 5.02 (D64); the D64 forward kernel drops from
+# 234 registers to 212, at 256 bytes of global scratch a program for the descriptors. Not the
+# wider dtypes: compiled for sm_90 with TMA, the float32 forward spills (876 words a thread at
+# D128, none without), and none is timed; nor the head-dim classes 32 and 256, the second-order
+# forward (none timed) or sm_100 (no such GPU here). A launch with TMA also costs the host the
+# scratch's allocation.
+TMA_KINDS: dict[int, frozenset] = {
+    90: frozenset((kind, head_dim, 2) for kind in ("forward", "jvp") for head_dim in (64, 128)),
+    100: frozenset(),
+}
+FORWARD_KINDS = ("forward", "jvp", "forward_second")
+# THERIA_ATTENTION_TMA=1 turns TMA on for every forward kind and dtype wherever a call allows it
+# (the interpreter included, which is how the CPU tests run it); =0 turns it off everywhere.
 TMA_OVERRIDE = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENTION_TMA", ""))
 
 
-def uses_tma(capability: int, kind: str) -> bool:
-    """Whether a forward sweep ``kind`` loads K and V through TMA on a device of ``capability``
-    (0: the interpreter or unknown), where the call allows it (``AttentionCall.tma``)."""
+def uses_tma(capability: int, kind: str, block_d: int, dtype: str) -> bool:
+    """Whether a forward sweep ``kind`` at padded head dim ``block_d`` in ``dtype`` loads K and V
+    through TMA on a device of ``capability`` (0: the interpreter or unknown), where the call
+    allows it (``AttentionCall.tma``)."""
     if TMA_OVERRIDE is not None:
-        return TMA_OVERRIDE and kind in ("forward", "jvp", "forward_second")
-    return capability >= 90 and kind in TMA_KINDS.get(table_capability(capability), ())
+        return TMA_OVERRIDE and kind in FORWARD_KINDS
+    entry = (kind, head_dim_class(block_d), DTYPE_BYTES[dtype])
+    return capability >= 90 and entry in TMA_KINDS.get(table_capability(capability), ())
 
 
 def head_dim_class(block_d: int) -> int:
