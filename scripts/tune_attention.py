@@ -7,17 +7,17 @@ markdown under --out (GPU only; docs/design/tuning.md).
 For each sweep kind (forward, jvp, forward_second, backward, backward_backward) and head dim of
 --shapes, the candidates are the table's current entry for this GPU's compute capability
 (kernels/attention/_tuning.py), its 13 neighbours (``neighbours``) and any tile --candidates
-names for that kind. Every candidate's kernels
-are first compiled for this GPU on all CPU cores at once (``_tuning.compile_launch``; Triton's disk
-cache then serves the timed runs), and candidates that need more shared memory than the GPU gives
-one program are dropped. The rest are timed through the torch launchers on every shape and mask of that head dim, as the
-device's time (``--timing graph``, the default: ``triton.testing.do_bench_cudagraph``, CUDA-graph
-replay, median), and the candidate that spills no registers with the smallest geometric mean of
-its time relative to the current entry wins (the fastest of all where every candidate spills,
-flagged so). A tile changes only the device's work, so the host's time must not enter: at small
-shapes ``--timing events`` (``triton.testing.do_bench``, CUDA events) reads the host path, not
-the kernel (docs/perf-notes.md items 17 and 20). Past --budget seconds the remaining candidates
-are not timed and the report says so.
+names for that kind. Every candidate's kernels are first compiled for this GPU on all CPU cores at
+once (``_tuning.compile_launch``; Triton's disk cache then serves the timed runs), and candidates
+that need more shared memory than the GPU gives one program are dropped. The rest are timed
+through the torch launchers on every shape and mask of that head dim, as the device's time
+(``--timing graph``, the default: ``triton.testing.do_bench_cudagraph``, CUDA-graph replay,
+median), and the candidate that spills no registers with the smallest geometric mean of its time
+relative to the current entry wins (the fastest of all where every candidate spills, flagged so).
+A tile changes only the device's work, so the host's time must not enter: at small shapes
+``--timing events`` (``triton.testing.do_bench``, CUDA events) reads the host path, not the kernel
+(docs/perf-notes.md items 17 and 20). Past --budget seconds the remaining candidates are not timed
+and the report says so.
 
 ``--reselect RUN.json`` chooses again from an earlier run's times (no GPU needed), keeping only
 the shapes and masks given:
