@@ -9,7 +9,7 @@ Triton specialises on) can differ between calls. The first call of each key goes
 the interpreter. ``THERIA_TORCH_LAUNCH=triton`` forces ``JITFunction.run`` on every call (to compare
 the two).
 
-Kernels that create tensor descriptors on the device (the attention forward's TMA loads) need
+Kernels that create tensor descriptors on the device (attention's TMA loads) need
 Triton's global scratch, which Triton asks of the allocator set with ``triton.set_allocator``; where
 none is set, this launcher lends torch's caching allocator for those launches only.
 """

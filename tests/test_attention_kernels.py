@@ -347,15 +347,17 @@ TMA_CHECKS = {"forward_and_backward": _check_forward_and_backward, "jvp": _check
 
 
 def _tma_flags() -> set:
-    """The TMA flag of every cached forward plan."""
-    return {plan.launches[0].arguments["TMA"] for plan in torch_launchers._PLANS.values()
-            if "TMA" in plan.launches[0].arguments}
+    """The TMA flag of every launch of the cached plans that have one (the forward kinds' and the
+    backward's)."""
+    return {launch.arguments["TMA"] for plan in torch_launchers._PLANS.values() for launch in plan.launches
+            if "TMA" in launch.arguments}
 
 
 @pytest.fixture
 def tma_on(monkeypatch):
-    """Every forward kind loads K and V through tensor descriptors where a call allows it (no tile
-    table turns TMA on until it is timed, so the tests force it as THERIA_ATTENTION_TMA=1 does)."""
+    """Every sweep that can (the forward kinds, the backward) loads through tensor descriptors where
+    a call allows it, in every dtype and on every device, the interpreter included (the tables
+    turn TMA on only for some sm_90 entries, so the tests force it as THERIA_ATTENTION_TMA=1 does)."""
     monkeypatch.setattr(tuning, "TMA_OVERRIDE", True)
     clear_plans()  # plans are cached with the choice they were built with
     yield
@@ -366,9 +368,10 @@ def tma_on(monkeypatch):
 @pytest.mark.parametrize("mask", MASKS[2:], ids=MASK_IDS[2:])
 @pytest.mark.parametrize("packed", [False, True], ids=["fixed", "varlen"])
 def test_tma_loads(packed, mask, check, tma_on):
-    """The forward kinds with TMA loads: grouped heads, odd lengths whose last key block is partly
-    past the keys (the descriptor's box reads zeros there), rows that see no key, and packed
-    sequences (each descriptor spans one sequence's keys, so no box reads the next sequence's)."""
+    """The forward kinds and the backward with TMA loads: grouped heads, odd lengths whose last key
+    or query block is partly past the sequence (the descriptor's box reads zeros there), rows that
+    see no key, and packed sequences (each descriptor spans one sequence's rows, so no box reads
+    the next sequence's)."""
     if packed:
         q, k, v, params, fn, varlen = _varlen_case(16, torch.float64, mask, seed=8)
         TMA_CHECKS[check](q, k, v, params, fn, torch.float64, **varlen)
@@ -379,9 +382,9 @@ def test_tma_loads(packed, mask, check, tma_on):
 
 
 def test_tma_loads_give_the_masked_loads_numbers(tma_on):
-    """In the interpreter the descriptors' loads are the masked loads' numbers, bit for bit; a k or
-    v whose data starts off a 16-byte boundary (a view one element into its buffer) takes the
-    masked loads."""
+    """In the interpreter the descriptors' loads are the masked loads' numbers, bit for bit, in the
+    forward and the backward; a k or v whose data starts off a 16-byte boundary (a view one
+    element into its buffer) takes the masked loads."""
     if not INTERPRETER:
         pytest.skip("compiled kernels may schedule the two loads' arithmetic differently: "
                     "test_tma_loads holds them to the accuracy criterion")
@@ -389,15 +392,19 @@ def test_tma_loads_give_the_masked_loads_numbers(tma_on):
     buffer = torch.empty(1 + k.numel(), dtype=k.dtype, device=k.device)
     k_off = buffer[1:].view_as(k).copy_(k)
 
-    def forward(k, tma: bool, uses_tma: bool):
+    d_out = torch.randn_like(q)
+
+    def forward_and_backward(k, tma: bool, uses_tma: bool):
         tuning.TMA_OVERRIDE = tma
         clear_plans()
-        outputs = attention_forward(q, k, v, params)
+        out, lse = attention_forward(q, k, v, params)
+        grads = attention_backward(q, k, v, out, lse, d_out, None, params)
         assert _tma_flags() == {uses_tma}
-        return outputs
+        return (out, lse, *grads)
 
-    without = forward(k, tma=False, uses_tma=False)
-    for got in (forward(k, tma=True, uses_tma=True), forward(k_off, tma=True, uses_tma=False)):
+    without = forward_and_backward(k, tma=False, uses_tma=False)
+    for got in (forward_and_backward(k, tma=True, uses_tma=True),
+                forward_and_backward(k_off, tma=True, uses_tma=False)):
         for a, b in zip(got, without):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 

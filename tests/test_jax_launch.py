@@ -206,8 +206,8 @@ def test_xla_native_launch_with_a_ptx_stand_in():
     assert stand_in.stdout.split()[-1] == with_ptx.stdout.split()[-1] == "1024.0"
 
 
-# Forward and JVP of a jitted call (odd length, grouped heads, causal) against the reference, in a
-# process whose plans load K and V with TMA or not as THERIA_ATTENTION_TMA says.
+# Forward, JVP and gradient of a jitted call (odd length, grouped heads, causal) against the
+# reference, in a process whose plans load with TMA or not as THERIA_ATTENTION_TMA says.
 _TMA_ATTEND = textwrap.dedent("""
     import jax, jax.numpy as jnp, theria_jax
     from theria_kernels.attention._tuning import TMA_OVERRIDE
@@ -217,7 +217,9 @@ _TMA_ATTEND = textwrap.dedent("""
     k, v = (jax.random.normal(key, (2, 77, 2, 64), jnp.float32) for key in keys[1:])
     def run(backend):
         attend = lambda q, k, v: theria_jax.attention(q, k, v, causal=True, backend=backend)
-        return jax.jit(lambda q, k, v: jax.jvp(attend, (q, k, v), (v[:, :, :1].repeat(4, 2), k, q[:, :, :2])))(q, k, v)
+        jvp = jax.jit(lambda q, k, v: jax.jvp(attend, (q, k, v), (v[:, :, :1].repeat(4, 2), k, q[:, :, :2])))(q, k, v)
+        grads = jax.jit(jax.grad(lambda q, k, v: (attend(q, k, v) * q).sum(), argnums=(0, 1, 2)))(q, k, v)
+        return (*jvp, *grads)
     errors = [float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) for a, b in zip(run("triton_full_fused"),
                                                                                  run("reference"))]
     print("tma", TMA_OVERRIDE, "errors", max(errors))
@@ -227,9 +229,9 @@ _TMA_ATTEND = textwrap.dedent("""
 @pytest.mark.gpu
 @pytest.mark.parametrize("tma", ["0", "1"], ids=["pointer_loads", "tma_loads"])
 def test_xla_native_launch_with_and_without_tma(tma):
-    """jaxlib allocates the global scratch of a kernel that builds tensor descriptors: the forward
-    and JVP with TMA loads (forced, with XLA's command buffers off, as ``_primitives._tma_ok``
-    says) match the reference as those without do."""
+    """jaxlib allocates the global scratch of a kernel that builds tensor descriptors: the forward,
+    JVP and backward with TMA loads (forced, with XLA's command buffers off, as
+    ``_primitives._tma_ok`` says) match the reference as those without do."""
     if _launch.launcher() != "xla":
         pytest.skip("jaxlib's Triton target is not available here")
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="

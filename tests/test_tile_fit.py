@@ -256,14 +256,15 @@ def test_tiles_fit_every_entry(capability):
                  in itertools.product(KINDS, HEAD_DIMS, DTYPE_OF_CLASS)])
 
 
-def test_tma_forward_compiles_for_hopper():
-    """The forward kinds with K and V loaded through tensor descriptors compile for sm_90 at their
-    2-byte tiles, issue TMA copies, ask for the descriptors' global scratch and fit as the entries
-    without TMA do; by default exactly the (kind, head dim, dtype class) entries of sm_90's
-    ``TMA_KINDS`` use them (not float32, whose forward spills with TMA, nor untimed head dims)."""
-    from theria_kernels.attention._tuning import FORWARD_KINDS, TMA_KINDS
+def test_tma_compiles_for_hopper():
+    """The sweeps that can load through tensor descriptors (the forward kinds, the backward) compile
+    for sm_90 at their 2-byte tiles with TMA, issue TMA copies, ask for the descriptors' global
+    scratch and fit as the entries without TMA do; by default exactly the (kind, head dim, dtype
+    class) entries of sm_90's ``TMA_KINDS`` use them (not float32, whose forward spills with TMA,
+    nor untimed kinds and head dims)."""
+    from theria_kernels.attention._tuning import TMA_CAPABLE, TMA_KINDS
 
-    entries = [(90, kind, head_dim, 2) for kind in FORWARD_KINDS for head_dim in (64, 128)]
+    entries = [(90, kind, head_dim, 2) for kind in TMA_CAPABLE for head_dim in (64, 128)]
     with_tma, without = run_compiler(entries, THERIA_ATTENTION_TMA="1"), run_compiler(entries, THERIA_ATTENTION_TMA="0")
     for row in with_tma:
         assert "error" not in row and row["tensor_loads"] > 0 and row["global_scratch"] > 0, row

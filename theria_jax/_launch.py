@@ -193,7 +193,7 @@ def _compile(launch, dtypes: dict, capability: int, gpu_triton):
             "provide; set THERIA_JAX_LAUNCH=bridge")
     arguments = [metadata.name, launch.num_warps, getattr(metadata, "num_ctas", 1), metadata.shared,
                  compiled.asm["ptx"], compiled.asm["ttir"], capability]
-    # Global scratch (the forward's TMA descriptors): jaxlib allocates it per launch when told its size.
+    # Global scratch (the TMA descriptors): jaxlib allocates it per launch when told its size.
     scratch = getattr(metadata, "global_scratch_size", 0)
     keywords = dict(global_scratch_size=scratch, global_scratch_align=metadata.global_scratch_align) if scratch else {}
     try:

@@ -212,8 +212,8 @@ def _primitive(name: str, kinds: str, names_of, impl) -> Primitive:
 
 
 def _tma_ok() -> bool:
-    """Whether JAX's forward calls may load K and V through TMA (``AttentionCall.tma``): only where
-    THERIA_ATTENTION_TMA=1 forces it. The tensor descriptors live in Triton's global scratch, which
+    """Whether JAX's forward and backward calls may load through TMA (``AttentionCall.tma``): only
+    where THERIA_ATTENTION_TMA=1 forces it. The tensor descriptors live in Triton's global scratch, which
     jaxlib allocates at each launch (``cuMemAllocAsync``); XLA's command buffers, which take
     custom calls by default, cannot hold that allocation ("Failed to create a child graph node"),
     so a jitted program XLA records into one would fail. Forcing TMA in JAX therefore also needs
@@ -243,7 +243,7 @@ def _forward_second_impl(arrays, *, params, lengths):
 
 
 def _backward_impl(arrays, *, params, lengths):
-    plan = functools.partial(backward_plan, has_d_lse=True)
+    plan = functools.partial(backward_plan, has_d_lse=True, tma_ok=_tma_ok())
     return _run(plan, arrays, params, lengths)
 
 

@@ -170,17 +170,20 @@ class AttentionCall:
         return meta, block_m, block_n, warps, stages
 
     def tma(self, kind: str, tma_ok: bool) -> bool:
-        """Whether the forward sweep ``kind`` loads K and V through tensor descriptors (the
-        kernel's TMA): where ``_tuning.uses_tma`` says so for the device and the call allows it,
-        that is one head-dim tile exactly as wide as the head dim (a power of two from 16), k's
-        and v's rows at 16-byte offsets (strides), and ``tma_ok``: the launcher says that k's and
-        v's data start at 16-byte boundaries and that it can give the kernel Triton's global
-        scratch, where the descriptors are built (the torch launcher checks the pointers per call;
-        JAX's calls say no, ``theria_jax._primitives``)."""
+        """Whether the sweep ``kind`` loads through tensor descriptors (the kernels' TMA: K and V
+        in the forward kinds and the dQ sweep, Q and dO in the dK/dV sweep): where
+        ``_tuning.uses_tma`` says so for the device and the call allows it, that is one head-dim
+        tile exactly as wide as the head dim (a power of two from 16), k's and v's rows at 16-byte
+        offsets (strides; for the backward, which loads q and d_out so too, also q's), and
+        ``tma_ok``: the launcher says that the descriptor-loaded tensors' data
+        start at 16-byte boundaries and that it can give the kernel Triton's global scratch, where
+        the descriptors are built (the torch launcher checks the pointers per call; JAX's calls say
+        no, ``theria_jax._primitives``)."""
         head_dim = self.q_shape[-1]
+        strides = self.k_strides[:3] + (self.q_strides[:3] if kind == "backward" else ())
         return (tma_ok and uses_tma(self.device.capability, kind, head_dim, self.dtype) and head_dim >= 16
                 and head_dim_parts(head_dim) == (head_dim, 0)
-                and all(stride * DTYPE_BYTES[self.dtype] % 16 == 0 for stride in self.k_strides[:3]))
+                and all(stride * DTYPE_BYTES[self.dtype] % 16 == 0 for stride in strides))
 
     def even_k(self, block_n: int) -> bool:
         return self.varlen is None and self.k_shape[2] % block_n == 0
@@ -297,14 +300,15 @@ def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: b
 
 
 @functools.lru_cache(maxsize=4096)
-def backward_plan(call: AttentionCall, has_d_lse: bool) -> Plan:
+def backward_plan(call: AttentionCall, has_d_lse: bool, tma_ok: bool = True) -> Plan:
     """Gradients (dq, dk, dv) of <d_out, out> + <d_lse, lse> (§2) from the inputs (q, k, v, out,
     lse, d_out[, d_lse]): the dQ row sweep, which also stores the row term delta, then the dK/dV
-    column sweep."""
+    column sweep. ``tma_ok``: the launcher allows TMA loads for this call (``AttentionCall.tma``:
+    K and V in the row sweep, Q and dO in the column sweep)."""
     meta, block_m, block_n, warps, stages = call.meta("backward")
     allocations = {"dq": _Q, "dk": _K, "dv": _K, "delta": _rows(call)}
     shared = dict(Q=Buffer("q"), K=Buffer("k"), V=Buffer("v"), D_out=Buffer("d_out"), Lse=Buffer("lse"),
-                  Delta=Buffer("delta"))
+                  Delta=Buffer("delta"), TMA=call.tma("backward", tma_ok))
     launches = (
         Launch(_attn_bwd_dq_kernel, call.row_grid(block_m),
                dict(shared, Out=Buffer("out"), D_lse=Buffer("d_lse") if has_d_lse else None, DQ=Buffer("dq"),

@@ -421,17 +421,22 @@ def _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K,
               start_n, offs_m, t_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
               BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, MASKED: tl.constexpr, STAGE: tl.constexpr,
-              SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+              SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+              TMA: tl.constexpr = False):
     """``acc`` plus what the key block [start_n, start_n + BLOCK_N) adds to it, for the query block
     whose tiles (q, d_out, cot_dq, u_dot; split into head-dim parts) and row statistics (lse2 =
     lse · log2 e, delta, sigma, rho, delta_u) the caller holds; key-shaped pointers are offset by
     k_base. ``acc`` is (dQ,) for GRADIENT, (sigma, Σ_j P dS̄ dP, P Ḡv) for ROW_REDUCTIONS, (cot_q,
     cot_dO) for COTANGENTS and BACKWARD_TANGENT; a stage reads no tile or statistic it does not
     use (None). The score modifiers (§8, ``_scores``): ``slope`` is the rows' ALiBi slope
-    broadcast along keys."""
+    broadcast along keys. With TMA, K and V are the key/value head's tensor descriptors (one key
+    block a box; rows past t_k arrive as zeros, as the masked loads give them)."""
     offs_k = start_n + tl.arange(0, BLOCK_N)
-    k = _load_parts(K + k_base, offs_k, t_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
-    v = _load_parts(V + k_base, offs_k, t_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    if TMA:
+        k, v = (K.load([start_n, 0]),), (V.load([start_n, 0]),)
+    else:
+        k = _load_parts(K + k_base, offs_k, t_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+        v = _load_parts(V + k_base, offs_k, t_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
     if STAGE != GRADIENT:
         cot_dk = _load_parts(Cot_dk + k_base, offs_k, t_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
         cot_dv = _load_parts(Cot_dv + k_base, offs_k, t_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
@@ -473,7 +478,8 @@ def _row_sweep(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K
                offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
                BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, EVEN_K: tl.constexpr, STAGE: tl.constexpr,
-               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+               TMA: tl.constexpr = False):
     """``_row_tile`` over every key block the query block [start_m, start_m + BLOCK_M) sees. Key
     blocks are loaded with masks (cheap against a row tile's work); only a band or a last key
     block past T_k (not EVEN_K) compiles the score mask in (``_mask``)."""
@@ -482,7 +488,7 @@ def _row_sweep(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K
         acc = _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K, V, Cot_dk, Cot_dv, k_base,
                         start_m, start_n, offs_m, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope,
                         diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED,
-                        BANDED or not EVEN_K, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+                        BANDED or not EVEN_K, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA)
     return acc
 
 
@@ -502,15 +508,19 @@ def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delt
                  qk_scale, log2e, diagonal, softcap, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BANDED: tl.constexpr,
                  ROWS_MASKED: tl.constexpr, STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                 ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                 ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr = False):
     """(acc_k, acc_v) plus what the query block [start_m, start_m + BLOCK_M) adds for the key block
     whose tiles (k, v, cot_dk, cot_dv; split into head-dim parts) the caller holds: (dK / scale, dV)
     for GRADIENT, (cot_k / scale, cot_v) for COTANGENTS and BACKWARD_TANGENT. Query-shaped pointers
     are offset by q_base, row statistics by row_base; a stage reads no pointer it does not use
-    (None). Without ROWS_MASKED every query row of the block is < t_q."""
+    (None). Without ROWS_MASKED every query row of the block is < t_q. With TMA, Q and D_out are the
+    query head's tensor descriptors (``_row_tile``'s K and V)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = _load_parts(Q + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
-    d_out = _load_parts(D_out + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
+    if TMA:
+        q, d_out = (Q.load([start_m, 0]),), (D_out.load([start_m, 0]),)
+    else:
+        q = _load_parts(Q + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
+        d_out = _load_parts(D_out + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
     lse2 = _load_rows(Lse + row_base, offs_m, t_q, float("inf"), ROWS_MASKED).to(ACC_DTYPE) * log2e
     delta = _load_rows(Delta + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
     if STAGE != GRADIENT:
@@ -556,7 +566,7 @@ def _column_sweep(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Del
                   stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                   BANDED: tl.constexpr, STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                  ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                  ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr = False):
     """``_column_tile`` over every query block that sees the key block [start_n, start_n + BLOCK_N),
     of each of the ``members`` query heads a column program serves (``_column_program``): the
     whole blocks with unmasked loads, then the one partial block, if any (``_full_blocks_end``)."""
@@ -566,16 +576,22 @@ def _column_sweep(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Del
         # The group's query heads are adjacent: each one stride_qh elements and T_q row statistics on.
         q_base = first_q_base + tl.cast(member, tl.int64) * stride_qh
         row_base = first_row_base + member * t_q
+        q_rows, do_rows = Q, D_out
+        if TMA:  # this query head's descriptors (``_column_tile``)
+            q_rows = tl.make_tensor_descriptor(Q + q_base, shape=[len_q, HEAD_DIM], strides=[stride_qt, 1],
+                                               block_shape=[BLOCK_M, HEAD_DIM])
+            do_rows = tl.make_tensor_descriptor(D_out + q_base, shape=[len_q, HEAD_DIM], strides=[stride_qt, 1],
+                                                block_shape=[BLOCK_M, HEAD_DIM])
         for start_m in range(lo, full_hi, BLOCK_M):
             acc_k, acc_v = _column_tile(
-                acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot,
-                Slopes, q_base, row_base, start_m, start_n, offs_n, len_q, len_k, stride_qt, band_lo, band_hi, sm_scale,
-                qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, False,
-                STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+                acc_k, acc_v, k, v, cot_dk, cot_dv, q_rows, do_rows, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot,
+                Delta_dot, Slopes, q_base, row_base, start_m, start_n, offs_n, len_q, len_k, stride_qt, band_lo,
+                band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1,
+                BANDED, False, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA)
         if full_hi < hi:  # the one partial block
             acc_k, acc_v = _column_tile(
-                acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot,
-                Slopes, q_base, row_base, full_hi, start_n, offs_n, len_q, len_k, stride_qt, band_lo, band_hi, sm_scale,
-                qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, True, STAGE,
-                SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+                acc_k, acc_v, k, v, cot_dk, cot_dv, q_rows, do_rows, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot,
+                Delta_dot, Slopes, q_base, row_base, full_hi, start_n, offs_n, len_q, len_k, stride_qt, band_lo,
+                band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1,
+                BANDED, True, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA)
     return acc_k, acc_v

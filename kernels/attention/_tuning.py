@@ -133,32 +133,34 @@ def table_capability(capability: int) -> int:
     return TABLE_ALIASES.get(capability, FALLBACK_CAPABILITY)
 
 
-# Where the forward kinds load K and V through the tensor memory accelerator (TMA: tensor
-# descriptors, sm_90 and later), per table: (kind, head-dim class, dtype class) entries where a
-# timing showed it pays (docs/design/tuning.md §1). On the H200 (bf16, T 4096) TMA takes the
-# forward from 1.174 to 1.099 ms at D128 (causal 0.710 to 0.643) and 1.395 to 1.374 ms at D64,
-# the JVP from 4.43 to 4.19 ms (D128) and 5.23 to 5.02 (D64); the D64 forward kernel drops from
-# 234 registers to 212, at 256 bytes of global scratch a program for the descriptors. Not the
-# wider dtypes: compiled for sm_90 with TMA, the float32 forward spills (876 words a thread at
-# D128, none without), and none is timed; nor the head-dim classes 32 and 256, the second-order
-# forward (none timed) or sm_100 (no such GPU here). A launch with TMA also costs the host the
-# scratch's allocation.
+# Where the sweeps load through the tensor memory accelerator (TMA: tensor descriptors, sm_90 and
+# later), per table: (kind, head-dim class, dtype class) entries where a timing showed it pays
+# (docs/design/tuning.md §1). On the H200 (bf16, T 4096) TMA takes the forward from 1.174 to 1.099
+# ms at D128 (causal 0.710 to 0.643) and 1.395 to 1.374 ms at D64, the JVP from 4.43 to 4.19 ms
+# (D128) and 5.23 to 5.02 (D64); the D64 forward kernel drops from 234 registers to 212, at 256
+# bytes of global scratch a program for the descriptors. Not the wider dtypes: compiled for sm_90
+# with TMA, the float32 forward spills (876 words a thread at D128, none without), and none is
+# timed; nor the head-dim classes 32 and 256, the second-order forward or the backward (none
+# timed) or sm_100 (no such GPU here). A launch with TMA also costs the host the scratch's
+# allocation.
 TMA_KINDS: dict[int, frozenset] = {
     90: frozenset((kind, head_dim, 2) for kind in ("forward", "jvp") for head_dim in (64, 128)),
     100: frozenset(),
 }
-FORWARD_KINDS = ("forward", "jvp", "forward_second")
-# THERIA_ATTENTION_TMA=1 turns TMA on for every forward kind and dtype wherever a call allows it
+# The sweeps that can load through tensor descriptors: the forward kinds (K and V) and the backward
+# (K and V in the dQ sweep, Q and dO in the dK/dV sweep); not the double backward.
+TMA_CAPABLE = ("forward", "jvp", "forward_second", "backward")
+# THERIA_ATTENTION_TMA=1 turns TMA on for every capable sweep and dtype wherever a call allows it
 # (the interpreter included, which is how the CPU tests run it); =0 turns it off everywhere.
 TMA_OVERRIDE = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENTION_TMA", ""))
 
 
 def uses_tma(capability: int, kind: str, block_d: int, dtype: str) -> bool:
-    """Whether a forward sweep ``kind`` at padded head dim ``block_d`` in ``dtype`` loads K and V
-    through TMA on a device of ``capability`` (0: the interpreter or unknown), where the call
+    """Whether a sweep ``kind`` at padded head dim ``block_d`` in ``dtype`` loads through TMA
+    (``TMA_CAPABLE``) on a device of ``capability`` (0: the interpreter or unknown), where the call
     allows it (``AttentionCall.tma``)."""
     if TMA_OVERRIDE is not None:
-        return TMA_OVERRIDE and kind in FORWARD_KINDS
+        return TMA_OVERRIDE and kind in TMA_CAPABLE
     entry = (kind, head_dim_class(block_d), DTYPE_BYTES[dtype])
     return capability >= 90 and entry in TMA_KINDS.get(table_capability(capability), ())
 

@@ -57,10 +57,11 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
     BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     """dQ for one query block of one query head, and the block's row term delta (``_row_delta``).
-    Tiles with a head-dim axis are tuples of head-dim parts (``_load_parts``)."""
+    Tiles with a head-dim axis are tuples of head-dim parts (``_load_parts``). TMA loads K and V
+    through tensor descriptors, as the forward kernel does (``AttentionCall.tma``)."""
     start_m = tl.program_id(0) * BLOCK_M
     batch, head, entry = _program(heads, VARLEN)
     q_base, k_base, row_base, len_q, len_k, band_lo, band_hi = _sequence(
@@ -80,10 +81,16 @@ def _attn_bwd_dq_kernel(
                           BLOCK_D1, ACC_DTYPE)
     slope, diagonal, softcap = _modifiers(Slopes, row_base, offs_m, len_q, len_k, softcap, SOFTCAP, ALIBI, True,
                                           BOTTOM_RIGHT, ACC_DTYPE)
-    dq = _row_sweep((_zeros_like_parts(q, ACC_DTYPE),), q, d_out, None, lse2, delta, None, None, None, None, K, V,
-                    None, None, k_base, start_m, offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale,
-                    log2e, slope, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, EVEN_K,
-                    GRADIENT, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)[0]
+    k_rows, v_rows = K, V
+    if TMA:  # the key/value head's descriptors; a box is one key block
+        k_rows = tl.make_tensor_descriptor(K + k_base, shape=[len_k, HEAD_DIM], strides=[stride_kt, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_rows = tl.make_tensor_descriptor(V + k_base, shape=[len_k, HEAD_DIM], strides=[stride_kt, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+    dq = _row_sweep((_zeros_like_parts(q, ACC_DTYPE),), q, d_out, None, lse2, delta, None, None, None, None, k_rows,
+                    v_rows, None, None, k_base, start_m, offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale,
+                    qk_scale, log2e, slope, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED,
+                    EVEN_K, GRADIENT, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA)[0]
     _store_parts(DQ + q_base, _times(dq, sm_scale), offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
 
 
@@ -96,11 +103,12 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
     BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     """One program per key block of one key/value head (or of one share of its query heads, see
     ``_column_program``); it sums over the query heads it serves, so grouped-query gradients need
-    no atomics. Tiles are key-major (keys × queries): the transposes of the row kernel's tiles."""
+    no atomics. Tiles are key-major (keys × queries): the transposes of the row kernel's tiles.
+    TMA loads Q and dO through tensor descriptors (``_column_sweep``)."""
     start_n = tl.program_id(0) * BLOCK_N
     first_q_base, k_base, first_row_base, len_q, len_k, band_lo, band_hi, share, tile = _column_program(
         Cu_q, Cu_k, members, t_q, t_k, heads, group, band_lo, band_hi,
@@ -118,7 +126,8 @@ def _attn_bwd_dkdv_kernel(
     dk, dv = _column_sweep(zeros, zeros, k, v, None, None, Q, D_out, None, Lse, Delta, None, None, None, None, Slopes,
                            first_q_base, first_row_base, members, start_n, offs_n, t_q, len_q, len_k, stride_qh,
                            stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM,
-                           BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, GRADIENT, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+                           BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, GRADIENT, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION,
+                           TMA)
     _column_store(DK, DV, Part_k, Part_v, Arrivals, _times(dk, sm_scale), dv, k_base, share, tile, group // members,
                   stride_split, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT)
 

@@ -140,10 +140,11 @@ def _call(q: torch.Tensor, k: torch.Tensor, params: AttentionParams, lengths) ->
     return found
 
 
-def _aligned(tensors: dict) -> bool:
-    """Whether k's and v's data start at 16-byte boundaries, which the forward's tensor
-    descriptors need (``AttentionCall.tma``); a view that starts inside a row does not."""
-    return tensors["k"].data_ptr() % 16 == 0 and tensors["v"].data_ptr() % 16 == 0
+def _aligned(tensors: dict, names=("k", "v")) -> bool:
+    """Whether the data of the tensors ``names`` (those a sweep loads through tensor descriptors:
+    k and v for the forward kinds, also q and d_out for the backward) start at 16-byte boundaries,
+    which the descriptors need (``AttentionCall.tma``); a view that starts inside a row does not."""
+    return all(tensors[name].data_ptr() % 16 == 0 for name in names)
 
 
 _OUTPUT_LIKE = {"out": "q", "dq": "q", "cot_q": "q", "cot_d_out": "q", "out_dot": "q", "out_second": "q",
@@ -228,7 +229,8 @@ def attention_backward(q, k, v, out, lse, d_out, d_lse, params: AttentionParams,
     """Gradients (dq, dk, dv) of <d_out, out> + <d_lse, lse>; ``d_lse`` may be None (zero)."""
     call, tensors = _prepare(q, k, params, {"out": out, "d_out": d_out}, {"v": v},
                              {"lse": lse, "d_lse": d_lse, "row_slopes": row_slopes}, dict(dq=dq, dk=dk, dv=dv), varlen)
-    return run_plan(_plan(backward_plan, call, d_lse is not None), tensors)
+    return run_plan(_plan(backward_plan, call, d_lse is not None, _aligned(tensors, ("q", "k", "v", "d_out"))),
+                    tensors)
 
 
 def attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv,
