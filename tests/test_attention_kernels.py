@@ -343,7 +343,8 @@ def test_split_head_dim(head_dim, dtype, check, monkeypatch):
 
 
 TMA_CHECKS = {"forward_and_backward": _check_forward_and_backward, "jvp": _check_jvp,
-              "forward_second": _check_forward_second}
+              "forward_second": _check_forward_second, "backward_backward": _check_backward_backward,
+              "backward_tangent": _check_backward_tangent}
 
 
 def _tma_flags() -> set:
@@ -368,10 +369,11 @@ def tma_on(monkeypatch):
 @pytest.mark.parametrize("mask", MASKS[2:], ids=MASK_IDS[2:])
 @pytest.mark.parametrize("packed", [False, True], ids=["fixed", "varlen"])
 def test_tma_loads(packed, mask, check, tma_on):
-    """The forward kinds and the backward with TMA loads: grouped heads, odd lengths whose last key
-    or query block is partly past the sequence (the descriptor's box reads zeros there), rows that
-    see no key, and packed sequences (each descriptor spans one sequence's rows, so no box reads
-    the next sequence's)."""
+    """Every sweep with TMA loads (the forward kinds, the backward, the double backward with and
+    without its second cotangent): grouped heads, odd lengths whose last key or query block is
+    partly past the sequence (the descriptor's box reads zeros there), rows that see no key, and
+    packed sequences (each descriptor spans one sequence's rows, so no box reads the next
+    sequence's)."""
     if packed:
         q, k, v, params, fn, varlen = _varlen_case(16, torch.float64, mask, seed=8)
         TMA_CHECKS[check](q, k, v, params, fn, torch.float64, **varlen)
@@ -383,8 +385,8 @@ def test_tma_loads(packed, mask, check, tma_on):
 
 def test_tma_loads_give_the_masked_loads_numbers(tma_on):
     """In the interpreter the descriptors' loads are the masked loads' numbers, bit for bit, in the
-    forward and the backward; a k or v whose data starts off a 16-byte boundary (a view one
-    element into its buffer) takes the masked loads."""
+    forward, the backward and the double backward; a k or v whose data starts off a 16-byte
+    boundary (a view one element into its buffer) takes the masked loads."""
     if not INTERPRETER:
         pytest.skip("compiled kernels may schedule the two loads' arithmetic differently: "
                     "test_tma_loads holds them to the accuracy criterion")
@@ -392,19 +394,19 @@ def test_tma_loads_give_the_masked_loads_numbers(tma_on):
     buffer = torch.empty(1 + k.numel(), dtype=k.dtype, device=k.device)
     k_off = buffer[1:].view_as(k).copy_(k)
 
-    d_out = torch.randn_like(q)
+    d_out, cot_dq, cot_dk, cot_dv = (torch.randn_like(t) for t in (q, q, k, k))
 
-    def forward_and_backward(k, tma: bool, uses_tma: bool):
+    def every_sweep(k, tma: bool, uses_tma: bool):
         tuning.TMA_OVERRIDE = tma
         clear_plans()
         out, lse = attention_forward(q, k, v, params)
         grads = attention_backward(q, k, v, out, lse, d_out, None, params)
+        cotangents = attention_backward_backward(q, k, v, out, lse, d_out, None, cot_dq, cot_dk, cot_dv, params)
         assert _tma_flags() == {uses_tma}
-        return (out, lse, *grads)
+        return (out, lse, *grads, *cotangents)
 
-    without = forward_and_backward(k, tma=False, uses_tma=False)
-    for got in (forward_and_backward(k, tma=True, uses_tma=True),
-                forward_and_backward(k_off, tma=True, uses_tma=False)):
+    without = every_sweep(k, tma=False, uses_tma=False)
+    for got in (every_sweep(k, tma=True, uses_tma=True), every_sweep(k_off, tma=True, uses_tma=False)):
         for a, b in zip(got, without):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 

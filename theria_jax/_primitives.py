@@ -251,7 +251,7 @@ _ALL_GIVEN = frozenset(("d_lse",) + _COT)
 
 
 def _backward_backward_impl(arrays, *, params, lengths):
-    plan = functools.partial(backward_backward_plan, given=_ALL_GIVEN)
+    plan = functools.partial(backward_backward_plan, given=_ALL_GIVEN, tma_ok=_tma_ok())
     return _run(plan, arrays, params, lengths)
 
 
@@ -261,7 +261,7 @@ def _backward_tangent_impl(arrays, *, has_x_dot, has_u_dot, **static):
         # cotangent x_dot, whose kernels also add the backward for u_dot when it is given.
         cotangents = dict(zip(_COT, (arrays[name] for name in _X_DOT)))
         given = _ALL_GIVEN | (frozenset(_U_DOT) if has_u_dot else frozenset())
-        plan = functools.partial(backward_backward_plan, given=given)
+        plan = functools.partial(backward_backward_plan, given=given, tma_ok=_tma_ok())
         return _run(plan, {**arrays, **cotangents}, **static)[:3]
     # Jᵀ u_dot alone: the backward is linear in u.
     return _backward_impl({**arrays, **dict(zip(_U, (arrays[name] for name in _U_DOT)))}, **static)

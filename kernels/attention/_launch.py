@@ -171,16 +171,16 @@ class AttentionCall:
 
     def tma(self, kind: str, tma_ok: bool) -> bool:
         """Whether the sweep ``kind`` loads through tensor descriptors (the kernels' TMA: K and V
-        in the forward kinds and the dQ sweep, Q and dO in the dK/dV sweep): where
+        in the forward kinds and the backward kinds' row sweeps, Q and dO in their column sweeps): where
         ``_tuning.uses_tma`` says so for the device and the call allows it, that is one head-dim
         tile exactly as wide as the head dim (a power of two from 16), k's and v's rows at 16-byte
-        offsets (strides; for the backward, which loads q and d_out so too, also q's), and
+        offsets (strides; for the backward kinds, which load q and d_out so too, also q's), and
         ``tma_ok``: the launcher says that the descriptor-loaded tensors' data
         start at 16-byte boundaries and that it can give the kernel Triton's global scratch, where
         the descriptors are built (the torch launcher checks the pointers per call; JAX's calls say
         no, ``theria_jax._primitives``)."""
         head_dim = self.q_shape[-1]
-        strides = self.k_strides[:3] + (self.q_strides[:3] if kind == "backward" else ())
+        strides = self.k_strides[:3] + (self.q_strides[:3] if kind.startswith("backward") else ())
         return (tma_ok and uses_tma(self.device.capability, kind, head_dim, self.dtype) and head_dim >= 16
                 and head_dim_parts(head_dim) == (head_dim, 0)
                 and all(stride * DTYPE_BYTES[self.dtype] % 16 == 0 for stride in strides))
@@ -321,7 +321,7 @@ def backward_plan(call: AttentionCall, has_d_lse: bool, tma_ok: bool = True) -> 
 
 
 @functools.lru_cache(maxsize=4096)
-def backward_backward_plan(call: AttentionCall, given: frozenset) -> Plan:
+def backward_backward_plan(call: AttentionCall, given: frozenset, tma_ok: bool = True) -> Plan:
     """VJP of the backward (q, k, v, d_out, d_lse) ↦ (dq, dk, dv) for cotangents (cot_dq, cot_dk,
     cot_dv) (§4): outputs (cot_q, cot_k, cot_v, cot_d_out, cot_d_lse). ``given`` names which of
     d_lse, cot_dq, cot_dk, cot_dv are inputs; the others are zero (d_lse a None pointer, the
@@ -329,7 +329,8 @@ def backward_backward_plan(call: AttentionCall, given: frozenset) -> Plan:
 
     With ``d_out_dot`` in ``given`` (and optionally ``d_lse_dot``), (cot_q, cot_k, cot_v) also hold
     the backward for the second cotangent u̇ = (d_out_dot, d_lse_dot): with (cot_dq, cot_dk,
-    cot_dv) = ẋ they are H_u ẋ + Jᵀ u̇, the tangent of the backward along (ẋ, u̇)."""
+    cot_dv) = ẋ they are H_u ẋ + Jᵀ u̇, the tangent of the backward along (ẋ, u̇). ``tma_ok``: as
+    ``backward_plan``'s (K and V in the row sweeps, Q and dO in the column sweep)."""
     meta, block_m, block_n, warps, stages = call.meta("backward_backward")
     tangent = "d_out_dot" in given
     allocations = {"cot_q": _Q, "cot_k": _K, "cot_v": _K, "cot_d_out": _Q, "cot_d_lse": _rows(call),
@@ -343,7 +344,8 @@ def backward_backward_plan(call: AttentionCall, given: frozenset) -> Plan:
     shared = dict(Q=Buffer("q"), K=Buffer("k"), V=Buffer("v"), D_out=Buffer("d_out"), Lse=Buffer("lse"),
                   Delta=Buffer("delta"), Cot_dq=Buffer("cot_dq"), Cot_dk=Buffer("cot_dk"), Cot_dv=Buffer("cot_dv"),
                   D_out_dot=Buffer("d_out_dot") if tangent else None,
-                  Delta_dot=Buffer("delta_dot") if tangent else None, TANGENT=tangent)
+                  Delta_dot=Buffer("delta_dot") if tangent else None, TANGENT=tangent,
+                  TMA=call.tma("backward_backward", tma_ok))
     launches = (
         Launch(_attn_bwd_bwd_rows_kernel, call.row_grid(block_m),
                dict(shared, Out=Buffer("out"), D_lse=Buffer("d_lse") if "d_lse" in given else None,

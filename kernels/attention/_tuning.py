@@ -140,16 +140,16 @@ def table_capability(capability: int) -> int:
 # (D128) and 5.23 to 5.02 (D64); the D64 forward kernel drops from 234 registers to 212, at 256
 # bytes of global scratch a program for the descriptors. Not the wider dtypes: compiled for sm_90
 # with TMA, the float32 forward spills (876 words a thread at D128, none without), and none is
-# timed; nor the head-dim classes 32 and 256, the second-order forward or the backward (none
-# timed) or sm_100 (no such GPU here). A launch with TMA also costs the host the scratch's
+# timed; nor the head-dim classes 32 and 256, the second-order forward or the backward kinds
+# (none timed) or sm_100 (no such GPU here). A launch with TMA also costs the host the scratch's
 # allocation.
 TMA_KINDS: dict[int, frozenset] = {
     90: frozenset((kind, head_dim, 2) for kind in ("forward", "jvp") for head_dim in (64, 128)),
     100: frozenset(),
 }
-# The sweeps that can load through tensor descriptors: the forward kinds (K and V) and the backward
-# (K and V in the dQ sweep, Q and dO in the dK/dV sweep); not the double backward.
-TMA_CAPABLE = ("forward", "jvp", "forward_second", "backward")
+# The sweeps that can load through tensor descriptors: the forward kinds (K and V), the backward and
+# the double backward (K and V in the row sweeps, Q and dO in the column sweep).
+TMA_CAPABLE = ("forward", "jvp", "forward_second", "backward", "backward_backward")
 # THERIA_ATTENTION_TMA=1 turns TMA on for every capable sweep and dtype wherever a call allows it
 # (the interpreter included, which is how the CPU tests run it); =0 turns it off everywhere.
 TMA_OVERRIDE = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENTION_TMA", ""))

@@ -56,11 +56,12 @@ def _attn_bwd_bwd_rows_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
     BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, TANGENT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     """cot_q, cot_dO, sigma (= cot_d_lse), rho and the row term delta for one query block of one
     query head. TANGENT adds Jᵀ u̇ for the second cotangent u̇ = (D_out_dot, D_lse_dot) to cot_q
-    (``BACKWARD_TANGENT``) and stores its row term in Delta_dot for the column kernel."""
+    (``BACKWARD_TANGENT``) and stores its row term in Delta_dot for the column kernel. TMA loads K
+    and V through tensor descriptors in both sweeps, as the backward's dQ kernel does."""
     start_m = tl.program_id(0) * BLOCK_M
     batch, head, entry = _program(heads, VARLEN)
     q_base, k_base, row_base, len_q, len_k, band_lo, band_hi = _sequence(
@@ -88,13 +89,20 @@ def _attn_bwd_bwd_rows_kernel(
         delta_u, _ = _row_delta(Out, D_lse_dot, Delta_dot, row_base, q_base, offs_m, u_dot, len_q, stride_qt, HEAD_DIM,
                                 BLOCK_D0, BLOCK_D1, ACC_DTYPE)
     STAGE: tl.constexpr = BACKWARD_TANGENT if TANGENT else COTANGENTS
+    k_rows, v_rows = K, V
+    if TMA:  # the key/value head's descriptors; a box is one key block
+        k_rows = tl.make_tensor_descriptor(K + k_base, shape=[len_k, HEAD_DIM], strides=[stride_kt, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_rows = tl.make_tensor_descriptor(V + k_base, shape=[len_k, HEAD_DIM], strides=[stride_kt, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
 
     # Sweep 1: the row reductions sigma, rho and the row vectors P Ḡv.
     sums = (tl.zeros([BLOCK_M], ACC_DTYPE), tl.zeros([BLOCK_M], ACC_DTYPE), _zeros_like_parts(q, ACC_DTYPE))
     sigma, p_ds_bar_dp, p_gv = _row_sweep(
-        sums, q, d_out, cot_dq, lse2, None, None, None, None, None, K, V, Cot_dk, Cot_dv, k_base, start_m, offs_m,
-        len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap, HEAD_DIM,
-        BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, EVEN_K, ROW_REDUCTIONS, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+        sums, q, d_out, cot_dq, lse2, None, None, None, None, None, k_rows, v_rows, Cot_dk, Cot_dv, k_base, start_m,
+        offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, EVEN_K, ROW_REDUCTIONS, SOFTCAP, ALIBI, ACC_DTYPE,
+        PRECISION, TMA)
     # 2 delta + d_lse = delta + rowsum(dO ∘ O)
     rho = p_ds_bar_dp - sigma * (delta + row_dot) + _row_dot(d_out, p_gv, ACC_DTYPE)
     tl.store(Sigma + row_base + offs_m, sigma, mask=row_mask)
@@ -102,10 +110,10 @@ def _attn_bwd_bwd_rows_kernel(
 
     # Sweep 2: cot_q and cot_dO (which starts at P Ḡv), now that every row statistic is complete.
     cot_q, cot_d_out = _row_sweep(
-        (_zeros_like_parts(q, ACC_DTYPE), p_gv), q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K, V,
-        Cot_dk, Cot_dv, k_base, start_m, offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e,
-        slope, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, EVEN_K, STAGE, SOFTCAP, ALIBI,
-        ACC_DTYPE, PRECISION)
+        (_zeros_like_parts(q, ACC_DTYPE), p_gv), q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, k_rows,
+        v_rows, Cot_dk, Cot_dv, k_base, start_m, offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale,
+        log2e, slope, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, EVEN_K, STAGE, SOFTCAP,
+        ALIBI, ACC_DTYPE, PRECISION, TMA)
     _store_parts(Cot_q + q_base, _times(cot_q, sm_scale), offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
     _store_parts(Cot_d_out + q_base, cot_d_out, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
 
@@ -119,12 +127,13 @@ def _attn_bwd_bwd_cols_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
     BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, TANGENT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     """cot_k and cot_v for one key block of one key/value head, summed over the query heads the
     program serves (``_column_program``): the column sweep of the backward's dK/dV kernel at
     STAGE = COTANGENTS, or BACKWARD_TANGENT with TANGENT (reading u̇ = D_out_dot and its row term
-    Delta_dot), whole query blocks unmasked, the one partial block masked."""
+    Delta_dot), whole query blocks unmasked, the one partial block masked; TMA loads Q and dO
+    through tensor descriptors (``_column_sweep``)."""
     STAGE: tl.constexpr = BACKWARD_TANGENT if TANGENT else COTANGENTS
     start_n = tl.program_id(0) * BLOCK_N
     first_q_base, k_base, first_row_base, len_q, len_k, band_lo, band_hi, share, tile = _column_program(
@@ -146,7 +155,7 @@ def _attn_bwd_bwd_cols_kernel(
         zeros, zeros, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot, Slopes,
         first_q_base, first_row_base, members, start_n, offs_n, t_q, len_q, len_k, stride_qh, stride_qt, band_lo,
         band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED,
-        STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+        STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA)
     _column_store(Cot_k, Cot_v, Part_k, Part_v, Arrivals, _times(cot_k, sm_scale), cot_v, k_base, share, tile,
                   group // members, stride_split, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT)
 

@@ -142,7 +142,7 @@ def _call(q: torch.Tensor, k: torch.Tensor, params: AttentionParams, lengths) ->
 
 def _aligned(tensors: dict, names=("k", "v")) -> bool:
     """Whether the data of the tensors ``names`` (those a sweep loads through tensor descriptors:
-    k and v for the forward kinds, also q and d_out for the backward) start at 16-byte boundaries,
+    k and v for the forward kinds, also q and d_out for the backward kinds) start at 16-byte boundaries,
     which the descriptors need (``AttentionCall.tma``); a view that starts inside a row does not."""
     return all(tensors[name].data_ptr() % 16 == 0 for name in names)
 
@@ -256,4 +256,4 @@ def attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk,
         raise ValueError("d_lse_dot needs d_out_dot (pass zeros for a zero d_out_dot)")
     given = frozenset(name for name in ("d_lse", "cot_dq", "cot_dk", "cot_dv", "d_out_dot", "d_lse_dot")
                       if name in tensors)
-    return run_plan(_plan(backward_backward_plan, call, given), tensors)
+    return run_plan(_plan(backward_backward_plan, call, given, _aligned(tensors, ("q", "k", "v", "d_out"))), tensors)
