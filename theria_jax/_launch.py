@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import zlib
 
@@ -131,8 +132,15 @@ def _lowering(ctx, *operands, launch, out_avals, zeroed):
     if launcher() == "bridge":
         return mlir.lower_fun(_bridge_impl, multiple_results=True)(
             ctx, *operands, launch=launch, out_avals=out_avals, zeroed=zeroed)
-    call = _kernel_call(launch, tuple(a.dtype for a in ctx.avals_in), out_avals, zeroed, compute_capability())
-    return jax.ffi.ffi_lowering(_FFI_TARGET, api_version=4)(ctx, *operands, opaque=call)
+    call, scratch_bytes = _kernel_call(launch, tuple(a.dtype for a in ctx.avals_in), out_avals, zeroed,
+                                       compute_capability())
+    if not scratch_bytes:
+        return jax.ffi.ffi_lowering(_FFI_TARGET, api_version=4)(ctx, *operands, opaque=call)
+    # The kernel's global scratch (its TMA descriptors) is one more result of the call, a buffer XLA
+    # allocates like any other, so that the call can sit in XLA's command buffers, which cannot
+    # hold jaxlib's own per-launch allocation (``_kernel_call`` passes it last).
+    with_scratch = ctx.replace(avals_out=[*ctx.avals_out, ShapedArray((scratch_bytes,), jnp.uint8)])
+    return jax.ffi.ffi_lowering(_FFI_TARGET, api_version=4)(with_scratch, *operands, opaque=call)[:-1]
 
 
 mlir.register_lowering(launch_p, _lowering)
@@ -151,9 +159,16 @@ def compute_capability() -> int:
     return int(major) * 10 + int(minor)
 
 
-def _kernel_call(launch, in_dtypes, out_avals, zeroed, capability: int) -> bytes:
+def _kernel_call(launch, in_dtypes, out_avals, zeroed, capability: int) -> tuple[bytes, int]:
     """The serialized ``TritonKernelCall`` of one launch: its compiled kernel (cached on the launch
-    per capability and buffer dtypes), its grid, and one parameter per non-constexpr argument."""
+    per capability and buffer dtypes), its grid, and one parameter per non-constexpr argument;
+    and the bytes of global scratch the kernel needs (0: none).
+
+    A kernel that builds tensor descriptors needs Triton's global scratch, which Triton's launchers
+    pass after the kernel's own arguments. It gets one more array parameter, last, for a buffer
+    the lowering adds to the call's results: jaxlib's launcher then appends its own (null) scratch
+    and profiling pointers after it, which land in the kernel's profile-scratch slot (unused
+    without profiling) and past its parameters."""
     gpu_triton = _gpu_triton()
     dtypes = dict(zip(launch.reads_buffers, in_dtypes))
     dtypes.update((name, aval.dtype) for name, aval in zip(launch.writes_buffers, out_avals))
@@ -161,7 +176,7 @@ def _kernel_call(launch, in_dtypes, out_avals, zeroed, capability: int) -> bytes
     found = launch.compiled.get(key)
     if found is None:
         found = launch.compiled[key] = _compile(launch, dtypes, capability, gpu_triton)
-    kernel, specialization, module_image, ptx_key = found
+    kernel, specialization, module_image, ptx_key, scratch = found
     zero_bytes = {name: aval.size * aval.dtype.itemsize
                   for name, aval, zero in zip(launch.writes_buffers, out_avals, zeroed) if zero}
     parameters = []
@@ -173,12 +188,16 @@ def _kernel_call(launch, in_dtypes, out_avals, zeroed, capability: int) -> bytes
         else:
             parameters.append(gpu_triton.create_scalar_parameter(value, kind))
     grid = launch.grid
+    scratch_bytes = 0
+    if scratch:  # per program: (bytes, alignment, CTAs); jaxlib checks the buffer's alignment at launch
+        scratch_bytes = scratch[0] * scratch[2] * math.prod(grid)
+        parameters.append(gpu_triton.create_array_parameter(0, scratch[1]))
     call = gpu_triton.TritonKernelCall(kernel, grid[0], grid[1], grid[2], parameters)
     serialized = call.to_proto(getattr(launch.kernel, "__name__", "theria_kernel"), b"")
     if os.environ.get("THERIA_JAX_CUBIN", "1") != "0":
         stand_in = os.environ.get("THERIA_JAX_PTX", "1") == "0" and _launches_from_image()
         serialized = with_module_image(serialized, module_image, ptx_key if stand_in else None)
-    return zlib.compress(serialized)
+    return zlib.compress(serialized), scratch_bytes
 
 
 def _compile(launch, dtypes: dict, capability: int, gpu_triton):
@@ -193,22 +212,17 @@ def _compile(launch, dtypes: dict, capability: int, gpu_triton):
             "provide; set THERIA_JAX_LAUNCH=bridge")
     arguments = [metadata.name, launch.num_warps, getattr(metadata, "num_ctas", 1), metadata.shared,
                  compiled.asm["ptx"], compiled.asm["ttir"], capability]
-    # Global scratch (the TMA descriptors): jaxlib allocates it per launch when told its size.
-    scratch = getattr(metadata, "global_scratch_size", 0)
-    keywords = dict(global_scratch_size=scratch, global_scratch_align=metadata.global_scratch_align) if scratch else {}
+    # Global scratch (the TMA descriptors): a buffer of the call's own (``_kernel_call``).
+    size = getattr(metadata, "global_scratch_size", 0)
+    scratch = (size, max(metadata.global_scratch_align, 16), getattr(metadata, "num_ctas", 1)) if size else None
     try:
-        triton_kernel = gpu_triton.TritonKernel(*arguments, **keywords)
-    except TypeError:
-        if scratch:
-            raise NotImplementedError(
-                f"{launch.kernel.__name__} needs a global scratch buffer, which this jaxlib's Triton launcher does "
-                "not take; set THERIA_ATTENTION_TMA=0 or THERIA_JAX_LAUNCH=bridge") from None
-        # jaxlibs whose TritonKernel takes no num_ctas
+        triton_kernel = gpu_triton.TritonKernel(*arguments)
+    except TypeError:  # jaxlibs whose TritonKernel takes no num_ctas
         triton_kernel = gpu_triton.TritonKernel(*arguments[:2], *arguments[3:])
     ptx_key = (f"// theria: {metadata.name} for sm_{capability} runs from its module image; "
                f"PTX sha256 {hashlib.sha256(compiled.asm['ptx'].encode()).hexdigest()}\n").encode()
     image = module_image_proto(compiled.asm["cubin"], metadata.name, metadata.shared)
-    return triton_kernel, specialization, image, ptx_key
+    return triton_kernel, specialization, image, ptx_key, scratch
 
 
 def _launches_from_image() -> bool:

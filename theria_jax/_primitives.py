@@ -212,12 +212,12 @@ def _primitive(name: str, kinds: str, names_of, impl) -> Primitive:
 
 
 def _tma_ok() -> bool:
-    """Whether JAX's forward and backward calls may load through TMA (``AttentionCall.tma``): only
-    where THERIA_ATTENTION_TMA=1 forces it. The tensor descriptors live in Triton's global scratch, which
-    jaxlib allocates at each launch (``cuMemAllocAsync``); XLA's command buffers, which take
-    custom calls by default, cannot hold that allocation ("Failed to create a child graph node"),
-    so a jitted program XLA records into one would fail. Forcing TMA in JAX therefore also needs
-    ``XLA_FLAGS=--xla_gpu_enable_command_buffer=``."""
+    """Whether JAX's calls may load through TMA (``AttentionCall.tma``): only where
+    THERIA_ATTENTION_TMA=1 forces it. The tensor descriptors live in Triton's global scratch, which
+    each call carries as a buffer of its own (``_launch._kernel_call``) rather than leaving it to
+    jaxlib's per-launch allocation, which XLA's command buffers cannot hold; whether the calls
+    then run, and pay, inside command buffers is to be checked on a GPU before JAX follows the
+    tables (docs/design/launch.md)."""
     return tuning.TMA_OVERRIDE is True
 
 
