@@ -23,6 +23,10 @@ import triton.language as tl
 LOG2E = math.log2(math.e)
 
 
+@triton.jit
+def _row_blocks(base, t_len, stride_t, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """TMA descriptor of a (t_len, HEAD_DIM) matrix, BLOCK rows a box; rows past t_len read 0."""
+    return tl.make_tensor_descriptor(base, [t_len, HEAD_DIM], [stride_t, 1], [BLOCK, HEAD_DIM])
 
 
 @triton.jit
@@ -578,10 +582,8 @@ def _column_sweep(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Del
         row_base = first_row_base + member * t_q
         q_rows, do_rows = Q, D_out
         if TMA:  # this query head's descriptors (``_column_tile``)
-            q_rows = tl.make_tensor_descriptor(Q + q_base, shape=[len_q, HEAD_DIM], strides=[stride_qt, 1],
-                                               block_shape=[BLOCK_M, HEAD_DIM])
-            do_rows = tl.make_tensor_descriptor(D_out + q_base, shape=[len_q, HEAD_DIM], strides=[stride_qt, 1],
-                                                block_shape=[BLOCK_M, HEAD_DIM])
+            q_rows = _row_blocks(Q + q_base, len_q, stride_qt, BLOCK_M, HEAD_DIM)
+            do_rows = _row_blocks(D_out + q_base, len_q, stride_qt, BLOCK_M, HEAD_DIM)
         for start_m in range(lo, full_hi, BLOCK_M):
             acc_k, acc_v = _column_tile(
                 acc_k, acc_v, k, v, cot_dk, cot_dv, q_rows, do_rows, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot,

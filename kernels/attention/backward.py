@@ -14,6 +14,7 @@ from theria_kernels.attention._tiles import (
     _load_parts,
     _modifiers,
     _program,
+    _row_blocks,
     _row_dot,
     _row_sweep,
     _scales,
@@ -83,10 +84,8 @@ def _attn_bwd_dq_kernel(
                                           BOTTOM_RIGHT, ACC_DTYPE)
     k_rows, v_rows = K, V
     if TMA:  # the key/value head's descriptors; a box is one key block
-        k_rows = tl.make_tensor_descriptor(K + k_base, shape=[len_k, HEAD_DIM], strides=[stride_kt, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        v_rows = tl.make_tensor_descriptor(V + k_base, shape=[len_k, HEAD_DIM], strides=[stride_kt, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
+        k_rows = _row_blocks(K + k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM)
+        v_rows = _row_blocks(V + k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM)
     dq = _row_sweep((_zeros_like_parts(q, ACC_DTYPE),), q, d_out, None, lse2, delta, None, None, None, None, k_rows,
                     v_rows, None, None, k_base, start_m, offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale,
                     qk_scale, log2e, slope, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED,

@@ -15,6 +15,7 @@ from theria_kernels.attention._tiles import (
     _load_parts,
     _modifiers,
     _program,
+    _row_blocks,
     _row_sweep,
     _scales,
     _sequence,
@@ -91,10 +92,8 @@ def _attn_bwd_bwd_rows_kernel(
     STAGE: tl.constexpr = BACKWARD_TANGENT if TANGENT else COTANGENTS
     k_rows, v_rows = K, V
     if TMA:  # the key/value head's descriptors; a box is one key block
-        k_rows = tl.make_tensor_descriptor(K + k_base, shape=[len_k, HEAD_DIM], strides=[stride_kt, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        v_rows = tl.make_tensor_descriptor(V + k_base, shape=[len_k, HEAD_DIM], strides=[stride_kt, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
+        k_rows = _row_blocks(K + k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM)
+        v_rows = _row_blocks(V + k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM)
 
     # Sweep 1: the row reductions sigma, rho and the row vectors P Ḡv.
     sums = (tl.zeros([BLOCK_M], ACC_DTYPE), tl.zeros([BLOCK_M], ACC_DTYPE), _zeros_like_parts(q, ACC_DTYPE))

@@ -15,6 +15,7 @@ from theria_kernels.attention._tiles import (
     _modifiers,
     _normalise,
     _program,
+    _row_blocks,
     _scale_rows,
     _scales,
     _scores,
@@ -82,10 +83,8 @@ def _attn_fwd_kernel(
         acc_second = _zeros_like_parts(q, ACC_DTYPE)
 
     if TMA:  # descriptors of this sequence's key/value head: the box is one key block
-        k_rows = tl.make_tensor_descriptor(K + k_base, shape=[len_k, HEAD_DIM], strides=[stride_kt, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        v_rows = tl.make_tensor_descriptor(V + k_base, shape=[len_k, HEAD_DIM], strides=[stride_kt, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
+        k_rows = _row_blocks(K + k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM)
+        v_rows = _row_blocks(V + k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM)
     lo, hi = _key_range(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
     for start_n in range(lo, hi, BLOCK_N):
         offs_k = start_n + offs_n
