@@ -263,3 +263,21 @@ def test_varlen_under_cuda_graph_capture():
     torch.cuda.synchronize()
     for name, want, got in zip(("out", "dq", "dk", "dv"), eager, captured):
         assert torch.equal(want, got), f"{name}: CUDA-graph replay differs from the eager call"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", _quick([64, 128], (128,), lambda d: f"D{d}"))
+def test_tma_loads_at_every_order(head_dim, causal, monkeypatch):
+    """Every sweep loading through tensor descriptors (forced, as THERIA_ATTENTION_TMA=1 does: the
+    tables turn TMA on for the forward and JVP only), bf16, grouped heads, odd lengths: the same
+    criterion at every derivative order as the masked loads meet."""
+    import theria_kernels.attention._tuning as tuning
+    from theria_kernels.attention.torch_launchers import clear_plans
+
+    monkeypatch.setattr(tuning, "TMA_OVERRIDE", True)
+    clear_plans()  # plans are cached with the choice they were built with
+    try:
+        attend, reference = _flash(causal=causal)
+        _check(attend, reference, (2, 4, 1, 203, 97, head_dim), torch.bfloat16, seed=11)
+    finally:
+        clear_plans()
