@@ -439,3 +439,40 @@ def test_tensorfloat32_attention_on_the_gpu():
     for a, b in zip(tf32_grads, ieee_grads):
         a, b = np.asarray(a), np.asarray(b)
         assert np.isfinite(a).all() and np.max(np.abs(a - b)) < 5e-2 * np.max(np.abs(b))
+
+
+def test_jax_plans_take_tma_only_when_forced(monkeypatch):
+    """On an sm_90 device whose table turns TMA on for a 2-byte D64 forward (the torch launcher's
+    plan takes it), JAX's plans keep the masked loads unless THERIA_ATTENTION_TMA=1 forces TMA, for
+    every sweep that can load through descriptors."""
+    from theria_jax import _primitives
+    from theria_kernels.attention import AttentionParams
+    from theria_kernels.attention import _tuning as tuning
+    from theria_kernels.attention._launch import (
+        AttentionCall,
+        Device,
+        backward_backward_plan,
+        backward_plan,
+        forward_plan,
+    )
+
+    shape, strides = (2, 4, 256, 64), (65536, 16384, 64, 1)
+    call = AttentionCall(shape, strides, shape, strides, "bfloat16", AttentionParams(scale=0.125),
+                         Device(132, False, False, 90))
+    given = frozenset({"cot_dq", "cot_dk", "cot_dv"})
+
+    def flags(tma_ok):
+        for builder in (forward_plan, backward_plan, backward_backward_plan):
+            builder.cache_clear()  # plans are cached with the choice they were built with
+        plans = (forward_plan(call, tma_ok=tma_ok), forward_plan(call, True, tma_ok=tma_ok),
+                 backward_plan(call, True, tma_ok=tma_ok), backward_backward_plan(call, given, tma_ok=tma_ok))
+        return [launch.arguments["TMA"] for plan in plans for launch in plan.launches if "TMA" in launch.arguments]
+
+    monkeypatch.setattr(tuning, "TMA_OVERRIDE", None)
+    assert flags(True)[0]  # the table's choice for the forward, as the torch launcher builds it
+    assert not any(flags(_primitives._tma_ok()))
+    monkeypatch.setattr(tuning, "TMA_OVERRIDE", True)
+    forced = flags(_primitives._tma_ok())
+    assert len(forced) == 6 and all(forced)  # forward, JVP, dQ and dK/dV, the double backward's two sweeps
+    for builder in (forward_plan, backward_plan, backward_backward_plan):
+        builder.cache_clear()
