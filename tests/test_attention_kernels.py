@@ -348,16 +348,15 @@ TMA_CHECKS = {"forward_and_backward": _check_forward_and_backward, "jvp": _check
 
 
 def _tma_flags() -> set:
-    """The TMA flag of every launch of the cached plans that have one (the forward kinds' and the
-    backward's)."""
+    """The TMA flag of every launch of the cached plans that have one (every attention plan)."""
     return {launch.arguments["TMA"] for plan in torch_launchers._PLANS.values() for launch in plan.launches
             if "TMA" in launch.arguments}
 
 
 @pytest.fixture
 def tma_on(monkeypatch):
-    """Every sweep that can (the forward kinds, the backward) loads through tensor descriptors where
-    a call allows it, in every dtype and on every device, the interpreter included (the tables
+    """Every sweep that can (``_tuning.TMA_CAPABLE``) loads through tensor descriptors where a call
+    allows it, in every dtype and on every device, the interpreter included (the tables
     turn TMA on only for some sm_90 entries, so the tests force it as THERIA_ATTENTION_TMA=1 does)."""
     monkeypatch.setattr(tuning, "TMA_OVERRIDE", True)
     clear_plans()  # plans are cached with the choice they were built with
@@ -393,7 +392,6 @@ def test_tma_loads_give_the_masked_loads_numbers(tma_on):
     q, k, v, params = _case(SHAPES[2], 32, torch.float32, MASKS[2], seed=9)
     buffer = torch.empty(1 + k.numel(), dtype=k.dtype, device=k.device)
     k_off = buffer[1:].view_as(k).copy_(k)
-
     d_out, cot_dq, cot_dk, cot_dv = (torch.randn_like(t) for t in (q, q, k, k))
 
     def every_sweep(k, tma: bool, uses_tma: bool):

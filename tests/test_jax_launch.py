@@ -152,13 +152,14 @@ def test_xla_native_launch_is_bit_identical_to_the_bridge(command_buffers):
     grouped-query heads, windows; rmsnorm's grad∘grad and jvp∘jvp) gives the same bits through triton_kernel_call_ffi as through the
     bridge; also with XLA's command buffers capturing every custom call (a fresh process: XLA reads
     its flags once)."""
-    env = dict(os.environ)
-    if command_buffers:
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1"
-                            " --xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL").strip()
-    result = subprocess.run([sys.executable, "-c", _GPU_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    flags = dict(XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + _COMMAND_BUFFERS).strip()) if command_buffers else {}
+    result = _run_child(_GPU_CHECK, **flags)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "identical" in result.stdout
+
+
+# XLA flags that record every custom call into a command buffer, however small the program.
+_COMMAND_BUFFERS = " --xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL"
 
 
 def _run_child(code: str, **environment) -> subprocess.CompletedProcess:
@@ -227,16 +228,17 @@ _TMA_ATTEND = textwrap.dedent("""
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("command_buffers", ["default", "off"])
+@pytest.mark.parametrize("command_buffers", ["on", "off"])
 @pytest.mark.parametrize("tma", ["0", "1"], ids=["pointer_loads", "tma_loads"])
 def test_xla_native_launch_with_and_without_tma(tma, command_buffers):
     """A kernel that builds tensor descriptors takes its global scratch as one more buffer of its
     call: the forward, JVP and backward with TMA loads (forced, as ``_primitives._tma_ok`` asks)
-    match the reference as those without do, with XLA's command buffers as they come and off."""
+    match the reference as those without do, with every custom call recorded into XLA's command
+    buffers and with command buffers off."""
     if _launch.launcher() != "xla":
         pytest.skip("jaxlib's Triton target is not available here")
-    flags = os.environ.get("XLA_FLAGS", "") + (" --xla_gpu_enable_command_buffer=" if command_buffers == "off" else "")
-    result = _run_child(_TMA_ATTEND, THERIA_ATTENTION_TMA=tma, XLA_FLAGS=flags)
+    flags = _COMMAND_BUFFERS if command_buffers == "on" else " --xla_gpu_enable_command_buffer="
+    result = _run_child(_TMA_ATTEND, THERIA_ATTENTION_TMA=tma, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + flags))
     assert result.returncode == 0, result.stderr[-4000:]
     flag, error = result.stdout.split()[-3], float(result.stdout.split()[-1])
     assert flag == str(tma == "1") and error < 1e-5, result.stdout

@@ -1,6 +1,6 @@
 """The torch launcher's compiled-kernel path (kernels/_launch_torch.py), which only a GPU takes, on
 a stand-in kernel: the first call compiles through the kernel's own launch and keeps the compiled
-kernel; later calls run it directly; a kernel that asks for global scratch (the forward's TMA
+kernel; later calls run it directly; a kernel that asks for global scratch (attention's TMA
 descriptors) runs with torch's allocator lent to Triton, unless the user set one."""
 
 from __future__ import annotations

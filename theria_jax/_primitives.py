@@ -149,7 +149,8 @@ def _attention_call(arrays: dict, params: AttentionParams, lengths) -> Attention
 
 
 def _run(plan_of, arrays: dict, params: AttentionParams, lengths) -> list:
-    """Run the plan ``plan_of(call)`` on named arrays (the plan reads the ones it names)."""
+    """Run the plan ``plan_of(call, tma_ok=...)`` on named arrays (the plan reads the ones it
+    names), with JAX's rule for TMA loads (``_tma_ok``)."""
     return run_plan(plan_of(_attention_call(arrays, params, lengths)), arrays)
 
 
@@ -222,7 +223,7 @@ def _tma_ok() -> bool:
 
 
 def _forward_impl(arrays, *, params, lengths):
-    return _run(functools.partial(forward_plan, tma_ok=_tma_ok()), arrays, params, lengths)
+    return _run(forward_plan, arrays, params, lengths)
 
 
 def _recomputed(arrays: dict) -> dict:
@@ -232,18 +233,18 @@ def _recomputed(arrays: dict) -> dict:
 
 
 def _forward_tangent_impl(arrays, *, params, lengths):
-    plan = functools.partial(forward_plan, has_tangent=True, tma_ok=_tma_ok())
+    plan = functools.partial(forward_plan, has_tangent=True)
     _, _, out_dot, lse_dot = _run(plan, _recomputed(arrays), params, lengths)
     return [out_dot, lse_dot]
 
 
 def _forward_second_impl(arrays, *, params, lengths):
-    plan = functools.partial(forward_plan, has_tangent=True, second_order=True, tma_ok=_tma_ok())
+    plan = functools.partial(forward_plan, has_tangent=True, second_order=True)
     return _run(plan, _recomputed(arrays), params, lengths)
 
 
 def _backward_impl(arrays, *, params, lengths):
-    plan = functools.partial(backward_plan, has_d_lse=True, tma_ok=_tma_ok())
+    plan = functools.partial(backward_plan, has_d_lse=True)
     return _run(plan, arrays, params, lengths)
 
 
@@ -251,7 +252,7 @@ _ALL_GIVEN = frozenset(("d_lse",) + _COT)
 
 
 def _backward_backward_impl(arrays, *, params, lengths):
-    plan = functools.partial(backward_backward_plan, given=_ALL_GIVEN, tma_ok=_tma_ok())
+    plan = functools.partial(backward_backward_plan, given=_ALL_GIVEN)
     return _run(plan, arrays, params, lengths)
 
 
@@ -261,7 +262,7 @@ def _backward_tangent_impl(arrays, *, has_x_dot, has_u_dot, **static):
         # cotangent x_dot, whose kernels also add the backward for u_dot when it is given.
         cotangents = dict(zip(_COT, (arrays[name] for name in _X_DOT)))
         given = _ALL_GIVEN | (frozenset(_U_DOT) if has_u_dot else frozenset())
-        plan = functools.partial(backward_backward_plan, given=given, tma_ok=_tma_ok())
+        plan = functools.partial(backward_backward_plan, given=given)
         return _run(plan, {**arrays, **cotangents}, **static)[:3]
     # Jᵀ u_dot alone: the backward is linear in u.
     return _backward_impl({**arrays, **dict(zip(_U, (arrays[name] for name in _U_DOT)))}, **static)

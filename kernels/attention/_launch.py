@@ -171,14 +171,14 @@ class AttentionCall:
 
     def tma(self, kind: str, tma_ok: bool) -> bool:
         """Whether the sweep ``kind`` loads through tensor descriptors (the kernels' TMA: K and V
-        in the forward kinds and the backward kinds' row sweeps, Q and dO in their column sweeps): where
-        ``_tuning.uses_tma`` says so for the device and the call allows it, that is one head-dim
-        tile exactly as wide as the head dim (a power of two from 16), k's and v's rows at 16-byte
-        offsets (strides; for the backward kinds, which load q and d_out so too, also q's), and
-        ``tma_ok``: the launcher says that the descriptor-loaded tensors' data
-        start at 16-byte boundaries and that it can give the kernel Triton's global scratch, where
-        the descriptors are built (the torch launcher checks the pointers per call; JAX's calls say
-        no, ``theria_jax._primitives``)."""
+        in the forward kinds and the backward kinds' row sweeps, Q and dO in their column
+        sweeps): where ``_tuning.uses_tma`` says so for the device and the call allows it, that is
+        one head-dim tile exactly as wide as the head dim (a power of two from 16), k's and v's
+        rows at 16-byte offsets (strides; for the backward kinds, which load q and d_out so too,
+        also q's), and ``tma_ok``: the launcher says that the descriptor-loaded tensors' data start
+        at 16-byte boundaries and that it can give the kernel Triton's global scratch, where the
+        descriptors are built (the torch launcher checks the pointers per call; JAX's calls say no
+        unless forced, ``theria_jax._primitives._tma_ok``)."""
         head_dim = self.q_shape[-1]
         strides = self.k_strides[:3] + (self.q_strides[:3] if kind.startswith("backward") else ())
         return (tma_ok and uses_tma(self.device.capability, kind, head_dim, self.dtype) and head_dim >= 16

@@ -5,8 +5,7 @@ column sweeps keys by BLOCK_N. Each table maps sweep kind → head-dim class (``
 32 for head dims up to 32, the head dims of MAML's small models, then 64, 128, 256) → dtype class
 (bytes per element: 2 for float16 and bfloat16, 4 for float32, 8 for float64) → tile. The forward
 kinds key by the padded head dim also where they split it (``_launch.head_dim_parts``): the split
-tiles are narrower. ``TMA_KINDS`` says where the forward kinds load K and V through tensor
-descriptors.
+tiles are narrower. ``TMA_KINDS`` says where the sweeps load through tensor descriptors (TMA).
 
 How the tables were chosen and how they are checked: docs/design/tuning.md. In short, sm_90's is
 the table tuned by timing on an H100 and H200 (docs/perf-notes.md; scripts/tune_attention.py

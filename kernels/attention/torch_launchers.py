@@ -140,10 +140,13 @@ def _call(q: torch.Tensor, k: torch.Tensor, params: AttentionParams, lengths) ->
     return found
 
 
-def _aligned(tensors: dict, names=("k", "v")) -> bool:
-    """Whether the data of the tensors ``names`` (those a sweep loads through tensor descriptors:
-    k and v for the forward kinds, also q and d_out for the backward kinds) start at 16-byte boundaries,
-    which the descriptors need (``AttentionCall.tma``); a view that starts inside a row does not."""
+# The tensors each kind of sweep loads through tensor descriptors (``AttentionCall.tma``).
+_FORWARD_DESCRIBED, _BACKWARD_DESCRIBED = ("k", "v"), ("q", "k", "v", "d_out")
+
+
+def _aligned(tensors: dict, names=_FORWARD_DESCRIBED) -> bool:
+    """Whether the data of the tensors ``names`` start at 16-byte boundaries, which tensor
+    descriptors need (``AttentionCall.tma``); a view that starts inside a row does not."""
     return all(tensors[name].data_ptr() % 16 == 0 for name in names)
 
 
@@ -229,8 +232,7 @@ def attention_backward(q, k, v, out, lse, d_out, d_lse, params: AttentionParams,
     """Gradients (dq, dk, dv) of <d_out, out> + <d_lse, lse>; ``d_lse`` may be None (zero)."""
     call, tensors = _prepare(q, k, params, {"out": out, "d_out": d_out}, {"v": v},
                              {"lse": lse, "d_lse": d_lse, "row_slopes": row_slopes}, dict(dq=dq, dk=dk, dv=dv), varlen)
-    return run_plan(_plan(backward_plan, call, d_lse is not None, _aligned(tensors, ("q", "k", "v", "d_out"))),
-                    tensors)
+    return run_plan(_plan(backward_plan, call, d_lse is not None, _aligned(tensors, _BACKWARD_DESCRIBED)), tensors)
 
 
 def attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv,
@@ -256,4 +258,4 @@ def attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk,
         raise ValueError("d_lse_dot needs d_out_dot (pass zeros for a zero d_out_dot)")
     given = frozenset(name for name in ("d_lse", "cot_dq", "cot_dk", "cot_dv", "d_out_dot", "d_lse_dot")
                       if name in tensors)
-    return run_plan(_plan(backward_backward_plan, call, given, _aligned(tensors, ("q", "k", "v", "d_out"))), tensors)
+    return run_plan(_plan(backward_backward_plan, call, given, _aligned(tensors, _BACKWARD_DESCRIBED)), tensors)
