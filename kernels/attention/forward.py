@@ -94,15 +94,21 @@ def _attn_fwd_kernel(
         else:
             k = _load_parts(K + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
             v = _load_parts(V + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
-        scores, cap = _scores(_dot_t(q, k, PRECISION, ACC_DTYPE), offs_m[:, None], offs_k[None, :], slope, diagonal,
-                              sm_scale, qk_scale, log2e, softcap, SOFTCAP, ALIBI)
+        dot = _dot_t(q, k, PRECISION, ACC_DTYPE)
+        if SOFTCAP or ALIBI:
+            scores, cap = _scores(dot, offs_m[:, None], offs_k[None, :], slope, diagonal, sm_scale, qk_scale, log2e,
+                                  softcap, SOFTCAP, ALIBI)
+            unit = 1.0
+        else:  # base-2 units on the way into exp2: one fused multiply-add a score instead of a multiply and a subtract
+            scores = dot
+            unit = qk_scale
         scores = _mask(scores, float("-inf"), offs_m[:, None], offs_k[None, :], start_m, start_n, len_k, band_lo,
                        band_hi, BLOCK_M, BLOCK_N, BANDED, BANDED or not EVEN_K)
-        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        new_max = tl.maximum(row_max, tl.max(scores, 1) * unit)  # max(c · s) = c · max(s) for c > 0, exactly
         # A row that has seen no key yet keeps max −∞; shifting by 0 keeps exp2 finite (0).
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         rescale = tl.exp2(row_max - shift)
-        p = tl.exp2(scores - shift[:, None])
+        p = tl.exp2(scores * unit - shift[:, None])
         row_sum = row_sum * rescale + tl.sum(p, 1)
         acc = _scale_rows(acc, rescale)
         acc = _add_dot(acc, p, v, PRECISION, ACC_DTYPE)
