@@ -232,7 +232,7 @@ _TMA_ATTEND = textwrap.dedent("""
 @pytest.mark.parametrize("tma", ["0", "1"], ids=["pointer_loads", "tma_loads"])
 def test_xla_native_launch_with_and_without_tma(tma, command_buffers):
     """A kernel that builds tensor descriptors takes its global scratch as one more buffer of its
-    call: the forward, JVP and backward with TMA loads (forced, as ``_primitives._tma_ok`` asks)
+    call: the forward, JVP and backward with TMA loads (forced)
     match the reference as those without do, with every custom call recorded into XLA's command
     buffers and with command buffers off."""
     if _launch.launcher() != "xla":
@@ -443,38 +443,39 @@ def test_tensorfloat32_attention_on_the_gpu():
         assert np.isfinite(a).all() and np.max(np.abs(a - b)) < 5e-2 * np.max(np.abs(b))
 
 
-def test_jax_plans_take_tma_only_when_forced(monkeypatch):
-    """On an sm_90 device whose table turns TMA on for a 2-byte D64 forward (the torch launcher's
-    plan takes it), JAX's plans keep the masked loads unless THERIA_ATTENTION_TMA=1 forces TMA, for
-    every sweep that can load through descriptors."""
+def test_jax_plans_follow_the_tma_tables(monkeypatch):
+    """On an sm_90 device, the plans JAX's primitives run take TMA loads where the tile table turns
+    them on for the sweep (2-byte: the forward, JVP and backward at D64, the double backward only
+    from D128), as the torch launcher's do, and none with THERIA_ATTENTION_TMA=0."""
+    import jax.numpy as jnp
+
     from theria_jax import _primitives
     from theria_kernels.attention import AttentionParams
     from theria_kernels.attention import _tuning as tuning
-    from theria_kernels.attention._launch import (
-        AttentionCall,
-        Device,
-        backward_backward_plan,
-        backward_plan,
-        forward_plan,
-    )
+    from theria_kernels.attention._launch import Device, backward_backward_plan, backward_plan, forward_plan
 
-    shape, strides = (2, 4, 256, 64), (65536, 16384, 64, 1)
-    call = AttentionCall(shape, strides, shape, strides, "bfloat16", AttentionParams(scale=0.125),
-                         Device(132, False, False, 90))
-    given = frozenset({"cot_dq", "cot_dk", "cot_dv"})
+    ran = []
+    monkeypatch.setattr(_primitives, "run_plan", lambda plan, arrays: ran.append(plan) or [None] * len(plan.outputs))
+    monkeypatch.setattr(_primitives, "_device", lambda: Device(132, False, False, 90))
 
-    def flags(tma_ok):
+    def flags(head_dim):
         for builder in (forward_plan, backward_plan, backward_backward_plan):
-            builder.cache_clear()  # plans are cached with the choice they were built with
-        plans = (forward_plan(call, tma_ok=tma_ok), forward_plan(call, True, tma_ok=tma_ok),
-                 backward_plan(call, True, tma_ok=tma_ok), backward_backward_plan(call, given, tma_ok=tma_ok))
-        return [launch.arguments["TMA"] for plan in plans for launch in plan.launches if "TMA" in launch.arguments]
+            builder.cache_clear()  # plans are cached with the table's choice they were built with
+        ran.clear()
+        x = jnp.zeros((2, 256, 4, head_dim), jnp.bfloat16)
+        arrays = {name: x for name in ("q", "k", "v", "out", "d_out", "q_dot", "k_dot", "v_dot", *_primitives._COT)}
+        static = dict(params=AttentionParams(scale=0.125), lengths=None)
+        _primitives._forward_impl(arrays, **static)
+        _primitives._forward_tangent_impl(arrays, **static)
+        _primitives._backward_impl(arrays, **static)
+        _primitives._backward_backward_impl(arrays, **static)
+        return [[launch.arguments["TMA"] for launch in plan.launches if "TMA" in launch.arguments] for plan in ran]
 
     monkeypatch.setattr(tuning, "TMA_OVERRIDE", None)
-    assert flags(True)[0]  # the table's choice for the forward, as the torch launcher builds it
-    assert not any(flags(_primitives._tma_ok()))
-    monkeypatch.setattr(tuning, "TMA_OVERRIDE", True)
-    forced = flags(_primitives._tma_ok())
-    assert len(forced) == 6 and all(forced)  # forward, JVP, dQ and dK/dV, the double backward's two sweeps
+    assert flags(64) == [[True], [True], [True, True], [False, False]]
+    assert flags(128) == [[True], [True], [True, True], [True, True]]
+    assert flags(32) == [[False], [False], [False, False], [False, False]]  # the 32 class is not timed with TMA
+    monkeypatch.setattr(tuning, "TMA_OVERRIDE", False)
+    assert flags(128) == [[False], [False], [False, False], [False, False]]
     for builder in (forward_plan, backward_plan, backward_backward_plan):
         builder.cache_clear()

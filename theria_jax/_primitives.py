@@ -149,8 +149,9 @@ def _attention_call(arrays: dict, params: AttentionParams, lengths) -> Attention
 
 
 def _run(plan_of, arrays: dict, params: AttentionParams, lengths) -> list:
-    """Run the plan ``plan_of(call, tma_ok=...)`` on named arrays (the plan reads the ones it
-    names), with JAX's rule for TMA loads (``_tma_ok``)."""
+    """Run the plan ``plan_of(call)`` on named arrays (the plan reads the ones it names). TMA loads
+    follow the tile tables as in torch (``AttentionCall.tma``): XLA's buffers start at 16-byte
+    boundaries, and each call carries the descriptors' scratch as a buffer of its own."""
     return run_plan(plan_of(_attention_call(arrays, params, lengths)), arrays)
 
 
@@ -210,16 +211,6 @@ def _primitive(name: str, kinds: str, names_of, impl) -> Primitive:
     mlir.register_lowering(primitive, mlir.lower_fun(run, multiple_results=True))
     batching.primitive_batchers[primitive] = functools.partial(_fold_batch_axis, primitive, names_of)
     return primitive
-
-
-def _tma_ok() -> bool:
-    """Whether JAX's calls may load through TMA (``AttentionCall.tma``): only where
-    THERIA_ATTENTION_TMA=1 forces it. The tensor descriptors live in Triton's global scratch, which
-    each call carries as a buffer of its own (``_launch._kernel_call``) rather than leaving it to
-    jaxlib's per-launch allocation, which XLA's command buffers cannot hold; whether the calls
-    then run, and pay, inside command buffers is to be checked on a GPU before JAX follows the
-    tables (docs/design/launch.md)."""
-    return tuning.TMA_OVERRIDE is True
 
 
 def _forward_impl(arrays, *, params, lengths):

@@ -177,8 +177,8 @@ class AttentionCall:
         rows at 16-byte offsets (strides; for the backward kinds, which load q and d_out so too,
         also q's), and ``tma_ok``: the launcher says that the descriptor-loaded tensors' data start
         at 16-byte boundaries and that it can give the kernel Triton's global scratch, where the
-        descriptors are built (the torch launcher checks the pointers per call; JAX's calls say no
-        unless forced, ``theria_jax._primitives._tma_ok``)."""
+        descriptors are built (the torch launcher checks the pointers per call; XLA's buffers are
+        aligned, and JAX's calls carry the scratch as a buffer of their own)."""
         head_dim = self.q_shape[-1]
         strides = self.k_strides[:3] + (self.q_strides[:3] if kind.startswith("backward") else ())
         return (tma_ok and uses_tma(self.device.capability, kind, head_dim, self.dtype) and head_dim >= 16

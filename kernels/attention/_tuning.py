@@ -136,14 +136,15 @@ def table_capability(capability: int) -> int:
 # later), per table: (kind, head-dim class, dtype class) entries where a timing showed it pays
 # (docs/design/tuning.md §1). On the H200 (bf16, T 4096) TMA takes the forward from 1.174 to 1.099
 # ms at D128 (causal 0.710 to 0.643) and 1.395 to 1.374 ms at D64, the JVP from 4.43 to 4.19 ms
-# (D128) and 5.23 to 5.02 (D64); the D64 forward kernel drops from 234 registers to 212, at 256
-# bytes of global scratch a program for the descriptors. Not the wider dtypes: compiled for sm_90
-# with TMA, the float32 forward spills (876 words a thread at D128, none without), and none is
-# timed; nor the head-dim classes 32 and 256, the second-order forward or the backward kinds
-# (none timed) or sm_100 (no such GPU here). A launch with TMA also costs the host the scratch's
-# allocation.
+# (D128) and 5.23 to 5.02 (D64); the forward + backward from 5.174 to 4.931 ms (D64) and 4.678 to
+# 4.335 (D128); the D128 double backward from 15.09 to 14.72 ms. The D64 double backward is slower
+# with it (13.25 → 13.65 ms): off. Not the wider dtypes: compiled for sm_90 with TMA, the float32
+# forward spills (876 words a thread at D128, none without), and none is timed; nor the head-dim
+# classes 32 and 256 or the second-order forward (none timed), or sm_100 (no such GPU here). The
+# descriptors take 256 bytes of global scratch a program.
 TMA_KINDS: dict[int, frozenset] = {
-    90: frozenset((kind, head_dim, 2) for kind in ("forward", "jvp") for head_dim in (64, 128)),
+    90: frozenset({(kind, head_dim, 2) for kind in ("forward", "jvp", "backward") for head_dim in (64, 128)}
+                  | {("backward_backward", 128, 2)}),
     100: frozenset(),
 }
 # The sweeps that can load through tensor descriptors: the forward kinds (K and V), the backward and
