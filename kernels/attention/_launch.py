@@ -170,11 +170,11 @@ class AttentionCall:
         return meta, block_m, block_n, warps, stages
 
     def tma(self, kind: str, tma_ok: bool) -> bool:
-        """Whether the sweep ``kind`` loads through tensor descriptors (the kernels' TMA: K and V
-        in the forward kinds and the backward kinds' row sweeps, Q and dO in their column
-        sweeps): where ``_tuning.uses_tma`` says so for the device and the call allows it, that is
-        one head-dim tile exactly as wide as the head dim (a power of two from 16), k's and v's
-        rows at 16-byte offsets (strides; for the backward kinds, which load q and d_out so too,
+        """Whether the sweep ``kind`` loads through tensor descriptors (the kernels' TMA: K and V, with
+        their directions in the forward kinds, in the row sweeps; Q and dO in the backward kinds'
+        column sweeps): where ``_tuning.uses_tma`` says so for the device and the call allows it,
+        that is one head-dim tile exactly as wide as the head dim (a power of two from 16), k's and
+        v's rows at 16-byte offsets (strides; for the backward kinds, which load q and d_out so too,
         also q's), and ``tma_ok``: the launcher says that the descriptor-loaded tensors' data start
         at 16-byte boundaries and that it can give the kernel Triton's global scratch, where the
         descriptors are built (the torch launcher checks the pointers per call; XLA's buffers are

@@ -50,9 +50,10 @@ def _attn_fwd_kernel(
     """HAS_TANGENT adds Ȯ, l̇se along (Q̇, K̇, V̇); SECOND_ORDER (with HAS_TANGENT) adds the second
     derivative along (Q̇, K̇, V̇) and (Q^y, K^y, V^y), bilinear in the two directions. Every tile
     with a head-dim axis is a tuple of head-dim parts (BLOCK_D0, BLOCK_D1: ``_head_dim_parts``).
-    TMA loads K and V through tensor descriptors (Hopper's tensor memory accelerator; one head-dim
-    part as wide as HEAD_DIM, 16-byte aligned rows: ``AttentionCall.tma``): rows past the
-    sequence's keys arrive as zeros, as the masked loads give them, so the results are the same."""
+    TMA loads K and V, and their directions (K̇, V̇; K^y, V^y), through tensor descriptors (Hopper's
+    tensor memory accelerator; one head-dim part as wide as HEAD_DIM, 16-byte aligned rows:
+    ``AttentionCall.tma``): rows past the sequence's keys arrive as zeros, as the masked loads give
+    them, so the results are the same."""
     start_m = tl.program_id(0) * BLOCK_M
     batch, head, entry = _program(heads, VARLEN)
     q_base, k_base, row_base, len_q, len_k, band_lo, band_hi = _sequence(
@@ -82,9 +83,15 @@ def _attn_fwd_kernel(
         acc_y = _zeros_like_parts(q, ACC_DTYPE)
         acc_second = _zeros_like_parts(q, ACC_DTYPE)
 
-    if TMA:  # descriptors of this sequence's key/value head: the box is one key block
+    if TMA:  # descriptors of this sequence's key/value head and its directions: the box is one key block
         k_rows = _row_blocks(K + k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM)
         v_rows = _row_blocks(V + k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM)
+        if HAS_TANGENT:
+            k_dot_rows = _row_blocks(K_dot + k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM)
+            v_dot_rows = _row_blocks(V_dot + k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM)
+        if SECOND_ORDER:
+            k_y_rows = _row_blocks(K_y + k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM)
+            v_y_rows = _row_blocks(V_y + k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM)
     lo, hi = _key_range(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
     for start_n in range(lo, hi, BLOCK_N):
         offs_k = start_n + offs_n
@@ -113,8 +120,12 @@ def _attn_fwd_kernel(
         acc = _scale_rows(acc, rescale)
         acc = _add_dot(acc, p, v, PRECISION, ACC_DTYPE)
         if HAS_TANGENT:
-            k_dot = _load_parts(K_dot + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
-            v_dot = _load_parts(V_dot + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+            if TMA:
+                k_dot = (k_dot_rows.load([start_n, 0]),)
+                v_dot = (v_dot_rows.load([start_n, 0]),)
+            else:
+                k_dot = _load_parts(K_dot + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+                v_dot = _load_parts(V_dot + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
             scores_dot = _dot_t(q_dot, k, PRECISION, ACC_DTYPE)
             scores_dot += _dot_t(q, k_dot, PRECISION, ACC_DTYPE)
             scores_dot *= sm_scale
@@ -128,8 +139,12 @@ def _attn_fwd_kernel(
             acc_dot = _add_dot(acc_dot, p_scores_dot, v, PRECISION, ACC_DTYPE)
             acc_dot = _add_dot(acc_dot, p, v_dot, PRECISION, ACC_DTYPE)
         if SECOND_ORDER:
-            k_y = _load_parts(K_y + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
-            v_y = _load_parts(V_y + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+            if TMA:
+                k_y = (k_y_rows.load([start_n, 0]),)
+                v_y = (v_y_rows.load([start_n, 0]),)
+            else:
+                k_y = _load_parts(K_y + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+                v_y = _load_parts(V_y + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
             scores_y = _dot_t(q_y, k, PRECISION, ACC_DTYPE)
             scores_y = (scores_y + _dot_t(q, k_y, PRECISION, ACC_DTYPE)) * sm_scale
             scores_xy = _dot_t(q_dot, k_y, PRECISION, ACC_DTYPE)

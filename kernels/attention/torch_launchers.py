@@ -142,6 +142,8 @@ def _call(q: torch.Tensor, k: torch.Tensor, params: AttentionParams, lengths) ->
 
 # The tensors each kind of sweep loads through tensor descriptors (``AttentionCall.tma``).
 _FORWARD_DESCRIBED, _BACKWARD_DESCRIBED = ("k", "v"), ("q", "k", "v", "d_out")
+_JVP_DESCRIBED = _FORWARD_DESCRIBED + ("k_dot", "v_dot")
+_SECOND_DESCRIBED = _JVP_DESCRIBED + ("k_y", "v_y")
 
 
 def _aligned(tensors: dict, names=_FORWARD_DESCRIBED) -> bool:
@@ -209,7 +211,7 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot, params: AttentionParams, *, out=
     call, tensors = _prepare(q, k, params, {"q_dot": q_dot}, {"v": v, "k_dot": k_dot, "v_dot": v_dot},
                              {"row_slopes": row_slopes},
                              dict(out=out, lse=lse, out_dot=out_dot, lse_dot=lse_dot), varlen)
-    return run_plan(_plan(forward_plan, call, True, False, _aligned(tensors)), tensors)
+    return run_plan(_plan(forward_plan, call, True, False, _aligned(tensors, _JVP_DESCRIBED)), tensors)
 
 
 def attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params: AttentionParams, *,
@@ -224,7 +226,7 @@ def attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params
     call, tensors = _prepare(q, k, params, {"q_dot": q_dot, "q_y": q_y},
                              {"v": v, "k_dot": k_dot, "v_dot": v_dot, "k_y": k_y, "v_y": v_y}, {"row_slopes": row_slopes},
                              dict(out_second=out_second, lse_second=lse_second), varlen)
-    return run_plan(_plan(forward_plan, call, True, True, _aligned(tensors)), tensors)
+    return run_plan(_plan(forward_plan, call, True, True, _aligned(tensors, _SECOND_DESCRIBED)), tensors)
 
 
 def attention_backward(q, k, v, out, lse, d_out, d_lse, params: AttentionParams, *, dq=None, dk=None, dv=None,
