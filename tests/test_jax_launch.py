@@ -232,9 +232,9 @@ _TMA_ATTEND = textwrap.dedent("""
 @pytest.mark.parametrize("tma", ["0", "1"], ids=["pointer_loads", "tma_loads"])
 def test_xla_native_launch_with_and_without_tma(tma, command_buffers):
     """A kernel that builds tensor descriptors takes its global scratch as one more buffer of its
-    call: the forward, JVP and backward with TMA loads (forced)
-    match the reference as those without do, with every custom call recorded into XLA's command
-    buffers and with command buffers off."""
+    call: the forward, JVP and backward with TMA loads (forced) match the reference as those
+    without do, with every custom call recorded into XLA's command buffers and with command
+    buffers off."""
     if _launch.launcher() != "xla":
         pytest.skip("jaxlib's Triton target is not available here")
     flags = _COMMAND_BUFFERS if command_buffers == "on" else " --xla_gpu_enable_command_buffer="

@@ -65,7 +65,6 @@ from theria_kernels._contracts import (
     is_interpreter,
     row_stat_dtype_name,
 )
-from theria_kernels.attention import _tuning as tuning
 from theria_kernels.attention import (
     VMAP_CU_SEQLENS_ERROR,
     AttentionCall,

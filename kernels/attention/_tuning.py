@@ -140,8 +140,8 @@ def table_capability(capability: int) -> int:
 # 4.335 (D128); the D128 double backward from 15.09 to 14.72 ms. The D64 double backward is slower
 # with it (13.25 → 13.65 ms): off. Not the wider dtypes: compiled for sm_90 with TMA, the float32
 # forward spills (876 words a thread at D128, none without), and none is timed; nor the head-dim
-# classes 32 and 256 or the second-order forward (none timed), or sm_100 (no such GPU here). The
-# descriptors take 256 bytes of global scratch a program.
+# classes 32 and 256 or the second-order forward (none timed), or sm_100 (no such GPU here). Each
+# descriptor takes 128 bytes of global scratch a program.
 TMA_KINDS: dict[int, frozenset] = {
     90: frozenset({(kind, head_dim, 2) for kind in ("forward", "jvp", "backward") for head_dim in (64, 128)}
                   | {("backward_backward", 128, 2)}),
