@@ -1,7 +1,7 @@
 """Benchmark theria's fused attention against torch SDPA's backends in one run (GPU only).
 
-Modes (each a row per implementation: ms, TFLOP/s where meaningful, peak MB, ratio to flash or
-to math):
+Modes (each a row per implementation: ms, TFLOP/s where meaningful, peak MB, and flash's,
+cuDNN's and math's time over the row's: above 1 is faster than that backend):
   fwd       out = attention(q, k, v)
   fwd_bwd   forward + backward of <out, dO>
   jvp       torch.func.jvp of the forward (out and out_dot)
@@ -223,7 +223,8 @@ def main():
 
     print(f"# {torch.cuda.get_device_name()} B={batch} H={heads} H_kv={heads_kv} T={seq} D={head_dim} {args.dtype} "
           f"causal={args.causal} window={window} timing={timing}")
-    print(f"{'mode':8s} {'impl':16s} {'ms':>9s} {'TFLOP/s':>8s} {'peak MB':>9s} {'vs flash':>9s} {'vs math':>8s}")
+    print(f"{'mode':8s} {'impl':16s} {'ms':>9s} {'TFLOP/s':>8s} {'peak MB':>9s} {'vs flash':>9s} {'vs cudnn':>9s} "
+          f"{'vs math':>8s}")
     for mode in args.mode:
         results = {}
         for name, fn in impls.items():
@@ -242,10 +243,10 @@ def main():
             ms, peak = res
             tflops = f"{UNITS[mode] * forward_flops / ms / 1e9:8.1f}" if mode in UNITS else f"{'':8s}"
             ratios = []
-            for ref in ("flash", "math"):
+            for ref in ("flash", "cudnn", "math"):
                 other = results.get(ref)
                 ratios.append(f"{other[0] / ms:8.2f}x" if isinstance(other, tuple) else f"{'-':>9s}")
-            print(f"{mode:8s} {name:16s} {ms:9.3f} {tflops} {peak:9.1f} {ratios[0]} {ratios[1]}")
+            print(f"{mode:8s} {name:16s} {ms:9.3f} {tflops} {peak:9.1f} {' '.join(ratios)}")
 
 
 if __name__ == "__main__":
