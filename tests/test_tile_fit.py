@@ -70,7 +70,7 @@ KNOWN_SPILLS = {
     (89, "jvp", 128, 2, "fwd"), (89, "jvp", 128, 4, "fwd"),
     (89, "jvp", 128, 8, "fwd"), (89, "jvp", 256, 2, "fwd"),
     (89, "jvp", 256, 4, "fwd"), (89, "jvp", 256, 8, "fwd"),
-    (90, "backward", 64, 2, "bwd_dkdv"), (90, "backward", 64, 4, "bwd_dkdv"),
+    (90, "backward", 64, 4, "bwd_dkdv"),
     (90, "backward", 64, 8, "bwd_dkdv"), (90, "backward", 128, 2, "bwd_dkdv"),
     (90, "backward", 128, 4, "bwd_dkdv"), (90, "backward", 128, 8, "bwd_dkdv"),
     (90, "backward", 256, 2, "bwd_dkdv"), (90, "backward", 256, 4, "bwd_dkdv"),
@@ -259,7 +259,7 @@ def test_tiles_fit_every_entry(capability):
 def test_tma_compiles_for_hopper():
     """The sweeps that can load through tensor descriptors (the forward kinds, the backward) compile
     for sm_90 at their 2-byte tiles with TMA, issue TMA copies, ask for the descriptors' global
-    scratch and fit as the entries without TMA do; by default exactly the (kind, head dim, dtype
+    scratch and fit wherever the entries without TMA do; by default exactly the (kind, head dim, dtype
     class) entries of sm_90's ``TMA_KINDS`` use them (not float32, whose forward spills with TMA,
     nor untimed kinds and head dims)."""
     from theria_kernels.attention._tuning import TMA_CAPABLE, TMA_KINDS
@@ -270,7 +270,9 @@ def test_tma_compiles_for_hopper():
         assert "error" not in row and row["tensor_loads"] > 0 and row["global_scratch"] > 0, row
     for row in without:
         assert row["tensor_loads"] == 0 and row["global_scratch"] == 0, row
-    assert _misfits(with_tma) == _misfits(without)  # the same launches spill, no others
+    misfits_with, misfits_without = _misfits(with_tma), _misfits(without)
+    for problem, launches in misfits_with.items():  # TMA adds no misfit (it may take one away)
+        assert launches <= misfits_without[problem], (problem, launches - misfits_without[problem])
     others = [(90, "forward", 64, 4), (90, "forward", 32, 2)]
     by_default = run_compiler(entries + others, THERIA_ATTENTION_TMA="")  # the tables' choice
     chosen = {(row["kind"], row["head_dim"], row["dtype_bytes"]) for row in by_default if row["tensor_loads"]}

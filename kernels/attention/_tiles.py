@@ -401,23 +401,50 @@ BACKWARD_TANGENT = tl.constexpr(3)
 
 
 @triton.jit
-def _second_order_tile(p, dp, ds_bar, do_gv, delta, sigma, rho, cap, softcap, SOFTCAP: tl.constexpr):
-    """dS, S̄ and dP̄ of one tile (§4); the row statistics arrive broadcast to the tile's
-    orientation, so row tiles and column (transposed) tiles share this code. SOFTCAP (§8):
-    ``ds_bar`` is the cotangent of dR, the softmax sees g ∘ ds_bar (g = 1 − t², t = ``cap``), and
-    the results are the scores' dR = g ∘ dS and R̄ = g ∘ (S̄ − (2 / softcap) t ∘ ds_bar ∘ dS)."""
+def _add_dot_t(acc, a, b, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """acc + a bᵀ over the whole head dim of two split tiles (``_dot_t`` into an accumulator)."""
+    for part in tl.static_range(len(a)):
+        acc = tl.dot(a[part], tl.trans(b[part]), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    return acc
+
+
+@triton.jit
+def _broadcast(rows, ROW_TILE: tl.constexpr):
+    """Row statistics along a row tile's rows, or along a column (transposed) tile's columns."""
+    if ROW_TILE:
+        broadcast = rows[:, None]
+    else:
+        broadcast = rows[None, :]
+    return broadcast
+
+
+@triton.jit
+def _second_order_dots(acc_s, acc_p, p, dp, ds_bar, gv_a, gv_b, u_a, u_b, delta, sigma, rho, delta_u, by_s, by_ds,
+                       by_dp, cap, softcap, ROW_TILE: tl.constexpr, HAS_U: tl.constexpr, SOFTCAP: tl.constexpr,
+                       PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """One tile's part of the double backward's outputs (§4.3), for row tiles and column (transposed)
+    tiles alike: acc_s + dS by_ds + S̄ by_s and acc_p + dP̄ by_dp, with dS = P ∘ (dP − δ), dP̄ = P ∘
+    (dS̄ − σ), P̄ = dS̄ ∘ (dP − δ) − σ dP + gv_a gv_bᵀ (dO Ḡvᵀ in the tile's orientation) and S̄ = P
+    ∘ (P̄ − ρ); HAS_U adds Jᵀ u̇'s dS = P ∘ (u_a u_bᵀ − δ_u) to S̄ (§5). Each product is taken as
+    soon as its tile exists and P̄ gathers its matrix products in place, so that few T×T tiles are
+    live at once (forming dS, S̄ and dP̄ together first spilled more; perf-notes item 25). SOFTCAP
+    (§8): ``ds_bar`` is the cotangent of dR, the softmax sees g ∘ ds_bar (g = 1 − t², t = ``cap``),
+    and the products take the scores' dR = g ∘ dS and R̄ = g ∘ (S̄ − (2 / softcap) t ∘ ds_bar ∘ dS)."""
+    delta, sigma, rho = _broadcast(delta, ROW_TILE), _broadcast(sigma, ROW_TILE), _broadcast(rho, ROW_TILE)
     ds = p * (dp - delta)
-    ds_bar_s = ds_bar
+    ds_bar_s, ds_s = ds_bar, ds
     if SOFTCAP:
         gate = 1.0 - cap * cap
-        ds_bar_s = gate * ds_bar
-    p_bar = ds_bar_s * (dp - delta) + do_gv - sigma * dp
+        ds_bar_s, ds_s = gate * ds_bar, gate * ds
+    acc_s = _add_dot(acc_s, ds_s, by_ds, PRECISION, ACC_DTYPE)
+    acc_p = _add_dot(acc_p, p * (ds_bar_s - sigma), by_dp, PRECISION, ACC_DTYPE)
+    p_bar = _add_dot_t(ds_bar_s * (dp - delta) - sigma * dp, gv_a, gv_b, PRECISION, ACC_DTYPE)
+    if HAS_U:
+        p_bar = _add_dot_t(p_bar, u_a, u_b, PRECISION, ACC_DTYPE) - _broadcast(delta_u, ROW_TILE)
     s_bar = p * (p_bar - rho)
-    dp_bar = p * (ds_bar_s - sigma)
     if SOFTCAP:
         s_bar = gate * (s_bar - (2.0 / softcap) * cap * ds_bar * ds)
-        ds = gate * ds
-    return ds, s_bar, dp_bar
+    return _add_dot(acc_s, s_bar, by_s, PRECISION, ACC_DTYPE), acc_p
 
 
 @triton.jit
@@ -456,24 +483,17 @@ def _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K,
         acc = (_add_dot(acc[0], ds, k, PRECISION, ACC_DTYPE),)
     else:
         # dS̄ = scale (Ḡq Kᵀ + Q Ḡkᵀ)
-        ds_bar = (_dot_t(cot_dq, k, PRECISION, ACC_DTYPE) + _dot_t(q, cot_dk, PRECISION, ACC_DTYPE)) * sm_scale
+        ds_bar = _add_dot_t(_dot_t(cot_dq, k, PRECISION, ACC_DTYPE), q, cot_dk, PRECISION, ACC_DTYPE) * sm_scale
         if STAGE == ROW_REDUCTIONS:
             if SOFTCAP:  # the softmax's dS̄ = g ∘ dR̄ (§8)
                 ds_bar = (1.0 - cap * cap) * ds_bar
             p_ds_bar = p * ds_bar
             acc = (acc[0] + tl.sum(p_ds_bar, 1), acc[1] + tl.sum(p_ds_bar * dp, 1),
                    _add_dot(acc[2], p, cot_dv, PRECISION, ACC_DTYPE))
-        else:
-            do_gv = _dot_t(d_out, cot_dv, PRECISION, ACC_DTYPE)
-            ds, s_bar, dp_bar = _second_order_tile(p, dp, ds_bar, do_gv, delta[:, None], sigma[:, None], rho[:, None],
-                                                   cap, softcap, SOFTCAP)
-            if STAGE == BACKWARD_TANGENT:  # + Jᵀ u̇: the backward's dS for u̇ (§2) multiplies K as S̄ does
-                ds_u = p * (_dot_t(u_dot, v, PRECISION, ACC_DTYPE) - delta_u[:, None])
-                if SOFTCAP:
-                    ds_u = (1.0 - cap * cap) * ds_u
-                s_bar += ds_u
-            cot_q = _add_dot(_add_dot(acc[0], s_bar, k, PRECISION, ACC_DTYPE), ds, cot_dk, PRECISION, ACC_DTYPE)
-            acc = (cot_q, _add_dot(acc[1], dp_bar, v, PRECISION, ACC_DTYPE))
+        else:  # (cot_q, cot_dO) += (S̄ K + dS Ḡk, dP̄ V); BACKWARD_TANGENT: Jᵀ u̇'s dS joins S̄
+            acc = _second_order_dots(acc[0], acc[1], p, dp, ds_bar, d_out, cot_dv, u_dot, v, delta, sigma, rho, delta_u,
+                                     k, cot_dk, v, cap, softcap, True, STAGE == BACKWARD_TANGENT, SOFTCAP, PRECISION,
+                                     ACC_DTYPE)
     return acc
 
 
@@ -531,6 +551,7 @@ def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delt
         cot_dq = _load_parts(Cot_dq + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
         sigma = _load_rows(Sigma + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
         rho = _load_rows(Rho + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
+    u_dot, delta_u = None, None
     if STAGE == BACKWARD_TANGENT:
         u_dot = _load_parts(D_out_dot + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
         delta_u = _load_rows(Delta_dot + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
@@ -549,18 +570,12 @@ def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delt
             ds_t = (1.0 - cap_t * cap_t) * ds_t
         acc_k = _add_dot(acc_k, ds_t, q, PRECISION, ACC_DTYPE)
     else:
-        ds_bar_t = (_dot_t(k, cot_dq, PRECISION, ACC_DTYPE) + _dot_t(cot_dk, q, PRECISION, ACC_DTYPE)) * sm_scale
-        do_gv_t = _dot_t(cot_dv, d_out, PRECISION, ACC_DTYPE)
-        ds_t, s_bar_t, dp_bar_t = _second_order_tile(p_t, dp_t, ds_bar_t, do_gv_t, delta[None, :], sigma[None, :],
-                                                     rho[None, :], cap_t, softcap, SOFTCAP)
+        ds_bar_t = _add_dot_t(_dot_t(k, cot_dq, PRECISION, ACC_DTYPE), cot_dk, q, PRECISION, ACC_DTYPE) * sm_scale
         if STAGE == BACKWARD_TANGENT:  # + Jᵀ u̇: the backward's dSᵀ for u̇ joins S̄ᵀ, and dV gains Pᵀ u̇
-            ds_u_t = p_t * (_dot_t(v, u_dot, PRECISION, ACC_DTYPE) - delta_u[None, :])
-            if SOFTCAP:
-                ds_u_t = (1.0 - cap_t * cap_t) * ds_u_t
-            s_bar_t += ds_u_t
             acc_v = _add_dot(acc_v, p_t, u_dot, PRECISION, ACC_DTYPE)
-        acc_k = _add_dot(_add_dot(acc_k, s_bar_t, q, PRECISION, ACC_DTYPE), ds_t, cot_dq, PRECISION, ACC_DTYPE)
-        acc_v = _add_dot(acc_v, dp_bar_t, d_out, PRECISION, ACC_DTYPE)
+        acc_k, acc_v = _second_order_dots(acc_k, acc_v, p_t, dp_t, ds_bar_t, cot_dv, d_out, v, u_dot, delta, sigma, rho,
+                                          delta_u, q, cot_dq, d_out, cap_t, softcap, False, STAGE == BACKWARD_TANGENT,
+                                          SOFTCAP, PRECISION, ACC_DTYPE)
     return acc_k, acc_v
 
 
