@@ -19,6 +19,13 @@ A tile changes only the device's work, so the host's time must not enter: at sma
 (docs/perf-notes.md items 17 and 20). Past --budget seconds the remaining candidates are not timed
 and the report says so.
 
+``--tma`` times each (kind, head dim)'s current tile twice instead, loading through tensor
+descriptors and not (``THERIA_ATTENTION_TMA=1`` / ``=0`` for that launch alone), and chooses the
+same way: the report ends with the (kind, head dim, dtype class) entries where TMA won, the set
+``_tuning.TMA_KINDS`` holds for this GPU's table (docs/design/tuning.md §1):
+
+    python scripts/tune_attention.py --tma --kinds jvp backward backward_backward --out $OUT/tma
+
 ``--reselect RUN.json`` chooses again from an earlier run's times (no GPU needed), keeping only
 the shapes and masks given:
 
@@ -99,14 +106,29 @@ def with_tile(kind: str, block_d: int, dtype: str, capability: int, candidate):
     return previous
 
 
-def _compile_candidate(job) -> dict:
-    """Worker: compile every launch of one candidate for one shape and mask; its worst resources,
-    or the compiler's error."""
+# THERIA_ATTENTION_TMA as kernels/attention/_tuning.py reads it: the process's own choice.
+_PROCESS_TMA = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENTION_TMA", ""))
+
+
+def with_tma(tma) -> None:
+    """TMA loads on (True) or off (False) for the plans built next; None: the process's choice
+    (the tables, unless THERIA_ATTENTION_TMA overrides them)."""
     from theria_kernels.attention import _launch, _tuning
 
-    kind, shape, dtype, mask, device_facts, candidate = job
+    _tuning.TMA_OVERRIDE = _PROCESS_TMA if tma is None else tma
+    for builder in (_launch.forward_plan, _launch.backward_plan, _launch.backward_backward_plan):
+        builder.cache_clear()
+
+
+def _compile_candidate(job) -> dict:
+    """Worker: compile every launch of one candidate (a tile, and TMA on, off or as the tables say)
+    for one shape and mask; its worst resources, or the compiler's error."""
+    from theria_kernels.attention import _launch, _tuning
+
+    kind, shape, dtype, mask, device_facts, candidate, tma = job
     device = _launch.Device(*device_facts)
     call = _call(shape, dtype, mask, device)
+    with_tma(tma)
     with_tile(kind, call.block_d, dtype, device.capability, candidate)
     plan = _plan(kind, call)
     used = dict(shared=0, registers=0, spills=0, problems=[])
@@ -164,7 +186,11 @@ def main():
     parser.add_argument("--out", required=True, help="folder for tuning.json and tuning.md")
     parser.add_argument("--candidates", nargs="+", default=[], metavar="KIND:M,N,WARPS,STAGES",
                         help="tiles to time besides the neighbours, e.g. backward_backward:64,64,8,1")
+    parser.add_argument("--tma", action="store_true",
+                        help="time the current tiles with and without TMA loads instead of tile candidates")
     args = parser.parse_args()
+    if args.tma and args.candidates:
+        parser.error("--tma times the current tiles only; drop --candidates")
     start = time.perf_counter()
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
     if args.reselect:
@@ -197,13 +223,17 @@ def main():
         group["shapes"].append(shape)
     extra = [(spec.split(":")[0], tuple(int(x) for x in spec.split(":")[1].split(","))) for spec in args.candidates]
     for (kind, _), group in groups.items():
-        group["candidates"] = neighbours(group["current"])
-        group["candidates"] += [tile for of, tile in extra if of == kind and tile not in group["candidates"]]
+        if args.tma:  # (tile, TMA) pairs: the current tile without TMA loads first, the baseline
+            group["candidates"] = [(group["current"], False), (group["current"], True)]
+            continue
+        tiles = neighbours(group["current"])
+        tiles += [tile for of, tile in extra if of == kind and tile not in tiles]
+        group["candidates"] = [(tile, None) for tile in tiles]
 
     # Compile every candidate on every core (resources, and Triton's cache for the timed runs).
-    jobs = [(kind, shape, args.dtype, mask, device_facts, candidate)
+    jobs = [(kind, shape, args.dtype, mask, device_facts, tile, tma)
             for (kind, _), group in groups.items() for shape in group["shapes"] for mask in args.masks
-            for candidate in group["candidates"]]
+            for tile, tma in group["candidates"]]
     import multiprocessing
 
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -219,9 +249,9 @@ def main():
             continue
         runs = {(shape, mask): workloads(shape, args.dtype, mask)[kind] for shape in group["shapes"]
                 for mask in args.masks}
-        for candidate in group["candidates"]:
-            used = [compiled[(kind, shape, args.dtype, mask, device_facts, candidate)] for shape, mask in runs]
-            entry = dict(tile=candidate, shared=max(u["shared"] for u in used),
+        for candidate, tma in group["candidates"]:
+            used = [compiled[(kind, shape, args.dtype, mask, device_facts, candidate, tma)] for shape, mask in runs]
+            entry = dict(tile=candidate, tma=tma, shared=max(u["shared"] for u in used),
                          registers=max(u["registers"] for u in used), spills=max(u["spills"] for u in used),
                          problems=sorted({p for u in used for p in u["problems"]}), ms={})
             row["candidates"].append(entry)
@@ -231,6 +261,7 @@ def main():
             if time.perf_counter() - start > args.budget:
                 row["skipped"] = "over the time budget: chosen among the candidates timed"
                 break
+            with_tma(tma)
             with_tile(kind, block_d, args.dtype, capability, candidate)
             kernels.clear_plans()
             for (shape, mask), run in runs.items():
@@ -240,6 +271,7 @@ def main():
                 else:
                     ms = triton.testing.do_bench(run, warmup=10, rep=args.rep, return_mode="median")
                 entry["ms"][f"{','.join(map(str, shape))} {mask}"] = ms
+        with_tma(None)
         with_tile(kind, block_d, args.dtype, capability, group["current"])
         kernels.clear_plans()
         choose(row)
@@ -248,18 +280,20 @@ def main():
     report = dict(device=name, capability=capability, table_of=table_of, dtype=args.dtype, shapes=args.shapes,
                   masks=args.masks, rep_ms=args.rep, timing=args.timing, seconds=round(elapsed, 1),
                   versions=dict(torch=torch.__version__, triton=triton.__version__, python=platform.python_version()),
-                  command=" ".join(["python", *sys.argv]), results=results)
+                  command=" ".join(["python", *sys.argv]), tma=args.tma, results=results)
     write_report(report, args.out)
 
 
 def choose(row: dict) -> None:
     """Set each timed candidate's ``relative`` (the geometric mean over its times of the ratio to
     the current entry's, or to the first candidate timed where the current one does not fit) and
-    the row's ``chosen`` tile: the fastest candidate that does not spill; where every one spills,
-    the fastest (flagged in the report)."""
+    the row's ``chosen`` tile (and, for ``--tma`` runs, ``chosen_tma``): the fastest candidate that
+    does not spill; where every one spills, the fastest (flagged in the report). The chosen
+    candidate is marked ``chosen``."""
     baseline = next((e["ms"] for e in row["candidates"] if e["ms"]), None)
     for entry in row["candidates"]:
         entry.pop("relative", None)
+        entry.pop("chosen", None)
         if entry["ms"] and baseline:
             entry["relative"] = math.exp(sum(math.log(entry["ms"][key] / baseline[key]) for key in baseline)
                                          / len(baseline))
@@ -267,9 +301,18 @@ def choose(row: dict) -> None:
     clean = [e for e in timed if not e["spills"]]
     best = min(clean or timed, key=lambda e: e["relative"]) if timed else None
     row["chosen"] = best["tile"] if best else row["current"]
+    if best:
+        best["chosen"] = True
+    if best and best.get("tma") is not None:
+        row["chosen_tma"] = best["tma"]
     print(f"{row['kind']:18s} D{row['head_dim']:<4d} current {tuple(row['current'])} "
-          + (f"-> {tuple(best['tile'])} ({best['relative']:.3f}x the current time"
+          + (f"-> {tuple(best['tile'])}{_tma_label(best)} ({best['relative']:.3f}x the current time"
              f"{', spills' if best['spills'] else ''})" if best else "-> kept (nothing timed)"))
+
+
+def _tma_label(entry: dict) -> str:
+    """' with TMA' / ' without TMA' for the candidates of a ``--tma`` run, '' otherwise."""
+    return {True: " with TMA", False: " without TMA"}.get(entry.get("tma"), "")
 
 
 def reselect(path: str, shapes: list[str], masks: list[str], command: str) -> dict:
@@ -308,25 +351,33 @@ def markdown(report: dict) -> str:
                 else ""), "",
              "| kind | head dim | current | chosen | chosen / current |", "|---|---|---|---|---|"]
     for row in report["results"]:
-        best = next((e for e in row["candidates"] if tuple(e["tile"]) == tuple(row.get("chosen", ()))), None)
+        best = next((e for e in row["candidates"] if e.get("chosen")), None)
         ratio = f"{best['relative']:.3f}" if best and "relative" in best else row.get("skipped", "—")
         if best and best["spills"]:
             ratio += " (every timed candidate spills)"
         lines.append(f"| {row['kind']} | {row['head_dim']} | {tuple(row['current'])} | "
-                     f"{tuple(row.get('chosen', row['current']))} | {ratio} |")
-    lines += ["", f"Table entries ({report['dtype']}) for `_tuning.py` (kind: {{head dim: tile}}):", "", "```"]
-    chosen = {}
-    for row in report["results"]:
-        chosen.setdefault(row["kind"], {})[row["head_dim"]] = tuple(row.get("chosen", row["current"]))
-    lines += [f"{kind!r}: {entries}," for kind, entries in chosen.items()] + ["```", ""]
+                     f"{tuple(row.get('chosen', row['current']))}{_tma_label(best or {})} | {ratio} |")
+    if report.get("tma"):
+        from theria_kernels.attention._tuning import DTYPE_BYTES
+
+        wins = sorted((row["kind"], row["head_dim"], DTYPE_BYTES[report["dtype"]]) for row in report["results"]
+                      if row.get("chosen_tma"))
+        lines += ["", f"Entries where TMA won, for `_tuning.TMA_KINDS` of sm_{report['table_of']}:", "", "```",
+                  f"{wins}", "```", ""]
+    else:
+        lines += ["", f"Table entries ({report['dtype']}) for `_tuning.py` (kind: {{head dim: tile}}):", "", "```"]
+        chosen = {}
+        for row in report["results"]:
+            chosen.setdefault(row["kind"], {})[row["head_dim"]] = tuple(row.get("chosen", row["current"]))
+        lines += [f"{kind!r}: {entries}," for kind, entries in chosen.items()] + ["```", ""]
     for row in report["results"]:
         lines += [f"## {row['kind']}, head dim {row['head_dim']}", "",
                   "| tile | shared KB | regs | spills | relative | ms |", "|---|---|---|---|---|---|"]
         for e in sorted(row["candidates"], key=lambda e: e.get("relative", math.inf)):
             times = ", ".join(f"{k}: {v:.3f}" for k, v in e["ms"].items()) or "; ".join(e["problems"]) or "not timed"
             relative = f"{e['relative']:.3f}" if "relative" in e else "—"
-            lines.append(f"| {tuple(e['tile'])} | {e['shared'] / 1024:.1f} | {e['registers']} | {e['spills']} | "
-                         f"{relative} | {times} |")
+            lines.append(f"| {tuple(e['tile'])}{_tma_label(e)} | {e['shared'] / 1024:.1f} | {e['registers']} | "
+                         f"{e['spills']} | {relative} | {times} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -1,5 +1,6 @@
 """scripts/tune_attention.py's choice, on any machine: ``--reselect`` picks again from an earlier
-run's times (the committed H200 run of the 32 head-dim class), keeping the shapes given."""
+run's times (the committed H200 run of the 32 head-dim class, and a ``--tma`` run's report),
+keeping the shapes and masks given."""
 
 from __future__ import annotations
 
@@ -56,3 +57,40 @@ def test_the_table_holds_the_reselected_32_class():
     reselected = json.loads((RUN.parent / "reselected" / "tuning.json").read_text())
     for row in reselected["results"]:
         assert _tuning.SM90[row["kind"]][32][2] == tuple(row["chosen"]), row["kind"]
+
+
+def test_a_tma_run_chooses_per_entry_and_lists_the_tma_kinds(tmp_path):
+    """A ``--tma`` run's report (each entry's current tile timed without and with TMA loads) chosen
+    again: TMA where it was faster over the shapes and masks kept, and the markdown lists those
+    entries as the set ``_tuning.TMA_KINDS`` would hold."""
+    tile = [64, 64, 4, 2]
+
+    def entry(tma, full, causal):
+        return dict(tile=tile, tma=tma, shared=0, registers=128, spills=0, problems=[],
+                    ms={"8,16,4096,64 full": full, "8,16,4096,64 causal": causal})
+
+    run = dict(device="a GPU", capability=90, table_of=90, dtype="bfloat16", shapes=["8,16,4096,64"],
+               masks=["full", "causal"], rep_ms=60, timing="graph", seconds=1.0, tma=True,
+               versions=dict(torch="t", triton="t", python="p"), command="python scripts/tune_attention.py --tma",
+               results=[dict(kind="backward", head_dim=64, current=tile,
+                             candidates=[entry(False, 5.0, 3.0), entry(True, 4.8, 2.9)]),
+                        dict(kind="backward_backward", head_dim=64, current=tile,
+                             candidates=[entry(False, 13.2, 7.0), entry(True, 13.0, 7.4)])])
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune_attention.py"), "--reselect", str(path),
+                             "--shapes", "8,16,4096,64", "--out", str(out)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "tuning.json").read_text())
+    assert [row["chosen_tma"] for row in report["results"]] == [True, False]
+    assert "[('backward', 64, 2)]" in (out / "tuning.md").read_text()
+    # The double backward's TMA wins without the mask and loses more with it: kept to the full
+    # times alone, it is chosen.
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune_attention.py"), "--reselect", str(path),
+                             "--shapes", "8,16,4096,64", "--masks", "full", "--out", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert [row["chosen_tma"] for row in json.loads((out / "tuning.json").read_text())["results"]] == [True, True]
+    assert "[('backward', 64, 2), ('backward_backward', 64, 2)]" in (out / "tuning.md").read_text()
