@@ -24,12 +24,6 @@ LOG2E = math.log2(math.e)
 
 
 @triton.jit
-def _row_blocks(base, t_len, stride_t, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """TMA descriptor of a (t_len, HEAD_DIM) matrix, BLOCK rows a box; rows past t_len read 0."""
-    return tl.make_tensor_descriptor(base, [t_len, HEAD_DIM], [stride_t, 1], [BLOCK, HEAD_DIM])
-
-
-@triton.jit
 def _load_tile(base, offs_t, offs_d, t_len, stride_t, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                ROWS_MASKED: tl.constexpr = True):
     """A (len(offs_t), BLOCK_D) tile of a (T, HEAD_DIM) matrix; rows ≥ t_len and the head-dim
@@ -96,6 +90,30 @@ def _load_parts(base, offs_t, t_len, stride_t, HEAD_DIM: tl.constexpr, BLOCK_D0:
     if BLOCK_D1 > 0:
         tile += (_load_part(base, offs_t, t_len, stride_t, 1, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED),)
     return tile
+
+
+@triton.jit
+def _rows_source(matrix, offset, t_len, stride_t, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr):
+    """What ``_block`` reads the (t_len, HEAD_DIM) matrix at ``matrix + offset`` through: with TMA
+    its tensor descriptor (BLOCK rows a box, rows past t_len read as zeros), else ``matrix`` itself."""
+    source = matrix
+    if TMA:
+        source = tl.make_tensor_descriptor(matrix + offset, [t_len, HEAD_DIM], [stride_t, 1], [BLOCK, HEAD_DIM])
+    return source
+
+
+@triton.jit
+def _block(source, offset, start, t_len, stride_t, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+           BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, TMA: tl.constexpr, ROWS_MASKED: tl.constexpr = True):
+    """Rows [start, start + BLOCK) of the matrix ``_rows_source`` gave ``source`` for, as head-dim
+    parts: one TMA copy (one part as wide as HEAD_DIM), or ``_load_parts`` at ``source + offset``;
+    rows past t_len are zeros either way."""
+    if TMA:
+        parts = (source.load([start, 0]),)
+    else:
+        parts = _load_parts(source + offset, start + tl.arange(0, BLOCK), t_len, stride_t, HEAD_DIM, BLOCK_D0, BLOCK_D1,
+                            ROWS_MASKED)
+    return parts
 
 
 @triton.jit
@@ -463,11 +481,8 @@ def _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K,
     broadcast along keys. With TMA, K and V are the key/value head's tensor descriptors (one key
     block a box; rows past t_k arrive as zeros, as the masked loads give them)."""
     offs_k = start_n + tl.arange(0, BLOCK_N)
-    if TMA:
-        k, v = (K.load([start_n, 0]),), (V.load([start_n, 0]),)
-    else:
-        k = _load_parts(K + k_base, offs_k, t_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
-        v = _load_parts(V + k_base, offs_k, t_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    k = _block(K, k_base, start_n, t_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
+    v = _block(V, k_base, start_n, t_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
     if STAGE != GRADIENT:
         cot_dk = _load_parts(Cot_dk + k_base, offs_k, t_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
         cot_dv = _load_parts(Cot_dv + k_base, offs_k, t_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
@@ -540,11 +555,8 @@ def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delt
     (None). Without ROWS_MASKED every query row of the block is < t_q. With TMA, Q and D_out are the
     query head's tensor descriptors (``_row_tile``'s K and V)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    if TMA:
-        q, d_out = (Q.load([start_m, 0]),), (D_out.load([start_m, 0]),)
-    else:
-        q = _load_parts(Q + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
-        d_out = _load_parts(D_out + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
+    q = _block(Q, q_base, start_m, t_q, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D0, BLOCK_D1, TMA, ROWS_MASKED)
+    d_out = _block(D_out, q_base, start_m, t_q, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D0, BLOCK_D1, TMA, ROWS_MASKED)
     lse2 = _load_rows(Lse + row_base, offs_m, t_q, float("inf"), ROWS_MASKED).to(ACC_DTYPE) * log2e
     delta = _load_rows(Delta + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
     if STAGE != GRADIENT:
@@ -595,10 +607,9 @@ def _column_sweep(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Del
         # The group's query heads are adjacent: each one stride_qh elements and T_q row statistics on.
         q_base = first_q_base + tl.cast(member, tl.int64) * stride_qh
         row_base = first_row_base + member * t_q
-        q_rows, do_rows = Q, D_out
-        if TMA:  # this query head's descriptors (``_column_tile``)
-            q_rows = _row_blocks(Q + q_base, len_q, stride_qt, BLOCK_M, HEAD_DIM)
-            do_rows = _row_blocks(D_out + q_base, len_q, stride_qt, BLOCK_M, HEAD_DIM)
+        # This query head's Q and dO (``_rows_source``): descriptors with TMA.
+        q_rows = _rows_source(Q, q_base, len_q, stride_qt, BLOCK_M, HEAD_DIM, TMA)
+        do_rows = _rows_source(D_out, q_base, len_q, stride_qt, BLOCK_M, HEAD_DIM, TMA)
         for start_m in range(lo, full_hi, BLOCK_M):
             acc_k, acc_v = _column_tile(
                 acc_k, acc_v, k, v, cot_dk, cot_dv, q_rows, do_rows, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot,

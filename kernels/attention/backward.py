@@ -14,8 +14,8 @@ from theria_kernels.attention._tiles import (
     _load_parts,
     _modifiers,
     _program,
-    _row_blocks,
     _row_dot,
+    _rows_source,
     _row_sweep,
     _scales,
     _sequence,
@@ -82,10 +82,8 @@ def _attn_bwd_dq_kernel(
                           BLOCK_D1, ACC_DTYPE)
     slope, diagonal, softcap = _modifiers(Slopes, row_base, offs_m, len_q, len_k, softcap, SOFTCAP, ALIBI, True,
                                           BOTTOM_RIGHT, ACC_DTYPE)
-    k_rows, v_rows = K, V
-    if TMA:  # the key/value head's descriptors; a box is one key block
-        k_rows = _row_blocks(K + k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM)
-        v_rows = _row_blocks(V + k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM)
+    k_rows = _rows_source(K, k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM, TMA)
+    v_rows = _rows_source(V, k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM, TMA)
     dq = _row_sweep((_zeros_like_parts(q, ACC_DTYPE),), q, d_out, None, lse2, delta, None, None, None, None, k_rows,
                     v_rows, None, None, k_base, start_m, offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale,
                     qk_scale, log2e, slope, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED,

@@ -15,12 +15,12 @@ from theria_kernels.attention._tiles import (
     _load_parts,
     _modifiers,
     _program,
-    _row_blocks,
     _row_sweep,
     _scales,
     _sequence,
     _store_parts,
     _row_dot,
+    _rows_source,
     _times,
     _zeros_like_parts,
 )
@@ -90,10 +90,8 @@ def _attn_bwd_bwd_rows_kernel(
         delta_u, _ = _row_delta(Out, D_lse_dot, Delta_dot, row_base, q_base, offs_m, u_dot, len_q, stride_qt, HEAD_DIM,
                                 BLOCK_D0, BLOCK_D1, ACC_DTYPE)
     STAGE: tl.constexpr = BACKWARD_TANGENT if TANGENT else COTANGENTS
-    k_rows, v_rows = K, V
-    if TMA:  # the key/value head's descriptors; a box is one key block
-        k_rows = _row_blocks(K + k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM)
-        v_rows = _row_blocks(V + k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM)
+    k_rows = _rows_source(K, k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM, TMA)
+    v_rows = _rows_source(V, k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM, TMA)
 
     # Sweep 1: the row reductions sigma, rho and the row vectors P Ḡv.
     sums = (tl.zeros([BLOCK_M], ACC_DTYPE), tl.zeros([BLOCK_M], ACC_DTYPE), _zeros_like_parts(q, ACC_DTYPE))

@@ -8,6 +8,7 @@ import triton.language as tl
 
 from theria_kernels.attention._tiles import (
     _add_dot,
+    _block,
     _dot_t,
     _key_range,
     _load_parts,
@@ -15,7 +16,7 @@ from theria_kernels.attention._tiles import (
     _modifiers,
     _normalise,
     _program,
-    _row_blocks,
+    _rows_source,
     _scale_rows,
     _scales,
     _scores,
@@ -83,24 +84,20 @@ def _attn_fwd_kernel(
         acc_y = _zeros_like_parts(q, ACC_DTYPE)
         acc_second = _zeros_like_parts(q, ACC_DTYPE)
 
-    if TMA:  # descriptors of this sequence's key/value head and its directions: the box is one key block
-        k_rows = _row_blocks(K + k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM)
-        v_rows = _row_blocks(V + k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM)
-        if HAS_TANGENT:
-            k_dot_rows = _row_blocks(K_dot + k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM)
-            v_dot_rows = _row_blocks(V_dot + k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM)
-        if SECOND_ORDER:
-            k_y_rows = _row_blocks(K_y + k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM)
-            v_y_rows = _row_blocks(V_y + k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM)
+    # This sequence's key/value head and its directions (``_rows_source``): descriptors with TMA.
+    k_rows = _rows_source(K, k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM, TMA)
+    v_rows = _rows_source(V, k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM, TMA)
+    if HAS_TANGENT:
+        k_dot_rows = _rows_source(K_dot, k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM, TMA)
+        v_dot_rows = _rows_source(V_dot, k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM, TMA)
+    if SECOND_ORDER:
+        k_y_rows = _rows_source(K_y, k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM, TMA)
+        v_y_rows = _rows_source(V_y, k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM, TMA)
     lo, hi = _key_range(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
     for start_n in range(lo, hi, BLOCK_N):
         offs_k = start_n + offs_n
-        if TMA:
-            k = (k_rows.load([start_n, 0]),)
-            v = (v_rows.load([start_n, 0]),)
-        else:
-            k = _load_parts(K + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
-            v = _load_parts(V + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+        k = _block(k_rows, k_base, start_n, len_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
+        v = _block(v_rows, k_base, start_n, len_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
         dot = _dot_t(q, k, PRECISION, ACC_DTYPE)
         if SOFTCAP or ALIBI:
             scores, cap = _scores(dot, offs_m[:, None], offs_k[None, :], slope, diagonal, sm_scale, qk_scale, log2e,
@@ -120,12 +117,8 @@ def _attn_fwd_kernel(
         acc = _scale_rows(acc, rescale)
         acc = _add_dot(acc, p, v, PRECISION, ACC_DTYPE)
         if HAS_TANGENT:
-            if TMA:
-                k_dot = (k_dot_rows.load([start_n, 0]),)
-                v_dot = (v_dot_rows.load([start_n, 0]),)
-            else:
-                k_dot = _load_parts(K_dot + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
-                v_dot = _load_parts(V_dot + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+            k_dot = _block(k_dot_rows, k_base, start_n, len_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
+            v_dot = _block(v_dot_rows, k_base, start_n, len_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
             scores_dot = _dot_t(q_dot, k, PRECISION, ACC_DTYPE)
             scores_dot += _dot_t(q, k_dot, PRECISION, ACC_DTYPE)
             scores_dot *= sm_scale
@@ -139,12 +132,8 @@ def _attn_fwd_kernel(
             acc_dot = _add_dot(acc_dot, p_scores_dot, v, PRECISION, ACC_DTYPE)
             acc_dot = _add_dot(acc_dot, p, v_dot, PRECISION, ACC_DTYPE)
         if SECOND_ORDER:
-            if TMA:
-                k_y = (k_y_rows.load([start_n, 0]),)
-                v_y = (v_y_rows.load([start_n, 0]),)
-            else:
-                k_y = _load_parts(K_y + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
-                v_y = _load_parts(V_y + k_base, offs_k, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+            k_y = _block(k_y_rows, k_base, start_n, len_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
+            v_y = _block(v_y_rows, k_base, start_n, len_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
             scores_y = _dot_t(q_y, k, PRECISION, ACC_DTYPE)
             scores_y = (scores_y + _dot_t(q, k_y, PRECISION, ACC_DTYPE)) * sm_scale
             scores_xy = _dot_t(q_dot, k_y, PRECISION, ACC_DTYPE)
