@@ -6,17 +6,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from theria_kernels.attention._sweeps import GRADIENT, _column_sweep, _row_sweep
 from theria_kernels.attention._tiles import (
-    GRADIENT,
     _column_program,
     _column_store,
-    _column_sweep,
     _load_parts,
     _modifiers,
     _program,
     _row_dot,
     _rows_source,
-    _row_sweep,
     _scales,
     _sequence,
     _store_parts,

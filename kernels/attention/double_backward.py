@@ -5,17 +5,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from theria_kernels.attention._sweeps import BACKWARD_TANGENT, COTANGENTS, ROW_REDUCTIONS, _column_sweep, _row_sweep
 from theria_kernels.attention._tiles import (
-    BACKWARD_TANGENT,
-    COTANGENTS,
-    ROW_REDUCTIONS,
     _column_program,
     _column_store,
-    _column_sweep,
     _load_parts,
     _modifiers,
     _program,
-    _row_sweep,
     _scales,
     _sequence,
     _store_parts,

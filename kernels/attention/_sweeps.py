@@ -1,0 +1,243 @@
+"""The backward sweeps (§2, §4), built from ``_tiles``. A row sweep runs over the key blocks a
+query block sees (dQ-like outputs), a column sweep over the query blocks a key block is seen by
+(dK/dV-like outputs); each has one tile function (``_row_tile``, ``_column_tile``), specialised by
+a constexpr STAGE (what the tile accumulates) and by whether its block needs masks, which the
+backward and the double backward share. Column tiles are key-major (keys × queries): the row
+tiles' transposes. Notation as in ``_tiles``; equations in docs/theory/attention_derivatives.md.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from theria_kernels.attention._tiles import (
+    _add_dot,
+    _block,
+    _dot_t,
+    _key_range,
+    _load_parts,
+    _load_rows,
+    _mask,
+    _query_range,
+    _rows_source,
+    _scores,
+)
+
+# STAGE of ``_row_tile`` and ``_column_tile``: the backward's gradients (§2: dQ, or dK and dV),
+# the double backward's row reductions (§4: sigma, the terms of rho, P Ḡv; row sweeps only), the
+# double backward's outputs (cot_q and cot_dO, or cot_k and cot_v), or those outputs plus the
+# backward for a second cotangent u̇ = (dȮ, dl̇se): H_u ẋ + Jᵀ u̇, the tangent of the backward
+# (forward over reverse, theory §5), whose Jᵀ u̇ adds the backward's dS for u̇ to S̄ and Pᵀ dȮ to
+# cot_v.
+GRADIENT = tl.constexpr(0)
+ROW_REDUCTIONS = tl.constexpr(1)
+COTANGENTS = tl.constexpr(2)
+BACKWARD_TANGENT = tl.constexpr(3)
+
+
+@triton.jit
+def _add_dot_t(acc, a, b, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """acc + a bᵀ over the whole head dim of two split tiles (``_dot_t`` into an accumulator)."""
+    for part in tl.static_range(len(a)):
+        acc = tl.dot(a[part], tl.trans(b[part]), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    return acc
+
+
+@triton.jit
+def _broadcast(rows, ROW_TILE: tl.constexpr):
+    """Row statistics along a row tile's rows, or along a column (transposed) tile's columns."""
+    if ROW_TILE:
+        broadcast = rows[:, None]
+    else:
+        broadcast = rows[None, :]
+    return broadcast
+
+
+@triton.jit
+def _second_order_dots(acc_s, acc_p, p, dp, ds_bar, gv_a, gv_b, u_a, u_b, delta, sigma, rho, delta_u, by_s, by_ds,
+                       by_dp, cap, softcap, ROW_TILE: tl.constexpr, HAS_U: tl.constexpr, SOFTCAP: tl.constexpr,
+                       PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """One tile's part of the double backward's outputs (§4.3), for row tiles and column (transposed)
+    tiles alike: acc_s + dS by_ds + S̄ by_s and acc_p + dP̄ by_dp, with dS = P ∘ (dP − δ), dP̄ = P ∘
+    (dS̄ − σ), P̄ = dS̄ ∘ (dP − δ) − σ dP + gv_a gv_bᵀ (dO Ḡvᵀ in the tile's orientation) and S̄ = P
+    ∘ (P̄ − ρ); HAS_U adds Jᵀ u̇'s dS = P ∘ (u_a u_bᵀ − δ_u) to S̄ (§5). Each product is taken as
+    soon as its tile exists and P̄ gathers its matrix products in place, so that few T×T tiles are
+    live at once (forming dS, S̄ and dP̄ together first spilled more; perf-notes item 25). SOFTCAP
+    (§8): ``ds_bar`` is the cotangent of dR, the softmax sees g ∘ ds_bar (g = 1 − t², t = ``cap``),
+    and the products take the scores' dR = g ∘ dS and R̄ = g ∘ (S̄ − (2 / softcap) t ∘ ds_bar ∘ dS)."""
+    delta, sigma, rho = _broadcast(delta, ROW_TILE), _broadcast(sigma, ROW_TILE), _broadcast(rho, ROW_TILE)
+    ds = p * (dp - delta)
+    ds_bar_s, ds_s = ds_bar, ds
+    if SOFTCAP:
+        gate = 1.0 - cap * cap
+        ds_bar_s, ds_s = gate * ds_bar, gate * ds
+    acc_s = _add_dot(acc_s, ds_s, by_ds, PRECISION, ACC_DTYPE)
+    acc_p = _add_dot(acc_p, p * (ds_bar_s - sigma), by_dp, PRECISION, ACC_DTYPE)
+    p_bar = _add_dot_t(ds_bar_s * (dp - delta) - sigma * dp, gv_a, gv_b, PRECISION, ACC_DTYPE)
+    if HAS_U:
+        p_bar = _add_dot_t(p_bar, u_a, u_b, PRECISION, ACC_DTYPE) - _broadcast(delta_u, ROW_TILE)
+    s_bar = p * (p_bar - rho)
+    if SOFTCAP:
+        s_bar = gate * (s_bar - (2.0 / softcap) * cap * ds_bar * ds)
+    return _add_dot(acc_s, s_bar, by_s, PRECISION, ACC_DTYPE), acc_p
+
+
+@triton.jit
+def _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K, V, Cot_dk, Cot_dv, k_base, start_m,
+              start_n, offs_m, t_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
+              BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, MASKED: tl.constexpr, STAGE: tl.constexpr,
+              SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+              TMA: tl.constexpr = False):
+    """``acc`` plus what the key block [start_n, start_n + BLOCK_N) adds to it, for the query block
+    whose tiles (q, d_out, cot_dq, u_dot; split into head-dim parts) and row statistics (lse2 =
+    lse · log2 e, delta, sigma, rho, delta_u) the caller holds; key-shaped pointers are offset by
+    k_base. ``acc`` is (dQ,) for GRADIENT, (sigma, Σ_j P dS̄ dP, P Ḡv) for ROW_REDUCTIONS, (cot_q,
+    cot_dO) for COTANGENTS and BACKWARD_TANGENT; a stage reads no tile or statistic it does not
+    use (None). The score modifiers (§8, ``_scores``): ``slope`` is the rows' ALiBi slope
+    broadcast along keys. With TMA, K and V are the key/value head's tensor descriptors (one key
+    block a box; rows past t_k arrive as zeros, as the masked loads give them)."""
+    offs_k = start_n + tl.arange(0, BLOCK_N)
+    k = _block(K, k_base, start_n, t_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
+    v = _block(V, k_base, start_n, t_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
+    if STAGE != GRADIENT:
+        cot_dk = _load_parts(Cot_dk + k_base, offs_k, t_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+        cot_dv = _load_parts(Cot_dv + k_base, offs_k, t_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    scores, cap = _scores(_dot_t(q, k, PRECISION, ACC_DTYPE), offs_m[:, None], offs_k[None, :], slope, diagonal,
+                          sm_scale, qk_scale, log2e, softcap, SOFTCAP, ALIBI)
+    p = _mask(tl.exp2(scores - lse2[:, None]), 0.0, offs_m[:, None], offs_k[None, :], start_m, start_n, t_k,
+              band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED, MASKED)
+    dp = _dot_t(d_out, v, PRECISION, ACC_DTYPE)
+    if STAGE == GRADIENT:
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:  # dR = g ∘ dS (§8)
+            ds = (1.0 - cap * cap) * ds
+        acc = (_add_dot(acc[0], ds, k, PRECISION, ACC_DTYPE),)
+    else:
+        # dS̄ = scale (Ḡq Kᵀ + Q Ḡkᵀ)
+        ds_bar = _add_dot_t(_dot_t(cot_dq, k, PRECISION, ACC_DTYPE), q, cot_dk, PRECISION, ACC_DTYPE) * sm_scale
+        if STAGE == ROW_REDUCTIONS:
+            if SOFTCAP:  # the softmax's dS̄ = g ∘ dR̄ (§8)
+                ds_bar = (1.0 - cap * cap) * ds_bar
+            p_ds_bar = p * ds_bar
+            acc = (acc[0] + tl.sum(p_ds_bar, 1), acc[1] + tl.sum(p_ds_bar * dp, 1),
+                   _add_dot(acc[2], p, cot_dv, PRECISION, ACC_DTYPE))
+        else:  # (cot_q, cot_dO) += (S̄ K + dS Ḡk, dP̄ V); BACKWARD_TANGENT: Jᵀ u̇'s dS joins S̄
+            acc = _second_order_dots(acc[0], acc[1], p, dp, ds_bar, d_out, cot_dv, u_dot, v, delta, sigma, rho, delta_u,
+                                     k, cot_dk, v, cap, softcap, True, STAGE == BACKWARD_TANGENT, SOFTCAP, PRECISION,
+                                     ACC_DTYPE)
+    return acc
+
+
+@triton.jit
+def _row_sweep(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K, V, Cot_dk, Cot_dv, k_base, start_m,
+               offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
+               BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, EVEN_K: tl.constexpr, STAGE: tl.constexpr,
+               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+               TMA: tl.constexpr = False):
+    """``_row_tile`` over every key block the query block [start_m, start_m + BLOCK_M) sees. Key
+    blocks are loaded with masks (cheap against a row tile's work); only a band or a last key
+    block past T_k (not EVEN_K) compiles the score mask in (``_mask``)."""
+    lo, hi = _key_range(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
+    for start_n in range(lo, hi, BLOCK_N):
+        acc = _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K, V, Cot_dk, Cot_dv, k_base,
+                        start_m, start_n, offs_m, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope,
+                        diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED,
+                        BANDED or not EVEN_K, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA)
+    return acc
+
+
+@triton.jit
+def _full_blocks_end(lo, hi, t_q, BLOCK_M: tl.constexpr):
+    """Where a column program's query sweep [lo, hi) (lo a multiple of BLOCK_M) stops having whole
+    blocks of rows < t_q. The sweep loops over the whole blocks with unmasked loads, then takes
+    the one partial block, if any, with masked ones: per-row masks against a length the compiler
+    knows nothing about (a VARLEN sequence's) cost more address and predicate work than the tile's
+    arithmetic hides (VARLEN dK/dV was 30–40 % slower than at a fixed length, H100; perf-notes 8)."""
+    return tl.maximum(lo, tl.minimum(hi, t_q // BLOCK_M * BLOCK_M))
+
+
+@triton.jit
+def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot,
+                 Slopes, q_base, row_base, start_m, start_n, offs_n, t_q, t_k, stride_qt, band_lo, band_hi, sm_scale,
+                 qk_scale, log2e, diagonal, softcap, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BANDED: tl.constexpr,
+                 ROWS_MASKED: tl.constexpr, STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                 ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr = False):
+    """(acc_k, acc_v) plus what the query block [start_m, start_m + BLOCK_M) adds for the key block
+    whose tiles (k, v, cot_dk, cot_dv; split into head-dim parts) the caller holds: (dK / scale, dV)
+    for GRADIENT, (cot_k / scale, cot_v) for COTANGENTS and BACKWARD_TANGENT. Query-shaped pointers
+    are offset by q_base, row statistics by row_base; a stage reads no pointer it does not use
+    (None). Without ROWS_MASKED every query row of the block is < t_q. With TMA, Q and D_out are the
+    query head's tensor descriptors (``_row_tile``'s K and V)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _block(Q, q_base, start_m, t_q, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D0, BLOCK_D1, TMA, ROWS_MASKED)
+    d_out = _block(D_out, q_base, start_m, t_q, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D0, BLOCK_D1, TMA, ROWS_MASKED)
+    lse2 = _load_rows(Lse + row_base, offs_m, t_q, float("inf"), ROWS_MASKED).to(ACC_DTYPE) * log2e
+    delta = _load_rows(Delta + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
+    if STAGE != GRADIENT:
+        cot_dq = _load_parts(Cot_dq + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
+        sigma = _load_rows(Sigma + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
+        rho = _load_rows(Rho + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
+    u_dot, delta_u = None, None
+    if STAGE == BACKWARD_TANGENT:
+        u_dot = _load_parts(D_out_dot + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
+        delta_u = _load_rows(Delta_dot + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
+    slope = None
+    if ALIBI:  # the ALiBi slope of each query row (§8), laid out like lse
+        slope = _load_rows(Slopes + row_base, offs_m, t_q, 0.0, ROWS_MASKED).to(ACC_DTYPE)[None, :]
+    scores_t, cap_t = _scores(_dot_t(k, q, PRECISION, ACC_DTYPE), offs_m[None, :], offs_n[:, None], slope, diagonal,
+                              sm_scale, qk_scale, log2e, softcap, SOFTCAP, ALIBI)
+    p_t = _mask(tl.exp2(scores_t - lse2[None, :]), 0.0, offs_m[None, :], offs_n[:, None], start_m, start_n,
+                t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED, BANDED)
+    dp_t = _dot_t(v, d_out, PRECISION, ACC_DTYPE)
+    if STAGE == GRADIENT:
+        acc_v = _add_dot(acc_v, p_t, d_out, PRECISION, ACC_DTYPE)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:  # dR = g ∘ dS (§8)
+            ds_t = (1.0 - cap_t * cap_t) * ds_t
+        acc_k = _add_dot(acc_k, ds_t, q, PRECISION, ACC_DTYPE)
+    else:
+        ds_bar_t = _add_dot_t(_dot_t(k, cot_dq, PRECISION, ACC_DTYPE), cot_dk, q, PRECISION, ACC_DTYPE) * sm_scale
+        if STAGE == BACKWARD_TANGENT:  # + Jᵀ u̇: the backward's dSᵀ for u̇ joins S̄ᵀ, and dV gains Pᵀ u̇
+            acc_v = _add_dot(acc_v, p_t, u_dot, PRECISION, ACC_DTYPE)
+        acc_k, acc_v = _second_order_dots(acc_k, acc_v, p_t, dp_t, ds_bar_t, cot_dv, d_out, v, u_dot, delta, sigma, rho,
+                                          delta_u, q, cot_dq, d_out, cap_t, softcap, False, STAGE == BACKWARD_TANGENT,
+                                          SOFTCAP, PRECISION, ACC_DTYPE)
+    return acc_k, acc_v
+
+
+@triton.jit
+def _column_sweep(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot,
+                  Slopes, first_q_base, first_row_base, members, start_n, offs_n, t_q, len_q, len_k, stride_qh,
+                  stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+                  BANDED: tl.constexpr, STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                  ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr = False):
+    """``_column_tile`` over every query block that sees the key block [start_n, start_n + BLOCK_N),
+    of each of the ``members`` query heads a column program serves (``_column_program``): the
+    whole blocks with unmasked loads, then the one partial block, if any (``_full_blocks_end``)."""
+    lo, hi = _query_range(start_n, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
+    full_hi = _full_blocks_end(lo, hi, len_q, BLOCK_M)
+    for member in range(members):
+        # The group's query heads are adjacent: each one stride_qh elements and T_q row statistics on.
+        q_base = first_q_base + tl.cast(member, tl.int64) * stride_qh
+        row_base = first_row_base + member * t_q
+        # This query head's Q and dO (``_rows_source``): descriptors with TMA.
+        q_rows = _rows_source(Q, q_base, len_q, stride_qt, BLOCK_M, HEAD_DIM, TMA)
+        do_rows = _rows_source(D_out, q_base, len_q, stride_qt, BLOCK_M, HEAD_DIM, TMA)
+        for start_m in range(lo, full_hi, BLOCK_M):
+            acc_k, acc_v = _column_tile(
+                acc_k, acc_v, k, v, cot_dk, cot_dv, q_rows, do_rows, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot,
+                Delta_dot, Slopes, q_base, row_base, start_m, start_n, offs_n, len_q, len_k, stride_qt, band_lo,
+                band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1,
+                BANDED, False, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA)
+        if full_hi < hi:  # the one partial block
+            acc_k, acc_v = _column_tile(
+                acc_k, acc_v, k, v, cot_dk, cot_dv, q_rows, do_rows, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot,
+                Delta_dot, Slopes, q_base, row_base, full_hi, start_n, offs_n, len_q, len_k, stride_qt, band_lo,
+                band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1,
+                BANDED, True, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA)
+    return acc_k, acc_v
