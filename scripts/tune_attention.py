@@ -106,16 +106,12 @@ def with_tile(kind: str, block_d: int, dtype: str, capability: int, candidate):
     return previous
 
 
-# THERIA_ATTENTION_TMA as kernels/attention/_tuning.py reads it: the process's own choice.
-_PROCESS_TMA = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENTION_TMA", ""))
-
-
 def with_tma(tma) -> None:
     """TMA loads on (True) or off (False) for the plans built next; None: the process's choice
     (the tables, unless THERIA_ATTENTION_TMA overrides them)."""
     from theria_kernels.attention import _launch, _tuning
 
-    _tuning.TMA_OVERRIDE = _PROCESS_TMA if tma is None else tma
+    _tuning.TMA_OVERRIDE = _tuning.TMA_FROM_ENVIRONMENT if tma is None else tma
     for builder in (_launch.forward_plan, _launch.backward_plan, _launch.backward_backward_plan):
         builder.cache_clear()
 

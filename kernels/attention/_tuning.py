@@ -152,7 +152,10 @@ TMA_KINDS: dict[int, frozenset] = {
 TMA_CAPABLE = ("forward", "jvp", "forward_second", "backward", "backward_backward")
 # THERIA_ATTENTION_TMA=1 turns TMA on for every capable sweep and dtype wherever a call allows it
 # (the interpreter included, which is how the CPU tests run it); =0 turns it off everywhere.
-TMA_OVERRIDE = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENTION_TMA", ""))
+# TMA_OVERRIDE is what the sweeps read; tools that change it (scripts/tune_attention.py --tma)
+# restore the process's own choice from TMA_FROM_ENVIRONMENT.
+TMA_FROM_ENVIRONMENT = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENTION_TMA", ""))
+TMA_OVERRIDE = TMA_FROM_ENVIRONMENT
 
 
 def uses_tma(capability: int, kind: str, block_d: int, dtype: str) -> bool:
