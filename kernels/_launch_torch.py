@@ -35,9 +35,9 @@ def _allocate(spec: Allocation, tensors: dict, device: torch.device) -> torch.Te
     if spec.like is not None:
         like = tensors[spec.like]
         dtype = like.dtype if spec.dtype is None else _TORCH_DTYPES[spec.dtype]
-        if spec.zeroed:
-            return torch.zeros_like(like, dtype=dtype)
-        return torch.empty_strided(like.shape, like.stride(), dtype=dtype, device=like.device)
+        # In the input's strides, gaps included: the kernels address it with the input's offsets.
+        found = torch.empty_strided(like.shape, like.stride(), dtype=dtype, device=like.device)
+        return found.zero_() if spec.zeroed else found
     return (torch.zeros if spec.zeroed else torch.empty)(spec.shape, dtype=_TORCH_DTYPES[spec.dtype], device=device)
 
 
