@@ -448,14 +448,17 @@ def test_fused_backward_gives_the_two_sweeps_numbers(fused_on):
     """In the interpreter the column programs run one after another, in key-block order, so the
     atomic adds sum each dQ row in the row sweep's order: the same numbers bit for bit (on a GPU
     the order varies and only the accuracy criterion holds). With soft-capping, rows that see no
-    key and a split head dim. Under torch.use_deterministic_algorithms the two sweeps run instead."""
+    key and a split head dim; the fused run's q is a slice of a wider tensor, so its zeroed dQ sum
+    is allocated in q's strides, gaps included. Under torch.use_deterministic_algorithms the two
+    sweeps run instead."""
     if not INTERPRETER:
         pytest.skip("on a GPU the atomic adds' order varies: test_fused_backward holds the criterion")
     q, k, v, params = _case(SHAPES[2], 40, torch.float64, dict(causal=True, bottom_right=True, softcap=SOFTCAP),
                             seed=14)
     out, lse = attention_forward(q, k, v, params)
     d_out, d_lse = torch.randn_like(q), torch.randn_like(lse)
-    fused = attention_backward(q, k, v, out, lse, d_out, d_lse, params)
+    q_gaps = torch.cat([q, torch.randn_like(q)], dim=-1)[..., :40]
+    fused = attention_backward(q_gaps, k, v, out, lse, d_out, d_lse, params)
     assert "_attn_bwd_dq_kernel" not in _backward_kernels()
     clear_plans()
     torch.use_deterministic_algorithms(True)

@@ -137,14 +137,15 @@ def table_capability(capability: int) -> int:
 # (docs/design/tuning.md §1). On the H200 (bf16, T 4096) TMA takes the forward from 1.174 to 1.099
 # ms at D128 (causal 0.710 to 0.643) and 1.395 to 1.374 ms at D64, the JVP from 4.43 to 4.19 ms
 # (D128) and 5.23 to 5.02 (D64); the forward + backward from 5.174 to 4.931 ms (D64) and 4.678 to
-# 4.335 (D128); the D128 double backward from 15.09 to 14.72 ms. The D64 double backward is slower
-# with it (13.25 → 13.65 ms): off. Not the wider dtypes: compiled for sm_90 with TMA, the float32
-# forward spills (876 words a thread at D128, none without), and none is timed; nor the head-dim
-# classes 32 and 256 or the second-order forward (none timed), or sm_100 (no such GPU here). Each
-# descriptor takes 128 bytes of global scratch a program.
+# 4.335 (D128). The double backward as its tiles are now (``_sweeps._second_order_dots``;
+# ``scripts/tune_attention.py --tma``): D64 12.21 → 12.12 ms, causal 10.01 → 7.80, on; D128 level
+# (14.81 → 14.78 ms) but causal 8.43 → 10.54, off. Not the wider dtypes: compiled for sm_90 with
+# TMA, the float32 forward spills (876 words a thread at D128, none without), and none is timed;
+# nor the head-dim classes 32 and 256 or the second-order forward (none timed), or sm_100 (no such
+# GPU here). Each descriptor takes 128 bytes of global scratch a program.
 TMA_KINDS: dict[int, frozenset] = {
     90: frozenset({(kind, head_dim, 2) for kind in ("forward", "jvp", "backward") for head_dim in (64, 128)}
-                  | {("backward_backward", 128, 2)}),
+                  | {("backward_backward", 64, 2)}),
     100: frozenset(),
 }
 # The sweeps that can load through tensor descriptors: the forward kinds (K and V), the backward and
