@@ -266,27 +266,6 @@ def test_varlen_under_cuda_graph_capture():
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("head_dim", _quick([40, 64, 128], (64,), lambda d: f"D{d}"))
-def test_fused_backward_at_every_order(head_dim, causal, monkeypatch):
-    """The fused backward (one column sweep adding dQ up through atomic adds: TMA reductions where
-    the backward's TMA is on, at D64 and D128; pointer atomics at the split D40), forced for every
-    head dim as THERIA_ATTENTION_FUSED_BACKWARD=1 does, bf16, grouped heads, odd lengths: the same
-    criterion at every derivative order as the two sweeps meet."""
-    import theria_kernels.attention._tuning as tuning
-    from theria_kernels.attention.torch_launchers import _PLANS, clear_plans
-
-    monkeypatch.setattr(tuning, "FUSED_BACKWARD_OVERRIDE", True)
-    clear_plans()  # plans are cached with the choice they were built with
-    try:
-        attend, reference = _flash(causal=causal)
-        _check(attend, reference, (2, 4, 1, 203, 97, head_dim), torch.bfloat16, seed=12)
-        kernels = {launch.kernel.fn.__name__ for plan in _PLANS.values() for launch in plan.launches}
-        assert "_attn_bwd_dq_scale_kernel" in kernels and "_attn_bwd_dq_kernel" not in kernels
-    finally:
-        clear_plans()
-
-
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("head_dim", _quick([64, 128], (128,), lambda d: f"D{d}"))
 def test_tma_loads_at_every_order(head_dim, causal, monkeypatch):
     """Every sweep loading through tensor descriptors (forced, as THERIA_ATTENTION_TMA=1 does: the

@@ -409,65 +409,18 @@ def test_tma_loads_give_the_masked_loads_numbers(tma_on):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.fixture
-def fused_on(monkeypatch):
-    """The backward runs fused (one column sweep adding dQ up through atomic adds) for every head
-    dim and dtype on every device, as THERIA_ATTENTION_FUSED_BACKWARD=1 does (the tables fuse it
-    only for the 2-byte D64 and D128 entries of sm_90)."""
-    monkeypatch.setattr(tuning, "FUSED_BACKWARD_OVERRIDE", True)
-    clear_plans()  # plans are cached with the choice they were built with
-    yield
-    clear_plans()
-
-
-def _backward_kernels() -> set:
-    return {getattr(launch.kernel, "__name__", None) or launch.kernel.fn.__name__
-            for plan in torch_launchers._PLANS.values() for launch in plan.launches}
-
-
-@pytest.mark.parametrize("tma", [False, True], ids=["masked", "tma"])
-@pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
-@pytest.mark.parametrize("packed", [False, True], ids=["fixed", "varlen"])
-def test_fused_backward(packed, mask, tma, fused_on, monkeypatch):
-    """The fused backward against the float64 reference: grouped heads, odd lengths whose last query
-    block is partly past the sequence (its dQ rows there are never added), rows that see no key
-    (their dQ stays the zeroed sum's), packed sequences, with masked and TMA loads (the interpreter
-    adds through pointers either way: it has no TMA reductions)."""
-    monkeypatch.setattr(tuning, "TMA_OVERRIDE", tma)
-    if packed:
-        q, k, v, params, fn, varlen = _varlen_case(16, torch.float64, mask, seed=13)
-        _check_forward_and_backward(q, k, v, params, fn, torch.float64, **varlen)
-    else:
-        q, k, v, params = _case(SHAPES[1], 40, torch.float32, mask, seed=13)
-        _check_forward_and_backward(q, k, v, params, reference_fn(params), torch.float32)
-    assert {"_attn_bwd_delta_kernel", "_attn_bwd_dq_scale_kernel"} <= _backward_kernels()
-    assert "_attn_bwd_dq_kernel" not in _backward_kernels()
-
-
-def test_fused_backward_gives_the_two_sweeps_numbers(fused_on):
-    """In the interpreter the column programs run one after another, in key-block order, so the
-    atomic adds sum each dQ row in the row sweep's order: the same numbers bit for bit (on a GPU
-    the order varies and only the accuracy criterion holds). With soft-capping, rows that see no
-    key and a split head dim; the fused run's q is a slice of a wider tensor, so its zeroed dQ sum
-    is allocated in q's strides, gaps included. Under torch.use_deterministic_algorithms the two
-    sweeps run instead."""
-    if not INTERPRETER:
-        pytest.skip("on a GPU the atomic adds' order varies: test_fused_backward holds the criterion")
-    q, k, v, params = _case(SHAPES[2], 40, torch.float64, dict(causal=True, bottom_right=True, softcap=SOFTCAP),
-                            seed=14)
+def test_zeroed_buffers_follow_a_gapped_q():
+    """A q that is a slice of a wider tensor keeps its strides, gaps included (``kernel_layout``),
+    and so does every buffer allocated like it: the zeroed cotangent the double backward reads
+    where cot_dq is absent as well as its outputs. The numbers are a contiguous q's bit for bit."""
+    q, k, v, params = _case(SHAPES[1], 16, torch.float64, MASKS[1], seed=14)
+    q_gaps = torch.cat([q, torch.randn_like(q)], dim=-1)[..., :16]
     out, lse = attention_forward(q, k, v, params)
-    d_out, d_lse = torch.randn_like(q), torch.randn_like(lse)
-    q_gaps = torch.cat([q, torch.randn_like(q)], dim=-1)[..., :40]
-    fused = attention_backward(q_gaps, k, v, out, lse, d_out, d_lse, params)
-    assert "_attn_bwd_dq_kernel" not in _backward_kernels()
-    clear_plans()
-    torch.use_deterministic_algorithms(True)
-    try:
-        sweeps = attention_backward(q, k, v, out, lse, d_out, d_lse, params)
-    finally:
-        torch.use_deterministic_algorithms(False)
-    assert "_attn_bwd_dq_kernel" in _backward_kernels()
-    for a, b in zip(fused, sweeps):
+    d_out, cot_dk, cot_dv = torch.randn_like(q), torch.randn_like(k), torch.randn_like(v)
+    got = attention_backward_backward(q_gaps, k, v, out, lse, d_out, None, None, cot_dk, cot_dv, params)
+    want = attention_backward_backward(q, k, v, out, lse, d_out, None, None, cot_dk, cot_dv, params)
+    assert got[0].stride() == q_gaps.stride()
+    for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

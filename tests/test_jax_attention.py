@@ -292,13 +292,12 @@ def test_vmap_two_extra_axes():
 
 def _poisoned_launches(monkeypatch):
     """Make every bridge launch fill the floating buffers it writes with NaN first, so an element a
-    kernel fails to write shows (buffers that must start at zero are left alone: the fused
-    backward's dQ sum; counters are integers)."""
+    kernel fails to write shows (buffers that must start at zero, e.g. counters, are integers)."""
     launch_one = _launch_torch.launch_one
 
     def poison_then_launch(launch, tensors):
         for name in launch.writes_buffers:
-            if tensors[name].is_floating_point() and name != "dq_acc":
+            if tensors[name].is_floating_point():
                 tensors[name].fill_(float("nan"))
         launch_one(launch, tensors)
 
@@ -333,36 +332,6 @@ def test_launchers_write_every_output_element(monkeypatch):
         for index, (g, w) in enumerate(zip(got, want[name])):
             assert not jnp.isnan(g).any(), f"{name} left output {index} partly unwritten"
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
-
-
-def test_fused_backward_runs_in_jax(monkeypatch):
-    """The backward primitive on the fused plan (forced, as THERIA_ATTENTION_FUSED_BACKWARD=1 does;
-    the tables fuse it on sm_90 only): the zeroed float32 dQ sum is a buffer the column launch
-    writes and the scaling launch reads. The interpreter's column programs add in key-block order,
-    so the gradients are the two sweeps' bit for bit; on a GPU within float32 rounding."""
-    from theria_kernels.attention import _tuning
-    from theria_kernels.attention._launch import backward_plan
-
-    case = CASES[2]
-    q, k, v = case.inputs(seed=15)
-    params = AttentionParams(scale=case.head_dim ** -0.5, causal=True, bottom_right=True)
-    (primitive, rest) = _primitive_calls(q, k, v, params, seed=16)["backward"]
-    run_plan, kernels = _primitives.run_plan, []
-    monkeypatch.setattr(_primitives, "run_plan", lambda plan, arrays: kernels.append(
-        [launch.kernel.__name__ for launch in plan.launches]) or run_plan(plan, arrays))
-    got = {}
-    for fused in (False, True):
-        monkeypatch.setattr(_tuning, "FUSED_BACKWARD_OVERRIDE", fused)
-        backward_plan.cache_clear()  # plans are cached with the choice they were built with
-        got[fused] = primitive.bind(q, k, v, *rest, params=params, lengths=None)
-    backward_plan.cache_clear()
-    assert kernels == [["_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"],
-                       ["_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_scale_kernel"]]
-    for a, b in zip(got[True], got[False]):
-        if _primitives.is_interpreter():
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        else:
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

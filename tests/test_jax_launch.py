@@ -445,10 +445,8 @@ def test_tensorfloat32_attention_on_the_gpu():
 
 def test_jax_plans_follow_the_tma_tables(monkeypatch):
     """On an sm_90 device, the plans JAX's primitives run take TMA loads where the tile table turns
-    them on for the sweep (2-byte: the forward, JVP, backward and double backward at D64, the
-    double backward not at D128), as the torch launcher's do, and none with
-    THERIA_ATTENTION_TMA=0; the backward at D64 and D128 runs fused (one column sweep), at D32
-    as two sweeps."""
+    them on for the sweep (2-byte: the forward, JVP and backward at D64 and D128, the double
+    backward only at D64), as the torch launcher's do, and none with THERIA_ATTENTION_TMA=0."""
     import jax.numpy as jnp
 
     from theria_jax import _primitives
@@ -474,11 +472,10 @@ def test_jax_plans_follow_the_tma_tables(monkeypatch):
         return [[launch.arguments["TMA"] for launch in plan.launches if "TMA" in launch.arguments] for plan in ran]
 
     monkeypatch.setattr(tuning, "TMA_OVERRIDE", None)
-    monkeypatch.setattr(tuning, "FUSED_BACKWARD_OVERRIDE", None)
-    assert flags(64) == [[True], [True], [True], [True, True]]
-    assert flags(128) == [[True], [True], [True], [False, False]]
+    assert flags(64) == [[True], [True], [True, True], [True, True]]
+    assert flags(128) == [[True], [True], [True, True], [False, False]]
     assert flags(32) == [[False], [False], [False, False], [False, False]]  # the 32 class is not timed with TMA
     monkeypatch.setattr(tuning, "TMA_OVERRIDE", False)
-    assert flags(128) == [[False], [False], [False], [False, False]]
+    assert flags(128) == [[False], [False], [False, False], [False, False]]
     for builder in (forward_plan, backward_plan, backward_backward_plan):
         builder.cache_clear()

@@ -256,15 +256,6 @@ def test_tiles_fit_every_entry(capability):
                  in itertools.product(KINDS, HEAD_DIMS, DTYPE_OF_CLASS)])
 
 
-# The fused backward's row launches before and after its column sweep: they read no key or query
-# tile, so no descriptor either.
-ROW_TERM_KERNELS = {"_attn_bwd_delta_kernel", "_attn_bwd_dq_scale_kernel"}
-
-
-def _tile_sweeps(rows):
-    return [row for row in rows if row["kernel"] not in ROW_TERM_KERNELS]
-
-
 def test_tma_compiles_for_hopper():
     """The sweeps that can load through tensor descriptors (the forward kinds, the backward) compile
     for sm_90 at their 2-byte tiles with TMA, issue TMA copies, ask for the descriptors' global
@@ -275,7 +266,7 @@ def test_tma_compiles_for_hopper():
 
     entries = [(90, kind, head_dim, 2) for kind in TMA_CAPABLE for head_dim in (64, 128)]
     with_tma, without = run_compiler(entries, THERIA_ATTENTION_TMA="1"), run_compiler(entries, THERIA_ATTENTION_TMA="0")
-    for row in _tile_sweeps(with_tma):
+    for row in with_tma:
         assert "error" not in row and row["tensor_loads"] > 0 and row["global_scratch"] > 0, row
     for row in without:
         assert row["tensor_loads"] == 0 and row["global_scratch"] == 0, row
@@ -286,7 +277,7 @@ def test_tma_compiles_for_hopper():
     by_default = run_compiler(entries + others, THERIA_ATTENTION_TMA="")  # the tables' choice
     chosen = {(row["kind"], row["head_dim"], row["dtype_bytes"]) for row in by_default if row["tensor_loads"]}
     assert chosen == TMA_KINDS[90] != set()
-    for row in _tile_sweeps(by_default):
+    for row in by_default:
         entry = (row["kind"], row["head_dim"], row["dtype_bytes"])
         assert (row["global_scratch"] > 0) == (entry in TMA_KINDS[90]), row
 

@@ -25,13 +25,8 @@ import triton.language as tl
 
 from theria_kernels._contracts import AttentionParams, row_stat_dtype_name
 from theria_kernels._plan import Allocation, Buffer, Launch, Plan
-from theria_kernels.attention._tuning import DTYPE_BYTES, TILE_TABLES, fuses_backward, tile, uses_tma
-from theria_kernels.attention.backward import (
-    _attn_bwd_delta_kernel,
-    _attn_bwd_dkdv_kernel,
-    _attn_bwd_dq_kernel,
-    _attn_bwd_dq_scale_kernel,
-)
+from theria_kernels.attention._tuning import DTYPE_BYTES, TILE_TABLES, tile, uses_tma
+from theria_kernels.attention.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from theria_kernels.attention.double_backward import _attn_bwd_bwd_cols_kernel, _attn_bwd_bwd_rows_kernel
 from theria_kernels.attention.forward import _attn_fwd_kernel
 
@@ -190,12 +185,6 @@ class AttentionCall:
                 and head_dim_parts(head_dim) == (head_dim, 0)
                 and all(stride * DTYPE_BYTES[self.dtype] % 16 == 0 for stride in strides))
 
-    def fused_backward(self, deterministic: bool = False) -> bool:
-        """Whether the backward runs fused (``backward_plan``): where ``_tuning.fuses_backward`` says so
-        for the device, unless ``deterministic`` (the launcher's run asks for bit-reproducible
-        gradients)."""
-        return not deterministic and fuses_backward(self.device.capability, self.block_d, self.dtype)
-
     def even_k(self, block_n: int) -> bool:
         return self.varlen is None and self.k_shape[2] % block_n == 0
 
@@ -311,49 +300,22 @@ def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: b
 
 
 @functools.lru_cache(maxsize=4096)
-def backward_plan(call: AttentionCall, has_d_lse: bool, tma_ok: bool = True, fused: bool | None = None) -> Plan:
+def backward_plan(call: AttentionCall, has_d_lse: bool, tma_ok: bool = True) -> Plan:
     """Gradients (dq, dk, dv) of <d_out, out> + <d_lse, lse> (§2) from the inputs (q, k, v, out,
     lse, d_out[, d_lse]): the dQ row sweep, which also stores the row term delta, then the dK/dV
     column sweep. ``tma_ok``: the launcher allows TMA loads for this call (``AttentionCall.tma``:
-    K and V in the row sweep, Q and dO in the column sweep).
-
-    ``fused`` (None: as ``AttentionCall.fused_backward`` says): delta alone, then one
-    column sweep that also adds each tile's dQ into a zeroed float32 buffer in q's layout through
-    atomic adds, then dQ = scale · that sum: five GEMMs a tile pair instead of seven, and a dQ
-    that is not bit-reproducible from run to run (dK and dV still are)."""
+    K and V in the row sweep, Q and dO in the column sweep)."""
     meta, block_m, block_n, warps, stages = call.meta("backward")
-    tma, interpreter = call.tma("backward", tma_ok), call.device.interpreter
-    if fused is None:
-        fused = call.fused_backward()
     allocations = {"dq": _Q, "dk": _K, "dv": _K, "delta": _rows(call)}
     shared = dict(Q=Buffer("q"), K=Buffer("k"), V=Buffer("v"), D_out=Buffer("d_out"), Lse=Buffer("lse"),
-                  Delta=Buffer("delta"), TMA=tma)
-    d_lse = Buffer("d_lse") if has_d_lse else None
-    rows = dict(HEAD_DIM=meta["HEAD_DIM"], BLOCK_M=block_m, BLOCK_D0=meta["BLOCK_D0"], BLOCK_D1=meta["BLOCK_D1"],
-                VARLEN=meta["VARLEN"], BOTTOM_RIGHT=meta["BOTTOM_RIGHT"], ACC_DTYPE=meta["ACC_DTYPE"])
-    if fused:
-        allocations["dq_acc"] = Allocation("q", dtype=row_stat_dtype_name(call.dtype), zeroed=True)
-        launches = (
-            Launch(_attn_bwd_delta_kernel, call.row_grid(block_m),
-                   dict(Out=Buffer("out"), D_out=Buffer("d_out"), D_lse=d_lse, Delta=Buffer("delta"),
-                        **call.geometry(), **rows),
-                   writes=("Delta",), num_warps=4, num_stages=1),
-            # The interpreter has no TMA reductions: there the adds go through pointers.
-            _column_launch(_attn_bwd_dkdv_kernel, call, "backward", dict(shared, REDUCE_TMA=tma and not interpreter),
-                           dict(DK="dk", DV="dv", Dq_acc="dq_acc"), allocations),
-            Launch(_attn_bwd_dq_scale_kernel, call.row_grid(block_m),
-                   dict(Dq_acc=Buffer("dq_acc"), DQ=Buffer("dq"), **call.geometry(), **rows),
-                   writes=("DQ",), num_warps=4, num_stages=1),
-        )
-    else:
-        launches = (
-            Launch(_attn_bwd_dq_kernel, call.row_grid(block_m),
-                   dict(shared, Out=Buffer("out"), D_lse=d_lse, DQ=Buffer("dq"), **call.geometry(), **meta,
-                        EVEN_K=call.even_k(block_n)),
-                   writes=("Delta", "DQ"), num_warps=warps, num_stages=stages),
-            _column_launch(_attn_bwd_dkdv_kernel, call, "backward", dict(shared, Dq_acc=None, REDUCE_TMA=False),
-                           dict(DK="dk", DV="dv"), allocations),
-        )
+                  Delta=Buffer("delta"), TMA=call.tma("backward", tma_ok))
+    launches = (
+        Launch(_attn_bwd_dq_kernel, call.row_grid(block_m),
+               dict(shared, Out=Buffer("out"), D_lse=Buffer("d_lse") if has_d_lse else None, DQ=Buffer("dq"),
+                    **call.geometry(), **meta, EVEN_K=call.even_k(block_n)),
+               writes=("Delta", "DQ"), num_warps=warps, num_stages=stages),
+        _column_launch(_attn_bwd_dkdv_kernel, call, "backward", shared, dict(DK="dk", DV="dv"), allocations),
+    )
     inputs = call.inputs(("q", "k", "v", "out", "d_out"), ("lse", "d_lse") if has_d_lse else ("lse",))
     return Plan(inputs, ("dq", "dk", "dv"), allocations, launches, skip_if_empty=("q", "k"))
 

@@ -116,28 +116,6 @@ def _block(source, offset, start, t_len, stride_t, HEAD_DIM: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _add_into_rows(target, offset, start, tile, t_len, stride_t, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-                   BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, TMA: tl.constexpr, ROWS_MASKED: tl.constexpr = True):
-    """Atomically add ``tile`` (head-dim parts, the accumulator's dtype) into rows [start, start +
-    BLOCK) of the matrix ``_rows_source`` gave ``target`` for: one TMA reduction (rows past t_len
-    dropped by the descriptor), or masked atomic adds at ``target + offset``. Programs adding into
-    the same rows meet in no fixed order, so a sum built this way is not bit-reproducible."""
-    if TMA:
-        target.atomic_add([start, 0], tile[0])
-    else:
-        offs_t = start + tl.arange(0, BLOCK)
-        for part in tl.static_range(len(tile)):
-            first: tl.constexpr = part * BLOCK_D0
-            width: tl.constexpr = BLOCK_D1 if part else BLOCK_D0
-            offs_d = tl.arange(0, width)
-            mask = offs_d[None, :] < HEAD_DIM - first
-            if ROWS_MASKED:
-                mask = mask & (offs_t[:, None] < t_len)
-            tl.atomic_add(target + offset + first + offs_t[:, None] * stride_t + offs_d[None, :], tile[part], mask=mask,
-                          sem="relaxed")
-
-
-@triton.jit
 def _store_parts(base, tile, offs_t, t_len, stride_t, HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr,
                  BLOCK_D1: tl.constexpr):
     for part in tl.static_range(len(tile)):

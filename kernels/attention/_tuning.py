@@ -159,34 +159,6 @@ TMA_FROM_ENVIRONMENT = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENT
 TMA_OVERRIDE = TMA_FROM_ENVIRONMENT
 
 
-# Where the backward runs fused (``_launch.backward_plan``): one column sweep that also adds up dQ
-# through atomic adds (TMA reductions where the backward's TMA is on), per table: (head-dim class,
-# dtype class) entries where a timing showed it pays (docs/design/tuning.md §1). Only the 2-byte
-# dtypes: the float32 and float64 paths keep the two sweeps (DESIGN.md: no atomics in the
-# high-precision paths). Nowhere when a run asks for deterministic results (THERIA_DETERMINISTIC=1,
-# or torch.use_deterministic_algorithms in the torch launcher): the sweeps' summation order then
-# fixes every bit.
-FUSED_BACKWARD: dict[int, frozenset] = {
-    90: frozenset({(64, 2), (128, 2)}),
-    100: frozenset(),
-}
-# THERIA_ATTENTION_FUSED_BACKWARD=1 fuses the backward for every head dim and dtype (the interpreter
-# included, which is how the CPU tests run it); =0 never.
-FUSED_BACKWARD_OVERRIDE = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENTION_FUSED_BACKWARD", ""))
-DETERMINISTIC = os.environ.get("THERIA_DETERMINISTIC", "") == "1"
-
-
-def fuses_backward(capability: int, block_d: int, dtype: str) -> bool:
-    """Whether the backward at padded head dim ``block_d`` in ``dtype`` runs fused on a device of
-    ``capability`` (0: the interpreter or unknown); never with THERIA_DETERMINISTIC=1."""
-    if DETERMINISTIC:
-        return False
-    if FUSED_BACKWARD_OVERRIDE is not None:
-        return FUSED_BACKWARD_OVERRIDE
-    entry = (head_dim_class(block_d), DTYPE_BYTES[dtype])
-    return capability >= 80 and entry in FUSED_BACKWARD.get(table_capability(capability), ())
-
-
 def uses_tma(capability: int, kind: str, block_d: int, dtype: str) -> bool:
     """Whether a sweep ``kind`` at padded head dim ``block_d`` in ``dtype`` loads through TMA
     (``TMA_CAPABLE``) on a device of ``capability`` (0: the interpreter or unknown), where the call

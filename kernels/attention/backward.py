@@ -1,5 +1,5 @@
 """Backward of attention: the row sweep for dQ (which also stores the row term delta) and the column
-sweep for dK, dV; or, fused, the row term first and one column sweep that also adds up dQ."""
+sweep for dK, dV."""
 
 from __future__ import annotations
 
@@ -25,9 +25,6 @@ from theria_kernels.attention._tiles import (
 # ----------------------------------------------------------------------------------------------
 # Backward (§2): delta = rowsum(dO ∘ O) − d_lse, dS = P ∘ (dP − delta), dP = dO Vᵀ,
 # dQ = scale · dS K and delta (row sweep), dK = scale · dSᵀ Q and dV = Pᵀ dO (column sweep, after it).
-# Fused (``_launch.backward_plan``'s ``fused``): delta alone, then the column sweep adds each tile's
-# dSᵀ K into a float32 dQ / scale with atomic adds (5 GEMMs a tile pair instead of 7, not
-# bit-reproducible), then dQ = scale · that sum in the input dtype.
 # With a cap (§8) dS becomes the scores' dR = g ∘ dS in dQ and dK. Tiles with a head-dim axis are
 # tuples of head-dim parts (BLOCK_D0, BLOCK_D1: ``_launch.head_dim_parts``).
 # ----------------------------------------------------------------------------------------------
@@ -95,20 +92,18 @@ def _attn_bwd_dq_kernel(
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, D_out, Lse, Delta, Cu_q, Cu_k, Slopes,
-    DK, DV, Dq_acc, Part_k, Part_v, Arrivals,
+    DK, DV, Part_k, Part_v, Arrivals,
     members, stride_split, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     t_q, t_k, heads, group, sm_scale: tl.float64, softcap: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
     BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr, TMA: tl.constexpr, REDUCE_TMA: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     """One program per key block of one key/value head (or of one share of its query heads, see
     ``_column_program``); it sums over the query heads it serves, so grouped-query gradients need
     no atomics. Tiles are key-major (keys × queries): the transposes of the row kernel's tiles.
-    TMA loads Q and dO through tensor descriptors (``_column_sweep``). With ``Dq_acc`` (the fused
-    backward) each tile also adds its dQ / scale into Dq_acc, float32 in q's layout, through
-    atomic adds: TMA reductions with REDUCE_TMA (TMA outside the interpreter, which has none)."""
+    TMA loads Q and dO through tensor descriptors (``_column_sweep``)."""
     start_n = tl.program_id(0) * BLOCK_N
     first_q_base, k_base, first_row_base, len_q, len_k, band_lo, band_hi, share, tile = _column_program(
         Cu_q, Cu_k, members, t_q, t_k, heads, group, band_lo, band_hi,
@@ -123,60 +118,11 @@ def _attn_bwd_dkdv_kernel(
     zeros = _zeros_like_parts(k, ACC_DTYPE)
     _, diagonal, softcap = _modifiers(Slopes, first_row_base, offs_n, len_q, len_k, softcap, SOFTCAP, ALIBI, False,
                                       BOTTOM_RIGHT, ACC_DTYPE)
-    dk, dv = _column_sweep(zeros, zeros, k, v, None, None, Q, D_out, None, Lse, Delta, None, None, None, None, Dq_acc,
-                           Slopes, first_q_base, first_row_base, members, start_n, offs_n, t_q, len_q, len_k,
-                           stride_qh, stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap,
-                           HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, GRADIENT, SOFTCAP, ALIBI, ACC_DTYPE,
-                           PRECISION, TMA, REDUCE_TMA)
+    dk, dv = _column_sweep(zeros, zeros, k, v, None, None, Q, D_out, None, Lse, Delta, None, None, None, None, Slopes,
+                           first_q_base, first_row_base, members, start_n, offs_n, t_q, len_q, len_k, stride_qh,
+                           stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM,
+                           BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, GRADIENT, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION,
+                           TMA)
     _column_store(DK, DV, Part_k, Part_v, Arrivals, _times(dk, sm_scale), dv, k_base, share, tile, group // members,
                   stride_split, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT)
 
-
-
-@triton.jit
-def _attn_bwd_delta_kernel(
-    Out, D_out, D_lse, Cu_q, Cu_k, Slopes, Delta,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-    t_q, t_k, heads, group, sm_scale: tl.float64, softcap: tl.float64, band_lo, band_hi,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
-    VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, ACC_DTYPE: tl.constexpr,
-):
-    """The fused backward's first launch: the row term delta of one query block (``_row_delta``),
-    which the column sweep reads for every tile. It takes the geometry every attention kernel
-    takes (``AttentionCall.geometry``) and reads only where its rows live."""
-    start_m = tl.program_id(0) * BLOCK_M
-    batch, head, entry = _program(heads, VARLEN)
-    q_base, _, row_base, len_q, _, _, _ = _sequence(
-        Cu_q, Cu_k, batch, entry, head, group, heads, t_q, t_k, band_lo, band_hi,
-        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, VARLEN, BOTTOM_RIGHT)
-    if VARLEN:
-        if start_m >= len_q:
-            return
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    d_out = _load_parts(D_out + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
-    _row_delta(Out, D_lse, Delta, row_base, q_base, offs_m, d_out, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1,
-               ACC_DTYPE)
-
-
-@triton.jit
-def _attn_bwd_dq_scale_kernel(
-    Dq_acc, Cu_q, Cu_k, Slopes, DQ,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-    t_q, t_k, heads, group, sm_scale: tl.float64, softcap: tl.float64, band_lo, band_hi,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
-    VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, ACC_DTYPE: tl.constexpr,
-):
-    """The fused backward's last launch: dQ = scale · the column sweep's float32 sum, in dQ's dtype,
-    for one query block."""
-    start_m = tl.program_id(0) * BLOCK_M
-    batch, head, entry = _program(heads, VARLEN)
-    q_base, _, _, len_q, _, _, _ = _sequence(
-        Cu_q, Cu_k, batch, entry, head, group, heads, t_q, t_k, band_lo, band_hi,
-        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, VARLEN, BOTTOM_RIGHT)
-    if VARLEN:
-        if start_m >= len_q:
-            return
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    sm_scale, _, _ = _scales(sm_scale, ACC_DTYPE)
-    dq = _load_parts(Dq_acc + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
-    _store_parts(DQ + q_base, _times(dq, sm_scale), offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)

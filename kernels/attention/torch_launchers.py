@@ -234,10 +234,7 @@ def attention_backward(q, k, v, out, lse, d_out, d_lse, params: AttentionParams,
     """Gradients (dq, dk, dv) of <d_out, out> + <d_lse, lse>; ``d_lse`` may be None (zero)."""
     call, tensors = _prepare(q, k, params, {"out": out, "d_out": d_out}, {"v": v},
                              {"lse": lse, "d_lse": d_lse, "row_slopes": row_slopes}, dict(dq=dq, dk=dk, dv=dv), varlen)
-    # torch.use_deterministic_algorithms(True) keeps the two sweeps, whose dQ is bit-reproducible.
-    fused = call.fused_backward(torch.are_deterministic_algorithms_enabled())
-    return run_plan(_plan(backward_plan, call, d_lse is not None, _aligned(tensors, _BACKWARD_DESCRIBED), fused),
-                    tensors)
+    return run_plan(_plan(backward_plan, call, d_lse is not None, _aligned(tensors, _BACKWARD_DESCRIBED)), tensors)
 
 
 def attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv,
