@@ -269,8 +269,8 @@ def test_varlen_under_cuda_graph_capture():
 @pytest.mark.parametrize("head_dim", _quick([64, 128], (128,), lambda d: f"D{d}"))
 def test_tma_loads_at_every_order(head_dim, causal, monkeypatch):
     """Every sweep loading through tensor descriptors (forced, as THERIA_ATTENTION_TMA=1 does: the
-    tables turn TMA on for the forward and JVP only), bf16, grouped heads, odd lengths: the same
-    criterion at every derivative order as the masked loads meet."""
+    tables turn TMA on for some sweeps and head dims only), bf16, grouped heads, odd lengths: the
+    same criterion at every derivative order as the masked loads meet."""
     import theria_kernels.attention._tuning as tuning
     from theria_kernels.attention.torch_launchers import clear_plans
 
