@@ -44,6 +44,7 @@ from theria_kernels.attention.torch_launchers import (
     attention_forward,
     attention_forward_second,
     attention_jvp,
+    attention_tangent,
     clear_plans,
     row_stat_dtype,
 )
@@ -119,15 +120,20 @@ def _check_forward_and_backward(q, k, v, params, fn, dtype, **varlen):
 
 
 def _check_jvp(q, k, v, params, fn, dtype, **varlen):
+    """The JVP kernel (primal and tangent in one sweep), and the tangent kernel on the primal the
+    JVP kernel returned (in the inputs' dtype, as a forward stores it)."""
     tangents = [torch.randn_like(t) for t in (q, k, v)]
     out, lse, out_dot, lse_dot = attention_jvp(q, k, v, *tangents, params, out_dot=poisoned(q),
                                                lse_dot=_row_stats(q), **varlen)
+    given_out_dot, given_lse_dot = attention_tangent(q, k, v, out, lse, *tangents, params, out_dot=poisoned(q),
+                                                     lse_dot=_row_stats(q), **varlen)
 
     def reference(*x):
         (out, _), (out_dot, lse_dot) = torch.func.jvp(fn, x[:3], x[3:])
-        return dict(out=out, out_dot=out_dot, lse_dot=lse_dot)
+        return dict(out=out, out_dot=out_dot, lse_dot=lse_dot, given_out_dot=out_dot, given_lse_dot=lse_dot)
 
-    _assert_accurate(dict(out=out, out_dot=out_dot, lse_dot=lse_dot), reference, (q, k, v, *tangents), dtype)
+    got = dict(out=out, out_dot=out_dot, lse_dot=lse_dot, given_out_dot=given_out_dot, given_lse_dot=given_lse_dot)
+    _assert_accurate(got, reference, (q, k, v, *tangents), dtype)
 
 
 def _check_forward_second(q, k, v, params, fn, dtype, **varlen):

@@ -125,6 +125,10 @@ KNOWN_LEGACY_MMA = {
 }
 
 
+# Launches that are not a table kind of their own, and the kind whose tile they take.
+TABLE_KIND = {"tangent": "jvp"}
+
+
 def entry_launches(capability: int, kind: str, head_dim: int, dtype_bytes: int):
     """The launches (and the dtype of each buffer) that the tile-table entry (capability, kind,
     head dim, dtype class) runs, built by the real plan builders."""
@@ -140,6 +144,8 @@ def entry_launches(capability: int, kind: str, head_dim: int, dtype_bytes: int):
     plans = {
         "forward": lambda: _launch.forward_plan(call),
         "jvp": lambda: _launch.forward_plan(call, True),
+        # not a table kind: forward-mode AD's tangent on a forward's results, on the JVP's tile
+        "tangent": lambda: _launch.forward_plan(call, True, given_primal=True),
         "forward_second": lambda: _launch.forward_plan(call, True, True),
         "backward": lambda: _launch.backward_plan(call, True),
         "backward_backward": lambda: _launch.backward_backward_plan(
@@ -156,7 +162,7 @@ def _compile_one(job):
     capability, kind, head_dim, dtype_bytes, index = job
     launch, dtypes = entry_launches(capability, kind, head_dim, dtype_bytes)[index]
     row = dict(capability=capability, kind=kind, head_dim=head_dim, dtype_bytes=dtype_bytes,
-               tile=tile(capability, kind, head_dim, DTYPE_OF_CLASS[dtype_bytes]),
+               tile=tile(capability, TABLE_KIND.get(kind, kind), head_dim, DTYPE_OF_CLASS[dtype_bytes]),
                kernel=launch.kernel.__name__, num_warps=launch.num_warps, num_stages=launch.num_stages)
     try:
         resources = compile_launch(launch, dtypes, capability)
@@ -254,6 +260,21 @@ def test_tiles_fit_every_entry(capability):
 
     _assert_fit([(capability, kind, head_dim, dtype_bytes) for kind, head_dim, dtype_bytes
                  in itertools.product(KINDS, HEAD_DIMS, DTYPE_OF_CLASS)])
+
+
+def test_tangent_kernel_needs_no_more_than_the_jvp():
+    """The tangent kernel (forward-mode AD's tangent on a forward's results, ``given_primal``) runs on
+    the JVP's tiles, so it must fit wherever the JVP kernel does: compiled for sm_80 and sm_90 at
+    the 2-byte D64 and D128 entries it takes no more shared memory, registers or spills."""
+    entries = [(capability, kind, head_dim, 2) for capability in (80, 90) for head_dim in (64, 128)
+               for kind in ("jvp", "tangent")]
+    rows = {(r["capability"], r["kind"], r["head_dim"]): r for r in run_compiler(entries)}
+    for capability in (80, 90):
+        for head_dim in (64, 128):
+            jvp, tangent = rows[capability, "jvp", head_dim], rows[capability, "tangent", head_dim]
+            assert "error" not in tangent, tangent
+            for resource in ("shared", "registers", "spills"):
+                assert tangent[resource] <= jvp[resource], (capability, head_dim, resource, tangent, jvp)
 
 
 def test_tma_compiles_for_hopper():

@@ -23,7 +23,7 @@ F64 = torch.float64
 # Trailing arguments of a fixed-length call: scale, causal, window, bottom_right, softcap (off), no
 # varlen, no ALiBi row slopes.
 SCALARS = (8**-0.5, True, -1, -1, False, 0.0, None, None, 0, 0, None)
-ATTENTION_OPERATORS = ("forward", "jvp", "forward_second", "backward", "backward_backward")
+ATTENTION_OPERATORS = ("forward", "jvp", "tangent", "forward_second", "backward", "backward_backward")
 
 
 def _wider(t: torch.Tensor, factor: int) -> torch.Tensor:
@@ -62,6 +62,7 @@ def _attention_arguments(name: str, q, k, v, scalars=SCALARS) -> tuple:
     q_dot, d_out, k_dot, v_dot = (torch.randn(t.shape, dtype=F64, device=t.device) for t in (q, q, k, v))
     return {"forward": (q, k, v),
             "jvp": (q, k, v, q_dot, k_dot, v_dot),
+            "tangent": (q, k, v, out, lse, q_dot, k_dot, v_dot),
             "forward_second": (q, k, v, q_dot, k_dot, v_dot, d_out, v_dot, k_dot),
             "backward": (q, k, v, out, lse, d_out, None),
             # the second cotangent (d_out_dot, d_lse_dot) given: the fused tangent of the backward

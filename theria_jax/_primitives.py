@@ -8,7 +8,8 @@ Write x = (q, k, v), f(x) = (out, lse), J = f'(x), u = (d_out, d_lse) a cotangen
 H_u = ∇²_x <u, f(x)> (symmetric):
 
 * ``attention_fwd(x) = (out, lse)``: kernel attention_forward.
-* ``attention_fwd_tangent(x, out, lse | x_dot) = J x_dot``: attention_jvp.
+* ``attention_fwd_tangent(x, out, lse | x_dot) = J x_dot``: the tangent kernel, which reads the
+  forward's (out, lse) instead of recomputing them (``forward_plan``'s ``given_primal``).
 * ``attention_fwd_second(x, out, lse, x_dot | y) = f''(x)[x_dot, y]``: attention_forward_second.
 * ``attention_bwd(x, out, lse, u) = Jᵀ u``: attention_backward.
 * ``attention_bwd_tangent(x, out, lse, u | x_dot, u_dot) = H_u x_dot + Jᵀ u_dot``:
@@ -217,15 +218,14 @@ def _forward_impl(arrays, *, params, lengths):
 
 
 def _recomputed(arrays: dict) -> dict:
-    """The arrays without out and lse, which the JVP kernel recomputes in its sweep (the plan
-    allocates its own; the primitive returns only the tangents)."""
+    """The arrays without out and lse, which the second-order forward recomputes in its sweep (the
+    plan allocates its own; the primitive returns only the second derivative)."""
     return {name: x for name, x in arrays.items() if name not in _STATS}
 
 
 def _forward_tangent_impl(arrays, *, params, lengths):
-    plan = functools.partial(forward_plan, has_tangent=True)
-    _, _, out_dot, lse_dot = _run(plan, _recomputed(arrays), params, lengths)
-    return [out_dot, lse_dot]
+    plan = functools.partial(forward_plan, has_tangent=True, given_primal=True)
+    return _run(plan, arrays, params, lengths)
 
 
 def _forward_second_impl(arrays, *, params, lengths):

@@ -96,6 +96,11 @@ def _launch_jvp(q, k, v, q_dot, k_dot, v_dot, static: Static) -> tuple[Tensor, T
                                          **static.launcher_keywords())[2:]
 
 
+def _launch_tangent(q, k, v, out, lse, q_dot, k_dot, v_dot, static: Static) -> tuple[Tensor, Tensor]:
+    return torch_launchers.attention_tangent(q, k, v, out, lse, q_dot, k_dot, v_dot, static.params,
+                                             **static.launcher_keywords())
+
+
 def _launch_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, static: Static) -> tuple[Tensor, Tensor]:
     return torch_launchers.attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, static.params,
                                                     **static.launcher_keywords())
@@ -129,6 +134,15 @@ def _jvp(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: T
          cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
          row_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return _launch_jvp(q, k, v, q_dot, k_dot, v_dot, _operator_static(
+        scale, causal, window_left, window_right, bottom_right, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, row_slopes))
+
+
+def _tangent(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, q_dot: Tensor, k_dot: Tensor,
+             v_dot: Tensor, scale: float, causal: bool, window_left: int, window_right: int, bottom_right: bool,
+             softcap: float, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
+             max_seqlen_k: int, row_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return _launch_tangent(q, k, v, out, lse, q_dot, k_dot, v_dot, _operator_static(
         scale, causal, window_left, window_right, bottom_right, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         max_seqlen_k, row_slopes))
 
@@ -218,7 +232,8 @@ def _attention_fake(kinds: str):
 
 # Fake implementations: output shapes, strides and dtypes only.
 _ATTENTION_FAKES = {name: _attention_fake(kinds) for name, kinds in (
-    ("forward", "qs"), ("jvp", "qs"), ("forward_second", "qs"), ("backward", "qkk"), ("backward_backward", "qkkqs"))}
+    ("forward", "qs"), ("jvp", "qs"), ("tangent", "qs"), ("forward_second", "qs"), ("backward", "qkk"),
+    ("backward_backward", "qkkqs"))}
 
 
 def fold(t: Optional[Tensor], dim: Optional[int], size: int) -> Optional[Tensor]:
@@ -294,11 +309,12 @@ def _spell_static(args: tuple) -> tuple:
 
 # Attention's entry points take their tensors and a Static: (q, k, v, static) and so on, in the
 # order of the launchers' arguments.
-attention_forward, attention_jvp, attention_forward_second, attention_backward, attention_backward_backward = (
+(attention_forward, attention_jvp, attention_tangent, attention_forward_second, attention_backward,
+ attention_backward_backward) = (
     _register(f"attention_{name}", impl, _ATTENTION_FAKES[name], batching=_fold_batching, launch=launch,
               spell=_spell_static)
     for name, impl, launch in (
-        ("forward", _forward, _launch_forward), ("jvp", _jvp, _launch_jvp),
+        ("forward", _forward, _launch_forward), ("jvp", _jvp, _launch_jvp), ("tangent", _tangent, _launch_tangent),
         ("forward_second", _forward_second, _launch_forward_second), ("backward", _backward, _launch_backward),
         ("backward_backward", _backward_backward, _launch_backward_backward)))
 

@@ -4,12 +4,13 @@ Five Functions, each calling the launchers of ``theria_kernels.attention`` throu
 of ``theria_torch._ops`` (registered operators, so that ``torch.compile`` traces them):
 
 * ``_Attention``: (q, k, v) ↦ (out, lse); backward through ``_AttentionBackward``, forward-mode
-  through the fused JVP kernel.
+  through ``_AttentionTangent`` on the forward's own (out, lse).
 * ``_AttentionBackward``: (q, k, v, d_out, d_lse) ↦ (dq, dk, dv), so ``create_graph=True`` works;
   its backward is the double-backward kernel, and its JVP (forward-over-reverse HVPs) follows from
   the symmetry of the Hessian: tangent = double_backward(cot = (q̇, k̇, v̇)) + backward(ḋO, ḋlse).
 * ``_AttentionBackwardBackward``: the double backward; third order raises.
-* ``_AttentionTangent``: the JVP kernel's tangent map, so reverse-over-forward works too; its own
+* ``_AttentionTangent``: the tangent map (q̇, k̇, v̇) ↦ (ȯut, l̇se) on the forward's (out, lse) (the
+  tangent kernel, which does not recompute the primal), so reverse-over-forward works too; its own
   JVP (forward over forward) is the second-order forward kernel through ``_AttentionSecond``.
 * ``_AttentionSecond``: the second directional derivative f''(x)[ẋ, y]; any further order raises.
 
@@ -138,13 +139,15 @@ class _AttentionSecond(_SecondOrderKernel):
 
 
 class _AttentionTangent(_BatchFolding):
-    """(q, k, v, q̇, k̇, v̇) ↦ (ȯut, l̇se), the forward-mode tangent (linear in the tangents). Its
-    backward (reverse-over-forward) uses the Hessian's symmetry once more: for cotangents c,
-    ∂/∂x <c, J(x) ẋ> = double_backward(d_out = c, cot = ẋ)[x part] and ∂/∂ẋ = Jᵀ c = backward(c)."""
+    """(q, k, v, out, lse, q̇, k̇, v̇) ↦ (ȯut, l̇se), the forward-mode tangent (linear in the tangents).
+    (out, lse) are the forward's results for (q, k, v), which the tangent kernel reads instead of
+    recomputing them; as functions of (q, k, v) they get no derivative of their own. Its backward
+    (reverse-over-forward) uses the Hessian's symmetry once more: for cotangents c, ∂/∂x <c, J(x) ẋ>
+    = double_backward(d_out = c, cot = ẋ)[x part] and ∂/∂ẋ = Jᵀ c = backward(c)."""
 
     @staticmethod
-    def forward(q, k, v, q_dot, k_dot, v_dot, static):
-        return _ops.attention_jvp(q, k, v, q_dot, k_dot, v_dot, static)
+    def forward(q, k, v, out, lse, q_dot, k_dot, v_dot, static):
+        return _ops.attention_tangent(q, k, v, out, lse, q_dot, k_dot, v_dot, static)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -156,20 +159,21 @@ class _AttentionTangent(_BatchFolding):
 
     @staticmethod
     def backward(ctx, cot_out_dot, cot_lse_dot):
-        q, k, v, q_dot, k_dot, v_dot = ctx.saved_tensors
+        q, k, v, out, lse, q_dot, k_dot, v_dot = ctx.saved_tensors
         if cot_out_dot is None and cot_lse_dot is None:
-            return (None,) * 7
-        out, lse = _Attention.apply(q.detach(), k.detach(), v.detach(), ctx.static)
+            return (None,) * 9
+        out, lse = out.detach(), lse.detach()
         cot_out_dot = _zeros_if_none(cot_out_dot, out)
         second = _AttentionBackwardBackward.apply(
             q, k, v, out, lse, cot_out_dot, cot_lse_dot, q_dot, k_dot, v_dot, None, None, ctx.static)[:3]
         first = _AttentionBackward.apply(q, k, v, out, lse, cot_out_dot, cot_lse_dot, ctx.static)
-        return (*second, *first, None)
+        return (*second, None, None, *first, None)
 
     @staticmethod
-    def jvp(ctx, q_y, k_y, v_y, q_dot_y, k_dot_y, v_dot_y, _static):
-        # d(J(x) ẋ) = f''(x)[ẋ, y] + J(x) ẏ: the second-order kernel plus the JVP kernel on ẏ.
-        q, k, v, q_dot, k_dot, v_dot = ctx.saved_tensors
+    def jvp(ctx, q_y, k_y, v_y, _out_y, _lse_y, q_dot_y, k_dot_y, v_dot_y, _static):
+        # d(J(x) ẋ) = f''(x)[ẋ, y] + J(x) ẏ: the second-order kernel plus the tangent kernel on ẏ
+        # (out and lse move with x, but as f(x) they enter through the second-order term).
+        q, k, v, out, lse, q_dot, k_dot, v_dot = ctx.saved_tensors
         primals = (q, k, v)
         terms = []
         if any(t is not None for t in (q_y, k_y, v_y)):
@@ -177,7 +181,7 @@ class _AttentionTangent(_BatchFolding):
             terms.append(_AttentionSecond.apply(q, k, v, q_dot, k_dot, v_dot, *direction, ctx.static))
         if any(t is not None for t in (q_dot_y, k_dot_y, v_dot_y)):
             tangent_y = [_zeros_if_none(t, x) for t, x in zip((q_dot_y, k_dot_y, v_dot_y), primals)]
-            terms.append(_AttentionTangent.apply(q, k, v, *tangent_y, ctx.static))
+            terms.append(_AttentionTangent.apply(q, k, v, out, lse, *tangent_y, ctx.static))
         return tuple(sum(parts) for parts in zip(*terms))
 
 
@@ -191,7 +195,7 @@ class _Attention(_BatchFolding):
         q, k, v, static = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.save_for_forward(q, k, v)
+        ctx.save_for_forward(q, k, v, out, lse)
         ctx.static = static
         ctx.set_materialize_grads(False)
 
@@ -205,9 +209,10 @@ class _Attention(_BatchFolding):
 
     @staticmethod
     def jvp(ctx, q_dot, k_dot, v_dot, _static):
-        q, k, v = ctx.saved_tensors
+        # The forward already ran: the tangent kernel reads its (out, lse) rather than recomputing them.
+        q, k, v, out, lse = ctx.saved_tensors
         tangents = [_zeros_if_none(t, x) for t, x in ((q_dot, q), (k_dot, k), (v_dot, v))]
-        return _AttentionTangent.apply(q, k, v, *tangents, ctx.static)
+        return _AttentionTangent.apply(q, k, v, out, lse, *tangents, ctx.static)
 
 
 def _check_tensors(**arrays) -> None:

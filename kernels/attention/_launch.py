@@ -266,11 +266,15 @@ def _column_launch(kernel, call: AttentionCall, kind: str, arguments: dict, outp
 
 @functools.lru_cache(maxsize=4096)
 def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: bool = False,
-                 tma_ok: bool = True) -> Plan:
+                 tma_ok: bool = True, given_primal: bool = False) -> Plan:
     """One forward sweep: outputs (out, lse); with ``has_tangent`` also (out_dot, lse_dot) along
     the inputs (q_dot, k_dot, v_dot); with ``second_order`` only (out_second, lse_second), the
-    second derivative along (q_dot, k_dot, v_dot) and (q_y, k_y, v_y). ``tma_ok``: the launcher
-    allows TMA loads for this call (``AttentionCall.tma``)."""
+    second derivative along (q_dot, k_dot, v_dot) and (q_y, k_y, v_y). With ``given_primal``
+    (and ``has_tangent`` alone) out and lse are inputs, a forward's results, and the outputs are
+    (out_dot, lse_dot) alone: the tangent without recomputing the primal, as forward-mode AD
+    needs it. ``tma_ok``: the launcher allows TMA loads for this call (``AttentionCall.tma``)."""
+    if given_primal and (second_order or not has_tangent):
+        raise ValueError("given_primal is the tangent alone: it needs has_tangent and no second_order")
     kind = "forward_second" if second_order else "jvp" if has_tangent else "forward"
     meta, block_m, block_n, warps, stages = call.meta(kind)
     pointers = {name: None for name in ("Q_dot", "K_dot", "V_dot", "Out_dot", "Lse_dot",
@@ -278,6 +282,8 @@ def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: b
     inputs = ["q", "k", "v"]
     allocations = {"out": _Q, "lse": _rows(call)}
     writes = ["Out", "Lse"]
+    if given_primal:
+        allocations, writes = {}, []
     if has_tangent:
         inputs += ["q_dot", "k_dot", "v_dot"]
         allocations.update(out_dot=_Q, lse_dot=_rows(call))
@@ -286,17 +292,18 @@ def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: b
         inputs += ["q_y", "k_y", "v_y"]
         allocations.update(out_second=_Q, lse_second=_rows(call))
         writes += ["Out_second", "Lse_second"]
-    for name in inputs[3:] + list(allocations)[2:]:
+    for name in inputs[3:] + [name for name in allocations if name not in ("out", "lse")]:
         param = name[0].upper() + name[1:]
         pointers[param] = Buffer(name)
     launch = Launch(
         _attn_fwd_kernel, call.row_grid(block_m),
         dict(Q=Buffer("q"), K=Buffer("k"), V=Buffer("v"), Out=Buffer("out"), Lse=Buffer("lse"), **pointers,
              **call.geometry(), **meta, EVEN_K=call.even_k(block_n), HAS_TANGENT=has_tangent,
-             SECOND_ORDER=second_order, TMA=call.tma(kind, tma_ok)),
+             SECOND_ORDER=second_order, GIVEN_PRIMAL=given_primal, TMA=call.tma(kind, tma_ok)),
         writes=tuple(writes), num_warps=warps, num_stages=stages)
     outputs = ("out_second", "lse_second") if second_order else tuple(allocations)
-    return Plan(call.inputs(tuple(inputs)), outputs, allocations, (launch,))
+    tensors = (*inputs[:3], "out", *inputs[3:]) if given_primal else tuple(inputs)
+    return Plan(call.inputs(tensors, ("lse",) if given_primal else ()), outputs, allocations, (launch,))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -1,5 +1,5 @@
 """Forward, forward-mode JVP and second-order forward of attention: one kernel, one sweep over key
-blocks per query block, specialised by constexpr flags (HAS_TANGENT, SECOND_ORDER)."""
+blocks per query block, specialised by constexpr flags (HAS_TANGENT, SECOND_ORDER, GIVEN_PRIMAL)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ from theria_kernels.attention._tiles import (
 #   lse'' = m − mu mu^y,   with S'' = scale (Q̇ K^yᵀ + Q^y K̇ᵀ), m = Σ_j P_ij (S^y_ij Ṡ_ij + S''_ij).
 # Score modifiers (§8): with a cap the tangents are Ṡ = g Ṙ, S^y = g R^y and S'' = g (R'' − (2/c) t Ṙ R^y)
 # (g = 1 − t², t = tanh(R / c)); ALiBi's bias is a constant.
+# Given the primal (GIVEN_PRIMAL: O and lse from a forward that already ran, as forward-mode AD
+# runs it before the JVP rule), P = exp(S − lse) is exact from the first key block on: no running
+# maximum, no rescaling, no P V, and Ȯ = Σ_j P_ij (Ṡ_ij V_j + V̇_j) − mu O with the stored O: five
+# GEMMs a tile instead of the JVP's six.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -46,11 +50,14 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
     BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, HAS_TANGENT: tl.constexpr,
-    SECOND_ORDER: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+    SECOND_ORDER: tl.constexpr, GIVEN_PRIMAL: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """HAS_TANGENT adds Ȯ, l̇se along (Q̇, K̇, V̇); SECOND_ORDER (with HAS_TANGENT) adds the second
-    derivative along (Q̇, K̇, V̇) and (Q^y, K^y, V^y), bilinear in the two directions. Every tile
-    with a head-dim axis is a tuple of head-dim parts (BLOCK_D0, BLOCK_D1: ``_head_dim_parts``).
+    derivative along (Q̇, K̇, V̇) and (Q^y, K^y, V^y), bilinear in the two directions. GIVEN_PRIMAL
+    (with HAS_TANGENT alone) reads Out and Lse, a forward's results, instead of writing them, and
+    writes the tangents only. Every tile with a head-dim axis is a tuple of head-dim parts
+    (BLOCK_D0, BLOCK_D1: ``_head_dim_parts``).
     TMA loads K and V, and their directions (K̇, V̇; K^y, V^y), through tensor descriptors (Hopper's
     tensor memory accelerator; one head-dim part as wide as HEAD_DIM, 16-byte aligned rows:
     ``AttentionCall.tma``): rows past the sequence's keys arrive as zeros, as the masked loads give
@@ -70,6 +77,8 @@ def _attn_fwd_kernel(
                                           BOTTOM_RIGHT, ACC_DTYPE)
 
     q = _load_parts(Q + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    if GIVEN_PRIMAL:  # base-2 lse; +inf on rows that see no key, where every P is then 0
+        lse2 = tl.load(Lse + row_base + offs_m, mask=offs_m < len_q, other=float("inf")).to(ACC_DTYPE) * log2e
     row_max = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
     row_sum = tl.zeros([BLOCK_M], ACC_DTYPE)
     acc = _zeros_like_parts(q, ACC_DTYPE)
@@ -108,14 +117,17 @@ def _attn_fwd_kernel(
             unit = qk_scale
         scores = _mask(scores, float("-inf"), offs_m[:, None], offs_k[None, :], start_m, start_n, len_k, band_lo,
                        band_hi, BLOCK_M, BLOCK_N, BANDED, BANDED or not EVEN_K)
-        new_max = tl.maximum(row_max, tl.max(scores, 1) * unit)  # max(c · s) = c · max(s) for c > 0, exactly
-        # A row that has seen no key yet keeps max −∞; shifting by 0 keeps exp2 finite (0).
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        rescale = tl.exp2(row_max - shift)
-        p = tl.exp2(scores * unit - shift[:, None])
-        row_sum = row_sum * rescale + tl.sum(p, 1)
-        acc = _scale_rows(acc, rescale)
-        acc = _add_dot(acc, p, v, PRECISION, ACC_DTYPE)
+        if GIVEN_PRIMAL:
+            p = tl.exp2(scores * unit - lse2[:, None])
+        else:
+            new_max = tl.maximum(row_max, tl.max(scores, 1) * unit)  # max(c · s) = c · max(s) for c > 0, exactly
+            # A row that has seen no key yet keeps max −∞; shifting by 0 keeps exp2 finite (0).
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            rescale = tl.exp2(row_max - shift)
+            p = tl.exp2(scores * unit - shift[:, None])
+            row_sum = row_sum * rescale + tl.sum(p, 1)
+            acc = _scale_rows(acc, rescale)
+            acc = _add_dot(acc, p, v, PRECISION, ACC_DTYPE)
         if HAS_TANGENT:
             k_dot = _block(k_dot_rows, k_base, start_n, len_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
             v_dot = _block(v_dot_rows, k_base, start_n, len_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
@@ -127,8 +139,11 @@ def _attn_fwd_kernel(
                 r_dot = scores_dot
                 scores_dot = gate * scores_dot
             p_scores_dot = p * scores_dot
-            mu = mu * rescale + tl.sum(p_scores_dot, 1)
-            acc_dot = _scale_rows(acc_dot, rescale)
+            if GIVEN_PRIMAL:
+                mu += tl.sum(p_scores_dot, 1)
+            else:
+                mu = mu * rescale + tl.sum(p_scores_dot, 1)
+                acc_dot = _scale_rows(acc_dot, rescale)
             acc_dot = _add_dot(acc_dot, p_scores_dot, v, PRECISION, ACC_DTYPE)
             acc_dot = _add_dot(acc_dot, p, v_dot, PRECISION, ACC_DTYPE)
         if SECOND_ORDER:
@@ -153,8 +168,16 @@ def _attn_fwd_kernel(
             acc_second = _add_dot(acc_second, p_second, v, PRECISION, ACC_DTYPE)
             acc_second = _add_dot(acc_second, p_scores_dot, v_y, PRECISION, ACC_DTYPE)
             acc_second = _add_dot(acc_second, p_scores_y, v_dot, PRECISION, ACC_DTYPE)
-        row_max = new_max
+        if not GIVEN_PRIMAL:
+            row_max = new_max
 
+    if GIVEN_PRIMAL:  # P summed to one already; the row term multiplies the stored O
+        out = [part.to(ACC_DTYPE) for part in _load_parts(Out + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0,
+                                                           BLOCK_D1)]
+        out_dot = _normalise(acc_dot, tl.full([BLOCK_M], 1.0, ACC_DTYPE), (mu,), (out,))
+        _store_parts(Out_dot + q_base, out_dot, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+        tl.store(Lse_dot + row_base + offs_m, mu, mask=offs_m < len_q)
+        return
     empty = row_sum == 0.0
     norm = tl.where(empty, 1.0, row_sum)
     # Each output is its accumulator over the normaliser less row multiples of the lower orders'.

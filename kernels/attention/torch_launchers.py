@@ -214,6 +214,17 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot, params: AttentionParams, *, out=
     return run_plan(_plan(forward_plan, call, True, False, _aligned(tensors, _JVP_DESCRIBED)), tensors)
 
 
+def attention_tangent(q, k, v, out, lse, q_dot, k_dot, v_dot, params: AttentionParams, *, out_dot=None,
+                      lse_dot=None, row_slopes=None, **varlen):
+    """The forward-mode derivative alone, from a forward's (out, lse) of the same (q, k, v):
+    returns (out_dot, lse_dot) for input tangents (q_dot, k_dot, v_dot), in one sweep that
+    reads the forward's results instead of recomputing them (``forward_plan``'s
+    ``given_primal``)."""
+    call, tensors = _prepare(q, k, params, {"out": out, "q_dot": q_dot}, {"v": v, "k_dot": k_dot, "v_dot": v_dot},
+                             {"lse": lse, "row_slopes": row_slopes}, dict(out_dot=out_dot, lse_dot=lse_dot), varlen)
+    return run_plan(_plan(forward_plan, call, True, False, _aligned(tensors, _JVP_DESCRIBED), True), tensors)
+
+
 def attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params: AttentionParams, *,
                              out_second=None, lse_second=None, row_slopes=None, **varlen):
     """Second directional derivative of (out, lse) along x_dot = (q_dot, k_dot, v_dot) and
