@@ -66,7 +66,7 @@ def _attention_arguments(name: str, q, k, v, scalars=SCALARS) -> tuple:
             "forward_second": (q, k, v, q_dot, k_dot, v_dot, d_out, v_dot, k_dot),
             "backward": (q, k, v, out, lse, d_out, None),
             # the second cotangent (d_out_dot, d_lse_dot) given: the fused tangent of the backward
-            "backward_backward": (q, k, v, out, lse, d_out, None, q_dot, None, v_dot, d_out, lse),
+            "backward_backward": (q, k, v, out, lse, d_out, None, q_dot, None, v_dot, d_out, lse, True),
             }[name] + tuple(scalars)
 
 

@@ -112,10 +112,12 @@ def _launch_backward(q, k, v, out, lse, d_out, d_lse, static: Static) -> tuple[T
 
 
 def _launch_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, d_out_dot, d_lse_dot,
-                              static: Static) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return torch_launchers.attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv,
-                                                       static.params, d_out_dot=d_out_dot, d_lse_dot=d_lse_dot,
-                                                       **static.launcher_keywords())
+                              wants_cot_d_out: bool, static: Static) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    found = torch_launchers.attention_backward_backward(
+        q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, static.params, d_out_dot=d_out_dot,
+        d_lse_dot=d_lse_dot, wants_cot_d_out=wants_cot_d_out, **static.launcher_keywords())
+    # An operator returns tensors only: a cot_d_out nobody wants is an empty one.
+    return found if wants_cot_d_out else (*found[:3], q.new_empty(0), found[4])
 
 
 # The operators' implementations: typed signatures (the operator schema) over the same launches.
@@ -170,14 +172,14 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: 
 def _backward_backward(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Optional[Tensor],
     cot_dq: Optional[Tensor], cot_dk: Optional[Tensor], cot_dv: Optional[Tensor], d_out_dot: Optional[Tensor],
-    d_lse_dot: Optional[Tensor], scale: float, causal: bool, window_left: int, window_right: int, bottom_right: bool,
-    softcap: float, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
-    max_seqlen_k: int, row_slopes: Optional[Tensor],
+    d_lse_dot: Optional[Tensor], wants_cot_d_out: bool, scale: float, causal: bool, window_left: int,
+    window_right: int, bottom_right: bool, softcap: float, cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, row_slopes: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     static = _operator_static(scale, causal, window_left, window_right, bottom_right, softcap, cu_seqlens_q,
                               cu_seqlens_k, max_seqlen_q, max_seqlen_k, row_slopes)
     return _launch_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, d_out_dot, d_lse_dot,
-                                     static)
+                                     wants_cot_d_out, static)
 
 
 _FUNCTION_APPLY = torch.autograd.Function.apply.__func__
@@ -230,10 +232,17 @@ def _attention_fake(kinds: str):
     return fake
 
 
+def _backward_backward_fake(q, k, *rest):
+    """The double backward's fake: its cot_d_out is empty where it was not wanted."""
+    cot_q, cot_k, cot_v, cot_d_out, cot_d_lse = _attention_fake("qkkqs")(q, k)
+    wants_cot_d_out = rest[10]  # after v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, d_out_dot, d_lse_dot
+    return cot_q, cot_k, cot_v, cot_d_out if wants_cot_d_out else q.new_empty(0), cot_d_lse
+
+
 # Fake implementations: output shapes, strides and dtypes only.
 _ATTENTION_FAKES = {name: _attention_fake(kinds) for name, kinds in (
-    ("forward", "qs"), ("jvp", "qs"), ("tangent", "qs"), ("forward_second", "qs"), ("backward", "qkk"),
-    ("backward_backward", "qkkqs"))}
+    ("forward", "qs"), ("jvp", "qs"), ("tangent", "qs"), ("forward_second", "qs"), ("backward", "qkk"))}
+_ATTENTION_FAKES["backward_backward"] = _backward_backward_fake
 
 
 def fold(t: Optional[Tensor], dim: Optional[int], size: int) -> Optional[Tensor]:

@@ -55,7 +55,7 @@ def _zeros_if_none(t, like):
 class _BatchFolding(_ops.Function):
     """The Functions' vmap rule: every tensor argument leads with B and so does every output, so
     the vmapped dimension folds into B (``_ops.fold``) and the Function runs once on the folded
-    tensors. An explicit rule rather than ``generate_vmap_rule``: the generated one wraps the
+    tensors (flags pass as they are). An explicit rule rather than ``generate_vmap_rule``: the generated one wraps the
     Function in a new vmapped Function per call and leaves the fold to the operators' batching
     rules, which costs about twice the host time per call (a MAML meta-step makes dozens)."""
 
@@ -67,7 +67,8 @@ class _BatchFolding(_ops.Function):
             raise NotImplementedError(VMAP_CU_SEQLENS_ERROR)
         if static.row_slopes is not None:  # one slope per query row: folded like q
             static = static._replace(row_slopes=_ops.fold(static.row_slopes, static_dims.row_slopes, info.batch_size))
-        outputs = cls.apply(*(_ops.fold(t, d, info.batch_size) for t, d in zip(tensors, in_dims)), static)
+        outputs = cls.apply(*(t if isinstance(t, bool) else _ops.fold(t, d, info.batch_size)
+                              for t, d in zip(tensors, in_dims)), static)
         return _ops.unfold(outputs, info.batch_size)
 
 
@@ -90,12 +91,14 @@ class _SecondOrderKernel(_BatchFolding):
 class _AttentionBackwardBackward(_SecondOrderKernel):
     """The double backward (cot_q, cot_k, cot_v, cot_d_out, cot_d_lse) for cotangents (cot_dq,
     cot_dk, cot_dv); with a second cotangent (d_out_dot, d_lse_dot) the first three also hold its
-    backward (the tangent of the backward, in the same launches)."""
+    backward (the tangent of the backward, in the same launches). Without ``wants_cot_d_out``
+    cot_d_out is empty and its product is never formed."""
 
     @staticmethod
-    def forward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, d_out_dot, d_lse_dot, static):
+    def forward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, d_out_dot, d_lse_dot, wants_cot_d_out,
+                static):
         return _ops.attention_backward_backward(
-            q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, d_out_dot, d_lse_dot, static)
+            q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, d_out_dot, d_lse_dot, wants_cot_d_out, static)
 
 
 class _AttentionBackward(_BatchFolding):
@@ -114,9 +117,13 @@ class _AttentionBackward(_BatchFolding):
     @staticmethod
     def backward(ctx, cot_dq, cot_dk, cot_dv):
         q, k, v, out, lse, d_out, d_lse = ctx.saved_tensors
+        # A d_out that nothing differentiates (a constant output weight) gets no cotangent: one
+        # T×T product a tile less in the double backward's row sweep.
+        wants_cot_d_out = ctx.needs_input_grad[5]
         cot_q, cot_k, cot_v, cot_d_out, cot_d_lse = _AttentionBackwardBackward.apply(
-            q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, None, None, ctx.static)
-        return cot_q, cot_k, cot_v, None, None, cot_d_out, cot_d_lse if d_lse is not None else None, None
+            q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, None, None, wants_cot_d_out, ctx.static)
+        return (cot_q, cot_k, cot_v, None, None, cot_d_out if wants_cot_d_out else None,
+                cot_d_lse if d_lse is not None else None, None)
 
     @staticmethod
     def jvp(ctx, q_dot, k_dot, v_dot, _out_dot, _lse_dot, d_out_dot, d_lse_dot, _static):
@@ -127,7 +134,7 @@ class _AttentionBackward(_BatchFolding):
         if d_lse_dot is not None:
             d_out_dot = _zeros_if_none(d_out_dot, out)
         return _AttentionBackwardBackward.apply(
-            q, k, v, out, lse, d_out, d_lse, q_dot, k_dot, v_dot, d_out_dot, d_lse_dot, ctx.static)[:3]
+            q, k, v, out, lse, d_out, d_lse, q_dot, k_dot, v_dot, d_out_dot, d_lse_dot, False, ctx.static)[:3]
 
 
 class _AttentionSecond(_SecondOrderKernel):
@@ -165,7 +172,7 @@ class _AttentionTangent(_BatchFolding):
         out, lse = out.detach(), lse.detach()
         cot_out_dot = _zeros_if_none(cot_out_dot, out)
         second = _AttentionBackwardBackward.apply(
-            q, k, v, out, lse, cot_out_dot, cot_lse_dot, q_dot, k_dot, v_dot, None, None, ctx.static)[:3]
+            q, k, v, out, lse, cot_out_dot, cot_lse_dot, q_dot, k_dot, v_dot, None, None, False, ctx.static)[:3]
         first = _AttentionBackward.apply(q, k, v, out, lse, cot_out_dot, cot_lse_dot, ctx.static)
         return (*second, None, None, *first, None)
 

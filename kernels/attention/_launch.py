@@ -328,7 +328,8 @@ def backward_plan(call: AttentionCall, has_d_lse: bool, tma_ok: bool = True) -> 
 
 
 @functools.lru_cache(maxsize=4096)
-def backward_backward_plan(call: AttentionCall, given: frozenset, tma_ok: bool = True) -> Plan:
+def backward_backward_plan(call: AttentionCall, given: frozenset, tma_ok: bool = True,
+                           cot_d_out: bool = True) -> Plan:
     """VJP of the backward (q, k, v, d_out, d_lse) ↦ (dq, dk, dv) for cotangents (cot_dq, cot_dk,
     cot_dv) (§4): outputs (cot_q, cot_k, cot_v, cot_d_out, cot_d_lse). ``given`` names which of
     d_lse, cot_dq, cot_dk, cot_dv are inputs; the others are zero (d_lse a None pointer, the
@@ -337,11 +338,15 @@ def backward_backward_plan(call: AttentionCall, given: frozenset, tma_ok: bool =
     With ``d_out_dot`` in ``given`` (and optionally ``d_lse_dot``), (cot_q, cot_k, cot_v) also hold
     the backward for the second cotangent u̇ = (d_out_dot, d_lse_dot): with (cot_dq, cot_dk,
     cot_dv) = ẋ they are H_u ẋ + Jᵀ u̇, the tangent of the backward along (ẋ, u̇). ``tma_ok``: as
-    ``backward_plan``'s (K and V in the row sweeps, Q and dO in the column sweep)."""
+    ``backward_plan``'s (K and V in the row sweeps, Q and dO in the column sweep). Without
+    ``cot_d_out`` (d_out is a constant of the caller's, e.g. a fixed output weight) the outputs are
+    (cot_q, cot_k, cot_v, cot_d_lse) and the row sweep skips its dP̄ V product."""
     meta, block_m, block_n, warps, stages = call.meta("backward_backward")
     tangent = "d_out_dot" in given
     allocations = {"cot_q": _Q, "cot_k": _K, "cot_v": _K, "cot_d_out": _Q, "cot_d_lse": _rows(call),
                    "delta": _rows(call), "rho": _rows(call)}
+    if not cot_d_out:
+        del allocations["cot_d_out"]
     if tangent:
         allocations["delta_dot"] = _rows(call)
     # An absent d_lse is a None pointer (the kernel reads zero); absent cotangents are zeroed buffers.
@@ -357,9 +362,11 @@ def backward_backward_plan(call: AttentionCall, given: frozenset, tma_ok: bool =
         Launch(_attn_bwd_bwd_rows_kernel, call.row_grid(block_m),
                dict(shared, Out=Buffer("out"), D_lse=Buffer("d_lse") if "d_lse" in given else None,
                     D_lse_dot=Buffer("d_lse_dot") if "d_lse_dot" in given else None,
-                    Cot_q=Buffer("cot_q"), Cot_d_out=Buffer("cot_d_out"), Sigma=Buffer("cot_d_lse"), Rho=Buffer("rho"),
-                    **call.geometry(), **meta, EVEN_K=call.even_k(block_n)),
-               writes=("Delta", *(("Delta_dot",) if tangent else ()), "Cot_q", "Cot_d_out", "Sigma", "Rho"),
+                    Cot_q=Buffer("cot_q"), Cot_d_out=Buffer("cot_d_out") if cot_d_out else None,
+                    Sigma=Buffer("cot_d_lse"), Rho=Buffer("rho"), **call.geometry(), **meta,
+                    EVEN_K=call.even_k(block_n)),
+               writes=("Delta", *(("Delta_dot",) if tangent else ()), "Cot_q", *(("Cot_d_out",) if cot_d_out else ()),
+                       "Sigma", "Rho"),
                num_warps=warps, num_stages=stages),
         _column_launch(_attn_bwd_bwd_cols_kernel, call, "backward_backward",
                        dict(shared, Sigma=Buffer("cot_d_lse"), Rho=Buffer("rho")), dict(Cot_k="cot_k", Cot_v="cot_v"),
@@ -368,5 +375,5 @@ def backward_backward_plan(call: AttentionCall, given: frozenset, tma_ok: bool =
     inputs = call.inputs(("q", "k", "v", "out", "d_out", *(n for n in ("cot_dq", "cot_dk", "cot_dv", "d_out_dot")
                                                             if n in given)),
                          ("lse", *(n for n in ("d_lse", "d_lse_dot") if n in given)))
-    return Plan(inputs, ("cot_q", "cot_k", "cot_v", "cot_d_out", "cot_d_lse"),
-                allocations, launches, skip_if_empty=("q", "k"))
+    outputs = ("cot_q", "cot_k", "cot_v", *(("cot_d_out",) if cot_d_out else ()), "cot_d_lse")
+    return Plan(inputs, outputs, allocations, launches, skip_if_empty=("q", "k"))

@@ -55,11 +55,12 @@ def _broadcast(rows, ROW_TILE: tl.constexpr):
 
 
 @triton.jit
-def _second_order_dots(acc_s, acc_p, p, dp, ds_bar, gv_a, gv_b, u_a, u_b, delta, sigma, rho, delta_u, by_s, by_ds,
+def _second_order_dots(acc, p, dp, ds_bar, gv_a, gv_b, u_a, u_b, delta, sigma, rho, delta_u, by_s, by_ds,
                        by_dp, cap, softcap, ROW_TILE: tl.constexpr, HAS_U: tl.constexpr, SOFTCAP: tl.constexpr,
                        PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """One tile's part of the double backward's outputs (§4.3), for row tiles and column (transposed)
-    tiles alike: acc_s + dS by_ds + S̄ by_s and acc_p + dP̄ by_dp, with dS = P ∘ (dP − δ), dP̄ = P ∘
+    tiles alike: (acc_s, acc_p) = ``acc`` becomes (acc_s + dS by_ds + S̄ by_s, acc_p + dP̄ by_dp), or
+    (acc_s,) alone (dP̄'s product not wanted) its first part, with dS = P ∘ (dP − δ), dP̄ = P ∘
     (dS̄ − σ), P̄ = dS̄ ∘ (dP − δ) − σ dP + gv_a gv_bᵀ (dO Ḡvᵀ in the tile's orientation) and S̄ = P
     ∘ (P̄ − ρ); HAS_U adds Jᵀ u̇'s dS = P ∘ (u_a u_bᵀ − δ_u) to S̄ (§5). Each product is taken as
     soon as its tile exists and P̄ gathers its matrix products in place, so that few T×T tiles are
@@ -72,15 +73,17 @@ def _second_order_dots(acc_s, acc_p, p, dp, ds_bar, gv_a, gv_b, u_a, u_b, delta,
     if SOFTCAP:
         gate = 1.0 - cap * cap
         ds_bar_s, ds_s = gate * ds_bar, gate * ds
-    acc_s = _add_dot(acc_s, ds_s, by_ds, PRECISION, ACC_DTYPE)
-    acc_p = _add_dot(acc_p, p * (ds_bar_s - sigma), by_dp, PRECISION, ACC_DTYPE)
+    acc_s = _add_dot(acc[0], ds_s, by_ds, PRECISION, ACC_DTYPE)
+    others = ()
+    if len(acc) > 1:
+        others = (_add_dot(acc[1], p * (ds_bar_s - sigma), by_dp, PRECISION, ACC_DTYPE),)
     p_bar = _add_dot_t(ds_bar_s * (dp - delta) - sigma * dp, gv_a, gv_b, PRECISION, ACC_DTYPE)
     if HAS_U:
         p_bar = _add_dot_t(p_bar, u_a, u_b, PRECISION, ACC_DTYPE) - _broadcast(delta_u, ROW_TILE)
     s_bar = p * (p_bar - rho)
     if SOFTCAP:
         s_bar = gate * (s_bar - (2.0 / softcap) * cap * ds_bar * ds)
-    return _add_dot(acc_s, s_bar, by_s, PRECISION, ACC_DTYPE), acc_p
+    return (_add_dot(acc_s, s_bar, by_s, PRECISION, ACC_DTYPE),) + others
 
 
 @triton.jit
@@ -94,10 +97,11 @@ def _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K,
     whose tiles (q, d_out, cot_dq, u_dot; split into head-dim parts) and row statistics (lse2 =
     lse · log2 e, delta, sigma, rho, delta_u) the caller holds; key-shaped pointers are offset by
     k_base. ``acc`` is (dQ,) for GRADIENT, (sigma, Σ_j P dS̄ dP, P Ḡv) for ROW_REDUCTIONS, (cot_q,
-    cot_dO) for COTANGENTS and BACKWARD_TANGENT; a stage reads no tile or statistic it does not
-    use (None). The score modifiers (§8, ``_scores``): ``slope`` is the rows' ALiBi slope
-    broadcast along keys. With TMA, K and V are the key/value head's tensor descriptors (one key
-    block a box; rows past t_k arrive as zeros, as the masked loads give them)."""
+    cot_dO) for COTANGENTS and BACKWARD_TANGENT, or (cot_q,) where cot_dO is not wanted; a stage
+    reads no tile or statistic it does not use (None). The score modifiers (§8, ``_scores``):
+    ``slope`` is the rows' ALiBi slope broadcast along keys. With TMA, K and V are the key/value
+    head's tensor descriptors (one key block a box; rows past t_k arrive as zeros, as the masked
+    loads give them)."""
     offs_k = start_n + tl.arange(0, BLOCK_N)
     k = _block(K, k_base, start_n, t_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
     v = _block(V, k_base, start_n, t_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
@@ -124,9 +128,8 @@ def _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K,
             acc = (acc[0] + tl.sum(p_ds_bar, 1), acc[1] + tl.sum(p_ds_bar * dp, 1),
                    _add_dot(acc[2], p, cot_dv, PRECISION, ACC_DTYPE))
         else:  # (cot_q, cot_dO) += (S̄ K + dS Ḡk, dP̄ V); BACKWARD_TANGENT: Jᵀ u̇'s dS joins S̄
-            acc = _second_order_dots(acc[0], acc[1], p, dp, ds_bar, d_out, cot_dv, u_dot, v, delta, sigma, rho, delta_u,
-                                     k, cot_dk, v, cap, softcap, True, STAGE == BACKWARD_TANGENT, SOFTCAP, PRECISION,
-                                     ACC_DTYPE)
+            acc = _second_order_dots(acc, p, dp, ds_bar, d_out, cot_dv, u_dot, v, delta, sigma, rho, delta_u, k, cot_dk,
+                                     v, cap, softcap, True, STAGE == BACKWARD_TANGENT, SOFTCAP, PRECISION, ACC_DTYPE)
     return acc
 
 
@@ -203,9 +206,9 @@ def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delt
         ds_bar_t = _add_dot_t(_dot_t(k, cot_dq, PRECISION, ACC_DTYPE), cot_dk, q, PRECISION, ACC_DTYPE) * sm_scale
         if STAGE == BACKWARD_TANGENT:  # + Jᵀ u̇: the backward's dSᵀ for u̇ joins S̄ᵀ, and dV gains Pᵀ u̇
             acc_v = _add_dot(acc_v, p_t, u_dot, PRECISION, ACC_DTYPE)
-        acc_k, acc_v = _second_order_dots(acc_k, acc_v, p_t, dp_t, ds_bar_t, cot_dv, d_out, v, u_dot, delta, sigma, rho,
-                                          delta_u, q, cot_dq, d_out, cap_t, softcap, False, STAGE == BACKWARD_TANGENT,
-                                          SOFTCAP, PRECISION, ACC_DTYPE)
+        acc_k, acc_v = _second_order_dots((acc_k, acc_v), p_t, dp_t, ds_bar_t, cot_dv, d_out, v, u_dot, delta, sigma,
+                                          rho, delta_u, q, cot_dq, d_out, cap_t, softcap, False,
+                                          STAGE == BACKWARD_TANGENT, SOFTCAP, PRECISION, ACC_DTYPE)
     return acc_k, acc_v
 
 

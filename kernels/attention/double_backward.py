@@ -56,7 +56,8 @@ def _attn_bwd_bwd_rows_kernel(
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     """cot_q, cot_dO, sigma (= cot_d_lse), rho and the row term delta for one query block of one
-    query head. TANGENT adds Jᵀ u̇ for the second cotangent u̇ = (D_out_dot, D_lse_dot) to cot_q
+    query head; without Cot_d_out (None: d_out needs no cotangent) the second sweep skips dP̄ V.
+    TANGENT adds Jᵀ u̇ for the second cotangent u̇ = (D_out_dot, D_lse_dot) to cot_q
     (``BACKWARD_TANGENT``) and stores its row term in Delta_dot for the column kernel. TMA loads K
     and V through tensor descriptors in both sweeps, as the backward's dQ kernel does."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -102,13 +103,17 @@ def _attn_bwd_bwd_rows_kernel(
     tl.store(Rho + row_base + offs_m, rho, mask=row_mask)
 
     # Sweep 2: cot_q and cot_dO (which starts at P Ḡv), now that every row statistic is complete.
-    cot_q, cot_d_out = _row_sweep(
-        (_zeros_like_parts(q, ACC_DTYPE), p_gv), q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, k_rows,
+    acc = (_zeros_like_parts(q, ACC_DTYPE),)
+    if Cot_d_out is not None:
+        acc += (p_gv,)
+    acc = _row_sweep(
+        acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, k_rows,
         v_rows, Cot_dk, Cot_dv, k_base, start_m, offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale,
         log2e, slope, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, EVEN_K, STAGE, SOFTCAP,
         ALIBI, ACC_DTYPE, PRECISION, TMA)
-    _store_parts(Cot_q + q_base, _times(cot_q, sm_scale), offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
-    _store_parts(Cot_d_out + q_base, cot_d_out, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    _store_parts(Cot_q + q_base, _times(acc[0], sm_scale), offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    if Cot_d_out is not None:
+        _store_parts(Cot_d_out + q_base, acc[1], offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
 
 
 @triton.jit

@@ -250,7 +250,8 @@ def attention_backward(q, k, v, out, lse, d_out, d_lse, params: AttentionParams,
 
 def attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv,
                                 params: AttentionParams, *, d_out_dot=None, d_lse_dot=None, cot_q=None, cot_k=None,
-                                cot_v=None, cot_d_out=None, cot_d_lse=None, row_slopes=None, **varlen):
+                                cot_v=None, cot_d_out=None, cot_d_lse=None, row_slopes=None, wants_cot_d_out=True,
+                                **varlen):
     """VJP of the backward (q, k, v, d_out, d_lse) ↦ (dq, dk, dv) for cotangents
     (cot_dq, cot_dk, cot_dv); ``d_lse`` and any cotangent may be None (zero); out and lse count as
     functions of q, k, v.
@@ -260,7 +261,9 @@ def attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk,
     tangent of (dq, dk, dv) along (q̇, k̇, v̇, d_out_dot, d_lse_dot), in one pair of launches.
 
     Returns:
-        (cot_q, cot_k, cot_v, cot_d_out, cot_d_lse), shaped like (q, k, v, out, lse).
+        (cot_q, cot_k, cot_v, cot_d_out, cot_d_lse), shaped like (q, k, v, out, lse); cot_d_out is
+        None with ``wants_cot_d_out=False`` (d_out is the caller's constant), which spares the
+        row sweep one T×T GEMM a tile.
     """
     call, tensors = _prepare(q, k, params, {"out": out, "d_out": d_out, "cot_dq": cot_dq, "d_out_dot": d_out_dot},
                              {"v": v, "cot_dk": cot_dk, "cot_dv": cot_dv},
@@ -271,4 +274,6 @@ def attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk,
         raise ValueError("d_lse_dot needs d_out_dot (pass zeros for a zero d_out_dot)")
     given = frozenset(name for name in ("d_lse", "cot_dq", "cot_dk", "cot_dv", "d_out_dot", "d_lse_dot")
                       if name in tensors)
-    return run_plan(_plan(backward_backward_plan, call, given, _aligned(tensors, _BACKWARD_DESCRIBED)), tensors)
+    plan = _plan(backward_backward_plan, call, given, _aligned(tensors, _BACKWARD_DESCRIBED), wants_cot_d_out)
+    found = run_plan(plan, tensors)
+    return found if wants_cot_d_out else (*found[:3], None, found[3])
