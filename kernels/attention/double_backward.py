@@ -107,10 +107,10 @@ def _attn_bwd_bwd_rows_kernel(
     if Cot_d_out is not None:
         acc += (p_gv,)
     acc = _row_sweep(
-        acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, k_rows,
-        v_rows, Cot_dk, Cot_dv, k_base, start_m, offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale,
-        log2e, slope, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, EVEN_K, STAGE, SOFTCAP,
-        ALIBI, ACC_DTYPE, PRECISION, TMA)
+        acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, k_rows, v_rows, Cot_dk, Cot_dv, k_base, start_m,
+        offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, EVEN_K, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION,
+        TMA)
     _store_parts(Cot_q + q_base, _times(acc[0], sm_scale), offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
     if Cot_d_out is not None:
         _store_parts(Cot_d_out + q_base, acc[1], offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
