@@ -64,6 +64,51 @@ def test_forward_mode_matches_reference():
                                     check_undefined_grad=False)
 
 
+def _launched(monkeypatch) -> list:
+    """Record every attention launch as (kernel name, its specialisation flags) and run it."""
+    import theria_kernels._launch_torch as launch_torch
+
+    launched, launch_one = [], launch_torch.launch_one
+
+    def record(launch, tensors):
+        flags = {name: launch.arguments[name] for name in ("HAS_TANGENT", "GIVEN_PRIMAL") if name in launch.arguments}
+        wants = launch.arguments.get("Cot_d_out", False) is not None
+        launched.append((getattr(launch.kernel, "__name__", None) or launch.kernel.fn.__name__, flags, wants))
+        launch_one(launch, tensors)
+
+    monkeypatch.setattr(launch_torch, "launch_one", record)
+    return launched
+
+
+def test_forward_mode_runs_the_forward_once(monkeypatch):
+    """``torch.func.jvp`` runs the forward kernel, then the tangent kernel on its out and lse: the
+    primal is not computed a second time (no JVP kernel with its own online softmax)."""
+    q, k, v = (t.detach() for t in _leaves(t_q=13, t_k=13, seed=3))
+    tangents = tuple(torch.randn_like(t) for t in (q, k, v))
+    launched = _launched(monkeypatch)
+    torch.func.jvp(lambda *a: sdpa_custom(*a, causal=True), (q, k, v), tangents)
+    assert [flags for _, flags, _ in launched] == [dict(HAS_TANGENT=False, GIVEN_PRIMAL=False),
+                                                  dict(HAS_TANGENT=True, GIVEN_PRIMAL=True)]
+
+
+def test_double_backward_forms_the_d_out_cotangent_only_when_wanted(monkeypatch):
+    """An HVP of <out, W> with a fixed W gives d_out = W, which nothing differentiates: the double
+    backward's row sweep then forms no cotangent for it. A non-linear loss makes d_out depend on
+    the output, and the row sweep forms it."""
+    q, k, v = _leaves(t_q=11, t_k=11, seed=5)
+    weight = torch.randn_like(q)
+    launched = _launched(monkeypatch)
+    for loss, wants_cot_d_out in ((lambda out: (out * weight).sum(), False), (lambda out: (out ** 2).sum(), True)):
+        launched.clear()
+        grads = torch.autograd.grad(loss(sdpa_custom(q, k, v)), (q, k, v), create_graph=True)
+        hvp = torch.autograd.grad(sum((g * g).sum() for g in grads), (q, k, v))
+        assert [wants for name, _, wants in launched if name == "_attn_bwd_bwd_rows_kernel"] == [wants_cot_d_out]
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        grads = torch.autograd.grad(loss(attention_reference(*leaves)), leaves, create_graph=True)
+        for got, want in zip(hvp, torch.autograd.grad(sum((g * g).sum() for g in grads), leaves)):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("causal", [True])
 def test_hessian_vector_products_agree(causal):
     """Forward-over-reverse, reverse-over-reverse, the reference and a central finite difference of

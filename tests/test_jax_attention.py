@@ -334,6 +334,20 @@ def test_launchers_write_every_output_element(monkeypatch):
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
+def test_jvp_runs_the_forward_once(monkeypatch):
+    """``jax.jvp`` runs the forward plan, then the tangent plan on the forward's out and lse
+    (``given_primal``): the primal is not computed a second time."""
+    case = CASES[1]
+    q, k, v = case.inputs(seed=17)
+    tangents = _random_like((q, k, v), seed=18)
+    run_plan, plans = _primitives.run_plan, []
+    monkeypatch.setattr(_primitives, "run_plan", lambda plan, arrays: plans.append(
+        [(launch.arguments["HAS_TANGENT"], launch.arguments["GIVEN_PRIMAL"]) for launch in plan.launches])
+        or run_plan(plan, arrays))
+    jax.jvp(lambda *x: case.attend(FUSED, *x)[0], (q, k, v), tangents)
+    assert plans == [[(False, False)], [(True, True)]]
+
+
 # ----------------------------------------------------------------------------------------------
 # Cross-framework: theria_jax and theria_torch on the same kernels
 # ----------------------------------------------------------------------------------------------
