@@ -83,11 +83,15 @@ def _call(shape, dtype: str, mask: str, device):
 
 
 def _plan(kind: str, call):
-    """The plan the torch launcher of ``kind`` builds for these tensors (no d_lse, every cotangent)."""
+    """The plan the torch launcher of ``kind`` builds for these tensors (no d_lse, every cotangent).
+    The ``jvp`` tile is timed on the tangent kernel, which forward-mode AD runs after the forward
+    (``given_primal``); the single-sweep JVP kernel of ``attention_jvp`` takes the same tile."""
     from theria_kernels.attention import _launch
 
-    if kind in ("forward", "jvp", "forward_second"):
-        return _launch.forward_plan(call, kind != "forward", kind == "forward_second")
+    if kind == "jvp":
+        return _launch.forward_plan(call, True, given_primal=True)
+    if kind in ("forward", "forward_second"):
+        return _launch.forward_plan(call, False, kind == "forward_second")
     if kind == "backward":
         return _launch.backward_plan(call, False)
     return _launch.backward_backward_plan(call, frozenset({"cot_dq", "cot_dk", "cot_dv"}))
@@ -159,7 +163,7 @@ def workloads(shape, dtype: str, mask: str):
     d_out = draw()
     return {
         "forward": lambda: kernels.attention_forward(q, k, v, params),
-        "jvp": lambda: kernels.attention_jvp(q, k, v, *directions[:3], params),
+        "jvp": lambda: kernels.attention_tangent(q, k, v, out, lse, *directions[:3], params),
         "forward_second": lambda: kernels.attention_forward_second(q, k, v, *directions, params),
         "backward": lambda: kernels.attention_backward(q, k, v, out, lse, d_out, None, params),
         "backward_backward": lambda: kernels.attention_backward_backward(
