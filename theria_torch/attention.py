@@ -55,9 +55,10 @@ def _zeros_if_none(t, like):
 class _BatchFolding(_ops.Function):
     """The Functions' vmap rule: every tensor argument leads with B and so does every output, so
     the vmapped dimension folds into B (``_ops.fold``) and the Function runs once on the folded
-    tensors (flags pass as they are). An explicit rule rather than ``generate_vmap_rule``: the generated one wraps the
-    Function in a new vmapped Function per call and leaves the fold to the operators' batching
-    rules, which costs about twice the host time per call (a MAML meta-step makes dozens)."""
+    tensors (flags pass as they are). An explicit rule rather than ``generate_vmap_rule``: the
+    generated one wraps the Function in a new vmapped Function per call and leaves the fold to the
+    operators' batching rules, which costs about twice the host time per call (a MAML meta-step
+    makes dozens)."""
 
     @classmethod
     def vmap(cls, info, in_dims, *args):

@@ -55,8 +55,8 @@ def _attn_fwd_kernel(
 ):
     """HAS_TANGENT adds Ȯ, l̇se along (Q̇, K̇, V̇); SECOND_ORDER (with HAS_TANGENT) adds the second
     derivative along (Q̇, K̇, V̇) and (Q^y, K^y, V^y), bilinear in the two directions. GIVEN_PRIMAL
-    (with HAS_TANGENT) reads Out and Lse, a forward's results, instead of writing them. Every tile with a head-dim axis is a tuple of head-dim parts
-    (BLOCK_D0, BLOCK_D1: ``_head_dim_parts``).
+    (with HAS_TANGENT) reads Out and Lse, a forward's results, instead of writing them. Every tile
+    with a head-dim axis is a tuple of head-dim parts (BLOCK_D0, BLOCK_D1: ``_head_dim_parts``).
     TMA loads K and V, and their directions (K̇, V̇; K^y, V^y), through tensor descriptors (Hopper's
     tensor memory accelerator; one head-dim part as wide as HEAD_DIM, 16-byte aligned rows:
     ``AttentionCall.tma``): rows past the sequence's keys arrive as zeros, as the masked loads give
