@@ -4,9 +4,12 @@ Modes (each a row per implementation: ms, TFLOP/s where meaningful, peak MB, and
 cuDNN's and math's time over the row's: above 1 is faster than that backend):
   fwd       out = attention(q, k, v)
   fwd_bwd   forward + backward of <out, dO>
-  jvp       torch.func.jvp of the forward (out and out_dot)
+  jvp       torch.func.jvp of the forward (out and out_dot: for theria the forward, then the
+            tangent kernel on its results)
   hvp       Hessian-vector product of <out, W> by reverse-over-reverse: forward, backward with
-            create_graph, backward of <grads, t>; for theria also the double-backward kernel alone
+            create_graph, backward of <grads, t> (W is a constant: theria's double backward forms
+            no cotangent for d_out = W); for theria also the double-backward kernel alone, with
+            every output
 
     python scripts/bench_sdpa.py --preset large --dtype bfloat16 --mode fwd fwd_bwd
     python scripts/bench_sdpa.py --preset medium --mode hvp jvp --causal
