@@ -233,10 +233,10 @@ def _attention_fake(kinds: str):
     return fake
 
 
-def _backward_backward_fake(q, k, *rest):
+def _backward_backward_fake(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, d_out_dot, d_lse_dot,
+                            wants_cot_d_out, *scalars):
     """The double backward's fake: its cot_d_out is empty where it was not wanted."""
     cot_q, cot_k, cot_v, cot_d_out, cot_d_lse = _attention_fake("qkkqs")(q, k)
-    wants_cot_d_out = rest[10]  # after v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, d_out_dot, d_lse_dot
     return cot_q, cot_k, cot_v, cot_d_out if wants_cot_d_out else q.new_empty(0), cot_d_lse
 
 
