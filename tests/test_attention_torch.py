@@ -65,7 +65,9 @@ def test_forward_mode_matches_reference():
 
 
 def _launched(monkeypatch) -> list:
-    """Record every attention launch as (kernel name, its specialisation flags) and run it."""
+    """Record every attention launch as (kernel name, its HAS_TANGENT and GIVEN_PRIMAL flags,
+    whether it writes a cotangent of d_out: False only for a double backward that forms none) and
+    run it."""
     import theria_kernels._launch_torch as launch_torch
 
     launched, launch_one = [], launch_torch.launch_one
