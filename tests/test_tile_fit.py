@@ -126,7 +126,7 @@ KNOWN_LEGACY_MMA = {
 
 
 # Launches that are not a table kind of their own, and the kind whose tile they take.
-TABLE_KIND = {"tangent": "jvp", "second_given": "forward_second"}
+TABLE_KIND = {"tangent": "jvp"}
 
 
 def entry_launches(capability: int, kind: str, head_dim: int, dtype_bytes: int):
@@ -146,7 +146,6 @@ def entry_launches(capability: int, kind: str, head_dim: int, dtype_bytes: int):
         "jvp": lambda: _launch.forward_plan(call, True),
         # not a table kind: forward-mode AD's tangent on a forward's results, on the JVP's tile
         "tangent": lambda: _launch.forward_plan(call, True, given_primal=True),
-        "second_given": lambda: _launch.forward_plan(call, True, True, given_primal=True),
         "forward_second": lambda: _launch.forward_plan(call, True, True),
         "backward": lambda: _launch.backward_plan(call, True),
         "backward_backward": lambda: _launch.backward_backward_plan(
@@ -263,24 +262,19 @@ def test_tiles_fit_every_entry(capability):
                  in itertools.product(KINDS, HEAD_DIMS, DTYPE_OF_CLASS)])
 
 
-def test_given_primal_kernels_need_no_more():
-    """The tangent and second-order sweeps on a forward's results (``given_primal``: what
-    forward-mode AD runs) take the JVP's and the second-order forward's tiles, so they must fit
-    wherever those do: compiled for sm_80 and sm_90 at the 2-byte D64 and D128 entries they take
-    no more registers and spill no more, within the target's shared memory (the second-order
-    sweep's D128 staging of the stored O adds 6 KB)."""
-    from theria_kernels.attention._tuning import SHARED_MEMORY_PER_BLOCK
-
-    pairs = (("jvp", "tangent"), ("forward_second", "second_given"))
+def test_tangent_kernel_needs_no_more_than_the_jvp():
+    """The tangent kernel (forward-mode AD's tangent on a forward's results, ``given_primal``) runs on
+    the JVP's tiles, so it must fit wherever the JVP kernel does: compiled for sm_80 and sm_90 at
+    the 2-byte D64 and D128 entries it takes no more shared memory, registers or spills."""
     entries = [(capability, kind, head_dim, 2) for capability in (80, 90) for head_dim in (64, 128)
-               for pair in pairs for kind in pair]
+               for kind in ("jvp", "tangent")]
     rows = {(r["capability"], r["kind"], r["head_dim"]): r for r in run_compiler(entries)}
-    for capability, head_dim, (kind, given) in itertools.product((80, 90), (64, 128), pairs):
-        full, lean = rows[capability, kind, head_dim], rows[capability, given, head_dim]
-        assert "error" not in lean, lean
-        assert lean["shared"] <= SHARED_MEMORY_PER_BLOCK[capability], lean
-        for resource in ("registers", "spills"):
-            assert lean[resource] <= full[resource], (capability, head_dim, resource, lean, full)
+    for capability in (80, 90):
+        for head_dim in (64, 128):
+            jvp, tangent = rows[capability, "jvp", head_dim], rows[capability, "tangent", head_dim]
+            assert "error" not in tangent, tangent
+            for resource in ("shared", "registers", "spills"):
+                assert tangent[resource] <= jvp[resource], (capability, head_dim, resource, tangent, jvp)
 
 
 def test_tma_compiles_for_hopper():

@@ -63,7 +63,7 @@ def _attention_arguments(name: str, q, k, v, scalars=SCALARS) -> tuple:
     return {"forward": (q, k, v),
             "jvp": (q, k, v, q_dot, k_dot, v_dot),
             "tangent": (q, k, v, out, lse, q_dot, k_dot, v_dot),
-            "forward_second": (q, k, v, out, lse, q_dot, k_dot, v_dot, d_out, v_dot, k_dot),
+            "forward_second": (q, k, v, q_dot, k_dot, v_dot, d_out, v_dot, k_dot),
             "backward": (q, k, v, out, lse, d_out, None),
             # the second cotangent (d_out_dot, d_lse_dot) given: the fused tangent of the backward
             "backward_backward": (q, k, v, out, lse, d_out, None, q_dot, None, v_dot, d_out, lse, True),

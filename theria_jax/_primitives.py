@@ -10,8 +10,7 @@ H_u = ∇²_x <u, f(x)> (symmetric):
 * ``attention_fwd(x) = (out, lse)``: kernel attention_forward.
 * ``attention_fwd_tangent(x, out, lse | x_dot) = J x_dot``: the tangent kernel, which reads the
   forward's (out, lse) instead of recomputing them (``forward_plan``'s ``given_primal``).
-* ``attention_fwd_second(x, out, lse, x_dot | y) = f''(x)[x_dot, y]``: attention_forward_second on the
-  forward's (out, lse), read rather than recomputed.
+* ``attention_fwd_second(x, out, lse, x_dot | y) = f''(x)[x_dot, y]``: attention_forward_second.
 * ``attention_bwd(x, out, lse, u) = Jᵀ u``: attention_backward.
 * ``attention_bwd_tangent(x, out, lse, u | x_dot, u_dot) = H_u x_dot + Jᵀ u_dot``:
   attention_backward_backward with the second cotangent u_dot (one launch pair), or
@@ -218,14 +217,20 @@ def _forward_impl(arrays, *, params, lengths):
     return _run(forward_plan, arrays, params, lengths)
 
 
+def _recomputed(arrays: dict) -> dict:
+    """The arrays without out and lse, which the second-order forward recomputes in its sweep (the
+    plan allocates its own; the primitive returns only the second derivative)."""
+    return {name: x for name, x in arrays.items() if name not in _STATS}
+
+
 def _forward_tangent_impl(arrays, *, params, lengths):
     plan = functools.partial(forward_plan, has_tangent=True, given_primal=True)
     return _run(plan, arrays, params, lengths)
 
 
 def _forward_second_impl(arrays, *, params, lengths):
-    plan = functools.partial(forward_plan, has_tangent=True, second_order=True, given_primal=True)
-    return _run(plan, arrays, params, lengths)
+    plan = functools.partial(forward_plan, has_tangent=True, second_order=True)
+    return _run(plan, _recomputed(arrays), params, lengths)
 
 
 def _backward_impl(arrays, *, params, lengths):

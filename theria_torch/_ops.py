@@ -101,10 +101,9 @@ def _launch_tangent(q, k, v, out, lse, q_dot, k_dot, v_dot, static: Static) -> t
                                              **static.launcher_keywords())
 
 
-def _launch_forward_second(q, k, v, out, lse, q_dot, k_dot, v_dot, q_y, k_y, v_y,
-                           static: Static) -> tuple[Tensor, Tensor]:
+def _launch_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, static: Static) -> tuple[Tensor, Tensor]:
     return torch_launchers.attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, static.params,
-                                                    out=out, lse=lse, **static.launcher_keywords())
+                                                    **static.launcher_keywords())
 
 
 def _launch_backward(q, k, v, out, lse, d_out, d_lse, static: Static) -> tuple[Tensor, Tensor, Tensor]:
@@ -150,12 +149,12 @@ def _tangent(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, q_dot: T
         max_seqlen_k, row_slopes))
 
 
-def _forward_second(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, q_dot: Tensor, k_dot: Tensor,
-                    v_dot: Tensor, q_y: Tensor, k_y: Tensor, v_y: Tensor, scale: float, causal: bool,
-                    window_left: int, window_right: int, bottom_right: bool, softcap: float,
-                    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
-                    max_seqlen_k: int, row_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    return _launch_forward_second(q, k, v, out, lse, q_dot, k_dot, v_dot, q_y, k_y, v_y, _operator_static(
+def _forward_second(q: Tensor, k: Tensor, v: Tensor, q_dot: Tensor, k_dot: Tensor, v_dot: Tensor,
+                    q_y: Tensor, k_y: Tensor, v_y: Tensor, scale: float, causal: bool, window_left: int,
+                    window_right: int, bottom_right: bool, softcap: float, cu_seqlens_q: Optional[Tensor],
+                    cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+                    row_slopes: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return _launch_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, _operator_static(
         scale, causal, window_left, window_right, bottom_right, softcap, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         max_seqlen_k, row_slopes))
 

@@ -139,12 +139,11 @@ class _AttentionBackward(_BatchFolding):
 
 
 class _AttentionSecond(_SecondOrderKernel):
-    """(q, k, v, out, lse, ẋ, y) ↦ f''(q, k, v)[ẋ, y] for (out, lse): the bilinear part of forward
-    over forward, on the forward's (out, lse) as ``_AttentionTangent`` takes them."""
+    """(q, k, v, ẋ, y) ↦ f''(q, k, v)[ẋ, y] for (out, lse): the bilinear part of forward over forward."""
 
     @staticmethod
-    def forward(q, k, v, out, lse, q_dot, k_dot, v_dot, q_y, k_y, v_y, static):
-        return _ops.attention_forward_second(q, k, v, out, lse, q_dot, k_dot, v_dot, q_y, k_y, v_y, static)
+    def forward(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, static):
+        return _ops.attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, static)
 
 
 class _AttentionTangent(_BatchFolding):
@@ -187,7 +186,7 @@ class _AttentionTangent(_BatchFolding):
         terms = []
         if any(t is not None for t in (q_y, k_y, v_y)):
             direction = [_zeros_if_none(t, x) for t, x in zip((q_y, k_y, v_y), primals)]
-            terms.append(_AttentionSecond.apply(q, k, v, out, lse, q_dot, k_dot, v_dot, *direction, ctx.static))
+            terms.append(_AttentionSecond.apply(q, k, v, q_dot, k_dot, v_dot, *direction, ctx.static))
         if any(t is not None for t in (q_dot_y, k_dot_y, v_dot_y)):
             tangent_y = [_zeros_if_none(t, x) for t, x in zip((q_dot_y, k_dot_y, v_dot_y), primals)]
             terms.append(_AttentionTangent.apply(q, k, v, out, lse, *tangent_y, ctx.static))

@@ -270,12 +270,11 @@ def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: b
     """One forward sweep: outputs (out, lse); with ``has_tangent`` also (out_dot, lse_dot) along
     the inputs (q_dot, k_dot, v_dot); with ``second_order`` only (out_second, lse_second), the
     second derivative along (q_dot, k_dot, v_dot) and (q_y, k_y, v_y). With ``given_primal``
-    (and ``has_tangent``) out and lse are inputs, a forward's results, which the sweep reads
-    instead of recomputing them, as forward-mode AD has them: the outputs are then (out_dot,
-    lse_dot), or (out_second, lse_second). ``tma_ok``: the launcher allows TMA loads for this call
-    (``AttentionCall.tma``)."""
-    if given_primal and not has_tangent:
-        raise ValueError("given_primal is for the derivatives: it needs has_tangent")
+    (and ``has_tangent`` alone) out and lse are inputs, a forward's results, and the outputs are
+    (out_dot, lse_dot) alone: the tangent without recomputing the primal, as forward-mode AD
+    needs it. ``tma_ok``: the launcher allows TMA loads for this call (``AttentionCall.tma``)."""
+    if given_primal and (second_order or not has_tangent):
+        raise ValueError("given_primal is the tangent alone: it needs has_tangent and no second_order")
     kind = "forward_second" if second_order else "jvp" if has_tangent else "forward"
     meta, block_m, block_n, warps, stages = call.meta(kind)
     pointers = {name: None for name in ("Q_dot", "K_dot", "V_dot", "Out_dot", "Lse_dot",

@@ -37,7 +37,10 @@ from theria_kernels.attention._tiles import (
 # Given the primal (GIVEN_PRIMAL: O and lse from a forward that already ran, as forward-mode AD
 # runs it before the JVP rule), P = exp(S − lse) is exact from the first key block on: no running
 # maximum, no rescaling, no P V, and Ȯ = Σ_j P_ij (Ṡ_ij V_j + V̇_j) − mu O with the stored O: five
-# GEMMs a tile instead of the JVP's six (and the second order's outputs likewise, over norm 1).
+# GEMMs a tile instead of the JVP's six. The second-order forward recomputes the primal: on the
+# primal given, its largest bf16 errors doubled on the H200 and broke the accuracy bound (likely
+# the 16-bit P of its GEMMs, normalised, where the running maximum keeps each row's largest weight
+# exactly 1, amplified by the second order's row terms; docs/perf-notes.md item 27).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -55,12 +58,12 @@ def _attn_fwd_kernel(
 ):
     """HAS_TANGENT adds Ȯ, l̇se along (Q̇, K̇, V̇); SECOND_ORDER (with HAS_TANGENT) adds the second
     derivative along (Q̇, K̇, V̇) and (Q^y, K^y, V^y), bilinear in the two directions. GIVEN_PRIMAL
-    (with HAS_TANGENT) reads Out and Lse, a forward's results, instead of writing them. Every tile
-    with a head-dim axis is a tuple of head-dim parts (BLOCK_D0, BLOCK_D1: ``_head_dim_parts``).
-    TMA loads K and V, and their directions (K̇, V̇; K^y, V^y), through tensor descriptors (Hopper's
-    tensor memory accelerator; one head-dim part as wide as HEAD_DIM, 16-byte aligned rows:
-    ``AttentionCall.tma``): rows past the sequence's keys arrive as zeros, as the masked loads give
-    them, so the results are the same."""
+    (with HAS_TANGENT alone) reads Out and Lse, a forward's results, instead of writing them, and
+    writes the tangents only. Every tile with a head-dim axis is a tuple of head-dim parts
+    (BLOCK_D0, BLOCK_D1: ``_head_dim_parts``). TMA loads K and V, and their directions (K̇, V̇;
+    K^y, V^y), through tensor descriptors (Hopper's tensor memory accelerator; one head-dim part as
+    wide as HEAD_DIM, 16-byte aligned rows: ``AttentionCall.tma``): rows past the sequence's keys
+    arrive as zeros, as the masked loads give them, so the results are the same."""
     start_m = tl.program_id(0) * BLOCK_M
     batch, head, entry = _program(heads, VARLEN)
     q_base, k_base, row_base, len_q, len_k, band_lo, band_hi = _sequence(
@@ -158,35 +161,32 @@ def _attn_fwd_kernel(
                 scores_y = gate * scores_y
             p_scores_y = p * scores_y
             p_second = p * (scores_y * scores_dot + scores_xy)
-            if GIVEN_PRIMAL:
-                mu_y += tl.sum(p_scores_y, 1)
-                m_second += tl.sum(p_second, 1)
-            else:
-                mu_y = mu_y * rescale + tl.sum(p_scores_y, 1)
-                m_second = m_second * rescale + tl.sum(p_second, 1)
-                acc_y = _scale_rows(acc_y, rescale)
+            mu_y = mu_y * rescale + tl.sum(p_scores_y, 1)
+            m_second = m_second * rescale + tl.sum(p_second, 1)
+            acc_y = _scale_rows(acc_y, rescale)
             acc_y = _add_dot(acc_y, p_scores_y, v, PRECISION, ACC_DTYPE)
             acc_y = _add_dot(acc_y, p, v_y, PRECISION, ACC_DTYPE)
-            if not GIVEN_PRIMAL:
-                acc_second = _scale_rows(acc_second, rescale)
+            acc_second = _scale_rows(acc_second, rescale)
             acc_second = _add_dot(acc_second, p_second, v, PRECISION, ACC_DTYPE)
             acc_second = _add_dot(acc_second, p_scores_dot, v_y, PRECISION, ACC_DTYPE)
             acc_second = _add_dot(acc_second, p_scores_y, v_dot, PRECISION, ACC_DTYPE)
         if not GIVEN_PRIMAL:
             row_max = new_max
 
-    if GIVEN_PRIMAL:  # P summed to one already; the row terms multiply the stored O
-        norm = tl.full([BLOCK_M], 1.0, ACC_DTYPE)
+    if GIVEN_PRIMAL:  # P summed to one already; the row term multiplies the stored O
         out = [part.to(ACC_DTYPE) for part in _load_parts(Out + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0,
                                                            BLOCK_D1)]
-    else:
-        empty = row_sum == 0.0
-        norm = tl.where(empty, 1.0, row_sum)
-        # Each output is its accumulator over the normaliser less row multiples of the lower orders'.
-        out = _normalise(acc, norm, (), ())
-        lse = tl.where(empty, float("inf"), (row_max + tl.log2(norm)) / log2e)
-        _store_parts(Out + q_base, out, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
-        tl.store(Lse + row_base + offs_m, lse, mask=offs_m < len_q)
+        out_dot = _normalise(acc_dot, tl.full([BLOCK_M], 1.0, ACC_DTYPE), (mu,), (out,))
+        _store_parts(Out_dot + q_base, out_dot, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+        tl.store(Lse_dot + row_base + offs_m, mu, mask=offs_m < len_q)
+        return
+    empty = row_sum == 0.0
+    norm = tl.where(empty, 1.0, row_sum)
+    # Each output is its accumulator over the normaliser less row multiples of the lower orders'.
+    out = _normalise(acc, norm, (), ())
+    lse = tl.where(empty, float("inf"), (row_max + tl.log2(norm)) / log2e)
+    _store_parts(Out + q_base, out, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    tl.store(Lse + row_base + offs_m, lse, mask=offs_m < len_q)
     if HAS_TANGENT:
         mu = mu / norm
         out_dot = _normalise(acc_dot, norm, (mu,), (out,))

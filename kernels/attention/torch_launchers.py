@@ -225,25 +225,19 @@ def attention_tangent(q, k, v, out, lse, q_dot, k_dot, v_dot, params: AttentionP
     return run_plan(_plan(forward_plan, call, True, False, _aligned(tensors, _JVP_DESCRIBED), True), tensors)
 
 
-def attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params: AttentionParams, *, out=None,
-                             lse=None, out_second=None, lse_second=None, row_slopes=None, **varlen):
+def attention_forward_second(q, k, v, q_dot, k_dot, v_dot, q_y, k_y, v_y, params: AttentionParams, *,
+                             out_second=None, lse_second=None, row_slopes=None, **varlen):
     """Second directional derivative of (out, lse) along x_dot = (q_dot, k_dot, v_dot) and
     y = (q_y, k_y, v_y), both shaped like (q, k, v): f''(x)[x_dot, y], symmetric and bilinear in
-    the two directions (the forward-over-forward derivative without its linear part J ẍ). Given
-    a forward's ``out`` and ``lse`` of the same (q, k, v) the sweep reads them instead of
-    recomputing them (``forward_plan``'s ``given_primal``).
+    the two directions (the forward-over-forward derivative without its linear part J ẍ).
 
     Returns:
         (out_second, lse_second) shaped like (out, lse); zero on rows that see no key.
     """
-    if (out is None) != (lse is None):
-        raise ValueError("out and lse come together: pass both (a forward's results) or neither")
-    call, tensors = _prepare(q, k, params, {"out": out, "q_dot": q_dot, "q_y": q_y},
-                             {"v": v, "k_dot": k_dot, "v_dot": v_dot, "k_y": k_y, "v_y": v_y},
-                             {"lse": lse, "row_slopes": row_slopes}, dict(out_second=out_second, lse_second=lse_second),
-                             varlen)
-    plan = _plan(forward_plan, call, True, True, _aligned(tensors, _SECOND_DESCRIBED), out is not None)
-    return run_plan(plan, tensors)
+    call, tensors = _prepare(q, k, params, {"q_dot": q_dot, "q_y": q_y},
+                             {"v": v, "k_dot": k_dot, "v_dot": v_dot, "k_y": k_y, "v_y": v_y}, {"row_slopes": row_slopes},
+                             dict(out_second=out_second, lse_second=lse_second), varlen)
+    return run_plan(_plan(forward_plan, call, True, True, _aligned(tensors, _SECOND_DESCRIBED)), tensors)
 
 
 def attention_backward(q, k, v, out, lse, d_out, d_lse, params: AttentionParams, *, dq=None, dk=None, dv=None,
