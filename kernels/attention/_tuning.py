@@ -94,7 +94,7 @@ def _overriding(base: dict, entries: dict) -> dict:
 
 # A100 (164 KB a multiprocessor, 163 KB a program): sm_90's tiles except the 2-byte JVP at head
 # dim 128: sm_90's 128 × 64 × 8 warps fits (144 KB) but ptxas settles on 32 registers and spills
-# 8.3 KB a thread (128 × 32: 4 KB); the 64 × 64 tile of head dim 64 spills 696 B.
+# 8.3 KB a thread (128 × 32: 4 KB); the 64 × 64 tile it takes instead spills 696 B.
 SM80 = _overriding(SM90, {
     ("jvp", 128, 2): (64, 64, 4, 2), ("jvp", 128, 4): (32, 32, 4, 1), ("jvp", 128, 8): (16, 16, 4, 1),
 })
