@@ -133,6 +133,10 @@ def _attn_fwd_kernel(
         if HAS_TANGENT:
             k_dot = _block(k_dot_rows, k_base, start_n, len_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
             v_dot = _block(v_dot_rows, k_base, start_n, len_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
+            # P V̇ before Ṡ's tile exists: fewer tiles live at once (perf-notes item 31).
+            if not GIVEN_PRIMAL:
+                acc_dot = _scale_rows(acc_dot, rescale)
+            acc_dot = _add_dot(acc_dot, p, v_dot, PRECISION, ACC_DTYPE)
             scores_dot = _dot_t(q_dot, k, PRECISION, ACC_DTYPE)
             scores_dot += _dot_t(q, k_dot, PRECISION, ACC_DTYPE)
             scores_dot *= sm_scale
@@ -145,9 +149,7 @@ def _attn_fwd_kernel(
                 mu += tl.sum(p_scores_dot, 1)
             else:
                 mu = mu * rescale + tl.sum(p_scores_dot, 1)
-                acc_dot = _scale_rows(acc_dot, rescale)
             acc_dot = _add_dot(acc_dot, p_scores_dot, v, PRECISION, ACC_DTYPE)
-            acc_dot = _add_dot(acc_dot, p, v_dot, PRECISION, ACC_DTYPE)
         if SECOND_ORDER:
             k_y = _block(k_y_rows, k_base, start_n, len_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
             v_y = _block(v_y_rows, k_base, start_n, len_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
