@@ -280,10 +280,9 @@ def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: b
     pointers = {name: None for name in ("Q_dot", "K_dot", "V_dot", "Out_dot", "Lse_dot",
                                         "Q_y", "K_y", "V_y", "Out_second", "Lse_second")}
     inputs = ["q", "k", "v"]
-    allocations = {"out": _Q, "lse": _rows(call)}
-    writes = ["Out", "Lse"]
-    if given_primal:
-        allocations, writes = {}, []
+    # Given the primal, out and lse are inputs the sweep reads, not outputs it writes.
+    allocations = {} if given_primal else {"out": _Q, "lse": _rows(call)}
+    writes = [] if given_primal else ["Out", "Lse"]
     if has_tangent:
         inputs += ["q_dot", "k_dot", "v_dot"]
         allocations.update(out_dot=_Q, lse_dot=_rows(call))
