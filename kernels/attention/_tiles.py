@@ -272,16 +272,6 @@ def _query_range(start_n, t_q, t_k, band_lo, band_hi, BLOCK_M: tl.constexpr, BLO
 
 
 @triton.jit
-def _row_start(BLOCK_M: tl.constexpr, BANDED: tl.constexpr):
-    """First query row of this row program's block. Banded (causal, windows), the blocks go last to
-    first: under a causal mask the last block sees the most keys, and programs start in grid order,
-    so the longest ones start first and the last wave holds the shortest (less idle tail)."""
-    if BANDED:
-        return (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    return tl.program_id(0) * BLOCK_M
-
-
-@triton.jit
 def _program(grid_heads, VARLEN: tl.constexpr):
     """(sequence, head, entry) of this program. The grid is (blocks, B · heads) for fixed lengths,
     where sequence b is batch entry b, and (blocks, N, B · heads) for VARLEN, so that neither the

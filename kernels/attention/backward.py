@@ -13,7 +13,6 @@ from theria_kernels.attention._tiles import (
     _load_parts,
     _modifiers,
     _program,
-    _row_start,
     _row_dot,
     _rows_source,
     _scales,
@@ -62,7 +61,7 @@ def _attn_bwd_dq_kernel(
     """dQ for one query block of one query head, and the block's row term delta (``_row_delta``).
     Tiles with a head-dim axis are tuples of head-dim parts (``_load_parts``). TMA loads K and V
     through tensor descriptors, as the forward kernel does (``AttentionCall.tma``)."""
-    start_m = _row_start(BLOCK_M, BANDED)
+    start_m = tl.program_id(0) * BLOCK_M
     batch, head, entry = _program(heads, VARLEN)
     q_base, k_base, row_base, len_q, len_k, band_lo, band_hi = _sequence(
         Cu_q, Cu_k, batch, entry, head, group, heads, t_q, t_k, band_lo, band_hi,

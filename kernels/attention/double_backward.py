@@ -12,7 +12,6 @@ from theria_kernels.attention._tiles import (
     _load_parts,
     _modifiers,
     _program,
-    _row_start,
     _scales,
     _sequence,
     _store_parts,
@@ -61,7 +60,7 @@ def _attn_bwd_bwd_rows_kernel(
     TANGENT adds Jᵀ u̇ for the second cotangent u̇ = (D_out_dot, D_lse_dot) to cot_q
     (``BACKWARD_TANGENT``) and stores its row term in Delta_dot for the column kernel. TMA loads K
     and V through tensor descriptors in both sweeps, as the backward's dQ kernel does."""
-    start_m = _row_start(BLOCK_M, BANDED)
+    start_m = tl.program_id(0) * BLOCK_M
     batch, head, entry = _program(heads, VARLEN)
     q_base, k_base, row_base, len_q, len_k, band_lo, band_hi = _sequence(
         Cu_q, Cu_k, batch, entry, head, group, heads, t_q, t_k, band_lo, band_hi,

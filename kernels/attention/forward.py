@@ -16,7 +16,6 @@ from theria_kernels.attention._tiles import (
     _modifiers,
     _normalise,
     _program,
-    _row_start,
     _rows_source,
     _scale_rows,
     _scales,
@@ -65,7 +64,7 @@ def _attn_fwd_kernel(
     K^y, V^y), through tensor descriptors (Hopper's tensor memory accelerator; one head-dim part as
     wide as HEAD_DIM, 16-byte aligned rows: ``AttentionCall.tma``): rows past the sequence's keys
     arrive as zeros, as the masked loads give them, so the results are the same."""
-    start_m = _row_start(BLOCK_M, BANDED)
+    start_m = tl.program_id(0) * BLOCK_M
     batch, head, entry = _program(heads, VARLEN)
     q_base, k_base, row_base, len_q, len_k, band_lo, band_hi = _sequence(
         Cu_q, Cu_k, batch, entry, head, group, heads, t_q, t_k, band_lo, band_hi,
