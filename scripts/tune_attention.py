@@ -4,16 +4,19 @@ markdown under --out (GPU only; docs/design/tuning.md).
 
     python scripts/tune_attention.py --out docs/results/tuning/h200
 
-For each sweep kind (forward, jvp, forward_second, backward, backward_backward) and head dim of
---shapes, the candidates are the table's current entry for this GPU's compute capability
-(kernels/attention/_tuning.py), its 13 neighbours (``neighbours``) and any tile --candidates
-names for that kind. Every candidate's kernels are first compiled for this GPU on all CPU cores at
+For each sweep kind (forward, jvp, forward_second, backward, backward_backward), head dim of
+--shapes and mask class (no mask, or banded: the causal mask, whose tile banded calls take from
+``_tuning.BANDED_TILES`` where it differs), the candidates are the current entry for this GPU's
+compute capability (kernels/attention/_tuning.py), its 13 neighbours (``neighbours``) and any tile
+--candidates names for that kind. Every candidate's kernels are first compiled for this GPU on all CPU cores at
 once (``_tuning.compile_launch``; Triton's disk cache then serves the timed runs), and candidates
 that need more shared memory than the GPU gives one program are dropped. The rest are timed
 through the torch launchers on every shape and mask of that head dim, as the device's time
 (``--timing graph``, the default: ``triton.testing.do_bench_cudagraph``, CUDA-graph replay,
 median), and the candidate that spills no registers with the smallest geometric mean of its time
 relative to the current entry wins (the fastest of all where every candidate spills, flagged so).
+The report lists the table's entries from the runs without a mask and, for ``BANDED_TILES``, the
+banded choices that differ from them.
 A tile changes only the device's work, so the host's time must not enter: at small shapes
 ``--timing events`` (``triton.testing.do_bench``, CUDA events) reads the host path, not the kernel
 (docs/perf-notes.md items 17 and 20). Past --budget seconds the remaining candidates are not timed
@@ -97,14 +100,19 @@ def _plan(kind: str, call):
     return _launch.backward_backward_plan(call, frozenset({"cot_dq", "cot_dk", "cot_dv"}))
 
 
-def with_tile(kind: str, block_d: int, dtype: str, capability: int, candidate):
-    """Put ``candidate`` into the table entry a call of this kind, padded head dim and dtype reads
-    on a device of ``capability``, and forget cached plans; returns the entry's previous tile."""
+def with_tile(kind: str, block_d: int, dtype: str, capability: int, candidate, banded: bool = False):
+    """Put ``candidate`` into the table entry a call of this kind, padded head dim, dtype and mask
+    class (``banded``: ``_tuning.BANDED_TILES``) reads on a device of ``capability``, and forget
+    cached plans; returns the tile such a call took before."""
     from theria_kernels.attention import _launch, _tuning
 
-    row = _tuning.TILE_TABLES[_tuning.table_capability(capability)][kind][_tuning.head_dim_class(block_d)]
-    previous = row[_tuning.DTYPE_BYTES[dtype]]
-    row[_tuning.DTYPE_BYTES[dtype]] = tuple(candidate)
+    previous = _tuning.tile(capability, kind, block_d, dtype, banded)
+    table = _tuning.table_capability(capability)
+    head_dim, dtype_bytes = _tuning.head_dim_class(block_d), _tuning.DTYPE_BYTES[dtype]
+    if banded:
+        _tuning.BANDED_TILES[table][(kind, head_dim, dtype_bytes)] = tuple(candidate)
+    else:
+        _tuning.TILE_TABLES[table][kind][head_dim][dtype_bytes] = tuple(candidate)
     for builder in (_launch.forward_plan, _launch.backward_plan, _launch.backward_backward_plan):
         builder.cache_clear()
     return previous
@@ -129,7 +137,7 @@ def _compile_candidate(job) -> dict:
     device = _launch.Device(*device_facts)
     call = _call(shape, dtype, mask, device)
     with_tma(tma)
-    with_tile(kind, call.block_d, dtype, device.capability, candidate)
+    with_tile(kind, call.block_d, dtype, device.capability, candidate, call.params.banded)
     plan = _plan(kind, call)
     used = dict(shared=0, registers=0, spills=0, problems=[])
     try:
@@ -214,15 +222,17 @@ def main():
     table_of = _tuning.table_capability(capability)
     print(f"{name}, sm_{capability} (table of sm_{table_of}), {args.dtype}, shapes {args.shapes}, masks {args.masks}")
 
-    # (kind, padded head dim) → its shapes, its current tile and its candidates.
+    # (kind, padded head dim, banded) → its shapes and masks, its current tile and its candidates.
     groups = {}
-    for kind, shape in itertools.product(args.kinds, shapes):
+    for kind, shape, mask in itertools.product(args.kinds, shapes, args.masks):
         block_d = _tuning.head_dim_class(triton.next_power_of_2(shape[-1]))
-        group = groups.setdefault((kind, block_d), dict(shapes=[], current=_tuning.tile(
-            capability, kind, block_d, args.dtype)))
-        group["shapes"].append(shape)
+        banded = MASKS[mask]["causal"]
+        group = groups.setdefault((kind, block_d, banded), dict(shapes=[], masks=[], current=_tuning.tile(
+            capability, kind, block_d, args.dtype, banded)))
+        group["shapes"] += [shape] if shape not in group["shapes"] else []
+        group["masks"] += [mask] if mask not in group["masks"] else []
     extra = [(spec.split(":")[0], tuple(int(x) for x in spec.split(":")[1].split(","))) for spec in args.candidates]
-    for (kind, _), group in groups.items():
+    for (kind, _, _), group in groups.items():
         if args.tma:  # (tile, TMA) pairs: the current tile without TMA loads first, the baseline
             group["candidates"] = [(group["current"], False), (group["current"], True)]
             continue
@@ -232,7 +242,7 @@ def main():
 
     # Compile every candidate on every core (resources, and Triton's cache for the timed runs).
     jobs = [(kind, shape, args.dtype, mask, device_facts, tile, tma)
-            for (kind, _), group in groups.items() for shape in group["shapes"] for mask in args.masks
+            for (kind, _, _), group in groups.items() for shape in group["shapes"] for mask in group["masks"]
             for tile, tma in group["candidates"]]
     import multiprocessing
 
@@ -241,14 +251,15 @@ def main():
     print(f"compiled {len(jobs)} candidate launches in {time.perf_counter() - start:.0f} s")
 
     results = []
-    for (kind, block_d), group in groups.items():
-        row = dict(kind=kind, head_dim=block_d, current=group["current"], candidates=[])
+    for (kind, block_d, banded), group in groups.items():
+        row = dict(kind=kind, head_dim=block_d, banded=banded, masks=group["masks"], current=group["current"],
+                   candidates=[])
         results.append(row)
         if time.perf_counter() - start > args.budget:
             row["skipped"] = "over the time budget: keeps its entry"
             continue
         runs = {(shape, mask): workloads(shape, args.dtype, mask)[kind] for shape in group["shapes"]
-                for mask in args.masks}
+                for mask in group["masks"]}
         for candidate, tma in group["candidates"]:
             used = [compiled[(kind, shape, args.dtype, mask, device_facts, candidate, tma)] for shape, mask in runs]
             entry = dict(tile=candidate, tma=tma, shared=max(u["shared"] for u in used),
@@ -262,7 +273,7 @@ def main():
                 row["skipped"] = "over the time budget: chosen among the candidates timed"
                 break
             with_tma(tma)
-            with_tile(kind, block_d, args.dtype, capability, candidate)
+            with_tile(kind, block_d, args.dtype, capability, candidate, banded)
             kernels.clear_plans()
             for (shape, mask), run in runs.items():
                 if args.timing == "graph":
@@ -272,7 +283,7 @@ def main():
                     ms = triton.testing.do_bench(run, warmup=10, rep=args.rep, return_mode="median")
                 entry["ms"][f"{','.join(map(str, shape))} {mask}"] = ms
         with_tma(None)
-        with_tile(kind, block_d, args.dtype, capability, group["current"])
+        with_tile(kind, block_d, args.dtype, capability, group["current"], banded)
         kernels.clear_plans()
         choose(row)
 
@@ -305,9 +316,14 @@ def choose(row: dict) -> None:
         best["chosen"] = True
     if best and best.get("tma") is not None:
         row["chosen_tma"] = best["tma"]
-    print(f"{row['kind']:18s} D{row['head_dim']:<4d} current {tuple(row['current'])} "
+    print(f"{row['kind']:18s} D{row['head_dim']:<4d} {_masks_label(row):8s} current {tuple(row['current'])} "
           + (f"-> {tuple(best['tile'])}{_tma_label(best)} ({best['relative']:.3f}x the current time"
              f"{', spills' if best['spills'] else ''})" if best else "-> kept (nothing timed)"))
+
+
+def _masks_label(row: dict) -> str:
+    """The masks a report row was timed on ('all' for rows of runs that chose over both classes)."""
+    return ", ".join(row.get("masks", ["all"]))
 
 
 def _tma_label(entry: dict) -> str:
@@ -322,9 +338,14 @@ def reselect(path: str, shapes: list[str], masks: list[str], command: str) -> di
     keys = {f"{shape} {mask}" for shape in shapes for mask in masks}
     if not keys & {key for row in report["results"] for e in row["candidates"] for key in e["ms"]}:
         sys.exit(f"{path} holds no times of shapes {shapes} and masks {masks}")
+    # Rows of one mask class none of whose masks are kept go (rows of runs that chose over both
+    # classes at once have no "masks" and stay).
+    report["results"] = [row for row in report["results"] if set(row.get("masks", masks)) & set(masks)]
     for row in report["results"]:
         for entry in row["candidates"]:
             entry["ms"] = {key: ms for key, ms in entry["ms"].items() if key in keys}
+        if "masks" in row:
+            row["masks"] = [mask for mask in row["masks"] if mask in masks]
         choose(row)
     report.update(shapes=shapes, masks=masks, command=command, reselected_from=report["command"])
     return report
@@ -349,13 +370,13 @@ def markdown(report: dict) -> str:
              "the current entry."
              + (f" Chosen again from the times of `{report['reselected_from']}`." if "reselected_from" in report
                 else ""), "",
-             "| kind | head dim | current | chosen | chosen / current |", "|---|---|---|---|---|"]
+             "| kind | head dim | masks | current | chosen | chosen / current |", "|---|---|---|---|---|---|"]
     for row in report["results"]:
         best = next((e for e in row["candidates"] if e.get("chosen")), None)
         ratio = f"{best['relative']:.3f}" if best and "relative" in best else row.get("skipped", "—")
         if best and best["spills"]:
             ratio += " (every timed candidate spills)"
-        lines.append(f"| {row['kind']} | {row['head_dim']} | {tuple(row['current'])} | "
+        lines.append(f"| {row['kind']} | {row['head_dim']} | {_masks_label(row)} | {tuple(row['current'])} | "
                      f"{tuple(row.get('chosen', row['current']))}{_tma_label(best or {})} | {ratio} |")
     if report.get("tma"):
         from theria_kernels.attention._tuning import DTYPE_BYTES
@@ -366,12 +387,22 @@ def markdown(report: dict) -> str:
                   f"{wins}", "```", ""]
     else:
         lines += ["", f"Table entries ({report['dtype']}) for `_tuning.py` (kind: {{head dim: tile}}):", "", "```"]
-        chosen = {}
+        from theria_kernels.attention._tuning import DTYPE_BYTES
+
+        chosen, banded = {}, {}
         for row in report["results"]:
-            chosen.setdefault(row["kind"], {})[row["head_dim"]] = tuple(row.get("chosen", row["current"]))
+            if not row.get("banded"):
+                chosen.setdefault(row["kind"], {})[row["head_dim"]] = tuple(row.get("chosen", row["current"]))
+        for row in report["results"]:
+            tile = tuple(row.get("chosen", row["current"]))
+            if row.get("banded") and chosen.get(row["kind"], {}).get(row["head_dim"]) != tile:
+                banded[(row["kind"], row["head_dim"], DTYPE_BYTES[report["dtype"]])] = tile
         lines += [f"{kind!r}: {entries}," for kind, entries in chosen.items()] + ["```", ""]
+        if banded:
+            lines += ["Banded calls' entries where they differ, for `_tuning.BANDED_TILES`:", "", "```",
+                      f"{banded}", "```", ""]
     for row in report["results"]:
-        lines += [f"## {row['kind']}, head dim {row['head_dim']}", "",
+        lines += [f"## {row['kind']}, head dim {row['head_dim']}, masks: {_masks_label(row)}", "",
                   "| tile | shared KB | regs | spills | relative | ms |", "|---|---|---|---|---|---|"]
         for e in sorted(row["candidates"], key=lambda e: e.get("relative", math.inf)):
             times = ", ".join(f"{k}: {v:.3f}" for k, v in e["ms"].items()) or "; ".join(e["problems"]) or "not timed"

@@ -8,7 +8,9 @@ The launches come from the real plan builders (``forward_plan``, ``backward_plan
 ``backward_backward_plan``) for one call per entry, so signatures and constexprs follow the kernels
 as they change. The call takes the heaviest specialisation the plans make: a causal mask (BANDED),
 a length no tile divides (masked key loads), grouped-query heads split over several programs
-(SPLIT: the partial stores), and every optional input given (d_lse, every cotangent).
+(SPLIT: the partial stores), and every optional input given (d_lse, every cotangent). Where
+``_tuning.BANDED_TILES`` gives banded calls a tile of their own, the entry is compiled a second
+time without a mask, on the table's tile (an entry's optional fifth element, ``banded``).
 
 The compiler runs in a child process: this one may have Triton's interpreter on (tests/_device.py),
 which replaces every kernel by an interpreted function. ``python tests/test_tile_fit.py 90 100``
@@ -129,9 +131,10 @@ KNOWN_LEGACY_MMA = {
 TABLE_KIND = {"tangent": "jvp"}
 
 
-def entry_launches(capability: int, kind: str, head_dim: int, dtype_bytes: int):
+def entry_launches(capability: int, kind: str, head_dim: int, dtype_bytes: int, banded: bool = True):
     """The launches (and the dtype of each buffer) that the tile-table entry (capability, kind,
-    head dim, dtype class) runs, built by the real plan builders."""
+    head dim, dtype class) runs, built by the real plan builders, for a causal call (``banded``) or
+    one without a mask."""
     from theria_kernels.attention import AttentionParams, _launch
 
     batch, heads, heads_kv, seq = SHAPE
@@ -139,7 +142,7 @@ def entry_launches(capability: int, kind: str, head_dim: int, dtype_bytes: int):
     q_shape, k_shape = (batch, heads, seq, head_dim), (batch, heads_kv, seq, head_dim)
     strides = lambda shape: (shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1)  # noqa: E731
     device = _launch.Device(MULTIPROCESSORS[capability], capability=capability)
-    params = AttentionParams(scale=head_dim ** -0.5, causal=True)
+    params = AttentionParams(scale=head_dim ** -0.5, causal=banded)
     call = _launch.AttentionCall(q_shape, strides(q_shape), k_shape, strides(k_shape), dtype, params, device)
     plans = {
         "forward": lambda: _launch.forward_plan(call),
@@ -159,10 +162,11 @@ def _compile_one(job):
     """Child process: compile one launch of one entry; its resources or the compiler's error."""
     from theria_kernels.attention._tuning import compile_launch, tile
 
-    capability, kind, head_dim, dtype_bytes, index = job
-    launch, dtypes = entry_launches(capability, kind, head_dim, dtype_bytes)[index]
-    row = dict(capability=capability, kind=kind, head_dim=head_dim, dtype_bytes=dtype_bytes,
-               tile=tile(capability, TABLE_KIND.get(kind, kind), head_dim, DTYPE_OF_CLASS[dtype_bytes]),
+    *entry, index = job
+    capability, kind, head_dim, dtype_bytes, banded = (*entry, True)[:5]
+    launch, dtypes = entry_launches(*entry)[index]
+    row = dict(capability=capability, kind=kind, head_dim=head_dim, dtype_bytes=dtype_bytes, banded=banded,
+               tile=tile(capability, TABLE_KIND.get(kind, kind), head_dim, DTYPE_OF_CLASS[dtype_bytes], banded),
                kernel=launch.kernel.__name__, num_warps=launch.num_warps, num_stages=launch.num_stages)
     try:
         resources = compile_launch(launch, dtypes, capability)
@@ -234,7 +238,7 @@ def _assert_fit(entries):
     found = _misfits(rows)
     known = dict(spills=KNOWN_SPILLS, shared_memory=KNOWN_SHARED_MEMORY, legacy_mma=KNOWN_LEGACY_MMA,
                  other=set())
-    covered = {(c, k, d, b) for c, k, d, b in entries}
+    covered = {tuple(entry[:4]) for entry in entries}
     new = {problem: found[problem] - known[problem] for problem in found}
     fixed = {problem: {key for key in known[problem] - found[problem] if key[:4] in covered} for problem in found}
     new_keys = set().union(*new.values())
@@ -249,7 +253,7 @@ def _assert_fit(entries):
 @pytest.mark.parametrize("capability", TARGETS, ids=[f"sm_{c}" for c in TARGETS])
 def test_tiles_fit_representative(capability):
     """``DEFAULT_SUBSET`` on every target."""
-    _assert_fit([(capability, *entry) for entry in DEFAULT_SUBSET])
+    _assert_fit(unbanded([(capability, *entry) for entry in DEFAULT_SUBSET]))
 
 
 @pytest.mark.slow
@@ -258,8 +262,30 @@ def test_tiles_fit_every_entry(capability):
     """Every kind × head dim × dtype class of the target's table."""
     from theria_kernels.attention._tuning import HEAD_DIMS, KINDS
 
-    _assert_fit([(capability, kind, head_dim, dtype_bytes) for kind, head_dim, dtype_bytes
-                 in itertools.product(KINDS, HEAD_DIMS, DTYPE_OF_CLASS)])
+    _assert_fit(unbanded([(capability, kind, head_dim, dtype_bytes) for kind, head_dim, dtype_bytes
+                          in itertools.product(KINDS, HEAD_DIMS, DTYPE_OF_CLASS)]))
+
+
+def unbanded(entries) -> list[tuple]:
+    """``entries`` and, for each that ``_tuning.BANDED_TILES`` overrides for banded calls, the
+    same entry without a mask (on the table's own tile)."""
+    from theria_kernels.attention._tuning import BANDED_TILES, table_capability
+
+    return list(entries) + [(c, k, d, b, False) for c, k, d, b in entries
+                            if (TABLE_KIND.get(k, k), d, b) in BANDED_TILES[table_capability(c)]]
+
+
+def test_banded_entries_and_the_tiles_they_replace_fit():
+    """Every ``BANDED_TILES`` override, on every target: the banded call on the override and the
+    call without a mask on the table's tile fit (the JVP's with the tangent kernel that takes its
+    tile), so a tile chosen for one mask class cannot hide a misfit in the other."""
+    from theria_kernels.attention._tuning import BANDED_TILES, table_capability
+
+    entries = [(capability, launch_kind, head_dim, dtype_bytes) for capability in TARGETS
+               for kind, head_dim, dtype_bytes in BANDED_TILES[table_capability(capability)]
+               for launch_kind in [kind] + [k for k, of in TABLE_KIND.items() if of == kind]]
+    assert entries
+    _assert_fit(unbanded(entries))
 
 
 def test_tangent_kernel_needs_no_more_than_the_jvp():

@@ -94,3 +94,68 @@ def test_a_tma_run_chooses_per_entry_and_lists_the_tma_kinds(tmp_path):
     assert result.returncode == 0, result.stderr
     assert [row["chosen_tma"] for row in json.loads((out / "tuning.json").read_text())["results"]] == [True, True]
     assert "[('backward', 64, 2), ('backward_backward', 64, 2)]" in (out / "tuning.md").read_text()
+
+
+def test_mask_classes_choose_apart_and_banded_entries_are_listed_where_they_differ(tmp_path):
+    """A run's rows of one (kind, head dim) per mask class, chosen again: each class takes its own
+    fastest tile; the markdown gives the table entry from the run without a mask and lists the
+    banded choice for ``_tuning.BANDED_TILES`` only where it differs; kept to one class's masks,
+    the other class's rows go."""
+    wide, narrow = [128, 64, 8, 2], [64, 64, 4, 3]
+
+    def entry(tile, mask, ms):
+        return dict(tile=tile, tma=None, shared=0, registers=128, spills=0, problems=[],
+                    ms={f"8,16,4096,64 {mask}": ms})
+
+    def row(kind, banded, current, wide_ms, narrow_ms):
+        mask = "causal" if banded else "full"
+        return dict(kind=kind, head_dim=64, banded=banded, masks=[mask], current=current,
+                    candidates=[entry(current, mask, wide_ms if current == wide else narrow_ms),
+                                entry(narrow if current == wide else wide, mask,
+                                      narrow_ms if current == wide else wide_ms)])
+
+    run = dict(device="a GPU", capability=90, table_of=90, dtype="bfloat16", shapes=["8,16,4096,64"],
+               masks=["full", "causal"], rep_ms=60, timing="graph", seconds=1.0, tma=False,
+               versions=dict(torch="t", triton="t", python="p"), command="python scripts/tune_attention.py",
+               results=[row("jvp", False, narrow, 2.44, 2.73), row("jvp", True, narrow, 1.96, 1.52),
+                        row("forward", False, wide, 1.2, 1.3), row("forward", True, wide, 0.7, 0.8)])
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+
+    def reselect(*masks):
+        out = tmp_path / "-".join(masks)
+        result = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune_attention.py"), "--reselect",
+                                 str(path), "--shapes", "8,16,4096,64", "--masks", *masks, "--out", str(out)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return json.loads((out / "tuning.json").read_text()), (out / "tuning.md").read_text()
+
+    report, text = reselect("full", "causal")
+    chosen = {(r["kind"], r["banded"]): tuple(r["chosen"]) for r in report["results"]}
+    assert chosen == {("jvp", False): tuple(wide), ("jvp", True): tuple(narrow),
+                      ("forward", False): tuple(wide), ("forward", True): tuple(wide)}
+    assert "'jvp': {64: (128, 64, 8, 2)}," in text and "'forward': {64: (128, 64, 8, 2)}," in text
+    assert "{('jvp', 64, 2): (64, 64, 4, 3)}" in text and "('forward', 64, 2)" not in text
+    report, text = reselect("full")
+    assert [(r["kind"], r["banded"]) for r in report["results"]] == [("jvp", False), ("forward", False)]
+    assert "BANDED_TILES" not in text
+
+
+def test_banded_calls_take_their_own_entry():
+    """A causal or windowed call reads ``BANDED_TILES`` where it has the entry, a call without a
+    mask the table's, through the plans' own lookup (``AttentionCall.blocks``)."""
+    from theria_kernels.attention import AttentionParams, _launch, _tuning
+
+    device = _launch.Device(132, capability=90)
+    shape, strides = (8, 16, 4096, 64), (16 * 4096 * 64, 4096 * 64, 64, 1)
+
+    def blocks(**mask):
+        call = _launch.AttentionCall(shape, strides, shape, strides, "bfloat16",
+                                     AttentionParams(scale=0.125, **mask), device)
+        return call.blocks("jvp"), call.blocks("forward")
+
+    assert ("jvp", 64, 2) in _tuning.BANDED_TILES[90]
+    banded, table = _tuning.BANDED_TILES[90][("jvp", 64, 2)], _tuning.SM90["jvp"][64][2]
+    assert banded != table
+    assert blocks() == (table, _tuning.SM90["forward"][64][2])
+    assert blocks(causal=True) == blocks(window_size=(128, 0)) == (banded, _tuning.SM90["forward"][64][2])

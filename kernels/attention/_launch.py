@@ -132,7 +132,7 @@ class AttentionCall:
     def blocks(self, kind: str) -> tuple[int, int, int, int]:
         if self.device.interpreter:
             return INTERPRETER_BLOCKS
-        return tile(self.device.capability, kind, self.block_d, self.dtype)
+        return tile(self.device.capability, kind, self.block_d, self.dtype, self.params.banded)
 
     def geometry(self) -> dict:
         """The scalar arguments every attention kernel takes, by name."""

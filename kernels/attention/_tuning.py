@@ -5,7 +5,9 @@ column sweeps keys by BLOCK_N. Each table maps sweep kind → head-dim class (``
 32 for head dims up to 32, the head dims of MAML's small models, then 64, 128, 256) → dtype class
 (bytes per element: 2 for float16 and bfloat16, 4 for float32, 8 for float64) → tile. The forward
 kinds key by the padded head dim also where they split it (``_launch.head_dim_parts``): the split
-tiles are narrower. ``TMA_KINDS`` says where the sweeps load through tensor descriptors (TMA).
+tiles are narrower. ``BANDED_TILES`` holds the entries that banded calls (a causal mask or a
+sliding window) take in place of the table's, where timing chose differently for them.
+``TMA_KINDS`` says where the sweeps load through tensor descriptors (TMA).
 
 How the tables were chosen and how they are checked: docs/design/tuning.md. In short, sm_90's is
 the table tuned by timing on an H100 and H200 (docs/perf-notes.md; scripts/tune_attention.py
@@ -58,7 +60,7 @@ SM90: dict[str, dict[int, dict[int, Tile]]] = {
     },
     "jvp": {
         32: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
-        64: {2: (64, 64, 4, 3), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
+        64: {2: (128, 64, 8, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
         128: {2: (128, 64, 8, 2), 4: (64, 32, 8, 1), 8: (32, 16, 8, 1)},
         256: {2: (32, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
     },
@@ -83,6 +85,15 @@ SM90: dict[str, dict[int, dict[int, Tile]]] = {
 }
 
 
+# Entries that banded calls (a causal mask or a sliding window) take in place of the table's:
+# (kind, head-dim class, dtype class) → tile, where timing on the H200 chose differently for them
+# (``scripts/tune_attention.py`` times and chooses the two mask classes apart; docs/design/tuning.md
+# §1). The JVP's tangent at head dim 64: without a mask 128 × 64 × 8 warps is 0.89× the time of
+# 64 × 64 × 4 warps (2.44 against 2.73 ms, B8 H16 T4096), causal it is 1.29× (1.96 against 1.52
+# ms). sm_100's table, sm_90's otherwise, takes these too; sm_80's and sm_89's need none.
+SM90_BANDED: dict[tuple[str, int, int], Tile] = {("jvp", 64, 2): (64, 64, 4, 3)}
+
+
 def _overriding(base: dict, entries: dict) -> dict:
     """``base``'s table with the (kind, padded head dim, dtype bytes) ``entries`` replaced."""
     table = {kind: {head_dim: dict(by_bytes) for head_dim, by_bytes in by_dim.items()}
@@ -92,10 +103,13 @@ def _overriding(base: dict, entries: dict) -> dict:
     return table
 
 
-# A100 (164 KB a multiprocessor, 163 KB a program): sm_90's tiles except the 2-byte JVP at head
-# dim 128: sm_90's 128 × 64 × 8 warps fits (144 KB) but ptxas settles on 32 registers and spills
-# 8.3 KB a thread (128 × 32: 4 KB); the 64 × 64 tile it takes instead spills 696 B.
+# A100 (164 KB a multiprocessor, 163 KB a program): sm_90's tiles except the 2-byte JVP: at head
+# dim 128 sm_90's 128 × 64 × 8 warps fits (144 KB) but ptxas settles on 32 registers and spills
+# 8.3 KB a thread (128 × 32: 4 KB); the 64 × 64 tile it takes instead spills 696 B. At head dim
+# 64 the tangent kernel spills 1 KB a thread at sm_90's 128 × 64 × 8 warps and 376 B at the
+# 64 × 64 × 4 warps that sm_90 gives banded calls, which the A100 takes for every call.
 SM80 = _overriding(SM90, {
+    ("jvp", 64, 2): (64, 64, 4, 3),
     ("jvp", 128, 2): (64, 64, 4, 2), ("jvp", 128, 4): (32, 32, 4, 1), ("jvp", 128, 8): (16, 16, 4, 1),
 })
 
@@ -103,8 +117,10 @@ SM80 = _overriding(SM90, {
 # 2-byte forward at head dim 128 (two stages: 80 KB; a third needs 112), the JVP at 128 (64 × 32:
 # 68 KB; 64 × 64 needs 104 on sm_80) and the backward at 256 (32 × 32, one stage: at BLOCK_M 64 the dK/dV
 # sweep needs 100 KB with two stages and 112 KB with one). Float64 at head dim 256 fits no tile
-# here (the JVP needs 128 KB at 16 × 16); Ada's float64 rate is 1/64 of its float32 anyway.
+# here (the JVP needs 128 KB at 16 × 16); Ada's float64 rate is 1/64 of its float32 anyway. The
+# 2-byte JVP at head dim 64 as on the A100.
 SM89 = _overriding(SM90, {
+    ("jvp", 64, 2): (64, 64, 4, 3),
     ("forward", 128, 2): (128, 64, 8, 2), ("forward", 128, 4): (64, 32, 8, 1),
     ("jvp", 128, 2): (64, 32, 4, 2), ("jvp", 128, 4): (32, 16, 4, 1), ("jvp", 128, 8): (16, 16, 4, 1),
     ("backward", 256, 2): (32, 32, 4, 1), ("backward", 256, 4): (16, 16, 4, 1),
@@ -116,6 +132,7 @@ SM89 = _overriding(SM90, {
 SM100 = _overriding(SM90, {("jvp", 128, 2): (128, 32, 8, 2), ("jvp", 128, 4): (64, 16, 8, 1)})
 
 TILE_TABLES = {80: SM80, 89: SM89, 90: SM90, 100: SM100}
+BANDED_TILES = {80: {}, 89: {}, 90: SM90_BANDED, 100: SM90_BANDED}
 # Architectures without a table of their own take the table of the tabled one with the same
 # shared memory and tensor-core generation: GA10x like Ada, Orin like the A100, B300 like B200,
 # consumer Blackwell (mma.sync, 99 KB a program) like Ada.
@@ -175,10 +192,17 @@ def head_dim_class(block_d: int) -> int:
     return next(head_dim for head_dim in HEAD_DIMS if block_d <= head_dim)
 
 
-def tile(capability: int, kind: str, block_d: int, dtype: str) -> Tile:
+def tile(capability: int, kind: str, block_d: int, dtype: str, banded: bool = False) -> Tile:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of one sweep ``kind`` on a device of
-    ``capability`` for a head dim padded to ``block_d`` and a dtype name."""
-    return TILE_TABLES[table_capability(capability)][kind][head_dim_class(block_d)][DTYPE_BYTES[dtype]]
+    ``capability`` for a head dim padded to ``block_d`` and a dtype name; ``banded`` (a causal
+    mask or a sliding window) takes the table's ``BANDED_TILES`` entry where it has one."""
+    table = table_capability(capability)
+    head_dim, dtype_bytes = head_dim_class(block_d), DTYPE_BYTES[dtype]
+    if banded:
+        found = BANDED_TILES[table].get((kind, head_dim, dtype_bytes))
+        if found is not None:
+            return found
+    return TILE_TABLES[table][kind][head_dim][dtype_bytes]
 
 
 # ----------------------------------------------------------------------------------------------
