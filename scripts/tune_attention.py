@@ -338,14 +338,15 @@ def reselect(path: str, shapes: list[str], masks: list[str], command: str) -> di
     keys = {f"{shape} {mask}" for shape in shapes for mask in masks}
     if not keys & {key for row in report["results"] for e in row["candidates"] for key in e["ms"]}:
         sys.exit(f"{path} holds no times of shapes {shapes} and masks {masks}")
-    # Rows of one mask class none of whose masks are kept go (rows of runs that chose over both
-    # classes at once have no "masks" and stay).
+    # Rows of one mask class none of whose masks are kept go. Rows of runs that chose over both
+    # classes at once (no "masks") stay, and kept to banded masks alone they become banded rows.
     report["results"] = [row for row in report["results"] if set(row.get("masks", masks)) & set(masks)]
     for row in report["results"]:
         for entry in row["candidates"]:
             entry["ms"] = {key: ms for key, ms in entry["ms"].items() if key in keys}
-        if "masks" in row:
-            row["masks"] = [mask for mask in row["masks"] if mask in masks]
+        if "masks" not in row:
+            row["banded"] = all(MASKS[mask]["causal"] for mask in masks)
+        row["masks"] = [mask for mask in row.get("masks", masks) if mask in masks]
         choose(row)
     report.update(shapes=shapes, masks=masks, command=command, reselected_from=report["command"])
     return report
@@ -378,17 +379,14 @@ def markdown(report: dict) -> str:
             ratio += " (every timed candidate spills)"
         lines.append(f"| {row['kind']} | {row['head_dim']} | {_masks_label(row)} | {tuple(row['current'])} | "
                      f"{tuple(row.get('chosen', row['current']))}{_tma_label(best or {})} | {ratio} |")
-    if report.get("tma"):
-        from theria_kernels.attention._tuning import DTYPE_BYTES
+    from theria_kernels.attention._tuning import DTYPE_BYTES
 
+    if report.get("tma"):
         wins = sorted((row["kind"], row["head_dim"], DTYPE_BYTES[report["dtype"]]) for row in report["results"]
                       if row.get("chosen_tma"))
         lines += ["", f"Entries where TMA won, for `_tuning.TMA_KINDS` of sm_{report['table_of']}:", "", "```",
                   f"{wins}", "```", ""]
     else:
-        lines += ["", f"Table entries ({report['dtype']}) for `_tuning.py` (kind: {{head dim: tile}}):", "", "```"]
-        from theria_kernels.attention._tuning import DTYPE_BYTES
-
         chosen, banded = {}, {}
         for row in report["results"]:
             if not row.get("banded"):
@@ -397,9 +395,11 @@ def markdown(report: dict) -> str:
             tile = tuple(row.get("chosen", row["current"]))
             if row.get("banded") and chosen.get(row["kind"], {}).get(row["head_dim"]) != tile:
                 banded[(row["kind"], row["head_dim"], DTYPE_BYTES[report["dtype"]])] = tile
-        lines += [f"{kind!r}: {entries}," for kind, entries in chosen.items()] + ["```", ""]
+        if chosen:
+            lines += ["", f"Table entries ({report['dtype']}) for `_tuning.py` (kind: {{head dim: tile}}):", "",
+                      "```", *(f"{kind!r}: {entries}," for kind, entries in chosen.items()), "```", ""]
         if banded:
-            lines += ["Banded calls' entries where they differ, for `_tuning.BANDED_TILES`:", "", "```",
+            lines += ["", "Banded calls' entries where they differ, for `_tuning.BANDED_TILES`:", "", "```",
                       f"{banded}", "```", ""]
     for row in report["results"]:
         lines += [f"## {row['kind']}, head dim {row['head_dim']}, masks: {_masks_label(row)}", "",
