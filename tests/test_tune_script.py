@@ -159,3 +159,15 @@ def test_banded_calls_take_their_own_entry():
     assert banded != table
     assert blocks() == (table, _tuning.SM90["forward"][64][2])
     assert blocks(causal=True) == blocks(window_size=(128, 0)) == (banded, _tuning.SM90["forward"][64][2])
+
+
+def test_sm90_holds_the_jvp_choices_of_each_mask_class():
+    """sm_90's JVP entries, for calls without a mask and for banded ones, are the choices of the
+    committed H200 run kept to each mask class (docs/results/tuning/h200_jvp_masks/)."""
+    from theria_kernels.attention import _tuning
+
+    folder = ROOT / "docs" / "results" / "tuning" / "h200_jvp_masks"
+    for mask, banded in (("full", False), ("causal", True)):
+        for row in json.loads((folder / mask / "tuning.json").read_text())["results"]:
+            assert row["masks"] == [mask] and row["banded"] == banded
+            assert _tuning.tile(90, row["kind"], row["head_dim"], "bfloat16", banded) == tuple(row["chosen"]), row
