@@ -8,8 +8,8 @@ For each sweep kind (forward, jvp, forward_second, backward, backward_backward),
 --shapes and mask class (no mask, or banded: the causal mask, whose tile banded calls take from
 ``_tuning.BANDED_TILES`` where it differs), the candidates are the current entry for this GPU's
 compute capability (kernels/attention/_tuning.py), its 13 neighbours (``neighbours``) and any tile
---candidates names for that kind. Every candidate's kernels are first compiled for this GPU on all CPU cores at
-once (``_tuning.compile_launch``; Triton's disk cache then serves the timed runs), and candidates
+--candidates names for that kind. Every candidate's kernels are first compiled for this GPU on all
+CPU cores at once (``_tuning.compile_launch``; Triton's disk cache then serves the timed runs), and candidates
 that need more shared memory than the GPU gives one program are dropped. The rest are timed
 through the torch launchers on every shape and mask of that head dim, as the device's time
 (``--timing graph``, the default: ``triton.testing.do_bench_cudagraph``, CUDA-graph replay,
@@ -22,8 +22,9 @@ A tile changes only the device's work, so the host's time must not enter: at sma
 (docs/perf-notes.md items 17 and 20). Past --budget seconds the remaining candidates are not timed
 and the report says so.
 
-``--tma`` times each (kind, head dim)'s current tile twice instead, loading through tensor
-descriptors and not (``THERIA_ATTENTION_TMA=1`` / ``=0`` for that launch alone), and chooses the
+``--tma`` times each (kind, head dim)'s current tiles twice instead, loading through tensor
+descriptors and not (``THERIA_ATTENTION_TMA=1`` / ``=0`` for that launch alone), over both mask
+classes at once (each call on its class's tile; ``TMA_KINDS`` has no mask class), and chooses the
 same way: the report ends with the (kind, head dim, dtype class) entries where TMA won, the set
 ``_tuning.TMA_KINDS`` holds for this GPU's table (docs/design/tuning.md §1):
 
@@ -137,7 +138,8 @@ def _compile_candidate(job) -> dict:
     device = _launch.Device(*device_facts)
     call = _call(shape, dtype, mask, device)
     with_tma(tma)
-    with_tile(kind, call.block_d, dtype, device.capability, candidate, call.params.banded)
+    if tma is None:  # a tile candidate; a TMA run keeps the tables' tiles
+        with_tile(kind, call.block_d, dtype, device.capability, candidate, call.params.banded)
     plan = _plan(kind, call)
     used = dict(shared=0, registers=0, spills=0, problems=[])
     try:
@@ -222,13 +224,14 @@ def main():
     table_of = _tuning.table_capability(capability)
     print(f"{name}, sm_{capability} (table of sm_{table_of}), {args.dtype}, shapes {args.shapes}, masks {args.masks}")
 
-    # (kind, padded head dim, banded) → its shapes and masks, its current tile and its candidates.
+    # (kind, padded head dim, banded) → its shapes and masks, its current tile and its candidates
+    # (banded None: a TMA run's group, over both mask classes).
     groups = {}
     for kind, shape, mask in itertools.product(args.kinds, shapes, args.masks):
         block_d = _tuning.head_dim_class(triton.next_power_of_2(shape[-1]))
-        banded = MASKS[mask]["causal"]
+        banded = None if args.tma else MASKS[mask]["causal"]
         group = groups.setdefault((kind, block_d, banded), dict(shapes=[], masks=[], current=_tuning.tile(
-            capability, kind, block_d, args.dtype, banded)))
+            capability, kind, block_d, args.dtype, bool(banded))))
         group["shapes"] += [shape] if shape not in group["shapes"] else []
         group["masks"] += [mask] if mask not in group["masks"] else []
     extra = [(spec.split(":")[0], tuple(int(x) for x in spec.split(":")[1].split(","))) for spec in args.candidates]
@@ -252,8 +255,9 @@ def main():
 
     results = []
     for (kind, block_d, banded), group in groups.items():
-        row = dict(kind=kind, head_dim=block_d, banded=banded, masks=group["masks"], current=group["current"],
-                   candidates=[])
+        row = dict(kind=kind, head_dim=block_d, masks=group["masks"], current=group["current"], candidates=[])
+        if banded is not None:
+            row["banded"] = banded
         results.append(row)
         if time.perf_counter() - start > args.budget:
             row["skipped"] = "over the time budget: keeps its entry"
@@ -273,7 +277,8 @@ def main():
                 row["skipped"] = "over the time budget: chosen among the candidates timed"
                 break
             with_tma(tma)
-            with_tile(kind, block_d, args.dtype, capability, candidate, banded)
+            if tma is None:
+                with_tile(kind, block_d, args.dtype, capability, candidate, banded)
             kernels.clear_plans()
             for (shape, mask), run in runs.items():
                 if args.timing == "graph":
@@ -283,7 +288,8 @@ def main():
                     ms = triton.testing.do_bench(run, warmup=10, rep=args.rep, return_mode="median")
                 entry["ms"][f"{','.join(map(str, shape))} {mask}"] = ms
         with_tma(None)
-        with_tile(kind, block_d, args.dtype, capability, group["current"], banded)
+        if not args.tma:
+            with_tile(kind, block_d, args.dtype, capability, group["current"], banded)
         kernels.clear_plans()
         choose(row)
 
