@@ -305,16 +305,19 @@ def _poisoned_launches(monkeypatch):
 
 
 def _primitive_calls(q, k, v, params, seed, seqs=(), lengths=None):
+    """name -> (primitive, operands after q, k, v, parameters besides params and lengths)."""
     out, lse = _primitives.forward_p.bind(q, k, v, *seqs, params=params, lengths=lengths)
     d_out, d_lse = _random_like((out, lse), seed=seed)
     cot = _random_like((q, k, v), seed=seed + 1)
     direction = _random_like((q, k, v), seed=seed + 2)
+    double_backward = (_primitives.backward_backward_p, (out, lse, d_out, d_lse, *cot))
     return {
-        "forward": (_primitives.forward_p, ()),
-        "jvp": (_primitives.forward_tangent_p, (out, lse, *cot)),
-        "forward_second": (_primitives.forward_second_p, (out, lse, *cot, *direction)),
-        "backward": (_primitives.backward_p, (out, lse, d_out, d_lse)),
-        "backward_backward": (_primitives.backward_backward_p, (out, lse, d_out, d_lse, *cot)),
+        "forward": (_primitives.forward_p, (), {}),
+        "jvp": (_primitives.forward_tangent_p, (out, lse, *cot), {}),
+        "forward_second": (_primitives.forward_second_p, (out, lse, *cot, *direction), {}),
+        "backward": (_primitives.backward_p, (out, lse, d_out, d_lse), {}),
+        "backward_backward": (*double_backward, dict(cot_d_out=True)),
+        "backward_backward without cot_d_out": (*double_backward, dict(cot_d_out=False)),
     }
 
 
@@ -325,10 +328,11 @@ def test_launchers_write_every_output_element(monkeypatch):
     q, k, v = case.inputs(seed=9)
     params = AttentionParams(scale=case.head_dim ** -0.5, causal=True, bottom_right=True)
     calls = _primitive_calls(q, k, v, params, seed=10)
-    want = {name: p.bind(q, k, v, *rest, params=params, lengths=None) for name, (p, rest) in calls.items()}
+    want = {name: p.bind(q, k, v, *rest, params=params, lengths=None, **extra)
+            for name, (p, rest, extra) in calls.items()}
     _poisoned_launches(monkeypatch)
-    for name, (primitive, rest) in calls.items():
-        got = primitive.bind(q, k, v, *rest, params=params, lengths=None)
+    for name, (primitive, rest, extra) in calls.items():
+        got = primitive.bind(q, k, v, *rest, params=params, lengths=None, **extra)
         for index, (g, w) in enumerate(zip(got, want[name])):
             assert not jnp.isnan(g).any(), f"{name} left output {index} partly unwritten"
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
@@ -346,6 +350,46 @@ def test_jvp_runs_the_forward_once(monkeypatch):
         or run_plan(plan, arrays))
     jax.jvp(lambda *x: case.attend(FUSED, *x)[0], (q, k, v), tangents)
     assert plans == [[(False, False)], [(True, True)]]
+
+
+def test_double_backward_forms_the_d_out_cotangent_only_when_wanted(monkeypatch):
+    """As in torch: reverse over reverse of <out, W> with a fixed W (d_out = W, differentiated by
+    nothing), forward over reverse and reverse over forward run the double backward without the
+    cotangent of d_out (its row sweep skips dP̄ V); a loss whose d_out depends on the output forms
+    it. The results match the reference's."""
+    case = CASES[1]
+    q, k, v = case.inputs(seed=23)
+    weight, *tangents = _random_like((q, q, k, v), seed=24)
+    run_plan, formed = _primitives.run_plan, []
+
+    def record(plan, arrays):
+        formed.extend(launch.arguments["Cot_d_out"] is not None for launch in plan.launches
+                      if "Cot_d_out" in launch.arguments)
+        return run_plan(plan, arrays)
+
+    monkeypatch.setattr(_primitives, "run_plan", record)
+    attend = lambda backend: lambda *x: case.attend(backend, *x)[0]  # noqa: E731
+
+    def rev_over_rev(backend, loss):
+        grads = lambda *x: jax.grad(lambda *x: loss(attend(backend)(*x)), argnums=(0, 1, 2))(*x)  # noqa: E731
+        return jax.grad(lambda *x: sum(jnp.vdot(g, t) for g, t in zip(grads(*x), tangents)), argnums=(0, 1, 2))(
+            q, k, v)
+
+    def fwd_over_rev(backend):
+        grads = lambda *x: jax.grad(lambda *x: jnp.vdot(attend(backend)(*x), weight), argnums=(0, 1, 2))(*x)  # noqa: E731
+        return jax.jvp(grads, (q, k, v), tuple(tangents))[1]
+
+    def rev_over_fwd(backend):
+        tangent_out = lambda *x: jax.jvp(attend(backend), x, tuple(tangents))[1]  # noqa: E731
+        return jax.grad(lambda *x: jnp.vdot(tangent_out(*x), weight), argnums=(0, 1, 2))(q, k, v)
+
+    fixed, quadratic = (lambda out: jnp.vdot(out, weight)), (lambda out: jnp.sum(out ** 2))
+    for run, wants in ((lambda b: rev_over_rev(b, fixed), False), (lambda b: rev_over_rev(b, quadratic), True),
+                       (fwd_over_rev, False), (rev_over_fwd, False)):
+        formed.clear()
+        got = run(FUSED)
+        assert formed == [wants]
+        assert_tree_accurate("second order", got, run(REFERENCE), jnp.float64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,8 +459,8 @@ def test_varlen_matches_theria_torch_and_traced_cu_seqlens(monkeypatch):
     calls = _primitive_calls(*packed, params, seed=21, seqs=sequences[:2], lengths=sequences[2:])
     _poisoned_launches(monkeypatch)
     for name in ("forward", "backward"):
-        primitive, rest = calls[name]
-        got = primitive.bind(*packed, *rest, *sequences[:2], params=params, lengths=sequences[2:])
+        primitive, rest, extra = calls[name]
+        got = primitive.bind(*packed, *rest, *sequences[:2], params=params, lengths=sequences[2:], **extra)
         assert not any(jnp.isnan(g).any() for g in got), f"{name} left outputs unwritten"
 
 

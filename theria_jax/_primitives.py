@@ -15,7 +15,9 @@ H_u = ∇²_x <u, f(x)> (symmetric):
 * ``attention_bwd_tangent(x, out, lse, u | x_dot, u_dot) = H_u x_dot + Jᵀ u_dot``:
   attention_backward_backward with the second cotangent u_dot (one launch pair), or
   attention_backward alone when x_dot is zero.
-* ``attention_bwd_bwd(x, out, lse, u, c) = (H_u c, J c)``: attention_backward_backward.
+* ``attention_bwd_bwd(x, out, lse, u, c) = (H_u c, J c)``: attention_backward_backward. With
+  ``cot_d_out=False`` (no rule reads J c's out part) it returns (H_u c, l̇se part of J c) and the
+  kernels skip the out part's T × T product.
 
 Operands after ``|`` are the ones the primitive is linear in (the ones a transpose rule solves for).
 
@@ -197,9 +199,10 @@ def _fold_batch_axis(primitive, names_of, operands, axes, **params):
 # ----------------------------------------------------------------------------------------------
 
 
-def _primitive(name: str, kinds: str, names_of, impl) -> Primitive:
-    """A primitive whose operands are ``names_of(params)`` then the constants, and whose
-    implementation takes them as a dictionary: ``impl(arrays, **params)``."""
+def _primitive(name: str, kinds, names_of, impl) -> Primitive:
+    """A primitive whose operands are ``names_of(params)`` then the constants, whose results are
+    ``kinds`` (``_avals``; or ``kinds(params)``), and whose implementation takes the operands as a
+    dictionary: ``impl(arrays, **params)``."""
 
     def run(*operands, **params):
         return impl(_named(operands, names_of(params), params["params"], params["lengths"]), **params)
@@ -207,7 +210,8 @@ def _primitive(name: str, kinds: str, names_of, impl) -> Primitive:
     primitive = Primitive(name)
     primitive.multiple_results = True
     primitive.def_impl(run)
-    primitive.def_abstract_eval(lambda q, k, v, *rest, **params: _avals(kinds, q, k, v))
+    primitive.def_abstract_eval(
+        lambda q, k, v, *rest, **params: _avals(kinds(params) if callable(kinds) else kinds, q, k, v))
     mlir.register_lowering(primitive, mlir.lower_fun(run, multiple_results=True))
     batching.primitive_batchers[primitive] = functools.partial(_fold_batch_axis, primitive, names_of)
     return primitive
@@ -241,8 +245,8 @@ def _backward_impl(arrays, *, params, lengths):
 _ALL_GIVEN = frozenset(("d_lse",) + _COT)
 
 
-def _backward_backward_impl(arrays, *, params, lengths):
-    plan = functools.partial(backward_backward_plan, given=_ALL_GIVEN)
+def _backward_backward_impl(arrays, *, cot_d_out, params, lengths):
+    plan = functools.partial(backward_backward_plan, given=_ALL_GIVEN, cot_d_out=cot_d_out)
     return _run(plan, arrays, params, lengths)
 
 
@@ -252,7 +256,7 @@ def _backward_tangent_impl(arrays, *, has_x_dot, has_u_dot, **static):
         # cotangent x_dot, whose kernels also add the backward for u_dot when it is given.
         cotangents = dict(zip(_COT, (arrays[name] for name in _X_DOT)))
         given = _ALL_GIVEN | (frozenset(_U_DOT) if has_u_dot else frozenset())
-        plan = functools.partial(backward_backward_plan, given=given)
+        plan = functools.partial(backward_backward_plan, given=given, cot_d_out=False)  # only [:3] is read
         return _run(plan, {**arrays, **cotangents}, **static)[:3]
     # Jᵀ u_dot alone: the backward is linear in u.
     return _backward_impl({**arrays, **dict(zip(_U, (arrays[name] for name in _U_DOT)))}, **static)
@@ -269,7 +273,8 @@ backward_p = _primitive("attention_bwd", "qkv", _names(BACKWARD), _backward_impl
 backward_tangent_p = _primitive("attention_bwd_tangent", "qkv",
                                 lambda params: backward_tangent_names(params["has_x_dot"], params["has_u_dot"]),
                                 _backward_tangent_impl)
-backward_backward_p = _primitive("attention_bwd_bwd", "qkvqs", _names(BACKWARD_BACKWARD), _backward_backward_impl)
+backward_backward_p = _primitive("attention_bwd_bwd", lambda params: "qkvqs" if params["cot_d_out"] else "qkvs",
+                                 _names(BACKWARD_BACKWARD), _backward_backward_impl)
 
 
 def attention_fused(q, k, v, params: AttentionParams, cu_seqlens=(), lengths=None, row_slopes=None):
@@ -339,8 +344,8 @@ def _forward_second_transpose(cotangents, *operands, params, lengths):
     arrays = _named(operands, FORWARD_SECOND, params, lengths)
     # <c, f''[x_dot, y]> = <y, H_c x_dot>: the double backward with d_out, d_lse = c, cotangent x_dot.
     given = {**arrays, **_dense(dict(zip(_U, cotangents)), _U, _U), **_dense(arrays, _X_DOT, _COT)}
-    cot_q, cot_k, cot_v, _, _ = backward_backward_p.bind(*_operands(given, BACKWARD_BACKWARD, params, lengths),
-                                                         params=params, lengths=lengths)
+    cot_q, cot_k, cot_v, _ = backward_backward_p.bind(*_operands(given, BACKWARD_BACKWARD, params, lengths),
+                                                      cot_d_out=False, params=params, lengths=lengths)
     return _linear_cotangents(dict(zip(_Y, (cot_q, cot_k, cot_v))), arrays)
 
 
@@ -362,10 +367,14 @@ def _backward_tangent_transpose(cotangents, *operands, has_x_dot, has_u_dot, par
     names = backward_tangent_names(has_x_dot, has_u_dot)
     arrays = _named(operands, names, params, lengths)
     given = {**arrays, **_dense(dict(zip(_COT, cotangents)), _COT, _COT)}
-    cot_q, cot_k, cot_v, cot_d_out, cot_d_lse = backward_backward_p.bind(
-        *_operands(given, BACKWARD_BACKWARD, params, lengths), params=params, lengths=lengths)
+    # J c's out part only where d_out_dot is solved for: a d_out that nothing differentiates (a
+    # constant output weight, as in rev-over-rev of a fixed loss) costs no T × T product.
+    cot_d_out = has_u_dot and ad.is_undefined_primal(arrays["d_out_dot"])
+    results = backward_backward_p.bind(*_operands(given, BACKWARD_BACKWARD, params, lengths),
+                                       cot_d_out=cot_d_out, params=params, lengths=lengths)
     # (H_u c, J c): cotangents of x_dot and of u_dot, for whichever of them this call carries.
-    cots = {**dict(zip(_X_DOT, (cot_q, cot_k, cot_v))), **dict(zip(_U_DOT, (cot_d_out, cot_d_lse)))}
+    cot_u = (results[3] if cot_d_out else None, results[-1])
+    cots = {**dict(zip(_X_DOT, results[:3])), **dict(zip(_U_DOT, cot_u))}
     return _linear_cotangents(cots, arrays)
 
 
