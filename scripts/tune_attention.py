@@ -405,8 +405,8 @@ def markdown(report: dict) -> str:
             lines += ["", f"Table entries ({report['dtype']}) for `_tuning.py` (kind: {{head dim: tile}}):", "",
                       "```", *(f"{kind!r}: {entries}," for kind, entries in chosen.items()), "```", ""]
         if banded:
-            lines += ["", "Banded calls' entries where they differ, for `_tuning.BANDED_TILES`:", "", "```",
-                      f"{banded}", "```", ""]
+            lines += [""] * (not chosen) + ["Banded calls' entries where they differ, for `_tuning.BANDED_TILES`:",
+                                            "", "```", f"{banded}", "```", ""]
     for row in report["results"]:
         lines += [f"## {row['kind']}, head dim {row['head_dim']}, masks: {_masks_label(row)}", "",
                   "| tile | shared KB | regs | spills | relative | ms |", "|---|---|---|---|---|---|"]
