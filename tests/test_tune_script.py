@@ -1,11 +1,14 @@
 """scripts/tune_attention.py's choice, on any machine: ``--reselect`` picks again from an earlier
 run's times (the committed H200 run of the 32 head-dim class, and a ``--tma`` run's report),
-keeping the shapes and masks given."""
+keeping the shapes and masks given; and a dry run of the whole script on the CPU (CUDA faked,
+the candidates compiled for sm_90 for real, each timing a function of the tile the call ran on),
+run by ``python tests/test_tune_script.py --dry-run OUT`` in a child process."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +174,74 @@ def test_sm90_holds_the_jvp_choices_of_each_mask_class():
         for row in json.loads((folder / mask / "tuning.json").read_text())["results"]:
             assert row["masks"] == [mask] and row["banded"] == banded
             assert _tuning.tile(90, row["kind"], row["head_dim"], "bfloat16", banded) == tuple(row["chosen"]), row
+
+
+# The dry run's device time of each (tile, mask class): the causal mask prefers the narrow tile.
+DRY_TIMES = {(128, 64, 8, 2): (2.4, 1.9), (64, 64, 4, 3): (2.7, 1.5), (64, 64, 4, 2): (2.9, 1.6)}
+
+
+def _dry_run(out: str) -> None:
+    """``tune_attention.main`` for the JVP at head dim 64, both masks, on a faked sm_90 device:
+    every candidate (the current tile of each mask class and (64, 64, 4, 2)) compiles for sm_90 on
+    the CPU, and a timed run returns ``DRY_TIMES`` for the tile its call took (read through the
+    plans' own lookup), so the report shows what each class ran on."""
+    import torch
+    import triton.testing
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import tune_attention
+    from theria_kernels.attention import _launch, _tuning, torch_launchers
+
+    device = _launch.Device(132, capability=90)
+    torch.cuda.is_available = lambda: True
+    torch.cuda.get_device_capability = lambda *args: (9, 0)
+    torch.cuda.get_device_name = lambda *args: "a faked sm_90 device"
+    empty = torch.empty
+    torch.empty = lambda *args, device=None, **kwargs: empty(*args, **kwargs)
+    torch_launchers._device = lambda t: device
+    tune_attention.neighbours = lambda current: [current, (64, 64, 4, 2)]
+    ran = []
+
+    def workloads(shape, dtype, mask):
+        call = lambda: tune_attention._call(tuple(shape), dtype, mask, device)  # noqa: E731
+        return {"jvp": lambda: ran.append((mask, call().blocks("jvp")))}
+
+    tune_attention.workloads = workloads
+    triton.testing.do_bench_cudagraph = lambda run, **kwargs: run() or DRY_TIMES[ran[-1][1]][ran[-1][0] == "causal"]
+    before = (_tuning.tile(90, "jvp", 64, "bfloat16"), _tuning.tile(90, "jvp", 64, "bfloat16", banded=True))
+    sys.argv = ["tune_attention.py", "--kinds", "jvp", "--shapes", "2,2,256,64", "--workers", "2", "--out", out]
+    tune_attention.main()
+    after = (_tuning.tile(90, "jvp", 64, "bfloat16"), _tuning.tile(90, "jvp", 64, "bfloat16", banded=True))
+    Path(out, "ran.json").write_text(json.dumps(dict(ran=sorted(set(ran)), before=before, after=after)))
+
+
+def test_a_dry_run_times_each_mask_class_on_its_own_tiles(tmp_path):
+    """The whole script on the CPU: each mask class is its own row, every timed call ran on the
+    candidate of its row (the causal row's on the banded entry), each class takes its fastest
+    tile, the report lists the banded entry that differs, and the tables are as they were after."""
+    from theria_kernels.attention import _tuning
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, __file__, "--dry-run", str(tmp_path)], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "tuning.json").read_text())
+    rows = {row["masks"][0]: row for row in report["results"]}
+    assert [(row["banded"], row["masks"]) for row in report["results"]] == [(False, ["full"]), (True, ["causal"])]
+    full, banded = _tuning.SM90["jvp"][64][2], _tuning.BANDED_TILES[90][("jvp", 64, 2)]
+    assert tuple(rows["full"]["current"]) == full and tuple(rows["causal"]["current"]) == banded
+    ran = json.loads((tmp_path / "ran.json").read_text())
+    expected = {("full", tile) for tile in (full, (64, 64, 4, 2))} | {("causal", tile) for tile in (banded, (64, 64, 4, 2))}
+    assert {(mask, tuple(tile)) for mask, tile in ran["ran"]} == expected
+    fastest = {mask: min((tile for m, tile in expected if m == mask), key=lambda t: DRY_TIMES[t][mask == "causal"])
+               for mask in ("full", "causal")}
+    assert {mask: tuple(row["chosen"]) for mask, row in rows.items()} == fastest
+    assert ran["before"] == ran["after"] == [list(full), list(banded)]
+    text = (tmp_path / "tuning.md").read_text()
+    assert f"'jvp': {{64: {fastest['full']}}}," in text
+    assert (f"{{('jvp', 64, 2): {fastest['causal']}}}" in text) == (fastest["causal"] != fastest["full"])
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--dry-run"]:  # the child process of the dry-run test
+        _dry_run(sys.argv[2])
