@@ -1,0 +1,111 @@
+"""The accuracy of the double backward's row output in bf16: today's two row sweeps against the one
+sweep of docs/perf-notes.md item 30, measured against the GPU accuracy test's bound.
+
+The row kernel's cot_q (the q part of a Hessian-vector product, docs/theory/attention_derivatives.md
+§4) is emulated in float64 on one head, rounding what the kernels round: the inputs (bf16), the
+forward's stored output O, and the 16-bit left operand of every product with a key-shaped tile
+(P before P Ḡv; S̄ and dS before S̄ K and dS Ḡk; for the one sweep X, dS and P before X K, dS K and
+P K). The two schedules:
+
+  two sweeps   sigma and rho first, then cot_q = α (S̄ K + dS Ḡk), S̄ = P ∘ (P̄ − rho)
+  one sweep    cot_q = α (X K − sigma (dS K) − (sigma delta + rho) (P K) + dS Ḡk),
+               X = P ∘ (dS̄ ∘ (dP − delta) + dO Ḡvᵀ), the row terms applied once at the end
+
+Both are compared with the float64 reference (theria_torch.reference through autograd) and with
+``plain``, the same HVP of plain attention computed in bf16 from the same rounded inputs, as
+tests/test_attention_gpu.py computes it; the test's bound is twice plain's error (relative, and
+largest element relative to max |exact|). The last column is the one sweep's largest-element
+error as a share of that bound (the two sweeps' in brackets): below 1 passes.
+
+    python scripts/double_backward_rows_error.py
+    python scripts/double_backward_rows_error.py --lengths 257 --seeds 1 --scales 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from theria_torch.reference import attention_reference
+
+
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16).to(torch.float64)
+
+
+def reference_cot_q(q, k, v, d_out, cotangents, causal: bool) -> torch.Tensor:
+    """The q part of the HVP ∂/∂q <(dq, dk, dv), cotangents> through the reference, in the inputs'
+    dtype: float64 for the exact value, bf16 for ``plain``."""
+    leaves = [t[None, None].detach().requires_grad_() for t in (q, k, v)]
+    out = attention_reference(*leaves, causal=causal)
+    grads = torch.autograd.grad(out, leaves, d_out[None, None], create_graph=True)
+    return torch.autograd.grad(grads, leaves, [t[None, None] for t in cotangents])[0][0, 0]
+
+
+def row_cot_q(q, k, v, d_out, cot_dq, cot_dk, cot_dv, causal: bool, rounding=_bf16):
+    """(two sweeps, one sweep) of the row kernel's cot_q for one head of (T, D) float64 tensors,
+    ``rounding`` applied where the kernels round to 16 bits (the identity: exact arithmetic, where
+    both equal the reference)."""
+    t_q, head_dim = q.shape
+    scale = 1.0 / math.sqrt(head_dim)
+    scores = scale * q @ k.T
+    if causal:
+        scores = scores.masked_fill(torch.ones(t_q, k.shape[0], dtype=torch.bool).triu(1), float("-inf"))
+    p = torch.exp(scores - torch.logsumexp(scores, -1, keepdim=True))
+    out = rounding(rounding(p) @ v)
+    dp = d_out @ v.T
+    delta = (d_out * out).sum(-1, keepdim=True)
+    ds_bar = scale * (cot_dq @ k.T + q @ cot_dk.T)
+    sigma = (p * ds_bar).sum(-1, keepdim=True)
+    rho = ((p * ds_bar * dp).sum(-1, keepdim=True) - 2 * sigma * delta
+           + (d_out * (rounding(p) @ cot_dv)).sum(-1, keepdim=True))
+    ds = p * (dp - delta)
+    s_bar = p * (ds_bar * (dp - delta) - sigma * dp + d_out @ cot_dv.T - rho)
+    two = scale * (rounding(s_bar) @ k + rounding(ds) @ cot_dk)
+    x = p * (ds_bar * (dp - delta) + d_out @ cot_dv.T)
+    one = scale * (rounding(x) @ k - sigma * (rounding(ds) @ k) - (sigma * delta + rho) * (rounding(p) @ k)
+                   + rounding(ds) @ cot_dk)
+    return two, one
+
+
+def errors(got: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
+    """(‖got − exact‖ / ‖exact‖, max |got − exact| / max |exact|)."""
+    return ((got - exact).norm() / exact.norm()).item(), ((got - exact).abs().max() / exact.abs().max()).item()
+
+
+def case(length: int, causal: bool, seed: int, scale: float, head_dim: int = 64) -> dict:
+    """One head's errors: plain bf16, two sweeps and one sweep against float64."""
+    gen = torch.Generator().manual_seed(seed)
+    draws = [torch.randn(length, head_dim, generator=gen, dtype=torch.float64) for _ in range(7)]
+    low = [t.to(torch.bfloat16) for t in draws[:4]] + [(scale * t).to(torch.bfloat16) for t in draws[4:]]
+    x = [t.double() for t in low]
+    exact = reference_cot_q(*x[:4], x[4:], causal)
+    plain = reference_cot_q(*low[:4], low[4:], causal).double()
+    two, one = row_cot_q(*x, causal)
+    return dict(plain=errors(plain, exact), two=errors(two, exact), one=errors(one, exact))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[257, 1024])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 10.0], help="of the cotangents")
+    args = parser.parse_args()
+    print(f"{'T':>5s} {'mask':6s} {'seed':>4s} {'scale':>5s} | {'plain rel':>9s} {'two rel':>9s} {'one rel':>9s} | "
+          f"{'plain max':>9s} {'two max':>9s} {'one max':>9s} | one (two) / bound")
+    for length in args.lengths:
+        for causal in (False, True):
+            for seed in range(args.seeds):
+                for scale in args.scales:
+                    found = case(length, causal, seed, scale)
+                    bound = 2 * found["plain"][1] + 1e-6
+                    rel = " ".join(f"{found[name][0]:9.2e}" for name in ("plain", "two", "one"))
+                    big = " ".join(f"{found[name][1]:9.2e}" for name in ("plain", "two", "one"))
+                    print(f"{length:5d} {'causal' if causal else 'full':6s} {seed:4d} {scale:5g} | {rel} | {big} | "
+                          f"{found['one'][1] / bound:4.2f} ({found['two'][1] / bound:4.2f})")
+
+
+if __name__ == "__main__":
+    main()
