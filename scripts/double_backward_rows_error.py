@@ -62,9 +62,10 @@ def row_cot_q(q, k, v, d_out, cot_dq, cot_dk, cot_dv, causal: bool, rounding=_bf
     rho = ((p * ds_bar * dp).sum(-1, keepdim=True) - 2 * sigma * delta
            + (d_out * (rounding(p) @ cot_dv)).sum(-1, keepdim=True))
     ds = p * (dp - delta)
-    s_bar = p * (ds_bar * (dp - delta) - sigma * dp + d_out @ cot_dv.T - rho)
+    p_bar_part = ds_bar * (dp - delta) + d_out @ cot_dv.T  # P̄ without its row terms (− sigma dP)
+    s_bar = p * (p_bar_part - sigma * dp - rho)
     two = scale * (rounding(s_bar) @ k + rounding(ds) @ cot_dk)
-    x = p * (ds_bar * (dp - delta) + d_out @ cot_dv.T)
+    x = p * p_bar_part
     one = scale * (rounding(x) @ k - sigma * (rounding(ds) @ k) - (sigma * delta + rho) * (rounding(p) @ k)
                    + rounding(ds) @ cot_dk)
     return two, one

@@ -9,8 +9,8 @@ For each sweep kind (forward, jvp, forward_second, backward, backward_backward),
 ``_tuning.BANDED_TILES`` where it differs), the candidates are the current entry for this GPU's
 compute capability (kernels/attention/_tuning.py), its 13 neighbours (``neighbours``) and any tile
 --candidates names for that kind. Every candidate's kernels are first compiled for this GPU on all
-CPU cores at once (``_tuning.compile_launch``; Triton's disk cache then serves the timed runs), and candidates
-that need more shared memory than the GPU gives one program are dropped. The rest are timed
+CPU cores at once (``_tuning.compile_launch``; Triton's disk cache then serves the timed runs), and
+candidates that need more shared memory than the GPU gives one program are dropped. The rest are timed
 through the torch launchers on every shape and mask of that head dim, as the device's time
 (``--timing graph``, the default: ``triton.testing.do_bench_cudagraph``, CUDA-graph replay,
 median), and the candidate that spills no registers with the smallest geometric mean of its time
@@ -104,10 +104,9 @@ def _plan(kind: str, call):
 def with_tile(kind: str, block_d: int, dtype: str, capability: int, candidate, banded: bool = False):
     """Put ``candidate`` into the table entry a call of this kind, padded head dim, dtype and mask
     class (``banded``: ``_tuning.BANDED_TILES``) reads on a device of ``capability``, and forget
-    cached plans; returns the tile such a call took before."""
+    cached plans."""
     from theria_kernels.attention import _launch, _tuning
 
-    previous = _tuning.tile(capability, kind, block_d, dtype, banded)
     table = _tuning.table_capability(capability)
     head_dim, dtype_bytes = _tuning.head_dim_class(block_d), _tuning.DTYPE_BYTES[dtype]
     if banded:
@@ -116,7 +115,6 @@ def with_tile(kind: str, block_d: int, dtype: str, capability: int, candidate, b
         _tuning.TILE_TABLES[table][kind][head_dim][dtype_bytes] = tuple(candidate)
     for builder in (_launch.forward_plan, _launch.backward_plan, _launch.backward_backward_plan):
         builder.cache_clear()
-    return previous
 
 
 def with_tma(tma) -> None:
@@ -232,8 +230,10 @@ def main():
         banded = None if args.tma else MASKS[mask]["causal"]
         group = groups.setdefault((kind, block_d, banded), dict(shapes=[], masks=[], current=_tuning.tile(
             capability, kind, block_d, args.dtype, bool(banded))))
-        group["shapes"] += [shape] if shape not in group["shapes"] else []
-        group["masks"] += [mask] if mask not in group["masks"] else []
+        if shape not in group["shapes"]:
+            group["shapes"].append(shape)
+        if mask not in group["masks"]:
+            group["masks"].append(mask)
     extra = [(spec.split(":")[0], tuple(int(x) for x in spec.split(":")[1].split(","))) for spec in args.candidates]
     for (kind, _, _), group in groups.items():
         if args.tma:  # (tile, TMA) pairs: the current tile without TMA loads first, the baseline

@@ -17,12 +17,18 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "docs" / "results" / "tuning" / "h200_d32" / "tuning.json"
 
 
-def _reselect(tmp_path, *shapes) -> dict:
-    out = tmp_path / "out"
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune_attention.py"), "--reselect", str(RUN),
-                             "--shapes", *shapes, "--out", str(out)], capture_output=True, text=True, timeout=120)
+def _reselect_run(run: Path, out: Path, shapes, masks=()) -> tuple[dict, str]:
+    """``tune_attention.py --reselect run`` kept to ``shapes`` (and ``masks``, default the script's):
+    the report and its markdown."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune_attention.py"), "--reselect", str(run),
+                             "--shapes", *shapes, *(("--masks", *masks) if masks else ()), "--out", str(out)],
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    return json.loads((out / "tuning.json").read_text())
+    return json.loads((out / "tuning.json").read_text()), (out / "tuning.md").read_text()
+
+
+def _reselect(tmp_path, *shapes) -> dict:
+    return _reselect_run(RUN, tmp_path / "out", shapes)[0]
 
 
 def _chosen(report: dict) -> dict:
@@ -81,22 +87,14 @@ def test_a_tma_run_chooses_per_entry_and_lists_the_tma_kinds(tmp_path):
                              candidates=[entry(False, 13.2, 7.0), entry(True, 13.0, 7.4)])])
     path = tmp_path / "run.json"
     path.write_text(json.dumps(run))
-    out = tmp_path / "out"
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune_attention.py"), "--reselect", str(path),
-                             "--shapes", "8,16,4096,64", "--out", str(out)], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    report = json.loads((out / "tuning.json").read_text())
+    report, text = _reselect_run(path, tmp_path / "out", ["8,16,4096,64"])
     assert [row["chosen_tma"] for row in report["results"]] == [True, False]
-    assert "[('backward', 64, 2)]" in (out / "tuning.md").read_text()
+    assert "[('backward', 64, 2)]" in text
     # The double backward's TMA wins without the mask and loses more with it: kept to the full
     # times alone, it is chosen.
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune_attention.py"), "--reselect", str(path),
-                             "--shapes", "8,16,4096,64", "--masks", "full", "--out", str(out)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert [row["chosen_tma"] for row in json.loads((out / "tuning.json").read_text())["results"]] == [True, True]
-    assert "[('backward', 64, 2), ('backward_backward', 64, 2)]" in (out / "tuning.md").read_text()
+    report, text = _reselect_run(path, tmp_path / "out", ["8,16,4096,64"], ["full"])
+    assert [row["chosen_tma"] for row in report["results"]] == [True, True]
+    assert "[('backward', 64, 2), ('backward_backward', 64, 2)]" in text
 
 
 def test_mask_classes_choose_apart_and_banded_entries_are_listed_where_they_differ(tmp_path):
@@ -126,12 +124,7 @@ def test_mask_classes_choose_apart_and_banded_entries_are_listed_where_they_diff
     path.write_text(json.dumps(run))
 
     def reselect(*masks):
-        out = tmp_path / "-".join(masks)
-        result = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune_attention.py"), "--reselect",
-                                 str(path), "--shapes", "8,16,4096,64", "--masks", *masks, "--out", str(out)],
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stderr
-        return json.loads((out / "tuning.json").read_text()), (out / "tuning.md").read_text()
+        return _reselect_run(path, tmp_path / "-".join(masks), ["8,16,4096,64"], masks)
 
     report, text = reselect("full", "causal")
     chosen = {(r["kind"], r["banded"]): tuple(r["chosen"]) for r in report["results"]}
