@@ -4,11 +4,13 @@ markdown under --out (GPU only; docs/design/tuning.md).
 
     python scripts/tune_attention.py --out docs/results/tuning/h200
 
-For each sweep kind (forward, jvp, forward_second, backward, backward_backward), head dim of
---shapes and mask class (no mask, or banded: the causal mask, whose tile banded calls take from
-``_tuning.BANDED_TILES`` where it differs), the candidates are the current entry for this GPU's
-compute capability (kernels/attention/_tuning.py), its 13 neighbours (``neighbours``) and any tile
---candidates names for that kind. Every candidate's kernels are first compiled for this GPU on all
+For each sweep kind (forward, jvp, forward_second, backward, backward_backward and
+backward_backward_rows: the double backward's column and row sweeps, each timed over the whole
+double backward), head dim of --shapes and mask class (no mask, or banded: the causal mask, whose
+tile banded calls take from ``_tuning.BANDED_TILES`` where it differs), the candidates are the
+current entry for this GPU's compute capability (kernels/attention/_tuning.py), its 13 neighbours
+(``neighbours``) and any tile --candidates names for that kind. The row sweep runs one sweep or two
+as ``_tuning.ROW_ONE_SWEEP`` says; ``THERIA_ATTENTION_ONE_SWEEP=1`` (``=0``) times the other. Every candidate's kernels are first compiled for this GPU on all
 CPU cores at once (``_tuning.compile_launch``; Triton's disk cache then serves the timed runs), and
 candidates that need more shared memory than the GPU gives one program are dropped. The rest are timed
 through the torch launchers on every shape and mask of that head dim, as the device's time
@@ -49,7 +51,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-KINDS = ("forward", "jvp", "forward_second", "backward", "backward_backward")
+KINDS = ("forward", "jvp", "forward_second", "backward", "backward_backward", "backward_backward_rows")
 TIMINGS = {"graph": "`triton.testing.do_bench_cudagraph` (the device's time)",
            "events": "`triton.testing.do_bench` (CUDA events)"}
 MASKS = {"full": dict(causal=False), "causal": dict(causal=True)}
@@ -98,6 +100,7 @@ def _plan(kind: str, call):
         return _launch.forward_plan(call, False, kind == "forward_second")
     if kind == "backward":
         return _launch.backward_plan(call, False)
+    # both double-backward kinds (the column sweep's tile, the row sweep's) time the whole plan
     return _launch.backward_backward_plan(call, frozenset({"cot_dq", "cot_dk", "cot_dv"}))
 
 
@@ -127,6 +130,15 @@ def with_tma(tma) -> None:
         builder.cache_clear()
 
 
+def _takes_tile(kind: str, kernel: str) -> bool:
+    """Whether a launch of ``kernel`` in ``kind``'s plan runs on that kind's tile: the double
+    backward's plan runs its row kernel on the ``backward_backward_rows`` tile and its column
+    kernel on the ``backward_backward`` one; every other plan's launches take their kind's."""
+    if kind.startswith("backward_backward"):
+        return ("rows" in kernel) == (kind == "backward_backward_rows")
+    return True
+
+
 def _compile_candidate(job) -> dict:
     """Worker: compile every launch of one candidate (a tile, and TMA on, off or as the tables say)
     for one shape and mask; its worst resources, or the compiler's error."""
@@ -142,6 +154,8 @@ def _compile_candidate(job) -> dict:
     used = dict(shared=0, registers=0, spills=0, problems=[])
     try:
         for launch in plan.launches:
+            if not _takes_tile(kind, launch.kernel.__name__):
+                continue
             found = _tuning.compile_launch(launch, plan.buffer_dtypes, device.capability)
             used = dict(shared=max(used["shared"], found.shared), registers=max(used["registers"], found.registers),
                         spills=max(used["spills"], found.spills),
@@ -175,6 +189,8 @@ def workloads(shape, dtype: str, mask: str):
         "forward_second": lambda: kernels.attention_forward_second(q, k, v, *directions, params),
         "backward": lambda: kernels.attention_backward(q, k, v, out, lse, d_out, None, params),
         "backward_backward": lambda: kernels.attention_backward_backward(
+            q, k, v, out, lse, d_out, None, *directions[:3], params),
+        "backward_backward_rows": lambda: kernels.attention_backward_backward(
             q, k, v, out, lse, d_out, None, *directions[:3], params),
     }
 

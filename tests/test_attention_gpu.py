@@ -281,3 +281,23 @@ def test_tma_loads_at_every_order(head_dim, causal, monkeypatch):
         _check(attend, reference, (2, 4, 1, 203, 97, head_dim), torch.bfloat16, seed=11)
     finally:
         clear_plans()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("one_sweep, head_dim", [(True, 128), (False, 64), (True, 40)],
+                         ids=["one-sweep-D128", "two-sweeps-D64", "one-sweep-D40"])
+def test_double_backward_row_schedules(one_sweep, head_dim, causal, monkeypatch):
+    """The double backward's row kernel in the schedule the tables do not choose at that head dim
+    (``_tuning.ROW_ONE_SWEEP``: one sweep at the 2-byte head-dim class 64 on sm_90, two elsewhere),
+    forced, bf16 and fp16, grouped heads, odd lengths: the same criterion at every derivative order."""
+    import theria_kernels.attention._tuning as tuning
+    from theria_kernels.attention.torch_launchers import clear_plans
+
+    monkeypatch.setattr(tuning, "ONE_SWEEP_OVERRIDE", one_sweep)
+    clear_plans()  # plans are cached with the schedule they were built with
+    try:
+        attend, reference = _flash(causal=causal)
+        for dtype in LOW_DTYPES:
+            _check(attend, reference, (2, 4, 1, 203, 97, head_dim), dtype, seed=12)
+    finally:
+        clear_plans()

@@ -295,6 +295,49 @@ def test_varlen_softcap_and_alibi(check):
                          row_slopes=row_slopes(slopes, q.shape[2], varlen["cu_seqlens_q"]))
 
 
+# The double backward's row kernel in one sweep (``_tuning.ROW_ONE_SWEEP``: on the GPU only where
+# timing chose it, so the interpreter runs two sweeps unless told): every mask, the score
+# modifiers, packed sequences and a split head dim, for the double backward and the tangent of the
+# backward.
+ONE_SWEEP_CASES = {
+    **{f"{name}-float64": (SHAPES[2], 16, torch.float64, mask) for name, mask in zip(MASK_IDS, MASKS)},
+    "causal-float16": (SHAPES[1], 40, torch.float16, MASKS[1]),
+    "softcap-alibi-float64": (SHAPES[2], 16, torch.float64, MODIFIERS),
+}
+
+
+@pytest.mark.parametrize("check", ["backward_backward", "backward_tangent"])
+@pytest.mark.parametrize("case", list(ONE_SWEEP_CASES) + ["varlen", "split-D48-float16"])
+def test_double_backward_one_sweep(case, check, monkeypatch):
+    monkeypatch.setattr(tuning, "ONE_SWEEP_OVERRIDE", True)
+    checker = VARLEN_CHECKS[check]
+    clear_plans()  # plans are cached with the schedule they were built with
+    try:
+        if case == "varlen":
+            q, k, v, params, fn, varlen = _varlen_case(16, torch.float64, MASKS[2], seed=4)
+            checker(q, k, v, params, fn, torch.float64, **varlen)
+        elif case.startswith("split"):
+            monkeypatch.setitem(launch.SPLIT_HEAD_DIM, "backward_backward_rows", True)
+            q, k, v, params = _case(SHAPES[2], 48, torch.float16, MASKS[2], seed=6)
+            checker(q, k, v, params, reference_fn(params), torch.float16)
+        else:
+            shape, head_dim, dtype, mask = ONE_SWEEP_CASES[case]
+            q, k, v, params = _case(shape, head_dim, dtype, mask, seed=2)
+            extra = {}
+            if params.alibi:
+                slopes = random_slopes(q.shape[0], q.shape[1]).to(q.device)
+                extra = dict(row_slopes=row_slopes(slopes, q.shape[2]))
+                checker(q, k, v, params, reference_fn(params, slopes), dtype, **extra)
+            else:
+                checker(q, k, v, params, reference_fn(params), dtype)
+        plans = [plan for plan in torch_launchers._PLANS.values()
+                 if any("ONE_SWEEP" in launch_.arguments for launch_ in plan.launches)]
+        assert plans and all(launch_.arguments["ONE_SWEEP"] for plan in plans for launch_ in plan.launches
+                             if "ONE_SWEEP" in launch_.arguments)
+    finally:
+        clear_plans()
+
+
 @pytest.mark.parametrize("check", ["forward_and_backward", "backward_backward"])
 def test_varlen_half_precision_padded_head_dim(check):
     q, k, v, params, fn, varlen = _varlen_case(40, torch.float16, MASKS[2], seed=5)
@@ -320,7 +363,8 @@ def test_head_dim_split_rule():
     call = launch.AttentionCall(tuple(q.shape), q.stride(), tuple(k.shape), k.stride(), "float64", params, _device(q))
     expected = {"forward": dict(BLOCK_D0=64, BLOCK_D1=16), "jvp": dict(BLOCK_D0=64, BLOCK_D1=16),
                 "forward_second": dict(BLOCK_D0=128, BLOCK_D1=0), "backward": dict(BLOCK_D0=64, BLOCK_D1=16),
-                "backward_backward": dict(BLOCK_D0=128, BLOCK_D1=0)}
+                "backward_backward": dict(BLOCK_D0=128, BLOCK_D1=0),
+                "backward_backward_rows": dict(BLOCK_D0=128, BLOCK_D1=0)}
     for kind, tiles in expected.items():
         assert {key: value for key, value in call.meta(kind)[0].items() if key.startswith("BLOCK_D")} == tiles, kind
 
@@ -348,7 +392,7 @@ def test_split_head_dim(head_dim, dtype, check, monkeypatch):
     """Every kernel on a split head dim: each specialisation of the forward, the backward and the
     double backward (the second-order forward's and the double backward's launchers keep the padded
     tile by default, so the split is switched on here), with grouped heads and rows that see no key."""
-    for kind in ("forward_second", "backward_backward"):  # kinds whose launchers keep the padded tile
+    for kind in ("forward_second", "backward_backward", "backward_backward_rows"):  # launchers that keep it padded
         monkeypatch.setitem(launch.SPLIT_HEAD_DIM, kind, True)
     clear_plans()  # plans are cached with the tile choice they were built with
     q, k, v, params = _case(SHAPES[2], head_dim, dtype, MASKS[2], seed=6)

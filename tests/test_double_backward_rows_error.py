@@ -1,5 +1,6 @@
-"""scripts/double_backward_rows_error.py, the emulation behind perf-notes item 30: without rounding
-both row schedules are the reference's HVP, and with it the run prints each case's errors."""
+"""scripts/double_backward_rows_error.py, the emulation behind perf-notes items 30 and 35: without
+rounding both row schedules give the reference's row outputs, and with it the run prints each
+case's errors."""
 
 from __future__ import annotations
 
@@ -24,15 +25,16 @@ def _module():
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_both_schedules_are_the_hvp_in_exact_arithmetic(causal):
-    """The emulation's algebra (sigma, rho, S̄; the one sweep's decomposition) against autograd of
-    the float64 reference, with no rounding."""
+    """The emulation's algebra (sigma, rho, S̄, dP̄; the one sweep's decompositions) against autograd
+    of the float64 reference, with no rounding: cot_q and cot_dO of both schedules."""
     module = _module()
     gen = torch.Generator().manual_seed(3)
     x = [torch.randn(37, 16, generator=gen, dtype=torch.float64) for _ in range(7)]
-    exact = module.reference_cot_q(*x[:4], x[4:], causal)
-    two, one = module.row_cot_q(*x, causal, rounding=lambda t: t)
-    torch.testing.assert_close(two, exact, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(one, exact, rtol=1e-10, atol=1e-10)
+    exact = module.reference_rows(*x[:4], x[4:], causal)
+    rows = module.row_outputs(*x, causal, rounding=lambda t: t)
+    for schedule in ("two", "one"):
+        for got, want in zip(rows[schedule], exact):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_the_script_prints_every_case():
@@ -40,4 +42,5 @@ def test_the_script_prints_every_case():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.lstrip().startswith("33")]
-    assert [row.split()[1] for row in rows] == ["full", "causal"]
+    assert [row.split()[1] for row in rows] == ["full", "full", "causal", "causal"]
+    assert [row.split()[4] for row in rows] == ["cot_q", "cot_dO"] * 2

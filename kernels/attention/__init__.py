@@ -4,8 +4,8 @@ double backward as Triton kernels, and the launch plans that describe every call
 Reading order: ``_tiles`` (loads, stores, masks, ranges shared by every sweep), ``_sweeps``
 (the backward's row and column sweeps, one tile function each, specialised by a constexpr STAGE),
 ``forward`` (forward, JVP and second-order forward: one kernel), ``backward`` (row term, dQ row
-sweep, dK/dV column sweep), ``double_backward`` (two row sweeps, one column sweep), ``_tuning`` (a tile table
-per GPU architecture, docs/design/tuning.md), ``_launch`` (grids, the plans). Framework-neutral:
+sweep, dK/dV column sweep), ``double_backward`` (one or two row sweeps, one column sweep), ``_tuning`` (a tile
+table per GPU architecture, docs/design/tuning.md), ``_launch`` (grids, the plans). Framework-neutral:
 neither torch nor JAX is imported here. The torch-tensor launchers are
 ``theria_kernels.attention.torch_launchers``; JAX runs the same plans through ``theria_jax``.
 Equations: docs/theory/attention_derivatives.md.

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from theria_kernels._contracts import AttentionParams, row_stat_dtype_name
 from theria_kernels._plan import Allocation, Buffer, Launch, Plan
-from theria_kernels.attention._tuning import DTYPE_BYTES, TILE_TABLES, tile, uses_tma
+from theria_kernels.attention._tuning import DTYPE_BYTES, TILE_TABLES, tile, uses_one_sweep, uses_tma
 from theria_kernels.attention.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from theria_kernels.attention.double_backward import _attn_bwd_bwd_cols_kernel, _attn_bwd_bwd_rows_kernel
 from theria_kernels.attention.forward import _attn_fwd_kernel
@@ -68,7 +68,7 @@ INTERPRETER_BLOCKS = (16, 16, 1, 1)
 # forward at its 32 × 32 tiles 255 registers and 1.1 KB of stack padded but 32 and ~8 KB split,
 # so those two keep the padded tile until they have tiles of their own.
 SPLIT_HEAD_DIM = {"forward": True, "jvp": True, "forward_second": False, "backward": True,
-                  "backward_backward": False}
+                  "backward_backward": False, "backward_backward_rows": False}
 
 _TL_DTYPES = {"float16": tl.float16, "bfloat16": tl.bfloat16, "float32": tl.float32, "float64": tl.float64}
 
@@ -332,7 +332,8 @@ def backward_backward_plan(call: AttentionCall, given: frozenset, tma_ok: bool =
     """VJP of the backward (q, k, v, d_out, d_lse) ↦ (dq, dk, dv) for cotangents (cot_dq, cot_dk,
     cot_dv) (§4): outputs (cot_q, cot_k, cot_v, cot_d_out, cot_d_lse). ``given`` names which of
     d_lse, cot_dq, cot_dk, cot_dv are inputs; the others are zero (d_lse a None pointer, the
-    cotangents zeroed temporaries). The row sweeps store delta for the column sweep.
+    cotangents zeroed temporaries). The row kernel (one sweep or two, ``_tuning.uses_one_sweep``,
+    on the ``backward_backward_rows`` tile) stores delta, sigma and rho for the column sweep.
 
     With ``d_out_dot`` in ``given`` (and optionally ``d_lse_dot``), (cot_q, cot_k, cot_v) also hold
     the backward for the second cotangent u̇ = (d_out_dot, d_lse_dot): with (cot_dq, cot_dk,
@@ -340,7 +341,7 @@ def backward_backward_plan(call: AttentionCall, given: frozenset, tma_ok: bool =
     ``backward_plan``'s (K and V in the row sweeps, Q and dO in the column sweep). Without
     ``cot_d_out`` (d_out is a constant of the caller's, e.g. a fixed output weight) the outputs are
     (cot_q, cot_k, cot_v, cot_d_lse) and the row sweep skips its dP̄ V product."""
-    meta, block_m, block_n, warps, stages = call.meta("backward_backward")
+    row_meta, block_m, block_n, warps, stages = call.meta("backward_backward_rows")
     tangent = "d_out_dot" in given
     allocations = {"cot_q": _Q, "cot_k": _K, "cot_v": _K, "cot_d_out": _Q, "cot_d_lse": _rows(call),
                    "delta": _rows(call), "rho": _rows(call)}
@@ -355,20 +356,21 @@ def backward_backward_plan(call: AttentionCall, given: frozenset, tma_ok: bool =
     shared = dict(Q=Buffer("q"), K=Buffer("k"), V=Buffer("v"), D_out=Buffer("d_out"), Lse=Buffer("lse"),
                   Delta=Buffer("delta"), Cot_dq=Buffer("cot_dq"), Cot_dk=Buffer("cot_dk"), Cot_dv=Buffer("cot_dv"),
                   D_out_dot=Buffer("d_out_dot") if tangent else None,
-                  Delta_dot=Buffer("delta_dot") if tangent else None, TANGENT=tangent,
-                  TMA=call.tma("backward_backward", tma_ok))
+                  Delta_dot=Buffer("delta_dot") if tangent else None, TANGENT=tangent)
     launches = (
         Launch(_attn_bwd_bwd_rows_kernel, call.row_grid(block_m),
                dict(shared, Out=Buffer("out"), D_lse=Buffer("d_lse") if "d_lse" in given else None,
                     D_lse_dot=Buffer("d_lse_dot") if "d_lse_dot" in given else None,
                     Cot_q=Buffer("cot_q"), Cot_d_out=Buffer("cot_d_out") if cot_d_out else None,
-                    Sigma=Buffer("cot_d_lse"), Rho=Buffer("rho"), **call.geometry(), **meta,
-                    EVEN_K=call.even_k(block_n)),
+                    Sigma=Buffer("cot_d_lse"), Rho=Buffer("rho"), **call.geometry(), **row_meta,
+                    EVEN_K=call.even_k(block_n), TMA=call.tma("backward_backward_rows", tma_ok),
+                    ONE_SWEEP=uses_one_sweep(call.device.capability, call.block_d, call.dtype)),
                writes=("Delta", *(("Delta_dot",) if tangent else ()), "Cot_q", *(("Cot_d_out",) if cot_d_out else ()),
                        "Sigma", "Rho"),
                num_warps=warps, num_stages=stages),
         _column_launch(_attn_bwd_bwd_cols_kernel, call, "backward_backward",
-                       dict(shared, Sigma=Buffer("cot_d_lse"), Rho=Buffer("rho")), dict(Cot_k="cot_k", Cot_v="cot_v"),
+                       dict(shared, Sigma=Buffer("cot_d_lse"), Rho=Buffer("rho"),
+                            TMA=call.tma("backward_backward", tma_ok)), dict(Cot_k="cot_k", Cot_v="cot_v"),
                        allocations),
     )
     inputs = call.inputs(("q", "k", "v", "out", "d_out", *(n for n in ("cot_dq", "cot_dk", "cot_dv", "d_out_dot")

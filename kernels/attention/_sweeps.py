@@ -30,6 +30,11 @@ from theria_kernels.attention._tiles import (
 # backward for a second cotangent u̇ = (dȮ, dl̇se): H_u ẋ + Jᵀ u̇, the tangent of the backward
 # (forward over reverse, theory §5), whose Jᵀ u̇ adds the backward's dS for u̇ to S̄ and Pᵀ dȮ to
 # cot_v.
+#
+# A row sweep of the double backward runs either as two sweeps (ROW_REDUCTIONS for sigma and rho,
+# then COTANGENTS or BACKWARD_TANGENT, which read them) or, with ONE_SWEEP, as one sweep at
+# COTANGENTS or BACKWARD_TANGENT that sums sigma, rho and the outputs' parts together
+# (``_row_second_order``; where each runs: ``_tuning.ROW_ONE_SWEEP``).
 GRADIENT = tl.constexpr(0)
 ROW_REDUCTIONS = tl.constexpr(1)
 COTANGENTS = tl.constexpr(2)
@@ -87,18 +92,54 @@ def _second_order_dots(acc, p, dp, ds_bar, gv_a, gv_b, u_a, u_b, delta, sigma, r
 
 
 @triton.jit
+def _row_second_order(acc, p, dp, ds_bar, d_out, cot_dv, u_dot, v, k, cot_dk, delta, delta_u, cap, softcap,
+                      HAS_U: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """One row tile's part of the double backward's row outputs in one sweep (§4.7): ``acc`` =
+    (sigma, Σ_j X, X K + dS Ḡk, dS K, P K[, P Ḡv + (P ∘ dS̄) V]) with X = P ∘ (dS̄ ∘ (dP − δ) + dO
+    Ḡvᵀ). S̄ = X − sigma dS − (sigma δ + rho) P needs the row sums sigma and rho of every key
+    block, so the sweep sums S̄ K's three parts apart and the kernel weighs them once at the end
+    (cot_q), as it subtracts sigma O from the last part (cot_dO's dP̄ V = (P ∘ dS̄) V − sigma O);
+    rho = Σ_j X − sigma rowsum(dO ∘ O). HAS_U adds Jᵀ u̇'s dS = P ∘ (dȮ Vᵀ − δ_u) to X's product
+    with K (§5). SOFTCAP (§8): ``ds_bar`` is the cotangent of dR, the softmax sees g ∘ ds_bar, and
+    the products take dR = g ∘ dS, g ∘ P and R̄'s g ∘ X − (2 / softcap) t ∘ ds_bar ∘ dR in place
+    of dS, P and X."""
+    ds = p * (dp - delta[:, None])
+    ds_bar_s, ds_s, p_s = ds_bar, ds, p
+    if SOFTCAP:
+        gate = 1.0 - cap * cap
+        ds_bar_s, ds_s, p_s = gate * ds_bar, gate * ds, gate * p
+    p_ds_bar = p * ds_bar_s
+    sigma = acc[0] + tl.sum(p_ds_bar, 1)
+    # Each product is taken as soon as its tile exists, so that few T×T tiles are live at once.
+    acc_x = _add_dot(acc[2], ds_s, cot_dk, PRECISION, ACC_DTYPE)
+    acc_ds = _add_dot(acc[3], ds_s, k, PRECISION, ACC_DTYPE)
+    acc_p = _add_dot(acc[4], p_s, k, PRECISION, ACC_DTYPE)
+    others = ()
+    if len(acc) > 5:
+        others = (_add_dot(_add_dot(acc[5], p, cot_dv, PRECISION, ACC_DTYPE), p_ds_bar, v, PRECISION, ACC_DTYPE),)
+    x = p * _add_dot_t(ds_bar_s * (dp - delta[:, None]), d_out, cot_dv, PRECISION, ACC_DTYPE)
+    x_sum = acc[1] + tl.sum(x, 1)
+    if HAS_U:
+        x += p * (_dot_t(u_dot, v, PRECISION, ACC_DTYPE) - delta_u[:, None])
+    if SOFTCAP:
+        x = gate * x - (2.0 / softcap) * cap * ds_bar * ds_s
+    return (sigma, x_sum, _add_dot(acc_x, x, k, PRECISION, ACC_DTYPE), acc_ds, acc_p) + others
+
+
+@triton.jit
 def _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K, V, Cot_dk, Cot_dv, k_base, start_m,
               start_n, offs_m, t_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
               BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, MASKED: tl.constexpr, STAGE: tl.constexpr,
               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-              TMA: tl.constexpr = False):
+              TMA: tl.constexpr = False, ONE_SWEEP: tl.constexpr = False):
     """``acc`` plus what the key block [start_n, start_n + BLOCK_N) adds to it, for the query block
     whose tiles (q, d_out, cot_dq, u_dot; split into head-dim parts) and row statistics (lse2 =
     lse · log2 e, delta, sigma, rho, delta_u) the caller holds; key-shaped pointers are offset by
     k_base. ``acc`` is (dQ,) for GRADIENT, (sigma, Σ_j P dS̄ dP, P Ḡv) for ROW_REDUCTIONS, (cot_q,
-    cot_dO) for COTANGENTS and BACKWARD_TANGENT, or (cot_q,) where cot_dO is not wanted; a stage
-    reads no tile or statistic it does not use (None). The score modifiers (§8, ``_scores``):
+    cot_dO) for COTANGENTS and BACKWARD_TANGENT, or (cot_q,) where cot_dO is not wanted, and with
+    ONE_SWEEP the sums of ``_row_second_order`` (which reads no sigma or rho); a stage reads no
+    tile or statistic it does not use (None). The score modifiers (§8, ``_scores``):
     ``slope`` is the rows' ALiBi slope broadcast along keys. With TMA, K and V are the key/value
     head's tensor descriptors (one key block a box; rows past t_k arrive as zeros, as the masked
     loads give them)."""
@@ -127,6 +168,9 @@ def _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K,
             p_ds_bar = p * ds_bar
             acc = (acc[0] + tl.sum(p_ds_bar, 1), acc[1] + tl.sum(p_ds_bar * dp, 1),
                    _add_dot(acc[2], p, cot_dv, PRECISION, ACC_DTYPE))
+        elif ONE_SWEEP:
+            acc = _row_second_order(acc, p, dp, ds_bar, d_out, cot_dv, u_dot, v, k, cot_dk, delta, delta_u, cap,
+                                    softcap, STAGE == BACKWARD_TANGENT, SOFTCAP, PRECISION, ACC_DTYPE)
         else:  # (cot_q, cot_dO) += (S̄ K + dS Ḡk, dP̄ V); BACKWARD_TANGENT: Jᵀ u̇'s dS joins S̄
             acc = _second_order_dots(acc, p, dp, ds_bar, d_out, cot_dv, u_dot, v, delta, sigma, rho, delta_u, k, cot_dk,
                                      v, cap, softcap, True, STAGE == BACKWARD_TANGENT, SOFTCAP, PRECISION, ACC_DTYPE)
@@ -139,7 +183,7 @@ def _row_sweep(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
                BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, EVEN_K: tl.constexpr, STAGE: tl.constexpr,
                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-               TMA: tl.constexpr = False):
+               TMA: tl.constexpr = False, ONE_SWEEP: tl.constexpr = False):
     """``_row_tile`` over every key block the query block [start_m, start_m + BLOCK_M) sees. Key
     blocks are loaded with masks (cheap against a row tile's work); only a band or a last key
     block past T_k (not EVEN_K) compiles the score mask in (``_mask``)."""
@@ -148,7 +192,7 @@ def _row_sweep(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K
         acc = _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K, V, Cot_dk, Cot_dv, k_base,
                         start_m, start_n, offs_m, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope,
                         diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED,
-                        BANDED or not EVEN_K, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA)
+                        BANDED or not EVEN_K, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA, ONE_SWEEP)
     return acc
 
 

@@ -29,7 +29,7 @@ import tempfile
 from dataclasses import dataclass
 
 
-KINDS = ("forward", "jvp", "forward_second", "backward", "backward_backward")
+KINDS = ("forward", "jvp", "forward_second", "backward", "backward_backward", "backward_backward_rows")
 HEAD_DIMS = (32, 64, 128, 256)
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
@@ -82,6 +82,14 @@ SM90: dict[str, dict[int, dict[int, Tile]]] = {
         128: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
         256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
     },
+    # The double backward's row sweep (``double_backward``), one sweep where ``ROW_ONE_SWEEP`` says
+    # so (the 2-byte entry at head dim 64), two elsewhere, on the column sweep's tiles.
+    "backward_backward_rows": {
+        32: {2: (64, 64, 4, 3), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
+        64: {2: (64, 32, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
+        128: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
+        256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
+    },
 }
 
 
@@ -103,13 +111,14 @@ def _overriding(base: dict, entries: dict) -> dict:
     return table
 
 
-# A100 (164 KB a multiprocessor, 163 KB a program): sm_90's tiles except the 2-byte JVP: at head
-# dim 128 sm_90's 128 × 64 × 8 warps fits (144 KB) but ptxas settles on 32 registers and spills
-# 8.3 KB a thread (128 × 32: 4 KB); the 64 × 64 tile it takes instead spills 696 B. At head dim
-# 64 the tangent kernel spills 1 KB a thread at sm_90's 128 × 64 × 8 warps and 376 B at the
-# 64 × 64 × 4 warps that sm_90 gives banded calls, which the A100 takes for every call.
+# A100 (164 KB a multiprocessor, 163 KB a program): sm_90's tiles except the double backward's
+# row sweep at head dim 64 (two sweeps here, ``ROW_ONE_SWEEP``, on their former tile) and the
+# 2-byte JVP: at head dim 128 sm_90's 128 × 64 × 8 warps fits (144 KB) but ptxas settles on 32
+# registers and spills 8.3 KB a thread (128 × 32: 4 KB); the 64 × 64 tile it takes instead spills
+# 696 B. At head dim 64 the tangent kernel spills 1 KB a thread at sm_90's 128 × 64 × 8 warps and
+# 376 B at the 64 × 64 × 4 warps that sm_90 gives banded calls, which the A100 takes for every call.
 SM80 = _overriding(SM90, {
-    ("jvp", 64, 2): (64, 64, 4, 3),
+    ("jvp", 64, 2): (64, 64, 4, 3), ("backward_backward_rows", 64, 2): (64, 64, 4, 2),
     ("jvp", 128, 2): (64, 64, 4, 2), ("jvp", 128, 4): (32, 32, 4, 1), ("jvp", 128, 8): (16, 16, 4, 1),
 })
 
@@ -118,9 +127,9 @@ SM80 = _overriding(SM90, {
 # 68 KB; 64 × 64 needs 104 on sm_80) and the backward at 256 (32 × 32, one stage: at BLOCK_M 64 the dK/dV
 # sweep needs 100 KB with two stages and 112 KB with one). Float64 at head dim 256 fits no tile
 # here (the JVP needs 128 KB at 16 × 16); Ada's float64 rate is 1/64 of its float32 anyway. The
-# 2-byte JVP at head dim 64 as on the A100.
+# 2-byte JVP at head dim 64 and the double backward's rows as on the A100.
 SM89 = _overriding(SM90, {
-    ("jvp", 64, 2): (64, 64, 4, 3),
+    ("jvp", 64, 2): (64, 64, 4, 3), ("backward_backward_rows", 64, 2): (64, 64, 4, 2),
     ("forward", 128, 2): (128, 64, 8, 2), ("forward", 128, 4): (64, 32, 8, 1),
     ("jvp", 128, 2): (64, 32, 4, 2), ("jvp", 128, 4): (32, 16, 4, 1), ("jvp", 128, 8): (16, 16, 4, 1),
     ("backward", 256, 2): (32, 32, 4, 1), ("backward", 256, 4): (16, 16, 4, 1),
@@ -149,6 +158,30 @@ def table_capability(capability: int) -> int:
     return TABLE_ALIASES.get(capability, FALLBACK_CAPABILITY)
 
 
+# Where the double backward's row kernel sweeps the keys once (``double_backward``: two more
+# (BLOCK_M, D) float32 accumulators, two fewer GEMMs a tile pair, no second pass over K and V),
+# per table: (head-dim class, dtype class) entries where a timing showed it pays, on the
+# ``backward_backward_rows`` tile. H200, bf16, B8 H16 T4096, the double backward alone (CUDA-graph
+# replay; docs/perf-notes.md item 35): D64 12.24 → 11.28 ms (10.48 without d_out's cotangent,
+# 12.09 before), causal 7.92 → 7.36 (7.00 / 7.66); at D128 the extra accumulators spill and one
+# sweep is slower at every tile tried (15.45 against 14.41 ms at best, without d_out's cotangent).
+# Elsewhere untimed: two sweeps.
+ROW_ONE_SWEEP: dict[int, frozenset] = {90: frozenset({(64, 2)}), 100: frozenset({(64, 2)})}
+# THERIA_ATTENTION_ONE_SWEEP=1 / =0 runs the one sweep everywhere / nowhere (how
+# scripts/tune_attention.py times a schedule the table does not choose); ONE_SWEEP_OVERRIDE is
+# what the plans read (the tests set it).
+ONE_SWEEP_OVERRIDE = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENTION_ONE_SWEEP", ""))
+
+
+def uses_one_sweep(capability: int, block_d: int, dtype: str) -> bool:
+    """Whether the double backward's row kernel sweeps the keys once (``ROW_ONE_SWEEP``) on a device
+    of ``capability`` at padded head dim ``block_d`` in ``dtype``."""
+    if ONE_SWEEP_OVERRIDE is not None:
+        return ONE_SWEEP_OVERRIDE
+    entry = (head_dim_class(block_d), DTYPE_BYTES[dtype])
+    return entry in ROW_ONE_SWEEP.get(table_capability(capability), ())
+
+
 # Where the sweeps load through the tensor memory accelerator (TMA: tensor descriptors, sm_90 and
 # later), per table: (kind, head-dim class, dtype class) entries where a timing showed it pays
 # (docs/design/tuning.md §1). On the H200 (bf16, T 4096) TMA takes the forward from 1.174 to 1.099
@@ -162,12 +195,12 @@ def table_capability(capability: int) -> int:
 # GPU here). Each descriptor takes 128 bytes of global scratch a program.
 TMA_KINDS: dict[int, frozenset] = {
     90: frozenset({(kind, head_dim, 2) for kind in ("forward", "jvp", "backward") for head_dim in (64, 128)}
-                  | {("backward_backward", 64, 2)}),
+                  | {("backward_backward", 64, 2), ("backward_backward_rows", 64, 2)}),
     100: frozenset(),
 }
 # The sweeps that can load through tensor descriptors: the forward kinds (K and V), the backward and
 # the double backward (K and V in the row sweeps, Q and dO in the column sweep).
-TMA_CAPABLE = ("forward", "jvp", "forward_second", "backward", "backward_backward")
+TMA_CAPABLE = ("forward", "jvp", "forward_second", "backward", "backward_backward", "backward_backward_rows")
 # THERIA_ATTENTION_TMA=1 turns TMA on for every capable sweep and dtype wherever a call allows it
 # (the interpreter included, which is how the CPU tests run it); =0 turns it off everywhere.
 # TMA_OVERRIDE is what the sweeps read; tools that change it (scripts/tune_attention.py --tma)

@@ -1,4 +1,4 @@
-"""Double backward of attention (the VJP of the backward): two row sweeps, then one column sweep."""
+"""Double backward of attention (the VJP of the backward): one or two row sweeps, then one column sweep."""
 
 from __future__ import annotations
 
@@ -33,7 +33,14 @@ from theria_kernels.attention.backward import _row_delta
 #   cot_q = scale (S̄ K + dS Ḡk),  cot_k = scale (S̄ᵀ Q + dSᵀ Ḡq),  cot_v = dP̄ᵀ dO,
 #   cot_dO = P Ḡv + dP̄ V.
 # The row kernel sweeps the keys twice (reductions, then cot_q and cot_dO); the column kernel
-# then sweeps the queries once for cot_k and cot_v, reading sigma and rho. With a cap (§8) dS̄ above
+# then sweeps the queries once for cot_k and cot_v, reading sigma and rho. With ONE_SWEEP the row
+# kernel sweeps the keys once, from the same quantities written another way (§4.7):
+#   S̄ = X − sigma dS − (sigma delta + rho) P,   X = P ∘ (dS̄ ∘ (dP − delta) + dO Ḡvᵀ),
+#   rho = Σ_j X − sigma rowsum(dO ∘ O),   dP̄ V = (P ∘ dS̄) V − sigma O:
+# it sums X K + dS Ḡk, dS K and P K apart, with sigma and rho alongside, and weighs them at the
+# end, which leaves the row terms out of every tile (11 GEMMs a tile pair instead of 13; 9 instead
+# of 12 without cot_dO) for two more (BLOCK_M, D) accumulators (``_tuning.ROW_ONE_SWEEP`` says
+# where that pays). With a cap (§8) dS̄ above
 # is g ∘ dR̄ (dR̄ = scale (Ḡq Kᵀ + Q Ḡkᵀ)), and cot_q, cot_k read dR = g ∘ dS and
 # R̄ = g ∘ (S̄ − (2/c) t ∘ dR̄ ∘ dS) in place of dS and S̄.
 # The tangent of the backward along (ẋ, u̇) (forward over reverse) is H_u ẋ + Jᵀ u̇: the double
@@ -53,13 +60,14 @@ def _attn_bwd_bwd_rows_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
     BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, TANGENT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, ONE_SWEEP: tl.constexpr,
 ):
     """cot_q, cot_dO, sigma (= cot_d_lse), rho and the row term delta for one query block of one
-    query head; without Cot_d_out (None: d_out needs no cotangent) the second sweep skips dP̄ V.
+    query head, in two sweeps over the keys or, with ONE_SWEEP, in one; without Cot_d_out (None:
+    d_out needs no cotangent) the sweep that forms the outputs skips cot_dO's products.
     TANGENT adds Jᵀ u̇ for the second cotangent u̇ = (D_out_dot, D_lse_dot) to cot_q
     (``BACKWARD_TANGENT``) and stores its row term in Delta_dot for the column kernel. TMA loads K
-    and V through tensor descriptors in both sweeps, as the backward's dQ kernel does."""
+    and V through tensor descriptors in every sweep, as the backward's dQ kernel does."""
     start_m = tl.program_id(0) * BLOCK_M
     batch, head, entry = _program(heads, VARLEN)
     q_base, k_base, row_base, len_q, len_k, band_lo, band_hi = _sequence(
@@ -90,30 +98,57 @@ def _attn_bwd_bwd_rows_kernel(
     k_rows = _rows_source(K, k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM, TMA)
     v_rows = _rows_source(V, k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM, TMA)
 
-    # Sweep 1: the row reductions sigma, rho and the row vectors P Ḡv.
-    sums = (tl.zeros([BLOCK_M], ACC_DTYPE), tl.zeros([BLOCK_M], ACC_DTYPE), _zeros_like_parts(q, ACC_DTYPE))
-    sigma, p_ds_bar_dp, p_gv = _row_sweep(
-        sums, q, d_out, cot_dq, lse2, None, None, None, None, None, k_rows, v_rows, Cot_dk, Cot_dv, k_base, start_m,
-        offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, EVEN_K, ROW_REDUCTIONS, SOFTCAP, ALIBI, ACC_DTYPE,
-        PRECISION, TMA)
-    # 2 delta + d_lse = delta + rowsum(dO ∘ O)
-    rho = p_ds_bar_dp - sigma * (delta + row_dot) + _row_dot(d_out, p_gv, ACC_DTYPE)
-    tl.store(Sigma + row_base + offs_m, sigma, mask=row_mask)
-    tl.store(Rho + row_base + offs_m, rho, mask=row_mask)
+    if ONE_SWEEP:
+        # One sweep: sigma, Σ_j X and the three parts of S̄ K (``_sweeps._row_second_order``).
+        zeros, rows = _zeros_like_parts(q, ACC_DTYPE), tl.zeros([BLOCK_M], ACC_DTYPE)
+        acc = (rows, rows, zeros, zeros, zeros)
+        if Cot_d_out is not None:
+            acc += (zeros,)
+        acc = _row_sweep(
+            acc, q, d_out, cot_dq, lse2, delta, None, None, u_dot, delta_u, k_rows, v_rows, Cot_dk, Cot_dv, k_base,
+            start_m, offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal,
+            softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, EVEN_K, STAGE, SOFTCAP, ALIBI, ACC_DTYPE,
+            PRECISION, TMA, True)
+        sigma = acc[0]
+        rho = acc[1] - sigma * row_dot
+        tl.store(Sigma + row_base + offs_m, sigma, mask=row_mask)
+        tl.store(Rho + row_base + offs_m, rho, mask=row_mask)
+        by_p = sigma * delta + rho
+        cot_q = ()
+        for part in tl.static_range(len(q)):
+            cot_q += ((acc[2][part] - sigma[:, None] * acc[3][part] - by_p[:, None] * acc[4][part]) * sm_scale,)
+        _store_parts(Cot_q + q_base, cot_q, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+        if Cot_d_out is not None:
+            out = _load_parts(Out + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+            cot_d_out = ()
+            for part in tl.static_range(len(q)):
+                cot_d_out += (acc[5][part] - sigma[:, None] * out[part].to(ACC_DTYPE),)
+            _store_parts(Cot_d_out + q_base, cot_d_out, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    else:
+        # Sweep 1: the row reductions sigma, rho and the row vectors P Ḡv.
+        sums = (tl.zeros([BLOCK_M], ACC_DTYPE), tl.zeros([BLOCK_M], ACC_DTYPE), _zeros_like_parts(q, ACC_DTYPE))
+        sigma, p_ds_bar_dp, p_gv = _row_sweep(
+            sums, q, d_out, cot_dq, lse2, None, None, None, None, None, k_rows, v_rows, Cot_dk, Cot_dv, k_base,
+            start_m, offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal,
+            softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, EVEN_K, ROW_REDUCTIONS, SOFTCAP, ALIBI,
+            ACC_DTYPE, PRECISION, TMA)
+        # 2 delta + d_lse = delta + rowsum(dO ∘ O)
+        rho = p_ds_bar_dp - sigma * (delta + row_dot) + _row_dot(d_out, p_gv, ACC_DTYPE)
+        tl.store(Sigma + row_base + offs_m, sigma, mask=row_mask)
+        tl.store(Rho + row_base + offs_m, rho, mask=row_mask)
 
-    # Sweep 2: cot_q and cot_dO (which starts at P Ḡv), now that every row statistic is complete.
-    acc = (_zeros_like_parts(q, ACC_DTYPE),)
-    if Cot_d_out is not None:
-        acc += (p_gv,)
-    acc = _row_sweep(
-        acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, k_rows, v_rows, Cot_dk, Cot_dv, k_base, start_m,
-        offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, EVEN_K, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION,
-        TMA)
-    _store_parts(Cot_q + q_base, _times(acc[0], sm_scale), offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
-    if Cot_d_out is not None:
-        _store_parts(Cot_d_out + q_base, acc[1], offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+        # Sweep 2: cot_q and cot_dO (which starts at P Ḡv), now that every row statistic is complete.
+        acc = (_zeros_like_parts(q, ACC_DTYPE),)
+        if Cot_d_out is not None:
+            acc += (p_gv,)
+        acc = _row_sweep(
+            acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, k_rows, v_rows, Cot_dk, Cot_dv, k_base,
+            start_m, offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal,
+            softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, EVEN_K, STAGE, SOFTCAP, ALIBI, ACC_DTYPE,
+            PRECISION, TMA)
+        _store_parts(Cot_q + q_base, _times(acc[0], sm_scale), offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+        if Cot_d_out is not None:
+            _store_parts(Cot_d_out + q_base, acc[1], offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
 
 
 @triton.jit
