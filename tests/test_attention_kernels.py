@@ -309,6 +309,7 @@ ONE_SWEEP_CASES = {
 @pytest.mark.parametrize("check", ["backward_backward", "backward_tangent"])
 @pytest.mark.parametrize("case", list(ONE_SWEEP_CASES) + ["varlen", "split-D48-float16"])
 def test_double_backward_one_sweep(case, check, monkeypatch):
+    """Forced one sweep against the reference; every double-backward plan built took it."""
     monkeypatch.setattr(tuning, "ONE_SWEEP_OVERRIDE", True)
     checker = VARLEN_CHECKS[check]
     clear_plans()  # plans are cached with the schedule they were built with
@@ -323,11 +324,9 @@ def test_double_backward_one_sweep(case, check, monkeypatch):
         else:
             shape, head_dim, dtype, mask = ONE_SWEEP_CASES[case]
             q, k, v, params = _case(shape, head_dim, dtype, mask, seed=2)
-            extra = {}
             if params.alibi:
                 slopes = random_slopes(q.shape[0], q.shape[1]).to(q.device)
-                extra = dict(row_slopes=row_slopes(slopes, q.shape[2]))
-                checker(q, k, v, params, reference_fn(params, slopes), dtype, **extra)
+                checker(q, k, v, params, reference_fn(params, slopes), dtype, row_slopes=row_slopes(slopes, q.shape[2]))
             else:
                 checker(q, k, v, params, reference_fn(params), dtype)
         plans = [plan for plan in torch_launchers._PLANS.values()

@@ -40,9 +40,8 @@ from theria_kernels.attention.backward import _row_delta
 # it sums X K + dS Ḡk, dS K and P K apart, with sigma and rho alongside, and weighs them at the
 # end, which leaves the row terms out of every tile (11 GEMMs a tile pair instead of 13; 9 instead
 # of 12 without cot_dO) for two more (BLOCK_M, D) accumulators (``_tuning.ROW_ONE_SWEEP`` says
-# where that pays). With a cap (§8) dS̄ above
-# is g ∘ dR̄ (dR̄ = scale (Ḡq Kᵀ + Q Ḡkᵀ)), and cot_q, cot_k read dR = g ∘ dS and
-# R̄ = g ∘ (S̄ − (2/c) t ∘ dR̄ ∘ dS) in place of dS and S̄.
+# where that pays). With a cap (§8) dS̄ above is g ∘ dR̄ (dR̄ = scale (Ḡq Kᵀ + Q Ḡkᵀ)), and cot_q,
+# cot_k read dR = g ∘ dS and R̄ = g ∘ (S̄ − (2/c) t ∘ dR̄ ∘ dS) in place of dS and S̄.
 # The tangent of the backward along (ẋ, u̇) (forward over reverse) is H_u ẋ + Jᵀ u̇: the double
 # backward with cotangents Ḡ = ẋ (the Hessian is symmetric) plus the backward for u̇, which is
 # linear in u. TANGENT fuses the two: with u̇ = (dȮ, dl̇se), delta_u = rowsum(dȮ ∘ O) − dl̇se and
