@@ -10,13 +10,14 @@ double backward), head dim of --shapes and mask class (no mask, or banded: the c
 tile banded calls take from ``_tuning.BANDED_TILES`` where it differs), the candidates are the
 current entry for this GPU's compute capability (kernels/attention/_tuning.py), its 13 neighbours
 (``neighbours``) and any tile --candidates names for that kind. The row sweep runs one sweep or two
-as ``_tuning.ROW_ONE_SWEEP`` says; ``THERIA_ATTENTION_ONE_SWEEP=1`` (``=0``) times the other. Every candidate's kernels are first compiled for this GPU on all
-CPU cores at once (``_tuning.compile_launch``; Triton's disk cache then serves the timed runs), and
-candidates that need more shared memory than the GPU gives one program are dropped. The rest are timed
-through the torch launchers on every shape and mask of that head dim, as the device's time
-(``--timing graph``, the default: ``triton.testing.do_bench_cudagraph``, CUDA-graph replay,
-median), and the candidate that spills no registers with the smallest geometric mean of its time
-relative to the current entry wins (the fastest of all where every candidate spills, flagged so).
+as ``_tuning.ROW_ONE_SWEEP`` says; ``THERIA_ATTENTION_ONE_SWEEP=1`` (``=0``) times the other.
+Every candidate's kernels are first compiled for this GPU on all CPU cores at once
+(``_tuning.compile_launch``; Triton's disk cache then serves the timed runs), and candidates that
+need more shared memory than the GPU gives one program are dropped. The rest are timed through
+the torch launchers on every shape and mask of that head dim, as the device's time (``--timing
+graph``, the default: ``triton.testing.do_bench_cudagraph``, CUDA-graph replay, median), and the
+candidate that spills no registers with the smallest geometric mean of its time relative to the
+current entry wins (the fastest of all where every candidate spills, flagged so).
 The report lists the table's entries from the runs without a mask and, for ``BANDED_TILES``, the
 banded choices that differ from them.
 A tile changes only the device's work, so the host's time must not enter: at small shapes
@@ -51,7 +52,8 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-KINDS = ("forward", "jvp", "forward_second", "backward", "backward_backward", "backward_backward_rows")
+from theria_kernels.attention._tuning import KINDS
+
 TIMINGS = {"graph": "`triton.testing.do_bench_cudagraph` (the device's time)",
            "events": "`triton.testing.do_bench` (CUDA events)"}
 MASKS = {"full": dict(causal=False), "causal": dict(causal=True)}
@@ -130,15 +132,6 @@ def with_tma(tma) -> None:
         builder.cache_clear()
 
 
-def _takes_tile(kind: str, kernel: str) -> bool:
-    """Whether a launch of ``kernel`` in ``kind``'s plan runs on that kind's tile: the double
-    backward's plan runs its row kernel on the ``backward_backward_rows`` tile and its column
-    kernel on the ``backward_backward`` one; every other plan's launches take their kind's."""
-    if kind.startswith("backward_backward"):
-        return ("rows" in kernel) == (kind == "backward_backward_rows")
-    return True
-
-
 def _compile_candidate(job) -> dict:
     """Worker: compile every launch of one candidate (a tile, and TMA on, off or as the tables say)
     for one shape and mask; its worst resources, or the compiler's error."""
@@ -154,7 +147,7 @@ def _compile_candidate(job) -> dict:
     used = dict(shared=0, registers=0, spills=0, problems=[])
     try:
         for launch in plan.launches:
-            if not _takes_tile(kind, launch.kernel.__name__):
+            if not _tuning.takes_tile(kind, launch.kernel.__name__):
                 continue
             found = _tuning.compile_launch(launch, plan.buffer_dtypes, device.capability)
             used = dict(shared=max(used["shared"], found.shared), registers=max(used["registers"], found.registers),
@@ -174,7 +167,7 @@ def workloads(shape, dtype: str, mask: str):
     """The torch launcher of each sweep kind on random inputs of one shape and mask."""
     import torch
 
-    from theria_kernels.attention import AttentionParams
+    from theria_kernels.attention import AttentionParams, _tuning
     from theria_kernels.attention import torch_launchers as kernels
 
     torch_dtype = getattr(torch, dtype)
@@ -183,16 +176,15 @@ def workloads(shape, dtype: str, mask: str):
     params = AttentionParams(scale=shape[-1] ** -0.5, **MASKS[mask])
     out, lse = kernels.attention_forward(q, k, v, params)
     d_out = draw()
-    return {
+    runs = {
         "forward": lambda: kernels.attention_forward(q, k, v, params),
         "jvp": lambda: kernels.attention_tangent(q, k, v, out, lse, *directions[:3], params),
         "forward_second": lambda: kernels.attention_forward_second(q, k, v, *directions, params),
         "backward": lambda: kernels.attention_backward(q, k, v, out, lse, d_out, None, params),
         "backward_backward": lambda: kernels.attention_backward_backward(
             q, k, v, out, lse, d_out, None, *directions[:3], params),
-        "backward_backward_rows": lambda: kernels.attention_backward_backward(
-            q, k, v, out, lse, d_out, None, *directions[:3], params),
     }
+    return runs | {kind: runs[plan] for kind, plan in _tuning.PLAN_KIND.items()}
 
 
 def main():

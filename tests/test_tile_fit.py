@@ -160,17 +160,13 @@ KNOWN_LEGACY_MMA = {
 
 # Launches that are not a table kind of their own, and the kind whose tile they take.
 TABLE_KIND = {"tangent": "jvp"}
-# Kinds whose tile only some launches of a plan take: the plan they come from, and which kernels.
-PLAN_OF = {"backward_backward_rows": "backward_backward"}
-KERNELS_OF = {"backward_backward": lambda name: "rows" not in name,
-              "backward_backward_rows": lambda name: "rows" in name}
 
 
 def entry_launches(capability: int, kind: str, head_dim: int, dtype_bytes: int, banded: bool = True):
     """The launches (and the dtype of each buffer) that the tile-table entry (capability, kind,
     head dim, dtype class) runs, built by the real plan builders, for a causal call (``banded``) or
     one without a mask."""
-    from theria_kernels.attention import AttentionParams, _launch
+    from theria_kernels.attention import AttentionParams, _launch, _tuning
 
     batch, heads, heads_kv, seq = SHAPE
     dtype = DTYPE_OF_CLASS[dtype_bytes]
@@ -189,9 +185,9 @@ def entry_launches(capability: int, kind: str, head_dim: int, dtype_bytes: int, 
         "backward_backward": lambda: _launch.backward_backward_plan(
             call, frozenset({"d_lse", "cot_dq", "cot_dk", "cot_dv"})),
     }
-    plan = plans[PLAN_OF.get(kind, kind)]()
+    plan = plans[_tuning.PLAN_KIND.get(kind, kind)]()
     return [(launch, plan.buffer_dtypes) for launch in plan.launches
-            if KERNELS_OF.get(kind, lambda name: True)(launch.kernel.__name__)]
+            if _tuning.takes_tile(kind, launch.kernel.__name__)]
 
 
 def _compile_one(job):

@@ -151,6 +151,20 @@ TABLE_ALIASES = {86: 89, 87: 80, 103: 100, 120: 89, 121: 89}
 FALLBACK_CAPABILITY = 89
 
 
+# Kinds that tile one kernel of another kind's plan, and that plan's kind: the double backward's
+# plan runs its row kernel on the ``backward_backward_rows`` tile, its column kernel on the
+# ``backward_backward`` one.
+PLAN_KIND = {"backward_backward_rows": "backward_backward"}
+
+
+def takes_tile(kind: str, kernel: str) -> bool:
+    """Whether a launch of the kernel named ``kernel``, in the plan ``kind`` times (its own, or
+    ``PLAN_KIND[kind]``), runs on ``kind``'s tile."""
+    if kind.startswith("backward_backward"):
+        return ("rows" in kernel) == (kind == "backward_backward_rows")
+    return True
+
+
 def table_capability(capability: int) -> int:
     """The compute capability (major * 10 + minor) whose tile table a device of ``capability`` uses."""
     if capability in TILE_TABLES:

@@ -97,32 +97,12 @@ def _attn_bwd_bwd_rows_kernel(
     k_rows = _rows_source(K, k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM, TMA)
     v_rows = _rows_source(V, k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM, TMA)
 
-    if ONE_SWEEP:
-        # One sweep: sigma, Σ_j X and the three parts of S̄ K (``_sweeps._row_second_order``).
+    if ONE_SWEEP:  # sigma, Σ_j X and the three parts of S̄ K, summed alongside (``_row_second_order``)
         zeros, rows = _zeros_like_parts(q, ACC_DTYPE), tl.zeros([BLOCK_M], ACC_DTYPE)
         acc = (rows, rows, zeros, zeros, zeros)
         if Cot_d_out is not None:
             acc += (zeros,)
-        acc = _row_sweep(
-            acc, q, d_out, cot_dq, lse2, delta, None, None, u_dot, delta_u, k_rows, v_rows, Cot_dk, Cot_dv, k_base,
-            start_m, offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal,
-            softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, EVEN_K, STAGE, SOFTCAP, ALIBI, ACC_DTYPE,
-            PRECISION, TMA, True)
-        sigma = acc[0]
-        rho = acc[1] - sigma * row_dot
-        tl.store(Sigma + row_base + offs_m, sigma, mask=row_mask)
-        tl.store(Rho + row_base + offs_m, rho, mask=row_mask)
-        by_p = sigma * delta + rho
-        cot_q = ()
-        for part in tl.static_range(len(q)):
-            cot_q += ((acc[2][part] - sigma[:, None] * acc[3][part] - by_p[:, None] * acc[4][part]) * sm_scale,)
-        _store_parts(Cot_q + q_base, cot_q, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
-        if Cot_d_out is not None:
-            out = _load_parts(Out + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
-            cot_d_out = ()
-            for part in tl.static_range(len(q)):
-                cot_d_out += (acc[5][part] - sigma[:, None] * out[part].to(ACC_DTYPE),)
-            _store_parts(Cot_d_out + q_base, cot_d_out, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+        sigma, rho = None, None
     else:
         # Sweep 1: the row reductions sigma, rho and the row vectors P Ḡv.
         sums = (tl.zeros([BLOCK_M], ACC_DTYPE), tl.zeros([BLOCK_M], ACC_DTYPE), _zeros_like_parts(q, ACC_DTYPE))
@@ -133,21 +113,38 @@ def _attn_bwd_bwd_rows_kernel(
             ACC_DTYPE, PRECISION, TMA)
         # 2 delta + d_lse = delta + rowsum(dO ∘ O)
         rho = p_ds_bar_dp - sigma * (delta + row_dot) + _row_dot(d_out, p_gv, ACC_DTYPE)
-        tl.store(Sigma + row_base + offs_m, sigma, mask=row_mask)
-        tl.store(Rho + row_base + offs_m, rho, mask=row_mask)
-
-        # Sweep 2: cot_q and cot_dO (which starts at P Ḡv), now that every row statistic is complete.
+        # Sweep 2 forms cot_q and cot_dO (which starts at P Ḡv) from the complete row statistics.
         acc = (_zeros_like_parts(q, ACC_DTYPE),)
         if Cot_d_out is not None:
             acc += (p_gv,)
-        acc = _row_sweep(
-            acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, k_rows, v_rows, Cot_dk, Cot_dv, k_base,
-            start_m, offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal,
-            softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, EVEN_K, STAGE, SOFTCAP, ALIBI, ACC_DTYPE,
-            PRECISION, TMA)
-        _store_parts(Cot_q + q_base, _times(acc[0], sm_scale), offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+
+    acc = _row_sweep(
+        acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, k_rows, v_rows, Cot_dk, Cot_dv, k_base,
+        start_m, offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal,
+        softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, EVEN_K, STAGE, SOFTCAP, ALIBI, ACC_DTYPE,
+        PRECISION, TMA, ONE_SWEEP)
+
+    if ONE_SWEEP:  # the row terms, applied once: S̄ K = X K − sigma (dS K) − (sigma delta + rho) (P K)
+        sigma = acc[0]
+        rho = acc[1] - sigma * row_dot
+        by_p = sigma * delta + rho
+        cot_q = ()
+        for part in tl.static_range(len(q)):
+            cot_q += ((acc[2][part] - sigma[:, None] * acc[3][part] - by_p[:, None] * acc[4][part]) * sm_scale,)
+        if Cot_d_out is not None:  # dP̄ V = (P ∘ dS̄) V − sigma O
+            out = _load_parts(Out + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+            cot_d_out = ()
+            for part in tl.static_range(len(q)):
+                cot_d_out += (acc[5][part] - sigma[:, None] * out[part].to(ACC_DTYPE),)
+    else:
+        cot_q = _times(acc[0], sm_scale)
         if Cot_d_out is not None:
-            _store_parts(Cot_d_out + q_base, acc[1], offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+            cot_d_out = acc[1]
+    tl.store(Sigma + row_base + offs_m, sigma, mask=row_mask)
+    tl.store(Rho + row_base + offs_m, rho, mask=row_mask)
+    _store_parts(Cot_q + q_base, cot_q, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    if Cot_d_out is not None:
+        _store_parts(Cot_d_out + q_base, cot_d_out, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
 
 
 @triton.jit
