@@ -6,7 +6,8 @@ markdown under --out (GPU only; docs/design/tuning.md).
 
 For each sweep kind (forward, jvp, forward_second, backward, backward_backward and
 backward_backward_rows: the double backward's column and row sweeps, each timed over the whole
-double backward), head dim of --shapes and mask class (no mask, or banded: the causal mask, whose
+double backward; backward_backward_rows_no_cot_d_out: its row sweep where it forms no cotangent for
+d_out, timed over the double backward without it), head dim of --shapes and mask class (no mask, or banded: the causal mask, whose
 tile banded calls take from ``_tuning.BANDED_TILES`` where it differs), the candidates are the
 current entry for this GPU's compute capability (kernels/attention/_tuning.py), its 13 neighbours
 (``neighbours``) and any tile --candidates names for that kind. The row sweep runs one sweep or two
@@ -91,10 +92,11 @@ def _call(shape, dtype: str, mask: str, device):
 
 
 def _plan(kind: str, call):
-    """The plan the torch launcher of ``kind`` builds for these tensors (no d_lse, every cotangent).
-    The ``jvp`` tile is timed on the tangent kernel, which forward-mode AD runs after the forward
-    (``given_primal``); the single-sweep JVP kernel of ``attention_jvp`` takes the same tile."""
-    from theria_kernels.attention import _launch
+    """The plan the torch launcher of ``kind`` builds for these tensors (no d_lse, every cotangent
+    but d_out's for the kinds of ``_tuning.WITHOUT_COT_D_OUT``). The ``jvp`` tile is timed on the
+    tangent kernel, which forward-mode AD runs after the forward (``given_primal``); the
+    single-sweep JVP kernel of ``attention_jvp`` takes the same tile."""
+    from theria_kernels.attention import _launch, _tuning
 
     if kind == "jvp":
         return _launch.forward_plan(call, True, given_primal=True)
@@ -102,8 +104,9 @@ def _plan(kind: str, call):
         return _launch.forward_plan(call, False, kind == "forward_second")
     if kind == "backward":
         return _launch.backward_plan(call, False)
-    # both double-backward kinds (the column sweep's tile, the row sweep's) time the whole plan
-    return _launch.backward_backward_plan(call, frozenset({"cot_dq", "cot_dk", "cot_dv"}))
+    # the double-backward kinds (the column sweep's tile, the row sweep's) time the whole plan
+    return _launch.backward_backward_plan(call, frozenset({"cot_dq", "cot_dk", "cot_dv"}),
+                                          cot_d_out=kind not in _tuning.WITHOUT_COT_D_OUT)
 
 
 def with_tile(kind: str, block_d: int, dtype: str, capability: int, candidate, banded: bool = False):
@@ -184,7 +187,10 @@ def workloads(shape, dtype: str, mask: str):
         "backward_backward": lambda: kernels.attention_backward_backward(
             q, k, v, out, lse, d_out, None, *directions[:3], params),
     }
-    return runs | {kind: runs[plan] for kind, plan in _tuning.PLAN_KIND.items()}
+    without_cot_d_out = lambda: kernels.attention_backward_backward(  # noqa: E731
+        q, k, v, out, lse, d_out, None, *directions[:3], params, wants_cot_d_out=False)
+    return runs | {kind: without_cot_d_out if kind in _tuning.WITHOUT_COT_D_OUT else runs[plan]
+                   for kind, plan in _tuning.PLAN_KIND.items()}
 
 
 def main():

@@ -318,7 +318,8 @@ def test_double_backward_one_sweep(case, check, monkeypatch):
             q, k, v, params, fn, varlen = _varlen_case(16, torch.float64, MASKS[2], seed=4)
             checker(q, k, v, params, fn, torch.float64, **varlen)
         elif case.startswith("split"):
-            monkeypatch.setitem(launch.SPLIT_HEAD_DIM, "backward_backward_rows", True)
+            for kind in ("backward_backward_rows", "backward_backward_rows_no_cot_d_out"):
+                monkeypatch.setitem(launch.SPLIT_HEAD_DIM, kind, True)
             q, k, v, params = _case(SHAPES[2], 48, torch.float16, MASKS[2], seed=6)
             checker(q, k, v, params, reference_fn(params), torch.float16)
         else:
@@ -363,7 +364,8 @@ def test_head_dim_split_rule():
     expected = {"forward": dict(BLOCK_D0=64, BLOCK_D1=16), "jvp": dict(BLOCK_D0=64, BLOCK_D1=16),
                 "forward_second": dict(BLOCK_D0=128, BLOCK_D1=0), "backward": dict(BLOCK_D0=64, BLOCK_D1=16),
                 "backward_backward": dict(BLOCK_D0=128, BLOCK_D1=0),
-                "backward_backward_rows": dict(BLOCK_D0=128, BLOCK_D1=0)}
+                "backward_backward_rows": dict(BLOCK_D0=128, BLOCK_D1=0),
+                "backward_backward_rows_no_cot_d_out": dict(BLOCK_D0=128, BLOCK_D1=0)}
     for kind, tiles in expected.items():
         assert {key: value for key, value in call.meta(kind)[0].items() if key.startswith("BLOCK_D")} == tiles, kind
 
@@ -391,7 +393,8 @@ def test_split_head_dim(head_dim, dtype, check, monkeypatch):
     """Every kernel on a split head dim: each specialisation of the forward, the backward and the
     double backward (the second-order forward's and the double backward's launchers keep the padded
     tile by default, so the split is switched on here), with grouped heads and rows that see no key."""
-    for kind in ("forward_second", "backward_backward", "backward_backward_rows"):  # launchers that keep it padded
+    # the launchers that keep it padded
+    for kind in ("forward_second", "backward_backward", "backward_backward_rows", "backward_backward_rows_no_cot_d_out"):
         monkeypatch.setitem(launch.SPLIT_HEAD_DIM, kind, True)
     clear_plans()  # plans are cached with the tile choice they were built with
     q, k, v, params = _case(SHAPES[2], head_dim, dtype, MASKS[2], seed=6)

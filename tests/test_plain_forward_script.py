@@ -1,7 +1,7 @@
 """scripts/bench_plain_forward.py, the yardstick theria's forward is timed against on Hopper: its
 plain kernel computes attention (checked against torch on any machine: compiled on a Hopper GPU,
-in Triton's interpreter elsewhere), and it refuses tiles its loop cannot cover instead of returning wrong
-numbers."""
+in Triton's interpreter elsewhere), and it refuses tiles its loop cannot cover instead of returning
+wrong numbers."""
 
 from __future__ import annotations
 

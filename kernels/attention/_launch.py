@@ -68,7 +68,8 @@ INTERPRETER_BLOCKS = (16, 16, 1, 1)
 # forward at its 32 × 32 tiles 255 registers and 1.1 KB of stack padded but 32 and ~8 KB split,
 # so those two keep the padded tile until they have tiles of their own.
 SPLIT_HEAD_DIM = {"forward": True, "jvp": True, "forward_second": False, "backward": True,
-                  "backward_backward": False, "backward_backward_rows": False}
+                  "backward_backward": False, "backward_backward_rows": False,
+                  "backward_backward_rows_no_cot_d_out": False}
 
 _TL_DTYPES = {"float16": tl.float16, "bfloat16": tl.bfloat16, "float32": tl.float32, "float64": tl.float64}
 
@@ -333,7 +334,8 @@ def backward_backward_plan(call: AttentionCall, given: frozenset, tma_ok: bool =
     cot_dv) (§4): outputs (cot_q, cot_k, cot_v, cot_d_out, cot_d_lse). ``given`` names which of
     d_lse, cot_dq, cot_dk, cot_dv are inputs; the others are zero (d_lse a None pointer, the
     cotangents zeroed temporaries). The row kernel (one sweep or two, ``_tuning.uses_one_sweep``,
-    on the ``backward_backward_rows`` tile) stores delta, sigma and rho for the column sweep.
+    on the ``backward_backward_rows`` tile, ``backward_backward_rows_no_cot_d_out`` without
+    ``cot_d_out``) stores delta, sigma and rho for the column sweep.
 
     With ``d_out_dot`` in ``given`` (and optionally ``d_lse_dot``), (cot_q, cot_k, cot_v) also hold
     the backward for the second cotangent u̇ = (d_out_dot, d_lse_dot): with (cot_dq, cot_dk,
@@ -341,7 +343,8 @@ def backward_backward_plan(call: AttentionCall, given: frozenset, tma_ok: bool =
     ``backward_plan``'s (K and V in the row sweeps, Q and dO in the column sweep). Without
     ``cot_d_out`` (d_out is a constant of the caller's, e.g. a fixed output weight) the outputs are
     (cot_q, cot_k, cot_v, cot_d_lse) and the row sweep skips its dP̄ V product."""
-    row_meta, block_m, block_n, warps, stages = call.meta("backward_backward_rows")
+    row_kind = "backward_backward_rows" if cot_d_out else "backward_backward_rows_no_cot_d_out"
+    row_meta, block_m, block_n, warps, stages = call.meta(row_kind)
     tangent = "d_out_dot" in given
     allocations = {"cot_q": _Q, "cot_k": _K, "cot_v": _K, "cot_d_out": _Q, "cot_d_lse": _rows(call),
                    "delta": _rows(call), "rho": _rows(call)}
@@ -363,7 +366,7 @@ def backward_backward_plan(call: AttentionCall, given: frozenset, tma_ok: bool =
                     D_lse_dot=Buffer("d_lse_dot") if "d_lse_dot" in given else None,
                     Cot_q=Buffer("cot_q"), Cot_d_out=Buffer("cot_d_out") if cot_d_out else None,
                     Sigma=Buffer("cot_d_lse"), Rho=Buffer("rho"), **call.geometry(), **row_meta,
-                    EVEN_K=call.even_k(block_n), TMA=call.tma("backward_backward_rows", tma_ok),
+                    EVEN_K=call.even_k(block_n), TMA=call.tma(row_kind, tma_ok),
                     ONE_SWEEP=uses_one_sweep(call.device.capability, call.block_d, call.dtype)),
                writes=("Delta", *(("Delta_dot",) if tangent else ()), "Cot_q", *(("Cot_d_out",) if cot_d_out else ()),
                        "Sigma", "Rho"),

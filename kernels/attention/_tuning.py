@@ -29,7 +29,8 @@ import tempfile
 from dataclasses import dataclass
 
 
-KINDS = ("forward", "jvp", "forward_second", "backward", "backward_backward", "backward_backward_rows")
+KINDS = ("forward", "jvp", "forward_second", "backward", "backward_backward", "backward_backward_rows",
+         "backward_backward_rows_no_cot_d_out")
 HEAD_DIMS = (32, 64, 128, 256)
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
@@ -55,7 +56,7 @@ SM90: dict[str, dict[int, dict[int, Tile]]] = {
     "forward": {
         32: {2: (64, 64, 4, 3), 4: (64, 32, 4, 2), 8: (32, 16, 4, 1)},
         64: {2: (128, 64, 4, 3), 4: (64, 32, 4, 2), 8: (32, 16, 4, 1)},
-        128: {2: (128, 64, 8, 3), 4: (64, 32, 8, 2), 8: (32, 16, 8, 1)},
+        128: {2: (128, 128, 8, 3), 4: (64, 32, 8, 2), 8: (32, 16, 8, 1)},
         256: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
     },
     "jvp": {
@@ -90,6 +91,18 @@ SM90: dict[str, dict[int, dict[int, Tile]]] = {
         128: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
         256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
     },
+    # The same row sweep without d_out's cotangent (``_launch.backward_backward_plan(cot_d_out=False)``:
+    # d_out a constant of the caller's, as in an HVP of a fixed output weight and JAX's reverse over
+    # reverse): one accumulator and one GEMM fewer, so a wider tile pays at head dim 64. H200, B8 H16
+    # T4096, the double backward without it: 128 × 64 × 8 × 3 9.82 ms (causal 6.59) against the row
+    # sweep's 64 × 32 × 4 × 2 at 10.50; it spills 22 words a thread (24 causal), the fastest tile
+    # that does not, 64 × 32 × 4 × 3, takes 10.36 (docs/design/tuning.md §1).
+    "backward_backward_rows_no_cot_d_out": {
+        32: {2: (64, 64, 4, 3), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
+        64: {2: (128, 64, 8, 3), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
+        128: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
+        256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
+    },
 }
 
 
@@ -112,13 +125,15 @@ def _overriding(base: dict, entries: dict) -> dict:
 
 
 # A100 (164 KB a multiprocessor, 163 KB a program): sm_90's tiles except the double backward's
-# row sweep at head dim 64 (two sweeps here, ``ROW_ONE_SWEEP``, on their former tile) and the
-# 2-byte JVP: at head dim 128 sm_90's 128 × 64 × 8 warps fits (144 KB) but ptxas settles on 32
+# row sweeps at head dim 64 (two sweeps here, ``ROW_ONE_SWEEP``, on their former tile), the 2-byte
+# forward at head dim 128 (sm_90's 128 × 128 × 3 stages needs 225 KB; sm_90's former 128 × 64, 129
+# KB), and the 2-byte JVP: at head dim 128 sm_90's 128 × 64 × 8 warps fits (144 KB) but ptxas settles on 32
 # registers and spills 8.3 KB a thread (128 × 32: 4 KB); the 64 × 64 tile it takes instead spills
 # 696 B. At head dim 64 the tangent kernel spills 1 KB a thread at sm_90's 128 × 64 × 8 warps and
 # 376 B at the 64 × 64 × 4 warps that sm_90 gives banded calls, which the A100 takes for every call.
 SM80 = _overriding(SM90, {
     ("jvp", 64, 2): (64, 64, 4, 3), ("backward_backward_rows", 64, 2): (64, 64, 4, 2),
+    ("backward_backward_rows_no_cot_d_out", 64, 2): (64, 64, 4, 2), ("forward", 128, 2): (128, 64, 8, 3),
     ("jvp", 128, 2): (64, 64, 4, 2), ("jvp", 128, 4): (32, 32, 4, 1), ("jvp", 128, 8): (16, 16, 4, 1),
 })
 
@@ -127,9 +142,10 @@ SM80 = _overriding(SM90, {
 # 68 KB; 64 × 64 needs 104 on sm_80) and the backward at 256 (32 × 32, one stage: at BLOCK_M 64 the dK/dV
 # sweep needs 100 KB with two stages and 112 KB with one). Float64 at head dim 256 fits no tile
 # here (the JVP needs 128 KB at 16 × 16); Ada's float64 rate is 1/64 of its float32 anyway. The
-# 2-byte JVP at head dim 64 and the double backward's rows as on the A100.
+# 2-byte JVP at head dim 64 and the double backward's row sweeps as on the A100.
 SM89 = _overriding(SM90, {
     ("jvp", 64, 2): (64, 64, 4, 3), ("backward_backward_rows", 64, 2): (64, 64, 4, 2),
+    ("backward_backward_rows_no_cot_d_out", 64, 2): (64, 64, 4, 2),
     ("forward", 128, 2): (128, 64, 8, 2), ("forward", 128, 4): (64, 32, 8, 1),
     ("jvp", 128, 2): (64, 32, 4, 2), ("jvp", 128, 4): (32, 16, 4, 1), ("jvp", 128, 8): (16, 16, 4, 1),
     ("backward", 256, 2): (32, 32, 4, 1), ("backward", 256, 4): (16, 16, 4, 1),
@@ -137,8 +153,11 @@ SM89 = _overriding(SM90, {
 
 # Blackwell (B200, 228 KB a multiprocessor, and 512 columns of tensor memory, where tcgen05 keeps
 # its accumulators): sm_90's tiles except the 2-byte JVP at head dim 128, whose 128 × 64 tile needs
-# 640 columns (the output and its tangent, 128 each, and six BLOCK_N-wide score tiles): BLOCK_N 32.
-SM100 = _overriding(SM90, {("jvp", 128, 2): (128, 32, 8, 2), ("jvp", 128, 4): (64, 16, 8, 1)})
+# 640 columns (the output and its tangent, 128 each, and six BLOCK_N-wide score tiles): BLOCK_N 32;
+# and the double backward's row sweep without d_out's cotangent at head dim 64, whose 128 × 64 tile
+# needs 672 columns: the row sweep's tile with it.
+SM100 = _overriding(SM90, {("jvp", 128, 2): (128, 32, 8, 2), ("jvp", 128, 4): (64, 16, 8, 1),
+                           ("backward_backward_rows_no_cot_d_out", 64, 2): (64, 32, 4, 2)})
 
 TILE_TABLES = {80: SM80, 89: SM89, 90: SM90, 100: SM100}
 BANDED_TILES = {80: {}, 89: {}, 90: SM90_BANDED, 100: SM90_BANDED}
@@ -152,16 +171,19 @@ FALLBACK_CAPABILITY = 89
 
 
 # Kinds that tile one kernel of another kind's plan, and that plan's kind: the double backward's
-# plan runs its row kernel on the ``backward_backward_rows`` tile, its column kernel on the
-# ``backward_backward`` one.
-PLAN_KIND = {"backward_backward_rows": "backward_backward"}
+# plan runs its row kernel on the ``backward_backward_rows`` tile (on the
+# ``backward_backward_rows_no_cot_d_out`` one when it forms no cotangent for d_out), its column
+# kernel on the ``backward_backward`` one.
+PLAN_KIND = {"backward_backward_rows": "backward_backward", "backward_backward_rows_no_cot_d_out": "backward_backward"}
+# Kinds timed and compiled on their plan without d_out's cotangent (``cot_d_out=False``).
+WITHOUT_COT_D_OUT = frozenset({"backward_backward_rows_no_cot_d_out"})
 
 
 def takes_tile(kind: str, kernel: str) -> bool:
     """Whether a launch of the kernel named ``kernel``, in the plan ``kind`` times (its own, or
     ``PLAN_KIND[kind]``), runs on ``kind``'s tile."""
     if kind.startswith("backward_backward"):
-        return ("rows" in kernel) == (kind == "backward_backward_rows")
+        return ("rows" in kernel) == ("rows" in kind)
     return True
 
 
@@ -209,12 +231,14 @@ def uses_one_sweep(capability: int, block_d: int, dtype: str) -> bool:
 # GPU here). Each descriptor takes 128 bytes of global scratch a program.
 TMA_KINDS: dict[int, frozenset] = {
     90: frozenset({(kind, head_dim, 2) for kind in ("forward", "jvp", "backward") for head_dim in (64, 128)}
-                  | {("backward_backward", 64, 2), ("backward_backward_rows", 64, 2)}),
+                  | {("backward_backward", 64, 2), ("backward_backward_rows", 64, 2),
+                     ("backward_backward_rows_no_cot_d_out", 64, 2)}),
     100: frozenset(),
 }
 # The sweeps that can load through tensor descriptors: the forward kinds (K and V), the backward and
 # the double backward (K and V in the row sweeps, Q and dO in the column sweep).
-TMA_CAPABLE = ("forward", "jvp", "forward_second", "backward", "backward_backward", "backward_backward_rows")
+TMA_CAPABLE = ("forward", "jvp", "forward_second", "backward", "backward_backward", "backward_backward_rows",
+               "backward_backward_rows_no_cot_d_out")
 # THERIA_ATTENTION_TMA=1 turns TMA on for every capable sweep and dtype wherever a call allows it
 # (the interpreter included, which is how the CPU tests run it); =0 turns it off everywhere.
 # TMA_OVERRIDE is what the sweeps read; tools that change it (scripts/tune_attention.py --tma)
