@@ -6,9 +6,10 @@ markdown under --out (GPU only; docs/design/tuning.md).
 
 For each sweep kind (forward, jvp, forward_second, backward, backward_backward and
 backward_backward_rows: the double backward's column and row sweeps, each timed over the whole
-double backward; backward_backward_rows_no_cot_d_out: its row sweep where it forms no cotangent for
-d_out, timed over the double backward without it), head dim of --shapes and mask class (no mask, or banded: the causal mask, whose
-tile banded calls take from ``_tuning.BANDED_TILES`` where it differs), the candidates are the
+double backward; backward_backward_rows_no_cot_d_out: its row sweep where it forms no cotangent
+for d_out, timed over the double backward without it), head dim of --shapes and mask class (no
+mask, or banded: the causal mask, whose tile banded calls take from ``_tuning.BANDED_TILES`` where
+it differs), the candidates are the
 current entry for this GPU's compute capability (kernels/attention/_tuning.py), its 13 neighbours
 (``neighbours``) and any tile --candidates names for that kind. The row sweep runs one sweep or two
 as ``_tuning.ROW_ONE_SWEEP`` says; ``THERIA_ATTENTION_ONE_SWEEP=1`` (``=0``) times the other.

@@ -393,8 +393,8 @@ def test_split_head_dim(head_dim, dtype, check, monkeypatch):
     """Every kernel on a split head dim: each specialisation of the forward, the backward and the
     double backward (the second-order forward's and the double backward's launchers keep the padded
     tile by default, so the split is switched on here), with grouped heads and rows that see no key."""
-    # the launchers that keep it padded
-    for kind in ("forward_second", "backward_backward", "backward_backward_rows", "backward_backward_rows_no_cot_d_out"):
+    padded = ("forward_second", "backward_backward", "backward_backward_rows", "backward_backward_rows_no_cot_d_out")
+    for kind in padded:  # launchers that keep it padded
         monkeypatch.setitem(launch.SPLIT_HEAD_DIM, kind, True)
     clear_plans()  # plans are cached with the tile choice they were built with
     q, k, v, params = _case(SHAPES[2], head_dim, dtype, MASKS[2], seed=6)

@@ -51,7 +51,9 @@ Tile = tuple[int, int, int, int]
 # tile and drop one and two pipeline stages: wider elements need that much more shared memory and
 # registers per tile. The 32 class (head dims up to 32): the 2-byte forward and double backward
 # chosen by timing on the H200 at MAML's t1024 shape (docs/design/tuning.md §1), the others the
-# 64 class's tiles (the backward's timed best).
+# 64 class's tiles (the backward's timed best). The 2-byte forward at head dim 128, 128 × 128 × 8 ×
+# 3 (225 KB of shared memory), was timed per mask class on the H200: 0.974× the former 128 × 64
+# tile's time without a mask, 0.942× causal (docs/design/tuning.md §1).
 SM90: dict[str, dict[int, dict[int, Tile]]] = {
     "forward": {
         32: {2: (64, 64, 4, 3), 4: (64, 32, 4, 2), 8: (32, 16, 4, 1)},
@@ -126,10 +128,10 @@ def _overriding(base: dict, entries: dict) -> dict:
 
 # A100 (164 KB a multiprocessor, 163 KB a program): sm_90's tiles except the double backward's
 # row sweeps at head dim 64 (two sweeps here, ``ROW_ONE_SWEEP``, on their former tile), the 2-byte
-# forward at head dim 128 (sm_90's 128 × 128 × 3 stages needs 225 KB; sm_90's former 128 × 64, 129
-# KB), and the 2-byte JVP: at head dim 128 sm_90's 128 × 64 × 8 warps fits (144 KB) but ptxas settles on 32
-# registers and spills 8.3 KB a thread (128 × 32: 4 KB); the 64 × 64 tile it takes instead spills
-# 696 B. At head dim 64 the tangent kernel spills 1 KB a thread at sm_90's 128 × 64 × 8 warps and
+# forward at head dim 128 (sm_90's 128 × 128 × 3 stages needs 225 KB; its former 128 × 64 tile, 112
+# KB here), and the 2-byte JVP: at head dim 128 sm_90's 128 × 64 × 8 warps fits (144 KB) but
+# ptxas settles on 32 registers and spills 8.3 KB a thread (128 × 32: 4 KB); the 64 × 64 tile it
+# takes instead spills 696 B. At head dim 64 the tangent kernel spills 1 KB a thread at sm_90's 128 × 64 × 8 warps and
 # 376 B at the 64 × 64 × 4 warps that sm_90 gives banded calls, which the A100 takes for every call.
 SM80 = _overriding(SM90, {
     ("jvp", 64, 2): (64, 64, 4, 3), ("backward_backward_rows", 64, 2): (64, 64, 4, 2),
