@@ -50,8 +50,8 @@ DEFAULT_SUBSET = [(kind, 128, 2) for kind in ("forward", "jvp", "backward", "bac
 
 # Launches (capability, kind, head dim, dtype class, kernel) that misfit today, found by
 # ``python tests/test_tile_fit.py --known``: the test fails on any other misfit and warns about any
-# of these that fits (take it off). docs/design/tuning.md §3 says why they exist. The float32 and
-# float64 entries of sm_80, sm_89 and sm_100 are not recorded yet (part of sm_89's are).
+# of these that fits (take it off). docs/design/tuning.md §3 says why they exist. Every target and
+# dtype class is recorded (``pytest -m slow tests/test_tile_fit.py`` holds the whole matrix to them).
 KNOWN_SPILLS = {
     (80, "backward", 64, 2, "bwd_dkdv"), (80, "backward", 128, 2, "bwd_dkdv"),
     (80, "backward", 256, 2, "bwd_dkdv"), (80, "backward", 256, 2, "bwd_dq"),
@@ -138,14 +138,63 @@ KNOWN_SPILLS = {
     (100, "backward_backward_rows", 256, 2, "bwd_bwd_rows"),
     (100, "backward_backward_rows", 256, 4, "bwd_bwd_rows"),
     (100, "backward_backward_rows", 256, 8, "bwd_bwd_rows"),
+    # sm_90's float32 dQ sweeps at D128 and D256, the 2-byte JVP of the 32 class on sm_80 and sm_89
+    # (unlisted until the whole matrix ran again in session 19), and the 4- and 8-byte entries of
+    # sm_80, sm_89 and sm_100
+    (90, "backward", 128, 4, "bwd_dq"), (90, "backward", 256, 4, "bwd_dq"),
+    (80, "jvp", 32, 2, "fwd"), (89, "jvp", 32, 2, "fwd"),
+    (80, "backward", 32, 4, "bwd_dkdv"), (80, "backward", 64, 4, "bwd_dkdv"), (80, "backward", 128, 4, "bwd_dkdv"),
+    (80, "backward", 128, 4, "bwd_dq"), (80, "backward", 128, 8, "bwd_dkdv"), (80, "backward", 256, 4, "bwd_dkdv"),
+    (80, "backward", 256, 4, "bwd_dq"), (80, "backward", 256, 8, "bwd_dkdv"), (80, "backward", 256, 8, "bwd_dq"),
+    (80, "backward_backward", 32, 4, "bwd_bwd_cols"), (80, "backward_backward", 32, 8, "bwd_bwd_cols"),
+    (80, "backward_backward", 64, 4, "bwd_bwd_cols"), (80, "backward_backward", 64, 8, "bwd_bwd_cols"),
+    (80, "backward_backward", 128, 4, "bwd_bwd_cols"), (80, "backward_backward", 128, 8, "bwd_bwd_cols"),
+    (80, "backward_backward", 256, 4, "bwd_bwd_cols"), (80, "backward_backward", 256, 8, "bwd_bwd_cols"),
+    (80, "forward", 256, 8, "fwd"), (80, "forward_second", 32, 4, "fwd"), (80, "forward_second", 32, 8, "fwd"),
+    (80, "forward_second", 64, 4, "fwd"), (80, "forward_second", 64, 8, "fwd"),
+    (80, "forward_second", 128, 4, "fwd"), (80, "forward_second", 128, 8, "fwd"),
+    (80, "forward_second", 256, 4, "fwd"), (80, "forward_second", 256, 8, "fwd"), (80, "jvp", 32, 4, "fwd"),
+    (80, "jvp", 64, 4, "fwd"), (80, "jvp", 128, 4, "fwd"), (80, "jvp", 128, 8, "fwd"), (80, "jvp", 256, 4, "fwd"),
+    (80, "jvp", 256, 8, "fwd"), (89, "backward", 32, 4, "bwd_dkdv"), (89, "backward", 32, 8, "bwd_dkdv"),
+    (89, "backward", 64, 4, "bwd_dkdv"), (89, "backward", 64, 8, "bwd_dkdv"), (89, "backward", 64, 8, "bwd_dq"),
+    (89, "backward", 128, 4, "bwd_dkdv"), (89, "backward", 128, 4, "bwd_dq"), (89, "backward", 128, 8, "bwd_dkdv"),
+    (89, "backward", 128, 8, "bwd_dq"), (89, "backward", 256, 4, "bwd_dkdv"), (89, "backward", 256, 4, "bwd_dq"),
+    (89, "backward", 256, 8, "bwd_dkdv"), (89, "backward", 256, 8, "bwd_dq"),
+    (89, "backward_backward", 32, 4, "bwd_bwd_cols"), (89, "backward_backward", 32, 8, "bwd_bwd_cols"),
+    (89, "backward_backward", 64, 4, "bwd_bwd_cols"), (89, "backward_backward", 64, 8, "bwd_bwd_cols"),
+    (89, "backward_backward", 128, 4, "bwd_bwd_cols"), (89, "backward_backward", 128, 8, "bwd_bwd_cols"),
+    (89, "backward_backward", 256, 4, "bwd_bwd_cols"), (89, "backward_backward", 256, 8, "bwd_bwd_cols"),
+    (89, "forward_second", 32, 4, "fwd"), (89, "forward_second", 32, 8, "fwd"),
+    (89, "forward_second", 256, 8, "fwd"), (89, "jvp", 32, 4, "fwd"), (89, "jvp", 32, 8, "fwd"),
+    (100, "backward", 32, 4, "bwd_dkdv"), (100, "backward", 32, 8, "bwd_dkdv"),
+    (100, "backward", 64, 4, "bwd_dkdv"), (100, "backward", 64, 8, "bwd_dkdv"), (100, "backward", 64, 8, "bwd_dq"),
+    (100, "backward", 128, 4, "bwd_dkdv"), (100, "backward", 128, 4, "bwd_dq"),
+    (100, "backward", 128, 8, "bwd_dkdv"), (100, "backward", 128, 8, "bwd_dq"),
+    (100, "backward", 256, 4, "bwd_dkdv"), (100, "backward", 256, 4, "bwd_dq"),
+    (100, "backward", 256, 8, "bwd_dkdv"), (100, "backward", 256, 8, "bwd_dq"),
+    (100, "backward_backward", 32, 4, "bwd_bwd_cols"), (100, "backward_backward", 32, 8, "bwd_bwd_cols"),
+    (100, "backward_backward", 64, 4, "bwd_bwd_cols"), (100, "backward_backward", 64, 8, "bwd_bwd_cols"),
+    (100, "backward_backward", 128, 4, "bwd_bwd_cols"), (100, "backward_backward", 128, 8, "bwd_bwd_cols"),
+    (100, "backward_backward", 256, 4, "bwd_bwd_cols"), (100, "backward_backward", 256, 8, "bwd_bwd_cols"),
+    (100, "forward", 64, 8, "fwd"), (100, "forward_second", 32, 4, "fwd"), (100, "forward_second", 32, 8, "fwd"),
+    (100, "forward_second", 64, 4, "fwd"), (100, "forward_second", 64, 8, "fwd"),
+    (100, "forward_second", 128, 4, "fwd"), (100, "forward_second", 128, 8, "fwd"),
+    (100, "forward_second", 256, 4, "fwd"), (100, "forward_second", 256, 8, "fwd"), (100, "jvp", 32, 4, "fwd"),
+    (100, "jvp", 32, 8, "fwd"), (100, "jvp", 64, 4, "fwd"), (100, "jvp", 64, 8, "fwd"), (100, "jvp", 128, 4, "fwd"),
+    (100, "jvp", 128, 8, "fwd"), (100, "jvp", 256, 4, "fwd"), (100, "jvp", 256, 8, "fwd"),
 }
-# sm_89"s float64 JVP at head dim 256 and sm_90"s float64 double-backward columns at 256 need more
+# sm_89's float64 JVP at head dim 256 and sm_90's float64 double-backward columns at 256 need more
 # shared memory than the target has at the smallest tile, 16 × 16.
 KNOWN_SHARED_MEMORY = {
     (89, "jvp", 256, 8, "fwd"), (90, "backward_backward", 256, 8, "bwd_bwd_cols"),
     # the double backward's row sweep (its own kind since it can run as one sweep)
     (80, "backward_backward_rows", 256, 8, "bwd_bwd_rows"), (89, "backward_backward_rows", 128, 8, "bwd_bwd_rows"),
     (89, "backward_backward_rows", 256, 4, "bwd_bwd_rows"), (89, "backward_backward_rows", 256, 8, "bwd_bwd_rows"),
+    # the 8-byte entries of sm_80 and sm_89 and Ada's 4-byte double backward at D256
+    (80, "backward_backward", 256, 8, "bwd_bwd_cols"), (89, "backward", 256, 8, "bwd_dkdv"),
+    (89, "backward", 256, 8, "bwd_dq"), (89, "backward_backward", 128, 8, "bwd_bwd_cols"),
+    (89, "backward_backward", 256, 4, "bwd_bwd_cols"), (89, "backward_backward", 256, 8, "bwd_bwd_cols"),
+    (89, "forward_second", 256, 8, "fwd"),
 }
 # sm_90 launches whose 16-bit dots run on mma.sync rather than Hopper's wgmma, which needs 64 rows
 # per warpgroup: a tile side below 64 in the dot's row dimension (BLOCK_N for column kernels,
