@@ -93,18 +93,8 @@ SM90: dict[str, dict[int, dict[int, Tile]]] = {
         128: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
         256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
     },
-    # The same row sweep without d_out's cotangent (``_launch.backward_backward_plan(cot_d_out=False)``:
-    # d_out a constant of the caller's, as in an HVP of a fixed output weight and JAX's reverse over
-    # reverse): one accumulator and one GEMM fewer, so a wider tile pays at head dim 64. H200, B8 H16
-    # T4096, the double backward without it: 128 × 64 × 8 × 3 9.82 ms (causal 6.59) against the row
-    # sweep's 64 × 32 × 4 × 2 at 10.50; it spills 22 words a thread (24 causal), the fastest tile
-    # that does not, 64 × 32 × 4 × 3, takes 10.36 (docs/design/tuning.md §1).
-    "backward_backward_rows_no_cot_d_out": {
-        32: {2: (64, 64, 4, 3), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
-        64: {2: (128, 64, 8, 3), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
-        128: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
-        256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
-    },
+    # "backward_backward_rows_no_cot_d_out": the row sweep's tiles but where timing chose otherwise
+    # (``ROWS_WITHOUT_COT_D_OUT``, below).
 }
 
 
@@ -131,11 +121,12 @@ def _overriding(base: dict, entries: dict) -> dict:
 # forward at head dim 128 (sm_90's 128 × 128 × 3 stages needs 225 KB; its former 128 × 64 tile, 112
 # KB here), and the 2-byte JVP: at head dim 128 sm_90's 128 × 64 × 8 warps fits (144 KB) but
 # ptxas settles on 32 registers and spills 8.3 KB a thread (128 × 32: 4 KB); the 64 × 64 tile it
-# takes instead spills 696 B. At head dim 64 the tangent kernel spills 1 KB a thread at sm_90's 128 × 64 × 8 warps and
-# 376 B at the 64 × 64 × 4 warps that sm_90 gives banded calls, which the A100 takes for every call.
+# takes instead spills 696 B. At head dim 64 the tangent kernel spills 1 KB a thread at sm_90's
+# 128 × 64 × 8 warps and 376 B at the 64 × 64 × 4 warps that sm_90 gives banded calls, which the
+# A100 takes for every call.
 SM80 = _overriding(SM90, {
     ("jvp", 64, 2): (64, 64, 4, 3), ("backward_backward_rows", 64, 2): (64, 64, 4, 2),
-    ("backward_backward_rows_no_cot_d_out", 64, 2): (64, 64, 4, 2), ("forward", 128, 2): (128, 64, 8, 3),
+    ("forward", 128, 2): (128, 64, 8, 3),
     ("jvp", 128, 2): (64, 64, 4, 2), ("jvp", 128, 4): (32, 32, 4, 1), ("jvp", 128, 8): (16, 16, 4, 1),
 })
 
@@ -147,7 +138,6 @@ SM80 = _overriding(SM90, {
 # 2-byte JVP at head dim 64 and the double backward's row sweeps as on the A100.
 SM89 = _overriding(SM90, {
     ("jvp", 64, 2): (64, 64, 4, 3), ("backward_backward_rows", 64, 2): (64, 64, 4, 2),
-    ("backward_backward_rows_no_cot_d_out", 64, 2): (64, 64, 4, 2),
     ("forward", 128, 2): (128, 64, 8, 2), ("forward", 128, 4): (64, 32, 8, 1),
     ("jvp", 128, 2): (64, 32, 4, 2), ("jvp", 128, 4): (32, 16, 4, 1), ("jvp", 128, 8): (16, 16, 4, 1),
     ("backward", 256, 2): (32, 32, 4, 1), ("backward", 256, 4): (16, 16, 4, 1),
@@ -155,11 +145,32 @@ SM89 = _overriding(SM90, {
 
 # Blackwell (B200, 228 KB a multiprocessor, and 512 columns of tensor memory, where tcgen05 keeps
 # its accumulators): sm_90's tiles except the 2-byte JVP at head dim 128, whose 128 × 64 tile needs
-# 640 columns (the output and its tangent, 128 each, and six BLOCK_N-wide score tiles): BLOCK_N 32;
-# and the double backward's row sweep without d_out's cotangent at head dim 64, whose 128 × 64 tile
-# needs 672 columns: the row sweep's tile with it.
-SM100 = _overriding(SM90, {("jvp", 128, 2): (128, 32, 8, 2), ("jvp", 128, 4): (64, 16, 8, 1),
-                           ("backward_backward_rows_no_cot_d_out", 64, 2): (64, 32, 4, 2)})
+# 640 columns (the output and its tangent, 128 each, and six BLOCK_N-wide score tiles): BLOCK_N 32.
+SM100 = _overriding(SM90, {("jvp", 128, 2): (128, 32, 8, 2), ("jvp", 128, 4): (64, 16, 8, 1)})
+
+# The double backward's row sweep without d_out's cotangent (``backward_backward_rows_no_cot_d_out``,
+# which ``_launch.backward_backward_plan(cot_d_out=False)`` runs: d_out a constant of the caller's,
+# as in an HVP of a fixed output weight and JAX's reverse over reverse) takes each table's row-sweep
+# tiles except these (head-dim class, dtype class) entries, where timing chose otherwise: one
+# accumulator and one GEMM fewer, so a wider tile pays at head dim 64. H200, B8 H16 T4096, the
+# double backward without it: 128 × 64 × 8 × 3 9.82 ms (causal 6.59) against the row sweep's
+# 64 × 32 × 4 × 2 at 10.50; it spills 22 words a thread (24 causal), the fastest tile that does
+# not, 64 × 32 × 4 × 3, takes 10.36 (docs/design/tuning.md §1). Not sm_100's: the 128 × 64 tile
+# needs 672 columns of tensor memory there.
+ROWS_WITHOUT_COT_D_OUT = {90: {(64, 2): (128, 64, 8, 3)}}
+
+
+def _add_rows_without_cot_d_out(table: dict, capability: int) -> None:
+    """Give ``table`` its ``backward_backward_rows_no_cot_d_out`` kind: a copy of its row sweep's
+    tiles with ``ROWS_WITHOUT_COT_D_OUT[capability]``'s entries replaced."""
+    rows = {head_dim: dict(by_bytes) for head_dim, by_bytes in table["backward_backward_rows"].items()}
+    for (head_dim, dtype_bytes), entry in ROWS_WITHOUT_COT_D_OUT.get(capability, {}).items():
+        rows[head_dim][dtype_bytes] = entry
+    table["backward_backward_rows_no_cot_d_out"] = rows
+
+
+for _capability, _table in ((80, SM80), (89, SM89), (90, SM90), (100, SM100)):
+    _add_rows_without_cot_d_out(_table, _capability)
 
 TILE_TABLES = {80: SM80, 89: SM89, 90: SM90, 100: SM100}
 BANDED_TILES = {80: {}, 89: {}, 90: SM90_BANDED, 100: SM90_BANDED}
