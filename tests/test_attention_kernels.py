@@ -338,6 +338,49 @@ def test_double_backward_one_sweep(case, check, monkeypatch):
         clear_plans()
 
 
+# The forward as two halves of each query block (``_tuning.FORWARD_HALVES``: on the GPU only where
+# timing chose it, so the interpreter runs one tile unless told): every mask, odd lengths that end
+# inside the second half, grouped heads, a split head dim, half precision, the score modifiers and
+# packed sequences; the backward runs on the halves' out and lse.
+HALVES_CASES = {
+    **{f"{name}-float64": (SHAPES[1], 16, torch.float64, mask) for name, mask in zip(MASK_IDS, MASKS)},
+    "causal_br-D40-float64": (SHAPES[2], 40, torch.float64, MASKS[2]),
+    "window-float16": (SHAPES[0], 16, torch.float16, MASKS[3]),
+    "softcap-alibi-float64": (SHAPES[2], 16, torch.float64, MODIFIERS),
+}
+
+
+@pytest.mark.parametrize("case", list(HALVES_CASES) + ["varlen"])
+def test_forward_halves(case, monkeypatch):
+    """Forced halves against the reference; every forward plan built took them, and in float64
+    they give the one-tile sweep's numbers exactly (each row's arithmetic is the same)."""
+    monkeypatch.setattr(tuning, "HALVES_OVERRIDE", True)
+    clear_plans()  # plans are cached with the schedule they were built with
+    try:
+        if case == "varlen":
+            q, k, v, params, fn, varlen = _varlen_case(16, torch.float64, MASKS[2], seed=4)
+            _check_forward_and_backward(q, k, v, params, fn, torch.float64, **varlen)
+        else:
+            shape, head_dim, dtype, mask = HALVES_CASES[case]
+            q, k, v, params = _case(shape, head_dim, dtype, mask, seed=3)
+            extra, slopes = {}, None
+            if params.alibi:
+                slopes = random_slopes(q.shape[0], q.shape[1]).to(q.device)
+                extra = dict(row_slopes=row_slopes(slopes, q.shape[2]))
+            _check_forward_and_backward(q, k, v, params, reference_fn(params, slopes), dtype, **extra)
+        flags = [launch_.arguments["HALVES"] for plan in torch_launchers._PLANS.values() for launch_ in plan.launches
+                 if "HALVES" in launch_.arguments]
+        assert flags and all(flags)
+        if case != "varlen" and dtype == torch.float64:
+            halves = attention_forward(q, k, v, params, **extra)
+            monkeypatch.setattr(tuning, "HALVES_OVERRIDE", False)
+            clear_plans()
+            one_tile = attention_forward(q, k, v, params, **extra)
+            assert all(torch.equal(a, b) for a, b in zip(halves, one_tile))
+    finally:
+        clear_plans()
+
+
 @pytest.mark.parametrize("check", ["forward_and_backward", "backward_backward"])
 def test_varlen_half_precision_padded_head_dim(check):
     q, k, v, params, fn, varlen = _varlen_case(40, torch.float16, MASKS[2], seed=5)

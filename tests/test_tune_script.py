@@ -150,11 +150,12 @@ def test_banded_calls_take_their_own_entry():
                                      AttentionParams(scale=0.125, **mask), device)
         return call.blocks("jvp"), call.blocks("forward")
 
-    assert ("jvp", 64, 2) in _tuning.BANDED_TILES[90]
-    banded, table = _tuning.BANDED_TILES[90][("jvp", 64, 2)], _tuning.SM90["jvp"][64][2]
-    assert banded != table
-    assert blocks() == (table, _tuning.SM90["forward"][64][2])
-    assert blocks(causal=True) == blocks(window_size=(128, 0)) == (banded, _tuning.SM90["forward"][64][2])
+    # the JVP's and the forward's 2-byte D64 entries (the forward's table tile is its halves')
+    banded = {kind: _tuning.BANDED_TILES[90][(kind, 64, 2)] for kind in ("jvp", "forward")}
+    table = {kind: _tuning.SM90[kind][64][2] for kind in ("jvp", "forward")}
+    assert all(banded[kind] != table[kind] for kind in banded)
+    assert blocks() == (table["jvp"], table["forward"])
+    assert blocks(causal=True) == blocks(window_size=(128, 0)) == (banded["jvp"], banded["forward"])
 
 
 def test_sm90_holds_the_jvp_choices_of_each_mask_class():

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from theria_kernels._contracts import AttentionParams, row_stat_dtype_name
 from theria_kernels._plan import Allocation, Buffer, Launch, Plan
-from theria_kernels.attention._tuning import DTYPE_BYTES, TILE_TABLES, tile, uses_one_sweep, uses_tma
+from theria_kernels.attention._tuning import DTYPE_BYTES, TILE_TABLES, tile, uses_halves, uses_one_sweep, uses_tma
 from theria_kernels.attention.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from theria_kernels.attention.double_backward import _attn_bwd_bwd_cols_kernel, _attn_bwd_bwd_rows_kernel
 from theria_kernels.attention.forward import _attn_fwd_kernel
@@ -273,11 +273,15 @@ def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: b
     second derivative along (q_dot, k_dot, v_dot) and (q_y, k_y, v_y). With ``given_primal``
     (and ``has_tangent`` alone) out and lse are inputs, a forward's results, and the outputs are
     (out_dot, lse_dot) alone: the tangent without recomputing the primal, as forward-mode AD
-    needs it. ``tma_ok``: the launcher allows TMA loads for this call (``AttentionCall.tma``)."""
+    needs it. ``tma_ok``: the launcher allows TMA loads for this call (``AttentionCall.tma``). The
+    forward alone sweeps its query blocks as two halves where ``_tuning.uses_halves`` says so (halves
+    of 16 rows at least, Triton's smallest dot, when compiled)."""
     if given_primal and (second_order or not has_tangent):
         raise ValueError("given_primal is the tangent alone: it needs has_tangent and no second_order")
     kind = "forward_second" if second_order else "jvp" if has_tangent else "forward"
     meta, block_m, block_n, warps, stages = call.meta(kind)
+    halves = (not has_tangent and (call.device.interpreter or block_m >= 32)
+              and uses_halves(call.device.capability, call.block_d, call.dtype, call.params.banded))
     pointers = {name: None for name in ("Q_dot", "K_dot", "V_dot", "Out_dot", "Lse_dot",
                                         "Q_y", "K_y", "V_y", "Out_second", "Lse_second")}
     inputs = ["q", "k", "v"]
@@ -299,7 +303,7 @@ def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: b
         _attn_fwd_kernel, call.row_grid(block_m),
         dict(Q=Buffer("q"), K=Buffer("k"), V=Buffer("v"), Out=Buffer("out"), Lse=Buffer("lse"), **pointers,
              **call.geometry(), **meta, EVEN_K=call.even_k(block_n), HAS_TANGENT=has_tangent,
-             SECOND_ORDER=second_order, GIVEN_PRIMAL=given_primal, TMA=call.tma(kind, tma_ok)),
+             SECOND_ORDER=second_order, GIVEN_PRIMAL=given_primal, TMA=call.tma(kind, tma_ok), HALVES=halves),
         writes=tuple(writes), num_warps=warps, num_stages=stages)
     outputs = ("out_second", "lse_second") if second_order else tuple(allocations)
     tensors = (*inputs[:3], "out", *inputs[3:]) if given_primal else tuple(inputs)

@@ -51,13 +51,15 @@ Tile = tuple[int, int, int, int]
 # tile and drop one and two pipeline stages: wider elements need that much more shared memory and
 # registers per tile. The 32 class (head dims up to 32): the 2-byte forward and double backward
 # chosen by timing on the H200 at MAML's t1024 shape (docs/design/tuning.md §1), the others the
-# 64 class's tiles (the backward's timed best). The 2-byte forward at head dim 128, 128 × 128 × 8 ×
-# 3 (225 KB of shared memory), was timed per mask class on the H200: 0.974× the former 128 × 64
-# tile's time without a mask, 0.942× causal (docs/design/tuning.md §1).
+# 64 class's tiles (the backward's timed best). The 2-byte forward: at head dim 64 without a mask
+# two halves of each query block on 128 × 128 × 4 × 2 (``FORWARD_HALVES``), banded calls and the
+# other tables one 128 × 64 × 4 × 3 tile a block; at head dim 128, 128 × 128 × 8 × 3 (225 KB of
+# shared memory), timed per mask class on the H200: 0.974× the former 128 × 64 tile's time without
+# a mask, 0.942× causal (docs/design/tuning.md §1).
 SM90: dict[str, dict[int, dict[int, Tile]]] = {
     "forward": {
         32: {2: (64, 64, 4, 3), 4: (64, 32, 4, 2), 8: (32, 16, 4, 1)},
-        64: {2: (128, 64, 4, 3), 4: (64, 32, 4, 2), 8: (32, 16, 4, 1)},
+        64: {2: (128, 128, 4, 2), 4: (64, 32, 4, 2), 8: (32, 16, 4, 1)},
         128: {2: (128, 128, 8, 3), 4: (64, 32, 8, 2), 8: (32, 16, 8, 1)},
         256: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
     },
@@ -103,8 +105,10 @@ SM90: dict[str, dict[int, dict[int, Tile]]] = {
 # (``scripts/tune_attention.py`` times and chooses the two mask classes apart; docs/design/tuning.md
 # §1). The JVP's tangent at head dim 64: without a mask 128 × 64 × 8 warps is 0.89× the time of
 # 64 × 64 × 4 warps (2.44 against 2.73 ms, B8 H16 T4096), causal it is 1.29× (1.96 against 1.52
-# ms). sm_100's table, sm_90's otherwise, takes these too; sm_80's and sm_89's need none.
-SM90_BANDED: dict[tuple[str, int, int], Tile] = {("jvp", 64, 2): (64, 64, 4, 3)}
+# ms). The forward at head dim 64: its table tile is the halves' (``FORWARD_HALVES``), which lose
+# under a band; banded calls sweep one 128 × 64 × 4 × 3 tile a block. sm_100's table, sm_90's
+# otherwise, takes these too; sm_80's and sm_89's need none.
+SM90_BANDED: dict[tuple[str, int, int], Tile] = {("jvp", 64, 2): (64, 64, 4, 3), ("forward", 64, 2): (128, 64, 4, 3)}
 
 
 def _overriding(base: dict, entries: dict) -> dict:
@@ -118,35 +122,40 @@ def _overriding(base: dict, entries: dict) -> dict:
 
 # A100 (164 KB a multiprocessor, 163 KB a program): sm_90's tiles except the double backward's
 # row sweeps at head dim 64 (two sweeps here, ``ROW_ONE_SWEEP``, on their former tile), the 2-byte
-# forward at head dim 128 (sm_90's 128 × 128 × 3 stages needs 225 KB; its former 128 × 64 tile, 112
-# KB here), and the 2-byte JVP: at head dim 128 sm_90's 128 × 64 × 8 warps fits (144 KB) but
+# forward (one tile a query block here: 128 × 64 × 4 × 3 at head dim 64, as sm_90's banded calls;
+# at 128 sm_90's 128 × 128 × 3 stages need 225 KB, so its former 128 × 64, 112 KB here), and the
+# 2-byte JVP: at head dim 128 sm_90's 128 × 64 × 8 warps fits (144 KB) but
 # ptxas settles on 32 registers and spills 8.3 KB a thread (128 × 32: 4 KB); the 64 × 64 tile it
 # takes instead spills 696 B. At head dim 64 the tangent kernel spills 1 KB a thread at sm_90's
 # 128 × 64 × 8 warps and 376 B at the 64 × 64 × 4 warps that sm_90 gives banded calls, which the
 # A100 takes for every call.
 SM80 = _overriding(SM90, {
     ("jvp", 64, 2): (64, 64, 4, 3), ("backward_backward_rows", 64, 2): (64, 64, 4, 2),
-    ("forward", 128, 2): (128, 64, 8, 3),
+    ("forward", 64, 2): (128, 64, 4, 3), ("forward", 128, 2): (128, 64, 8, 3),
     ("jvp", 128, 2): (64, 64, 4, 2), ("jvp", 128, 4): (32, 32, 4, 1), ("jvp", 128, 8): (16, 16, 4, 1),
 })
 
 # Ada (L4, L40S, RTX 40; 100 KB a multiprocessor, 99 KB a program): sm_90's tiles except the
-# 2-byte forward at head dim 128 (two stages: 80 KB; a third needs 112), the JVP at 128 (64 × 32:
+# 2-byte forward (one tile a query block, as on the A100; at head dim 128 two stages: 80 KB; a
+# third needs 112), the JVP at 128 (64 × 32:
 # 68 KB; 64 × 64 needs 104 on sm_80) and the backward at 256 (32 × 32, one stage: at BLOCK_M 64 the dK/dV
 # sweep needs 100 KB with two stages and 112 KB with one). Float64 at head dim 256 fits no tile
 # here (the JVP needs 128 KB at 16 × 16); Ada's float64 rate is 1/64 of its float32 anyway. The
 # 2-byte JVP at head dim 64 and the double backward's row sweeps as on the A100.
 SM89 = _overriding(SM90, {
     ("jvp", 64, 2): (64, 64, 4, 3), ("backward_backward_rows", 64, 2): (64, 64, 4, 2),
-    ("forward", 128, 2): (128, 64, 8, 2), ("forward", 128, 4): (64, 32, 8, 1),
+    ("forward", 64, 2): (128, 64, 4, 3), ("forward", 128, 2): (128, 64, 8, 2), ("forward", 128, 4): (64, 32, 8, 1),
     ("jvp", 128, 2): (64, 32, 4, 2), ("jvp", 128, 4): (32, 16, 4, 1), ("jvp", 128, 8): (16, 16, 4, 1),
     ("backward", 256, 2): (32, 32, 4, 1), ("backward", 256, 4): (16, 16, 4, 1),
 })
 
 # Blackwell (B200, 228 KB a multiprocessor, and 512 columns of tensor memory, where tcgen05 keeps
 # its accumulators): sm_90's tiles except the 2-byte JVP at head dim 128, whose 128 × 64 tile needs
-# 640 columns (the output and its tangent, 128 each, and six BLOCK_N-wide score tiles): BLOCK_N 32.
-SM100 = _overriding(SM90, {("jvp", 128, 2): (128, 32, 8, 2), ("jvp", 128, 4): (64, 16, 8, 1)})
+# 640 columns (the output and its tangent, 128 each, and six BLOCK_N-wide score tiles): BLOCK_N 32;
+# and the 2-byte forward at head dim 64, one 128 × 64 × 4 × 3 tile a query block as sm_90's banded
+# calls (the halves were timed against Hopper's wgmma only).
+SM100 = _overriding(SM90, {("jvp", 128, 2): (128, 32, 8, 2), ("jvp", 128, 4): (64, 16, 8, 1),
+                           ("forward", 64, 2): (128, 64, 4, 3)})
 
 # The double backward's row sweep without d_out's cotangent (``backward_backward_rows_no_cot_d_out``,
 # which ``_launch.backward_backward_plan(cot_d_out=False)`` runs: d_out a constant of the caller's,
@@ -229,6 +238,29 @@ def uses_one_sweep(capability: int, block_d: int, dtype: str) -> bool:
         return ONE_SWEEP_OVERRIDE
     entry = (head_dim_class(block_d), DTYPE_BYTES[dtype])
     return entry in ROW_ONE_SWEEP.get(table_capability(capability), ())
+
+
+# Where the forward alone (no tangent) sweeps each query block as two halves that share the key
+# block's loads, so that one half's P V overlaps the other's softmax (``forward._forward_halves``),
+# per table: (head-dim class, dtype class, banded) entries where a timing showed it pays, on the
+# ``forward`` tile. H200, bf16, B8 H16 T4096, alternating in one call (CUDA-graph replay;
+# docs/perf-notes.md item 37): at head dim 64 without a mask 1.310 / 1.324 → 1.214 / 1.226 ms (one
+# 128 × 64 × 4 × 3 tile → halves on 128 × 128 × 4 × 2; cuDNN 1.195). Causal they lose (0.735 →
+# 0.879 ms), and at head dim 128 (B4) the one 128 × 128 × 8 × 3 tile is faster both ways (1.02
+# against 1.07–1.09 ms; causal 0.60 against 0.83). Elsewhere untimed: one tile.
+FORWARD_HALVES: dict[int, frozenset] = {90: frozenset({(64, 2, False)})}
+# THERIA_ATTENTION_HALVES=1 / =0 runs the forward as two halves everywhere (tiles of 32 rows and
+# more; any in the interpreter) / nowhere; HALVES_OVERRIDE is what the plans read (the tests set it).
+HALVES_OVERRIDE = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENTION_HALVES", ""))
+
+
+def uses_halves(capability: int, block_d: int, dtype: str, banded: bool) -> bool:
+    """Whether the forward alone sweeps its query blocks as two halves (``FORWARD_HALVES``) on a
+    device of ``capability`` at padded head dim ``block_d`` in ``dtype``, with a band or without."""
+    if HALVES_OVERRIDE is not None:
+        return HALVES_OVERRIDE
+    entry = (head_dim_class(block_d), DTYPE_BYTES[dtype], banded)
+    return entry in FORWARD_HALVES.get(table_capability(capability), ())
 
 
 # Where the sweeps load through the tensor memory accelerator (TMA: tensor descriptors, sm_90 and

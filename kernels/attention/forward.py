@@ -1,5 +1,6 @@
 """Forward, forward-mode JVP and second-order forward of attention: one kernel, one sweep over key
-blocks per query block, specialised by constexpr flags (HAS_TANGENT, SECOND_ORDER, GIVEN_PRIMAL)."""
+blocks per query block, specialised by constexpr flags (HAS_TANGENT, SECOND_ORDER, GIVEN_PRIMAL;
+HALVES sweeps the forward alone as two halves of each query block)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,103 @@ from theria_kernels.attention._tiles import (
 
 
 @triton.jit
+def _tile_scores(dot, offs_m, offs_k, start_m, start_n, len_k, band_lo, band_hi, slope, diagonal, sm_scale, qk_scale,
+                 log2e, softcap, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BANDED: tl.constexpr,
+                 MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """(scores, unit, cap) of the query rows ``offs_m`` (a block of BLOCK_M from start_m) against the
+    key block at start_n, from ``dot`` = Q Kᵀ: unit · scores is in base-2 units, with −∞ where a
+    pair may not attend (``_mask``); cap is the softcap's t (``_scores``). Without modifiers the
+    scale stays out of the tile (unit = scale · log2 e), so that it joins the exponent's shift: one
+    fused multiply-add a score instead of a multiply and a subtract."""
+    if SOFTCAP or ALIBI:
+        scores, cap = _scores(dot, offs_m[:, None], offs_k[None, :], slope, diagonal, sm_scale, qk_scale, log2e,
+                              softcap, SOFTCAP, ALIBI)
+        unit = 1.0
+    else:
+        scores, cap, unit = dot, 0.0, qk_scale
+    scores = _mask(scores, float("-inf"), offs_m[:, None], offs_k[None, :], start_m, start_n, len_k, band_lo,
+                   band_hi, BLOCK_M, BLOCK_N, BANDED, MASKED)
+    return scores, unit, cap
+
+
+@triton.jit
+def _online_softmax(acc, row_sum, row_max, scores, unit, v, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """One key block of the online softmax: (acc, row_sum, row_max, p, rescale) with acc and
+    row_sum rescaled to the new running maximum and P V and P's row sums added."""
+    new_max = tl.maximum(row_max, tl.max(scores, 1) * unit)  # max(c · s) = c · max(s) for c > 0, exactly
+    # A row that has seen no key yet keeps max −∞; shifting by 0 keeps exp2 finite (0).
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    rescale = tl.exp2(row_max - shift)
+    p = tl.exp2(scores * unit - shift[:, None])
+    row_sum = row_sum * rescale + tl.sum(p, 1)
+    acc = _add_dot(_scale_rows(acc, rescale), p, v, PRECISION, ACC_DTYPE)
+    return acc, row_sum, new_max, p, rescale
+
+
+@triton.jit
+def _store_primal(acc, row_sum, row_max, Out, Lse, q_base, row_base, offs_m, len_q, stride_qt, log2e,
+                  HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr):
+    """Store out = acc / row_sum and lse of a query block (+∞ and zeros on rows that saw no key);
+    returns (out, norm) for the tangents' outputs."""
+    empty = row_sum == 0.0
+    norm = tl.where(empty, 1.0, row_sum)
+    out = _normalise(acc, norm, (), ())
+    lse = tl.where(empty, float("inf"), (row_max + tl.log2(norm)) / log2e)
+    _store_parts(Out + q_base, out, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    tl.store(Lse + row_base + offs_m, lse, mask=offs_m < len_q)
+    return out, norm
+
+
+@triton.jit
+def _forward_halves(Q, Out, Lse, Slopes, k_rows, v_rows, q_base, k_base, row_base, start_m, len_q, len_k, stride_qt,
+                    stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, softcap, HEAD_DIM: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+                    BANDED: tl.constexpr, EVEN_K: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                    ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """The forward of one query block as two halves of BLOCK_M / 2 rows that share each key block's
+    loads: both halves' Q Kᵀ first, then each half's softmax and P V. Triton waits for a score
+    product as soon as it is issued, but not for P V, which accumulates: so the first half's P V
+    runs on the tensor cores while the second half's softmax runs beside it, the overlap that one
+    tile's alternation of GEMMs and softmax lacks (``_tuning.FORWARD_HALVES``; docs/perf-notes.md
+    item 37). The halves mask and store their own rows; the key range is the whole block's."""
+    HALF: tl.constexpr = BLOCK_M // 2
+    offs_a = start_m + tl.arange(0, HALF)
+    offs_b = offs_a + HALF
+    offs_n = tl.arange(0, BLOCK_N)
+    slope_a, diagonal, softcap = _modifiers(Slopes, row_base, offs_a, len_q, len_k, softcap, SOFTCAP, ALIBI, True,
+                                            BOTTOM_RIGHT, ACC_DTYPE)
+    slope_b = _modifiers(Slopes, row_base, offs_b, len_q, len_k, softcap, False, ALIBI, True, BOTTOM_RIGHT,
+                         ACC_DTYPE)[0]
+    q_a = _load_parts(Q + q_base, offs_a, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    q_b = _load_parts(Q + q_base, offs_b, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
+    max_a = tl.full([HALF], float("-inf"), ACC_DTYPE)
+    max_b = tl.full([HALF], float("-inf"), ACC_DTYPE)
+    sum_a = tl.zeros([HALF], ACC_DTYPE)
+    sum_b = tl.zeros([HALF], ACC_DTYPE)
+    acc_a = _zeros_like_parts(q_a, ACC_DTYPE)
+    acc_b = _zeros_like_parts(q_b, ACC_DTYPE)
+    lo, hi = _key_range(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_k = start_n + offs_n
+        k = _block(k_rows, k_base, start_n, len_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
+        v = _block(v_rows, k_base, start_n, len_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
+        dot_a = _dot_t(q_a, k, PRECISION, ACC_DTYPE)
+        dot_b = _dot_t(q_b, k, PRECISION, ACC_DTYPE)
+        scores, unit = _tile_scores(dot_a, offs_a, offs_k, start_m, start_n, len_k, band_lo, band_hi, slope_a,
+                                    diagonal, sm_scale, qk_scale, log2e, softcap, HALF, BLOCK_N, BANDED,
+                                    BANDED or not EVEN_K, SOFTCAP, ALIBI)[:2]
+        acc_a, sum_a, max_a = _online_softmax(acc_a, sum_a, max_a, scores, unit, v, PRECISION, ACC_DTYPE)[:3]
+        scores, unit = _tile_scores(dot_b, offs_b, offs_k, start_m + HALF, start_n, len_k, band_lo, band_hi,
+                                    slope_b, diagonal, sm_scale, qk_scale, log2e, softcap, HALF, BLOCK_N, BANDED,
+                                    BANDED or not EVEN_K, SOFTCAP, ALIBI)[:2]
+        acc_b, sum_b, max_b = _online_softmax(acc_b, sum_b, max_b, scores, unit, v, PRECISION, ACC_DTYPE)[:3]
+    _store_primal(acc_a, sum_a, max_a, Out, Lse, q_base, row_base, offs_a, len_q, stride_qt, log2e, HEAD_DIM,
+                  BLOCK_D0, BLOCK_D1)
+    _store_primal(acc_b, sum_b, max_b, Out, Lse, q_base, row_base, offs_b, len_q, stride_qt, log2e, HEAD_DIM,
+                  BLOCK_D0, BLOCK_D1)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Q_dot, K_dot, V_dot, Q_y, K_y, V_y, Cu_q, Cu_k, Slopes,
     Out, Lse, Out_dot, Lse_dot, Out_second, Lse_second,
@@ -54,7 +152,7 @@ def _attn_fwd_kernel(
     BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, HAS_TANGENT: tl.constexpr,
     SECOND_ORDER: tl.constexpr, GIVEN_PRIMAL: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, HALVES: tl.constexpr = False,
 ):
     """HAS_TANGENT adds Ȯ, l̇se along (Q̇, K̇, V̇); SECOND_ORDER (with HAS_TANGENT) adds the second
     derivative along (Q̇, K̇, V̇) and (Q^y, K^y, V^y), bilinear in the two directions. GIVEN_PRIMAL
@@ -63,7 +161,8 @@ def _attn_fwd_kernel(
     (BLOCK_D0, BLOCK_D1: ``_head_dim_parts``). TMA loads K and V, and their directions (K̇, V̇;
     K^y, V^y), through tensor descriptors (Hopper's tensor memory accelerator; one head-dim part as
     wide as HEAD_DIM, 16-byte aligned rows: ``AttentionCall.tma``): rows past the sequence's keys
-    arrive as zeros, as the masked loads give them, so the results are the same."""
+    arrive as zeros, as the masked loads give them, so the results are the same. HALVES (the
+    forward alone) sweeps the query block as two halves (``_forward_halves``)."""
     start_m = tl.program_id(0) * BLOCK_M
     batch, head, entry = _program(heads, VARLEN)
     q_base, k_base, row_base, len_q, len_k, band_lo, band_hi = _sequence(
@@ -72,9 +171,18 @@ def _attn_fwd_kernel(
     if VARLEN:
         if start_m >= len_q:  # the grid is sized for the longest sequence
             return
+    sm_scale, qk_scale, log2e = _scales(sm_scale, ACC_DTYPE)
+    # This sequence's key/value head and its directions (``_rows_source``): descriptors with TMA.
+    k_rows = _rows_source(K, k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM, TMA)
+    v_rows = _rows_source(V, k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM, TMA)
+    if HALVES:
+        tl.static_assert(not HAS_TANGENT, "HALVES is the forward alone")
+        _forward_halves(Q, Out, Lse, Slopes, k_rows, v_rows, q_base, k_base, row_base, start_m, len_q, len_k, stride_qt,
+                        stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, softcap, HEAD_DIM, BLOCK_M, BLOCK_N,
+                        BLOCK_D0, BLOCK_D1, BANDED, EVEN_K, BOTTOM_RIGHT, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA)
+        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    sm_scale, qk_scale, log2e = _scales(sm_scale, ACC_DTYPE)
     slope, diagonal, softcap = _modifiers(Slopes, row_base, offs_m, len_q, len_k, softcap, SOFTCAP, ALIBI, True,
                                           BOTTOM_RIGHT, ACC_DTYPE)
 
@@ -95,9 +203,6 @@ def _attn_fwd_kernel(
         acc_y = _zeros_like_parts(q, ACC_DTYPE)
         acc_second = _zeros_like_parts(q, ACC_DTYPE)
 
-    # This sequence's key/value head and its directions (``_rows_source``): descriptors with TMA.
-    k_rows = _rows_source(K, k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM, TMA)
-    v_rows = _rows_source(V, k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM, TMA)
     if HAS_TANGENT:
         k_dot_rows = _rows_source(K_dot, k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM, TMA)
         v_dot_rows = _rows_source(V_dot, k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM, TMA)
@@ -109,27 +214,14 @@ def _attn_fwd_kernel(
         offs_k = start_n + offs_n
         k = _block(k_rows, k_base, start_n, len_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
         v = _block(v_rows, k_base, start_n, len_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
-        dot = _dot_t(q, k, PRECISION, ACC_DTYPE)
-        if SOFTCAP or ALIBI:
-            scores, cap = _scores(dot, offs_m[:, None], offs_k[None, :], slope, diagonal, sm_scale, qk_scale, log2e,
-                                  softcap, SOFTCAP, ALIBI)
-            unit = 1.0
-        else:  # base-2 units on the way into exp2: one fused multiply-add a score instead of a multiply and a subtract
-            scores = dot
-            unit = qk_scale
-        scores = _mask(scores, float("-inf"), offs_m[:, None], offs_k[None, :], start_m, start_n, len_k, band_lo,
-                       band_hi, BLOCK_M, BLOCK_N, BANDED, BANDED or not EVEN_K)
+        scores, unit, cap = _tile_scores(_dot_t(q, k, PRECISION, ACC_DTYPE), offs_m, offs_k, start_m, start_n, len_k,
+                                         band_lo, band_hi, slope, diagonal, sm_scale, qk_scale, log2e, softcap,
+                                         BLOCK_M, BLOCK_N, BANDED, BANDED or not EVEN_K, SOFTCAP, ALIBI)
         if GIVEN_PRIMAL:
             p = tl.exp2(scores * unit - lse2[:, None])
         else:
-            new_max = tl.maximum(row_max, tl.max(scores, 1) * unit)  # max(c · s) = c · max(s) for c > 0, exactly
-            # A row that has seen no key yet keeps max −∞; shifting by 0 keeps exp2 finite (0).
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            rescale = tl.exp2(row_max - shift)
-            p = tl.exp2(scores * unit - shift[:, None])
-            row_sum = row_sum * rescale + tl.sum(p, 1)
-            acc = _scale_rows(acc, rescale)
-            acc = _add_dot(acc, p, v, PRECISION, ACC_DTYPE)
+            acc, row_sum, new_max, p, rescale = _online_softmax(acc, row_sum, row_max, scores, unit, v, PRECISION,
+                                                                ACC_DTYPE)
         if HAS_TANGENT:
             k_dot = _block(k_dot_rows, k_base, start_n, len_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
             v_dot = _block(v_dot_rows, k_base, start_n, len_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
@@ -182,13 +274,9 @@ def _attn_fwd_kernel(
         _store_parts(Out_dot + q_base, out_dot, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
         tl.store(Lse_dot + row_base + offs_m, mu, mask=offs_m < len_q)
         return
-    empty = row_sum == 0.0
-    norm = tl.where(empty, 1.0, row_sum)
     # Each output is its accumulator over the normaliser less row multiples of the lower orders'.
-    out = _normalise(acc, norm, (), ())
-    lse = tl.where(empty, float("inf"), (row_max + tl.log2(norm)) / log2e)
-    _store_parts(Out + q_base, out, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
-    tl.store(Lse + row_base + offs_m, lse, mask=offs_m < len_q)
+    out, norm = _store_primal(acc, row_sum, row_max, Out, Lse, q_base, row_base, offs_m, len_q, stride_qt, log2e,
+                              HEAD_DIM, BLOCK_D0, BLOCK_D1)
     if HAS_TANGENT:
         mu = mu / norm
         out_dot = _normalise(acc_dot, norm, (mu,), (out,))

@@ -1,0 +1,64 @@
+"""theria's forward with one tile a query block against the two halves of ``_tuning.FORWARD_HALVES``
+(docs/design/attention.md), alternating in one process, beside torch SDPA's cuDNN backend.
+
+For each anchor shape (B8 H16 T4096 D64, B4 H16 T4096 D128; bf16) and mask (none, causal) it
+times, twice in turn: one tile a block on the tile sm_90's table had before the halves, and the
+halves on each candidate tile; every configuration is checked against float32 attention first.
+Times are ``do_bench_cudagraph`` medians (the device's time), each with cuDNN's time over its own.
+Needs a Hopper GPU (the candidates are sm_90 table entries).
+
+    python scripts/ab_forward_halves.py
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("timing needs a CUDA GPU")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from triton.testing import do_bench_cudagraph
+
+    from theria_kernels.attention import _tuning, torch_launchers
+    from theria_torch import sdpa_custom
+
+    one_tile = {64: (128, 64, 4, 3), 128: (128, 128, 8, 3)}
+    halves = {64: [(128, 128, 4, 2), (128, 64, 4, 3)], 128: [(128, 64, 4, 2), (128, 64, 4, 3)]}
+    table, override = _tuning.SM90["forward"], _tuning.HALVES_OVERRIDE
+
+    def schedule(head_dim, tile, two_halves):
+        table[head_dim][2] = tile
+        _tuning.HALVES_OVERRIDE = two_halves
+        torch_launchers.clear_plans()  # plans are cached with the tile and schedule they were built with
+
+    print(f"# {torch.cuda.get_device_name()} bfloat16, do_bench_cudagraph medians in ms (cudnn/this, relative error)")
+    torch.manual_seed(0)
+    for batch, head_dim in ((8, 64), (4, 128)):
+        saved = table[head_dim][2]
+        q, k, v = (torch.randn(batch, 16, 4096, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        for causal in (False, True):
+            expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                                        is_causal=causal)
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                cudnn = do_bench_cudagraph(
+                    lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
+            line = f"D{head_dim} causal={causal} cudnn {cudnn:.3f}"
+            for _ in range(2):
+                for name, tile, two_halves in [("one tile", one_tile[head_dim], False)] + [
+                        ("halves", tile, True) for tile in halves[head_dim]]:
+                    schedule(head_dim, tile, two_halves)
+                    error = ((sdpa_custom(q, k, v, causal=causal).float() - expected).norm() / expected.norm()).item()
+                    if not error < 2e-2:
+                        raise SystemExit(f"{name} {tile}: relative error {error:.1e} against float32 attention")
+                    ms = do_bench_cudagraph(lambda: sdpa_custom(q, k, v, causal=causal))
+                    line += f" | {name} {tile} {ms:.3f} ({cudnn / ms:.3f}x, {error:.1e})"
+            print(line, flush=True)
+        table[head_dim][2] = saved
+        _tuning.HALVES_OVERRIDE = override
+        torch_launchers.clear_plans()
+
+
+if __name__ == "__main__":
+    main()
