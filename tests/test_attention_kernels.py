@@ -447,6 +447,28 @@ def test_split_head_dim(head_dim, dtype, check, monkeypatch):
         clear_plans()
 
 
+# The second-order kernels on their default, padded tile at the split head dims (a head dim of 80
+# or 96 in a 128-wide tile) in float64: the calls of theria_jax's check_grads cases at these head
+# dims (test_jax_attention.py's PADDED_HEAD_DIM_CASES), so that a GPU run tells the kernels' part
+# from JAX's where those fail.
+PADDED_SECOND_ORDER = {
+    "D80-causal_br-T5x9": ((1, 1, 1, 5, 9), 80, dict(causal=True, bottom_right=True)),
+    "D96-window_br-T7x7": ((1, 1, 1, 7, 7), 96, dict(window_size=(2, 1), bottom_right=True)),
+}
+
+
+@pytest.mark.parametrize("check", ["forward_second", "backward_backward", "backward_tangent"])
+@pytest.mark.parametrize("case", list(PADDED_SECOND_ORDER))
+def test_second_order_on_the_padded_tile(case, check):
+    """The second-order forward, the double backward and the tangent of the backward on the tables'
+    own tiles (the padded head dim) against the float64 reference."""
+    shape, head_dim, mask = PADDED_SECOND_ORDER[case]
+    q, k, v, params = _case(shape, head_dim, torch.float64, mask, seed=4)
+    checks = {"forward_second": _check_forward_second, "backward_backward": _check_backward_backward,
+              "backward_tangent": _check_backward_tangent}
+    checks[check](q, k, v, params, reference_fn(params), torch.float64)
+
+
 TMA_CHECKS = {"forward_and_backward": _check_forward_and_backward, "jvp": _check_jvp,
               "forward_second": _check_forward_second, "backward_backward": _check_backward_backward,
               "backward_tangent": _check_backward_tangent}
