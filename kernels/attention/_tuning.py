@@ -108,7 +108,9 @@ SM90: dict[str, dict[int, dict[int, Tile]]] = {
 # ms). The forward at head dim 64: its table tile is the halves' (``FORWARD_HALVES``), which lose
 # under a band; banded calls sweep one 128 × 64 × 4 × 3 tile a block. sm_100's table, sm_90's
 # otherwise, takes these too; sm_80's and sm_89's need none.
-SM90_BANDED: dict[tuple[str, int, int], Tile] = {("jvp", 64, 2): (64, 64, 4, 3), ("forward", 64, 2): (128, 64, 4, 3)}
+SM90_BANDED: dict[tuple[str, int, int], Tile] = {
+    ("jvp", 64, 2): (64, 64, 4, 3), ("forward", 64, 2): (128, 64, 4, 3),
+}
 
 
 def _overriding(base: dict, entries: dict) -> dict:
@@ -124,11 +126,11 @@ def _overriding(base: dict, entries: dict) -> dict:
 # row sweeps at head dim 64 (two sweeps here, ``ROW_ONE_SWEEP``, on their former tile), the 2-byte
 # forward (one tile a query block here: 128 × 64 × 4 × 3 at head dim 64, as sm_90's banded calls;
 # at 128 sm_90's 128 × 128 × 3 stages need 225 KB, so its former 128 × 64, 112 KB here), and the
-# 2-byte JVP: at head dim 128 sm_90's 128 × 64 × 8 warps fits (144 KB) but
-# ptxas settles on 32 registers and spills 8.3 KB a thread (128 × 32: 4 KB); the 64 × 64 tile it
-# takes instead spills 696 B. At head dim 64 the tangent kernel spills 1 KB a thread at sm_90's
-# 128 × 64 × 8 warps and 376 B at the 64 × 64 × 4 warps that sm_90 gives banded calls, which the
-# A100 takes for every call.
+# 2-byte JVP: at head dim 128 sm_90's 128 × 64 × 8 warps fits (144 KB) but ptxas settles on 32
+# registers and spills 8.3 KB a thread (128 × 32: 4 KB); the 64 × 64 tile it takes instead spills
+# 696 B. At head dim 64 the tangent kernel spills 1 KB a thread at sm_90's 128 × 64 × 8 warps and
+# 376 B at the 64 × 64 × 4 warps that sm_90 gives banded calls, which the A100 takes for every
+# call.
 SM80 = _overriding(SM90, {
     ("jvp", 64, 2): (64, 64, 4, 3), ("backward_backward_rows", 64, 2): (64, 64, 4, 2),
     ("forward", 64, 2): (128, 64, 4, 3), ("forward", 128, 2): (128, 64, 8, 3),
@@ -137,14 +139,15 @@ SM80 = _overriding(SM90, {
 
 # Ada (L4, L40S, RTX 40; 100 KB a multiprocessor, 99 KB a program): sm_90's tiles except the
 # 2-byte forward (one tile a query block, as on the A100; at head dim 128 two stages: 80 KB; a
-# third needs 112), the JVP at 128 (64 × 32:
-# 68 KB; 64 × 64 needs 104 on sm_80) and the backward at 256 (32 × 32, one stage: at BLOCK_M 64 the dK/dV
-# sweep needs 100 KB with two stages and 112 KB with one). Float64 at head dim 256 fits no tile
+# third needs 112), the JVP at 128 (64 × 32: 68 KB; 64 × 64 needs 104 on sm_80) and the backward
+# at 256 (32 × 32, one stage: at BLOCK_M 64 the dK/dV sweep needs 100 KB with two stages and 112 KB
+# with one). Float64 at head dim 256 fits no tile
 # here (the JVP needs 128 KB at 16 × 16); Ada's float64 rate is 1/64 of its float32 anyway. The
 # 2-byte JVP at head dim 64 and the double backward's row sweeps as on the A100.
 SM89 = _overriding(SM90, {
     ("jvp", 64, 2): (64, 64, 4, 3), ("backward_backward_rows", 64, 2): (64, 64, 4, 2),
-    ("forward", 64, 2): (128, 64, 4, 3), ("forward", 128, 2): (128, 64, 8, 2), ("forward", 128, 4): (64, 32, 8, 1),
+    ("forward", 64, 2): (128, 64, 4, 3), ("forward", 128, 2): (128, 64, 8, 2),
+    ("forward", 128, 4): (64, 32, 8, 1),
     ("jvp", 128, 2): (64, 32, 4, 2), ("jvp", 128, 4): (32, 16, 4, 1), ("jvp", 128, 8): (16, 16, 4, 1),
     ("backward", 256, 2): (32, 32, 4, 1), ("backward", 256, 4): (16, 16, 4, 1),
 })
