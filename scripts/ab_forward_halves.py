@@ -1,21 +1,35 @@
 """theria's forward with one tile a query block against the two halves of ``_tuning.FORWARD_HALVES``
 (docs/design/attention.md), alternating in one process, beside torch SDPA's cuDNN backend.
 
-For each anchor shape (B8 H16 T4096 D64, B4 H16 T4096 D128; bf16) and mask (none, causal) it
-times, twice in turn: one tile a block on the tile sm_90's table had before the halves, and the
-halves on each candidate tile; every configuration is checked against float32 attention first.
-Times are ``do_bench_cudagraph`` medians (the device's time), each with cuDNN's time over its own.
-Needs a Hopper GPU (the candidates are sm_90 table entries).
+For each shape (by default the anchors B8 H16 T4096 D64 and B4 H16 T4096 D128; bf16; head dims
+64 and 128) and mask (none, causal) it times, twice in turn: one tile a block on the tile sm_90's
+table had before the halves, and the halves on each candidate tile; every configuration is checked
+against float32 attention first. Times are ``do_bench_cudagraph`` medians (the device's time), each
+with cuDNN's time over its own. Needs a Hopper GPU (the candidates are sm_90 table entries).
 
     python scripts/ab_forward_halves.py
+    python scripts/ab_forward_halves.py --shapes 8,16,1024,64      # a small shape
 """
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 
+def _shape(text: str) -> tuple[int, int, int, int]:
+    shape = tuple(int(x) for x in text.split(","))
+    if len(shape) != 4 or shape[3] not in (64, 128):
+        raise argparse.ArgumentTypeError(f"a shape is B,H,T,D with D 64 or 128, got {text!r}")
+    return shape
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", type=_shape, default=[(8, 16, 4096, 64), (4, 16, 4096, 128)],
+                        help="B,H,T,D (D 64 or 128)")
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("timing needs a CUDA GPU")
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -35,16 +49,16 @@ def main() -> None:
 
     print(f"# {torch.cuda.get_device_name()} bfloat16, do_bench_cudagraph medians in ms (cudnn/this, relative error)")
     torch.manual_seed(0)
-    for batch, head_dim in ((8, 64), (4, 128)):
+    for batch, heads, seq, head_dim in args.shapes:
         saved = table[head_dim][2]
-        q, k, v = (torch.randn(batch, 16, 4096, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        q, k, v = (torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         for causal in (False, True):
             expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(),
                                                                         is_causal=causal)
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 cudnn = do_bench_cudagraph(
                     lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
-            line = f"D{head_dim} causal={causal} cudnn {cudnn:.3f}"
+            line = f"B{batch} H{heads} T{seq} D{head_dim} causal={causal} cudnn {cudnn:.3f}"
             for _ in range(2):
                 for name, tile, two_halves in [("one tile", one_tile[head_dim], False)] + [
                         ("halves", tile, True) for tile in halves[head_dim]]:
