@@ -35,23 +35,23 @@ def main() -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench_cudagraph
 
+    from tune_attention import with_tile
+
     from theria_kernels.attention import _tuning, torch_launchers
     from theria_torch import sdpa_custom
 
     one_tile = {64: (128, 64, 4, 3), 128: (128, 128, 8, 3)}
     halves = {64: [(128, 128, 4, 2), (128, 64, 4, 3)], 128: [(128, 64, 4, 2), (128, 64, 4, 3)]}
-    table, banded, override = _tuning.SM90["forward"], _tuning.SM90_BANDED, _tuning.HALVES_OVERRIDE
 
-    def schedule(head_dim, tile, two_halves):
-        # the candidate for both mask classes: banded calls read SM90_BANDED first
-        table[head_dim][2] = banded[("forward", head_dim, 2)] = tile
+    def schedule(head_dim, causal, tile, two_halves):
+        """``tile`` in the sm_90 entry a call of this head dim and mask class reads, on one schedule."""
+        with_tile("forward", head_dim, "bfloat16", 90, tile, causal)
         _tuning.HALVES_OVERRIDE = two_halves
         torch_launchers.clear_plans()  # plans are cached with the tile and schedule they were built with
 
     print(f"# {torch.cuda.get_device_name()} bfloat16, do_bench_cudagraph medians in ms (cudnn/this, relative error)")
     torch.manual_seed(0)
     for batch, heads, seq, head_dim in args.shapes:
-        saved = table[head_dim][2], banded.get(("forward", head_dim, 2))
         q, k, v = (torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         for causal in (False, True):
             expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(),
@@ -63,20 +63,13 @@ def main() -> None:
             for _ in range(2):
                 for name, tile, two_halves in [("one tile", one_tile[head_dim], False)] + [
                         ("halves", tile, True) for tile in halves[head_dim]]:
-                    schedule(head_dim, tile, two_halves)
+                    schedule(head_dim, causal, tile, two_halves)
                     error = ((sdpa_custom(q, k, v, causal=causal).float() - expected).norm() / expected.norm()).item()
                     if not error < 2e-2:
                         raise SystemExit(f"{name} {tile}: relative error {error:.1e} against float32 attention")
                     ms = do_bench_cudagraph(lambda: sdpa_custom(q, k, v, causal=causal))
                     line += f" | {name} {tile} {ms:.3f} ({cudnn / ms:.3f}x, {error:.1e})"
             print(line, flush=True)
-        table[head_dim][2] = saved[0]
-        if saved[1] is None:
-            del banded[("forward", head_dim, 2)]
-        else:
-            banded[("forward", head_dim, 2)] = saved[1]
-        _tuning.HALVES_OVERRIDE = override
-        torch_launchers.clear_plans()
 
 
 if __name__ == "__main__":

@@ -147,6 +147,8 @@ def main() -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench_cudagraph
 
+    from tune_attention import with_tile
+
     from theria_kernels.attention import _tuning, torch_launchers
     from theria_torch import sdpa_custom
 
@@ -177,12 +179,13 @@ def main() -> None:
                     lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
             print(f"{label:14s} {str(causal):6s} {'cudnn':7s} {'':18s} {cudnn_ms:7.3f} "
                   f"{flops / (2 if causal else 1) / cudnn_ms / 1e9:8.1f} {1.0:10.3f}")
-            own = _tuning.SM90["forward"][head_dim][2]
+            # the entry this mask class reads (causal calls take BANDED_TILES' where there is one)
+            own = _tuning.tile(90, "forward", head_dim, "bfloat16", causal)
             for tile in [own] + [x for x in args.theria_tiles if x != own]:
-                _tuning.SM90["forward"][head_dim][2] = tile
+                with_tile("forward", head_dim, "bfloat16", 90, tile, causal)
                 torch_launchers.clear_plans()
                 row("theria", tile, lambda: (sdpa_custom(q, k, v, causal=causal),))
-            _tuning.SM90["forward"][head_dim][2] = own
+            with_tile("forward", head_dim, "bfloat16", 90, own, causal)
             torch_launchers.clear_plans()
             for tile in args.tiles or default_tiles[head_dim]:
                 if causal and tile[0] % tile[1]:
