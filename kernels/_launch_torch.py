@@ -25,20 +25,20 @@ from triton.runtime import _allocation
 from triton.runtime.driver import driver
 
 from theria_kernels._contracts import is_interpreter
-from theria_kernels._plan import Allocation, Plan
+from theria_kernels._plan import Plan
 
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
                  "float64": torch.float64, "int32": torch.int32}
 
 
-def _allocate(spec: Allocation, tensors: dict, device: torch.device) -> torch.Tensor:
-    if spec.like is not None:
-        like = tensors[spec.like]
-        dtype = like.dtype if spec.dtype is None else _TORCH_DTYPES[spec.dtype]
-        # In the input's strides, gaps included: the kernels address it with the input's offsets.
-        found = torch.empty_strided(like.shape, like.stride(), dtype=dtype, device=like.device)
-        return found.zero_() if spec.zeroed else found
-    return (torch.zeros if spec.zeroed else torch.empty)(spec.shape, dtype=_TORCH_DTYPES[spec.dtype], device=device)
+def _allocation_steps(plan: Plan) -> tuple:
+    """(name, like, torch dtype or None for like's, shape, zeroed) of each of the plan's allocations."""
+    steps = plan.launcher_cache.get("torch")
+    if steps is None:
+        steps = plan.launcher_cache["torch"] = tuple(
+            (name, spec.like, None if spec.dtype is None else _TORCH_DTYPES[spec.dtype], spec.shape, spec.zeroed)
+            for name, spec in plan.allocations.items())
+    return steps
 
 
 def run_plan(plan: Plan, tensors: dict) -> tuple[torch.Tensor, ...]:
@@ -63,15 +63,25 @@ def run_plan(plan: Plan, tensors: dict) -> tuple[torch.Tensor, ...]:
 
 
 def _run_plan(plan: Plan, tensors: dict, device: torch.device) -> tuple[torch.Tensor, ...]:
-    for name, spec in plan.allocations.items():
-        if name not in tensors:
-            tensors[name] = _allocate(spec, tensors, device)
-    if all(tensors[name].numel() for name in plan.skip_if_empty):
+    for name, like, dtype, shape, zeroed in _allocation_steps(plan):
+        if name in tensors:
+            continue
+        if like is not None:
+            like = tensors[like]
+            # In the input's strides, gaps included: the kernels address it with the input's offsets.
+            found = (like.new_empty_strided(like.shape, like.stride()) if dtype is None
+                     else like.new_empty_strided(like.shape, like.stride(), dtype=dtype))
+        else:
+            found = torch.empty(shape, dtype=dtype, device=device)
+        tensors[name] = found.zero_() if zeroed else found
+    for name in plan.skip_if_empty:
+        if not tensors[name].numel():
+            for output in plan.outputs:
+                tensors[output].zero_()
+            break
+    else:
         for launch in plan.launches:
             launch_one(launch, tensors)
-    else:
-        for name in plan.outputs:
-            tensors[name].zero_()
     return tuple(tensors[name] for name in plan.outputs)
 
 

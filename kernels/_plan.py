@@ -125,6 +125,9 @@ class Plan:
     allocations: dict
     launches: tuple[Launch, ...]
     skip_if_empty: tuple[str, ...] = ("q",)
+    # What a launcher derives from the plan once and reuses on every call, under the launcher's
+    # own key (as ``Launch.compiled``).
+    launcher_cache: dict = field(default_factory=dict, repr=False)
 
     @functools.cached_property
     def buffer_dtypes(self) -> dict[str, str]:

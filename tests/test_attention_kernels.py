@@ -566,6 +566,30 @@ def test_strided_inputs_match_contiguous():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_calls_taken_as_given_are_remembered_by_layout():
+    """A call whose tensors the kernels take as they are is remembered by its tensors' metadata
+    (``torch_launchers._AS_GIVEN``), so that its next calls skip the layout checks; one that needs a
+    copy or a dtype change is not, and a call that differs from a remembered one in any tensor's
+    strides or dtype meets the checks again and gets the same numbers as a fresh launch."""
+    q, k, v, params = _case((1, 2, 2, 9, 9), 16, torch.float64, dict(causal=True))
+    clear_plans()
+    out, lse = attention_forward(q, k, v, params)
+    assert len(torch_launchers._AS_GIVEN) == 1
+    v_wide = torch.cat([v, torch.randn_like(v)], dim=-1)[..., :16]  # same shape, other strides: copied
+    again, _ = attention_forward(q, k, v_wide, params)
+    assert len(torch_launchers._AS_GIVEN) == 1
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+    d_out = torch.randn_like(q)
+    grads = attention_backward(q, k, v, out, lse, d_out, None, params)
+    assert len(torch_launchers._AS_GIVEN) == 2
+    d_out_t = d_out.transpose(1, 2).contiguous().transpose(1, 2)  # q's layout differs: copied into it
+    for a, b in zip(attention_backward(q, k, v, out, lse, d_out_t, None, params), grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="preallocated out"):  # a remembered call still checks its outputs
+        attention_forward(q, k, v, params, out=torch.empty_like(q, dtype=torch.float32))
+    clear_plans()
+
+
 @pytest.mark.parametrize("mask", [dict(causal=True, bottom_right=True), {}], ids=["causal", "no_mask"])
 @pytest.mark.parametrize("programs_per_sm", [0, 2], ids=["whole_group", "two_shares"])
 def test_grouped_query_split_does_not_change_gradients(programs_per_sm, mask, monkeypatch):

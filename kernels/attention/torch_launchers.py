@@ -101,11 +101,39 @@ def kernel_layout(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 and 0 not in t.stride() else t.contiguous()
 
 
+# Calls whose every tensor the kernels take as it is (no copy into q's or k's layout, no dtype
+# change; preallocated outputs checked), keyed by each tensor's name, shape, strides and dtype, the
+# params and the tf32 mode: a training loop repeats a few calls, and checking each tensor against
+# q's or k's layout costs more than reading its metadata once for the key.
+_AS_GIVEN: dict = {}
+
+
 def _prepare(q, k, params: AttentionParams, query_like: dict, key_like: dict, rows: dict, outputs: dict,
              varlen: dict) -> tuple[AttentionCall, dict]:
     """The plan's call and its tensors by name: q and k with unit last stride, the other inputs
     moved into q's / k's layout, row statistics contiguous in their dtype, preallocated outputs
     checked."""
+    if varlen:
+        return _prepare_checked(q, k, params, query_like, key_like, rows, outputs, varlen)
+    tensors = {"q": q, "k": k}
+    for given in (query_like, key_like, rows, outputs):
+        for name, t in given.items():
+            if t is not None:
+                tensors[name] = t
+    tf32 = q.dtype == torch.float32 and q.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    key = (params, tf32, q.device, *[(name, t.shape, t.stride(), t.dtype) for name, t in tensors.items()])
+    call = _AS_GIVEN.get(key)
+    if call is not None:
+        return call, tensors
+    call, checked = _prepare_checked(q, k, params, query_like, key_like, rows, outputs, varlen)
+    if all(checked[name] is t for name, t in tensors.items()):
+        _AS_GIVEN[key] = call
+    return call, checked
+
+
+def _prepare_checked(q, k, params: AttentionParams, query_like: dict, key_like: dict, rows: dict, outputs: dict,
+                     varlen: dict) -> tuple[AttentionCall, dict]:
+    """``_prepare``, checking and converting every tensor."""
     q, k = kernel_layout(q), kernel_layout(k)
     lengths = None
     if varlen:
@@ -173,6 +201,7 @@ _PLANS: dict = {}
 def clear_plans() -> None:
     """Forget every cached plan (after changing a tile table or the grouped-query split rule)."""
     _PLANS.clear()
+    _AS_GIVEN.clear()
     for builder in (forward_plan, backward_plan, backward_backward_plan):
         builder.cache_clear()
 
