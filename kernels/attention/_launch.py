@@ -70,8 +70,8 @@ INTERPRETER_BLOCKS = (16, 16, 1, 1)
 # kind: on the H200 the double backward's column kernel with a second cotangent (the backward's
 # tangent) gave wrong numbers in float64 on the padded tile at head dims 80 and 96 (k's part 17 %
 # and 46 % off; the interpreter agrees with the reference to 1e-15 on the same tiles), and right
-# ones split (docs/perf-notes.md, "GPU accuracy runs", session 21); float64 is for checking, where
-# speed does not count.
+# ones split at head dim 80 (docs/perf-notes.md, "GPU accuracy runs", session 21); float64 is for
+# checking, where speed does not count.
 SPLIT_HEAD_DIM = {"forward": True, "jvp": True, "forward_second": False, "backward": True,
                   "backward_backward": False, "backward_backward_rows": False,
                   "backward_backward_rows_no_cot_d_out": False}
