@@ -413,6 +413,9 @@ def test_head_dim_split_rule():
         for kind, tiles in expected.items():
             got = {key: value for key, value in call.meta(kind)[0].items() if key.startswith("BLOCK_D")}
             assert got == (split if dtype == "float64" else tiles), (dtype, kind)
+    # float64 never takes a 128-wide part up to head dim 128 (``launch.float64_head_dim_parts``).
+    float64_parts = {40: (32, 16), 64: (64, 0), 80: (64, 16), 100: (64, 64), 128: (64, 64), 160: (128, 32)}
+    assert {d: launch.float64_head_dim_parts(d) for d in float64_parts} == float64_parts
 
 
 def test_launch_arithmetic_matches_triton():
@@ -449,25 +452,28 @@ def test_split_head_dim(head_dim, dtype, check, monkeypatch):
         clear_plans()
 
 
-# The second-order kernels at the split head dims 80 and 96 in float64, on the launchers' default
-# tiles (split in float64, ``launch.SPLIT_HEAD_DIM``): the calls of theria_jax's check_grads cases at
-# these head dims (test_jax_attention.py's PADDED_HEAD_DIM_CASES). On the H200 the backward's
-# tangent failed here on the padded 128 tile (docs/perf-notes.md, "GPU accuracy runs", session 21).
-SPLIT_SECOND_ORDER = {
+# float64 at head dims 80, 96 and 128 on the launchers' own tiles (split into parts no wider than 64,
+# ``launch.float64_head_dim_parts``): the calls of theria_jax's check_grads cases at 80 and 96
+# (test_jax_attention.py's PADDED_HEAD_DIM_CASES) and the same mask at 128. On the H200 the column
+# kernels went wrong on a 128-wide float64 tile in these calls (the backward's tangent at 80 and 96
+# padded, the backward's dK at 128; docs/perf-notes.md, "GPU accuracy runs", session 21).
+FLOAT64_WIDE = {
     "D80-causal_br-T5x9": ((1, 1, 1, 5, 9), 80, dict(causal=True, bottom_right=True)),
     "D96-window_br-T7x7": ((1, 1, 1, 7, 7), 96, dict(window_size=(2, 1), bottom_right=True)),
+    "D128-causal_br-T5x9": ((1, 1, 1, 5, 9), 128, dict(causal=True, bottom_right=True)),
 }
 
 
-@pytest.mark.parametrize("check", ["forward_second", "backward_backward", "backward_tangent"])
-@pytest.mark.parametrize("case", list(SPLIT_SECOND_ORDER))
-def test_second_order_at_split_head_dims(case, check):
-    """The second-order forward, the double backward and the tangent of the backward on the
-    launchers' own tiles at head dims 80 and 96 against the float64 reference."""
-    shape, head_dim, mask = SPLIT_SECOND_ORDER[case]
+@pytest.mark.parametrize("check", ["forward_and_backward", "forward_second", "backward_backward", "backward_tangent"])
+@pytest.mark.parametrize("case", list(FLOAT64_WIDE))
+def test_float64_at_wide_head_dims(case, check):
+    """The backward, the second-order forward, the double backward and the tangent of the backward
+    in float64 on the launchers' own tiles at head dims 80, 96 and 128 against the float64
+    reference."""
+    shape, head_dim, mask = FLOAT64_WIDE[case]
     q, k, v, params = _case(shape, head_dim, torch.float64, mask, seed=4)
-    checks = {"forward_second": _check_forward_second, "backward_backward": _check_backward_backward,
-              "backward_tangent": _check_backward_tangent}
+    checks = {"forward_and_backward": _check_forward_and_backward, "forward_second": _check_forward_second,
+              "backward_backward": _check_backward_backward, "backward_tangent": _check_backward_tangent}
     checks[check](q, k, v, params, reference_fn(params), torch.float64)
 
 

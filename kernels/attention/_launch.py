@@ -67,16 +67,26 @@ INTERPRETER_BLOCKS = (16, 16, 1, 1)
 # double backward's column kernel 255 / 328 padded but 32 / 2,118 split, and the second-order
 # forward at its 32 × 32 tiles 255 registers and 1.1 KB of stack padded but 32 and ~8 KB split,
 # so those two keep the padded tile until they have tiles of their own. float64 splits in every
-# kind: on the H200 the double backward's column kernel with a second cotangent (the backward's
-# tangent) gave wrong numbers in float64 on the padded tile at head dims 80 and 96 (k's part 17 %
-# and 46 % off; the interpreter agrees with the reference to 1e-15 on the same tiles), and right
-# ones split at head dim 80 (docs/perf-notes.md, "GPU accuracy runs", session 21); float64 is for
-# checking, where speed does not count.
+# kind, into parts no wider than 64 up to head dim 128 (``float64_head_dim_parts``): on the H200 the
+# column kernels on a 128-wide float64 tile gave wrong numbers (the double backward's tangent at
+# head dims 80 and 96 padded, k's part 17 % and 46 % off; the backward's dK at 128, 51 %; the
+# interpreter agrees with the reference to 1e-15 on the same tiles), and right ones split at 80 and
+# 96 (docs/perf-notes.md, "GPU accuracy runs", session 21); float64 is for checking, where speed
+# does not count.
 SPLIT_HEAD_DIM = {"forward": True, "jvp": True, "forward_second": False, "backward": True,
                   "backward_backward": False, "backward_backward_rows": False,
                   "backward_backward_rows_no_cot_d_out": False}
 
 _TL_DTYPES = {"float16": tl.float16, "bfloat16": tl.bfloat16, "float32": tl.float32, "float64": tl.float64}
+
+
+def float64_head_dim_parts(head_dim: int) -> tuple[int, int]:
+    """``head_dim_parts`` for float64, where a head dim above 64 and up to 128 is always split at 64
+    (128 = 64 + 64, 100 = 64 + 64 padded, 80 = 64 + 16): no part is 128 wide there
+    (``SPLIT_HEAD_DIM``)."""
+    if 64 < head_dim <= 128:
+        return 64, max(next_power_of_2(head_dim - 64), 16)
+    return head_dim_parts(head_dim)
 
 
 def head_dim_parts(head_dim: int) -> tuple[int, int]:
@@ -160,7 +170,9 @@ class AttentionCall:
         """The constexprs of one sweep kind, and (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
         block_m, block_n, warps, stages = self.blocks(kind)
         tf32 = self.dtype == "float32" and self.device.allow_tf32 and not self.device.interpreter
-        if SPLIT_HEAD_DIM[kind] or self.dtype == "float64":
+        if self.dtype == "float64":
+            head_dim_tiles = dict(zip(("BLOCK_D0", "BLOCK_D1"), float64_head_dim_parts(self.q_shape[-1])))
+        elif SPLIT_HEAD_DIM[kind]:
             head_dim_tiles = dict(zip(("BLOCK_D0", "BLOCK_D1"), head_dim_parts(self.q_shape[-1])))
         else:
             head_dim_tiles = dict(BLOCK_D0=self.block_d, BLOCK_D1=0)
