@@ -17,6 +17,13 @@ with theria's derivative structure pays in torch's autograd; theria's time above
 
     python scripts/host_path.py
     python scripts/host_path.py --shape 64,4,256,16 --calls 5000
+
+With ``--cuda`` (a GPU) the same modes run on CUDA tensors (bfloat16) with real launches, as a user
+calls them eagerly: per-call wall time of rounds of ``--calls`` calls, each round ended by one
+device sync, for theria, the floor (on CUDA tensors: autograd runs their backward on its device
+thread) and torch SDPA's flash (math for hvp) in the same process; compare within one run.
+
+    python scripts/host_path.py --cuda --shape 64,4,256,16 --calls 300
 """
 
 from __future__ import annotations
@@ -24,9 +31,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # no kernel runs; the interpreter keeps it GPU-free
+# Decided before Triton is imported: stubbed launches keep the interpreter (no GPU needed), --cuda
+# launches the compiled kernels.
+CUDA = "--cuda" in sys.argv
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
@@ -94,26 +106,56 @@ def modes(attend, q, k, v, d_out):
     return {"fwd": fwd, "fwd_bwd": fwd_bwd, "hvp": hvp}
 
 
-def per_call_us(fn, calls: int, rounds: int = 5) -> float:
+def per_call_us(fn, calls: int, rounds: int = 5, sync=lambda: None) -> float:
     for _ in range(max(calls // 10, 20)):
         fn()
+    sync()
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
+        sync()
         times.append((time.perf_counter() - start) / calls * 1e6)
     return statistics.median(times)
+
+
+def cuda_rows(shape, calls: int) -> None:
+    """Every mode on CUDA tensors with real launches, beside the floor and SDPA's flash / math."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa(backend):
+        def attend(q, k, v):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return attend
+
+    q, k, v, d_out = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    impls = {"theria": sdpa_custom, "floor": floor, "flash": sdpa(SDPBackend.FLASH_ATTENTION),
+             "math": sdpa(SDPBackend.MATH)}
+    print(f"# per-call wall time, µs (real launches, one sync a round), B,H,T,D = {shape}, bfloat16, "
+          f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"{'mode':8s} " + " ".join(f"{name:>8s}" for name in impls))
+    for mode in ("fwd", "fwd_bwd", "hvp"):
+        row = [per_call_us(modes(attend, q, k, v, d_out)[mode], calls, sync=torch.cuda.synchronize)
+               if not (name == "flash" and mode == "hvp") else float("nan") for name, attend in impls.items()]
+        print(f"{mode:8s} " + " ".join(f"{t:8.1f}" for t in row))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="2,2,16,16", help="B,H,T,D (the host cost hardly depends on it)")
     parser.add_argument("--calls", type=int, default=1000, help="calls per timed round (median of 5 rounds)")
+    parser.add_argument("--cuda", action="store_true", help="real launches on CUDA tensors (see above)")
     args = parser.parse_args()
+    shape = tuple(map(int, args.shape.split(",")))
+    if args.cuda:
+        if not torch.cuda.is_available():
+            raise SystemExit("--cuda needs a CUDA GPU")
+        cuda_rows(shape, args.calls)
+        return
     launch_torch.launch_one = lambda launch, tensors: None  # the host path up to the launch, no kernel
     torch.set_num_threads(1)
-    shape = tuple(map(int, args.shape.split(",")))
     q, k, v, d_out = (torch.randn(shape) for _ in range(4))
     print(f"# host time per call, µs (launches stubbed), B,H,T,D = {shape}, torch {torch.__version__}")
     print(f"{'mode':8s} {'theria':>8s} {'floor':>8s} {'theria/floor':>13s}")
