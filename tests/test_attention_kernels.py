@@ -472,9 +472,7 @@ def test_float64_at_wide_head_dims(case, check):
     reference."""
     shape, head_dim, mask = FLOAT64_WIDE[case]
     q, k, v, params = _case(shape, head_dim, torch.float64, mask, seed=4)
-    checks = {"forward_and_backward": _check_forward_and_backward, "forward_second": _check_forward_second,
-              "backward_backward": _check_backward_backward, "backward_tangent": _check_backward_tangent}
-    checks[check](q, k, v, params, reference_fn(params), torch.float64)
+    SPLIT_CHECKS[check](q, k, v, params, reference_fn(params), torch.float64)
 
 
 TMA_CHECKS = {"forward_and_backward": _check_forward_and_backward, "jvp": _check_jvp,

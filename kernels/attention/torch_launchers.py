@@ -41,8 +41,13 @@ def row_stat_dtype(dtype: torch.dtype) -> torch.dtype:
 _DEVICES: dict = {}
 
 
+def _tf32(t: torch.Tensor) -> bool:
+    """Whether the kernels may take ``t``'s float32 products in tf32 (torch's ``allow_tf32``)."""
+    return t.dtype == torch.float32 and t.is_cuda and torch.backends.cuda.matmul.allow_tf32
+
+
 def _device(t: torch.Tensor) -> Device:
-    tf32 = t.is_cuda and t.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    tf32 = _tf32(t)
     key = (t.device, tf32)
     found = _DEVICES.get(key)
     if found is None:
@@ -120,8 +125,7 @@ def _prepare(q, k, params: AttentionParams, query_like: dict, key_like: dict, ro
         for name, t in given.items():
             if t is not None:
                 tensors[name] = t
-    tf32 = q.dtype == torch.float32 and q.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    key = (params, tf32, q.device, *[(name, t.shape, t.stride(), t.dtype) for name, t in tensors.items()])
+    key = (params, _tf32(q), q.device, *[(name, t.shape, t.stride(), t.dtype) for name, t in tensors.items()])
     call = _AS_GIVEN.get(key)
     if call is not None:
         return call, tensors
@@ -159,8 +163,7 @@ _CALLS: dict = {}
 def _call(q: torch.Tensor, k: torch.Tensor, params: AttentionParams, lengths) -> AttentionCall:
     """The ``AttentionCall`` of these tensors, found by a key of plain tuples: building and hashing
     the frozen dataclass on every call costs more than the lookup (calls of one shape repeat)."""
-    tf32 = q.dtype == torch.float32 and q.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    key = (q.shape, q.stride(), k.shape, k.stride(), q.dtype, q.device, params, lengths, tf32)
+    key = (q.shape, q.stride(), k.shape, k.stride(), q.dtype, q.device, params, lengths, _tf32(q))
     found = _CALLS.get(key)
     if found is None:
         found = _CALLS[key] = AttentionCall(tuple(q.shape), q.stride(), tuple(k.shape), k.stride(),
