@@ -398,8 +398,9 @@ def test_head_dim_padding_and_limits():
 
 def test_head_dim_split_rule():
     """A head dim is split into two power-of-two tiles only where they are narrower than the
-    padded tile, and only the forward, JVP and backward sweeps are launched split, but in float64,
-    where every sweep is (``launch.SPLIT_HEAD_DIM``)."""
+    padded tile, and only the forward, JVP and backward sweeps are launched split
+    (``launch.SPLIT_HEAD_DIM``), but in float64, where every sweep takes float64's own parts (at head
+    dim 80 split, at 40 one tile: ``launch.float64_head_dim_parts``)."""
     parts = {8: (16, 0), 24: (32, 0), 40: (32, 16), 48: (32, 16), 59: (64, 0), 64: (64, 0), 80: (64, 16),
              96: (64, 32), 111: (128, 0), 160: (128, 32), 192: (128, 64), 200: (256, 0), 256: (256, 0)}
     assert {d: launch.head_dim_parts(d) for d in parts} == parts
@@ -413,8 +414,10 @@ def test_head_dim_split_rule():
         for kind, tiles in expected.items():
             got = {key: value for key, value in call.meta(kind)[0].items() if key.startswith("BLOCK_D")}
             assert got == (split if dtype == "float64" else tiles), (dtype, kind)
-    # float64 never takes a 128-wide part up to head dim 128 (``launch.float64_head_dim_parts``).
-    float64_parts = {40: (32, 16), 64: (64, 0), 80: (64, 16), 100: (64, 64), 128: (64, 64), 160: (128, 32)}
+    # float64 takes one tile up to head dim 64 and never a 128-wide part up to 128
+    # (``launch.float64_head_dim_parts``).
+    float64_parts = {40: (64, 0), 16: (16, 0), 64: (64, 0), 80: (64, 16), 100: (64, 64), 128: (64, 64),
+                     160: (128, 32)}
     assert {d: launch.float64_head_dim_parts(d) for d in float64_parts} == float64_parts
 
 
@@ -444,6 +447,8 @@ def test_split_head_dim(head_dim, dtype, check, monkeypatch):
     padded = ("forward_second", "backward_backward", "backward_backward_rows", "backward_backward_rows_no_cot_d_out")
     for kind in padded:  # launchers that keep it padded
         monkeypatch.setitem(launch.SPLIT_HEAD_DIM, kind, True)
+    # float64 keeps head dim 40 on one tile (``launch.float64_head_dim_parts``); split it here too
+    monkeypatch.setattr(launch, "float64_head_dim_parts", launch.head_dim_parts)
     clear_plans()  # plans are cached with the tile choice they were built with
     q, k, v, params = _case(SHAPES[2], head_dim, dtype, MASKS[2], seed=6)
     try:
@@ -452,25 +457,30 @@ def test_split_head_dim(head_dim, dtype, check, monkeypatch):
         clear_plans()
 
 
-# float64 at head dims 80, 96 and 128 on the launchers' own tiles (split into parts no wider than 64,
-# ``launch.float64_head_dim_parts``): the calls of theria_jax's check_grads cases at 80 and 96
-# (test_jax_attention.py's PADDED_HEAD_DIM_CASES) and the same mask at 128. On the H200 the column
-# kernels went wrong on a 128-wide float64 tile in these calls (the backward's tangent at 80 and 96
-# padded, the backward's dK at 128; docs/perf-notes.md, "GPU accuracy runs", session 21).
-FLOAT64_WIDE = {
-    "D80-causal_br-T5x9": ((1, 1, 1, 5, 9), 80, dict(causal=True, bottom_right=True)),
-    "D96-window_br-T7x7": ((1, 1, 1, 7, 7), 96, dict(window_size=(2, 1), bottom_right=True)),
-    "D128-causal_br-T5x9": ((1, 1, 1, 5, 9), 128, dict(causal=True, bottom_right=True)),
+# float64 on the launchers' own tiles (``launch.float64_head_dim_parts``, and two warps at head dim
+# 256 in sm_90's table) where the compiled kernels went wrong on the H200 on other tiles: the calls of
+# theria_jax's check_grads cases at 40, 80 and 96 (test_jax_attention.py's PADDED_HEAD_DIM_CASES;
+# at 40 grouped heads and rows that see no key), the same mask at 128 and 256 (docs/perf-notes.md,
+# "GPU accuracy runs", sessions 21 and 22). At 256 the double backward's kernels need more shared
+# memory than sm_90 has in float64 (tests/test_tile_fit.py's KNOWN_SHARED_MEMORY).
+ALL_ORDERS = ("forward_and_backward", "forward_second", "backward_backward", "backward_tangent")
+FLOAT64_HEAD_DIMS = {
+    "D40-causal_br-T9x5-H2/1": ((1, 2, 1, 9, 5), 40, dict(causal=True, bottom_right=True), ALL_ORDERS),
+    "D80-causal_br-T5x9": ((1, 1, 1, 5, 9), 80, dict(causal=True, bottom_right=True), ALL_ORDERS),
+    "D96-window_br-T7x7": ((1, 1, 1, 7, 7), 96, dict(window_size=(2, 1), bottom_right=True), ALL_ORDERS),
+    "D128-causal_br-T5x9": ((1, 1, 1, 5, 9), 128, dict(causal=True, bottom_right=True), ALL_ORDERS),
+    "D256-causal_br-T5x9": ((1, 1, 1, 5, 9), 256, dict(causal=True, bottom_right=True),
+                            ("forward_and_backward", "forward_second")),
 }
 
 
-@pytest.mark.parametrize("check", ["forward_and_backward", "forward_second", "backward_backward", "backward_tangent"])
-@pytest.mark.parametrize("case", list(FLOAT64_WIDE))
-def test_float64_at_wide_head_dims(case, check):
+@pytest.mark.parametrize("case, check", [(case, check) for case, (*_, checks) in FLOAT64_HEAD_DIMS.items()
+                                         for check in checks])
+def test_float64_head_dims(case, check):
     """The backward, the second-order forward, the double backward and the tangent of the backward
-    in float64 on the launchers' own tiles at head dims 80, 96 and 128 against the float64
+    in float64 on the launchers' own tiles at head dims 40, 80, 96, 128 and 256 against the float64
     reference."""
-    shape, head_dim, mask = FLOAT64_WIDE[case]
+    shape, head_dim, mask, _ = FLOAT64_HEAD_DIMS[case]
     q, k, v, params = _case(shape, head_dim, torch.float64, mask, seed=4)
     SPLIT_CHECKS[check](q, k, v, params, reference_fn(params), torch.float64)
 

@@ -66,13 +66,14 @@ INTERPRETER_BLOCKS = (16, 16, 1, 1)
 # kernel 255 / 44 padded, 255 / 8 split (dQ 211 / 0 and 171 / 0), so the backward splits; the
 # double backward's column kernel 255 / 328 padded but 32 / 2,118 split, and the second-order
 # forward at its 32 × 32 tiles 255 registers and 1.1 KB of stack padded but 32 and ~8 KB split,
-# so those two keep the padded tile until they have tiles of their own. float64 splits in every
-# kind, into parts no wider than 64 up to head dim 128 (``float64_head_dim_parts``): on the H200 the
-# column kernels on a 128-wide float64 tile gave wrong numbers (the double backward's tangent at
-# head dims 80 and 96 padded, k's part 17 % and 46 % off; the backward's dK at 128, 51 %; the
-# interpreter agrees with the reference to 1e-15 on the same tiles), and right ones split at 80 and
-# 96 (docs/perf-notes.md, "GPU accuracy runs", session 21); float64 is for checking, where speed
-# does not count.
+# so those two keep the padded tile until they have tiles of their own. float64 ignores this table
+# and takes the head-dim tiles that gave right numbers on the H200 in every kind
+# (``float64_head_dim_parts``): there the compiled float64 column kernels went wrong on some tiles
+# the interpreter computes right to 1e-15 (a 128-wide tile at head dims 80, 96 and 128, the
+# backward's dK 51-109 % off and the backward's tangent 17-55 %; at head dim 40 split 32 + 16, the
+# backward's tangent 7-18 % off in one call shape and right in another), and right on one tile up to
+# 64 wide and on 64 + the rest up to 128 (docs/perf-notes.md, "GPU accuracy runs", sessions 21 and
+# 22); float64 is for checking, where speed does not count.
 SPLIT_HEAD_DIM = {"forward": True, "jvp": True, "forward_second": False, "backward": True,
                   "backward_backward": False, "backward_backward_rows": False,
                   "backward_backward_rows_no_cot_d_out": False}
@@ -81,10 +82,12 @@ _TL_DTYPES = {"float16": tl.float16, "bfloat16": tl.bfloat16, "float32": tl.floa
 
 
 def float64_head_dim_parts(head_dim: int) -> tuple[int, int]:
-    """``head_dim_parts`` for float64, where a head dim above 64 and up to 128 is always split at 64
-    (128 = 64 + 64, 100 = 64 + 64 padded, 80 = 64 + 16): no part is 128 wide there
-    (``SPLIT_HEAD_DIM``)."""
-    if 64 < head_dim <= 128:
+    """``head_dim_parts`` for float64 in every sweep kind (``SPLIT_HEAD_DIM``): one tile up to head
+    dim 64 (40 → 64 padded), a 64-wide part and the rest up to 128 (128 = 64 + 64, 100 = 64 + 64
+    padded, 80 = 64 + 16), so that no part there is 128 wide; above 128 as the other dtypes."""
+    if head_dim <= 64:
+        return max(next_power_of_2(head_dim), 16), 0
+    if head_dim <= 128:
         return 64, max(next_power_of_2(head_dim - 64), 16)
     return head_dim_parts(head_dim)
 

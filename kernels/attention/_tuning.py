@@ -49,7 +49,9 @@ Tile = tuple[int, int, int, int]
 
 # Hopper (H100, H200): tuned by timing. The 4- and 8-byte entries halve and quarter the 2-byte
 # tile and drop one and two pipeline stages: wider elements need that much more shared memory and
-# registers per tile. The 32 class (head dims up to 32): the 2-byte forward and double backward
+# registers per tile. The 8-byte entries at head dim 256 run two warps: at four and eight the
+# compiled float64 backward gave a dK 43-91 % off on the H200, at one and two a right one
+# (docs/perf-notes.md, "GPU accuracy runs", session 22). The 32 class (head dims up to 32): the 2-byte forward and double backward
 # chosen by timing on the H200 at MAML's t1024 shape (docs/design/tuning.md §1), the others the
 # 64 class's tiles (the backward's timed best). The 2-byte forward: at head dim 64 without a mask
 # two halves of each query block on 128 × 128 × 4 × 2 (``FORWARD_HALVES``), banded calls and the
@@ -61,31 +63,31 @@ SM90: dict[str, dict[int, dict[int, Tile]]] = {
         32: {2: (64, 64, 4, 3), 4: (64, 32, 4, 2), 8: (32, 16, 4, 1)},
         64: {2: (128, 128, 4, 2), 4: (64, 32, 4, 2), 8: (32, 16, 4, 1)},
         128: {2: (128, 128, 8, 3), 4: (64, 32, 8, 2), 8: (32, 16, 8, 1)},
-        256: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
+        256: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 2, 1)},
     },
     "jvp": {
         32: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
         64: {2: (128, 64, 8, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
         128: {2: (128, 64, 8, 2), 4: (64, 32, 8, 1), 8: (32, 16, 8, 1)},
-        256: {2: (32, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
+        256: {2: (32, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 2, 1)},
     },
     "forward_second": {
         32: {2: (64, 32, 4, 1), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
         64: {2: (64, 32, 4, 1), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
         128: {2: (32, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
-        256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
+        256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 2, 1)},
     },
     "backward": {
         32: {2: (64, 64, 4, 3), 4: (32, 32, 4, 2), 8: (16, 16, 4, 1)},
         64: {2: (64, 64, 4, 3), 4: (32, 32, 4, 2), 8: (16, 16, 4, 1)},
         128: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
-        256: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
+        256: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 2, 1)},
     },
     "backward_backward": {
         32: {2: (64, 64, 4, 3), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
         64: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
         128: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
-        256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
+        256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 2, 1)},
     },
     # The double backward's row sweep (``double_backward``), one sweep where ``ROW_ONE_SWEEP`` says
     # so (the 2-byte entry at head dim 64), two elsewhere, on the column sweep's tiles.
@@ -93,7 +95,7 @@ SM90: dict[str, dict[int, dict[int, Tile]]] = {
         32: {2: (64, 64, 4, 3), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
         64: {2: (64, 32, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
         128: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
-        256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 4, 1)},
+        256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 2, 1)},
     },
     # "backward_backward_rows_no_cot_d_out": the row sweep's tiles but where timing chose otherwise
     # (``ROWS_WITHOUT_COT_D_OUT``, below).
