@@ -461,7 +461,7 @@ def test_split_head_dim(head_dim, dtype, check, monkeypatch):
 # 256 in sm_90's table) where the compiled kernels went wrong on the H200 on other tiles: the calls of
 # theria_jax's check_grads cases at 40, 80 and 96 (test_jax_attention.py's PADDED_HEAD_DIM_CASES;
 # at 40 grouped heads and rows that see no key), the same mask at 128 and 256 (docs/perf-notes.md,
-# "GPU accuracy runs", sessions 21 and 22). At 256 the double backward's kernels need more shared
+# "GPU accuracy runs", sessions 21 and 22), then every other head-dim class and kind of parts. At 256 the double backward's kernels need more shared
 # memory than sm_90 has in float64 (tests/test_tile_fit.py's KNOWN_SHARED_MEMORY).
 ALL_ORDERS = ("forward_and_backward", "forward_second", "backward_backward", "backward_tangent")
 FLOAT64_HEAD_DIMS = {
@@ -471,6 +471,15 @@ FLOAT64_HEAD_DIMS = {
     "D128-causal_br-T5x9": ((1, 1, 1, 5, 9), 128, dict(causal=True, bottom_right=True), ALL_ORDERS),
     "D256-causal_br-T5x9": ((1, 1, 1, 5, 9), 256, dict(causal=True, bottom_right=True),
                             ("forward_and_backward", "forward_second")),
+    # the other head-dim classes and parts: 16, 24 (the 32 class), 59 (one 64 tile), 111 (64 + 64),
+    # 160 and 192 (a 128-wide first part), 224 (one 256 tile)
+    "D16-full-T17x23-H2/1": ((1, 2, 1, 17, 23), 16, {}, ALL_ORDERS),
+    "D24-causal-T17x17": ((1, 1, 1, 17, 17), 24, dict(causal=True), ALL_ORDERS),
+    "D59-window_br-T9x5-H2/1": ((1, 2, 1, 9, 5), 59, dict(window_size=(2, 1), bottom_right=True), ALL_ORDERS),
+    "D111-causal_br-T5x9": ((1, 1, 1, 5, 9), 111, dict(causal=True, bottom_right=True), ALL_ORDERS),
+    "D160-causal_br-T5x9": ((1, 1, 1, 5, 9), 160, dict(causal=True, bottom_right=True), ALL_ORDERS),
+    "D192-full-T17x9-H2/1": ((1, 2, 1, 17, 9), 192, {}, ALL_ORDERS),
+    "D224-causal-T9x9": ((1, 1, 1, 9, 9), 224, dict(causal=True), ("forward_and_backward", "forward_second")),
 }
 
 
@@ -478,8 +487,8 @@ FLOAT64_HEAD_DIMS = {
                                          for check in checks])
 def test_float64_head_dims(case, check):
     """The backward, the second-order forward, the double backward and the tangent of the backward
-    in float64 on the launchers' own tiles at head dims 40, 80, 96, 128 and 256 against the float64
-    reference."""
+    in float64 on the launchers' own tiles at every head-dim class and kind of parts against the
+    float64 reference."""
     shape, head_dim, mask, _ = FLOAT64_HEAD_DIMS[case]
     q, k, v, params = _case(shape, head_dim, torch.float64, mask, seed=4)
     SPLIT_CHECKS[check](q, k, v, params, reference_fn(params), torch.float64)
