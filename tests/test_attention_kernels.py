@@ -338,10 +338,11 @@ def test_double_backward_one_sweep(case, check, monkeypatch):
         clear_plans()
 
 
-# The forward as two halves of each query block (``_tuning.FORWARD_HALVES``: on the GPU only where
-# timing chose it, so the interpreter runs one tile unless told): every mask, odd lengths that end
-# inside the second half, grouped heads, a split head dim, half precision, the score modifiers and
-# packed sequences; the backward runs on the halves' out and lse.
+# The forward and the backward's column sweep as two halves of each query block
+# (``_tuning.FORWARD_HALVES``, ``BACKWARD_HALVES``: on the GPU only where timing chose them, so the
+# interpreter runs one tile unless told): every mask, odd lengths that end inside the second half,
+# grouped heads, a split head dim, half precision, the score modifiers and packed sequences; the
+# backward runs on the halves' out and lse, its dK/dV sweep as halves too.
 HALVES_CASES = {
     **{f"{name}-float64": (SHAPES[1], 16, torch.float64, mask) for name, mask in zip(MASK_IDS, MASKS)},
     "causal_br-D40-float64": (SHAPES[2], 40, torch.float64, MASKS[2]),
@@ -352,8 +353,9 @@ HALVES_CASES = {
 
 @pytest.mark.parametrize("case", list(HALVES_CASES) + ["varlen"])
 def test_forward_halves(case, monkeypatch):
-    """Forced halves against the reference; every forward plan built took them, and in float64
-    they give the one-tile sweep's numbers exactly (each row's arithmetic is the same)."""
+    """Forced halves against the reference; every forward and backward plan built took them, and
+    in float64 the forward's give the one-tile sweep's numbers exactly (each row's arithmetic is the
+    same; the backward's dK and dV sum each block's queries in two products instead of one)."""
     monkeypatch.setattr(tuning, "HALVES_OVERRIDE", True)
     clear_plans()  # plans are cached with the schedule they were built with
     try:
@@ -377,6 +379,23 @@ def test_forward_halves(case, monkeypatch):
             clear_plans()
             one_tile = attention_forward(q, k, v, params, **extra)
             assert all(torch.equal(a, b) for a, b in zip(halves, one_tile))
+    finally:
+        clear_plans()
+
+
+@pytest.mark.parametrize("mask", [0, 2], ids=[MASK_IDS[0], MASK_IDS[2]])
+def test_backward_halves_with_tma(mask, monkeypatch):
+    """The backward's column sweep as halves through tensor descriptors of half-block boxes, with
+    grouped heads and a last partial query block (one tile on the block-sized boxes)."""
+    monkeypatch.setattr(tuning, "HALVES_OVERRIDE", True)
+    monkeypatch.setattr(tuning, "TMA_OVERRIDE", True)
+    clear_plans()
+    try:
+        q, k, v, params = _case(SHAPES[2], 16, torch.float64, MASKS[mask], seed=8)
+        _check_forward_and_backward(q, k, v, params, reference_fn(params), torch.float64)
+        columns = [launch_.arguments for plan in torch_launchers._PLANS.values() for launch_ in plan.launches
+                   if launch_.kernel.__name__ == "_attn_bwd_dkdv_kernel"]
+        assert columns and all(arguments["HALVES"] and arguments["TMA"] for arguments in columns)
     finally:
         clear_plans()
 

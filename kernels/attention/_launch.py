@@ -301,7 +301,7 @@ def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: b
     kind = "forward_second" if second_order else "jvp" if has_tangent else "forward"
     meta, block_m, block_n, warps, stages = call.meta(kind)
     halves = (not has_tangent and (call.device.interpreter or block_m >= 32)
-              and uses_halves(call.device.capability, call.block_d, call.dtype, call.params.banded))
+              and uses_halves(call.device.capability, call.block_d, call.dtype, call.params.banded, "forward"))
     pointers = {name: None for name in ("Q_dot", "K_dot", "V_dot", "Out_dot", "Lse_dot",
                                         "Q_y", "K_y", "V_y", "Out_second", "Lse_second")}
     inputs = ["q", "k", "v"]
@@ -334,9 +334,13 @@ def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: b
 def backward_plan(call: AttentionCall, has_d_lse: bool, tma_ok: bool = True) -> Plan:
     """Gradients (dq, dk, dv) of <d_out, out> + <d_lse, lse> (§2) from the inputs (q, k, v, out,
     lse, d_out[, d_lse]): the dQ row sweep, which also stores the row term delta, then the dK/dV
-    column sweep. ``tma_ok``: the launcher allows TMA loads for this call (``AttentionCall.tma``:
-    K and V in the row sweep, Q and dO in the column sweep)."""
+    column sweep, which takes each whole query block as two halves where ``_tuning.uses_halves``
+    says so for the backward (halves of 16 rows at least when compiled). ``tma_ok``: the launcher
+    allows TMA loads for this call (``AttentionCall.tma``: K and V in the row sweep, Q and dO in the
+    column sweep)."""
     meta, block_m, block_n, warps, stages = call.meta("backward")
+    halves = ((call.device.interpreter or block_m >= 32)
+              and uses_halves(call.device.capability, call.block_d, call.dtype, call.params.banded, "backward"))
     allocations = {"dq": _Q, "dk": _K, "dv": _K, "delta": _rows(call)}
     shared = dict(Q=Buffer("q"), K=Buffer("k"), V=Buffer("v"), D_out=Buffer("d_out"), Lse=Buffer("lse"),
                   Delta=Buffer("delta"), TMA=call.tma("backward", tma_ok))
@@ -345,7 +349,8 @@ def backward_plan(call: AttentionCall, has_d_lse: bool, tma_ok: bool = True) -> 
                dict(shared, Out=Buffer("out"), D_lse=Buffer("d_lse") if has_d_lse else None, DQ=Buffer("dq"),
                     **call.geometry(), **meta, EVEN_K=call.even_k(block_n)),
                writes=("Delta", "DQ"), num_warps=warps, num_stages=stages),
-        _column_launch(_attn_bwd_dkdv_kernel, call, "backward", shared, dict(DK="dk", DV="dv"), allocations),
+        _column_launch(_attn_bwd_dkdv_kernel, call, "backward", dict(shared, HALVES=halves), dict(DK="dk", DV="dv"),
+                       allocations),
     )
     inputs = call.inputs(("q", "k", "v", "out", "d_out"), ("lse", "d_lse") if has_d_lse else ("lse",))
     return Plan(inputs, ("dq", "dk", "dv"), allocations, launches, skip_if_empty=("q", "k"))

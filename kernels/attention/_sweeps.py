@@ -207,6 +207,43 @@ def _full_blocks_end(lo, hi, t_q, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _column_rows(Q, D_out, Lse, Delta, Slopes, q_base, row_base, start_m, t_q, stride_qt, log2e,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+                 ROWS_MASKED: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, TMA: tl.constexpr):
+    """What every column tile reads of the query block [start_m, start_m + BLOCK_M): (offs_m, q, dO,
+    lse2 = lse · log2 e, delta, the rows' ALiBi slopes along the tile's columns; 0, unused, without
+    ALIBI)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _block(Q, q_base, start_m, t_q, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D0, BLOCK_D1, TMA, ROWS_MASKED)
+    d_out = _block(D_out, q_base, start_m, t_q, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D0, BLOCK_D1, TMA, ROWS_MASKED)
+    lse2 = _load_rows(Lse + row_base, offs_m, t_q, float("inf"), ROWS_MASKED).to(ACC_DTYPE) * log2e
+    delta = _load_rows(Delta + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
+    slope = 0
+    if ALIBI:  # the ALiBi slope of each query row (§8), laid out like lse
+        slope = _load_rows(Slopes + row_base, offs_m, t_q, 0.0, ROWS_MASKED).to(ACC_DTYPE)[None, :]
+    return offs_m, q, d_out, lse2, delta, slope
+
+
+@triton.jit
+def _column_gradient(acc_k, acc_v, v, dot_t, q, d_out, lse2, delta, slope, offs_m, offs_n, start_m, start_n, t_k,
+                     band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """(acc_k, acc_v) plus one query block's (dK / scale, dV) (§2), from the block's K Qᵀ product
+    ``dot_t`` and what ``_column_rows`` read: P, then dV += Pᵀ dO and dK += dSᵀ Q."""
+    scores_t, cap_t = _scores(dot_t, offs_m[None, :], offs_n[:, None], slope, diagonal, sm_scale, qk_scale, log2e,
+                              softcap, SOFTCAP, ALIBI)
+    p_t = _mask(tl.exp2(scores_t - lse2[None, :]), 0.0, offs_m[None, :], offs_n[:, None], start_m, start_n,
+                t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED, BANDED)
+    dp_t = _dot_t(v, d_out, PRECISION, ACC_DTYPE)
+    acc_v = _add_dot(acc_v, p_t, d_out, PRECISION, ACC_DTYPE)
+    ds_t = p_t * (dp_t - delta[None, :])
+    if SOFTCAP:  # dR = g ∘ dS (§8)
+        ds_t = (1.0 - cap_t * cap_t) * ds_t
+    return _add_dot(acc_k, ds_t, q, PRECISION, ACC_DTYPE), acc_v
+
+
+@triton.jit
 def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot,
                  Slopes, q_base, row_base, start_m, start_n, offs_n, t_q, t_k, stride_qt, band_lo, band_hi, sm_scale,
                  qk_scale, log2e, diagonal, softcap, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -219,34 +256,27 @@ def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delt
     are offset by q_base, row statistics by row_base; a stage reads no pointer it does not use
     (None). Without ROWS_MASKED every query row of the block is < t_q. With TMA, Q and D_out are the
     query head's tensor descriptors (``_row_tile``'s K and V)."""
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = _block(Q, q_base, start_m, t_q, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D0, BLOCK_D1, TMA, ROWS_MASKED)
-    d_out = _block(D_out, q_base, start_m, t_q, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D0, BLOCK_D1, TMA, ROWS_MASKED)
-    lse2 = _load_rows(Lse + row_base, offs_m, t_q, float("inf"), ROWS_MASKED).to(ACC_DTYPE) * log2e
-    delta = _load_rows(Delta + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
-    if STAGE != GRADIENT:
+    offs_m, q, d_out, lse2, delta, slope = _column_rows(Q, D_out, Lse, Delta, Slopes, q_base, row_base, start_m, t_q,
+                                                        stride_qt, log2e, HEAD_DIM, BLOCK_M, BLOCK_D0, BLOCK_D1,
+                                                        ROWS_MASKED, ALIBI, ACC_DTYPE, TMA)
+    if STAGE == GRADIENT:
+        acc_k, acc_v = _column_gradient(acc_k, acc_v, v, _dot_t(k, q, PRECISION, ACC_DTYPE), q, d_out, lse2, delta,
+                                        slope, offs_m, offs_n, start_m, start_n, t_k, band_lo, band_hi, sm_scale,
+                                        qk_scale, log2e, diagonal, softcap, BLOCK_M, BLOCK_N, BANDED, SOFTCAP, ALIBI,
+                                        ACC_DTYPE, PRECISION)
+    else:
         cot_dq = _load_parts(Cot_dq + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
         sigma = _load_rows(Sigma + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
         rho = _load_rows(Rho + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
-    u_dot, delta_u = None, None
-    if STAGE == BACKWARD_TANGENT:
-        u_dot = _load_parts(D_out_dot + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
-        delta_u = _load_rows(Delta_dot + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
-    slope = None
-    if ALIBI:  # the ALiBi slope of each query row (§8), laid out like lse
-        slope = _load_rows(Slopes + row_base, offs_m, t_q, 0.0, ROWS_MASKED).to(ACC_DTYPE)[None, :]
-    scores_t, cap_t = _scores(_dot_t(k, q, PRECISION, ACC_DTYPE), offs_m[None, :], offs_n[:, None], slope, diagonal,
-                              sm_scale, qk_scale, log2e, softcap, SOFTCAP, ALIBI)
-    p_t = _mask(tl.exp2(scores_t - lse2[None, :]), 0.0, offs_m[None, :], offs_n[:, None], start_m, start_n,
-                t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED, BANDED)
-    dp_t = _dot_t(v, d_out, PRECISION, ACC_DTYPE)
-    if STAGE == GRADIENT:
-        acc_v = _add_dot(acc_v, p_t, d_out, PRECISION, ACC_DTYPE)
-        ds_t = p_t * (dp_t - delta[None, :])
-        if SOFTCAP:  # dR = g ∘ dS (§8)
-            ds_t = (1.0 - cap_t * cap_t) * ds_t
-        acc_k = _add_dot(acc_k, ds_t, q, PRECISION, ACC_DTYPE)
-    else:
+        u_dot, delta_u = None, None
+        if STAGE == BACKWARD_TANGENT:
+            u_dot = _load_parts(D_out_dot + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
+            delta_u = _load_rows(Delta_dot + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
+        scores_t, cap_t = _scores(_dot_t(k, q, PRECISION, ACC_DTYPE), offs_m[None, :], offs_n[:, None], slope,
+                                  diagonal, sm_scale, qk_scale, log2e, softcap, SOFTCAP, ALIBI)
+        p_t = _mask(tl.exp2(scores_t - lse2[None, :]), 0.0, offs_m[None, :], offs_n[:, None], start_m, start_n,
+                    t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED, BANDED)
+        dp_t = _dot_t(v, d_out, PRECISION, ACC_DTYPE)
         ds_bar_t = _add_dot_t(_dot_t(k, cot_dq, PRECISION, ACC_DTYPE), cot_dk, q, PRECISION, ACC_DTYPE) * sm_scale
         if STAGE == BACKWARD_TANGENT:  # + Jᵀ u̇: the backward's dSᵀ for u̇ joins S̄ᵀ, and dV gains Pᵀ u̇
             acc_v = _add_dot(acc_v, p_t, u_dot, PRECISION, ACC_DTYPE)
@@ -257,15 +287,48 @@ def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delt
 
 
 @triton.jit
+def _column_halves(acc_k, acc_v, k, v, Q, D_out, Lse, Delta, Slopes, q_base, row_base, start_m, start_n, offs_n, t_q,
+                   t_k, stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
+                   BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                   ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """``_column_tile``'s GRADIENT on a whole query block (every row < t_q) as two halves of
+    BLOCK_M / 2 queries: both halves' K Qᵀ products first, then each half's P, dV and dK. Triton
+    waits for a product that does not accumulate as soon as it is issued, but leaves dV's and dK's
+    in flight, so the second half's exp2 and masks run beside the first half's accumulating
+    products, the overlap the forward's halves buy (``forward._forward_halves``;
+    ``_tuning.BACKWARD_HALVES``). With TMA, Q and D_out are descriptors of half-block boxes."""
+    HALF: tl.constexpr = BLOCK_M // 2
+    offs_a, q_a, d_out_a, lse2_a, delta_a, slope_a = _column_rows(
+        Q, D_out, Lse, Delta, Slopes, q_base, row_base, start_m, t_q, stride_qt, log2e, HEAD_DIM, HALF, BLOCK_D0,
+        BLOCK_D1, False, ALIBI, ACC_DTYPE, TMA)
+    offs_b, q_b, d_out_b, lse2_b, delta_b, slope_b = _column_rows(
+        Q, D_out, Lse, Delta, Slopes, q_base, row_base, start_m + HALF, t_q, stride_qt, log2e, HEAD_DIM, HALF,
+        BLOCK_D0, BLOCK_D1, False, ALIBI, ACC_DTYPE, TMA)
+    dot_a = _dot_t(k, q_a, PRECISION, ACC_DTYPE)
+    dot_b = _dot_t(k, q_b, PRECISION, ACC_DTYPE)
+    acc_k, acc_v = _column_gradient(acc_k, acc_v, v, dot_a, q_a, d_out_a, lse2_a, delta_a, slope_a, offs_a, offs_n,
+                                    start_m, start_n, t_k, band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal,
+                                    softcap, HALF, BLOCK_N, BANDED, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+    return _column_gradient(acc_k, acc_v, v, dot_b, q_b, d_out_b, lse2_b, delta_b, slope_b, offs_b, offs_n,
+                            start_m + HALF, start_n, t_k, band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal,
+                            softcap, HALF, BLOCK_N, BANDED, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+
+
+@triton.jit
 def _column_sweep(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot,
                   Slopes, first_q_base, first_row_base, members, start_n, offs_n, t_q, len_q, len_k, stride_qh,
                   stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                   BANDED: tl.constexpr, STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                  ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr = False):
+                  ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr = False,
+                  HALVES: tl.constexpr = False):
     """``_column_tile`` over every query block that sees the key block [start_n, start_n + BLOCK_N),
     of each of the ``members`` query heads a column program serves (``_column_program``): the
-    whole blocks with unmasked loads, then the one partial block, if any (``_full_blocks_end``)."""
+    whole blocks with unmasked loads, then the one partial block, if any (``_full_blocks_end``).
+    HALVES (GRADIENT only) takes each whole block as two halves (``_column_halves``)."""
+    if HALVES:
+        tl.static_assert(STAGE == GRADIENT, "HALVES is the backward's column sweep")
     lo, hi = _query_range(start_n, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
     full_hi = _full_blocks_end(lo, hi, len_q, BLOCK_M)
     for member in range(members):
@@ -275,12 +338,21 @@ def _column_sweep(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Del
         # This query head's Q and dO (``_rows_source``): descriptors with TMA.
         q_rows = _rows_source(Q, q_base, len_q, stride_qt, BLOCK_M, HEAD_DIM, TMA)
         do_rows = _rows_source(D_out, q_base, len_q, stride_qt, BLOCK_M, HEAD_DIM, TMA)
-        for start_m in range(lo, full_hi, BLOCK_M):
-            acc_k, acc_v = _column_tile(
-                acc_k, acc_v, k, v, cot_dk, cot_dv, q_rows, do_rows, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot,
-                Delta_dot, Slopes, q_base, row_base, start_m, start_n, offs_n, len_q, len_k, stride_qt, band_lo,
-                band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1,
-                BANDED, False, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA)
+        if HALVES:
+            q_halves = _rows_source(Q, q_base, len_q, stride_qt, BLOCK_M // 2, HEAD_DIM, TMA)
+            do_halves = _rows_source(D_out, q_base, len_q, stride_qt, BLOCK_M // 2, HEAD_DIM, TMA)
+            for start_m in range(lo, full_hi, BLOCK_M):
+                acc_k, acc_v = _column_halves(
+                    acc_k, acc_v, k, v, q_halves, do_halves, Lse, Delta, Slopes, q_base, row_base, start_m, start_n,
+                    offs_n, len_q, len_k, stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap,
+                    HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA)
+        else:
+            for start_m in range(lo, full_hi, BLOCK_M):
+                acc_k, acc_v = _column_tile(
+                    acc_k, acc_v, k, v, cot_dk, cot_dv, q_rows, do_rows, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot,
+                    Delta_dot, Slopes, q_base, row_base, start_m, start_n, offs_n, len_q, len_k, stride_qt, band_lo,
+                    band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0,
+                    BLOCK_D1, BANDED, False, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA)
         if full_hi < hi:  # the one partial block
             acc_k, acc_v = _column_tile(
                 acc_k, acc_v, k, v, cot_dk, cot_dv, q_rows, do_rows, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot,

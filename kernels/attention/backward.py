@@ -98,12 +98,13 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
     BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr, TMA: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr, HALVES: tl.constexpr = False,
 ):
     """One program per key block of one key/value head (or of one share of its query heads, see
     ``_column_program``); it sums over the query heads it serves, so grouped-query gradients need
     no atomics. Tiles are key-major (keys × queries): the transposes of the row kernel's tiles.
-    TMA loads Q and dO through tensor descriptors (``_column_sweep``)."""
+    TMA loads Q and dO through tensor descriptors (``_column_sweep``); HALVES takes each whole
+    query block as two halves (``_sweeps._column_halves``)."""
     start_n = tl.program_id(0) * BLOCK_N
     first_q_base, k_base, first_row_base, len_q, len_k, band_lo, band_hi, share, tile = _column_program(
         Cu_q, Cu_k, members, t_q, t_k, heads, group, band_lo, band_hi,
@@ -122,7 +123,7 @@ def _attn_bwd_dkdv_kernel(
                            first_q_base, first_row_base, members, start_n, offs_n, t_q, len_q, len_k, stride_qh,
                            stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM,
                            BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, GRADIENT, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION,
-                           TMA)
+                           TMA, HALVES)
     _column_store(DK, DV, Part_k, Part_v, Arrivals, _times(dk, sm_scale), dv, k_base, share, tile, group // members,
                   stride_split, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT)
 

@@ -1,0 +1,88 @@
+"""theria's backward with one tile a query block in its dK/dV sweep against the two halves of
+``_tuning.BACKWARD_HALVES`` (``_sweeps._column_halves``), alternating in one process, beside torch
+SDPA's cuDNN backend.
+
+For each shape (by default the anchors B8 H16 T4096 D64 and B4 H16 T4096 D128; bf16) and mask
+(none, causal) it times forward + backward twice in turn: one tile a block on sm_90's table tile,
+then the halves on that tile and on each candidate tile (the backward's tile is the dQ sweep's
+too). Each configuration's gradients are checked against float32 attention first. Times are
+``do_bench_cudagraph`` medians (the device's time), each with cuDNN's time over its own. Needs a
+Hopper GPU (the candidates are sm_90 table entries).
+
+    python scripts/ab_backward_halves.py
+    python scripts/ab_backward_halves.py --shapes 8,16,1024,64      # a small shape
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def _shape(text: str) -> tuple[int, int, int, int]:
+    shape = tuple(int(x) for x in text.split(","))
+    if len(shape) != 4 or shape[3] not in (64, 128):
+        raise argparse.ArgumentTypeError(f"a shape is B,H,T,D with D 64 or 128, got {text!r}")
+    return shape
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", type=_shape, default=[(8, 16, 4096, 64), (4, 16, 4096, 128)],
+                        help="B,H,T,D (D 64 or 128)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("timing needs a CUDA GPU")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from triton.testing import do_bench_cudagraph
+
+    from tune_attention import with_tile
+
+    from theria_kernels.attention import _tuning, torch_launchers
+    from theria_torch import sdpa_custom
+
+    table = {head_dim: _tuning.tile(90, "backward", head_dim, "bfloat16") for head_dim in (64, 128)}
+    candidates = {64: [(128, 64, 8, 2), (128, 64, 4, 2)], 128: [(128, 64, 8, 2), (128, 32, 8, 2)]}
+
+    def schedule(head_dim, tile, two_halves):
+        """``tile`` in the sm_90 backward entry of this head dim (both mask classes), on one schedule."""
+        for banded in (False, True):
+            with_tile("backward", head_dim, "bfloat16", 90, tile, banded)
+        _tuning.HALVES_OVERRIDE = None
+        _tuning.BACKWARD_HALVES[90] = frozenset({(head_dim, 2, False), (head_dim, 2, True)} if two_halves else ())
+        torch_launchers.clear_plans()  # plans are cached with the tile and schedule they were built with
+
+    def fwd_bwd(attend, q, k, v, d_out):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        return torch.autograd.grad(attend(*leaves), leaves, d_out)
+
+    print(f"# {torch.cuda.get_device_name()} bfloat16, forward + backward, do_bench_cudagraph medians in ms "
+          "(cudnn/this, worst relative error of dq, dk, dv)")
+    torch.manual_seed(0)
+    for batch, heads, seq, head_dim in args.shapes:
+        q, k, v, d_out = (torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16)
+                          for _ in range(4))
+        for causal in (False, True):
+            sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+            expected = fwd_bwd(sdpa, q.float(), k.float(), v.float(), d_out.float())
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                cudnn = do_bench_cudagraph(lambda: fwd_bwd(sdpa, q, k, v, d_out))
+            line = f"B{batch} H{heads} T{seq} D{head_dim} causal={causal} cudnn {cudnn:.3f}"
+            runs = [("one tile", table[head_dim], False), ("halves", table[head_dim], True)]
+            runs += [("halves", tile, True) for tile in candidates[head_dim]]
+            attend = lambda q, k, v: sdpa_custom(q, k, v, causal=causal)  # noqa: E731
+            for _ in range(2):
+                for name, tile, two_halves in runs:
+                    schedule(head_dim, tile, two_halves)
+                    got = fwd_bwd(attend, q, k, v, d_out)
+                    error = max(((a.float() - b).norm() / b.norm()).item() for a, b in zip(got, expected))
+                    if not error < 2e-2:
+                        raise SystemExit(f"{name} {tile}: relative error {error:.1e} against float32 attention")
+                    ms = do_bench_cudagraph(lambda: fwd_bwd(attend, q, k, v, d_out))
+                    line += f" | {name} {tile} {ms:.3f} ({cudnn / ms:.3f}x, {error:.1e})"
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
