@@ -1,13 +1,14 @@
-"""theria's backward with one tile a query block in its dK/dV sweep against the two halves of
-``_tuning.BACKWARD_HALVES`` (``_sweeps._column_halves``), alternating in one process, beside torch
-SDPA's cuDNN backend.
+"""theria's backward with one tile a block in both its sweeps against its sweeps in two halves
+(``_tuning.BACKWARD_ROWS_HALVES``: the dQ sweep's key blocks, ``_sweeps._row_halves``;
+``BACKWARD_COLUMNS_HALVES``: the dK/dV sweep's query blocks, ``_sweeps._column_halves``),
+alternating in one process, beside torch SDPA's cuDNN backend.
 
 For each shape (by default the anchors B8 H16 T4096 D64 and B4 H16 T4096 D128; bf16) and mask
 (none, causal) it times forward + backward twice in turn: one tile a block on sm_90's table tile,
-then the halves on that tile and on each candidate tile (the backward's tile is the dQ sweep's
-too). Each configuration's gradients are checked against float32 attention first. Times are
-``do_bench_cudagraph`` medians (the device's time), each with cuDNN's time over its own. Needs a
-Hopper GPU (the candidates are sm_90 table entries).
+halves in the dK/dV sweep, in the dQ sweep and in both on that tile, and both on each candidate
+tile (the backward's tile is both sweeps'). Each configuration's gradients are checked against
+float32 attention first. Times are ``do_bench_cudagraph`` medians (the device's time), each with
+cuDNN's time over its own. Needs a Hopper GPU (the candidates are sm_90 table entries).
 
     python scripts/ab_backward_halves.py
     python scripts/ab_backward_halves.py --shapes 8,16,1024,64      # a small shape
@@ -45,12 +46,15 @@ def main() -> None:
     table = {head_dim: _tuning.tile(90, "backward", head_dim, "bfloat16") for head_dim in (64, 128)}
     candidates = {64: [(128, 64, 8, 2), (128, 64, 4, 2)], 128: [(128, 64, 8, 2), (128, 32, 8, 2)]}
 
-    def schedule(head_dim, tile, two_halves):
-        """``tile`` in the sm_90 backward entry of this head dim (both mask classes), on one schedule."""
+    def schedule(head_dim, tile, sweeps):
+        """``tile`` in the sm_90 backward entry of this head dim (both mask classes), with the
+        ``sweeps`` ("rows", "columns") in halves."""
         for banded in (False, True):
             with_tile("backward", head_dim, "bfloat16", 90, tile, banded)
         _tuning.HALVES_OVERRIDE = None
-        _tuning.BACKWARD_HALVES[90] = frozenset({(head_dim, 2, False), (head_dim, 2, True)} if two_halves else ())
+        entries = frozenset({(head_dim, 2, False), (head_dim, 2, True)})
+        _tuning.BACKWARD_ROWS_HALVES[90] = entries if "rows" in sweeps else frozenset()
+        _tuning.BACKWARD_COLUMNS_HALVES[90] = entries if "columns" in sweeps else frozenset()
         torch_launchers.clear_plans()  # plans are cached with the tile and schedule they were built with
 
     def fwd_bwd(attend, q, k, v, d_out):
@@ -69,12 +73,14 @@ def main() -> None:
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 cudnn = do_bench_cudagraph(lambda: fwd_bwd(sdpa, q, k, v, d_out))
             line = f"B{batch} H{heads} T{seq} D{head_dim} causal={causal} cudnn {cudnn:.3f}"
-            runs = [("one tile", table[head_dim], False), ("halves", table[head_dim], True)]
-            runs += [("halves", tile, True) for tile in candidates[head_dim]]
+            both = ("rows", "columns")
+            runs = [("one tile", table[head_dim], ()), ("columns", table[head_dim], ("columns",)),
+                    ("rows", table[head_dim], ("rows",)), ("both", table[head_dim], both)]
+            runs += [("both", tile, both) for tile in candidates[head_dim]]
             attend = lambda q, k, v: sdpa_custom(q, k, v, causal=causal)  # noqa: E731
             for _ in range(2):
-                for name, tile, two_halves in runs:
-                    schedule(head_dim, tile, two_halves)
+                for name, tile, sweeps in runs:
+                    schedule(head_dim, tile, sweeps)
                     got = fwd_bwd(attend, q, k, v, d_out)
                     error = max(((a.float() - b).norm() / b.norm()).item() for a, b in zip(got, expected))
                     if not error < 2e-2:

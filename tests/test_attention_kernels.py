@@ -338,11 +338,11 @@ def test_double_backward_one_sweep(case, check, monkeypatch):
         clear_plans()
 
 
-# The forward and the backward's column sweep as two halves of each query block
-# (``_tuning.FORWARD_HALVES``, ``BACKWARD_HALVES``: on the GPU only where timing chose them, so the
-# interpreter runs one tile unless told): every mask, odd lengths that end inside the second half,
-# grouped heads, a split head dim, half precision, the score modifiers and packed sequences; the
-# backward runs on the halves' out and lse, its dK/dV sweep as halves too.
+# The forward and the backward's two sweeps as two halves of each block (``_tuning.HALVES``: on the
+# GPU only where timing chose them, so the interpreter runs one tile unless told): every mask, odd
+# lengths that end inside the second half, grouped heads, a split head dim, half precision, the
+# score modifiers and packed sequences; the backward runs on the halves' out and lse, its dQ and
+# dK/dV sweeps as halves too.
 HALVES_CASES = {
     **{f"{name}-float64": (SHAPES[1], 16, torch.float64, mask) for name, mask in zip(MASK_IDS, MASKS)},
     "causal_br-D40-float64": (SHAPES[2], 40, torch.float64, MASKS[2]),
@@ -385,17 +385,18 @@ def test_forward_halves(case, monkeypatch):
 
 @pytest.mark.parametrize("mask", [0, 2], ids=[MASK_IDS[0], MASK_IDS[2]])
 def test_backward_halves_with_tma(mask, monkeypatch):
-    """The backward's column sweep as halves through tensor descriptors of half-block boxes, with
-    grouped heads and a last partial query block (one tile on the block-sized boxes)."""
+    """The backward's sweeps as halves through tensor descriptors of half-block boxes, with grouped
+    heads, a last key block past T_k and a last partial query block (one tile on the block-sized
+    boxes)."""
     monkeypatch.setattr(tuning, "HALVES_OVERRIDE", True)
     monkeypatch.setattr(tuning, "TMA_OVERRIDE", True)
     clear_plans()
     try:
         q, k, v, params = _case(SHAPES[2], 16, torch.float64, MASKS[mask], seed=8)
         _check_forward_and_backward(q, k, v, params, reference_fn(params), torch.float64)
-        columns = [launch_.arguments for plan in torch_launchers._PLANS.values() for launch_ in plan.launches
-                   if launch_.kernel.__name__ == "_attn_bwd_dkdv_kernel"]
-        assert columns and all(arguments["HALVES"] and arguments["TMA"] for arguments in columns)
+        sweeps = [launch_.arguments for plan in torch_launchers._PLANS.values() for launch_ in plan.launches
+                  if launch_.kernel.__name__ in ("_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel")]
+        assert len(sweeps) == 2 and all(arguments["HALVES"] and arguments["TMA"] for arguments in sweeps)
     finally:
         clear_plans()
 

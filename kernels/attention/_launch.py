@@ -285,6 +285,13 @@ def _column_launch(kernel, call: AttentionCall, kind: str, arguments: dict, outp
         writes=(*outputs, *writes_extra), num_warps=warps, num_stages=stages)
 
 
+def _halves(call: AttentionCall, kind: str, block: int) -> bool:
+    """Whether the sweep ``kind`` takes its blocks of ``block`` rows (or keys) as two halves
+    (``_tuning.uses_halves``): when compiled, only halves of 16 at least, Triton's smallest dot."""
+    return ((call.device.interpreter or block >= 32)
+            and uses_halves(call.device.capability, call.block_d, call.dtype, call.params.banded, kind))
+
+
 @functools.lru_cache(maxsize=4096)
 def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: bool = False,
                  tma_ok: bool = True, given_primal: bool = False) -> Plan:
@@ -294,14 +301,12 @@ def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: b
     (and ``has_tangent`` alone) out and lse are inputs, a forward's results, and the outputs are
     (out_dot, lse_dot) alone: the tangent without recomputing the primal, as forward-mode AD
     needs it. ``tma_ok``: the launcher allows TMA loads for this call (``AttentionCall.tma``). The
-    forward alone sweeps its query blocks as two halves where ``_tuning.uses_halves`` says so (halves
-    of 16 rows at least, Triton's smallest dot, when compiled)."""
+    forward alone sweeps its query blocks as two halves where ``_halves`` says so."""
     if given_primal and (second_order or not has_tangent):
         raise ValueError("given_primal is the tangent alone: it needs has_tangent and no second_order")
     kind = "forward_second" if second_order else "jvp" if has_tangent else "forward"
     meta, block_m, block_n, warps, stages = call.meta(kind)
-    halves = (not has_tangent and (call.device.interpreter or block_m >= 32)
-              and uses_halves(call.device.capability, call.block_d, call.dtype, call.params.banded, "forward"))
+    halves = not has_tangent and _halves(call, "forward", block_m)
     pointers = {name: None for name in ("Q_dot", "K_dot", "V_dot", "Out_dot", "Lse_dot",
                                         "Q_y", "K_y", "V_y", "Out_second", "Lse_second")}
     inputs = ["q", "k", "v"]
@@ -334,23 +339,21 @@ def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: b
 def backward_plan(call: AttentionCall, has_d_lse: bool, tma_ok: bool = True) -> Plan:
     """Gradients (dq, dk, dv) of <d_out, out> + <d_lse, lse> (§2) from the inputs (q, k, v, out,
     lse, d_out[, d_lse]): the dQ row sweep, which also stores the row term delta, then the dK/dV
-    column sweep, which takes each whole query block as two halves where ``_tuning.uses_halves``
-    says so for the backward (halves of 16 rows at least when compiled). ``tma_ok``: the launcher
-    allows TMA loads for this call (``AttentionCall.tma``: K and V in the row sweep, Q and dO in the
-    column sweep)."""
+    column sweep; each takes its blocks as two halves where ``_halves`` says so ("backward_rows",
+    "backward_columns"). ``tma_ok``: the launcher allows TMA loads for this call
+    (``AttentionCall.tma``: K and V in the row sweep, Q and dO in the column sweep)."""
     meta, block_m, block_n, warps, stages = call.meta("backward")
-    halves = ((call.device.interpreter or block_m >= 32)
-              and uses_halves(call.device.capability, call.block_d, call.dtype, call.params.banded, "backward"))
+    rows_halves, columns_halves = _halves(call, "backward_rows", block_n), _halves(call, "backward_columns", block_m)
     allocations = {"dq": _Q, "dk": _K, "dv": _K, "delta": _rows(call)}
     shared = dict(Q=Buffer("q"), K=Buffer("k"), V=Buffer("v"), D_out=Buffer("d_out"), Lse=Buffer("lse"),
                   Delta=Buffer("delta"), TMA=call.tma("backward", tma_ok))
     launches = (
         Launch(_attn_bwd_dq_kernel, call.row_grid(block_m),
                dict(shared, Out=Buffer("out"), D_lse=Buffer("d_lse") if has_d_lse else None, DQ=Buffer("dq"),
-                    **call.geometry(), **meta, EVEN_K=call.even_k(block_n)),
+                    **call.geometry(), **meta, EVEN_K=call.even_k(block_n), HALVES=rows_halves),
                writes=("Delta", "DQ"), num_warps=warps, num_stages=stages),
-        _column_launch(_attn_bwd_dkdv_kernel, call, "backward", dict(shared, HALVES=halves), dict(DK="dk", DV="dv"),
-                       allocations),
+        _column_launch(_attn_bwd_dkdv_kernel, call, "backward", dict(shared, HALVES=columns_halves),
+                       dict(DK="dk", DV="dv"), allocations),
     )
     inputs = call.inputs(("q", "k", "v", "out", "d_out"), ("lse", "d_lse") if has_d_lse else ("lse",))
     return Plan(inputs, ("dq", "dk", "dv"), allocations, launches, skip_if_empty=("q", "k"))

@@ -60,6 +60,19 @@ def _broadcast(rows, ROW_TILE: tl.constexpr):
 
 
 @triton.jit
+def _probabilities(dot, q_idx, k_idx, lse2, slope, diagonal, sm_scale, qk_scale, log2e, softcap, start_m, start_n, t_k,
+                   band_lo, band_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BANDED: tl.constexpr,
+                   MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """(P, t) of a tile from its Q Kᵀ product ``dot`` (``_scores``, then P = exp2(s − lse2) masked
+    by ``_mask``), for row tiles and column (transposed) tiles alike: q_idx, k_idx, lse2 and slope
+    come broadcast like ``dot``."""
+    scores, cap = _scores(dot, q_idx, k_idx, slope, diagonal, sm_scale, qk_scale, log2e, softcap, SOFTCAP, ALIBI)
+    p = _mask(tl.exp2(scores - lse2), 0.0, q_idx, k_idx, start_m, start_n, t_k, band_lo, band_hi, BLOCK_M, BLOCK_N,
+              BANDED, MASKED)
+    return p, cap
+
+
+@triton.jit
 def _second_order_dots(acc, p, dp, ds_bar, gv_a, gv_b, u_a, u_b, delta, sigma, rho, delta_u, by_s, by_ds,
                        by_dp, cap, softcap, ROW_TILE: tl.constexpr, HAS_U: tl.constexpr, SOFTCAP: tl.constexpr,
                        PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
@@ -127,6 +140,47 @@ def _row_second_order(acc, p, dp, ds_bar, d_out, cot_dv, u_dot, v, k, cot_dk, de
 
 
 @triton.jit
+def _row_gradient(acc, dot, k, v, d_out, lse2, delta, offs_m, offs_k, start_m, start_n, t_k, band_lo, band_hi, sm_scale,
+                  qk_scale, log2e, slope, diagonal, softcap, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BANDED: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                  ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """(dQ / scale,) = ``acc`` plus one key block's dS K (§2), from the block's Q Kᵀ product ``dot``."""
+    p, cap = _probabilities(dot, offs_m[:, None], offs_k[None, :], lse2[:, None], slope, diagonal, sm_scale, qk_scale,
+                            log2e, softcap, start_m, start_n, t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED, MASKED,
+                            SOFTCAP, ALIBI)
+    ds = p * (_dot_t(d_out, v, PRECISION, ACC_DTYPE) - delta[:, None])
+    if SOFTCAP:  # dR = g ∘ dS (§8)
+        ds = (1.0 - cap * cap) * ds
+    return (_add_dot(acc[0], ds, k, PRECISION, ACC_DTYPE),)
+
+
+@triton.jit
+def _row_halves(acc, q, d_out, lse2, delta, K, V, k_base, start_m, start_n, offs_m, t_k, stride_kt, band_lo, band_hi,
+                sm_scale, qk_scale, log2e, slope, diagonal, softcap, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BANDED: tl.constexpr,
+                MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """``_row_tile``'s GRADIENT on the key block [start_n, start_n + BLOCK_N) as two halves of
+    BLOCK_N / 2 keys: both halves' Q Kᵀ first, then each half's P, dP and dQ's product, which
+    Triton leaves in flight beside the second half's exp2 (``_column_halves``'s overlap in the row
+    sweep; ``_tuning.BACKWARD_ROWS_HALVES``). With TMA, K and V are descriptors of half-block boxes."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    k_a = _block(K, k_base, start_n, t_k, stride_kt, HEAD_DIM, HALF, BLOCK_D0, BLOCK_D1, TMA)
+    k_b = _block(K, k_base, start_n + HALF, t_k, stride_kt, HEAD_DIM, HALF, BLOCK_D0, BLOCK_D1, TMA)
+    v_a = _block(V, k_base, start_n, t_k, stride_kt, HEAD_DIM, HALF, BLOCK_D0, BLOCK_D1, TMA)
+    v_b = _block(V, k_base, start_n + HALF, t_k, stride_kt, HEAD_DIM, HALF, BLOCK_D0, BLOCK_D1, TMA)
+    dot_a = _dot_t(q, k_a, PRECISION, ACC_DTYPE)
+    dot_b = _dot_t(q, k_b, PRECISION, ACC_DTYPE)
+    offs_a = start_n + tl.arange(0, HALF)
+    acc = _row_gradient(acc, dot_a, k_a, v_a, d_out, lse2, delta, offs_m, offs_a, start_m, start_n, t_k, band_lo,
+                        band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap, BLOCK_M, HALF, BANDED, MASKED,
+                        SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+    return _row_gradient(acc, dot_b, k_b, v_b, d_out, lse2, delta, offs_m, offs_a + HALF, start_m, start_n + HALF,
+                         t_k, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap, BLOCK_M, HALF,
+                         BANDED, MASKED, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+
+
+@triton.jit
 def _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K, V, Cot_dk, Cot_dv, k_base, start_m,
               start_n, offs_m, t_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
@@ -149,17 +203,15 @@ def _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K,
     if STAGE != GRADIENT:
         cot_dk = _load_parts(Cot_dk + k_base, offs_k, t_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
         cot_dv = _load_parts(Cot_dv + k_base, offs_k, t_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
-    scores, cap = _scores(_dot_t(q, k, PRECISION, ACC_DTYPE), offs_m[:, None], offs_k[None, :], slope, diagonal,
-                          sm_scale, qk_scale, log2e, softcap, SOFTCAP, ALIBI)
-    p = _mask(tl.exp2(scores - lse2[:, None]), 0.0, offs_m[:, None], offs_k[None, :], start_m, start_n, t_k,
-              band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED, MASKED)
-    dp = _dot_t(d_out, v, PRECISION, ACC_DTYPE)
     if STAGE == GRADIENT:
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:  # dR = g ∘ dS (§8)
-            ds = (1.0 - cap * cap) * ds
-        acc = (_add_dot(acc[0], ds, k, PRECISION, ACC_DTYPE),)
+        acc = _row_gradient(acc, _dot_t(q, k, PRECISION, ACC_DTYPE), k, v, d_out, lse2, delta, offs_m, offs_k, start_m,
+                            start_n, t_k, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap,
+                            BLOCK_M, BLOCK_N, BANDED, MASKED, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
     else:
+        p, cap = _probabilities(_dot_t(q, k, PRECISION, ACC_DTYPE), offs_m[:, None], offs_k[None, :], lse2[:, None],
+                                slope, diagonal, sm_scale, qk_scale, log2e, softcap, start_m, start_n, t_k, band_lo,
+                                band_hi, BLOCK_M, BLOCK_N, BANDED, MASKED, SOFTCAP, ALIBI)
+        dp = _dot_t(d_out, v, PRECISION, ACC_DTYPE)
         # dS̄ = scale (Ḡq Kᵀ + Q Ḡkᵀ)
         ds_bar = _add_dot_t(_dot_t(cot_dq, k, PRECISION, ACC_DTYPE), q, cot_dk, PRECISION, ACC_DTYPE) * sm_scale
         if STAGE == ROW_REDUCTIONS:
@@ -183,16 +235,25 @@ def _row_sweep(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
                BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, EVEN_K: tl.constexpr, STAGE: tl.constexpr,
                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-               TMA: tl.constexpr = False, ONE_SWEEP: tl.constexpr = False):
+               TMA: tl.constexpr = False, ONE_SWEEP: tl.constexpr = False, HALVES: tl.constexpr = False):
     """``_row_tile`` over every key block the query block [start_m, start_m + BLOCK_M) sees. Key
     blocks are loaded with masks (cheap against a row tile's work); only a band or a last key
-    block past T_k (not EVEN_K) compiles the score mask in (``_mask``)."""
+    block past T_k (not EVEN_K) compiles the score mask in (``_mask``). HALVES (GRADIENT only)
+    takes each key block as two halves (``_row_halves``; K and V then describe half-block boxes)."""
     lo, hi = _key_range(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
-    for start_n in range(lo, hi, BLOCK_N):
-        acc = _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K, V, Cot_dk, Cot_dv, k_base,
-                        start_m, start_n, offs_m, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope,
-                        diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED,
-                        BANDED or not EVEN_K, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA, ONE_SWEEP)
+    if HALVES:
+        tl.static_assert(STAGE == GRADIENT, "HALVES is the backward's row sweep")
+        for start_n in range(lo, hi, BLOCK_N):
+            acc = _row_halves(acc, q, d_out, lse2, delta, K, V, k_base, start_m, start_n, offs_m, len_k, stride_kt,
+                              band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap, HEAD_DIM, BLOCK_M,
+                              BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, BANDED or not EVEN_K, SOFTCAP, ALIBI, ACC_DTYPE,
+                              PRECISION, TMA)
+    else:
+        for start_n in range(lo, hi, BLOCK_N):
+            acc = _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K, V, Cot_dk, Cot_dv,
+                            k_base, start_m, start_n, offs_m, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale,
+                            log2e, slope, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED,
+                            BANDED or not EVEN_K, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA, ONE_SWEEP)
     return acc
 
 
@@ -231,10 +292,9 @@ def _column_gradient(acc_k, acc_v, v, dot_t, q, d_out, lse2, delta, slope, offs_
                      ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """(acc_k, acc_v) plus one query block's (dK / scale, dV) (§2), from the block's K Qᵀ product
     ``dot_t`` and what ``_column_rows`` read: P, then dV += Pᵀ dO and dK += dSᵀ Q."""
-    scores_t, cap_t = _scores(dot_t, offs_m[None, :], offs_n[:, None], slope, diagonal, sm_scale, qk_scale, log2e,
-                              softcap, SOFTCAP, ALIBI)
-    p_t = _mask(tl.exp2(scores_t - lse2[None, :]), 0.0, offs_m[None, :], offs_n[:, None], start_m, start_n,
-                t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED, BANDED)
+    p_t, cap_t = _probabilities(dot_t, offs_m[None, :], offs_n[:, None], lse2[None, :], slope, diagonal, sm_scale,
+                                qk_scale, log2e, softcap, start_m, start_n, t_k, band_lo, band_hi, BLOCK_M, BLOCK_N,
+                                BANDED, BANDED, SOFTCAP, ALIBI)
     dp_t = _dot_t(v, d_out, PRECISION, ACC_DTYPE)
     acc_v = _add_dot(acc_v, p_t, d_out, PRECISION, ACC_DTYPE)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -272,10 +332,9 @@ def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delt
         if STAGE == BACKWARD_TANGENT:
             u_dot = _load_parts(D_out_dot + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
             delta_u = _load_rows(Delta_dot + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
-        scores_t, cap_t = _scores(_dot_t(k, q, PRECISION, ACC_DTYPE), offs_m[None, :], offs_n[:, None], slope,
-                                  diagonal, sm_scale, qk_scale, log2e, softcap, SOFTCAP, ALIBI)
-        p_t = _mask(tl.exp2(scores_t - lse2[None, :]), 0.0, offs_m[None, :], offs_n[:, None], start_m, start_n,
-                    t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED, BANDED)
+        p_t, cap_t = _probabilities(_dot_t(k, q, PRECISION, ACC_DTYPE), offs_m[None, :], offs_n[:, None],
+                                    lse2[None, :], slope, diagonal, sm_scale, qk_scale, log2e, softcap, start_m, start_n,
+                                    t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED, BANDED, SOFTCAP, ALIBI)
         dp_t = _dot_t(v, d_out, PRECISION, ACC_DTYPE)
         ds_bar_t = _add_dot_t(_dot_t(k, cot_dq, PRECISION, ACC_DTYPE), cot_dk, q, PRECISION, ACC_DTYPE) * sm_scale
         if STAGE == BACKWARD_TANGENT:  # + Jᵀ u̇: the backward's dSᵀ for u̇ joins S̄ᵀ, and dV gains Pᵀ u̇
@@ -297,7 +356,7 @@ def _column_halves(acc_k, acc_v, k, v, Q, D_out, Lse, Delta, Slopes, q_base, row
     waits for a product that does not accumulate as soon as it is issued, but leaves dV's and dK's
     in flight, so the second half's exp2 and masks run beside the first half's accumulating
     products, the overlap the forward's halves buy (``forward._forward_halves``;
-    ``_tuning.BACKWARD_HALVES``). With TMA, Q and D_out are descriptors of half-block boxes."""
+    ``_tuning.BACKWARD_COLUMNS_HALVES``). With TMA, Q and D_out are descriptors of half-block boxes."""
     HALF: tl.constexpr = BLOCK_M // 2
     offs_a, q_a, d_out_a, lse2_a, delta_a, slope_a = _column_rows(
         Q, D_out, Lse, Delta, Slopes, q_base, row_base, start_m, t_q, stride_qt, log2e, HEAD_DIM, HALF, BLOCK_D0,
