@@ -68,7 +68,9 @@ def main() -> None:
         q, k, v, d_out = (torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16)
                           for _ in range(4))
         for causal in (False, True):
-            sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+            def sdpa(q, k, v):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
             expected = fwd_bwd(sdpa, q.float(), k.float(), v.float(), d_out.float())
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 cudnn = do_bench_cudagraph(lambda: fwd_bwd(sdpa, q, k, v, d_out))
@@ -77,7 +79,10 @@ def main() -> None:
             runs = [("one tile", table[head_dim], ()), ("columns", table[head_dim], ("columns",)),
                     ("rows", table[head_dim], ("rows",)), ("both", table[head_dim], both)]
             runs += [("both", tile, both) for tile in candidates[head_dim]]
-            attend = lambda q, k, v: sdpa_custom(q, k, v, causal=causal)  # noqa: E731
+
+            def attend(q, k, v):
+                return sdpa_custom(q, k, v, causal=causal)
+
             for _ in range(2):
                 for name, tile, sweeps in runs:
                     schedule(head_dim, tile, sweeps)

@@ -478,11 +478,12 @@ def test_split_head_dim(head_dim, dtype, check, monkeypatch):
 
 
 # float64 on the launchers' own tiles (``launch.float64_head_dim_parts``, and two warps at head dim
-# 256 in sm_90's table) where the compiled kernels went wrong on the H200 on other tiles: the calls of
-# theria_jax's check_grads cases at 40, 80 and 96 (test_jax_attention.py's PADDED_HEAD_DIM_CASES;
+# 256 in sm_90's table) where the compiled kernels went wrong on the H200 on other tiles: the calls
+# of theria_jax's check_grads cases at 40, 80 and 96 (test_jax_attention.py's PADDED_HEAD_DIM_CASES;
 # at 40 grouped heads and rows that see no key), the same mask at 128 and 256 (docs/perf-notes.md,
-# "GPU accuracy runs", sessions 21 and 22), then every other head-dim class and kind of parts. At 256 the double backward's kernels need more shared
-# memory than sm_90 has in float64 (tests/test_tile_fit.py's KNOWN_SHARED_MEMORY).
+# "GPU accuracy runs", sessions 21 and 22), then every other head-dim class and kind of parts. At
+# 256 the double backward's kernels need more shared memory than sm_90 has in float64
+# (tests/test_tile_fit.py's KNOWN_SHARED_MEMORY).
 ALL_ORDERS = ("forward_and_backward", "forward_second", "backward_backward", "backward_tangent")
 FLOAT64_HEAD_DIMS = {
     "D40-causal_br-T9x5-H2/1": ((1, 2, 1, 9, 5), 40, dict(causal=True, bottom_right=True), ALL_ORDERS),

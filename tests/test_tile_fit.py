@@ -260,7 +260,8 @@ def _compile_one(job):
     launch, dtypes = entry_launches(*entry)[index]
     row = dict(capability=capability, kind=kind, head_dim=head_dim, dtype_bytes=dtype_bytes, banded=banded,
                tile=tile(capability, TABLE_KIND.get(kind, kind), head_dim, DTYPE_OF_CLASS[dtype_bytes], banded),
-               kernel=launch.kernel.__name__, num_warps=launch.num_warps, num_stages=launch.num_stages)
+               kernel=launch.kernel.__name__, num_warps=launch.num_warps, num_stages=launch.num_stages,
+               halves=bool(launch.arguments.get("HALVES")))
     try:
         resources = compile_launch(launch, dtypes, capability)
     except Exception as error:  # a compiler or ptxas failure is a finding, reported with the entry
@@ -394,6 +395,20 @@ def test_tangent_kernel_needs_no_more_than_the_jvp():
             assert "error" not in tangent, tangent
             for resource in ("shared", "registers", "spills"):
                 assert tangent[resource] <= jvp[resource], (capability, head_dim, resource, tangent, jvp)
+
+
+def test_backward_halves_compile_for_hopper():
+    """The backward's sweeps in halves (``_sweeps._row_halves``, ``_column_halves``) compile for
+    sm_90 at the 2-byte D64 and D128 entries, with the table's TMA, and add no misfit to one tile's
+    (at D128 they take the dK/dV sweep's spills away)."""
+    entries = [(90, "backward", head_dim, 2) for head_dim in (64, 128)]
+    halves = run_compiler(entries, THERIA_ATTENTION_HALVES="1")
+    one_tile = run_compiler(entries, THERIA_ATTENTION_HALVES="0")
+    assert len(halves) == 4 and all("error" not in row and row["halves"] for row in halves), halves
+    assert not any(row["halves"] for row in one_tile)
+    misfits_halves, misfits_one_tile = _misfits(halves), _misfits(one_tile)
+    for problem, launches in misfits_halves.items():
+        assert launches <= misfits_one_tile[problem], (problem, launches - misfits_one_tile[problem])
 
 
 def test_tma_compiles_for_hopper():

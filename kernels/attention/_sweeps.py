@@ -333,8 +333,8 @@ def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delt
             u_dot = _load_parts(D_out_dot + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
             delta_u = _load_rows(Delta_dot + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
         p_t, cap_t = _probabilities(_dot_t(k, q, PRECISION, ACC_DTYPE), offs_m[None, :], offs_n[:, None],
-                                    lse2[None, :], slope, diagonal, sm_scale, qk_scale, log2e, softcap, start_m, start_n,
-                                    t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED, BANDED, SOFTCAP, ALIBI)
+                                    lse2[None, :], slope, diagonal, sm_scale, qk_scale, log2e, softcap, start_m,
+                                    start_n, t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED, BANDED, SOFTCAP, ALIBI)
         dp_t = _dot_t(v, d_out, PRECISION, ACC_DTYPE)
         ds_bar_t = _add_dot_t(_dot_t(k, cot_dq, PRECISION, ACC_DTYPE), cot_dk, q, PRECISION, ACC_DTYPE) * sm_scale
         if STAGE == BACKWARD_TANGENT:  # + Jᵀ u̇: the backward's dSᵀ for u̇ joins S̄ᵀ, and dV gains Pᵀ u̇

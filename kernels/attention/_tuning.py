@@ -47,17 +47,17 @@ TENSOR_MEMORY_COLUMNS = 512
 
 Tile = tuple[int, int, int, int]
 
-# Hopper (H100, H200): tuned by timing. The 4- and 8-byte entries halve and quarter the 2-byte
-# tile and drop one and two pipeline stages: wider elements need that much more shared memory and
+# Hopper (H100, H200): tuned by timing. The 4- and 8-byte entries halve and quarter the 2-byte tile
+# and drop one and two pipeline stages: wider elements need that much more shared memory and
 # registers per tile. The 8-byte entries at head dim 256 run two warps: at four and eight the
-# compiled float64 backward gave a dK 43-91 % off on the H200, at one and two a right one
-# (docs/perf-notes.md, "GPU accuracy runs", session 22). The 32 class (head dims up to 32): the 2-byte forward and double backward
-# chosen by timing on the H200 at MAML's t1024 shape (docs/design/tuning.md §1), the others the
-# 64 class's tiles (the backward's timed best). The 2-byte forward: at head dim 64 without a mask
-# two halves of each query block on 128 × 128 × 4 × 2 (``FORWARD_HALVES``), banded calls and the
-# other tables one 128 × 64 × 4 × 3 tile a block; at head dim 128, 128 × 128 × 8 × 3 (225 KB of
-# shared memory), timed per mask class on the H200: 0.974× the former 128 × 64 tile's time without
-# a mask, 0.942× causal (docs/design/tuning.md §1).
+# compiled float64 backward gave a dK 43-120 % off on the H200, at one and two a right one
+# (docs/perf-notes.md, "GPU accuracy runs", session 22). The 32 class (head dims up to 32): the
+# 2-byte forward and double backward chosen by timing on the H200 at MAML's t1024 shape
+# (docs/design/tuning.md §1), the others the 64 class's tiles (the backward's timed best). The
+# 2-byte forward: at head dim 64 without a mask two halves of each query block on 128 × 128 × 4 × 2
+# (``FORWARD_HALVES``), banded calls and the other tables one 128 × 64 × 4 × 3 tile a block; at head
+# dim 128, 128 × 128 × 8 × 3 (225 KB of shared memory), timed per mask class on the H200: 0.974× the
+# former 128 × 64 tile's time without a mask, 0.942× causal (docs/design/tuning.md §1).
 SM90: dict[str, dict[int, dict[int, Tile]]] = {
     "forward": {
         32: {2: (64, 64, 4, 3), 4: (64, 32, 4, 2), 8: (32, 16, 4, 1)},
