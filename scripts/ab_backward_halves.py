@@ -1,14 +1,19 @@
-"""theria's backward with one tile a block in both its sweeps against its sweeps in two halves
-(``_tuning.BACKWARD_ROWS_HALVES``: the dQ sweep's key blocks, ``_sweeps._row_halves``;
-``BACKWARD_COLUMNS_HALVES``: the dK/dV sweep's query blocks, ``_sweeps._column_halves``),
-alternating in one process, beside torch SDPA's cuDNN backend.
+"""theria's backward and double backward with one tile a block in their sweeps against sweeps in
+two halves (``_tuning.BACKWARD_ROWS_HALVES``: the dQ sweep's key blocks, ``_sweeps._row_halves``;
+``BACKWARD_COLUMNS_HALVES`` and ``BACKWARD_BACKWARD_COLUMNS_HALVES``: the dK/dV and the double
+backward's column sweeps' query blocks, ``_sweeps._column_halves``), alternating in one process,
+beside torch SDPA's cuDNN backend.
 
 For each shape (by default the anchors B8 H16 T4096 D64 and B4 H16 T4096 D128; bf16) and mask
-(none, causal) it times forward + backward twice in turn: one tile a block on sm_90's table tile,
+(none, causal) it times, twice in turn, forward + backward: one tile a block on sm_90's table tile,
 halves in the dK/dV sweep, in the dQ sweep and in both on that tile, and both on each candidate
-tile (the backward's tile is both sweeps'). Each configuration's gradients are checked against
-float32 attention first. Times are ``do_bench_cudagraph`` medians (the device's time), each with
-cuDNN's time over its own. Needs a Hopper GPU (the candidates are sm_90 table entries).
+tile (the backward's tile is both sweeps'); then issue #20's second-order pipeline (forward,
+backward with create_graph, double backward of <grads, w> for a fixed w) with one tile everywhere,
+with the double backward's column sweep in halves, and with every sweep in halves. Each
+configuration's gradients are checked first: the first-order ones against float32 attention, the
+HVPs against the one-tile pipeline's. Times are ``do_bench_cudagraph`` medians (the device's time),
+each first-order one with cuDNN's time over its own. Needs a Hopper GPU (the candidates are sm_90
+table entries).
 
     python scripts/ab_backward_halves.py
     python scripts/ab_backward_halves.py --shapes 8,16,1024,64      # a small shape
@@ -48,18 +53,25 @@ def main() -> None:
 
     def schedule(head_dim, tile, sweeps):
         """``tile`` in the sm_90 backward entry of this head dim (both mask classes), with the
-        ``sweeps`` ("rows", "columns") in halves."""
+        ``sweeps`` ("rows", "columns", "double") in halves."""
         for banded in (False, True):
             with_tile("backward", head_dim, "bfloat16", 90, tile, banded)
         _tuning.HALVES_OVERRIDE = None
         entries = frozenset({(head_dim, 2, False), (head_dim, 2, True)})
-        _tuning.BACKWARD_ROWS_HALVES[90] = entries if "rows" in sweeps else frozenset()
-        _tuning.BACKWARD_COLUMNS_HALVES[90] = entries if "columns" in sweeps else frozenset()
+        for sweep, table_ in (("rows", _tuning.BACKWARD_ROWS_HALVES), ("columns", _tuning.BACKWARD_COLUMNS_HALVES),
+                              ("double", _tuning.BACKWARD_BACKWARD_COLUMNS_HALVES)):
+            table_[90] = entries if sweep in sweeps else frozenset()
         torch_launchers.clear_plans()  # plans are cached with the tile and schedule they were built with
 
     def fwd_bwd(attend, q, k, v, d_out):
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         return torch.autograd.grad(attend(*leaves), leaves, d_out)
+
+    def pipeline(attend, q, k, v, d_out, w):
+        """The HVP of bench_sdpa.py's hvp mode: grads with create_graph, then the gradient of <grads, w>."""
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        grads = torch.autograd.grad(attend(*leaves), leaves, d_out, create_graph=True)
+        return torch.autograd.grad(grads, leaves, w)
 
     print(f"# {torch.cuda.get_device_name()} bfloat16, forward + backward, do_bench_cudagraph medians in ms "
           "(cudnn/this, worst relative error of dq, dk, dv)")
@@ -92,6 +104,23 @@ def main() -> None:
                         raise SystemExit(f"{name} {tile}: relative error {error:.1e} against float32 attention")
                     ms = do_bench_cudagraph(lambda: fwd_bwd(attend, q, k, v, d_out))
                     line += f" | {name} {tile} {ms:.3f} ({cudnn / ms:.3f}x, {error:.1e})"
+            print(line, flush=True)
+            # Math attention's second order would need tens of GB here: the halves are checked
+            # against the one-tile pipeline's HVP (their numerics against float64 are the tests').
+            w = tuple(torch.randn_like(x) for x in (q, k, v))
+            line = f"  second-order pipeline, B{batch} H{heads} T{seq} D{head_dim} causal={causal}"
+            expected = None
+            for _ in range(2):
+                for name, sweeps in (("one tile", ()), ("double backward halves", ("double",)),
+                                     ("every sweep in halves", ("rows", "columns", "double"))):
+                    schedule(head_dim, table[head_dim], sweeps)
+                    got = [x.float() for x in pipeline(attend, q, k, v, d_out, w)]
+                    expected = got if expected is None else expected
+                    error = max(((a - b).norm() / b.norm()).item() for a, b in zip(got, expected))
+                    if not error < 2e-2:
+                        raise SystemExit(f"pipeline, {name}: relative difference {error:.1e} from one tile's")
+                    ms = do_bench_cudagraph(lambda: pipeline(attend, q, k, v, d_out, w))
+                    line += f" | {name} {ms:.3f} ({error:.1e})"
             print(line, flush=True)
 
 

@@ -399,12 +399,13 @@ def test_tangent_kernel_needs_no_more_than_the_jvp():
 
 def test_backward_halves_compile_for_hopper():
     """The backward's sweeps in halves (``_sweeps._row_halves``, ``_column_halves``) compile for
-    sm_90 at the 2-byte D64 and D128 entries, with the table's TMA, and add no misfit to one tile's
-    (at D128 they take the dK/dV sweep's spills away)."""
-    entries = [(90, "backward", head_dim, 2) for head_dim in (64, 128)]
+    sm_90 at the 2-byte D64 and D128 entries, and the double backward's column sweep at D64, with
+    the table's TMA, and add no misfit to one tile's (at D128 they take the dK/dV sweep's spills
+    away)."""
+    entries = [(90, "backward", head_dim, 2) for head_dim in (64, 128)] + [(90, "backward_backward", 64, 2)]
     halves = run_compiler(entries, THERIA_ATTENTION_HALVES="1")
     one_tile = run_compiler(entries, THERIA_ATTENTION_HALVES="0")
-    assert len(halves) == 4 and all("error" not in row and row["halves"] for row in halves), halves
+    assert len(halves) == 5 and all("error" not in row and row["halves"] for row in halves), halves
     assert not any(row["halves"] for row in one_tile)
     misfits_halves, misfits_one_tile = _misfits(halves), _misfits(one_tile)
     for problem, launches in misfits_halves.items():

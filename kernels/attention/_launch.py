@@ -374,7 +374,8 @@ def backward_backward_plan(call: AttentionCall, given: frozenset, tma_ok: bool =
     cot_dv) = ẋ they are H_u ẋ + Jᵀ u̇, the tangent of the backward along (ẋ, u̇). ``tma_ok``: as
     ``backward_plan``'s (K and V in the row sweeps, Q and dO in the column sweep). Without
     ``cot_d_out`` (d_out is a constant of the caller's, e.g. a fixed output weight) the outputs are
-    (cot_q, cot_k, cot_v, cot_d_lse) and the row sweep skips its dP̄ V product."""
+    (cot_q, cot_k, cot_v, cot_d_lse) and the row sweep skips its dP̄ V product. The column sweep takes
+    its whole query blocks as two halves where ``_halves`` says so ("backward_backward_columns")."""
     row_kind = "backward_backward_rows" if cot_d_out else "backward_backward_rows_no_cot_d_out"
     row_meta, block_m, block_n, warps, stages = call.meta(row_kind)
     tangent = "d_out_dot" in given
@@ -405,8 +406,9 @@ def backward_backward_plan(call: AttentionCall, given: frozenset, tma_ok: bool =
                num_warps=warps, num_stages=stages),
         _column_launch(_attn_bwd_bwd_cols_kernel, call, "backward_backward",
                        dict(shared, Sigma=Buffer("cot_d_lse"), Rho=Buffer("rho"),
-                            TMA=call.tma("backward_backward", tma_ok)), dict(Cot_k="cot_k", Cot_v="cot_v"),
-                       allocations),
+                            TMA=call.tma("backward_backward", tma_ok),
+                            HALVES=_halves(call, "backward_backward_columns", call.blocks("backward_backward")[0])),
+                       dict(Cot_k="cot_k", Cot_v="cot_v"), allocations),
     )
     inputs = call.inputs(("q", "k", "v", "out", "d_out", *(n for n in ("cot_dq", "cot_dk", "cot_dv", "d_out_dot")
                                                             if n in given)),

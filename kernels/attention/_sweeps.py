@@ -304,6 +304,43 @@ def _column_gradient(acc_k, acc_v, v, dot_t, q, d_out, lse2, delta, slope, offs_
 
 
 @triton.jit
+def _column_second_rows(Cot_dq, Sigma, Rho, D_out_dot, Delta_dot, q_base, row_base, offs_m, t_q, stride_qt,
+                        HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+                        ROWS_MASKED: tl.constexpr, STAGE: tl.constexpr):
+    """What the double backward's column tiles read of a query block besides ``_column_rows``:
+    (Ḡq, sigma, rho, u̇, delta_u), u̇ and delta_u 0 (unused) but at BACKWARD_TANGENT."""
+    cot_dq = _load_parts(Cot_dq + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
+    sigma = _load_rows(Sigma + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
+    rho = _load_rows(Rho + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
+    u_dot, delta_u = 0, 0
+    if STAGE == BACKWARD_TANGENT:
+        u_dot = _load_parts(D_out_dot + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
+        delta_u = _load_rows(Delta_dot + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
+    return cot_dq, sigma, rho, u_dot, delta_u
+
+
+@triton.jit
+def _column_second_order(acc_k, acc_v, k, v, cot_dk, cot_dv, dot_t, q, d_out, lse2, delta, slope, cot_dq, sigma, rho,
+                         u_dot, delta_u, offs_m, offs_n, start_m, start_n, t_k, band_lo, band_hi, sm_scale, qk_scale,
+                         log2e, diagonal, softcap, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BANDED: tl.constexpr,
+                         STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """(acc_k, acc_v) plus one query block's (cot_k / scale, cot_v) (§4.3; at BACKWARD_TANGENT with
+    Jᵀ u̇'s terms, §5), from the block's K Qᵀ product ``dot_t`` and what ``_column_rows`` and
+    ``_column_second_rows`` read."""
+    p_t, cap_t = _probabilities(dot_t, offs_m[None, :], offs_n[:, None], lse2[None, :], slope, diagonal, sm_scale,
+                                qk_scale, log2e, softcap, start_m, start_n, t_k, band_lo, band_hi, BLOCK_M, BLOCK_N,
+                                BANDED, BANDED, SOFTCAP, ALIBI)
+    dp_t = _dot_t(v, d_out, PRECISION, ACC_DTYPE)
+    ds_bar_t = _add_dot_t(_dot_t(k, cot_dq, PRECISION, ACC_DTYPE), cot_dk, q, PRECISION, ACC_DTYPE) * sm_scale
+    if STAGE == BACKWARD_TANGENT:  # + Jᵀ u̇: the backward's dSᵀ for u̇ joins S̄ᵀ, and dV gains Pᵀ u̇
+        acc_v = _add_dot(acc_v, p_t, u_dot, PRECISION, ACC_DTYPE)
+    return _second_order_dots((acc_k, acc_v), p_t, dp_t, ds_bar_t, cot_dv, d_out, v, u_dot, delta, sigma, rho,
+                              delta_u, q, cot_dq, d_out, cap_t, softcap, False, STAGE == BACKWARD_TANGENT, SOFTCAP,
+                              PRECISION, ACC_DTYPE)
+
+
+@triton.jit
 def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot,
                  Slopes, q_base, row_base, start_m, start_n, offs_n, t_q, t_k, stride_qt, band_lo, band_hi, sm_scale,
                  qk_scale, log2e, diagonal, softcap, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -325,53 +362,82 @@ def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delt
                                         qk_scale, log2e, diagonal, softcap, BLOCK_M, BLOCK_N, BANDED, SOFTCAP, ALIBI,
                                         ACC_DTYPE, PRECISION)
     else:
-        cot_dq = _load_parts(Cot_dq + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
-        sigma = _load_rows(Sigma + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
-        rho = _load_rows(Rho + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
-        u_dot, delta_u = None, None
-        if STAGE == BACKWARD_TANGENT:
-            u_dot = _load_parts(D_out_dot + q_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED)
-            delta_u = _load_rows(Delta_dot + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
-        p_t, cap_t = _probabilities(_dot_t(k, q, PRECISION, ACC_DTYPE), offs_m[None, :], offs_n[:, None],
-                                    lse2[None, :], slope, diagonal, sm_scale, qk_scale, log2e, softcap, start_m,
-                                    start_n, t_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED, BANDED, SOFTCAP, ALIBI)
-        dp_t = _dot_t(v, d_out, PRECISION, ACC_DTYPE)
-        ds_bar_t = _add_dot_t(_dot_t(k, cot_dq, PRECISION, ACC_DTYPE), cot_dk, q, PRECISION, ACC_DTYPE) * sm_scale
-        if STAGE == BACKWARD_TANGENT:  # + Jᵀ u̇: the backward's dSᵀ for u̇ joins S̄ᵀ, and dV gains Pᵀ u̇
-            acc_v = _add_dot(acc_v, p_t, u_dot, PRECISION, ACC_DTYPE)
-        acc_k, acc_v = _second_order_dots((acc_k, acc_v), p_t, dp_t, ds_bar_t, cot_dv, d_out, v, u_dot, delta, sigma,
-                                          rho, delta_u, q, cot_dq, d_out, cap_t, softcap, False,
-                                          STAGE == BACKWARD_TANGENT, SOFTCAP, PRECISION, ACC_DTYPE)
+        cot_dq, sigma, rho, u_dot, delta_u = _column_second_rows(Cot_dq, Sigma, Rho, D_out_dot, Delta_dot, q_base,
+                                                                 row_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0,
+                                                                 BLOCK_D1, ROWS_MASKED, STAGE)
+        acc_k, acc_v = _column_second_order(acc_k, acc_v, k, v, cot_dk, cot_dv, _dot_t(k, q, PRECISION, ACC_DTYPE), q,
+                                            d_out, lse2, delta, slope, cot_dq, sigma, rho, u_dot, delta_u, offs_m,
+                                            offs_n, start_m, start_n, t_k, band_lo, band_hi, sm_scale, qk_scale, log2e,
+                                            diagonal, softcap, BLOCK_M, BLOCK_N, BANDED, STAGE, SOFTCAP, ALIBI,
+                                            ACC_DTYPE, PRECISION)
     return acc_k, acc_v
 
 
 @triton.jit
-def _column_halves(acc_k, acc_v, k, v, Q, D_out, Lse, Delta, Slopes, q_base, row_base, start_m, start_n, offs_n, t_q,
-                   t_k, stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap,
-                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
-                   BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                   ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
-    """``_column_tile``'s GRADIENT on a whole query block (every row < t_q) as two halves of
-    BLOCK_M / 2 queries: both halves' K Qᵀ products first, then each half's P, dV and dK. Triton
-    waits for a product that does not accumulate as soon as it is issued, but leaves dV's and dK's
-    in flight, so the second half's exp2 and masks run beside the first half's accumulating
-    products, the overlap the forward's halves buy (``forward._forward_halves``;
-    ``_tuning.BACKWARD_COLUMNS_HALVES``). With TMA, Q and D_out are descriptors of half-block boxes."""
+def _column_half(k, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot, Slopes, q_base, row_base, start_m,
+                 t_q, stride_qt, log2e, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D0: tl.constexpr,
+                 BLOCK_D1: tl.constexpr, STAGE: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                 PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """One half of ``_column_halves``: what its tile reads of the (whole) query block [start_m,
+    start_m + BLOCK_M), and its K Qᵀ product."""
+    offs_m, q, d_out, lse2, delta, slope = _column_rows(Q, D_out, Lse, Delta, Slopes, q_base, row_base, start_m, t_q,
+                                                        stride_qt, log2e, HEAD_DIM, BLOCK_M, BLOCK_D0, BLOCK_D1, False,
+                                                        ALIBI, ACC_DTYPE, TMA)
+    second = (0, 0, 0, 0, 0)
+    if STAGE != GRADIENT:
+        second = _column_second_rows(Cot_dq, Sigma, Rho, D_out_dot, Delta_dot, q_base, row_base, offs_m, t_q, stride_qt,
+                                     HEAD_DIM, BLOCK_D0, BLOCK_D1, False, STAGE)
+    return (offs_m, q, d_out, lse2, delta, slope, _dot_t(k, q, PRECISION, ACC_DTYPE)), second
+
+
+@triton.jit
+def _column_finish(acc_k, acc_v, k, v, cot_dk, cot_dv, half, second, start_m, start_n, offs_n, t_k, band_lo, band_hi,
+                   sm_scale, qk_scale, log2e, diagonal, softcap, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BANDED: tl.constexpr, STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                   ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """(acc_k, acc_v) plus the tile of one half that ``_column_half`` read and multiplied."""
+    offs_m, q, d_out, lse2, delta, slope, dot_t = half
+    if STAGE == GRADIENT:
+        acc_k, acc_v = _column_gradient(acc_k, acc_v, v, dot_t, q, d_out, lse2, delta, slope, offs_m, offs_n, start_m,
+                                        start_n, t_k, band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap,
+                                        BLOCK_M, BLOCK_N, BANDED, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+    else:
+        cot_dq, sigma, rho, u_dot, delta_u = second
+        acc_k, acc_v = _column_second_order(acc_k, acc_v, k, v, cot_dk, cot_dv, dot_t, q, d_out, lse2, delta, slope,
+                                            cot_dq, sigma, rho, u_dot, delta_u, offs_m, offs_n, start_m, start_n, t_k,
+                                            band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, BLOCK_M,
+                                            BLOCK_N, BANDED, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+    return acc_k, acc_v
+
+
+@triton.jit
+def _column_halves(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot,
+                   Slopes, q_base, row_base, start_m, start_n, offs_n, t_q, t_k, stride_qt, band_lo, band_hi, sm_scale,
+                   qk_scale, log2e, diagonal, softcap, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BANDED: tl.constexpr,
+                   STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                   PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """``_column_tile`` on a whole query block (every row < t_q) as two halves of BLOCK_M / 2
+    queries: both halves' reads and K Qᵀ products first, then each half's tile. Triton waits for a
+    product that does not accumulate as soon as it is issued, but leaves the accumulating ones
+    (dV and dK, or cot_v and cot_k) in flight, so the second half's exp2 and masks run beside the
+    first half's accumulating products, the overlap the forward's halves buy
+    (``forward._forward_halves``; ``_tuning.BACKWARD_COLUMNS_HALVES``,
+    ``BACKWARD_BACKWARD_COLUMNS_HALVES``). With TMA, Q and D_out are descriptors of half-block
+    boxes."""
     HALF: tl.constexpr = BLOCK_M // 2
-    offs_a, q_a, d_out_a, lse2_a, delta_a, slope_a = _column_rows(
-        Q, D_out, Lse, Delta, Slopes, q_base, row_base, start_m, t_q, stride_qt, log2e, HEAD_DIM, HALF, BLOCK_D0,
-        BLOCK_D1, False, ALIBI, ACC_DTYPE, TMA)
-    offs_b, q_b, d_out_b, lse2_b, delta_b, slope_b = _column_rows(
-        Q, D_out, Lse, Delta, Slopes, q_base, row_base, start_m + HALF, t_q, stride_qt, log2e, HEAD_DIM, HALF,
-        BLOCK_D0, BLOCK_D1, False, ALIBI, ACC_DTYPE, TMA)
-    dot_a = _dot_t(k, q_a, PRECISION, ACC_DTYPE)
-    dot_b = _dot_t(k, q_b, PRECISION, ACC_DTYPE)
-    acc_k, acc_v = _column_gradient(acc_k, acc_v, v, dot_a, q_a, d_out_a, lse2_a, delta_a, slope_a, offs_a, offs_n,
-                                    start_m, start_n, t_k, band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal,
-                                    softcap, HALF, BLOCK_N, BANDED, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
-    return _column_gradient(acc_k, acc_v, v, dot_b, q_b, d_out_b, lse2_b, delta_b, slope_b, offs_b, offs_n,
-                            start_m + HALF, start_n, t_k, band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal,
-                            softcap, HALF, BLOCK_N, BANDED, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+    half_a, second_a = _column_half(k, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot, Slopes, q_base,
+                                    row_base, start_m, t_q, stride_qt, log2e, HEAD_DIM, HALF, BLOCK_D0, BLOCK_D1,
+                                    STAGE, ALIBI, ACC_DTYPE, PRECISION, TMA)
+    half_b, second_b = _column_half(k, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot, Slopes, q_base,
+                                    row_base, start_m + HALF, t_q, stride_qt, log2e, HEAD_DIM, HALF, BLOCK_D0,
+                                    BLOCK_D1, STAGE, ALIBI, ACC_DTYPE, PRECISION, TMA)
+    acc_k, acc_v = _column_finish(acc_k, acc_v, k, v, cot_dk, cot_dv, half_a, second_a, start_m, start_n, offs_n, t_k,
+                                  band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HALF, BLOCK_N,
+                                  BANDED, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+    return _column_finish(acc_k, acc_v, k, v, cot_dk, cot_dv, half_b, second_b, start_m + HALF, start_n, offs_n, t_k,
+                          band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HALF, BLOCK_N, BANDED, STAGE,
+                          SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
 
 
 @triton.jit
@@ -385,9 +451,7 @@ def _column_sweep(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Del
     """``_column_tile`` over every query block that sees the key block [start_n, start_n + BLOCK_N),
     of each of the ``members`` query heads a column program serves (``_column_program``): the
     whole blocks with unmasked loads, then the one partial block, if any (``_full_blocks_end``).
-    HALVES (GRADIENT only) takes each whole block as two halves (``_column_halves``)."""
-    if HALVES:
-        tl.static_assert(STAGE == GRADIENT, "HALVES is the backward's column sweep")
+    HALVES takes each whole block as two halves (``_column_halves``)."""
     lo, hi = _query_range(start_n, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
     full_hi = _full_blocks_end(lo, hi, len_q, BLOCK_M)
     for member in range(members):
@@ -402,9 +466,10 @@ def _column_sweep(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Del
             do_halves = _rows_source(D_out, q_base, len_q, stride_qt, BLOCK_M // 2, HEAD_DIM, TMA)
             for start_m in range(lo, full_hi, BLOCK_M):
                 acc_k, acc_v = _column_halves(
-                    acc_k, acc_v, k, v, q_halves, do_halves, Lse, Delta, Slopes, q_base, row_base, start_m, start_n,
-                    offs_n, len_q, len_k, stride_qt, band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap,
-                    HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA)
+                    acc_k, acc_v, k, v, cot_dk, cot_dv, q_halves, do_halves, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot,
+                    Delta_dot, Slopes, q_base, row_base, start_m, start_n, offs_n, len_q, len_k, stride_qt, band_lo,
+                    band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0,
+                    BLOCK_D1, BANDED, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA)
         else:
             for start_m in range(lo, full_hi, BLOCK_M):
                 acc_k, acc_v = _column_tile(
