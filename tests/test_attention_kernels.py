@@ -384,20 +384,24 @@ def test_forward_halves(case, monkeypatch):
 
 
 @pytest.mark.parametrize("check", ["backward_backward", "backward_tangent"])
-@pytest.mark.parametrize("case", [name for name in HALVES_CASES if name != "window-float16"])
+@pytest.mark.parametrize("case", [name for name in HALVES_CASES if name != "window-float16"] + ["varlen"])
 def test_double_backward_halves(case, check, monkeypatch):
     """The double backward's column sweep as two halves of each whole query block (and its tangent
     for a second cotangent), forced, against the reference; every column launch took them."""
     monkeypatch.setattr(tuning, "HALVES_OVERRIDE", True)
     clear_plans()
     try:
-        shape, head_dim, dtype, mask = HALVES_CASES[case]
-        q, k, v, params = _case(shape, head_dim, dtype, mask, seed=5)
-        extra, slopes = {}, None
-        if params.alibi:
-            slopes = random_slopes(q.shape[0], q.shape[1]).to(q.device)
-            extra = dict(row_slopes=row_slopes(slopes, q.shape[2]))
-        SPLIT_CHECKS[check](q, k, v, params, reference_fn(params, slopes), dtype, **extra)
+        if case == "varlen":
+            q, k, v, params, fn, varlen = _varlen_case(16, torch.float64, MASKS[2], seed=5)
+            VARLEN_CHECKS[check](q, k, v, params, fn, torch.float64, **varlen)
+        else:
+            shape, head_dim, dtype, mask = HALVES_CASES[case]
+            q, k, v, params = _case(shape, head_dim, dtype, mask, seed=5)
+            extra, slopes = {}, None
+            if params.alibi:
+                slopes = random_slopes(q.shape[0], q.shape[1]).to(q.device)
+                extra = dict(row_slopes=row_slopes(slopes, q.shape[2]))
+            SPLIT_CHECKS[check](q, k, v, params, reference_fn(params, slopes), dtype, **extra)
         columns = [launch_.arguments["HALVES"] for plan in torch_launchers._PLANS.values() for launch_ in plan.launches
                    if launch_.kernel.__name__ == "_attn_bwd_bwd_cols_kernel"]
         assert columns and all(columns)
