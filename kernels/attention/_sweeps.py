@@ -341,52 +341,21 @@ def _column_second_order(acc_k, acc_v, k, v, cot_dk, cot_dv, dot_t, q, d_out, ls
 
 
 @triton.jit
-def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot,
-                 Slopes, q_base, row_base, start_m, start_n, offs_n, t_q, t_k, stride_qt, band_lo, band_hi, sm_scale,
-                 qk_scale, log2e, diagonal, softcap, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BANDED: tl.constexpr,
-                 ROWS_MASKED: tl.constexpr, STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                 ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr = False):
-    """(acc_k, acc_v) plus what the query block [start_m, start_m + BLOCK_M) adds for the key block
-    whose tiles (k, v, cot_dk, cot_dv; split into head-dim parts) the caller holds: (dK / scale, dV)
-    for GRADIENT, (cot_k / scale, cot_v) for COTANGENTS and BACKWARD_TANGENT. Query-shaped pointers
-    are offset by q_base, row statistics by row_base; a stage reads no pointer it does not use
-    (None). Without ROWS_MASKED every query row of the block is < t_q. With TMA, Q and D_out are the
-    query head's tensor descriptors (``_row_tile``'s K and V)."""
+def _column_half(k, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot, Slopes, q_base, row_base, start_m,
+                 t_q, stride_qt, log2e, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D0: tl.constexpr,
+                 BLOCK_D1: tl.constexpr, ROWS_MASKED: tl.constexpr, STAGE: tl.constexpr, ALIBI: tl.constexpr,
+                 ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """The first part of a column tile (``_column_tile``, or one half of ``_column_halves``): what it
+    reads of the query block [start_m, start_m + BLOCK_M) and its K Qᵀ product, as (the block's
+    tiles and statistics from ``_column_rows``, with the product last) and the double backward's
+    from ``_column_second_rows`` (zeros at GRADIENT)."""
     offs_m, q, d_out, lse2, delta, slope = _column_rows(Q, D_out, Lse, Delta, Slopes, q_base, row_base, start_m, t_q,
                                                         stride_qt, log2e, HEAD_DIM, BLOCK_M, BLOCK_D0, BLOCK_D1,
                                                         ROWS_MASKED, ALIBI, ACC_DTYPE, TMA)
-    if STAGE == GRADIENT:
-        acc_k, acc_v = _column_gradient(acc_k, acc_v, v, _dot_t(k, q, PRECISION, ACC_DTYPE), q, d_out, lse2, delta,
-                                        slope, offs_m, offs_n, start_m, start_n, t_k, band_lo, band_hi, sm_scale,
-                                        qk_scale, log2e, diagonal, softcap, BLOCK_M, BLOCK_N, BANDED, SOFTCAP, ALIBI,
-                                        ACC_DTYPE, PRECISION)
-    else:
-        cot_dq, sigma, rho, u_dot, delta_u = _column_second_rows(Cot_dq, Sigma, Rho, D_out_dot, Delta_dot, q_base,
-                                                                 row_base, offs_m, t_q, stride_qt, HEAD_DIM, BLOCK_D0,
-                                                                 BLOCK_D1, ROWS_MASKED, STAGE)
-        acc_k, acc_v = _column_second_order(acc_k, acc_v, k, v, cot_dk, cot_dv, _dot_t(k, q, PRECISION, ACC_DTYPE), q,
-                                            d_out, lse2, delta, slope, cot_dq, sigma, rho, u_dot, delta_u, offs_m,
-                                            offs_n, start_m, start_n, t_k, band_lo, band_hi, sm_scale, qk_scale, log2e,
-                                            diagonal, softcap, BLOCK_M, BLOCK_N, BANDED, STAGE, SOFTCAP, ALIBI,
-                                            ACC_DTYPE, PRECISION)
-    return acc_k, acc_v
-
-
-@triton.jit
-def _column_half(k, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot, Slopes, q_base, row_base, start_m,
-                 t_q, stride_qt, log2e, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D0: tl.constexpr,
-                 BLOCK_D1: tl.constexpr, STAGE: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                 PRECISION: tl.constexpr, TMA: tl.constexpr):
-    """One half of ``_column_halves``: what its tile reads of the (whole) query block [start_m,
-    start_m + BLOCK_M), and its K Qᵀ product."""
-    offs_m, q, d_out, lse2, delta, slope = _column_rows(Q, D_out, Lse, Delta, Slopes, q_base, row_base, start_m, t_q,
-                                                        stride_qt, log2e, HEAD_DIM, BLOCK_M, BLOCK_D0, BLOCK_D1, False,
-                                                        ALIBI, ACC_DTYPE, TMA)
     second = (0, 0, 0, 0, 0)
     if STAGE != GRADIENT:
         second = _column_second_rows(Cot_dq, Sigma, Rho, D_out_dot, Delta_dot, q_base, row_base, offs_m, t_q, stride_qt,
-                                     HEAD_DIM, BLOCK_D0, BLOCK_D1, False, STAGE)
+                                     HEAD_DIM, BLOCK_D0, BLOCK_D1, ROWS_MASKED, STAGE)
     return (offs_m, q, d_out, lse2, delta, slope, _dot_t(k, q, PRECISION, ACC_DTYPE)), second
 
 
@@ -395,7 +364,8 @@ def _column_finish(acc_k, acc_v, k, v, cot_dk, cot_dv, half, second, start_m, st
                    sm_scale, qk_scale, log2e, diagonal, softcap, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BANDED: tl.constexpr, STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """(acc_k, acc_v) plus the tile of one half that ``_column_half`` read and multiplied."""
+    """The rest of a column tile: (acc_k, acc_v) plus the tile that ``_column_half`` read and
+    multiplied."""
     offs_m, q, d_out, lse2, delta, slope, dot_t = half
     if STAGE == GRADIENT:
         acc_k, acc_v = _column_gradient(acc_k, acc_v, v, dot_t, q, d_out, lse2, delta, slope, offs_m, offs_n, start_m,
@@ -408,6 +378,27 @@ def _column_finish(acc_k, acc_v, k, v, cot_dk, cot_dv, half, second, start_m, st
                                             band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, BLOCK_M,
                                             BLOCK_N, BANDED, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
     return acc_k, acc_v
+
+
+@triton.jit
+def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot,
+                 Slopes, q_base, row_base, start_m, start_n, offs_n, t_q, t_k, stride_qt, band_lo, band_hi, sm_scale,
+                 qk_scale, log2e, diagonal, softcap, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BANDED: tl.constexpr,
+                 ROWS_MASKED: tl.constexpr, STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                 ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr = False):
+    """(acc_k, acc_v) plus what the query block [start_m, start_m + BLOCK_M) adds for the key block
+    whose tiles (k, v, cot_dk, cot_dv; split into head-dim parts) the caller holds: (dK / scale, dV)
+    for GRADIENT, (cot_k / scale, cot_v) for COTANGENTS and BACKWARD_TANGENT. Query-shaped pointers
+    are offset by q_base, row statistics by row_base; a stage reads no pointer it does not use
+    (None). Without ROWS_MASKED every query row of the block is < t_q. With TMA, Q and D_out are the
+    query head's tensor descriptors (``_row_tile``'s K and V)."""
+    half, second = _column_half(k, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot, Slopes, q_base,
+                                row_base, start_m, t_q, stride_qt, log2e, HEAD_DIM, BLOCK_M, BLOCK_D0, BLOCK_D1,
+                                ROWS_MASKED, STAGE, ALIBI, ACC_DTYPE, PRECISION, TMA)
+    return _column_finish(acc_k, acc_v, k, v, cot_dk, cot_dv, half, second, start_m, start_n, offs_n, t_k, band_lo,
+                          band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, BLOCK_M, BLOCK_N, BANDED, STAGE,
+                          SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
 
 
 @triton.jit
@@ -428,10 +419,10 @@ def _column_halves(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, De
     HALF: tl.constexpr = BLOCK_M // 2
     half_a, second_a = _column_half(k, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot, Slopes, q_base,
                                     row_base, start_m, t_q, stride_qt, log2e, HEAD_DIM, HALF, BLOCK_D0, BLOCK_D1,
-                                    STAGE, ALIBI, ACC_DTYPE, PRECISION, TMA)
+                                    False, STAGE, ALIBI, ACC_DTYPE, PRECISION, TMA)
     half_b, second_b = _column_half(k, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot, Slopes, q_base,
                                     row_base, start_m + HALF, t_q, stride_qt, log2e, HEAD_DIM, HALF, BLOCK_D0,
-                                    BLOCK_D1, STAGE, ALIBI, ACC_DTYPE, PRECISION, TMA)
+                                    BLOCK_D1, False, STAGE, ALIBI, ACC_DTYPE, PRECISION, TMA)
     acc_k, acc_v = _column_finish(acc_k, acc_v, k, v, cot_dk, cot_dv, half_a, second_a, start_m, start_n, offs_n, t_k,
                                   band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HALF, BLOCK_N,
                                   BANDED, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
