@@ -25,17 +25,12 @@ import argparse
 
 import torch
 
-
-def _shape(text: str) -> tuple[int, int, int, int]:
-    shape = tuple(int(x) for x in text.split(","))
-    if len(shape) != 4 or shape[3] not in (64, 128):
-        raise argparse.ArgumentTypeError(f"a shape is B,H,T,D with D 64 or 128, got {text!r}")
-    return shape
+from ab_forward_halves import shape_argument
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", type=_shape, default=[(8, 16, 4096, 64), (4, 16, 4096, 128)],
+    parser.add_argument("--shapes", nargs="+", type=shape_argument, default=[(8, 16, 4096, 64), (4, 16, 4096, 128)],
                         help="B,H,T,D (D 64 or 128)")
     args = parser.parse_args()
     if not torch.cuda.is_available():

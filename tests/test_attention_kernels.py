@@ -351,6 +351,21 @@ HALVES_CASES = {
 }
 
 
+def _halves_case(case: str, seed: int):
+    """(q, k, v, params, float64 reference fn, dtype, launcher keywords) of a ``HALVES_CASES`` entry
+    or of "varlen", a packed batch."""
+    if case == "varlen":
+        q, k, v, params, fn, varlen = _varlen_case(16, torch.float64, MASKS[2], seed=seed)
+        return q, k, v, params, fn, torch.float64, varlen
+    shape, head_dim, dtype, mask = HALVES_CASES[case]
+    q, k, v, params = _case(shape, head_dim, dtype, mask, seed=seed)
+    extra, slopes = {}, None
+    if params.alibi:
+        slopes = random_slopes(q.shape[0], q.shape[1]).to(q.device)
+        extra = dict(row_slopes=row_slopes(slopes, q.shape[2]))
+    return q, k, v, params, reference_fn(params, slopes), dtype, extra
+
+
 @pytest.mark.parametrize("case", list(HALVES_CASES) + ["varlen"])
 def test_forward_halves(case, monkeypatch):
     """Forced halves against the reference; every forward and backward plan built took them, and
@@ -359,17 +374,8 @@ def test_forward_halves(case, monkeypatch):
     monkeypatch.setattr(tuning, "HALVES_OVERRIDE", True)
     clear_plans()  # plans are cached with the schedule they were built with
     try:
-        if case == "varlen":
-            q, k, v, params, fn, varlen = _varlen_case(16, torch.float64, MASKS[2], seed=4)
-            _check_forward_and_backward(q, k, v, params, fn, torch.float64, **varlen)
-        else:
-            shape, head_dim, dtype, mask = HALVES_CASES[case]
-            q, k, v, params = _case(shape, head_dim, dtype, mask, seed=3)
-            extra, slopes = {}, None
-            if params.alibi:
-                slopes = random_slopes(q.shape[0], q.shape[1]).to(q.device)
-                extra = dict(row_slopes=row_slopes(slopes, q.shape[2]))
-            _check_forward_and_backward(q, k, v, params, reference_fn(params, slopes), dtype, **extra)
+        q, k, v, params, fn, dtype, extra = _halves_case(case, seed=4 if case == "varlen" else 3)
+        _check_forward_and_backward(q, k, v, params, fn, dtype, **extra)
         flags = [launch_.arguments["HALVES"] for plan in torch_launchers._PLANS.values() for launch_ in plan.launches
                  if "HALVES" in launch_.arguments]
         assert flags and all(flags)
@@ -391,17 +397,8 @@ def test_double_backward_halves(case, check, monkeypatch):
     monkeypatch.setattr(tuning, "HALVES_OVERRIDE", True)
     clear_plans()
     try:
-        if case == "varlen":
-            q, k, v, params, fn, varlen = _varlen_case(16, torch.float64, MASKS[2], seed=5)
-            VARLEN_CHECKS[check](q, k, v, params, fn, torch.float64, **varlen)
-        else:
-            shape, head_dim, dtype, mask = HALVES_CASES[case]
-            q, k, v, params = _case(shape, head_dim, dtype, mask, seed=5)
-            extra, slopes = {}, None
-            if params.alibi:
-                slopes = random_slopes(q.shape[0], q.shape[1]).to(q.device)
-                extra = dict(row_slopes=row_slopes(slopes, q.shape[2]))
-            SPLIT_CHECKS[check](q, k, v, params, reference_fn(params, slopes), dtype, **extra)
+        q, k, v, params, fn, dtype, extra = _halves_case(case, seed=5)
+        VARLEN_CHECKS[check](q, k, v, params, fn, dtype, **extra)
         columns = [launch_.arguments["HALVES"] for plan in torch_launchers._PLANS.values() for launch_ in plan.launches
                    if launch_.kernel.__name__ == "_attn_bwd_bwd_cols_kernel"]
         assert columns and all(columns)
