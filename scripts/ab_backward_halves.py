@@ -1,19 +1,15 @@
-"""theria's backward and double backward with one tile a block in their sweeps against sweeps in
-two halves (``_tuning.BACKWARD_ROWS_HALVES``: the dQ sweep's key blocks, ``_sweeps._row_halves``;
-``BACKWARD_COLUMNS_HALVES`` and ``BACKWARD_BACKWARD_COLUMNS_HALVES``: the dK/dV and the double
-backward's column sweeps' query blocks, ``_sweeps._column_halves``), alternating in one process,
-beside torch SDPA's cuDNN backend.
+"""theria's backward with one tile a query block in its dK/dV sweep against the block as two
+halves (``_sweeps._column_tile``'s HALVES; ``_tuning.BACKWARD_COLUMNS_HALVES``: where the table
+takes them), alternating in one process, beside torch SDPA's cuDNN backend.
 
 For each shape (by default the anchors B8 H16 T4096 D64 and B4 H16 T4096 D128; bf16) and mask
-(none, causal) it times, twice in turn, forward + backward: one tile a block on sm_90's table tile,
-halves in the dK/dV sweep, in the dQ sweep and in both on that tile, and both on each candidate
-tile (the backward's tile is both sweeps'); then issue #20's second-order pipeline (forward,
-backward with create_graph, double backward of <grads, w> for a fixed w) with one tile everywhere,
-with the double backward's column sweep in halves, and with every sweep in halves. Each
-configuration's gradients are checked first: the first-order ones against float32 attention, the
-HVPs against the one-tile pipeline's. Times are ``do_bench_cudagraph`` medians (the device's time),
-each first-order one with cuDNN's time over its own. Needs a Hopper GPU (the candidates are sm_90
-table entries).
+(none, causal) it times, twice in turn, forward + backward with one tile a block on sm_90's table
+tile and with the dK/dV sweep in halves on that tile and on candidate tiles; then issue #20's
+second-order pipeline (forward, backward with create_graph, double backward of <grads, w> for a
+fixed w), whose backward is the same sweep, both ways. Each configuration's gradients are checked
+first: the first-order ones against float32 attention, the HVPs against the one-tile pipeline's.
+Times are ``do_bench_cudagraph`` medians (the device's time), each first-order one with cuDNN's time
+over its own. Needs a Hopper GPU (the candidates are sm_90 table entries).
 
     python scripts/ab_backward_halves.py
     python scripts/ab_backward_halves.py --shapes 8,16,1024,64      # a small shape
@@ -46,16 +42,14 @@ def main() -> None:
     table = {head_dim: _tuning.tile(90, "backward", head_dim, "bfloat16") for head_dim in (64, 128)}
     candidates = {64: [(128, 64, 8, 2), (128, 64, 4, 2)], 128: [(128, 64, 8, 2), (128, 32, 8, 2)]}
 
-    def schedule(head_dim, tile, sweeps):
-        """``tile`` in the sm_90 backward entry of this head dim (both mask classes), with the
-        ``sweeps`` ("rows", "columns", "double") in halves."""
+    def schedule(head_dim, tile, halves):
+        """``tile`` in the sm_90 backward entry of this head dim (both mask classes), the dK/dV
+        sweep in ``halves`` or one tile a block."""
         for banded in (False, True):
             with_tile("backward", head_dim, "bfloat16", 90, tile, banded)
         _tuning.HALVES_OVERRIDE = None
         entries = frozenset({(head_dim, 2, False), (head_dim, 2, True)})
-        for sweep, table_ in (("rows", _tuning.BACKWARD_ROWS_HALVES), ("columns", _tuning.BACKWARD_COLUMNS_HALVES),
-                              ("double", _tuning.BACKWARD_BACKWARD_COLUMNS_HALVES)):
-            table_[90] = entries if sweep in sweeps else frozenset()
+        _tuning.BACKWARD_COLUMNS_HALVES[90] = entries if halves else frozenset()
         torch_launchers.clear_plans()  # plans are cached with the tile and schedule they were built with
 
     def fwd_bwd(attend, q, k, v, d_out):
@@ -82,17 +76,15 @@ def main() -> None:
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 cudnn = do_bench_cudagraph(lambda: fwd_bwd(sdpa, q, k, v, d_out))
             line = f"B{batch} H{heads} T{seq} D{head_dim} causal={causal} cudnn {cudnn:.3f}"
-            both = ("rows", "columns")
-            runs = [("one tile", table[head_dim], ()), ("columns", table[head_dim], ("columns",)),
-                    ("rows", table[head_dim], ("rows",)), ("both", table[head_dim], both)]
-            runs += [("both", tile, both) for tile in candidates[head_dim]]
+            runs = [("one tile", table[head_dim], False), ("halves", table[head_dim], True)]
+            runs += [("halves", tile, True) for tile in candidates[head_dim]]
 
             def attend(q, k, v):
                 return sdpa_custom(q, k, v, causal=causal)
 
             for _ in range(2):
-                for name, tile, sweeps in runs:
-                    schedule(head_dim, tile, sweeps)
+                for name, tile, halves in runs:
+                    schedule(head_dim, tile, halves)
                     got = fwd_bwd(attend, q, k, v, d_out)
                     error = max(((a.float() - b).norm() / b.norm()).item() for a, b in zip(got, expected))
                     if not error < 2e-2:
@@ -106,9 +98,8 @@ def main() -> None:
             line = f"  second-order pipeline, B{batch} H{heads} T{seq} D{head_dim} causal={causal}"
             expected = None
             for _ in range(2):
-                for name, sweeps in (("one tile", ()), ("double backward halves", ("double",)),
-                                     ("every sweep in halves", ("rows", "columns", "double"))):
-                    schedule(head_dim, table[head_dim], sweeps)
+                for name, halves in (("one tile", False), ("dK/dV sweep in halves", True)):
+                    schedule(head_dim, table[head_dim], halves)
                     got = [x.float() for x in pipeline(attend, q, k, v, d_out, w)]
                     expected = got if expected is None else expected
                     error = max(((a - b).norm() / b.norm()).item() for a, b in zip(got, expected))

@@ -284,6 +284,29 @@ def test_tma_loads_at_every_order(head_dim, causal, monkeypatch):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"D{d}")
+def test_halves_at_every_order(head_dim, causal, monkeypatch):
+    """The forward and the backward's dK/dV sweep taking each block as two halves (forced, as
+    THERIA_ATTENTION_HALVES=1 does: the tables take them for some head dims and masks only), bf16
+    and fp16, grouped heads, odd lengths (whole query blocks and a partial one): the same criterion
+    at every derivative order."""
+    import theria_kernels.attention._tuning as tuning
+    from theria_kernels.attention.torch_launchers import _PLANS, clear_plans
+
+    monkeypatch.setattr(tuning, "HALVES_OVERRIDE", True)
+    clear_plans()  # plans are cached with the schedule they were built with
+    try:
+        attend, reference = _flash(causal=causal)
+        for dtype in LOW_DTYPES:
+            _check(attend, reference, (2, 4, 1, 203, 97, head_dim), dtype, seed=13)
+        columns = [launch.arguments["HALVES"] for plan in _PLANS.values() for launch in plan.launches
+                   if launch.kernel.__name__ == "_attn_bwd_dkdv_kernel"]
+        assert columns and all(columns)
+    finally:
+        clear_plans()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("one_sweep, head_dim", [(True, 128), (False, 64), (True, 40)],
                          ids=["one-sweep-D128", "two-sweeps-D64", "one-sweep-D40"])
 def test_double_backward_row_schedules(one_sweep, head_dim, causal, monkeypatch):

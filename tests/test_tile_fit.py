@@ -398,18 +398,21 @@ def test_tangent_kernel_needs_no_more_than_the_jvp():
 
 
 def test_backward_halves_compile_for_hopper():
-    """The backward's sweeps in halves (``_sweeps._row_halves``, ``_column_halves``) compile for
-    sm_90 at the 2-byte D64 and D128 entries, and the double backward's column sweep at D64, with
-    the table's TMA, and add no misfit to one tile's (at D128 they take the dK/dV sweep's spills
-    away)."""
-    entries = [(90, "backward", head_dim, 2) for head_dim in (64, 128)] + [(90, "backward_backward", 64, 2)]
+    """The backward's dK/dV sweep in halves (``_sweeps._column_tile``'s HALVES) compiles for sm_90
+    at the 2-byte D64 and D128 entries with the table's TMA and adds no misfit to one tile's (at D128
+    it takes the one tile's spills away); by default only sm_90's ``BACKWARD_COLUMNS_HALVES`` entry
+    (D128, banded) takes it."""
+    entries = [(90, "backward", head_dim, 2) for head_dim in (64, 128)]
     halves = run_compiler(entries, THERIA_ATTENTION_HALVES="1")
     one_tile = run_compiler(entries, THERIA_ATTENTION_HALVES="0")
-    assert len(halves) == 5 and all("error" not in row and row["halves"] for row in halves), halves
+    columns = [row for row in halves if row["kernel"] == "_attn_bwd_dkdv_kernel"]
+    assert len(columns) == 2 and all("error" not in row and row["halves"] for row in columns), halves
     assert not any(row["halves"] for row in one_tile)
     misfits_halves, misfits_one_tile = _misfits(halves), _misfits(one_tile)
     for problem, launches in misfits_halves.items():
         assert launches <= misfits_one_tile[problem], (problem, launches - misfits_one_tile[problem])
+    by_default = run_compiler(entries, THERIA_ATTENTION_HALVES="")  # causal: banded
+    assert {row["head_dim"] for row in by_default if row["halves"]} == {128}
 
 
 def test_tma_compiles_for_hopper():

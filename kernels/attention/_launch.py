@@ -339,21 +339,21 @@ def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: b
 def backward_plan(call: AttentionCall, has_d_lse: bool, tma_ok: bool = True) -> Plan:
     """Gradients (dq, dk, dv) of <d_out, out> + <d_lse, lse> (§2) from the inputs (q, k, v, out,
     lse, d_out[, d_lse]): the dQ row sweep, which also stores the row term delta, then the dK/dV
-    column sweep; each takes its blocks as two halves where ``_halves`` says so ("backward_rows",
-    "backward_columns"). ``tma_ok``: the launcher allows TMA loads for this call
+    column sweep, which takes its whole query blocks as two halves where ``_halves`` says so
+    ("backward_columns"). ``tma_ok``: the launcher allows TMA loads for this call
     (``AttentionCall.tma``: K and V in the row sweep, Q and dO in the column sweep)."""
     meta, block_m, block_n, warps, stages = call.meta("backward")
-    rows_halves, columns_halves = _halves(call, "backward_rows", block_n), _halves(call, "backward_columns", block_m)
     allocations = {"dq": _Q, "dk": _K, "dv": _K, "delta": _rows(call)}
     shared = dict(Q=Buffer("q"), K=Buffer("k"), V=Buffer("v"), D_out=Buffer("d_out"), Lse=Buffer("lse"),
                   Delta=Buffer("delta"), TMA=call.tma("backward", tma_ok))
     launches = (
         Launch(_attn_bwd_dq_kernel, call.row_grid(block_m),
                dict(shared, Out=Buffer("out"), D_lse=Buffer("d_lse") if has_d_lse else None, DQ=Buffer("dq"),
-                    **call.geometry(), **meta, EVEN_K=call.even_k(block_n), HALVES=rows_halves),
+                    **call.geometry(), **meta, EVEN_K=call.even_k(block_n)),
                writes=("Delta", "DQ"), num_warps=warps, num_stages=stages),
-        _column_launch(_attn_bwd_dkdv_kernel, call, "backward", dict(shared, HALVES=columns_halves),
-                       dict(DK="dk", DV="dv"), allocations),
+        _column_launch(_attn_bwd_dkdv_kernel, call, "backward",
+                       dict(shared, HALVES=_halves(call, "backward_columns", block_m)), dict(DK="dk", DV="dv"),
+                       allocations),
     )
     inputs = call.inputs(("q", "k", "v", "out", "d_out"), ("lse", "d_lse") if has_d_lse else ("lse",))
     return Plan(inputs, ("dq", "dk", "dv"), allocations, launches, skip_if_empty=("q", "k"))
@@ -374,8 +374,7 @@ def backward_backward_plan(call: AttentionCall, given: frozenset, tma_ok: bool =
     cot_dv) = ẋ they are H_u ẋ + Jᵀ u̇, the tangent of the backward along (ẋ, u̇). ``tma_ok``: as
     ``backward_plan``'s (K and V in the row sweeps, Q and dO in the column sweep). Without
     ``cot_d_out`` (d_out is a constant of the caller's, e.g. a fixed output weight) the outputs are
-    (cot_q, cot_k, cot_v, cot_d_lse) and the row sweep skips its dP̄ V product. The column sweep takes
-    its whole query blocks as two halves where ``_halves`` says so ("backward_backward_columns")."""
+    (cot_q, cot_k, cot_v, cot_d_lse) and the row sweep skips its dP̄ V product."""
     row_kind = "backward_backward_rows" if cot_d_out else "backward_backward_rows_no_cot_d_out"
     row_meta, block_m, block_n, warps, stages = call.meta(row_kind)
     tangent = "d_out_dot" in given
@@ -406,9 +405,8 @@ def backward_backward_plan(call: AttentionCall, given: frozenset, tma_ok: bool =
                num_warps=warps, num_stages=stages),
         _column_launch(_attn_bwd_bwd_cols_kernel, call, "backward_backward",
                        dict(shared, Sigma=Buffer("cot_d_lse"), Rho=Buffer("rho"),
-                            TMA=call.tma("backward_backward", tma_ok),
-                            HALVES=_halves(call, "backward_backward_columns", call.blocks("backward_backward")[0])),
-                       dict(Cot_k="cot_k", Cot_v="cot_v"), allocations),
+                            TMA=call.tma("backward_backward", tma_ok)), dict(Cot_k="cot_k", Cot_v="cot_v"),
+                       allocations),
     )
     inputs = call.inputs(("q", "k", "v", "out", "d_out", *(n for n in ("cot_dq", "cot_dk", "cot_dv", "d_out_dot")
                                                             if n in given)),

@@ -155,32 +155,6 @@ def _row_gradient(acc, dot, k, v, d_out, lse2, delta, offs_m, offs_k, start_m, s
 
 
 @triton.jit
-def _row_halves(acc, q, d_out, lse2, delta, K, V, k_base, start_m, start_n, offs_m, t_k, stride_kt, band_lo, band_hi,
-                sm_scale, qk_scale, log2e, slope, diagonal, softcap, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BANDED: tl.constexpr,
-                MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                PRECISION: tl.constexpr, TMA: tl.constexpr):
-    """``_row_tile``'s GRADIENT on the key block [start_n, start_n + BLOCK_N) as two halves of
-    BLOCK_N / 2 keys: both halves' Q Kᵀ first, then each half's P, dP and dQ's product, which
-    Triton leaves in flight beside the second half's exp2 (``_column_halves``'s overlap in the row
-    sweep; ``_tuning.BACKWARD_ROWS_HALVES``). With TMA, K and V are descriptors of half-block boxes."""
-    HALF: tl.constexpr = BLOCK_N // 2
-    k_a = _block(K, k_base, start_n, t_k, stride_kt, HEAD_DIM, HALF, BLOCK_D0, BLOCK_D1, TMA)
-    k_b = _block(K, k_base, start_n + HALF, t_k, stride_kt, HEAD_DIM, HALF, BLOCK_D0, BLOCK_D1, TMA)
-    v_a = _block(V, k_base, start_n, t_k, stride_kt, HEAD_DIM, HALF, BLOCK_D0, BLOCK_D1, TMA)
-    v_b = _block(V, k_base, start_n + HALF, t_k, stride_kt, HEAD_DIM, HALF, BLOCK_D0, BLOCK_D1, TMA)
-    dot_a = _dot_t(q, k_a, PRECISION, ACC_DTYPE)
-    dot_b = _dot_t(q, k_b, PRECISION, ACC_DTYPE)
-    offs_a = start_n + tl.arange(0, HALF)
-    acc = _row_gradient(acc, dot_a, k_a, v_a, d_out, lse2, delta, offs_m, offs_a, start_m, start_n, t_k, band_lo,
-                        band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap, BLOCK_M, HALF, BANDED, MASKED,
-                        SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
-    return _row_gradient(acc, dot_b, k_b, v_b, d_out, lse2, delta, offs_m, offs_a + HALF, start_m, start_n + HALF,
-                         t_k, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap, BLOCK_M, HALF,
-                         BANDED, MASKED, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
-
-
-@triton.jit
 def _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K, V, Cot_dk, Cot_dv, k_base, start_m,
               start_n, offs_m, t_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
@@ -235,25 +209,16 @@ def _row_sweep(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
                BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, EVEN_K: tl.constexpr, STAGE: tl.constexpr,
                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-               TMA: tl.constexpr = False, ONE_SWEEP: tl.constexpr = False, HALVES: tl.constexpr = False):
+               TMA: tl.constexpr = False, ONE_SWEEP: tl.constexpr = False):
     """``_row_tile`` over every key block the query block [start_m, start_m + BLOCK_M) sees. Key
     blocks are loaded with masks (cheap against a row tile's work); only a band or a last key
-    block past T_k (not EVEN_K) compiles the score mask in (``_mask``). HALVES (GRADIENT only)
-    takes each key block as two halves (``_row_halves``; K and V then describe half-block boxes)."""
+    block past T_k (not EVEN_K) compiles the score mask in (``_mask``)."""
     lo, hi = _key_range(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
-    if HALVES:
-        tl.static_assert(STAGE == GRADIENT, "HALVES is the backward's row sweep")
-        for start_n in range(lo, hi, BLOCK_N):
-            acc = _row_halves(acc, q, d_out, lse2, delta, K, V, k_base, start_m, start_n, offs_m, len_k, stride_kt,
-                              band_lo, band_hi, sm_scale, qk_scale, log2e, slope, diagonal, softcap, HEAD_DIM, BLOCK_M,
-                              BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, BANDED or not EVEN_K, SOFTCAP, ALIBI, ACC_DTYPE,
-                              PRECISION, TMA)
-    else:
-        for start_n in range(lo, hi, BLOCK_N):
-            acc = _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K, V, Cot_dk, Cot_dv,
-                            k_base, start_m, start_n, offs_m, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale,
-                            log2e, slope, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED,
-                            BANDED or not EVEN_K, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA, ONE_SWEEP)
+    for start_n in range(lo, hi, BLOCK_N):
+        acc = _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K, V, Cot_dk, Cot_dv, k_base,
+                        start_m, start_n, offs_m, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, slope,
+                        diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, BANDED or not EVEN_K,
+                        STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA, ONE_SWEEP)
     return acc
 
 
@@ -345,7 +310,7 @@ def _column_half(k, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_d
                  t_q, stride_qt, log2e, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D0: tl.constexpr,
                  BLOCK_D1: tl.constexpr, ROWS_MASKED: tl.constexpr, STAGE: tl.constexpr, ALIBI: tl.constexpr,
                  ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
-    """The first part of a column tile (``_column_tile``, or one half of ``_column_halves``): what it
+    """The first part of a column tile (``_column_tile``, or one of its HALVES): what it
     reads of the query block [start_m, start_m + BLOCK_M) and its K Qᵀ product, as (the block's
     tiles and statistics from ``_column_rows``, with the product last) and the double backward's
     from ``_column_second_rows`` (zeros at GRADIENT)."""
@@ -386,49 +351,45 @@ def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delt
                  qk_scale, log2e, diagonal, softcap, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BANDED: tl.constexpr,
                  ROWS_MASKED: tl.constexpr, STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                 ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr = False):
+                 ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr = False,
+                 HALVES: tl.constexpr = False):
     """(acc_k, acc_v) plus what the query block [start_m, start_m + BLOCK_M) adds for the key block
     whose tiles (k, v, cot_dk, cot_dv; split into head-dim parts) the caller holds: (dK / scale, dV)
     for GRADIENT, (cot_k / scale, cot_v) for COTANGENTS and BACKWARD_TANGENT. Query-shaped pointers
     are offset by q_base, row statistics by row_base; a stage reads no pointer it does not use
     (None). Without ROWS_MASKED every query row of the block is < t_q. With TMA, Q and D_out are the
-    query head's tensor descriptors (``_row_tile``'s K and V)."""
-    half, second = _column_half(k, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot, Slopes, q_base,
-                                row_base, start_m, t_q, stride_qt, log2e, HEAD_DIM, BLOCK_M, BLOCK_D0, BLOCK_D1,
-                                ROWS_MASKED, STAGE, ALIBI, ACC_DTYPE, PRECISION, TMA)
-    return _column_finish(acc_k, acc_v, k, v, cot_dk, cot_dv, half, second, start_m, start_n, offs_n, t_k, band_lo,
-                          band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, BLOCK_M, BLOCK_N, BANDED, STAGE,
-                          SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+    query head's tensor descriptors (``_row_tile``'s K and V), of BLOCK_M-row boxes, or of
+    BLOCK_M / 2 with HALVES.
 
-
-@triton.jit
-def _column_halves(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot,
-                   Slopes, q_base, row_base, start_m, start_n, offs_n, t_q, t_k, stride_qt, band_lo, band_hi, sm_scale,
-                   qk_scale, log2e, diagonal, softcap, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BANDED: tl.constexpr,
-                   STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                   PRECISION: tl.constexpr, TMA: tl.constexpr):
-    """``_column_tile`` on a whole query block (every row < t_q) as two halves of BLOCK_M / 2
-    queries: both halves' reads and K Qᵀ products first, then each half's tile. Triton waits for a
-    product that does not accumulate as soon as it is issued, but leaves the accumulating ones
-    (dV and dK, or cot_v and cot_k) in flight, so the second half's exp2 and masks run beside the
-    first half's accumulating products, the overlap the forward's halves buy
-    (``forward._forward_halves``; ``_tuning.BACKWARD_COLUMNS_HALVES``,
-    ``BACKWARD_BACKWARD_COLUMNS_HALVES``). With TMA, Q and D_out are descriptors of half-block
-    boxes."""
-    HALF: tl.constexpr = BLOCK_M // 2
-    half_a, second_a = _column_half(k, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot, Slopes, q_base,
-                                    row_base, start_m, t_q, stride_qt, log2e, HEAD_DIM, HALF, BLOCK_D0, BLOCK_D1,
-                                    False, STAGE, ALIBI, ACC_DTYPE, PRECISION, TMA)
-    half_b, second_b = _column_half(k, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot, Slopes, q_base,
-                                    row_base, start_m + HALF, t_q, stride_qt, log2e, HEAD_DIM, HALF, BLOCK_D0,
-                                    BLOCK_D1, False, STAGE, ALIBI, ACC_DTYPE, PRECISION, TMA)
-    acc_k, acc_v = _column_finish(acc_k, acc_v, k, v, cot_dk, cot_dv, half_a, second_a, start_m, start_n, offs_n, t_k,
-                                  band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HALF, BLOCK_N,
-                                  BANDED, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
-    return _column_finish(acc_k, acc_v, k, v, cot_dk, cot_dv, half_b, second_b, start_m + HALF, start_n, offs_n, t_k,
-                          band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HALF, BLOCK_N, BANDED, STAGE,
-                          SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+    HALVES (a whole block, not ROWS_MASKED) takes the block as two halves of BLOCK_M / 2 queries:
+    both halves' reads and K Qᵀ products first (``_column_half``), then each half's tile
+    (``_column_finish``). Triton waits for a product that does not accumulate as soon as it is
+    issued but leaves the accumulating ones (dV and dK, or cot_v and cot_k) in flight, so the second
+    half's exp2 and masks run beside the first half's accumulating products, the overlap the
+    forward's halves buy (``forward._forward_halves``; where: ``_tuning.BACKWARD_COLUMNS_HALVES``)."""
+    if HALVES:
+        tl.static_assert(not ROWS_MASKED, "HALVES takes whole query blocks")
+        HALF: tl.constexpr = BLOCK_M // 2
+        half_a, second_a = _column_half(k, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot, Slopes,
+                                        q_base, row_base, start_m, t_q, stride_qt, log2e, HEAD_DIM, HALF, BLOCK_D0,
+                                        BLOCK_D1, False, STAGE, ALIBI, ACC_DTYPE, PRECISION, TMA)
+        half_b, second_b = _column_half(k, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot, Slopes,
+                                        q_base, row_base, start_m + HALF, t_q, stride_qt, log2e, HEAD_DIM, HALF,
+                                        BLOCK_D0, BLOCK_D1, False, STAGE, ALIBI, ACC_DTYPE, PRECISION, TMA)
+        acc_k, acc_v = _column_finish(acc_k, acc_v, k, v, cot_dk, cot_dv, half_a, second_a, start_m, start_n, offs_n,
+                                      t_k, band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HALF,
+                                      BLOCK_N, BANDED, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+        acc_k, acc_v = _column_finish(acc_k, acc_v, k, v, cot_dk, cot_dv, half_b, second_b, start_m + HALF, start_n,
+                                      offs_n, t_k, band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap,
+                                      HALF, BLOCK_N, BANDED, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+    else:
+        half, second = _column_half(k, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot, Slopes, q_base,
+                                    row_base, start_m, t_q, stride_qt, log2e, HEAD_DIM, BLOCK_M, BLOCK_D0, BLOCK_D1,
+                                    ROWS_MASKED, STAGE, ALIBI, ACC_DTYPE, PRECISION, TMA)
+        acc_k, acc_v = _column_finish(acc_k, acc_v, k, v, cot_dk, cot_dv, half, second, start_m, start_n, offs_n, t_k,
+                                      band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, BLOCK_M, BLOCK_N,
+                                      BANDED, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+    return acc_k, acc_v
 
 
 @triton.jit
@@ -441,36 +402,32 @@ def _column_sweep(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Del
                   HALVES: tl.constexpr = False):
     """``_column_tile`` over every query block that sees the key block [start_n, start_n + BLOCK_N),
     of each of the ``members`` query heads a column program serves (``_column_program``): the
-    whole blocks with unmasked loads, then the one partial block, if any (``_full_blocks_end``).
-    HALVES takes each whole block as two halves (``_column_halves``)."""
+    whole blocks with unmasked loads (as two halves with HALVES), then the one partial block, if
+    any (``_full_blocks_end``), as one tile."""
     lo, hi = _query_range(start_n, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
     full_hi = _full_blocks_end(lo, hi, len_q, BLOCK_M)
+    ROWS: tl.constexpr = BLOCK_M // 2 if HALVES else BLOCK_M  # rows a Q or dO load of a whole block takes
     for member in range(members):
         # The group's query heads are adjacent: each one stride_qh elements and T_q row statistics on.
         q_base = first_q_base + tl.cast(member, tl.int64) * stride_qh
         row_base = first_row_base + member * t_q
-        # This query head's Q and dO (``_rows_source``): descriptors with TMA.
-        q_rows = _rows_source(Q, q_base, len_q, stride_qt, BLOCK_M, HEAD_DIM, TMA)
-        do_rows = _rows_source(D_out, q_base, len_q, stride_qt, BLOCK_M, HEAD_DIM, TMA)
+        # This query head's Q and dO (``_rows_source``): descriptors with TMA, of a whole block's
+        # loads (q_rows) and of the partial block's (q_block: BLOCK_M rows).
+        q_rows = _rows_source(Q, q_base, len_q, stride_qt, ROWS, HEAD_DIM, TMA)
+        do_rows = _rows_source(D_out, q_base, len_q, stride_qt, ROWS, HEAD_DIM, TMA)
+        q_block, do_block = q_rows, do_rows
         if HALVES:
-            q_halves = _rows_source(Q, q_base, len_q, stride_qt, BLOCK_M // 2, HEAD_DIM, TMA)
-            do_halves = _rows_source(D_out, q_base, len_q, stride_qt, BLOCK_M // 2, HEAD_DIM, TMA)
-            for start_m in range(lo, full_hi, BLOCK_M):
-                acc_k, acc_v = _column_halves(
-                    acc_k, acc_v, k, v, cot_dk, cot_dv, q_halves, do_halves, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot,
-                    Delta_dot, Slopes, q_base, row_base, start_m, start_n, offs_n, len_q, len_k, stride_qt, band_lo,
-                    band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0,
-                    BLOCK_D1, BANDED, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA)
-        else:
-            for start_m in range(lo, full_hi, BLOCK_M):
-                acc_k, acc_v = _column_tile(
-                    acc_k, acc_v, k, v, cot_dk, cot_dv, q_rows, do_rows, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot,
-                    Delta_dot, Slopes, q_base, row_base, start_m, start_n, offs_n, len_q, len_k, stride_qt, band_lo,
-                    band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0,
-                    BLOCK_D1, BANDED, False, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA)
-        if full_hi < hi:  # the one partial block
+            q_block = _rows_source(Q, q_base, len_q, stride_qt, BLOCK_M, HEAD_DIM, TMA)
+            do_block = _rows_source(D_out, q_base, len_q, stride_qt, BLOCK_M, HEAD_DIM, TMA)
+        for start_m in range(lo, full_hi, BLOCK_M):
             acc_k, acc_v = _column_tile(
                 acc_k, acc_v, k, v, cot_dk, cot_dv, q_rows, do_rows, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot,
+                Delta_dot, Slopes, q_base, row_base, start_m, start_n, offs_n, len_q, len_k, stride_qt, band_lo,
+                band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1,
+                BANDED, False, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA, HALVES)
+        if full_hi < hi:  # the one partial block
+            acc_k, acc_v = _column_tile(
+                acc_k, acc_v, k, v, cot_dk, cot_dv, q_block, do_block, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot,
                 Delta_dot, Slopes, q_base, row_base, full_hi, start_n, offs_n, len_q, len_k, stride_qt, band_lo,
                 band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1,
                 BANDED, True, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA)

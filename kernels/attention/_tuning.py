@@ -254,20 +254,16 @@ def uses_one_sweep(capability: int, block_d: int, dtype: str) -> bool:
 # 0.879 ms), and at head dim 128 (B4) the one 128 × 128 × 8 × 3 tile is faster both ways (1.02
 # against 1.07–1.09 ms; causal 0.60 against 0.83). Elsewhere untimed: one tile.
 FORWARD_HALVES: dict[int, frozenset] = {90: frozenset({(64, 2, False)})}
-# Where the backward's and the double backward's sweeps take their blocks as two halves, per table
-# as ``FORWARD_HALVES``, on their kind's tile: the dK/dV sweep each whole query block
-# ("backward_columns", ``_sweeps._column_halves``), the dQ sweep each key block ("backward_rows",
-# ``_sweeps._row_halves``), the double backward's column sweep each whole query block
-# ("backward_backward_columns"); both halves' Q Kᵀ first, so that one half's exp2 runs beside the
-# other's accumulating products. Built in session 22 without a GPU to time them (no entry yet: one
-# tile everywhere; docs/perf-notes.md item 39); ``scripts/ab_backward_halves.py`` times them
-# against one tile.
-BACKWARD_ROWS_HALVES: dict[int, frozenset] = {}
-BACKWARD_COLUMNS_HALVES: dict[int, frozenset] = {}
-BACKWARD_BACKWARD_COLUMNS_HALVES: dict[int, frozenset] = {}
-HALVES = {"forward": FORWARD_HALVES, "backward_rows": BACKWARD_ROWS_HALVES,
-          "backward_columns": BACKWARD_COLUMNS_HALVES,
-          "backward_backward_columns": BACKWARD_BACKWARD_COLUMNS_HALVES}
+# Where the backward's dK/dV sweep takes each whole query block as two halves
+# (``_sweeps._column_tile``'s HALVES: both halves' K Qᵀ first, so that one half's exp2 runs beside the
+# other's accumulating products), per table as ``FORWARD_HALVES``, on the ``backward`` tile. H200,
+# bf16, B4 H16 T4096 D128 causal, fwd + bwd alternating in one call (``scripts/ab_backward_halves.py``;
+# docs/perf-notes.md item 39): 2.780 / 2.788 → 2.639 / 2.660 ms on 64 × 64 × 4 × 2 (cuDNN 2.028).
+# Without a mask at D128 (4.28 → 4.52) and at D64 either way (4.80 → 5.37, causal 2.86 → 3.04) they
+# lose. The dQ sweep and the double backward's column sweep were built and timed in halves too and
+# lost at every shape (the double backward's at D128 causal 13×, its halves' spills): one tile.
+BACKWARD_COLUMNS_HALVES: dict[int, frozenset] = {90: frozenset({(128, 2, True)})}
+HALVES = {"forward": FORWARD_HALVES, "backward_columns": BACKWARD_COLUMNS_HALVES}
 # THERIA_ATTENTION_HALVES=1 / =0 runs every sweep that can as two halves everywhere (tiles of 32 rows
 # and more; any in the interpreter) / nowhere; HALVES_OVERRIDE is what the plans read (the tests set
 # it).
@@ -275,9 +271,8 @@ HALVES_OVERRIDE = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENTION_H
 
 
 def uses_halves(capability: int, block_d: int, dtype: str, banded: bool, kind: str = "forward") -> bool:
-    """Whether the sweep ``kind`` ("forward": the forward alone; "backward_rows", "backward_columns":
-    the backward's dQ and dK/dV sweeps; "backward_backward_columns": the double backward's column
-    sweep) takes its blocks as two halves (``HALVES[kind]``) on a device of ``capability`` at padded
+    """Whether the sweep ``kind`` ("forward": the forward alone; "backward_columns": the backward's
+    dK/dV sweep) takes its blocks as two halves (``HALVES[kind]``) on a device of ``capability`` at padded
     head dim ``block_d`` in ``dtype``, with a band or without."""
     if HALVES_OVERRIDE is not None:
         return HALVES_OVERRIDE

@@ -56,12 +56,11 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
     BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr, TMA: tl.constexpr, HALVES: tl.constexpr = False,
+    PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     """dQ for one query block of one query head, and the block's row term delta (``_row_delta``).
     Tiles with a head-dim axis are tuples of head-dim parts (``_load_parts``). TMA loads K and V
-    through tensor descriptors, as the forward kernel does (``AttentionCall.tma``); HALVES takes
-    each key block as two halves (``_sweeps._row_halves``)."""
+    through tensor descriptors, as the forward kernel does (``AttentionCall.tma``)."""
     start_m = tl.program_id(0) * BLOCK_M
     batch, head, entry = _program(heads, VARLEN)
     q_base, k_base, row_base, len_q, len_k, band_lo, band_hi = _sequence(
@@ -81,13 +80,12 @@ def _attn_bwd_dq_kernel(
                           BLOCK_D1, ACC_DTYPE)
     slope, diagonal, softcap = _modifiers(Slopes, row_base, offs_m, len_q, len_k, softcap, SOFTCAP, ALIBI, True,
                                           BOTTOM_RIGHT, ACC_DTYPE)
-    KEYS: tl.constexpr = BLOCK_N // 2 if HALVES else BLOCK_N  # rows a K or V load takes
-    k_rows = _rows_source(K, k_base, len_k, stride_kt, KEYS, HEAD_DIM, TMA)
-    v_rows = _rows_source(V, k_base, len_k, stride_kt, KEYS, HEAD_DIM, TMA)
+    k_rows = _rows_source(K, k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM, TMA)
+    v_rows = _rows_source(V, k_base, len_k, stride_kt, BLOCK_N, HEAD_DIM, TMA)
     dq = _row_sweep((_zeros_like_parts(q, ACC_DTYPE),), q, d_out, None, lse2, delta, None, None, None, None, k_rows,
                     v_rows, None, None, k_base, start_m, offs_m, len_q, len_k, stride_kt, band_lo, band_hi, sm_scale,
                     qk_scale, log2e, slope, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED,
-                    EVEN_K, GRADIENT, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA, False, HALVES)[0]
+                    EVEN_K, GRADIENT, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA)[0]
     _store_parts(DQ + q_base, _times(dq, sm_scale), offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
 
 
@@ -106,7 +104,7 @@ def _attn_bwd_dkdv_kernel(
     ``_column_program``); it sums over the query heads it serves, so grouped-query gradients need
     no atomics. Tiles are key-major (keys × queries): the transposes of the row kernel's tiles.
     TMA loads Q and dO through tensor descriptors (``_column_sweep``); HALVES takes each whole
-    query block as two halves (``_sweeps._column_halves``)."""
+    query block as two halves (``_sweeps._column_tile``)."""
     start_n = tl.program_id(0) * BLOCK_N
     first_q_base, k_base, first_row_base, len_q, len_k, band_lo, band_hi, share, tile = _column_program(
         Cu_q, Cu_k, members, t_q, t_k, heads, group, band_lo, band_hi,
