@@ -4,7 +4,8 @@ markdown under --out (GPU only; docs/design/tuning.md).
 
     python scripts/tune_attention.py --out docs/results/tuning/h200
 
-For each sweep kind (forward, jvp, forward_second, backward, backward_backward and
+For each sweep kind (forward, jvp, forward_second, backward and backward_rows: the backward's
+dK/dV and dQ sweeps, each timed over the whole backward; backward_backward and
 backward_backward_rows: the double backward's column and row sweeps, each timed over the whole
 double backward; backward_backward_rows_no_cot_d_out: its row sweep where it forms no cotangent
 for d_out, timed over the double backward without it), head dim of --shapes and mask class (no
@@ -103,7 +104,7 @@ def _plan(kind: str, call):
         return _launch.forward_plan(call, True, given_primal=True)
     if kind in ("forward", "forward_second"):
         return _launch.forward_plan(call, False, kind == "forward_second")
-    if kind == "backward":
+    if kind in ("backward", "backward_rows"):  # the dK/dV sweep's tile, the dQ sweep's
         return _launch.backward_plan(call, False)
     # the double-backward kinds (the column sweep's tile, the row sweep's) time the whole plan
     return _launch.backward_backward_plan(call, frozenset({"cot_dq", "cot_dk", "cot_dv"}),

@@ -286,14 +286,16 @@ def test_tma_loads_at_every_order(head_dim, causal, monkeypatch):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"D{d}")
 def test_halves_at_every_order(head_dim, causal, monkeypatch):
-    """The forward and the backward's dK/dV sweep taking each block as two halves (forced, as
-    THERIA_ATTENTION_HALVES=1 does: the tables take them for some head dims and masks only), bf16
-    and fp16, grouped heads, odd lengths (whole query blocks and a partial one): the same criterion
-    at every derivative order."""
+    """The backward's dK/dV sweep taking each whole query block as two halves (the table's choice
+    for the head dim and both mask classes: the table takes them at D128 under a band only; the
+    forward's halves where the table has them), bf16 and fp16, grouped heads, odd lengths (whole
+    query blocks and a partial one): the same criterion at every derivative order."""
     import theria_kernels.attention._tuning as tuning
     from theria_kernels.attention.torch_launchers import _PLANS, clear_plans
 
-    monkeypatch.setattr(tuning, "HALVES_OVERRIDE", True)
+    major, minor = torch.cuda.get_device_capability()
+    entries = frozenset({(head_dim, 2, False), (head_dim, 2, True)})
+    monkeypatch.setitem(tuning.BACKWARD_COLUMNS_HALVES, tuning.table_capability(10 * major + minor), entries)
     clear_plans()  # plans are cached with the schedule they were built with
     try:
         attend, reference = _flash(causal=causal)

@@ -45,7 +45,7 @@ MULTIPROCESSORS = {80: 108, 89: 142, 90: 132, 100: 148}
 SHAPE = (1, 8, 1, 1000)
 # The default run: every kernel at head dim 128 in 2-byte dtypes, the entries with the deepest
 # pipelines (the second-order forward is the JVP's kernel with one more tangent, at smaller tiles).
-DEFAULT_SUBSET = [(kind, 128, 2) for kind in ("forward", "jvp", "backward", "backward_backward",
+DEFAULT_SUBSET = [(kind, 128, 2) for kind in ("forward", "jvp", "backward", "backward_rows", "backward_backward",
                                                 "backward_backward_rows")]
 
 # Launches (capability, kind, head dim, dtype class, kernel) that misfit today, found by
@@ -54,7 +54,7 @@ DEFAULT_SUBSET = [(kind, 128, 2) for kind in ("forward", "jvp", "backward", "bac
 # dtype class is recorded (``pytest -m slow tests/test_tile_fit.py`` holds the whole matrix to them).
 KNOWN_SPILLS = {
     (80, "backward", 64, 2, "bwd_dkdv"), (80, "backward", 128, 2, "bwd_dkdv"),
-    (80, "backward", 256, 2, "bwd_dkdv"), (80, "backward", 256, 2, "bwd_dq"),
+    (80, "backward", 256, 2, "bwd_dkdv"), (80, "backward_rows", 256, 2, "bwd_dq"),
     (80, "backward_backward", 64, 2, "bwd_bwd_cols"),
     (80, "backward_backward", 128, 2, "bwd_bwd_cols"),
     (80, "backward_backward", 256, 2, "bwd_bwd_cols"),
@@ -78,7 +78,7 @@ KNOWN_SPILLS = {
     (90, "backward", 64, 8, "bwd_dkdv"), (90, "backward", 128, 2, "bwd_dkdv"),
     (90, "backward", 128, 4, "bwd_dkdv"), (90, "backward", 128, 8, "bwd_dkdv"),
     (90, "backward", 256, 2, "bwd_dkdv"), (90, "backward", 256, 4, "bwd_dkdv"),
-    (90, "backward", 256, 8, "bwd_dkdv"), (90, "backward", 256, 8, "bwd_dq"),
+    (90, "backward", 256, 8, "bwd_dkdv"), (90, "backward_rows", 256, 8, "bwd_dq"),
     (90, "backward_backward", 64, 2, "bwd_bwd_cols"),
     (90, "backward_backward", 64, 4, "bwd_bwd_cols"),
     (90, "backward_backward", 64, 8, "bwd_bwd_cols"),
@@ -141,11 +141,12 @@ KNOWN_SPILLS = {
     # sm_90's float32 dQ sweeps at D128 and D256, the 2-byte JVP of the 32 class on sm_80 and sm_89
     # (unlisted until the whole matrix ran again in session 19), and the 4- and 8-byte entries of
     # sm_80, sm_89 and sm_100
-    (90, "backward", 128, 4, "bwd_dq"), (90, "backward", 256, 4, "bwd_dq"),
+    (90, "backward_rows", 128, 4, "bwd_dq"), (90, "backward_rows", 256, 4, "bwd_dq"),
     (80, "jvp", 32, 2, "fwd"), (89, "jvp", 32, 2, "fwd"),
     (80, "backward", 32, 4, "bwd_dkdv"), (80, "backward", 64, 4, "bwd_dkdv"), (80, "backward", 128, 4, "bwd_dkdv"),
-    (80, "backward", 128, 4, "bwd_dq"), (80, "backward", 128, 8, "bwd_dkdv"), (80, "backward", 256, 4, "bwd_dkdv"),
-    (80, "backward", 256, 4, "bwd_dq"), (80, "backward", 256, 8, "bwd_dkdv"), (80, "backward", 256, 8, "bwd_dq"),
+    (80, "backward_rows", 128, 4, "bwd_dq"), (80, "backward", 128, 8, "bwd_dkdv"),
+    (80, "backward", 256, 4, "bwd_dkdv"), (80, "backward_rows", 256, 4, "bwd_dq"),
+    (80, "backward", 256, 8, "bwd_dkdv"), (80, "backward_rows", 256, 8, "bwd_dq"),
     (80, "backward_backward", 32, 4, "bwd_bwd_cols"), (80, "backward_backward", 32, 8, "bwd_bwd_cols"),
     (80, "backward_backward", 64, 4, "bwd_bwd_cols"), (80, "backward_backward", 64, 8, "bwd_bwd_cols"),
     (80, "backward_backward", 128, 4, "bwd_bwd_cols"), (80, "backward_backward", 128, 8, "bwd_bwd_cols"),
@@ -156,10 +157,12 @@ KNOWN_SPILLS = {
     (80, "forward_second", 256, 4, "fwd"), (80, "forward_second", 256, 8, "fwd"), (80, "jvp", 32, 4, "fwd"),
     (80, "jvp", 64, 4, "fwd"), (80, "jvp", 128, 4, "fwd"), (80, "jvp", 128, 8, "fwd"), (80, "jvp", 256, 4, "fwd"),
     (80, "jvp", 256, 8, "fwd"), (89, "backward", 32, 4, "bwd_dkdv"), (89, "backward", 32, 8, "bwd_dkdv"),
-    (89, "backward", 64, 4, "bwd_dkdv"), (89, "backward", 64, 8, "bwd_dkdv"), (89, "backward", 64, 8, "bwd_dq"),
-    (89, "backward", 128, 4, "bwd_dkdv"), (89, "backward", 128, 4, "bwd_dq"), (89, "backward", 128, 8, "bwd_dkdv"),
-    (89, "backward", 128, 8, "bwd_dq"), (89, "backward", 256, 4, "bwd_dkdv"), (89, "backward", 256, 4, "bwd_dq"),
-    (89, "backward", 256, 8, "bwd_dkdv"), (89, "backward", 256, 8, "bwd_dq"),
+    (89, "backward", 64, 4, "bwd_dkdv"), (89, "backward", 64, 8, "bwd_dkdv"),
+    (89, "backward_rows", 64, 8, "bwd_dq"),
+    (89, "backward", 128, 4, "bwd_dkdv"), (89, "backward_rows", 128, 4, "bwd_dq"),
+    (89, "backward", 128, 8, "bwd_dkdv"), (89, "backward_rows", 128, 8, "bwd_dq"),
+    (89, "backward", 256, 4, "bwd_dkdv"), (89, "backward_rows", 256, 4, "bwd_dq"),
+    (89, "backward", 256, 8, "bwd_dkdv"), (89, "backward_rows", 256, 8, "bwd_dq"),
     (89, "backward_backward", 32, 4, "bwd_bwd_cols"), (89, "backward_backward", 32, 8, "bwd_bwd_cols"),
     (89, "backward_backward", 64, 4, "bwd_bwd_cols"), (89, "backward_backward", 64, 8, "bwd_bwd_cols"),
     (89, "backward_backward", 128, 4, "bwd_bwd_cols"), (89, "backward_backward", 128, 8, "bwd_bwd_cols"),
@@ -167,11 +170,12 @@ KNOWN_SPILLS = {
     (89, "forward_second", 32, 4, "fwd"), (89, "forward_second", 32, 8, "fwd"),
     (89, "forward_second", 256, 8, "fwd"), (89, "jvp", 32, 4, "fwd"), (89, "jvp", 32, 8, "fwd"),
     (100, "backward", 32, 4, "bwd_dkdv"), (100, "backward", 32, 8, "bwd_dkdv"),
-    (100, "backward", 64, 4, "bwd_dkdv"), (100, "backward", 64, 8, "bwd_dkdv"), (100, "backward", 64, 8, "bwd_dq"),
-    (100, "backward", 128, 4, "bwd_dkdv"), (100, "backward", 128, 4, "bwd_dq"),
-    (100, "backward", 128, 8, "bwd_dkdv"), (100, "backward", 128, 8, "bwd_dq"),
-    (100, "backward", 256, 4, "bwd_dkdv"), (100, "backward", 256, 4, "bwd_dq"),
-    (100, "backward", 256, 8, "bwd_dkdv"), (100, "backward", 256, 8, "bwd_dq"),
+    (100, "backward", 64, 4, "bwd_dkdv"), (100, "backward", 64, 8, "bwd_dkdv"),
+    (100, "backward_rows", 64, 8, "bwd_dq"),
+    (100, "backward", 128, 4, "bwd_dkdv"), (100, "backward_rows", 128, 4, "bwd_dq"),
+    (100, "backward", 128, 8, "bwd_dkdv"), (100, "backward_rows", 128, 8, "bwd_dq"),
+    (100, "backward", 256, 4, "bwd_dkdv"), (100, "backward_rows", 256, 4, "bwd_dq"),
+    (100, "backward", 256, 8, "bwd_dkdv"), (100, "backward_rows", 256, 8, "bwd_dq"),
     (100, "backward_backward", 32, 4, "bwd_bwd_cols"), (100, "backward_backward", 32, 8, "bwd_bwd_cols"),
     (100, "backward_backward", 64, 4, "bwd_bwd_cols"), (100, "backward_backward", 64, 8, "bwd_bwd_cols"),
     (100, "backward_backward", 128, 4, "bwd_bwd_cols"), (100, "backward_backward", 128, 8, "bwd_bwd_cols"),
@@ -195,7 +199,7 @@ KNOWN_SHARED_MEMORY = {
     (89, "backward_backward_rows", 256, 4, "bwd_bwd_rows"), (89, "backward_backward_rows", 256, 8, "bwd_bwd_rows"),
     # the 8-byte entries of sm_80 and sm_89 and Ada's 4-byte double backward at D256
     (80, "backward_backward", 256, 8, "bwd_bwd_cols"), (89, "backward", 256, 8, "bwd_dkdv"),
-    (89, "backward", 256, 8, "bwd_dq"), (89, "backward_backward", 128, 8, "bwd_bwd_cols"),
+    (89, "backward_rows", 256, 8, "bwd_dq"), (89, "backward_backward", 128, 8, "bwd_bwd_cols"),
     (89, "backward_backward", 256, 4, "bwd_bwd_cols"), (89, "backward_backward", 256, 8, "bwd_bwd_cols"),
     (89, "forward_second", 256, 8, "fwd"),
 }

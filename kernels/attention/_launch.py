@@ -74,7 +74,7 @@ INTERPRETER_BLOCKS = (16, 16, 1, 1)
 # backward's tangent 7-18 % off in one call shape and right in another), and right on one tile up to
 # 64 wide and on 64 + the rest up to 128 (docs/perf-notes.md, "GPU accuracy runs", sessions 21 and
 # 22); float64 is for checking, where speed does not count.
-SPLIT_HEAD_DIM = {"forward": True, "jvp": True, "forward_second": False, "backward": True,
+SPLIT_HEAD_DIM = {"forward": True, "jvp": True, "forward_second": False, "backward": True, "backward_rows": True,
                   "backward_backward": False, "backward_backward_rows": False,
                   "backward_backward_rows_no_cot_d_out": False}
 
@@ -338,11 +338,12 @@ def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: b
 @functools.lru_cache(maxsize=4096)
 def backward_plan(call: AttentionCall, has_d_lse: bool, tma_ok: bool = True) -> Plan:
     """Gradients (dq, dk, dv) of <d_out, out> + <d_lse, lse> (§2) from the inputs (q, k, v, out,
-    lse, d_out[, d_lse]): the dQ row sweep, which also stores the row term delta, then the dK/dV
-    column sweep, which takes its whole query blocks as two halves where ``_halves`` says so
-    ("backward_columns"). ``tma_ok``: the launcher allows TMA loads for this call
-    (``AttentionCall.tma``: K and V in the row sweep, Q and dO in the column sweep)."""
-    meta, block_m, block_n, warps, stages = call.meta("backward")
+    lse, d_out[, d_lse]): the dQ row sweep on the ``backward_rows`` tile, which also stores the
+    row term delta, then the dK/dV column sweep on the ``backward`` tile, which takes its whole
+    query blocks as two halves where ``_halves`` says so ("backward_columns"). ``tma_ok``: the
+    launcher allows TMA loads for this call (``AttentionCall.tma``: K and V in the row sweep, Q and
+    dO in the column sweep; one choice, the ``backward`` kind's, for both)."""
+    meta, block_m, block_n, warps, stages = call.meta("backward_rows")
     allocations = {"dq": _Q, "dk": _K, "dv": _K, "delta": _rows(call)}
     shared = dict(Q=Buffer("q"), K=Buffer("k"), V=Buffer("v"), D_out=Buffer("d_out"), Lse=Buffer("lse"),
                   Delta=Buffer("delta"), TMA=call.tma("backward", tma_ok))
@@ -352,8 +353,8 @@ def backward_plan(call: AttentionCall, has_d_lse: bool, tma_ok: bool = True) -> 
                     **call.geometry(), **meta, EVEN_K=call.even_k(block_n)),
                writes=("Delta", "DQ"), num_warps=warps, num_stages=stages),
         _column_launch(_attn_bwd_dkdv_kernel, call, "backward",
-                       dict(shared, HALVES=_halves(call, "backward_columns", block_m)), dict(DK="dk", DV="dv"),
-                       allocations),
+                       dict(shared, HALVES=_halves(call, "backward_columns", call.blocks("backward")[0])),
+                       dict(DK="dk", DV="dv"), allocations),
     )
     inputs = call.inputs(("q", "k", "v", "out", "d_out"), ("lse", "d_lse") if has_d_lse else ("lse",))
     return Plan(inputs, ("dq", "dk", "dv"), allocations, launches, skip_if_empty=("q", "k"))

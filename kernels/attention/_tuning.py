@@ -29,8 +29,8 @@ import tempfile
 from dataclasses import dataclass
 
 
-KINDS = ("forward", "jvp", "forward_second", "backward", "backward_backward", "backward_backward_rows",
-         "backward_backward_rows_no_cot_d_out")
+KINDS = ("forward", "jvp", "forward_second", "backward", "backward_rows", "backward_backward",
+         "backward_backward_rows", "backward_backward_rows_no_cot_d_out")
 HEAD_DIMS = (32, 64, 128, 256)
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
@@ -162,6 +162,10 @@ SM89 = _overriding(SM90, {
 SM100 = _overriding(SM90, {("jvp", 128, 2): (128, 32, 8, 2), ("jvp", 128, 4): (64, 16, 8, 1),
                            ("forward", 64, 2): (128, 64, 4, 3)})
 
+# The backward's dQ sweep (``backward_rows``) takes each table's ``backward`` tiles (its dK/dV
+# sweep's) except these (head-dim class, dtype class) entries, where timing chose otherwise.
+BACKWARD_ROWS: dict[int, dict[tuple[int, int], Tile]] = {}
+
 # The double backward's row sweep without d_out's cotangent (``backward_backward_rows_no_cot_d_out``,
 # which ``_launch.backward_backward_plan(cot_d_out=False)`` runs: d_out a constant of the caller's,
 # as in an HVP of a fixed output weight and JAX's reverse over reverse) takes each table's row-sweep
@@ -174,17 +178,19 @@ SM100 = _overriding(SM90, {("jvp", 128, 2): (128, 32, 8, 2), ("jvp", 128, 4): (6
 ROWS_WITHOUT_COT_D_OUT = {90: {(64, 2): (128, 64, 8, 3)}}
 
 
-def _add_rows_without_cot_d_out(table: dict, capability: int) -> None:
-    """Give ``table`` its ``backward_backward_rows_no_cot_d_out`` kind: a copy of its row sweep's
-    tiles with ``ROWS_WITHOUT_COT_D_OUT[capability]``'s entries replaced."""
-    rows = {head_dim: dict(by_bytes) for head_dim, by_bytes in table["backward_backward_rows"].items()}
-    for (head_dim, dtype_bytes), entry in ROWS_WITHOUT_COT_D_OUT.get(capability, {}).items():
-        rows[head_dim][dtype_bytes] = entry
-    table["backward_backward_rows_no_cot_d_out"] = rows
+def _add_derived_kind(table: dict, kind: str, source: str, entries: dict) -> None:
+    """Give ``table`` the kind ``kind``: a copy of its ``source`` kind's tiles with the (head-dim
+    class, dtype class) ``entries`` replaced."""
+    tiles = {head_dim: dict(by_bytes) for head_dim, by_bytes in table[source].items()}
+    for (head_dim, dtype_bytes), entry in entries.items():
+        tiles[head_dim][dtype_bytes] = entry
+    table[kind] = tiles
 
 
 for _capability, _table in ((80, SM80), (89, SM89), (90, SM90), (100, SM100)):
-    _add_rows_without_cot_d_out(_table, _capability)
+    _add_derived_kind(_table, "backward_rows", "backward", BACKWARD_ROWS.get(_capability, {}))
+    _add_derived_kind(_table, "backward_backward_rows_no_cot_d_out", "backward_backward_rows",
+                      ROWS_WITHOUT_COT_D_OUT.get(_capability, {}))
 
 TILE_TABLES = {80: SM80, 89: SM89, 90: SM90, 100: SM100}
 BANDED_TILES = {80: {}, 89: {}, 90: SM90_BANDED, 100: SM90_BANDED}
@@ -197,11 +203,14 @@ TABLE_ALIASES = {86: 89, 87: 80, 103: 100, 120: 89, 121: 89}
 FALLBACK_CAPABILITY = 89
 
 
-# Kinds that tile one kernel of another kind's plan, and that plan's kind: the double backward's
-# plan runs its row kernel on the ``backward_backward_rows`` tile (on the
+# Kinds that tile one kernel of another kind's plan, and that plan's kind: the backward's plan runs
+# its dQ (row) kernel on the ``backward_rows`` tile, its dK/dV (column) kernel on the ``backward``
+# one; the double backward's plan runs its row kernel on the ``backward_backward_rows`` tile (on the
 # ``backward_backward_rows_no_cot_d_out`` one when it forms no cotangent for d_out), its column
 # kernel on the ``backward_backward`` one.
-PLAN_KIND = {"backward_backward_rows": "backward_backward", "backward_backward_rows_no_cot_d_out": "backward_backward"}
+PLAN_KIND = {"backward_rows": "backward", "backward_backward_rows": "backward_backward",
+             "backward_backward_rows_no_cot_d_out": "backward_backward"}
+ROW_KERNELS = frozenset({"_attn_bwd_dq_kernel", "_attn_bwd_bwd_rows_kernel"})
 # Kinds timed and compiled on their plan without d_out's cotangent (``cot_d_out=False``).
 WITHOUT_COT_D_OUT = frozenset({"backward_backward_rows_no_cot_d_out"})
 
@@ -209,8 +218,8 @@ WITHOUT_COT_D_OUT = frozenset({"backward_backward_rows_no_cot_d_out"})
 def takes_tile(kind: str, kernel: str) -> bool:
     """Whether a launch of the kernel named ``kernel``, in the plan ``kind`` times (its own, or
     ``PLAN_KIND[kind]``), runs on ``kind``'s tile."""
-    if kind.startswith("backward_backward"):
-        return ("rows" in kernel) == ("rows" in kind)
+    if kind.startswith("backward"):
+        return (kernel in ROW_KERNELS) == kind.endswith(("_rows", "_no_cot_d_out"))
     return True
 
 
@@ -266,7 +275,9 @@ BACKWARD_COLUMNS_HALVES: dict[int, frozenset] = {90: frozenset({(128, 2, True)})
 HALVES = {"forward": FORWARD_HALVES, "backward_columns": BACKWARD_COLUMNS_HALVES}
 # THERIA_ATTENTION_HALVES=1 / =0 runs every sweep that can as two halves everywhere (tiles of 32 rows
 # and more; any in the interpreter) / nowhere; HALVES_OVERRIDE is what the plans read (the tests set
-# it).
+# it). It is for timing and testing the schedule: not every table tile fits in halves (sm_90's
+# 2-byte forward at head dim 128, 128 × 128 × 8 × 3, asks for 240 KB of shared memory and does not
+# launch).
 HALVES_OVERRIDE = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENTION_HALVES", ""))
 
 
