@@ -286,10 +286,10 @@ def test_tma_loads_at_every_order(head_dim, causal, monkeypatch):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"D{d}")
 def test_halves_at_every_order(head_dim, causal, monkeypatch):
-    """The backward's dK/dV sweep taking each whole query block as two halves (the table's choice
-    for the head dim and both mask classes: the table takes them at D128 under a band only; the
-    forward's halves where the table has them), bf16 and fp16, grouped heads, odd lengths (whole
-    query blocks and a partial one): the same criterion at every derivative order."""
+    """The backward's dK/dV sweep taking each whole query block as two halves, forced through the
+    table for the head dim and both mask classes (the table itself takes them at D128 under a band
+    only; the forward takes its halves where the table has them), bf16 and fp16, grouped heads, odd
+    lengths (whole query blocks and a partial one): the same criterion at every derivative order."""
     import theria_kernels.attention._tuning as tuning
     from theria_kernels.attention.torch_launchers import _PLANS, clear_plans
 

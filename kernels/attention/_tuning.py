@@ -219,7 +219,7 @@ def takes_tile(kind: str, kernel: str) -> bool:
     """Whether a launch of the kernel named ``kernel``, in the plan ``kind`` times (its own, or
     ``PLAN_KIND[kind]``), runs on ``kind``'s tile."""
     if kind.startswith("backward"):
-        return (kernel in ROW_KERNELS) == kind.endswith(("_rows", "_no_cot_d_out"))
+        return (kernel in ROW_KERNELS) == ("rows" in kind)
     return True
 
 
