@@ -340,9 +340,9 @@ def backward_plan(call: AttentionCall, has_d_lse: bool, tma_ok: bool = True) -> 
     """Gradients (dq, dk, dv) of <d_out, out> + <d_lse, lse> (§2) from the inputs (q, k, v, out,
     lse, d_out[, d_lse]): the dQ row sweep on the ``backward_rows`` tile, which also stores the
     row term delta, then the dK/dV column sweep on the ``backward`` tile, which takes its whole
-    query blocks as two halves where ``_halves`` says so ("backward_columns"). ``tma_ok``: the
-    launcher allows TMA loads for this call (``AttentionCall.tma``: K and V in the row sweep, Q and
-    dO in the column sweep; one choice, the ``backward`` kind's, for both)."""
+    query blocks as two halves where ``_halves`` says so. ``tma_ok``: the launcher allows TMA
+    loads for this call (``AttentionCall.tma``: K and V in the row sweep, Q and dO in the column
+    sweep; one choice, the ``backward`` kind's, for both)."""
     meta, block_m, block_n, warps, stages = call.meta("backward_rows")
     allocations = {"dq": _Q, "dk": _K, "dv": _K, "delta": _rows(call)}
     shared = dict(Q=Buffer("q"), K=Buffer("k"), V=Buffer("v"), D_out=Buffer("d_out"), Lse=Buffer("lse"),
@@ -353,7 +353,7 @@ def backward_plan(call: AttentionCall, has_d_lse: bool, tma_ok: bool = True) -> 
                     **call.geometry(), **meta, EVEN_K=call.even_k(block_n)),
                writes=("Delta", "DQ"), num_warps=warps, num_stages=stages),
         _column_launch(_attn_bwd_dkdv_kernel, call, "backward",
-                       dict(shared, HALVES=_halves(call, "backward_columns", call.blocks("backward")[0])),
+                       dict(shared, HALVES=_halves(call, "backward", call.blocks("backward")[0])),
                        dict(DK="dk", DV="dv"), allocations),
     )
     inputs = call.inputs(("q", "k", "v", "out", "d_out"), ("lse", "d_lse") if has_d_lse else ("lse",))

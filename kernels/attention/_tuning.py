@@ -272,7 +272,7 @@ FORWARD_HALVES: dict[int, frozenset] = {90: frozenset({(64, 2, False)})}
 # lose. The dQ sweep and the double backward's column sweep were built and timed in halves too and
 # lost at every shape (the double backward's at D128 causal 13×, its halves' spills): one tile.
 BACKWARD_COLUMNS_HALVES: dict[int, frozenset] = {90: frozenset({(128, 2, True)})}
-HALVES = {"forward": FORWARD_HALVES, "backward_columns": BACKWARD_COLUMNS_HALVES}
+HALVES = {"forward": FORWARD_HALVES, "backward": BACKWARD_COLUMNS_HALVES}
 # THERIA_ATTENTION_HALVES=1 / =0 runs every sweep that can as two halves everywhere (tiles of 32 rows
 # and more; any in the interpreter) / nowhere; HALVES_OVERRIDE is what the plans read (the tests set
 # it). It is for timing and testing the schedule: not every table tile fits in halves (sm_90's
@@ -282,9 +282,9 @@ HALVES_OVERRIDE = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENTION_H
 
 
 def uses_halves(capability: int, block_d: int, dtype: str, banded: bool, kind: str = "forward") -> bool:
-    """Whether the sweep ``kind`` ("forward": the forward alone; "backward_columns": the backward's
-    dK/dV sweep) takes its blocks as two halves (``HALVES[kind]``) on a device of ``capability`` at padded
-    head dim ``block_d`` in ``dtype``, with a band or without."""
+    """Whether the sweep ``kind`` ("forward": the forward alone; "backward": the backward's dK/dV
+    sweep) takes its blocks as two halves (``HALVES[kind]``) on a device of ``capability`` at
+    padded head dim ``block_d`` in ``dtype``, with a band or without."""
     if HALVES_OVERRIDE is not None:
         return HALVES_OVERRIDE
     entry = (head_dim_class(block_d), DTYPE_BYTES[dtype], banded)
