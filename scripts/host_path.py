@@ -13,7 +13,10 @@ backward) with the same inputs, saved tensors and outputs, applied the way theri
 own (``theria_torch._ops.Function``: no per-call signature binding, the forward alone when
 nothing differentiates), whose bodies only allocate their outputs. ``floor`` is what an operator
 with theria's derivative structure pays in torch's autograd; theria's time above it is its own
-(argument checks, plans, launchers).
+(argument checks, plans, launchers). ``floor_cpp`` is the same three Functions written in C++
+(``torch::autograd::Function``, built at the first run with torch's C++ extension loader, which
+needs a C++ compiler and ninja; "n/a" without them): what the structure costs once the autograd
+nodes are out of Python, the route left to issue #16's eager second-order target.
 
     python scripts/host_path.py
     python scripts/host_path.py --shape 64,4,256,16 --calls 5000
@@ -90,6 +93,67 @@ def floor(q, k, v):
     return _Forward.apply(q, k, v)[0]
 
 
+# The floor's three Functions in C++: same inputs, saved tensors and outputs, bodies that only
+# allocate, the double backward a Function of its own as in Python.
+_CPP_FLOOR = r"""
+#include <torch/extension.h>
+using torch::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct DoubleBackward : public torch::autograd::Function<DoubleBackward> {
+  static variable_list forward(AutogradContext*, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor d_out,
+                               Tensor cot_dq, Tensor cot_dk, Tensor cot_dv) {
+    return {torch::empty_like(q), torch::empty_like(k), torch::empty_like(v), torch::empty_like(d_out),
+            torch::empty_like(lse)};
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "the floor has no third order");
+  }
+};
+
+struct Backward : public torch::autograd::Function<Backward> {
+  static variable_list forward(AutogradContext* ctx, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
+                               Tensor d_out) {
+    ctx->save_for_backward({q, k, v, out, lse, d_out});
+    return {torch::empty_like(q), torch::empty_like(k), torch::empty_like(v)};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list cot) {
+    auto s = ctx->get_saved_variables();
+    auto r = DoubleBackward::apply(s[0], s[1], s[2], s[3], s[4], s[5], cot[0], cot[1], cot[2]);
+    return {r[0], r[1], r[2], Tensor(), Tensor(), r[3]};
+  }
+};
+
+struct Forward : public torch::autograd::Function<Forward> {
+  static variable_list forward(AutogradContext* ctx, Tensor q, Tensor k, Tensor v) {
+    auto out = torch::empty_like(q);
+    auto lse = q.new_empty({q.size(0), q.size(1), q.size(2)});
+    ctx->save_for_backward({q, k, v, out, lse});
+    return {out, lse};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    return Backward::apply(s[0], s[1], s[2], s[3], s[4], grads[0]);
+  }
+};
+
+Tensor floor_cpp(Tensor q, Tensor k, Tensor v) { return Forward::apply(q, k, v)[0]; }
+"""
+
+
+def cpp_floor():
+    """``floor`` in C++, or None where no extension can be built here (the reason printed)."""
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        return load_inline("theria_host_floor", cpp_sources=_CPP_FLOOR, functions=["floor_cpp"],
+                           extra_cflags=["-O2"]).floor_cpp
+    except Exception as error:  # no compiler or ninja: the column is left out
+        print(f"# floor_cpp: n/a ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
+        return None
+
+
 def modes(attend, q, k, v, d_out):
     q_, k_, v_ = (t.detach().requires_grad_() for t in (q, k, v))
 
@@ -131,8 +195,9 @@ def cuda_rows(shape, calls: int) -> None:
         return attend
 
     q, k, v, d_out = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    impls = {"theria": sdpa_custom, "floor": floor, "flash": sdpa(SDPBackend.FLASH_ATTENTION),
+    impls = {"theria": sdpa_custom, "floor": floor, "floor_cpp": cpp_floor(), "flash": sdpa(SDPBackend.FLASH_ATTENTION),
              "math": sdpa(SDPBackend.MATH)}
+    impls = {name: attend for name, attend in impls.items() if attend is not None}
     print(f"# per-call wall time, µs (real launches, one sync a round), B,H,T,D = {shape}, bfloat16, "
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"{'mode':8s} " + " ".join(f"{name:>8s}" for name in impls))
@@ -158,11 +223,15 @@ def main() -> None:
     torch.set_num_threads(1)
     q, k, v, d_out = (torch.randn(shape) for _ in range(4))
     print(f"# host time per call, µs (launches stubbed), B,H,T,D = {shape}, torch {torch.__version__}")
-    print(f"{'mode':8s} {'theria':>8s} {'floor':>8s} {'theria/floor':>13s}")
+    floor_in_cpp = cpp_floor()
+    print(f"{'mode':8s} {'theria':>8s} {'floor':>8s} {'theria/floor':>13s}"
+          + (f" {'floor_cpp':>10s}" if floor_in_cpp else ""))
     ours, base = modes(sdpa_custom, q, k, v, d_out), modes(floor, q, k, v, d_out)
+    in_cpp = modes(floor_in_cpp, q, k, v, d_out) if floor_in_cpp else {}
     for mode in ours:
         a, b = per_call_us(ours[mode], args.calls), per_call_us(base[mode], args.calls)
-        print(f"{mode:8s} {a:8.1f} {b:8.1f} {a / b:12.2f}x")
+        cpp = f" {per_call_us(in_cpp[mode], args.calls):10.1f}" if in_cpp else ""
+        print(f"{mode:8s} {a:8.1f} {b:8.1f} {a / b:12.2f}x{cpp}")
 
 
 if __name__ == "__main__":
