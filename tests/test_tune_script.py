@@ -158,6 +158,35 @@ def test_banded_calls_take_their_own_entry():
     assert blocks(causal=True) == blocks(window_size=(128, 0)) == (banded["jvp"], banded["forward"])
 
 
+def test_the_backward_sweeps_take_their_own_kinds(monkeypatch):
+    """The backward's plan runs its dQ sweep on the ``backward_rows`` tile and its dK/dV sweep on
+    the ``backward`` one, and the tuner's compile step compiles each kind's kernel alone
+    (``_tuning.takes_tile``), so the two tiles are tuned apart."""
+    from theria_kernels.attention import AttentionParams, _launch, _tuning
+
+    rows, columns = (128, 32, 8, 2), (32, 128, 4, 3)
+    monkeypatch.setitem(_tuning.SM90["backward_rows"], 64, {**_tuning.SM90["backward_rows"][64], 2: rows})
+    monkeypatch.setitem(_tuning.SM90["backward"], 64, {**_tuning.SM90["backward"][64], 2: columns})
+    _launch.backward_plan.cache_clear()
+    shape, strides = (8, 16, 4096, 64), (16 * 4096 * 64, 4096 * 64, 64, 1)
+    call = _launch.AttentionCall(shape, strides, shape, strides, "bfloat16", AttentionParams(scale=0.125),
+                                 _launch.Device(132, capability=90))
+    try:
+        launches = {launch.kernel.__name__: launch for launch in _launch.backward_plan(call, False).launches}
+    finally:
+        _launch.backward_plan.cache_clear()
+    for kernel, (block_m, block_n, warps, stages) in (("_attn_bwd_dq_kernel", rows),
+                                                      ("_attn_bwd_dkdv_kernel", columns)):
+        launch = launches[kernel]
+        assert (launch.arguments["BLOCK_M"], launch.arguments["BLOCK_N"], launch.num_warps,
+                launch.num_stages) == (block_m, block_n, warps, stages), kernel
+    assert launches["_attn_bwd_dq_kernel"].grid[0] == 4096 // rows[0]
+    assert launches["_attn_bwd_dkdv_kernel"].grid[0] == 4096 // columns[1]
+    taken = {kind: [name for name in launches if _tuning.takes_tile(kind, name)]
+             for kind in ("backward", "backward_rows")}
+    assert taken == {"backward": ["_attn_bwd_dkdv_kernel"], "backward_rows": ["_attn_bwd_dq_kernel"]}
+
+
 def test_sm90_holds_the_jvp_choices_of_each_mask_class():
     """sm_90's JVP entries, for calls without a mask and for banded ones, are the choices of the
     committed H200 run kept to each mask class (docs/results/tuning/h200_jvp_masks/)."""
