@@ -269,8 +269,9 @@ FORWARD_HALVES: dict[int, frozenset] = {90: frozenset({(64, 2, False)})}
 # bf16, B4 H16 T4096 D128 causal, fwd + bwd alternating in one call (``scripts/ab_backward_halves.py``;
 # docs/perf-notes.md item 39): 2.780 / 2.788 → 2.639 / 2.660 ms on 64 × 64 × 4 × 2 (cuDNN 2.028).
 # Without a mask at D128 (4.28 → 4.52) and at D64 either way (4.80 → 5.37, causal 2.86 → 3.04) they
-# lose. The dQ sweep and the double backward's column sweep were built and timed in halves too and
-# lost at every shape (the double backward's at D128 causal 13×, its halves' spills): one tile.
+# lose. The entry is the banded class's, so sliding windows at D128 take the halves too (untimed).
+# The dQ sweep and the double backward's column sweep were built and timed in halves too and lost
+# at every shape (the double backward's at D128 causal 13×, its halves' spills): one tile.
 BACKWARD_COLUMNS_HALVES: dict[int, frozenset] = {90: frozenset({(128, 2, True)})}
 HALVES = {"forward": FORWARD_HALVES, "backward": BACKWARD_COLUMNS_HALVES}
 # THERIA_ATTENTION_HALVES=1 / =0 runs every sweep that can as two halves everywhere (tiles of 32 rows
