@@ -184,6 +184,9 @@ KNOWN_SPILLS = {
     # float64 at head dim 256 on two warps (sm_90's table, which sm_89's and sm_100's take there):
     # right numbers, more registers a thread
     (89, "forward", 256, 8, "fwd"), (100, "forward", 256, 8, "fwd"),
+    # float64's dQ sweep at the 128 class on 64 + 64 head-dim parts (``float64_head_dim_parts``,
+    # session 22): 14 words a thread on sm_80, 28 on sm_90 (found by the whole matrix in session 23)
+    (80, "backward_rows", 128, 8, "bwd_dq"), (90, "backward_rows", 128, 8, "bwd_dq"),
     (100, "forward_second", 64, 4, "fwd"), (100, "forward_second", 64, 8, "fwd"),
     (100, "forward_second", 128, 4, "fwd"), (100, "forward_second", 128, 8, "fwd"),
     (100, "forward_second", 256, 4, "fwd"), (100, "forward_second", 256, 8, "fwd"), (100, "jvp", 32, 4, "fwd"),
