@@ -23,8 +23,8 @@ import argparse
 import collections
 import gzip
 import json
-import sys
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path

@@ -1,0 +1,118 @@
+"""theria's Triton forward against the warp-specialised Gluon forward (scripts/gluon_forward.py),
+beside torch SDPA's cuDNN and flash backends, in one process on a Hopper GPU.
+
+First it checks the Gluon forward on small shapes (odd head counts and lengths, grouped-query
+heads, flash-attn's (B, T, H, D) layout, both masks): out against float32 attention within the
+Triton forward's own error times two, lse against the Triton forward's. Then, for each shape (by
+default the anchors B8 H16 T4096 D64 and B4 H16 T4096 D128; bf16) and mask, it times every
+candidate configuration (HALF, BLOCK_N, STAGES, consumers, consumer registers, ping-pong) of the
+Gluon kernel, the Triton forward, cuDNN and flash, twice in turn; ``do_bench_cudagraph`` medians
+(the device's time), each with cuDNN's time over its own.
+
+    python scripts/ab_forward_hopper.py
+    python scripts/ab_forward_hopper.py --shapes 8,16,1024,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+import gluon_forward
+from ab_forward_halves import shape_argument
+
+# (HALF, BLOCK_N, STAGES, CONSUMERS, consumer registers, PINGPONG)
+CANDIDATES = {64: [(64, 128, 3, 2, 240, False), (64, 64, 3, 3, 160, True), (64, 64, 3, 3, 160, False)],
+              128: [(64, 128, 2, 2, 240, True), (64, 64, 3, 2, 240, False), (64, 64, 2, 3, 160, True)]}
+
+
+def check(causal, tile, shape, heads_kv, flash_layout=False):
+    """Relative errors (Gluon out, Triton out) against float32 attention, and max |lse - lse_triton|."""
+    from theria_kernels._contracts import AttentionParams
+    from theria_kernels.attention import torch_launchers
+
+    batch, heads, seq, head_dim = shape
+    torch.manual_seed(1)
+    def tensor(heads):
+        if flash_layout:  # (B, T, H, D) storage seen as (B, H, T, D)
+            return torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        return torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16)
+
+    q, k, v = tensor(heads), tensor(heads_kv), tensor(heads_kv)
+    group = heads // heads_kv
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1), is_causal=causal)
+    out, lse = gluon_forward.forward(q, k, v, causal, tile=tile)
+    params = AttentionParams(scale=1.0 / math.sqrt(head_dim), causal=causal)
+    triton_out, triton_lse = torch_launchers.attention_forward(q, k, v, params)
+    relative = lambda o: ((o.float() - expected).norm() / expected.norm()).item()  # noqa: E731
+    return relative(out), relative(triton_out), (lse - triton_lse).abs().max().item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", type=shape_argument, default=[(8, 16, 4096, 64), (4, 16, 4096, 128)],
+                        help="B,H,T,D (D 64 or 128)")
+    parser.add_argument("--check-only", action="store_true")
+    parser.add_argument("--once", action="store_true",
+                        help="run theria's forward and the Gluon forward (its default tile) three times each at the "
+                             "first shape, without a mask, and nothing else: for a profiler, e.g. ncu -k "
+                             "regex:_attn_fwd --launch-skip 2 --launch-count 1")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        raise SystemExit("needs a Hopper GPU (sm_90)")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from triton.testing import do_bench_cudagraph
+
+    from theria_torch import sdpa_custom
+
+    if args.once:
+        batch, heads, seq, head_dim = args.shapes[0]
+        q, k, v = (torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        for attend in (lambda: sdpa_custom(q, k, v), lambda: gluon_forward.forward(q, k, v)):
+            for _ in range(3):
+                attend()
+        torch.cuda.synchronize()
+        return
+
+    print(f"# {torch.cuda.get_device_name()} checks: relative error of out (gluon, triton) vs float32, max |Δlse|")
+    failures = 0
+    for head_dim in (64, 128):
+        for tile in CANDIDATES[head_dim]:
+            for causal in (False, True):
+                cases = (((2, 3, 256, head_dim), 3, False), ((1, 4, 389, head_dim), 2, False),
+                         ((2, 2, 77, head_dim), 1, True))
+                for shape, heads_kv, flash_layout in cases:
+                    gluon_error, triton_error, lse_error = check(causal, tile, shape, heads_kv, flash_layout)
+                    good = gluon_error <= 2 * triton_error + 1e-3 and lse_error < 1e-2
+                    failures += not good
+                    print(f"{'ok  ' if good else 'FAIL'} D{head_dim} {tile} causal={causal} {shape} H_kv={heads_kv}: "
+                          f"{'(B, T, H, D) ' if flash_layout else ''}{gluon_error:.2e} vs {triton_error:.2e}, "
+                          f"lse {lse_error:.1e}", flush=True)
+    if failures or args.check_only:
+        raise SystemExit(f"{failures} checks failed" if failures else 0)
+
+    print("# bfloat16, do_bench_cudagraph medians in ms (cudnn / this)")
+    torch.manual_seed(0)
+    for batch, heads, seq, head_dim in args.shapes:
+        q, k, v = (torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        for causal in (False, True):
+            def sdpa(backend):
+                with sdpa_kernel(backend):
+                    return do_bench_cudagraph(
+                        lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
+            for round_ in range(2):
+                cudnn, flash = sdpa(SDPBackend.CUDNN_ATTENTION), sdpa(SDPBackend.FLASH_ATTENTION)
+                triton_ms = do_bench_cudagraph(lambda: sdpa_custom(q, k, v, causal=causal))
+                line = (f"B{batch} H{heads} T{seq} D{head_dim} causal={causal} cudnn {cudnn:.3f} flash {flash:.3f} "
+                        f"({cudnn / flash:.3f}x) | triton {triton_ms:.3f} ({cudnn / triton_ms:.3f}x)")
+                for tile in CANDIDATES[head_dim]:
+                    ms = do_bench_cudagraph(lambda: gluon_forward.forward(q, k, v, causal, tile=tile))
+                    line += f" | gluon {tile} {ms:.3f} ({cudnn / ms:.3f}x)"
+                print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

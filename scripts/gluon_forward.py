@@ -1,0 +1,369 @@
+"""A warp-specialised attention forward for Hopper (sm_90) in Gluon, Triton's lower-level
+language: FlashAttention-3's schedule written out, measured against theria's Triton forward by
+scripts/ab_forward_hopper.py (docs/perf-notes.md item 42). Not part of the library: no launcher
+takes it, it has no derivatives, and where it was timed it was no faster than theria's forward.
+
+Triton 3.6 compiles theria's forward (kernels/attention/forward.py) as one instruction stream:
+every warp loads, multiplies and runs the softmax in turn, and its warp-specialisation pass does
+not take on the online softmax's loop. Gluon states the schedule instead:
+
+- a loader partition (one warp, few registers) brings the query block once and each key block's
+  K and V through the tensor memory accelerator into a ring of STAGES shared-memory slots, each
+  slot guarded by an mbarrier its consumers release;
+- two or three consumer partitions (a warpgroup of 64 query rows each, with the registers the
+  loader gave up): independent instruction streams, so that one consumer's softmax runs on the
+  ALUs while another's products run on the tensor cores; with PINGPONG they take turns issuing
+  their products (FlashAttention-3's ping-pong); within a consumer the next key block's Q Kᵀ is
+  issued with this block's P V, and the next softmax runs while P V does (FlashAttention-3's
+  intra-warpgroup overlap).
+
+It computes theria's forward without tangents: out and the natural-log lse per row, the softmax
+in float32, P rounded to the input's 16-bit type for P V. Inputs: bf16 or fp16 (B, H, T, D) views
+with any strides and a contiguous head dim (16-byte aligned, as TMA asks), T_q = T_k of any
+length, grouped-query heads, no mask or a top-left causal one, head dims 64 and 128. Keys past the
+sequence arrive as zeros and are masked; query rows past it are computed and not stored.
+
+    python scripts/gluon_forward.py            # compile for sm_90 on any machine, print resources
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+@gluon.jit
+def _loader(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, batch, head, kv_head,
+            start_m, n_blocks, HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+            CONSUMERS: gl.constexpr):
+    """Each consumer's rows of the query block, then each key block's K and V into slot
+    j % STAGES once every consumer has released the slot's previous occupant (K and V on barriers
+    of their own, so that Q Kᵀ may start before V lands). The descriptors are (B, H, T, D): rows
+    past the sequence arrive as zeros."""
+    for c in gl.static_range(CONSUMERS):
+        mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [batch, head, start_m + c * HALF, 0], q_ready.index(c),
+                                        q_bufs.index(c))
+    for j in range(n_blocks):
+        slot = j % STAGES
+        # A new barrier counts as having completed the phase before its first: the first lap
+        # through the ring passes at once.
+        mbarrier.wait(kv_free.index(slot), ((j // STAGES) & 1) ^ 1)
+        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [batch, kv_head, j * BLOCK_N, 0], k_ready.index(slot),
+                                        k_bufs.index(slot))
+        mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [batch, kv_head, j * BLOCK_N, 0], v_ready.index(slot),
+                                        v_bufs.index(slot))
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, row0, start_n, t_len, qk_scale, s_layout: gl.constexpr, HALF: gl.constexpr,
+                  BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """One key block of the online softmax in base 2: (p, alpha, m, l) with P unnormalised, alpha
+    the previous rows' rescale, m the running maximum in base-2 units; −∞ past the sequence's keys
+    and above the diagonal where CAUSAL and the block reaches it. The scale stays out of the score
+    tile: the maximum of the raw scores times the scale is the maximum of the scaled ones (scale >
+    0), and each exponent is one fused multiply-add. A row that has seen no key keeps m = −∞ and
+    shifts by 0 (exp2 stays finite)."""
+    if start_n + BLOCK_N > t_len:  # the last key block, past the sequence's keys (zeros from TMA)
+        cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s = gl.where(gl.expand_dims(cols < t_len, 0), s, float("-inf"))
+    if CAUSAL:
+        if start_n + BLOCK_N > row0 + 1:
+            rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
+            cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where(gl.expand_dims(rows, 1) >= gl.expand_dims(cols, 0), s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+    shift = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - shift)
+    p = gl.exp2(s * qk_scale - gl.expand_dims(shift, 1))
+    l_new = l_i * alpha + gl.sum(p, axis=1)
+    return p, alpha, m_new, l_new
+
+
+@gluon.jit
+def _take_turn(turns, k, INDEX: gl.constexpr, PINGPONG: gl.constexpr):
+    """With PINGPONG, wait until the consumer before this one has issued its products of step k:
+    the consumers' products take turns on the tensor cores, so that one consumer's softmax
+    overlaps another's products (FlashAttention-3's ping-pong, which the warp scheduler alone
+    does not keep to)."""
+    if PINGPONG:
+        mbarrier.wait(turns.index(INDEX), k & 1)
+
+
+@gluon.jit
+def _pass_turn(turns, INDEX: gl.constexpr, CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turns.index((INDEX + 1) % CONSUMERS))
+
+
+@gluon.jit
+def _consumer(q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr, out_base, lse_base,
+              stride_ot, row0, t_len, n_blocks, qk_scale, INDEX: gl.constexpr, HALF: gl.constexpr,
+              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+              CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr):
+    """Consumer INDEX's HALF rows of the query block (one warpgroup), from row0 of the sequence:
+    the online softmax over every key block, then out and lse stored (rows past the sequence
+    left alone). Per key block j it issues Q K_{j+1}ᵀ and P_j V_j before waiting for the first of
+    them, so the tensor cores have the next product while the ALUs run the softmax; the slot of
+    block j is released once P_j V_j is done."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    dtype: gl.constexpr = q_bufs.dtype
+    # The TMA boxes are (1, 1, rows, D); the products take them as (rows, D).
+    q_smem = q_bufs.index(INDEX).reshape([HALF, HEAD_DIM])
+    zeros_s = gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_layout)
+    m_i = gl.full([HALF], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([HALF], gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout)
+
+    mbarrier.wait(q_ready.index(INDEX), 0)
+    mbarrier.wait(k_ready.index(0), 0)
+    k_smem = k_bufs.index(0).reshape([BLOCK_N, HEAD_DIM])
+    _take_turn(turns, 0, INDEX, PINGPONG)
+    s = warpgroup_mma(q_smem, k_smem.permute((1, 0)), zeros_s, use_acc=False, is_async=True)
+    _pass_turn(turns, INDEX, CONSUMERS, PINGPONG)
+    s, _, _ = warpgroup_mma_wait(0, deps=(s, q_smem, k_smem))
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, row0, 0, t_len, qk_scale, s_layout, HALF, BLOCK_N, CAUSAL)
+    for j in range(n_blocks - 1):
+        slot = j % STAGES
+        following = (j + 1) % STAGES
+        mbarrier.wait(k_ready.index(following), ((j + 1) // STAGES) & 1)
+        k_smem = k_bufs.index(following).reshape([BLOCK_N, HEAD_DIM])
+        mbarrier.wait(v_ready.index(slot), (j // STAGES) & 1)
+        v_smem = v_bufs.index(slot).reshape([BLOCK_N, HEAD_DIM])
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        _take_turn(turns, j + 1, INDEX, PINGPONG)
+        s = warpgroup_mma(q_smem, k_smem.permute((1, 0)), zeros_s, use_acc=False, is_async=True)
+        acc = warpgroup_mma(p_op, v_smem, acc, is_async=True)
+        _pass_turn(turns, INDEX, CONSUMERS, PINGPONG)
+        # Groups finish in issue order: one outstanding means the scores are in.
+        s, _, _ = warpgroup_mma_wait(1, deps=(s, q_smem, k_smem))
+        p, alpha_next, m_i, l_i = _softmax_step(s, m_i, l_i, row0, (j + 1) * BLOCK_N, t_len, qk_scale, s_layout,
+                                                HALF, BLOCK_N, CAUSAL)
+        acc, _ = warpgroup_mma_wait(0, deps=(acc, v_smem))
+        mbarrier.arrive(kv_free.index(slot))
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha_next, o_rows), 1)
+    last = (n_blocks - 1) % STAGES
+    mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // STAGES) & 1)
+    v_smem = v_bufs.index(last).reshape([BLOCK_N, HEAD_DIM])
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    _take_turn(turns, n_blocks, INDEX, PINGPONG)
+    acc = warpgroup_mma(p_op, v_smem, acc, is_async=True)
+    _pass_turn(turns, INDEX, CONSUMERS, PINGPONG)
+    acc, _ = warpgroup_mma_wait(0, deps=(acc, v_smem))
+    mbarrier.arrive(kv_free.index(last))
+
+    # A row that saw no key stores zeros and lse +∞ (forward.py's rule); no row does here, where
+    # every row sees its own key, but rows past the sequence are never stored.
+    l_o = gl.convert_layout(l_i, o_rows)
+    norm = gl.where(l_o == 0.0, 1.0, l_o)
+    out = acc / gl.expand_dims(norm, 1)
+    rows = row0 + gl.arange(0, HALF, layout=o_rows)
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    inside = gl.expand_dims(rows < t_len, 1) & gl.expand_dims(cols < HEAD_DIM, 0)
+    offsets = out_base + gl.expand_dims(rows, 1).to(gl.int64) * stride_ot + gl.expand_dims(cols, 0)
+    gl.store(out_ptr + offsets, out.to(dtype), mask=inside)
+    m_o = gl.convert_layout(m_i, o_rows)
+    lse = gl.where(l_o == 0.0, float("inf"), (m_o + gl.log2(norm)) / 1.4426950408889634)
+    gl.store(lse_ptr + lse_base + rows, lse, mask=rows < t_len)
+
+
+@gluon.jit
+def _default_consumer(q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr, out_base,
+                      lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, HALF: gl.constexpr,
+                      BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                      CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr):
+    """The default partition, consumer 0; warp_specialize wants a tuple back from it."""
+    _consumer(q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr, out_base, lse_base,
+              stride_ot, start_m, t_len, n_blocks, qk_scale, 0, HALF, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, CONSUMERS,
+              PINGPONG)
+    return ()
+
+
+@gluon.jit
+def _worker_consumer(q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr, out_base,
+                     lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, INDEX: gl.constexpr, HALF: gl.constexpr,
+                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                     CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr):
+    _consumer(q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr, out_base, lse_base,
+              stride_ot, start_m + INDEX * HALF, t_len, n_blocks, qk_scale, INDEX, HALF, BLOCK_N, HEAD_DIM, STAGES,
+              CAUSAL, CONSUMERS, PINGPONG)
+
+
+@gluon.jit
+def _attn_fwd_hopper_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, stride_ob, stride_oh, stride_ot, t_len, heads,
+                            group, sm_scale, HALF: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                            STAGES: gl.constexpr, CAUSAL: gl.constexpr, CONSUMERS: gl.constexpr,
+                            CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, PINGPONG: gl.constexpr):
+    """Grid (cdiv(T, CONSUMERS · HALF), B · heads). q_desc, k_desc, v_desc: (B, H, T, D) descriptors
+    (any strides, 16-byte aligned) with boxes (1, 1, HALF, D) and (1, 1, BLOCK_N, D); out strided
+    like q's strides given; lse (B, H, T) float32 contiguous. group = query heads per key/value
+    head."""
+    dtype: gl.constexpr = q_desc.dtype
+    start_m = gl.program_id(0) * (CONSUMERS * HALF)
+    batch = gl.program_id(1) // heads
+    head = gl.program_id(1) % heads
+    kv_head = head // group
+    blocks = gl.cdiv(t_len, BLOCK_N)
+    if CAUSAL:
+        n_blocks = gl.minimum(gl.cdiv(start_m + CONSUMERS * HALF, BLOCK_N), blocks)
+    else:
+        n_blocks = blocks
+    qk_scale = sm_scale * 1.4426950408889634
+    out_base = batch.to(gl.int64) * stride_ob + head.to(gl.int64) * stride_oh
+    lse_base = gl.program_id(1).to(gl.int64) * t_len
+
+    q_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS, 1, 1, HALF, HEAD_DIM], q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for c in gl.static_range(CONSUMERS):
+        mbarrier.init(q_ready.index(c), count=1)
+        mbarrier.init(turns.index(c), count=1)
+    for slot in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(slot), count=1)
+        mbarrier.init(v_ready.index(slot), count=1)
+        mbarrier.init(kv_free.index(slot), count=CONSUMERS)  # one arrival from each consumer
+    fence_async_shared()
+    if PINGPONG:  # consumer 0's first products go first
+        mbarrier.arrive(turns.index(0))
+
+    # The argument tuples are written out in the calls: a tuple assigned to a name first would
+    # turn its constexprs into tensors. Partitions are listed statically, one call per count.
+    if CONSUMERS == 2:
+        gl.warp_specialize([
+            (_default_consumer, (q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr,
+                                 out_base, lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, HALF, BLOCK_N,
+                                 HEAD_DIM, STAGES, CAUSAL, CONSUMERS, PINGPONG)),
+            (_worker_consumer, (q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr,
+                                out_base, lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, 1, HALF, BLOCK_N,
+                                HEAD_DIM, STAGES, CAUSAL, CONSUMERS, PINGPONG)),
+            (_loader, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, batch, head,
+                       kv_head, start_m, n_blocks, HALF, BLOCK_N, STAGES, CONSUMERS)),
+        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+    else:
+        gl.static_assert(CONSUMERS == 3, "two or three consumers")
+        gl.warp_specialize([
+            (_default_consumer, (q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr,
+                                 out_base, lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, HALF, BLOCK_N,
+                                 HEAD_DIM, STAGES, CAUSAL, CONSUMERS, PINGPONG)),
+            (_worker_consumer, (q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr,
+                                out_base, lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, 1, HALF, BLOCK_N,
+                                HEAD_DIM, STAGES, CAUSAL, CONSUMERS, PINGPONG)),
+            (_worker_consumer, (q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr,
+                                out_base, lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, 2, HALF, BLOCK_N,
+                                HEAD_DIM, STAGES, CAUSAL, CONSUMERS, PINGPONG)),
+            (_loader, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, batch, head,
+                       kv_head, start_m, n_blocks, HALF, BLOCK_N, STAGES, CONSUMERS)),
+        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
+
+
+# (HALF, BLOCK_N, STAGES, CONSUMERS, consumer registers, PINGPONG) per head dim: a consumer is one
+# warpgroup's 64 rows. The fastest of scripts/ab_forward_hopper.py's candidates on the H200
+# (docs/perf-notes.md item 42); three consumers (FlashAttention-3's 192-row block at head dim 64)
+# were slower, and at 128 keys a block they spill.
+TILES = {64: (64, 128, 3, 2, 240, False), 128: (64, 128, 2, 2, 240, True)}
+LOADER_REGS = 24
+
+
+def descriptor_layouts(head_dim: int, block_n: int, half: int):
+    """The shared-memory layouts of a consumer's query rows and of the key/value blocks, boxes
+    (1, 1, rows, D) of (B, H, T, D) tensors (what host descriptors and the kernel's signature
+    carry)."""
+    q_layout = gl.NVMMASharedLayout.get_default_for([1, 1, half, head_dim], gl.bfloat16)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([1, 1, block_n, head_dim], gl.bfloat16)
+    return q_layout, kv_layout
+
+
+def compile_for_hopper(head_dim: int, causal: bool, tile: tuple | None = None, dtype: str = "bf16"):
+    """The kernel compiled by Triton's compiler for sm_90 (no GPU needed) as the probe launches it
+    (``tile`` = (HALF, BLOCK_N, STAGES, CONSUMERS, consumer registers, PINGPONG), by default
+    ``TILES[head_dim]``; 16-byte-aligned out and lse): Triton's ``CompiledKernel``, whose cubin
+    and PTX the compile check reads."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    half, block_n, stages, consumers, registers, pingpong = tile or TILES[head_dim]
+    q_layout, kv_layout = descriptor_layouts(head_dim, block_n, half)
+    describe = lambda rows, layout: f"tensordesc<{dtype}[1, 1, {rows}, {head_dim}],{layout!r}>"  # noqa: E731
+    signature = {"q_desc": describe(half, q_layout), "k_desc": describe(block_n, kv_layout),
+                 "v_desc": describe(block_n, kv_layout), "out_ptr": f"*{dtype}", "lse_ptr": "*fp32",
+                 "stride_ob": "i32", "stride_oh": "i32", "stride_ot": "i32", "t_len": "i32", "heads": "i32",
+                 "group": "i32", "sm_scale": "fp32"}
+    constexprs = dict(HALF=half, BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=stages, CAUSAL=causal,
+                      CONSUMERS=consumers, CONSUMER_REGS=registers, LOADER_REGS=LOADER_REGS, PINGPONG=pingpong)
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    aligned = [["tt.divisibility", 16]]
+    source = GluonASTSource(fn=_attn_fwd_hopper_kernel, signature=signature, constexprs=constexprs,
+                            attrs={(3,): aligned, (4,): aligned})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+def forward(q, k, v, causal: bool = False, scale: float | None = None, tile: tuple | None = None):
+    """(out, lse) of bf16/fp16 CUDA tensors q (B, H, T, D) and k, v (B, H_kv, T, D) on the Gluon
+    kernel (any strides with a contiguous, 16-byte-aligned head dim); lse (B, H, T) float32."""
+    import torch
+    import triton
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    batch, heads, seq, head_dim = q.shape
+    if k.shape[2] != seq or head_dim not in TILES or heads % k.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}: the probe takes T_k = T_q, head dims "
+                         f"{sorted(TILES)} and H a multiple of H_kv")
+    half, block_n, stages, consumers, registers, pingpong = tile or TILES[head_dim]
+    q_layout, kv_layout = descriptor_layouts(head_dim, block_n, half)
+    describe = lambda t, rows, layout: TensorDescriptor(t, list(t.shape), list(t.stride()),  # noqa: E731
+                                                        [1, 1, rows, head_dim], layout)
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, seq, device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(seq, consumers * half), batch * heads)
+    _attn_fwd_hopper_kernel[grid](
+        describe(q, half, q_layout), describe(k, block_n, kv_layout), describe(v, block_n, kv_layout), out, lse,
+        out.stride(0), out.stride(1), out.stride(2), seq, heads, heads // k.shape[1],
+        scale if scale is not None else 1.0 / math.sqrt(head_dim), half, block_n, head_dim, stages, causal, consumers,
+        registers, LOADER_REGS, pingpong, num_warps=4)
+    return out, lse
+
+
+def resources(compiled) -> dict:
+    """What the compile check reads off a compiled kernel: shared memory, spilled words a thread
+    (cuobjdump, as kernels/attention/_tuning.py reads them), warps, and the PTX's wgmma products,
+    16-bit mma.sync products, TMA copies and register reallocations."""
+    import re
+
+    from triton import knobs
+
+    from theria_kernels.attention._tuning import _resource_usage
+
+    usage = _resource_usage(compiled.asm["cubin"], knobs.nvidia.cuobjdump.path)
+    ptx = compiled.asm["ptx"]
+    return dict(shared=compiled.metadata.shared + usage["SHARED"], spills=(usage["STACK"] + usage["LOCAL"]) // 4,
+                warps=compiled.metadata.num_warps, wgmma=ptx.count("wgmma.mma_async"),
+                mma_sync=len(re.findall(r"mma\.sync[^\n]*\.(?:bf16|f16)", ptx)),
+                tensor_loads=ptx.count("cp.async.bulk.tensor"), setmaxnreg=ptx.count("setmaxnreg"))
+
+
+if __name__ == "__main__":
+    for head_dim in map(int, sys.argv[1:] or TILES):
+        for causal in (False, True):
+            print(f"D{head_dim} causal={causal} {TILES[head_dim]}:", resources(compile_for_hopper(head_dim, causal)))

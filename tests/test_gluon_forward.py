@@ -1,0 +1,65 @@
+"""scripts/gluon_forward.py, the warp-specialised Gluon forward measured against theria's forward
+(docs/perf-notes.md item 42): on any machine it compiles for sm_90 at its tiles the way the A/B
+script times it (warp-specialised, on wgmma, through TMA, no spills, within Hopper's shared
+memory); on a Hopper GPU it matches theria's forward."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _device import ON_GPU
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import gluon_forward  # noqa: E402
+
+from theria_kernels.attention._tuning import SHARED_MEMORY_PER_BLOCK  # noqa: E402
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", sorted(gluon_forward.TILES), ids=lambda d: f"D{d}")
+def test_compiles_for_hopper(head_dim, causal):
+    """Compiled by Triton's compiler and ptxas on the CPU: a loader warp beside one warpgroup a
+    consumer (the kernel's 4 warps, a worker warpgroup per further consumer, the loader's warp
+    rounded up to a warpgroup), registers moved between them, products on wgmma only, K and V
+    (and Q) through TMA, nothing spilled."""
+    consumers = gluon_forward.TILES[head_dim][3]
+    found = gluon_forward.resources(gluon_forward.compile_for_hopper(head_dim, causal))
+    assert found["warps"] == 4 * (consumers + 1), found
+    assert found["setmaxnreg"] > 0 and found["wgmma"] > 0 and found["mma_sync"] == 0, found
+    assert found["tensor_loads"] >= 3 and found["spills"] == 0, found
+    assert found["shared"] <= SHARED_MEMORY_PER_BLOCK[90], found
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU or torch.cuda.get_device_capability() != (9, 0), reason="needs a Hopper GPU")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", sorted(gluon_forward.TILES), ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("shape", [(2, 3, 3, 256, False), (1, 4, 2, 389, False), (2, 2, 1, 77, True)],
+                         ids=["H3-T256", "H4/2-T389", "flash-layout-T77"])
+def test_matches_theria_forward(shape, head_dim, causal):
+    """out within twice theria's forward's error against float32 attention, lse within 1e-3 of
+    theria's: odd lengths, grouped-query heads, flash-attn's (B, T, H, D) storage, both masks."""
+    from theria_kernels.attention import AttentionParams, torch_launchers
+
+    batch, heads, heads_kv, seq, flash_layout = shape
+    torch.manual_seed(0)
+
+    def tensor(count):
+        if flash_layout:
+            return torch.randn(batch, seq, count, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        return torch.randn(batch, count, seq, head_dim, device="cuda", dtype=torch.bfloat16)
+
+    q, k, v = tensor(heads), tensor(heads_kv), tensor(heads_kv)
+    group = heads // heads_kv
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1), is_causal=causal)
+    out, lse = gluon_forward.forward(q, k, v, causal)
+    theria_out, theria_lse = torch_launchers.attention_forward(
+        q, k, v, AttentionParams(scale=1.0 / math.sqrt(head_dim), causal=causal))
+    error = lambda o: ((o.float() - expected).norm() / expected.norm()).item()  # noqa: E731
+    assert error(out) <= 2 * error(theria_out)
+    torch.testing.assert_close(lse, theria_lse, rtol=0, atol=1e-3)
