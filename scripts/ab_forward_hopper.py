@@ -24,8 +24,8 @@ import gluon_forward
 from ab_forward_halves import shape_argument
 
 # (HALF, BLOCK_N, STAGES, CONSUMERS, consumer registers, PINGPONG)
-CANDIDATES = {64: [(64, 128, 3, 2, 240, False), (64, 64, 3, 3, 160, True), (64, 64, 3, 3, 160, False)],
-              128: [(64, 128, 2, 2, 240, True), (64, 64, 3, 2, 240, False), (64, 64, 2, 3, 160, True)]}
+CANDIDATES = {64: [(64, 128, 3, 2, 240, False), (64, 128, 3, 1, 232, False), (64, 128, 2, 1, 232, False)],
+              128: [(64, 128, 2, 2, 240, True), (64, 64, 2, 1, 232, False), (64, 64, 3, 2, 240, False)]}
 
 
 def check(causal, tile, shape, heads_kv, flash_layout=False):

@@ -10,7 +10,7 @@ not take on the online softmax's loop. Gluon states the schedule instead:
 - a loader partition (one warp, few registers) brings the query block once and each key block's
   K and V through the tensor memory accelerator into a ring of STAGES shared-memory slots, each
   slot guarded by an mbarrier its consumers release;
-- two or three consumer partitions (a warpgroup of 64 query rows each, with the registers the
+- one, two or three consumer partitions (a warpgroup of 64 query rows each, with the registers the
   loader gave up): independent instruction streams, so that one consumer's softmax runs on the
   ALUs while another's products run on the tensor cores; with PINGPONG they take turns issuing
   their products (FlashAttention-3's ping-pong); within a consumer the next key block's Q Kᵀ is
@@ -24,6 +24,7 @@ length, grouped-query heads, no mask or a top-left causal one, head dims 64 and 
 sequence arrive as zeros and are masked; query rows past it are computed and not stored.
 
     python scripts/gluon_forward.py            # compile for sm_90 on any machine, print resources
+    python scripts/gluon_forward.py 64 --json  # the same for head dim 64, one JSON line per mask
 """
 
 from __future__ import annotations
@@ -249,7 +250,15 @@ def _attn_fwd_hopper_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, stride_ob,
 
     # The argument tuples are written out in the calls: a tuple assigned to a name first would
     # turn its constexprs into tensors. Partitions are listed statically, one call per count.
-    if CONSUMERS == 2:
+    if CONSUMERS == 1:
+        gl.warp_specialize([
+            (_default_consumer, (q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr,
+                                 out_base, lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, HALF, BLOCK_N,
+                                 HEAD_DIM, STAGES, CAUSAL, CONSUMERS, PINGPONG)),
+            (_loader, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, batch, head,
+                       kv_head, start_m, n_blocks, HALF, BLOCK_N, STAGES, CONSUMERS)),
+        ], [1], [LOADER_REGS])
+    elif CONSUMERS == 2:
         gl.warp_specialize([
             (_default_consumer, (q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr,
                                  out_base, lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, HALF, BLOCK_N,
@@ -261,7 +270,7 @@ def _attn_fwd_hopper_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, stride_ob,
                        kv_head, start_m, n_blocks, HALF, BLOCK_N, STAGES, CONSUMERS)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
     else:
-        gl.static_assert(CONSUMERS == 3, "two or three consumers")
+        gl.static_assert(CONSUMERS == 3, "one, two or three consumers")
         gl.warp_specialize([
             (_default_consumer, (q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr,
                                  out_base, lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, HALF, BLOCK_N,
@@ -278,11 +287,19 @@ def _attn_fwd_hopper_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, stride_ob,
 
 
 # (HALF, BLOCK_N, STAGES, CONSUMERS, consumer registers, PINGPONG) per head dim: a consumer is one
-# warpgroup's 64 rows. The fastest of scripts/ab_forward_hopper.py's candidates on the H200
-# (docs/perf-notes.md item 42); three consumers (FlashAttention-3's 192-row block at head dim 64)
-# were slower, and at 128 keys a block they spill.
+# warpgroup's 64 rows. The fastest of scripts/ab_forward_hopper.py's candidates without a mask on
+# the H200 (docs/perf-notes.md item 42); three consumers (FlashAttention-3's 192-row block at head
+# dim 64) were slower, and at 128 keys a block they spill; one consumer, two programs a
+# multiprocessor, was level at D64 and slower at D128.
 TILES = {64: (64, 128, 3, 2, 240, False), 128: (64, 128, 2, 2, 240, True)}
 LOADER_REGS = 24
+
+
+def launch_options(consumers: int) -> dict:
+    """One consumer: a program is 8 warps (its warpgroup, the loader's warp rounded up to one),
+    capped at 128 registers a thread so that two programs share a multiprocessor, as theria's
+    4-warp forward programs do; setmaxnreg then gives the consumer what the loader does not use."""
+    return {"maxnreg": 128} if consumers == 1 else {}
 
 
 def descriptor_layouts(head_dim: int, block_n: int, half: int):
@@ -316,7 +333,8 @@ def compile_for_hopper(head_dim: int, causal: bool, tile: tuple | None = None, d
     aligned = [["tt.divisibility", 16]]
     source = GluonASTSource(fn=_attn_fwd_hopper_kernel, signature=signature, constexprs=constexprs,
                             attrs={(3,): aligned, (4,): aligned})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    options = {"num_warps": 4, **launch_options(consumers)}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def forward(q, k, v, causal: bool = False, scale: float | None = None, tile: tuple | None = None):
@@ -341,7 +359,7 @@ def forward(q, k, v, causal: bool = False, scale: float | None = None, tile: tup
         describe(q, half, q_layout), describe(k, block_n, kv_layout), describe(v, block_n, kv_layout), out, lse,
         out.stride(0), out.stride(1), out.stride(2), seq, heads, heads // k.shape[1],
         scale if scale is not None else 1.0 / math.sqrt(head_dim), half, block_n, head_dim, stages, causal, consumers,
-        registers, LOADER_REGS, pingpong, num_warps=4)
+        registers, LOADER_REGS, pingpong, num_warps=4, **launch_options(consumers))
     return out, lse
 
 
@@ -364,6 +382,13 @@ def resources(compiled) -> dict:
 
 
 if __name__ == "__main__":
-    for head_dim in map(int, sys.argv[1:] or TILES):
+    # Compiling needs Triton without its interpreter (TRITON_INTERPRET replaces Triton's own jitted
+    # helpers, cdiv and minimum among them, by interpreted ones the Gluon frontend rejects).
+    import json
+
+    as_json = "--json" in sys.argv
+    for head_dim in [int(a) for a in sys.argv[1:] if a != "--json"] or sorted(TILES):
         for causal in (False, True):
-            print(f"D{head_dim} causal={causal} {TILES[head_dim]}:", resources(compile_for_hopper(head_dim, causal)))
+            found = resources(compile_for_hopper(head_dim, causal))
+            print(json.dumps(dict(head_dim=head_dim, causal=causal, **found)) if as_json
+                  else f"D{head_dim} causal={causal} {TILES[head_dim]}: {found}")
