@@ -5,7 +5,7 @@ First it checks the Gluon forward on small shapes (odd head counts and lengths, 
 heads, flash-attn's (B, T, H, D) layout, both masks): out against float32 attention within the
 Triton forward's own error times two, lse against the Triton forward's. Then, for each shape (by
 default the anchors B8 H16 T4096 D64 and B4 H16 T4096 D128; bf16) and mask, it times every
-candidate configuration (HALF, BLOCK_N, STAGES, consumers, consumer registers, ping-pong) of the
+candidate configuration (ROWS, BLOCK_N, STAGES, consumers, consumer registers, ping-pong) of the
 Gluon kernel, the Triton forward, cuDNN and flash, twice in turn; ``do_bench_cudagraph`` medians
 (the device's time), each with cuDNN's time over its own.
 
@@ -23,18 +23,20 @@ import torch
 import gluon_forward
 from ab_forward_halves import shape_argument
 
-# (HALF, BLOCK_N, STAGES, CONSUMERS, consumer registers, PINGPONG)
+# (ROWS, BLOCK_N, STAGES, CONSUMERS, consumer registers, PINGPONG)
 CANDIDATES = {64: [(64, 128, 3, 2, 240, False), (64, 128, 3, 1, 232, False), (64, 128, 2, 1, 232, False)],
               128: [(64, 128, 2, 2, 240, True), (64, 64, 2, 1, 232, False), (64, 64, 3, 2, 240, False)]}
 
 
 def check(causal, tile, shape, heads_kv, flash_layout=False):
-    """Relative errors (Gluon out, Triton out) against float32 attention, and max |lse - lse_triton|."""
+    """Relative errors of the Gluon forward's out and theria's against float32 attention, and the
+    largest difference of their lse."""
     from theria_kernels._contracts import AttentionParams
     from theria_kernels.attention import torch_launchers
 
     batch, heads, seq, head_dim = shape
     torch.manual_seed(1)
+
     def tensor(heads):
         if flash_layout:  # (B, T, H, D) storage seen as (B, H, T, D)
             return torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
@@ -86,7 +88,7 @@ def main() -> None:
                          ((2, 2, 77, head_dim), 1, True))
                 for shape, heads_kv, flash_layout in cases:
                     gluon_error, triton_error, lse_error = check(causal, tile, shape, heads_kv, flash_layout)
-                    good = gluon_error <= 2 * triton_error + 1e-3 and lse_error < 1e-2
+                    good = gluon_error <= 2 * triton_error and lse_error < 1e-3  # tests/test_gluon_forward.py's rule
                     failures += not good
                     print(f"{'ok  ' if good else 'FAIL'} D{head_dim} {tile} causal={causal} {shape} H_kv={heads_kv}: "
                           f"{'(B, T, H, D) ' if flash_layout else ''}{gluon_error:.2e} vs {triton_error:.2e}, "
@@ -103,7 +105,7 @@ def main() -> None:
                 with sdpa_kernel(backend):
                     return do_bench_cudagraph(
                         lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
-            for round_ in range(2):
+            for _ in range(2):
                 cudnn, flash = sdpa(SDPBackend.CUDNN_ATTENTION), sdpa(SDPBackend.FLASH_ATTENTION)
                 triton_ms = do_bench_cudagraph(lambda: sdpa_custom(q, k, v, causal=causal))
                 line = (f"B{batch} H{heads} T{seq} D{head_dim} causal={causal} cudnn {cudnn:.3f} flash {flash:.3f} "

@@ -42,9 +42,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+
 @gluon.jit
 def _loader(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, batch, head, kv_head,
-            start_m, n_blocks, HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+            start_m, n_blocks, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
             CONSUMERS: gl.constexpr):
     """Each consumer's rows of the query block, then each key block's K and V into slot
     j % STAGES once every consumer has released the slot's previous occupant (K and V on barriers
@@ -52,7 +53,7 @@ def _loader(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_
     past the sequence arrive as zeros."""
     for c in gl.static_range(CONSUMERS):
         mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [batch, head, start_m + c * HALF, 0], q_ready.index(c),
+        tma.async_copy_global_to_shared(q_desc, [batch, head, start_m + c * ROWS, 0], q_ready.index(c),
                                         q_bufs.index(c))
     for j in range(n_blocks):
         slot = j % STAGES
@@ -68,7 +69,7 @@ def _loader(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, row0, start_n, t_len, qk_scale, s_layout: gl.constexpr, HALF: gl.constexpr,
+def _softmax_step(s, m_i, l_i, row0, start_n, t_len, qk_scale, s_layout: gl.constexpr, ROWS: gl.constexpr,
                   BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
     """One key block of the online softmax in base 2: (p, alpha, m, l) with P unnormalised, alpha
     the previous rows' rescale, m the running maximum in base-2 units; −∞ past the sequence's keys
@@ -81,7 +82,7 @@ def _softmax_step(s, m_i, l_i, row0, start_n, t_len, qk_scale, s_layout: gl.cons
         s = gl.where(gl.expand_dims(cols < t_len, 0), s, float("-inf"))
     if CAUSAL:
         if start_n + BLOCK_N > row0 + 1:
-            rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
+            rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
             cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             s = gl.where(gl.expand_dims(rows, 1) >= gl.expand_dims(cols, 0), s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
@@ -110,10 +111,10 @@ def _pass_turn(turns, INDEX: gl.constexpr, CONSUMERS: gl.constexpr, PINGPONG: gl
 
 @gluon.jit
 def _consumer(q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr, out_base, lse_base,
-              stride_ot, row0, t_len, n_blocks, qk_scale, INDEX: gl.constexpr, HALF: gl.constexpr,
+              stride_ot, row0, t_len, n_blocks, qk_scale, INDEX: gl.constexpr, ROWS: gl.constexpr,
               BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
               CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr):
-    """Consumer INDEX's HALF rows of the query block (one warpgroup), from row0 of the sequence:
+    """Consumer INDEX's ROWS rows of the query block (one warpgroup), from row0 of the sequence:
     the online softmax over every key block, then out and lse stored (rows past the sequence
     left alone). Per key block j it issues Q K_{j+1}ᵀ and P_j V_j before waiting for the first of
     them, so the tensor cores have the next product while the ALUs run the softmax; the slot of
@@ -126,11 +127,11 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns,
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     dtype: gl.constexpr = q_bufs.dtype
     # The TMA boxes are (1, 1, rows, D); the products take them as (rows, D).
-    q_smem = q_bufs.index(INDEX).reshape([HALF, HEAD_DIM])
-    zeros_s = gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_layout)
-    m_i = gl.full([HALF], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([HALF], gl.float32, layout=gl.SliceLayout(1, s_layout))
-    acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout)
+    q_smem = q_bufs.index(INDEX).reshape([ROWS, HEAD_DIM])
+    zeros_s = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
 
     mbarrier.wait(q_ready.index(INDEX), 0)
     mbarrier.wait(k_ready.index(0), 0)
@@ -139,7 +140,8 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns,
     s = warpgroup_mma(q_smem, k_smem.permute((1, 0)), zeros_s, use_acc=False, is_async=True)
     _pass_turn(turns, INDEX, CONSUMERS, PINGPONG)
     s, _, _ = warpgroup_mma_wait(0, deps=(s, q_smem, k_smem))
-    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, row0, 0, t_len, qk_scale, s_layout, HALF, BLOCK_N, CAUSAL)
+    # The first block's rescale has nothing to rescale (and `_` would be a loop-carried name).
+    p, unused, m_i, l_i = _softmax_step(s, m_i, l_i, row0, 0, t_len, qk_scale, s_layout, ROWS, BLOCK_N, CAUSAL)
     for j in range(n_blocks - 1):
         slot = j % STAGES
         following = (j + 1) % STAGES
@@ -155,7 +157,7 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns,
         # Groups finish in issue order: one outstanding means the scores are in.
         s, _, _ = warpgroup_mma_wait(1, deps=(s, q_smem, k_smem))
         p, alpha_next, m_i, l_i = _softmax_step(s, m_i, l_i, row0, (j + 1) * BLOCK_N, t_len, qk_scale, s_layout,
-                                                HALF, BLOCK_N, CAUSAL)
+                                                ROWS, BLOCK_N, CAUSAL)
         acc, _ = warpgroup_mma_wait(0, deps=(acc, v_smem))
         mbarrier.arrive(kv_free.index(slot))
         acc = acc * gl.expand_dims(gl.convert_layout(alpha_next, o_rows), 1)
@@ -174,7 +176,7 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns,
     l_o = gl.convert_layout(l_i, o_rows)
     norm = gl.where(l_o == 0.0, 1.0, l_o)
     out = acc / gl.expand_dims(norm, 1)
-    rows = row0 + gl.arange(0, HALF, layout=o_rows)
+    rows = row0 + gl.arange(0, ROWS, layout=o_rows)
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     inside = gl.expand_dims(rows < t_len, 1) & gl.expand_dims(cols < HEAD_DIM, 0)
     offsets = out_base + gl.expand_dims(rows, 1).to(gl.int64) * stride_ot + gl.expand_dims(cols, 0)
@@ -186,50 +188,50 @@ def _consumer(q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns,
 
 @gluon.jit
 def _default_consumer(q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr, out_base,
-                      lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, HALF: gl.constexpr,
+                      lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, ROWS: gl.constexpr,
                       BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                       CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr):
     """The default partition, consumer 0; warp_specialize wants a tuple back from it."""
     _consumer(q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr, out_base, lse_base,
-              stride_ot, start_m, t_len, n_blocks, qk_scale, 0, HALF, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, CONSUMERS,
+              stride_ot, start_m, t_len, n_blocks, qk_scale, 0, ROWS, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, CONSUMERS,
               PINGPONG)
     return ()
 
 
 @gluon.jit
 def _worker_consumer(q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr, out_base,
-                     lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, INDEX: gl.constexpr, HALF: gl.constexpr,
+                     lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, INDEX: gl.constexpr, ROWS: gl.constexpr,
                      BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                      CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr):
     _consumer(q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr, out_base, lse_base,
-              stride_ot, start_m + INDEX * HALF, t_len, n_blocks, qk_scale, INDEX, HALF, BLOCK_N, HEAD_DIM, STAGES,
+              stride_ot, start_m + INDEX * ROWS, t_len, n_blocks, qk_scale, INDEX, ROWS, BLOCK_N, HEAD_DIM, STAGES,
               CAUSAL, CONSUMERS, PINGPONG)
 
 
 @gluon.jit
 def _attn_fwd_hopper_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, stride_ob, stride_oh, stride_ot, t_len, heads,
-                            group, sm_scale, HALF: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                            group, sm_scale, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                             STAGES: gl.constexpr, CAUSAL: gl.constexpr, CONSUMERS: gl.constexpr,
                             CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, PINGPONG: gl.constexpr):
-    """Grid (cdiv(T, CONSUMERS · HALF), B · heads). q_desc, k_desc, v_desc: (B, H, T, D) descriptors
-    (any strides, 16-byte aligned) with boxes (1, 1, HALF, D) and (1, 1, BLOCK_N, D); out strided
+    """Grid (cdiv(T, CONSUMERS · ROWS), B · heads). q_desc, k_desc, v_desc: (B, H, T, D) descriptors
+    (any strides, 16-byte aligned) with boxes (1, 1, ROWS, D) and (1, 1, BLOCK_N, D); out strided
     like q's strides given; lse (B, H, T) float32 contiguous. group = query heads per key/value
     head."""
     dtype: gl.constexpr = q_desc.dtype
-    start_m = gl.program_id(0) * (CONSUMERS * HALF)
+    start_m = gl.program_id(0) * (CONSUMERS * ROWS)
     batch = gl.program_id(1) // heads
     head = gl.program_id(1) % heads
     kv_head = head // group
     blocks = gl.cdiv(t_len, BLOCK_N)
     if CAUSAL:
-        n_blocks = gl.minimum(gl.cdiv(start_m + CONSUMERS * HALF, BLOCK_N), blocks)
+        n_blocks = gl.minimum(gl.cdiv(start_m + CONSUMERS * ROWS, BLOCK_N), blocks)
     else:
         n_blocks = blocks
     qk_scale = sm_scale * 1.4426950408889634
     out_base = batch.to(gl.int64) * stride_ob + head.to(gl.int64) * stride_oh
     lse_base = gl.program_id(1).to(gl.int64) * t_len
 
-    q_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS, 1, 1, HALF, HEAD_DIM], q_desc.layout)
+    q_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS, 1, 1, ROWS, HEAD_DIM], q_desc.layout)
     k_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
@@ -253,40 +255,40 @@ def _attn_fwd_hopper_kernel(q_desc, k_desc, v_desc, out_ptr, lse_ptr, stride_ob,
     if CONSUMERS == 1:
         gl.warp_specialize([
             (_default_consumer, (q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr,
-                                 out_base, lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, HALF, BLOCK_N,
+                                 out_base, lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, ROWS, BLOCK_N,
                                  HEAD_DIM, STAGES, CAUSAL, CONSUMERS, PINGPONG)),
             (_loader, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, batch, head,
-                       kv_head, start_m, n_blocks, HALF, BLOCK_N, STAGES, CONSUMERS)),
+                       kv_head, start_m, n_blocks, ROWS, BLOCK_N, STAGES, CONSUMERS)),
         ], [1], [LOADER_REGS])
     elif CONSUMERS == 2:
         gl.warp_specialize([
             (_default_consumer, (q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr,
-                                 out_base, lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, HALF, BLOCK_N,
+                                 out_base, lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, ROWS, BLOCK_N,
                                  HEAD_DIM, STAGES, CAUSAL, CONSUMERS, PINGPONG)),
             (_worker_consumer, (q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr,
-                                out_base, lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, 1, HALF, BLOCK_N,
+                                out_base, lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, 1, ROWS, BLOCK_N,
                                 HEAD_DIM, STAGES, CAUSAL, CONSUMERS, PINGPONG)),
             (_loader, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, batch, head,
-                       kv_head, start_m, n_blocks, HALF, BLOCK_N, STAGES, CONSUMERS)),
+                       kv_head, start_m, n_blocks, ROWS, BLOCK_N, STAGES, CONSUMERS)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
     else:
         gl.static_assert(CONSUMERS == 3, "one, two or three consumers")
         gl.warp_specialize([
             (_default_consumer, (q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr,
-                                 out_base, lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, HALF, BLOCK_N,
+                                 out_base, lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, ROWS, BLOCK_N,
                                  HEAD_DIM, STAGES, CAUSAL, CONSUMERS, PINGPONG)),
             (_worker_consumer, (q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr,
-                                out_base, lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, 1, HALF, BLOCK_N,
+                                out_base, lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, 1, ROWS, BLOCK_N,
                                 HEAD_DIM, STAGES, CAUSAL, CONSUMERS, PINGPONG)),
             (_worker_consumer, (q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, turns, out_ptr, lse_ptr,
-                                out_base, lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, 2, HALF, BLOCK_N,
+                                out_base, lse_base, stride_ot, start_m, t_len, n_blocks, qk_scale, 2, ROWS, BLOCK_N,
                                 HEAD_DIM, STAGES, CAUSAL, CONSUMERS, PINGPONG)),
             (_loader, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, kv_free, batch, head,
-                       kv_head, start_m, n_blocks, HALF, BLOCK_N, STAGES, CONSUMERS)),
+                       kv_head, start_m, n_blocks, ROWS, BLOCK_N, STAGES, CONSUMERS)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
 
 
-# (HALF, BLOCK_N, STAGES, CONSUMERS, consumer registers, PINGPONG) per head dim: a consumer is one
+# (ROWS, BLOCK_N, STAGES, CONSUMERS, consumer registers, PINGPONG) per head dim: a consumer is one
 # warpgroup's 64 rows. The fastest of scripts/ab_forward_hopper.py's candidates without a mask on
 # the H200 (docs/perf-notes.md item 42); three consumers (FlashAttention-3's 192-row block at head
 # dim 64) were slower, and at 128 keys a block they spill; one consumer, two programs a
@@ -302,32 +304,32 @@ def launch_options(consumers: int) -> dict:
     return {"maxnreg": 128} if consumers == 1 else {}
 
 
-def descriptor_layouts(head_dim: int, block_n: int, half: int):
+def descriptor_layouts(head_dim: int, block_n: int, rows: int):
     """The shared-memory layouts of a consumer's query rows and of the key/value blocks, boxes
     (1, 1, rows, D) of (B, H, T, D) tensors (what host descriptors and the kernel's signature
     carry)."""
-    q_layout = gl.NVMMASharedLayout.get_default_for([1, 1, half, head_dim], gl.bfloat16)
+    q_layout = gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], gl.bfloat16)
     kv_layout = gl.NVMMASharedLayout.get_default_for([1, 1, block_n, head_dim], gl.bfloat16)
     return q_layout, kv_layout
 
 
 def compile_for_hopper(head_dim: int, causal: bool, tile: tuple | None = None, dtype: str = "bf16"):
     """The kernel compiled by Triton's compiler for sm_90 (no GPU needed) as the probe launches it
-    (``tile`` = (HALF, BLOCK_N, STAGES, CONSUMERS, consumer registers, PINGPONG), by default
+    (``tile`` = (ROWS, BLOCK_N, STAGES, CONSUMERS, consumer registers, PINGPONG), by default
     ``TILES[head_dim]``; 16-byte-aligned out and lse): Triton's ``CompiledKernel``, whose cubin
     and PTX the compile check reads."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    half, block_n, stages, consumers, registers, pingpong = tile or TILES[head_dim]
-    q_layout, kv_layout = descriptor_layouts(head_dim, block_n, half)
-    describe = lambda rows, layout: f"tensordesc<{dtype}[1, 1, {rows}, {head_dim}],{layout!r}>"  # noqa: E731
-    signature = {"q_desc": describe(half, q_layout), "k_desc": describe(block_n, kv_layout),
+    rows, block_n, stages, consumers, registers, pingpong = tile or TILES[head_dim]
+    q_layout, kv_layout = descriptor_layouts(head_dim, block_n, rows)
+    describe = lambda box, layout: f"tensordesc<{dtype}[1, 1, {box}, {head_dim}],{layout!r}>"  # noqa: E731
+    signature = {"q_desc": describe(rows, q_layout), "k_desc": describe(block_n, kv_layout),
                  "v_desc": describe(block_n, kv_layout), "out_ptr": f"*{dtype}", "lse_ptr": "*fp32",
                  "stride_ob": "i32", "stride_oh": "i32", "stride_ot": "i32", "t_len": "i32", "heads": "i32",
                  "group": "i32", "sm_scale": "fp32"}
-    constexprs = dict(HALF=half, BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=stages, CAUSAL=causal,
+    constexprs = dict(ROWS=rows, BLOCK_N=block_n, HEAD_DIM=head_dim, STAGES=stages, CAUSAL=causal,
                       CONSUMERS=consumers, CONSUMER_REGS=registers, LOADER_REGS=LOADER_REGS, PINGPONG=pingpong)
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     aligned = [["tt.divisibility", 16]]
@@ -348,17 +350,17 @@ def forward(q, k, v, causal: bool = False, scale: float | None = None, tile: tup
     if k.shape[2] != seq or head_dim not in TILES or heads % k.shape[1]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}: the probe takes T_k = T_q, head dims "
                          f"{sorted(TILES)} and H a multiple of H_kv")
-    half, block_n, stages, consumers, registers, pingpong = tile or TILES[head_dim]
-    q_layout, kv_layout = descriptor_layouts(head_dim, block_n, half)
-    describe = lambda t, rows, layout: TensorDescriptor(t, list(t.shape), list(t.stride()),  # noqa: E731
-                                                        [1, 1, rows, head_dim], layout)
+    rows, block_n, stages, consumers, registers, pingpong = tile or TILES[head_dim]
+    q_layout, kv_layout = descriptor_layouts(head_dim, block_n, rows)
+    describe = lambda t, box, layout: TensorDescriptor(t, list(t.shape), list(t.stride()),  # noqa: E731
+                                                       [1, 1, box, head_dim], layout)
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, seq, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(seq, consumers * half), batch * heads)
+    grid = (triton.cdiv(seq, consumers * rows), batch * heads)
     _attn_fwd_hopper_kernel[grid](
-        describe(q, half, q_layout), describe(k, block_n, kv_layout), describe(v, block_n, kv_layout), out, lse,
+        describe(q, rows, q_layout), describe(k, block_n, kv_layout), describe(v, block_n, kv_layout), out, lse,
         out.stride(0), out.stride(1), out.stride(2), seq, heads, heads // k.shape[1],
-        scale if scale is not None else 1.0 / math.sqrt(head_dim), half, block_n, head_dim, stages, causal, consumers,
+        scale if scale is not None else 1.0 / math.sqrt(head_dim), rows, block_n, head_dim, stages, causal, consumers,
         registers, LOADER_REGS, pingpong, num_warps=4, **launch_options(consumers))
     return out, lse
 

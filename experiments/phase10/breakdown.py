@@ -13,8 +13,9 @@ taking no time at all, the fused meta-gradient still costs its other kernels.
 
 torch is timed through ``torch.profiler`` (CUPTI), JAX through ``jax.profiler.trace``'s Perfetto
 trace (the kernels on its GPU streams); CUPTI takes one subscriber a process, so each framework
-runs in a process of its own. Kernel sums leave out the gaps between kernels, so they are
-a little below the wall time of a CUDA-graph replay or a jitted call, which is printed beside them.
+runs in a process of its own. Beside the kernel sums it prints the median wall time of one
+synchronised call: for JAX's jitted step a little above its kernels (the gaps between them), for
+torch's eager one mostly the host's work (docs/results/device_time.md replays it as a CUDA graph).
 """
 
 from __future__ import annotations
