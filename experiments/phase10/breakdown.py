@@ -109,12 +109,16 @@ def jax_kernels(step, calls: int) -> dict[str, float]:
             raise RuntimeError(f"jax.profiler.trace wrote no Perfetto trace under {log_dir}")
         with gzip.open(traces[0], "rt") as handle:
             trace = json.load(handle)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return gpu_stream_kernels(trace["traceEvents"] if isinstance(trace, dict) else trace)
+
+
+def gpu_stream_kernels(events: list[dict]) -> dict[str, float]:
+    """µs by kernel name of a Chrome/Perfetto trace's complete events on a GPU device's "Stream #N"
+    lines. XLA's derived lines on the same device (its modules, its ops) repeat the same time and
+    are left out."""
     process = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     thread = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
               if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    # Kernels sit on a GPU device's "Stream #N" lines; XLA's derived lines (modules, ops) on the same
-    # device repeat the same time and are left out.
     totals = collections.Counter()
     for event in events:
         if event.get("ph") != "X":
