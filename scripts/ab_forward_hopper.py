@@ -16,7 +16,6 @@ Gluon kernel, the Triton forward, cuDNN and flash, twice in turn; ``do_bench_cud
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 
@@ -26,31 +25,6 @@ from ab_forward_halves import shape_argument
 # (ROWS, BLOCK_N, STAGES, CONSUMERS, consumer registers, PINGPONG)
 CANDIDATES = {64: [(64, 128, 3, 2, 240, False), (64, 128, 3, 1, 232, False), (64, 128, 2, 1, 232, False)],
               128: [(64, 128, 2, 2, 240, True), (64, 64, 2, 1, 232, False), (64, 64, 3, 2, 240, False)]}
-
-
-def check(causal, tile, shape, heads_kv, flash_layout=False):
-    """Relative errors of the Gluon forward's out and theria's against float32 attention, and the
-    largest difference of their lse."""
-    from theria_kernels._contracts import AttentionParams
-    from theria_kernels.attention import torch_launchers
-
-    batch, heads, seq, head_dim = shape
-    torch.manual_seed(1)
-
-    def tensor(heads):
-        if flash_layout:  # (B, T, H, D) storage seen as (B, H, T, D)
-            return torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-        return torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16)
-
-    q, k, v = tensor(heads), tensor(heads_kv), tensor(heads_kv)
-    group = heads // heads_kv
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        q.float(), k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1), is_causal=causal)
-    out, lse = gluon_forward.forward(q, k, v, causal, tile=tile)
-    params = AttentionParams(scale=1.0 / math.sqrt(head_dim), causal=causal)
-    triton_out, triton_lse = torch_launchers.attention_forward(q, k, v, params)
-    relative = lambda o: ((o.float() - expected).norm() / expected.norm()).item()  # noqa: E731
-    return relative(out), relative(triton_out), (lse - triton_lse).abs().max().item()
 
 
 def main() -> None:
@@ -87,7 +61,10 @@ def main() -> None:
                 cases = (((2, 3, 256, head_dim), 3, False), ((1, 4, 389, head_dim), 2, False),
                          ((2, 2, 77, head_dim), 1, True))
                 for shape, heads_kv, flash_layout in cases:
-                    gluon_error, triton_error, lse_error = check(causal, tile, shape, heads_kv, flash_layout)
+                    batch, heads, seq, _ = shape
+                    gluon_error, triton_error, lse, theria_lse = gluon_forward.against_theria(
+                        batch, heads, heads_kv, seq, head_dim, causal, flash_layout, tile, seed=1)
+                    lse_error = (lse - theria_lse).abs().max().item()
                     good = gluon_error <= 2 * triton_error and lse_error < 1e-3  # tests/test_gluon_forward.py's rule
                     failures += not good
                     print(f"{'ok  ' if good else 'FAIL'} D{head_dim} {tile} causal={causal} {shape} H_kv={heads_kv}: "

@@ -365,6 +365,33 @@ def forward(q, k, v, causal: bool = False, scale: float | None = None, tile: tup
     return out, lse
 
 
+
+def against_theria(batch: int, heads: int, heads_kv: int, seq: int, head_dim: int, causal: bool,
+                   flash_layout: bool = False, tile: tuple | None = None, seed: int = 0):
+    """The Gluon forward and theria's on the same random bf16 inputs on the GPU ((B, H, T, D), or
+    flash-attn's (B, T, H, D) storage seen so): (error, theria's error, lse, theria's lse), the
+    errors of out relative to float32 attention. The A/B script's checks and the GPU test."""
+    import torch
+
+    from theria_kernels.attention import AttentionParams, torch_launchers
+
+    torch.manual_seed(seed)
+
+    def tensor(count):
+        if flash_layout:
+            return torch.randn(batch, seq, count, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        return torch.randn(batch, count, seq, head_dim, device="cuda", dtype=torch.bfloat16)
+
+    q, k, v = tensor(heads), tensor(heads_kv), tensor(heads_kv)
+    group = heads // heads_kv
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1), is_causal=causal)
+    out, lse = forward(q, k, v, causal, tile=tile)
+    theria_out, theria_lse = torch_launchers.attention_forward(
+        q, k, v, AttentionParams(scale=1.0 / math.sqrt(head_dim), causal=causal))
+    error = lambda o: ((o.float() - expected).norm() / expected.norm()).item()  # noqa: E731
+    return error(out), error(theria_out), lse, theria_lse
+
 def resources(compiled) -> dict:
     """What the compile check reads off a compiled kernel: shared memory, spilled words a thread
     (cuobjdump, as kernels/attention/_tuning.py reads them), warps, and the PTX's wgmma products,

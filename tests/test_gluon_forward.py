@@ -6,7 +6,6 @@ memory); on a Hopper GPU it matches theria's forward."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -53,23 +52,8 @@ def test_compiles_for_hopper(head_dim):
 def test_matches_theria_forward(shape, head_dim, causal):
     """out within twice theria's forward's error against float32 attention, lse within 1e-3 of
     theria's: odd lengths, grouped-query heads, flash-attn's (B, T, H, D) storage, both masks."""
-    from theria_kernels.attention import AttentionParams, torch_launchers
-
     batch, heads, heads_kv, seq, flash_layout = shape
-    torch.manual_seed(0)
-
-    def tensor(count):
-        if flash_layout:
-            return torch.randn(batch, seq, count, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-        return torch.randn(batch, count, seq, head_dim, device="cuda", dtype=torch.bfloat16)
-
-    q, k, v = tensor(heads), tensor(heads_kv), tensor(heads_kv)
-    group = heads // heads_kv
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        q.float(), k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1), is_causal=causal)
-    out, lse = gluon_forward.forward(q, k, v, causal)
-    theria_out, theria_lse = torch_launchers.attention_forward(
-        q, k, v, AttentionParams(scale=1.0 / math.sqrt(head_dim), causal=causal))
-    error = lambda o: ((o.float() - expected).norm() / expected.norm()).item()  # noqa: E731
-    assert error(out) <= 2 * error(theria_out)
+    error, theria_error, lse, theria_lse = gluon_forward.against_theria(batch, heads, heads_kv, seq, head_dim,
+                                                                        causal, flash_layout)
+    assert error <= 2 * theria_error
     torch.testing.assert_close(lse, theria_lse, rtol=0, atol=1e-3)
