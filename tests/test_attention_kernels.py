@@ -303,6 +303,10 @@ ONE_SWEEP_CASES = {
     **{f"{name}-float64": (SHAPES[2], 16, torch.float64, mask) for name, mask in zip(MASK_IDS, MASKS)},
     "causal-float16": (SHAPES[1], 40, torch.float16, MASKS[1]),
     "softcap-alibi-float64": (SHAPES[2], 16, torch.float64, MODIFIERS),
+    # Long enough that a band has key blocks every row of a block sees whole (``_inner_keys``: at
+    # the interpreter's 32 × 16 tile, the causal rows from 64 on, and between the window's edges).
+    "causal-T100-float64": ((1, 2, 1, 100, 100), 16, torch.float64, MASKS[1]),
+    "window-T90x100-float64": ((1, 2, 1, 90, 100), 16, torch.float64, dict(window_size=(60, 5), bottom_right=True)),
 }
 
 
@@ -350,6 +354,10 @@ HALVES_CASES = {
     "causal_br-D40-float64": (SHAPES[2], 40, torch.float64, MASKS[2]),
     "window-float16": (SHAPES[0], 16, torch.float16, MASKS[3]),
     "softcap-alibi-float64": (SHAPES[2], 16, torch.float64, MODIFIERS),
+    # Long enough that a band has key blocks every row of a block sees whole (``_inner_keys``: at
+    # the interpreter's 32 × 16 tile, the causal rows from 64 on, and between the window's edges).
+    "causal-T100-float64": ((1, 2, 1, 100, 100), 16, torch.float64, MASKS[1]),
+    "window-T90x100-float64": ((1, 2, 1, 90, 100), 16, torch.float64, dict(window_size=(60, 5), bottom_right=True)),
 }
 interpreted_halves = pytest.mark.skipif(not INTERPRETER, reason="compiled halves need tiles the float64 tables do not "
                                         "give: tests/test_attention_gpu.py::test_halves_at_every_order")

@@ -94,6 +94,47 @@ def _store_primal(acc, row_sum, row_max, Out, Lse, q_base, row_base, offs_m, len
 
 
 @triton.jit
+def _halves_keys(state, q_a, q_b, offs_a, offs_b, slope_a, slope_b, diagonal, k_rows, v_rows, k_base, start_m, lo, hi,
+                 len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, softcap, HEAD_DIM: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+                 BANDED: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                 ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """``state`` = (acc_a, sum_a, max_a, acc_b, sum_b, max_b) after the key blocks [lo, hi) of the
+    two halves' sweep (``_forward_halves``); MASKED compiles the mask in (``_mask``)."""
+    HALF: tl.constexpr = BLOCK_M // 2
+    acc_a, sum_a, max_a, acc_b, sum_b, max_b = state
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_k = start_n + offs_n
+        k = _block(k_rows, k_base, start_n, len_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
+        v = _block(v_rows, k_base, start_n, len_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
+        dot_a = _dot_t(q_a, k, PRECISION, ACC_DTYPE)
+        dot_b = _dot_t(q_b, k, PRECISION, ACC_DTYPE)
+        scores, unit = _tile_scores(dot_a, offs_a, offs_k, start_m, start_n, len_k, band_lo, band_hi, slope_a,
+                                    diagonal, sm_scale, qk_scale, log2e, softcap, HALF, BLOCK_N, BANDED, MASKED,
+                                    SOFTCAP, ALIBI)[:2]
+        acc_a, sum_a, max_a = _online_softmax(acc_a, sum_a, max_a, scores, unit, v, PRECISION, ACC_DTYPE)[:3]
+        scores, unit = _tile_scores(dot_b, offs_b, offs_k, start_m + HALF, start_n, len_k, band_lo, band_hi,
+                                    slope_b, diagonal, sm_scale, qk_scale, log2e, softcap, HALF, BLOCK_N, BANDED,
+                                    MASKED, SOFTCAP, ALIBI)[:2]
+        acc_b, sum_b, max_b = _online_softmax(acc_b, sum_b, max_b, scores, unit, v, PRECISION, ACC_DTYPE)[:3]
+    return acc_a, sum_a, max_a, acc_b, sum_b, max_b
+
+
+@triton.jit
+def _inner_keys(start_m, lo, hi, len_k, band_lo, band_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[inner_lo, inner_hi): the key blocks of a banded sweep [lo, hi) (lo a multiple of BLOCK_N, as
+    ``_key_range`` gives it) that every row of the query block [start_m, start_m + BLOCK_M) sees
+    whole, inside the band and the sequence's keys; lo ≤ inner_lo ≤ inner_hi ≤ hi, with the blocks
+    before and after it the ones that cross an edge of the band or the end of the keys."""
+    below = tl.maximum(start_m + BLOCK_M - 1 + band_lo - lo, 0)  # keys the last row's band starts past lo
+    inner_lo = tl.minimum(lo + tl.cdiv(below, BLOCK_N) * BLOCK_N, hi)
+    end = tl.minimum(start_m + band_hi + 1, len_k)  # the first row's keys end here
+    inner_hi = tl.maximum(inner_lo, inner_lo + (end - inner_lo) // BLOCK_N * BLOCK_N)
+    return inner_lo, tl.minimum(inner_hi, hi)
+
+
+@triton.jit
 def _forward_halves(Q, Out, Lse, Slopes, k_rows, v_rows, q_base, k_base, row_base, start_m, len_q, len_k, stride_qt,
                     stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, softcap, HEAD_DIM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
@@ -104,38 +145,38 @@ def _forward_halves(Q, Out, Lse, Slopes, k_rows, v_rows, q_base, k_base, row_bas
     product as soon as it is issued, but not for P V, which accumulates: so the first half's P V
     runs on the tensor cores while the second half's softmax runs beside it, the overlap that one
     tile's alternation of GEMMs and softmax lacks (``_tuning.FORWARD_HALVES``; docs/perf-notes.md
-    item 37). The halves mask and store their own rows; the key range is the whole block's."""
+    item 37). The halves mask and store their own rows; the key range is the whole block's. Under a
+    band the key blocks that every row sees whole (``_inner_keys``) run in a loop without the mask
+    code, and the blocks at the band's edges in loops with it: compiled for sm_90 with the mask in
+    the one loop, ptxas holds the halves' mask predicates across the key loop (perf-notes item 44)."""
     HALF: tl.constexpr = BLOCK_M // 2
     offs_a = start_m + tl.arange(0, HALF)
     offs_b = offs_a + HALF
-    offs_n = tl.arange(0, BLOCK_N)
     slope_a, diagonal, softcap = _modifiers(Slopes, row_base, offs_a, len_q, len_k, softcap, SOFTCAP, ALIBI, True,
                                             BOTTOM_RIGHT, ACC_DTYPE)
     slope_b = _modifiers(Slopes, row_base, offs_b, len_q, len_k, softcap, False, ALIBI, True, BOTTOM_RIGHT,
                          ACC_DTYPE)[0]
     q_a = _load_parts(Q + q_base, offs_a, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
     q_b = _load_parts(Q + q_base, offs_b, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
-    max_a = tl.full([HALF], float("-inf"), ACC_DTYPE)
-    max_b = tl.full([HALF], float("-inf"), ACC_DTYPE)
-    sum_a = tl.zeros([HALF], ACC_DTYPE)
-    sum_b = tl.zeros([HALF], ACC_DTYPE)
-    acc_a = _zeros_like_parts(q_a, ACC_DTYPE)
-    acc_b = _zeros_like_parts(q_b, ACC_DTYPE)
+    state = (_zeros_like_parts(q_a, ACC_DTYPE), tl.zeros([HALF], ACC_DTYPE), tl.full([HALF], float("-inf"), ACC_DTYPE),
+             _zeros_like_parts(q_b, ACC_DTYPE), tl.zeros([HALF], ACC_DTYPE), tl.full([HALF], float("-inf"), ACC_DTYPE))
     lo, hi = _key_range(start_m, len_q, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N, BANDED)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_k = start_n + offs_n
-        k = _block(k_rows, k_base, start_n, len_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
-        v = _block(v_rows, k_base, start_n, len_k, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D0, BLOCK_D1, TMA)
-        dot_a = _dot_t(q_a, k, PRECISION, ACC_DTYPE)
-        dot_b = _dot_t(q_b, k, PRECISION, ACC_DTYPE)
-        scores, unit = _tile_scores(dot_a, offs_a, offs_k, start_m, start_n, len_k, band_lo, band_hi, slope_a,
-                                    diagonal, sm_scale, qk_scale, log2e, softcap, HALF, BLOCK_N, BANDED,
-                                    BANDED or not EVEN_K, SOFTCAP, ALIBI)[:2]
-        acc_a, sum_a, max_a = _online_softmax(acc_a, sum_a, max_a, scores, unit, v, PRECISION, ACC_DTYPE)[:3]
-        scores, unit = _tile_scores(dot_b, offs_b, offs_k, start_m + HALF, start_n, len_k, band_lo, band_hi,
-                                    slope_b, diagonal, sm_scale, qk_scale, log2e, softcap, HALF, BLOCK_N, BANDED,
-                                    BANDED or not EVEN_K, SOFTCAP, ALIBI)[:2]
-        acc_b, sum_b, max_b = _online_softmax(acc_b, sum_b, max_b, scores, unit, v, PRECISION, ACC_DTYPE)[:3]
+    if BANDED:
+        inner_lo, inner_hi = _inner_keys(start_m, lo, hi, len_k, band_lo, band_hi, BLOCK_M, BLOCK_N)
+        state = _halves_keys(state, q_a, q_b, offs_a, offs_b, slope_a, slope_b, diagonal, k_rows, v_rows, k_base,
+                             start_m, lo, inner_lo, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e,
+                             softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, True, SOFTCAP, ALIBI,
+                             ACC_DTYPE, PRECISION, TMA)
+        state = _halves_keys(state, q_a, q_b, offs_a, offs_b, slope_a, slope_b, diagonal, k_rows, v_rows, k_base,
+                             start_m, inner_lo, inner_hi, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale,
+                             log2e, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, False, SOFTCAP,
+                             ALIBI, ACC_DTYPE, PRECISION, TMA)
+        lo = inner_hi
+    state = _halves_keys(state, q_a, q_b, offs_a, offs_b, slope_a, slope_b, diagonal, k_rows, v_rows, k_base, start_m,
+                         lo, hi, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, softcap, HEAD_DIM,
+                         BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, BANDED or not EVEN_K, SOFTCAP, ALIBI, ACC_DTYPE,
+                         PRECISION, TMA)
+    acc_a, sum_a, max_a, acc_b, sum_b, max_b = state
     _store_primal(acc_a, sum_a, max_a, Out, Lse, q_base, row_base, offs_a, len_q, stride_qt, log2e, HEAD_DIM,
                   BLOCK_D0, BLOCK_D1)
     _store_primal(acc_b, sum_b, max_b, Out, Lse, q_base, row_base, offs_b, len_q, stride_qt, log2e, HEAD_DIM,
