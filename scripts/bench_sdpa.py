@@ -182,6 +182,25 @@ def measure(fn, timing: str) -> tuple[float, float] | str:
         return str(err).strip().splitlines()[0][:60]
 
 
+def print_kernels(mode: str, fn, calls: int = 5) -> None:
+    """Device ms per call of ``fn`` by kernel name, largest first (torch.profiler's CUDA activity)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] = totals.get(event.name, 0.0) + event.time_range.elapsed_us() / 1e3 / calls
+    print(f"# {mode}: theria's kernels, device ms per call (sum {sum(totals.values()):.3f})")
+    for name, ms in sorted(totals.items(), key=lambda item: -item[1]):
+        print(f"#   {ms:8.3f}  {name[:100]}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="medium")
@@ -197,6 +216,8 @@ def main():
                         help="wall (per-call wall time), events (do_bench) or graph (CUDA-graph replays); "
                              "default: wall for the tiny preset, events otherwise")
     parser.add_argument("--graph", action="store_true", help="--timing graph")
+    parser.add_argument("--kernels", action="store_true",
+                        help="after each mode's table, theria's device time per call by kernel (torch.profiler)")
     parser.add_argument("--varlen", action="store_true",
                         help="theria only: flash_attn_varlen_func against the padded batch on equal total tokens")
     args = parser.parse_args()
@@ -250,6 +271,8 @@ def main():
                 other = results.get(ref)
                 ratios.append(f"{other[0] / ms:8.2f}x" if isinstance(other, tuple) else f"{'-':>9s}")
             print(f"{mode:8s} {name:16s} {ms:9.3f} {tflops} {peak:9.1f} {' '.join(ratios)}")
+        if args.kernels and "theria" in impls:
+            print_kernels(mode, workload(mode, impls["theria"], q, k, v, d_out, tangents))
 
 
 if __name__ == "__main__":

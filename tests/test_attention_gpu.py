@@ -288,22 +288,29 @@ def test_tma_loads_at_every_order(head_dim, causal, monkeypatch):
 def test_halves_at_every_order(head_dim, causal, monkeypatch):
     """The backward's dK/dV sweep taking each whole query block as two halves, forced through the
     table for the head dim and both mask classes (the table itself takes them at D128 under a band
-    only; the forward takes its halves where the table has them), bf16 and fp16, grouped heads, odd
-    lengths (whole query blocks and a partial one): the same criterion at every derivative order."""
+    only), and at D64 the forward's halves too, forced under a band as well (its edge and inner key
+    loops, ``forward._inner_keys``); bf16 and fp16, grouped heads, odd lengths (whole query blocks
+    and a partial one): the same criterion at every derivative order."""
     import theria_kernels.attention._tuning as tuning
     from theria_kernels.attention.torch_launchers import _PLANS, clear_plans
 
     major, minor = torch.cuda.get_device_capability()
+    capability = tuning.table_capability(10 * major + minor)
     entries = frozenset({(head_dim, 2, False), (head_dim, 2, True)})
-    monkeypatch.setitem(tuning.BACKWARD_COLUMNS_HALVES, tuning.table_capability(10 * major + minor), entries)
+    monkeypatch.setitem(tuning.BACKWARD_COLUMNS_HALVES, capability, entries)
+    forced = {"_attn_bwd_dkdv_kernel"}
+    if head_dim == 64:  # at 128 the forward's table tile is not one the halves were built for
+        monkeypatch.setitem(tuning.FORWARD_HALVES, capability, entries)
+        forced.add("_attn_fwd_kernel")
     clear_plans()  # plans are cached with the schedule they were built with
     try:
         attend, reference = _flash(causal=causal)
         for dtype in LOW_DTYPES:
             _check(attend, reference, (2, 4, 1, 203, 97, head_dim), dtype, seed=13)
-        columns = [launch.arguments["HALVES"] for plan in _PLANS.values() for launch in plan.launches
-                   if launch.kernel.__name__ == "_attn_bwd_dkdv_kernel"]
-        assert columns and all(columns)
+        for name in forced:  # the forward kernel's tangent launches take no halves
+            halves = [launch.arguments["HALVES"] for plan in _PLANS.values() for launch in plan.launches
+                      if launch.kernel.__name__ == name and not launch.arguments.get("HAS_TANGENT")]
+            assert halves and all(halves), name
     finally:
         clear_plans()
 

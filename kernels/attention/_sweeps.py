@@ -73,69 +73,86 @@ def _probabilities(dot, q_idx, k_idx, lse2, slope, diagonal, sm_scale, qk_scale,
 
 
 @triton.jit
-def _second_order_dots(acc, p, dp, ds_bar, gv_a, gv_b, u_a, u_b, delta, sigma, rho, delta_u, by_s, by_ds,
-                       by_dp, cap, softcap, ROW_TILE: tl.constexpr, HAS_U: tl.constexpr, SOFTCAP: tl.constexpr,
-                       PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def _second_order_dots(acc, p, dp, bar_a, bar_b, bar_c, bar_d, gv_a, gv_b, u_a, u_b, delta, sigma, rho, delta_u, by_s,
+                       by_ds, by_dp, cap, sm_scale, softcap, ROW_TILE: tl.constexpr, HAS_U: tl.constexpr,
+                       SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """One tile's part of the double backward's outputs (§4.3), for row tiles and column (transposed)
     tiles alike: (acc_s, acc_p) = ``acc`` becomes (acc_s + dS by_ds + S̄ by_s, acc_p + dP̄ by_dp), or
-    (acc_s,) alone (dP̄'s product not wanted) its first part, with dS = P ∘ (dP − δ), dP̄ = P ∘
-    (dS̄ − σ), P̄ = dS̄ ∘ (dP − δ) − σ dP + gv_a gv_bᵀ (dO Ḡvᵀ in the tile's orientation) and S̄ = P
-    ∘ (P̄ − ρ); HAS_U adds Jᵀ u̇'s dS = P ∘ (u_a u_bᵀ − δ_u) to S̄ (§5). Each product is taken as
-    soon as its tile exists and P̄ gathers its matrix products in place, so that few T×T tiles are
-    live at once (forming dS, S̄ and dP̄ together first spilled more; perf-notes item 25). SOFTCAP
-    (§8): ``ds_bar`` is the cotangent of dR, the softmax sees g ∘ ds_bar (g = 1 − t², t = ``cap``),
-    and the products take the scores' dR = g ∘ dS and R̄ = g ∘ (S̄ − (2 / softcap) t ∘ ds_bar ∘ dS)."""
+    (acc_s,) alone (dP̄'s product not wanted) its first part, with dS = P ∘ (dP − δ), dS̄ = scale
+    (bar_a bar_bᵀ + bar_c bar_dᵀ) (scale (Ḡq Kᵀ + Q Ḡkᵀ) in the tile's orientation), dP̄ = P ∘
+    (dS̄ − σ) and S̄ = P ∘ (P̄ − ρ), P̄ = dS̄ ∘ (dP − δ) − σ dP + gv_a gv_bᵀ (dO Ḡvᵀ in the tile's
+    orientation); HAS_U adds Jᵀ u̇'s dS = P ∘ (u_a u_bᵀ − δ_u) to S̄ (§5).
+
+    The tile takes S̄ as dP̄ ∘ (dP − δ) + P ∘ (gv_a gv_bᵀ − σ δ − ρ), the same sum regrouped (theory
+    §4.3), and forms each T×T tile when its predecessor dies: dP − δ (dP dies), dS and its product,
+    then dS̄ (its products issued here, not by the caller), dP̄ and its product, dP̄ ∘ (dP − δ), and
+    the last product into a tile that starts at −(σ δ + ρ). So at most three T×T tiles in float32
+    are live across a product, where forming dS̄ first and P̄ whole held four (perf-notes item 45).
+    SOFTCAP (§8): dS̄ is the cotangent of dR, the softmax sees g ∘ dS̄ (g = 1 − t², t = ``cap``),
+    and the products take the scores' dR = g ∘ dS and R̄ = g ∘ (S̄ − (2 / softcap) t ∘ dS̄ ∘ dS)."""
     delta, sigma, rho = _broadcast(delta, ROW_TILE), _broadcast(sigma, ROW_TILE), _broadcast(rho, ROW_TILE)
-    ds = p * (dp - delta)
-    ds_bar_s, ds_s = ds_bar, ds
+    dp_delta = dp - delta
+    ds = p * dp_delta
     if SOFTCAP:
         gate = 1.0 - cap * cap
-        ds_bar_s, ds_s = gate * ds_bar, gate * ds
-    acc_s = _add_dot(acc[0], ds_s, by_ds, PRECISION, ACC_DTYPE)
+        acc_s = _add_dot(acc[0], gate * ds, by_ds, PRECISION, ACC_DTYPE)
+    else:
+        acc_s = _add_dot(acc[0], ds, by_ds, PRECISION, ACC_DTYPE)
+    ds_bar = _add_dot_t(_dot_t(bar_a, bar_b, PRECISION, ACC_DTYPE), bar_c, bar_d, PRECISION, ACC_DTYPE) * sm_scale
+    if SOFTCAP:
+        capped = (2.0 / softcap) * cap * ds_bar * ds
+        ds_bar = gate * ds_bar
+    dp_bar = p * (ds_bar - sigma)
     others = ()
     if len(acc) > 1:
-        others = (_add_dot(acc[1], p * (ds_bar_s - sigma), by_dp, PRECISION, ACC_DTYPE),)
-    p_bar = _add_dot_t(ds_bar_s * (dp - delta) - sigma * dp, gv_a, gv_b, PRECISION, ACC_DTYPE)
+        others = (_add_dot(acc[1], dp_bar, by_dp, PRECISION, ACC_DTYPE),)
+    s_bar = dp_bar * dp_delta
+    g = _add_dot_t(tl.zeros_like(p) - (sigma * delta + rho), gv_a, gv_b, PRECISION, ACC_DTYPE)
     if HAS_U:
-        p_bar = _add_dot_t(p_bar, u_a, u_b, PRECISION, ACC_DTYPE) - _broadcast(delta_u, ROW_TILE)
-    s_bar = p * (p_bar - rho)
+        g = _add_dot_t(g, u_a, u_b, PRECISION, ACC_DTYPE) - _broadcast(delta_u, ROW_TILE)
+    s_bar += p * g
     if SOFTCAP:
-        s_bar = gate * (s_bar - (2.0 / softcap) * cap * ds_bar * ds)
+        s_bar = gate * (s_bar - capped)
     return (_add_dot(acc_s, s_bar, by_s, PRECISION, ACC_DTYPE),) + others
 
 
 @triton.jit
-def _row_second_order(acc, p, dp, ds_bar, d_out, cot_dv, u_dot, v, k, cot_dk, delta, delta_u, cap, softcap,
-                      HAS_U: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def _row_second_order(acc, p, dp, q, cot_dq, d_out, cot_dv, u_dot, v, k, cot_dk, delta, delta_u, cap, sm_scale,
+                      softcap, HAS_U: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+                      ACC_DTYPE: tl.constexpr):
     """One row tile's part of the double backward's row outputs in one sweep (§4.7): ``acc`` =
     (sigma, Σ_j X, X K + dS Ḡk, dS K, P K[, P Ḡv + (P ∘ dS̄) V]) with X = P ∘ (dS̄ ∘ (dP − δ) + dO
-    Ḡvᵀ). S̄ = X − sigma dS − (sigma δ + rho) P needs the row sums sigma and rho of every key
-    block, so the sweep sums S̄ K's three parts apart and the kernel weighs them once at the end
-    (cot_q), as it subtracts sigma O from the last part (cot_dO's dP̄ V = (P ∘ dS̄) V − sigma O);
-    rho = Σ_j X − sigma rowsum(dO ∘ O). HAS_U adds Jᵀ u̇'s dS = P ∘ (dȮ Vᵀ − δ_u) to X's product
-    with K (§5). SOFTCAP (§8): ``ds_bar`` is the cotangent of dR, the softmax sees g ∘ ds_bar, and
-    the products take dR = g ∘ dS, g ∘ P and R̄'s g ∘ X − (2 / softcap) t ∘ ds_bar ∘ dR in place
-    of dS, P and X."""
-    ds = p * (dp - delta[:, None])
-    ds_bar_s, ds_s, p_s = ds_bar, ds, p
+    Ḡvᵀ) and dS̄ = scale (Ḡq Kᵀ + Q Ḡkᵀ). S̄ = X − sigma dS − (sigma δ + rho) P needs the row sums
+    sigma and rho of every key block, so the sweep sums S̄ K's three parts apart and the kernel
+    weighs them once at the end (cot_q), as it subtracts sigma O from the last part (cot_dO's dP̄ V =
+    (P ∘ dS̄) V − sigma O); rho = Σ_j X − sigma rowsum(dO ∘ O). HAS_U adds Jᵀ u̇'s dS = P ∘ (dȮ Vᵀ −
+    δ_u) to X's product with K (§5). dS̄'s products are issued after dS's and P's, so that dP has
+    died into dP − δ and dS̄ is not live beside dS (``_second_order_dots``). SOFTCAP (§8): dS̄ is the
+    cotangent of dR, the softmax sees g ∘ dS̄, and the products take dR = g ∘ dS, g ∘ P and R̄'s
+    g ∘ X − (2 / softcap) t ∘ dS̄ ∘ dR in place of dS, P and X."""
+    dp_delta = dp - delta[:, None]
+    ds, p_s = p * dp_delta, p
     if SOFTCAP:
         gate = 1.0 - cap * cap
-        ds_bar_s, ds_s, p_s = gate * ds_bar, gate * ds, gate * p
-    p_ds_bar = p * ds_bar_s
-    sigma = acc[0] + tl.sum(p_ds_bar, 1)
-    # Each product is taken as soon as its tile exists, so that few T×T tiles are live at once.
-    acc_x = _add_dot(acc[2], ds_s, cot_dk, PRECISION, ACC_DTYPE)
-    acc_ds = _add_dot(acc[3], ds_s, k, PRECISION, ACC_DTYPE)
+        ds, p_s = gate * ds, gate * p
+    acc_x = _add_dot(acc[2], ds, cot_dk, PRECISION, ACC_DTYPE)
+    acc_ds = _add_dot(acc[3], ds, k, PRECISION, ACC_DTYPE)
     acc_p = _add_dot(acc[4], p_s, k, PRECISION, ACC_DTYPE)
+    ds_bar = _add_dot_t(_dot_t(cot_dq, k, PRECISION, ACC_DTYPE), q, cot_dk, PRECISION, ACC_DTYPE) * sm_scale
+    if SOFTCAP:
+        capped = (2.0 / softcap) * cap * ds_bar * ds
+        ds_bar = gate * ds_bar
+    p_ds_bar = p * ds_bar
+    sigma = acc[0] + tl.sum(p_ds_bar, 1)
     others = ()
     if len(acc) > 5:
         others = (_add_dot(_add_dot(acc[5], p, cot_dv, PRECISION, ACC_DTYPE), p_ds_bar, v, PRECISION, ACC_DTYPE),)
-    x = p * _add_dot_t(ds_bar_s * (dp - delta[:, None]), d_out, cot_dv, PRECISION, ACC_DTYPE)
+    x = p * _add_dot_t(ds_bar * dp_delta, d_out, cot_dv, PRECISION, ACC_DTYPE)
     x_sum = acc[1] + tl.sum(x, 1)
     if HAS_U:
         x += p * (_dot_t(u_dot, v, PRECISION, ACC_DTYPE) - delta_u[:, None])
     if SOFTCAP:
-        x = gate * x - (2.0 / softcap) * cap * ds_bar * ds_s
+        x = gate * x - capped
     return (sigma, x_sum, _add_dot(acc_x, x, k, PRECISION, ACC_DTYPE), acc_ds, acc_p) + others
 
 
@@ -186,20 +203,21 @@ def _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K,
                                 slope, diagonal, sm_scale, qk_scale, log2e, softcap, start_m, start_n, t_k, band_lo,
                                 band_hi, BLOCK_M, BLOCK_N, BANDED, MASKED, SOFTCAP, ALIBI)
         dp = _dot_t(d_out, v, PRECISION, ACC_DTYPE)
-        # dS̄ = scale (Ḡq Kᵀ + Q Ḡkᵀ)
-        ds_bar = _add_dot_t(_dot_t(cot_dq, k, PRECISION, ACC_DTYPE), q, cot_dk, PRECISION, ACC_DTYPE) * sm_scale
         if STAGE == ROW_REDUCTIONS:
+            # dS̄ = scale (Ḡq Kᵀ + Q Ḡkᵀ); the other stages form it after dS's products
+            ds_bar = _add_dot_t(_dot_t(cot_dq, k, PRECISION, ACC_DTYPE), q, cot_dk, PRECISION, ACC_DTYPE) * sm_scale
             if SOFTCAP:  # the softmax's dS̄ = g ∘ dR̄ (§8)
                 ds_bar = (1.0 - cap * cap) * ds_bar
             p_ds_bar = p * ds_bar
             acc = (acc[0] + tl.sum(p_ds_bar, 1), acc[1] + tl.sum(p_ds_bar * dp, 1),
                    _add_dot(acc[2], p, cot_dv, PRECISION, ACC_DTYPE))
         elif ONE_SWEEP:
-            acc = _row_second_order(acc, p, dp, ds_bar, d_out, cot_dv, u_dot, v, k, cot_dk, delta, delta_u, cap,
-                                    softcap, STAGE == BACKWARD_TANGENT, SOFTCAP, PRECISION, ACC_DTYPE)
+            acc = _row_second_order(acc, p, dp, q, cot_dq, d_out, cot_dv, u_dot, v, k, cot_dk, delta, delta_u, cap,
+                                    sm_scale, softcap, STAGE == BACKWARD_TANGENT, SOFTCAP, PRECISION, ACC_DTYPE)
         else:  # (cot_q, cot_dO) += (S̄ K + dS Ḡk, dP̄ V); BACKWARD_TANGENT: Jᵀ u̇'s dS joins S̄
-            acc = _second_order_dots(acc, p, dp, ds_bar, d_out, cot_dv, u_dot, v, delta, sigma, rho, delta_u, k, cot_dk,
-                                     v, cap, softcap, True, STAGE == BACKWARD_TANGENT, SOFTCAP, PRECISION, ACC_DTYPE)
+            acc = _second_order_dots(acc, p, dp, cot_dq, k, q, cot_dk, d_out, cot_dv, u_dot, v, delta, sigma, rho,
+                                     delta_u, k, cot_dk, v, cap, sm_scale, softcap, True, STAGE == BACKWARD_TANGENT,
+                                     SOFTCAP, PRECISION, ACC_DTYPE)
     return acc
 
 
@@ -297,12 +315,12 @@ def _column_second_order(acc_k, acc_v, k, v, cot_dk, cot_dv, dot_t, q, d_out, ls
                                 qk_scale, log2e, softcap, start_m, start_n, t_k, band_lo, band_hi, BLOCK_M, BLOCK_N,
                                 BANDED, BANDED, SOFTCAP, ALIBI)
     dp_t = _dot_t(v, d_out, PRECISION, ACC_DTYPE)
-    ds_bar_t = _add_dot_t(_dot_t(k, cot_dq, PRECISION, ACC_DTYPE), cot_dk, q, PRECISION, ACC_DTYPE) * sm_scale
     if STAGE == BACKWARD_TANGENT:  # + Jᵀ u̇: the backward's dSᵀ for u̇ joins S̄ᵀ, and dV gains Pᵀ u̇
         acc_v = _add_dot(acc_v, p_t, u_dot, PRECISION, ACC_DTYPE)
-    return _second_order_dots((acc_k, acc_v), p_t, dp_t, ds_bar_t, cot_dv, d_out, v, u_dot, delta, sigma, rho,
-                              delta_u, q, cot_dq, d_out, cap_t, softcap, False, STAGE == BACKWARD_TANGENT, SOFTCAP,
-                              PRECISION, ACC_DTYPE)
+    # dS̄ᵀ = scale (K Ḡqᵀ + Ḡk Qᵀ), formed inside
+    return _second_order_dots((acc_k, acc_v), p_t, dp_t, k, cot_dq, cot_dk, q, cot_dv, d_out, v, u_dot, delta, sigma,
+                              rho, delta_u, q, cot_dq, d_out, cap_t, sm_scale, softcap, False,
+                              STAGE == BACKWARD_TANGENT, SOFTCAP, PRECISION, ACC_DTYPE)
 
 
 @triton.jit
