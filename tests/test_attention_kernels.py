@@ -342,6 +342,30 @@ def test_double_backward_one_sweep(case, check, monkeypatch):
         clear_plans()
 
 
+@pytest.mark.parametrize("check", ["backward_backward", "backward_tangent"])
+@pytest.mark.parametrize("case", [*(f"{name}-float64" for name in MASK_IDS), "causal-float16", "softcap-alibi-float64"])
+def test_double_backward_late_bar(case, check, monkeypatch):
+    """The double backward's column tiles forming dS̄ after dS's product (``_tuning.COLUMNS_LATE_BAR``:
+    on the GPU only where timing chose it), forced, against the reference: every mask, the score
+    modifiers, the double backward and the tangent of the backward."""
+    monkeypatch.setattr(launch, "uses_late_bar", lambda *_: True)
+    checker = VARLEN_CHECKS[check]
+    clear_plans()  # plans are cached with the schedule they were built with
+    try:
+        shape, head_dim, dtype, mask = ONE_SWEEP_CASES[case]
+        q, k, v, params = _case(shape, head_dim, dtype, mask, seed=3)
+        if params.alibi:
+            slopes = random_slopes(q.shape[0], q.shape[1]).to(q.device)
+            checker(q, k, v, params, reference_fn(params, slopes), dtype, row_slopes=row_slopes(slopes, q.shape[2]))
+        else:
+            checker(q, k, v, params, reference_fn(params), dtype)
+        columns = [launch_.arguments["LATE_BAR"] for plan in torch_launchers._PLANS.values()
+                   for launch_ in plan.launches if launch_.kernel.__name__ == "_attn_bwd_bwd_cols_kernel"]
+        assert columns and all(columns)
+    finally:
+        clear_plans()
+
+
 # The forward and the backward's dK/dV sweep as two halves of each block (``_tuning.HALVES``: on
 # the GPU only where timing chose them, so the interpreter runs one tile unless told): every mask,
 # odd lengths that end inside the second half, grouped heads, a split head dim, half precision, the

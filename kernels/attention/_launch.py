@@ -25,7 +25,15 @@ import triton.language as tl
 
 from theria_kernels._contracts import AttentionParams, row_stat_dtype_name
 from theria_kernels._plan import Allocation, Buffer, Launch, Plan
-from theria_kernels.attention._tuning import DTYPE_BYTES, TILE_TABLES, tile, uses_halves, uses_one_sweep, uses_tma
+from theria_kernels.attention._tuning import (
+    DTYPE_BYTES,
+    TILE_TABLES,
+    tile,
+    uses_halves,
+    uses_late_bar,
+    uses_one_sweep,
+    uses_tma,
+)
 from theria_kernels.attention.backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from theria_kernels.attention.double_backward import _attn_bwd_bwd_cols_kernel, _attn_bwd_bwd_rows_kernel
 from theria_kernels.attention.forward import _attn_fwd_kernel
@@ -406,7 +414,9 @@ def backward_backward_plan(call: AttentionCall, given: frozenset, tma_ok: bool =
                num_warps=warps, num_stages=stages),
         _column_launch(_attn_bwd_bwd_cols_kernel, call, "backward_backward",
                        dict(shared, Sigma=Buffer("cot_d_lse"), Rho=Buffer("rho"),
-                            TMA=call.tma("backward_backward", tma_ok)), dict(Cot_k="cot_k", Cot_v="cot_v"),
+                            TMA=call.tma("backward_backward", tma_ok),
+                            LATE_BAR=uses_late_bar(call.device.capability, call.block_d, call.dtype,
+                                                   call.params.banded)), dict(Cot_k="cot_k", Cot_v="cot_v"),
                        allocations),
     )
     inputs = call.inputs(("q", "k", "v", "out", "d_out", *(n for n in ("cot_dq", "cot_dk", "cot_dv", "d_out_dot")

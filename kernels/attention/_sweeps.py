@@ -73,9 +73,10 @@ def _probabilities(dot, q_idx, k_idx, lse2, slope, diagonal, sm_scale, qk_scale,
 
 
 @triton.jit
-def _second_order_dots(acc, p, dp, bar_a, bar_b, bar_c, bar_d, gv_a, gv_b, u_a, u_b, delta, sigma, rho, delta_u, by_s,
-                       by_ds, by_dp, cap, sm_scale, softcap, ROW_TILE: tl.constexpr, HAS_U: tl.constexpr,
-                       SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def _second_order_dots(acc, p, dp, bar_a, bar_b, bar_c, bar_d, gv_a, gv_b, u_a, u_b, delta, sigma, rho, delta_u,
+                       by_s, by_ds, by_dp, cap, sm_scale, softcap, ROW_TILE: tl.constexpr, HAS_U: tl.constexpr,
+                       SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                       LATE_BAR: tl.constexpr = False):
     """One tile's part of the double backward's outputs (§4.3), for row tiles and column (transposed)
     tiles alike: (acc_s, acc_p) = ``acc`` becomes (acc_s + dS by_ds + S̄ by_s, acc_p + dP̄ by_dp), or
     (acc_s,) alone (dP̄'s product not wanted) its first part, with dS = P ∘ (dP − δ), dS̄ = scale
@@ -84,13 +85,16 @@ def _second_order_dots(acc, p, dp, bar_a, bar_b, bar_c, bar_d, gv_a, gv_b, u_a, 
     orientation); HAS_U adds Jᵀ u̇'s dS = P ∘ (u_a u_bᵀ − δ_u) to S̄ (§5).
 
     The tile takes S̄ as dP̄ ∘ (dP − δ) + P ∘ (gv_a gv_bᵀ − σ δ − ρ), the same sum regrouped (theory
-    §4.3), and forms each T×T tile when its predecessor dies: dP − δ (dP dies), dS and its product,
-    then dS̄ (its products issued here, not by the caller), dP̄ and its product, dP̄ ∘ (dP − δ), and
-    the last product into a tile that starts at −(σ δ + ρ). So at most three T×T tiles in float32
-    are live across a product, where forming dS̄ first and P̄ whole held four (perf-notes item 45).
+    §4.3), so that each T×T tile forms when its predecessor dies: dP − δ (dP dies), dS and its
+    product, dP̄ and its product, dP̄ ∘ (dP − δ), and the last product into a tile that starts at
+    −(σ δ + ρ), where P̄ whole would be a fourth. dS̄'s two products come first, or with LATE_BAR
+    after dS's product, when dP has died into dP − δ: fewer tiles live (three), but dS̄'s wait then
+    waits for dS's product too (where it pays: ``_tuning.COLUMNS_LATE_BAR``; perf-notes item 45).
     SOFTCAP (§8): dS̄ is the cotangent of dR, the softmax sees g ∘ dS̄ (g = 1 − t², t = ``cap``),
     and the products take the scores' dR = g ∘ dS and R̄ = g ∘ (S̄ − (2 / softcap) t ∘ dS̄ ∘ dS)."""
     delta, sigma, rho = _broadcast(delta, ROW_TILE), _broadcast(sigma, ROW_TILE), _broadcast(rho, ROW_TILE)
+    if not LATE_BAR:
+        ds_bar = _add_dot_t(_dot_t(bar_a, bar_b, PRECISION, ACC_DTYPE), bar_c, bar_d, PRECISION, ACC_DTYPE) * sm_scale
     dp_delta = dp - delta
     ds = p * dp_delta
     if SOFTCAP:
@@ -98,7 +102,8 @@ def _second_order_dots(acc, p, dp, bar_a, bar_b, bar_c, bar_d, gv_a, gv_b, u_a, 
         acc_s = _add_dot(acc[0], gate * ds, by_ds, PRECISION, ACC_DTYPE)
     else:
         acc_s = _add_dot(acc[0], ds, by_ds, PRECISION, ACC_DTYPE)
-    ds_bar = _add_dot_t(_dot_t(bar_a, bar_b, PRECISION, ACC_DTYPE), bar_c, bar_d, PRECISION, ACC_DTYPE) * sm_scale
+    if LATE_BAR:
+        ds_bar = _add_dot_t(_dot_t(bar_a, bar_b, PRECISION, ACC_DTYPE), bar_c, bar_d, PRECISION, ACC_DTYPE) * sm_scale
     if SOFTCAP:
         capped = (2.0 / softcap) * cap * ds_bar * ds
         ds_bar = gate * ds_bar
@@ -117,42 +122,37 @@ def _second_order_dots(acc, p, dp, bar_a, bar_b, bar_c, bar_d, gv_a, gv_b, u_a, 
 
 
 @triton.jit
-def _row_second_order(acc, p, dp, q, cot_dq, d_out, cot_dv, u_dot, v, k, cot_dk, delta, delta_u, cap, sm_scale,
-                      softcap, HAS_U: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
-                      ACC_DTYPE: tl.constexpr):
+def _row_second_order(acc, p, dp, ds_bar, d_out, cot_dv, u_dot, v, k, cot_dk, delta, delta_u, cap, softcap,
+                      HAS_U: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """One row tile's part of the double backward's row outputs in one sweep (§4.7): ``acc`` =
     (sigma, Σ_j X, X K + dS Ḡk, dS K, P K[, P Ḡv + (P ∘ dS̄) V]) with X = P ∘ (dS̄ ∘ (dP − δ) + dO
-    Ḡvᵀ) and dS̄ = scale (Ḡq Kᵀ + Q Ḡkᵀ). S̄ = X − sigma dS − (sigma δ + rho) P needs the row sums
-    sigma and rho of every key block, so the sweep sums S̄ K's three parts apart and the kernel
-    weighs them once at the end (cot_q), as it subtracts sigma O from the last part (cot_dO's dP̄ V =
-    (P ∘ dS̄) V − sigma O); rho = Σ_j X − sigma rowsum(dO ∘ O). HAS_U adds Jᵀ u̇'s dS = P ∘ (dȮ Vᵀ −
-    δ_u) to X's product with K (§5). dS̄'s products are issued after dS's and P's, so that dP has
-    died into dP − δ and dS̄ is not live beside dS (``_second_order_dots``). SOFTCAP (§8): dS̄ is the
-    cotangent of dR, the softmax sees g ∘ dS̄, and the products take dR = g ∘ dS, g ∘ P and R̄'s
-    g ∘ X − (2 / softcap) t ∘ dS̄ ∘ dR in place of dS, P and X."""
-    dp_delta = dp - delta[:, None]
-    ds, p_s = p * dp_delta, p
+    Ḡvᵀ). S̄ = X − sigma dS − (sigma δ + rho) P needs the row sums sigma and rho of every key
+    block, so the sweep sums S̄ K's three parts apart and the kernel weighs them once at the end
+    (cot_q), as it subtracts sigma O from the last part (cot_dO's dP̄ V = (P ∘ dS̄) V − sigma O);
+    rho = Σ_j X − sigma rowsum(dO ∘ O). HAS_U adds Jᵀ u̇'s dS = P ∘ (dȮ Vᵀ − δ_u) to X's product
+    with K (§5). SOFTCAP (§8): ``ds_bar`` is the cotangent of dR, the softmax sees g ∘ ds_bar, and
+    the products take dR = g ∘ dS, g ∘ P and R̄'s g ∘ X − (2 / softcap) t ∘ ds_bar ∘ dR in place
+    of dS, P and X."""
+    ds = p * (dp - delta[:, None])
+    ds_bar_s, ds_s, p_s = ds_bar, ds, p
     if SOFTCAP:
         gate = 1.0 - cap * cap
-        ds, p_s = gate * ds, gate * p
-    acc_x = _add_dot(acc[2], ds, cot_dk, PRECISION, ACC_DTYPE)
-    acc_ds = _add_dot(acc[3], ds, k, PRECISION, ACC_DTYPE)
-    acc_p = _add_dot(acc[4], p_s, k, PRECISION, ACC_DTYPE)
-    ds_bar = _add_dot_t(_dot_t(cot_dq, k, PRECISION, ACC_DTYPE), q, cot_dk, PRECISION, ACC_DTYPE) * sm_scale
-    if SOFTCAP:
-        capped = (2.0 / softcap) * cap * ds_bar * ds
-        ds_bar = gate * ds_bar
-    p_ds_bar = p * ds_bar
+        ds_bar_s, ds_s, p_s = gate * ds_bar, gate * ds, gate * p
+    p_ds_bar = p * ds_bar_s
     sigma = acc[0] + tl.sum(p_ds_bar, 1)
+    # Each product is taken as soon as its tile exists, so that few T×T tiles are live at once.
+    acc_x = _add_dot(acc[2], ds_s, cot_dk, PRECISION, ACC_DTYPE)
+    acc_ds = _add_dot(acc[3], ds_s, k, PRECISION, ACC_DTYPE)
+    acc_p = _add_dot(acc[4], p_s, k, PRECISION, ACC_DTYPE)
     others = ()
     if len(acc) > 5:
         others = (_add_dot(_add_dot(acc[5], p, cot_dv, PRECISION, ACC_DTYPE), p_ds_bar, v, PRECISION, ACC_DTYPE),)
-    x = p * _add_dot_t(ds_bar * dp_delta, d_out, cot_dv, PRECISION, ACC_DTYPE)
+    x = p * _add_dot_t(ds_bar_s * (dp - delta[:, None]), d_out, cot_dv, PRECISION, ACC_DTYPE)
     x_sum = acc[1] + tl.sum(x, 1)
     if HAS_U:
         x += p * (_dot_t(u_dot, v, PRECISION, ACC_DTYPE) - delta_u[:, None])
     if SOFTCAP:
-        x = gate * x - capped
+        x = gate * x - (2.0 / softcap) * cap * ds_bar * ds_s
     return (sigma, x_sum, _add_dot(acc_x, x, k, PRECISION, ACC_DTYPE), acc_ds, acc_p) + others
 
 
@@ -203,17 +203,17 @@ def _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K,
                                 slope, diagonal, sm_scale, qk_scale, log2e, softcap, start_m, start_n, t_k, band_lo,
                                 band_hi, BLOCK_M, BLOCK_N, BANDED, MASKED, SOFTCAP, ALIBI)
         dp = _dot_t(d_out, v, PRECISION, ACC_DTYPE)
-        if STAGE == ROW_REDUCTIONS:
-            # dS̄ = scale (Ḡq Kᵀ + Q Ḡkᵀ); the other stages form it after dS's products
+        if STAGE == ROW_REDUCTIONS or ONE_SWEEP:  # dS̄ = scale (Ḡq Kᵀ + Q Ḡkᵀ)
             ds_bar = _add_dot_t(_dot_t(cot_dq, k, PRECISION, ACC_DTYPE), q, cot_dk, PRECISION, ACC_DTYPE) * sm_scale
+        if STAGE == ROW_REDUCTIONS:
             if SOFTCAP:  # the softmax's dS̄ = g ∘ dR̄ (§8)
                 ds_bar = (1.0 - cap * cap) * ds_bar
             p_ds_bar = p * ds_bar
             acc = (acc[0] + tl.sum(p_ds_bar, 1), acc[1] + tl.sum(p_ds_bar * dp, 1),
                    _add_dot(acc[2], p, cot_dv, PRECISION, ACC_DTYPE))
         elif ONE_SWEEP:
-            acc = _row_second_order(acc, p, dp, q, cot_dq, d_out, cot_dv, u_dot, v, k, cot_dk, delta, delta_u, cap,
-                                    sm_scale, softcap, STAGE == BACKWARD_TANGENT, SOFTCAP, PRECISION, ACC_DTYPE)
+            acc = _row_second_order(acc, p, dp, ds_bar, d_out, cot_dv, u_dot, v, k, cot_dk, delta, delta_u, cap,
+                                    softcap, STAGE == BACKWARD_TANGENT, SOFTCAP, PRECISION, ACC_DTYPE)
         else:  # (cot_q, cot_dO) += (S̄ K + dS Ḡk, dP̄ V); BACKWARD_TANGENT: Jᵀ u̇'s dS joins S̄
             acc = _second_order_dots(acc, p, dp, cot_dq, k, q, cot_dk, d_out, cot_dv, u_dot, v, delta, sigma, rho,
                                      delta_u, k, cot_dk, v, cap, sm_scale, softcap, True, STAGE == BACKWARD_TANGENT,
@@ -307,7 +307,7 @@ def _column_second_order(acc_k, acc_v, k, v, cot_dk, cot_dv, dot_t, q, d_out, ls
                          u_dot, delta_u, offs_m, offs_n, start_m, start_n, t_k, band_lo, band_hi, sm_scale, qk_scale,
                          log2e, diagonal, softcap, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BANDED: tl.constexpr,
                          STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr, LATE_BAR: tl.constexpr = False):
     """(acc_k, acc_v) plus one query block's (cot_k / scale, cot_v) (§4.3; at BACKWARD_TANGENT with
     Jᵀ u̇'s terms, §5), from the block's K Qᵀ product ``dot_t`` and what ``_column_rows`` and
     ``_column_second_rows`` read."""
@@ -320,7 +320,7 @@ def _column_second_order(acc_k, acc_v, k, v, cot_dk, cot_dv, dot_t, q, d_out, ls
     # dS̄ᵀ = scale (K Ḡqᵀ + Ḡk Qᵀ), formed inside
     return _second_order_dots((acc_k, acc_v), p_t, dp_t, k, cot_dq, cot_dk, q, cot_dv, d_out, v, u_dot, delta, sigma,
                               rho, delta_u, q, cot_dq, d_out, cap_t, sm_scale, softcap, False,
-                              STAGE == BACKWARD_TANGENT, SOFTCAP, PRECISION, ACC_DTYPE)
+                              STAGE == BACKWARD_TANGENT, SOFTCAP, PRECISION, ACC_DTYPE, LATE_BAR)
 
 
 @triton.jit
@@ -346,7 +346,7 @@ def _column_half(k, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_d
 def _column_finish(acc_k, acc_v, k, v, cot_dk, cot_dv, half, second, start_m, start_n, offs_n, t_k, band_lo, band_hi,
                    sm_scale, qk_scale, log2e, diagonal, softcap, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BANDED: tl.constexpr, STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                   ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                   ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, LATE_BAR: tl.constexpr = False):
     """The rest of a column tile: (acc_k, acc_v) plus the tile that ``_column_half`` read and
     multiplied."""
     offs_m, q, d_out, lse2, delta, slope, dot_t = half
@@ -359,7 +359,7 @@ def _column_finish(acc_k, acc_v, k, v, cot_dk, cot_dv, half, second, start_m, st
         acc_k, acc_v = _column_second_order(acc_k, acc_v, k, v, cot_dk, cot_dv, dot_t, q, d_out, lse2, delta, slope,
                                             cot_dq, sigma, rho, u_dot, delta_u, offs_m, offs_n, start_m, start_n, t_k,
                                             band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, BLOCK_M,
-                                            BLOCK_N, BANDED, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+                                            BLOCK_N, BANDED, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, LATE_BAR)
     return acc_k, acc_v
 
 
@@ -370,7 +370,7 @@ def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delt
                  BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BANDED: tl.constexpr,
                  ROWS_MASKED: tl.constexpr, STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                  ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr = False,
-                 HALVES: tl.constexpr = False):
+                 HALVES: tl.constexpr = False, LATE_BAR: tl.constexpr = False):
     """(acc_k, acc_v) plus what the query block [start_m, start_m + BLOCK_M) adds for the key block
     whose tiles (k, v, cot_dk, cot_dv; split into head-dim parts) the caller holds: (dK / scale, dV)
     for GRADIENT, (cot_k / scale, cot_v) for COTANGENTS and BACKWARD_TANGENT. Query-shaped pointers
@@ -396,17 +396,17 @@ def _column_tile(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delt
                                         BLOCK_D0, BLOCK_D1, False, STAGE, ALIBI, ACC_DTYPE, PRECISION, TMA)
         acc_k, acc_v = _column_finish(acc_k, acc_v, k, v, cot_dk, cot_dv, half_a, second_a, start_m, start_n, offs_n,
                                       t_k, band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HALF,
-                                      BLOCK_N, BANDED, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+                                      BLOCK_N, BANDED, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, LATE_BAR)
         acc_k, acc_v = _column_finish(acc_k, acc_v, k, v, cot_dk, cot_dv, half_b, second_b, start_m + HALF, start_n,
                                       offs_n, t_k, band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap,
-                                      HALF, BLOCK_N, BANDED, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+                                      HALF, BLOCK_N, BANDED, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, LATE_BAR)
     else:
         half, second = _column_half(k, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot, Slopes, q_base,
                                     row_base, start_m, t_q, stride_qt, log2e, HEAD_DIM, BLOCK_M, BLOCK_D0, BLOCK_D1,
                                     ROWS_MASKED, STAGE, ALIBI, ACC_DTYPE, PRECISION, TMA)
         acc_k, acc_v = _column_finish(acc_k, acc_v, k, v, cot_dk, cot_dv, half, second, start_m, start_n, offs_n, t_k,
                                       band_lo, band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, BLOCK_M, BLOCK_N,
-                                      BANDED, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION)
+                                      BANDED, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, LATE_BAR)
     return acc_k, acc_v
 
 
@@ -417,7 +417,7 @@ def _column_sweep(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Del
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
                   BANDED: tl.constexpr, STAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                   ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr = False,
-                  HALVES: tl.constexpr = False):
+                  HALVES: tl.constexpr = False, LATE_BAR: tl.constexpr = False):
     """``_column_tile`` over every query block that sees the key block [start_n, start_n + BLOCK_N),
     of each of the ``members`` query heads a column program serves (``_column_program``): the
     whole blocks with unmasked loads (as two halves with HALVES), then the one partial block, if
@@ -442,11 +442,11 @@ def _column_sweep(acc_k, acc_v, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Del
                 acc_k, acc_v, k, v, cot_dk, cot_dv, q_rows, do_rows, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot,
                 Delta_dot, Slopes, q_base, row_base, start_m, start_n, offs_n, len_q, len_k, stride_qt, band_lo,
                 band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1,
-                BANDED, False, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA, HALVES)
+                BANDED, False, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA, HALVES, LATE_BAR)
         if full_hi < hi:  # the one partial block
             acc_k, acc_v = _column_tile(
                 acc_k, acc_v, k, v, cot_dk, cot_dv, q_block, do_block, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot,
                 Delta_dot, Slopes, q_base, row_base, full_hi, start_n, offs_n, len_q, len_k, stride_qt, band_lo,
                 band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1,
-                BANDED, True, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA)
+                BANDED, True, STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA, LATE_BAR=LATE_BAR)
     return acc_k, acc_v

@@ -282,14 +282,34 @@ HALVES = {"forward": FORWARD_HALVES, "backward": BACKWARD_COLUMNS_HALVES}
 HALVES_OVERRIDE = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENTION_HALVES", ""))
 
 
+# Where the double backward's column tiles form dS̄ after dS's product rather than before it
+# (``_sweeps._second_order_dots``' LATE_BAR), per table as ``FORWARD_HALVES``, on the
+# ``backward_backward`` tile. Compiled for sm_90 at head dim 64 its spills fall from 52 to 34 words
+# (causal 58 to 46). Late, dS̄'s product waits for dS's accumulating one, so it pays only where the
+# spills it saves cost more than that wait (docs/perf-notes.md item 45).
+COLUMNS_LATE_BAR: dict[int, frozenset] = {90: frozenset({(64, 2, False), (64, 2, True)})}
+
+
+def _scheduled(entries: dict[int, frozenset], capability: int, block_d: int, dtype: str, banded: bool) -> bool:
+    """Whether a schedule table's ``entries`` hold (head-dim class, dtype class, banded) for a
+    device of ``capability``."""
+    entry = (head_dim_class(block_d), DTYPE_BYTES[dtype], banded)
+    return entry in entries.get(table_capability(capability), ())
+
+
 def uses_halves(capability: int, block_d: int, dtype: str, banded: bool, kind: str = "forward") -> bool:
     """Whether the sweep ``kind`` ("forward": the forward alone; "backward": the backward's dK/dV
     sweep) takes its blocks as two halves (``HALVES[kind]``) on a device of ``capability`` at
     padded head dim ``block_d`` in ``dtype``, with a band or without."""
     if HALVES_OVERRIDE is not None:
         return HALVES_OVERRIDE
-    entry = (head_dim_class(block_d), DTYPE_BYTES[dtype], banded)
-    return entry in HALVES[kind].get(table_capability(capability), ())
+    return _scheduled(HALVES[kind], capability, block_d, dtype, banded)
+
+
+def uses_late_bar(capability: int, block_d: int, dtype: str, banded: bool) -> bool:
+    """Whether the double backward's column tiles form dS̄ after dS's product
+    (``COLUMNS_LATE_BAR``), as ``uses_halves`` reads its tables."""
+    return _scheduled(COLUMNS_LATE_BAR, capability, block_d, dtype, banded)
 
 
 # Where the sweeps load through the tensor memory accelerator (TMA: tensor descriptors, sm_90 and

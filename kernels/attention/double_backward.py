@@ -156,13 +156,14 @@ def _attn_bwd_bwd_cols_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
     BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, TANGENT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, LATE_BAR: tl.constexpr = False,
 ):
     """cot_k and cot_v for one key block of one key/value head, summed over the query heads the
     program serves (``_column_program``): the column sweep of the backward's dK/dV kernel at
     STAGE = COTANGENTS, or BACKWARD_TANGENT with TANGENT (reading u̇ = D_out_dot and its row term
     Delta_dot), whole query blocks unmasked, the one partial block masked; TMA loads Q and dO
-    through tensor descriptors (``_column_sweep``)."""
+    through tensor descriptors (``_column_sweep``). LATE_BAR forms each tile's dS̄ after dS's
+    product (``_sweeps._second_order_dots``; where: ``_tuning.COLUMNS_LATE_BAR``)."""
     STAGE: tl.constexpr = BACKWARD_TANGENT if TANGENT else COTANGENTS
     start_n = tl.program_id(0) * BLOCK_N
     first_q_base, k_base, first_row_base, len_q, len_k, band_lo, band_hi, share, tile = _column_program(
@@ -184,7 +185,7 @@ def _attn_bwd_bwd_cols_kernel(
         zeros, zeros, k, v, cot_dk, cot_dv, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_dot, Slopes,
         first_q_base, first_row_base, members, start_n, offs_n, t_q, len_q, len_k, stride_qh, stride_qt, band_lo,
         band_hi, sm_scale, qk_scale, log2e, diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED,
-        STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA)
+        STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA, LATE_BAR=LATE_BAR)
     _column_store(Cot_k, Cot_v, Part_k, Part_v, Arrivals, _times(cot_k, sm_scale), cot_v, k_base, share, tile,
                   group // members, stride_split, offs_n, len_k, stride_kt, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT)
 
