@@ -284,9 +284,11 @@ HALVES_OVERRIDE = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENTION_H
 
 # Where the double backward's column tiles form dS̄ after dS's product rather than before it
 # (``_sweeps._second_order_dots``' LATE_BAR), per table as ``FORWARD_HALVES``, on the
-# ``backward_backward`` tile. Compiled for sm_90 at head dim 64 its spills fall from 52 to 34 words
-# (causal 58 to 46). Late, dS̄'s product waits for dS's accumulating one, so it pays only where the
-# spills it saves cost more than that wait (docs/perf-notes.md item 45).
+# ``backward_backward`` tile. Late, dS̄'s products wait for dS's accumulating one, so it pays only
+# where the spills it saves cost more than that wait. H200, bf16, B8 H16 T4096 D64, alternating in
+# one call (docs/perf-notes.md item 45): the column kernel 4.85 → 4.68–4.75 ms (causal 3.64 → 3.38),
+# its spills 52 → 34 words a thread compiled for sm_90. The one row sweep late was 38 % slower and
+# the D128 column kernel (on mma.sync) 25 %: not here.
 COLUMNS_LATE_BAR: dict[int, frozenset] = {90: frozenset({(64, 2, False), (64, 2, True)})}
 
 
