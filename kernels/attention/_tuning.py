@@ -288,7 +288,7 @@ HALVES_OVERRIDE = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENTION_H
 # where the spills it saves cost more than that wait. H200, bf16, B8 H16 T4096 D64, alternating in
 # one call (docs/perf-notes.md item 45): the column kernel 4.85 → 4.68–4.75 ms (causal 3.64 → 3.38),
 # its spills 52 → 34 words a thread compiled for sm_90. The one row sweep late was 38 % slower and
-# the D128 column kernel (on mma.sync) 25 %: not here.
+# the D128 column kernel (on mma.sync) 27 %: not here.
 COLUMNS_LATE_BAR: dict[int, frozenset] = {90: frozenset({(64, 2, False), (64, 2, True)})}
 
 
