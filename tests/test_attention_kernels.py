@@ -310,6 +310,18 @@ ONE_SWEEP_CASES = {
 }
 
 
+def _check_double_backward_case(case, checker, seed: int) -> None:
+    """``checker`` (a ``VARLEN_CHECKS`` entry) on one ``ONE_SWEEP_CASES`` case (shape, head dim,
+    dtype, mask), with per-head ALiBi slopes where the mask asks for them."""
+    shape, head_dim, dtype, mask = case
+    q, k, v, params = _case(shape, head_dim, dtype, mask, seed=seed)
+    if params.alibi:
+        slopes = random_slopes(q.shape[0], q.shape[1]).to(q.device)
+        checker(q, k, v, params, reference_fn(params, slopes), dtype, row_slopes=row_slopes(slopes, q.shape[2]))
+    else:
+        checker(q, k, v, params, reference_fn(params), dtype)
+
+
 @pytest.mark.parametrize("check", ["backward_backward", "backward_tangent"])
 @pytest.mark.parametrize("case", list(ONE_SWEEP_CASES) + ["varlen", "split-D48-float16"])
 def test_double_backward_one_sweep(case, check, monkeypatch):
@@ -327,13 +339,7 @@ def test_double_backward_one_sweep(case, check, monkeypatch):
             q, k, v, params = _case(SHAPES[2], 48, torch.float16, MASKS[2], seed=6)
             checker(q, k, v, params, reference_fn(params), torch.float16)
         else:
-            shape, head_dim, dtype, mask = ONE_SWEEP_CASES[case]
-            q, k, v, params = _case(shape, head_dim, dtype, mask, seed=2)
-            if params.alibi:
-                slopes = random_slopes(q.shape[0], q.shape[1]).to(q.device)
-                checker(q, k, v, params, reference_fn(params, slopes), dtype, row_slopes=row_slopes(slopes, q.shape[2]))
-            else:
-                checker(q, k, v, params, reference_fn(params), dtype)
+            _check_double_backward_case(ONE_SWEEP_CASES[case], checker, seed=2)
         plans = [plan for plan in torch_launchers._PLANS.values()
                  if any("ONE_SWEEP" in launch_.arguments for launch_ in plan.launches)]
         assert plans and all(launch_.arguments["ONE_SWEEP"] for plan in plans for launch_ in plan.launches
@@ -352,13 +358,7 @@ def test_double_backward_late_bar(case, check, monkeypatch):
     checker = VARLEN_CHECKS[check]
     clear_plans()  # plans are cached with the schedule they were built with
     try:
-        shape, head_dim, dtype, mask = ONE_SWEEP_CASES[case]
-        q, k, v, params = _case(shape, head_dim, dtype, mask, seed=3)
-        if params.alibi:
-            slopes = random_slopes(q.shape[0], q.shape[1]).to(q.device)
-            checker(q, k, v, params, reference_fn(params, slopes), dtype, row_slopes=row_slopes(slopes, q.shape[2]))
-        else:
-            checker(q, k, v, params, reference_fn(params), dtype)
+        _check_double_backward_case(ONE_SWEEP_CASES[case], checker, seed=3)
         columns = [launch_.arguments["LATE_BAR"] for plan in torch_launchers._PLANS.values()
                    for launch_ in plan.launches if launch_.kernel.__name__ == "_attn_bwd_bwd_cols_kernel"]
         assert columns and all(columns)
