@@ -10,10 +10,12 @@ backward_backward_rows: the double backward's column and row sweeps, each timed 
 double backward; backward_backward_rows_no_cot_d_out: its row sweep where it forms no cotangent
 for d_out, timed over the double backward without it), head dim of --shapes and mask class (no
 mask, or banded: the causal mask, whose tile banded calls take from ``_tuning.BANDED_TILES`` where
-it differs), the candidates are the
-current entry for this GPU's compute capability (kernels/attention/_tuning.py), its 13 neighbours
-(``neighbours``) and any tile --candidates names for that kind. The row sweep runs one sweep or two
-as ``_tuning.ROW_ONE_SWEEP`` says; ``THERIA_ATTENTION_ONE_SWEEP=1`` (``=0``) times the other.
+it differs), the candidates are the current entry for this GPU's compute capability
+(kernels/attention/_tuning.py), its 13 neighbours (``neighbours``; none with --no-neighbours) and
+any tile --candidates names for that kind. The row sweep runs one sweep or two as
+``_tuning.ROW_ONE_SWEEP`` says; ``THERIA_ATTENTION_ONE_SWEEP=1`` (``=0``) times the other, and
+``THERIA_ATTENTION_LATE_BAR=1`` (``=0``) the column tiles on the order that
+``_tuning.COLUMNS_LATE_BAR`` does not give them.
 Every candidate's kernels are first compiled for this GPU on all CPU cores at once
 (``_tuning.compile_launch``; Triton's disk cache then serves the timed runs), and candidates that
 need more shared memory than the GPU gives one program are dropped. The rest are timed through
@@ -210,6 +212,8 @@ def main():
     parser.add_argument("--out", required=True, help="folder for tuning.json and tuning.md")
     parser.add_argument("--candidates", nargs="+", default=[], metavar="KIND:M,N,WARPS,STAGES",
                         help="tiles to time besides the neighbours, e.g. backward_backward:64,64,8,1")
+    parser.add_argument("--no-neighbours", action="store_true",
+                        help="time the current tile and the --candidates only")
     parser.add_argument("--tma", action="store_true",
                         help="time the current tiles with and without TMA loads instead of tile candidates")
     args = parser.parse_args()
@@ -255,7 +259,7 @@ def main():
         if args.tma:  # (tile, TMA) pairs: the current tile without TMA loads first, the baseline
             group["candidates"] = [(group["current"], False), (group["current"], True)]
             continue
-        tiles = neighbours(group["current"])
+        tiles = [group["current"]] if args.no_neighbours else neighbours(group["current"])
         tiles += [tile for of, tile in extra if of == kind and tile not in tiles]
         group["candidates"] = [(tile, None) for tile in tiles]
 

@@ -354,7 +354,7 @@ def test_double_backward_late_bar(case, check, monkeypatch):
     """The double backward's column tiles forming dS̄ after dS's product (``_tuning.COLUMNS_LATE_BAR``:
     on the GPU only where timing chose it), forced, against the reference: every mask, the score
     modifiers, the double backward and the tangent of the backward."""
-    monkeypatch.setattr(launch, "uses_late_bar", lambda *_: True)
+    monkeypatch.setattr(tuning, "LATE_BAR_OVERRIDE", True)  # as THERIA_ATTENTION_LATE_BAR=1 does
     checker = VARLEN_CHECKS[check]
     clear_plans()  # plans are cached with the schedule they were built with
     try:

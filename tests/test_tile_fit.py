@@ -211,8 +211,7 @@ KNOWN_SHARED_MEMORY = {
 # BLOCK_M for row kernels) keeps it there (docs/perf-notes.md item 13).
 KNOWN_LEGACY_MMA = {
     (90, "jvp", 256, 2, "fwd"), (90, "forward_second", 128, 2, "fwd"), (90, "forward_second", 256, 2, "fwd"),
-    (90, "backward", 256, 2, "bwd_dkdv"), (90, "backward_backward", 128, 2, "bwd_bwd_cols"),
-    (90, "backward_backward", 256, 2, "bwd_bwd_cols"),
+    (90, "backward", 256, 2, "bwd_dkdv"), (90, "backward_backward", 256, 2, "bwd_bwd_cols"),
     # the double backward's row sweep (its own kind since it can run as one sweep)
     (90, "backward_backward_rows", 256, 2, "bwd_bwd_rows"),
 }

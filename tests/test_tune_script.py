@@ -187,6 +187,43 @@ def test_the_backward_sweeps_take_their_own_kinds(monkeypatch):
     assert taken == {"backward": ["_attn_bwd_dkdv_kernel"], "backward_rows": ["_attn_bwd_dq_kernel"]}
 
 
+def test_the_double_backward_columns_take_each_mask_class_tile_and_order():
+    """The double backward's column launch on sm_90 (bf16) takes the tile and the order of dS̄
+    (LATE_BAR) that session 27's timing gave each head dim and mask class (docs/design/tuning.md
+    §1, docs/results/tuning/h200_bwd_bwd_cols/), through the real plan builder; the other tables,
+    where sm_90's 32 × 128 × 8 × 3 does not fit, keep 64 × 32 × 4 × 2 at head dim 128, and
+    THERIA_ATTENTION_LATE_BAR's override wins over the table."""
+    from theria_kernels.attention import AttentionParams, _launch, _tuning
+
+    def column(capability, head_dim, causal):
+        shape = (2, 4, 512, head_dim)
+        strides = (4 * 512 * head_dim, 512 * head_dim, head_dim, 1)
+        call = _launch.AttentionCall(shape, strides, shape, strides, "bfloat16",
+                                     AttentionParams(scale=head_dim ** -0.5, causal=causal),
+                                     _launch.Device(132, capability=capability))
+        _launch.backward_backward_plan.cache_clear()  # plans are cached with the order they were built with
+        plan = _launch.backward_backward_plan(call, frozenset({"cot_dq", "cot_dk", "cot_dv"}), cot_d_out=False)
+        (launch,) = [x for x in plan.launches if x.kernel.__name__ == "_attn_bwd_bwd_cols_kernel"]
+        tile = (launch.arguments["BLOCK_M"], launch.arguments["BLOCK_N"], launch.num_warps, launch.num_stages)
+        return tile, launch.arguments["LATE_BAR"]
+
+    assert column(90, 64, False) == ((64, 64, 4, 2), True)
+    assert column(90, 64, True) == ((32, 64, 4, 3), False)
+    assert column(90, 128, False) == ((32, 128, 8, 3), True)
+    assert column(90, 128, True) == ((32, 128, 8, 3), False)
+    for capability in (80, 89, 100):
+        assert column(capability, 128, False) == ((64, 32, 4, 2), False)
+    old = _tuning.LATE_BAR_OVERRIDE
+    try:
+        _tuning.LATE_BAR_OVERRIDE = True
+        assert column(90, 64, True) == ((32, 64, 4, 3), True)
+        _tuning.LATE_BAR_OVERRIDE = False
+        assert column(90, 128, False) == ((32, 128, 8, 3), False)
+    finally:
+        _tuning.LATE_BAR_OVERRIDE = old
+        _launch.backward_backward_plan.cache_clear()
+
+
 def test_sm90_holds_the_jvp_choices_of_each_mask_class():
     """sm_90's JVP entries, for calls without a mask and for banded ones, are the choices of the
     committed H200 run kept to each mask class (docs/results/tuning/h200_jvp_masks/)."""

@@ -57,7 +57,12 @@ Tile = tuple[int, int, int, int]
 # 2-byte forward: at head dim 64 without a mask two halves of each query block on 128 × 128 × 4 × 2
 # (``FORWARD_HALVES``), banded calls and the other tables one 128 × 64 × 4 × 3 tile a block; at head
 # dim 128, 128 × 128 × 8 × 3 (225 KB of shared memory), timed per mask class on the H200: 0.974× the
-# former 128 × 64 tile's time without a mask, 0.942× causal (docs/design/tuning.md §1).
+# former 128 × 64 tile's time without a mask, 0.942× causal (docs/design/tuning.md §1). The double
+# backward's column sweep at head dim 128: 32 queries by 128 keys on 8 warps, 3 stages (202 KB),
+# whose two warpgroups each take 64 keys on wgmma (the former 64 × 32 tile's 32 keys kept it on
+# mma.sync): the double backward 14.68–14.86 → 11.98–12.05 ms, causal 8.45–8.61 → 6.90–6.92
+# (B4 H16 T4096; docs/perf-notes.md item 46). It spills 18 words a thread, its fastest tile without
+# a spill, 16 × 128 × 8 × 3, takes 13.33–13.60 ms.
 SM90: dict[str, dict[int, dict[int, Tile]]] = {
     "forward": {
         32: {2: (64, 64, 4, 3), 4: (64, 32, 4, 2), 8: (32, 16, 4, 1)},
@@ -86,7 +91,7 @@ SM90: dict[str, dict[int, dict[int, Tile]]] = {
     "backward_backward": {
         32: {2: (64, 64, 4, 3), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
         64: {2: (64, 64, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
-        128: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
+        128: {2: (32, 128, 8, 3), 4: (32, 16, 4, 1), 8: (16, 16, 4, 1)},
         256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 2, 1)},
     },
     # The double backward's row sweep (``double_backward``), one sweep where ``ROW_ONE_SWEEP`` says
@@ -108,10 +113,14 @@ SM90: dict[str, dict[int, dict[int, Tile]]] = {
 # §1). The JVP's tangent at head dim 64: without a mask 128 × 64 × 8 warps is 0.89× the time of
 # 64 × 64 × 4 warps (2.44 against 2.73 ms, B8 H16 T4096), causal it is 1.29× (1.96 against 1.52
 # ms). The forward at head dim 64: its table tile is the halves' (``FORWARD_HALVES``), which lose
-# under a band; banded calls sweep one 128 × 64 × 4 × 3 tile a block. sm_100's table, sm_90's
-# otherwise, takes these too; sm_80's and sm_89's need none.
+# under a band; banded calls sweep one 128 × 64 × 4 × 3 tile a block. The double backward's column
+# sweep at head dim 64: 32 × 64 × 4 × 3 with dS̄ early takes its double backward from 6.78–7.04 to
+# 6.23 ms causal, where without a mask the table's 64 × 64 × 4 × 2 stays fastest (10.94–10.97 ms
+# against 11.29–11.69; docs/perf-notes.md item 46). sm_100's table, sm_90's otherwise, takes these
+# too; sm_80's and sm_89's need none.
 SM90_BANDED: dict[tuple[str, int, int], Tile] = {
     ("jvp", 64, 2): (64, 64, 4, 3), ("forward", 64, 2): (128, 64, 4, 3),
+    ("backward_backward", 64, 2): (32, 64, 4, 3),
 }
 
 
@@ -132,11 +141,13 @@ def _overriding(base: dict, entries: dict) -> dict:
 # registers and spills 8.3 KB a thread (128 × 32: 4 KB); the 64 × 64 tile it takes instead spills
 # 696 B. At head dim 64 the tangent kernel spills 1 KB a thread at sm_90's 128 × 64 × 8 warps and
 # 376 B at the 64 × 64 × 4 warps that sm_90 gives banded calls, which the A100 takes for every
-# call.
+# call. The double backward's column sweep at head dim 128 keeps sm_90's former 64 × 32 × 4 × 2
+# (sm_90's 32 × 128 × 8 × 3 needs 202 KB).
 SM80 = _overriding(SM90, {
     ("jvp", 64, 2): (64, 64, 4, 3), ("backward_backward_rows", 64, 2): (64, 64, 4, 2),
     ("forward", 64, 2): (128, 64, 4, 3), ("forward", 128, 2): (128, 64, 8, 3),
     ("jvp", 128, 2): (64, 64, 4, 2), ("jvp", 128, 4): (32, 32, 4, 1), ("jvp", 128, 8): (16, 16, 4, 1),
+    ("backward_backward", 128, 2): (64, 32, 4, 2),
 })
 
 # Ada (L4, L40S, RTX 40; 100 KB a multiprocessor, 99 KB a program): sm_90's tiles except the
@@ -145,22 +156,25 @@ SM80 = _overriding(SM90, {
 # at 256 (32 × 32, one stage: at BLOCK_M 64 the dK/dV sweep needs 100 KB with two stages and 112 KB
 # with one). Float64 at head dim 256 fits no tile
 # here (the JVP needs 128 KB at 16 × 16); Ada's float64 rate is 1/64 of its float32 anyway. The
-# 2-byte JVP at head dim 64 and the double backward's row sweeps as on the A100.
+# 2-byte JVP at head dim 64, the double backward's row sweeps and its column sweep at head dim 128
+# as on the A100.
 SM89 = _overriding(SM90, {
     ("jvp", 64, 2): (64, 64, 4, 3), ("backward_backward_rows", 64, 2): (64, 64, 4, 2),
     ("forward", 64, 2): (128, 64, 4, 3), ("forward", 128, 2): (128, 64, 8, 2),
     ("forward", 128, 4): (64, 32, 8, 1),
     ("jvp", 128, 2): (64, 32, 4, 2), ("jvp", 128, 4): (32, 16, 4, 1), ("jvp", 128, 8): (16, 16, 4, 1),
     ("backward", 256, 2): (32, 32, 4, 1), ("backward", 256, 4): (16, 16, 4, 1),
+    ("backward_backward", 128, 2): (64, 32, 4, 2),
 })
 
 # Blackwell (B200, 228 KB a multiprocessor, and 512 columns of tensor memory, where tcgen05 keeps
 # its accumulators): sm_90's tiles except the 2-byte JVP at head dim 128, whose 128 × 64 tile needs
 # 640 columns (the output and its tangent, 128 each, and six BLOCK_N-wide score tiles): BLOCK_N 32;
-# and the 2-byte forward at head dim 64, one 128 × 64 × 4 × 3 tile a query block as sm_90's banded
-# calls (the halves were timed against Hopper's wgmma only).
+# the 2-byte forward at head dim 64, one 128 × 64 × 4 × 3 tile a query block as sm_90's banded
+# calls (the halves were timed against Hopper's wgmma only), and the double backward's column sweep
+# at head dim 128, sm_90's former 64 × 32 × 4 × 2 (its 32 × 128 × 8 × 3 needs 592 columns).
 SM100 = _overriding(SM90, {("jvp", 128, 2): (128, 32, 8, 2), ("jvp", 128, 4): (64, 16, 8, 1),
-                           ("forward", 64, 2): (128, 64, 4, 3)})
+                           ("forward", 64, 2): (128, 64, 4, 3), ("backward_backward", 128, 2): (64, 32, 4, 2)})
 
 # The backward's dQ sweep (``backward_rows``) takes each table's ``backward`` tiles (its dK/dV
 # sweep's) except these (head-dim class, dtype class) entries, where timing chose otherwise.
@@ -286,10 +300,17 @@ HALVES_OVERRIDE = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENTION_H
 # (``_sweeps._second_order_dots``' LATE_BAR), per table as ``FORWARD_HALVES``, on the
 # ``backward_backward`` tile. Late, dS̄'s products wait for dS's accumulating one, so it pays only
 # where the spills it saves cost more than that wait. H200, bf16, B8 H16 T4096 D64, alternating in
-# one call (docs/perf-notes.md item 45): the column kernel 4.85 → 4.68–4.75 ms (causal 3.64 → 3.38),
-# its spills 52 → 34 words a thread compiled for sm_90. The one row sweep late was 38 % slower and
-# the D128 column kernel (on mma.sync) 27 %: not here.
-COLUMNS_LATE_BAR: dict[int, frozenset] = {90: frozenset({(64, 2, False), (64, 2, True)})}
+# one call (docs/perf-notes.md item 45): the column kernel 4.85 → 4.68–4.75 ms, its spills 52 → 34
+# words a thread compiled for sm_90. The one row sweep late was 38 % slower: not there. The column
+# tiles as timed in session 27 (item 46; the double backward alone, B8 H16 T4096 D64 and B4 H16 T4096
+# D128): at D64 without a mask late 10.94–10.97 ms, early 11.04–11.15; at D128 on the wgmma tile
+# 32 × 128 × 8 × 3 without a mask late 11.98 / 12.05, early 12.59 / 12.59; banded calls early (D64
+# on their own 32 × 64 × 4 × 3: 6.23 against 6.30; D128 6.90 / 6.92 against 6.98 / 7.01).
+COLUMNS_LATE_BAR: dict[int, frozenset] = {90: frozenset({(64, 2, False), (128, 2, False)})}
+# THERIA_ATTENTION_LATE_BAR=1 / =0 forms dS̄ late everywhere / nowhere (how scripts/tune_attention.py
+# times a column tile on the order the table does not give it); LATE_BAR_OVERRIDE is what the plans
+# read (the tests set it).
+LATE_BAR_OVERRIDE = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENTION_LATE_BAR", ""))
 
 
 def _scheduled(entries: dict[int, frozenset], capability: int, block_d: int, dtype: str, banded: bool) -> bool:
@@ -311,6 +332,8 @@ def uses_halves(capability: int, block_d: int, dtype: str, banded: bool, kind: s
 def uses_late_bar(capability: int, block_d: int, dtype: str, banded: bool) -> bool:
     """Whether the double backward's column tiles form dS̄ after dS's product
     (``COLUMNS_LATE_BAR``), as ``uses_halves`` reads its tables."""
+    if LATE_BAR_OVERRIDE is not None:
+        return LATE_BAR_OVERRIDE
     return _scheduled(COLUMNS_LATE_BAR, capability, block_d, dtype, banded)
 
 
