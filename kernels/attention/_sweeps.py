@@ -50,6 +50,13 @@ def _add_dot_t(acc, a, b, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _bar_scores(bar_a, bar_b, bar_c, bar_d, sm_scale, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """dS̄ = scale (bar_a bar_bᵀ + bar_c bar_dᵀ) (§4.3) over two pairs of split tiles: scale (Ḡq Kᵀ +
+    Q Ḡkᵀ) in a row tile, scale (K Ḡqᵀ + Ḡk Qᵀ) in a column (transposed) tile."""
+    return _add_dot_t(_dot_t(bar_a, bar_b, PRECISION, ACC_DTYPE), bar_c, bar_d, PRECISION, ACC_DTYPE) * sm_scale
+
+
+@triton.jit
 def _broadcast(rows, ROW_TILE: tl.constexpr):
     """Row statistics along a row tile's rows, or along a column (transposed) tile's columns."""
     if ROW_TILE:
@@ -80,7 +87,7 @@ def _second_order_dots(acc, p, dp, bar_a, bar_b, bar_c, bar_d, gv_a, gv_b, u_a, 
     """One tile's part of the double backward's outputs (§4.3), for row tiles and column (transposed)
     tiles alike: (acc_s, acc_p) = ``acc`` becomes (acc_s + dS by_ds + S̄ by_s, acc_p + dP̄ by_dp), or
     (acc_s,) alone (dP̄'s product not wanted) its first part, with dS = P ∘ (dP − δ), dS̄ = scale
-    (bar_a bar_bᵀ + bar_c bar_dᵀ) (scale (Ḡq Kᵀ + Q Ḡkᵀ) in the tile's orientation), dP̄ = P ∘
+    (bar_a bar_bᵀ + bar_c bar_dᵀ) (``_bar_scores``: scale (Ḡq Kᵀ + Q Ḡkᵀ) in the tile's orientation), dP̄ = P ∘
     (dS̄ − σ) and S̄ = P ∘ (P̄ − ρ), P̄ = dS̄ ∘ (dP − δ) − σ dP + gv_a gv_bᵀ (dO Ḡvᵀ in the tile's
     orientation); HAS_U adds Jᵀ u̇'s dS = P ∘ (u_a u_bᵀ − δ_u) to S̄ (§5).
 
@@ -94,7 +101,7 @@ def _second_order_dots(acc, p, dp, bar_a, bar_b, bar_c, bar_d, gv_a, gv_b, u_a, 
     and the products take the scores' dR = g ∘ dS and R̄ = g ∘ (S̄ − (2 / softcap) t ∘ dS̄ ∘ dS)."""
     delta, sigma, rho = _broadcast(delta, ROW_TILE), _broadcast(sigma, ROW_TILE), _broadcast(rho, ROW_TILE)
     if not LATE_BAR:
-        ds_bar = _add_dot_t(_dot_t(bar_a, bar_b, PRECISION, ACC_DTYPE), bar_c, bar_d, PRECISION, ACC_DTYPE) * sm_scale
+        ds_bar = _bar_scores(bar_a, bar_b, bar_c, bar_d, sm_scale, PRECISION, ACC_DTYPE)
     dp_delta = dp - delta
     ds = p * dp_delta
     if SOFTCAP:
@@ -103,7 +110,7 @@ def _second_order_dots(acc, p, dp, bar_a, bar_b, bar_c, bar_d, gv_a, gv_b, u_a, 
     else:
         acc_s = _add_dot(acc[0], ds, by_ds, PRECISION, ACC_DTYPE)
     if LATE_BAR:
-        ds_bar = _add_dot_t(_dot_t(bar_a, bar_b, PRECISION, ACC_DTYPE), bar_c, bar_d, PRECISION, ACC_DTYPE) * sm_scale
+        ds_bar = _bar_scores(bar_a, bar_b, bar_c, bar_d, sm_scale, PRECISION, ACC_DTYPE)
     if SOFTCAP:
         capped = (2.0 / softcap) * cap * ds_bar * ds
         ds_bar = gate * ds_bar
@@ -204,7 +211,7 @@ def _row_tile(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K,
                                 band_hi, BLOCK_M, BLOCK_N, BANDED, MASKED, SOFTCAP, ALIBI)
         dp = _dot_t(d_out, v, PRECISION, ACC_DTYPE)
         if STAGE == ROW_REDUCTIONS or ONE_SWEEP:  # dS̄ = scale (Ḡq Kᵀ + Q Ḡkᵀ)
-            ds_bar = _add_dot_t(_dot_t(cot_dq, k, PRECISION, ACC_DTYPE), q, cot_dk, PRECISION, ACC_DTYPE) * sm_scale
+            ds_bar = _bar_scores(cot_dq, k, q, cot_dk, sm_scale, PRECISION, ACC_DTYPE)
         if STAGE == ROW_REDUCTIONS:
             if SOFTCAP:  # the softmax's dS̄ = g ∘ dR̄ (§8)
                 ds_bar = (1.0 - cap * cap) * ds_bar
