@@ -87,9 +87,9 @@ def _second_order_dots(acc, p, dp, bar_a, bar_b, bar_c, bar_d, gv_a, gv_b, u_a, 
     """One tile's part of the double backward's outputs (§4.3), for row tiles and column (transposed)
     tiles alike: (acc_s, acc_p) = ``acc`` becomes (acc_s + dS by_ds + S̄ by_s, acc_p + dP̄ by_dp), or
     (acc_s,) alone (dP̄'s product not wanted) its first part, with dS = P ∘ (dP − δ), dS̄ = scale
-    (bar_a bar_bᵀ + bar_c bar_dᵀ) (``_bar_scores``: scale (Ḡq Kᵀ + Q Ḡkᵀ) in the tile's orientation), dP̄ = P ∘
-    (dS̄ − σ) and S̄ = P ∘ (P̄ − ρ), P̄ = dS̄ ∘ (dP − δ) − σ dP + gv_a gv_bᵀ (dO Ḡvᵀ in the tile's
-    orientation); HAS_U adds Jᵀ u̇'s dS = P ∘ (u_a u_bᵀ − δ_u) to S̄ (§5).
+    (bar_a bar_bᵀ + bar_c bar_dᵀ) (``_bar_scores``), dP̄ = P ∘ (dS̄ − σ) and S̄ = P ∘ (P̄ − ρ), P̄ =
+    dS̄ ∘ (dP − δ) − σ dP + gv_a gv_bᵀ (dO Ḡvᵀ in the tile's orientation); HAS_U adds Jᵀ u̇'s dS =
+    P ∘ (u_a u_bᵀ − δ_u) to S̄ (§5).
 
     The tile takes S̄ as dP̄ ∘ (dP − δ) + P ∘ (gv_a gv_bᵀ − σ δ − ρ), the same sum regrouped (theory
     §4.3), so that each T×T tile forms when its predecessor dies: dP − δ (dP dies), dS and its

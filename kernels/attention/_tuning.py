@@ -61,8 +61,8 @@ Tile = tuple[int, int, int, int]
 # backward's column sweep at head dim 128: 32 queries by 128 keys on 8 warps, 3 stages (202 KB),
 # whose two warpgroups each take 64 keys on wgmma (the former 64 × 32 tile's 32 keys kept it on
 # mma.sync): the double backward 14.68–14.86 → 11.98–12.05 ms, causal 8.45–8.61 → 6.90–6.92
-# (B4 H16 T4096; docs/perf-notes.md item 46). It spills 18 words a thread, its fastest tile without
-# a spill, 16 × 128 × 8 × 3, takes 13.33–13.60 ms.
+# (B4 H16 T4096; docs/perf-notes.md item 46). It spills 18–32 words a thread as timed; the fastest
+# tile without a spill, 16 × 128 × 8 × 3, takes 13.33–13.60 ms.
 SM90: dict[str, dict[int, dict[int, Tile]]] = {
     "forward": {
         32: {2: (64, 64, 4, 3), 4: (64, 32, 4, 2), 8: (32, 16, 4, 1)},
