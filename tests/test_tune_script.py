@@ -187,7 +187,7 @@ def test_the_backward_sweeps_take_their_own_kinds(monkeypatch):
     assert taken == {"backward": ["_attn_bwd_dkdv_kernel"], "backward_rows": ["_attn_bwd_dq_kernel"]}
 
 
-def test_the_double_backward_columns_take_each_mask_class_tile_and_order():
+def test_the_double_backward_columns_take_each_mask_class_tile_and_order(monkeypatch):
     """The double backward's column launch on sm_90 (bf16) takes the tile and the order of dS̄
     (LATE_BAR) that session 27's timing gave each head dim and mask class (docs/design/tuning.md
     §1, docs/results/tuning/h200_bwd_bwd_cols/), through the real plan builder; the other tables,
@@ -213,15 +213,13 @@ def test_the_double_backward_columns_take_each_mask_class_tile_and_order():
     assert column(90, 128, True) == ((32, 128, 8, 3), False)
     for capability in (80, 89, 100):
         assert column(capability, 128, False) == ((64, 32, 4, 2), False)
-    old = _tuning.LATE_BAR_OVERRIDE
     try:
-        _tuning.LATE_BAR_OVERRIDE = True
+        monkeypatch.setattr(_tuning, "LATE_BAR_OVERRIDE", True)  # as THERIA_ATTENTION_LATE_BAR=1 does
         assert column(90, 64, True) == ((32, 64, 4, 3), True)
-        _tuning.LATE_BAR_OVERRIDE = False
+        monkeypatch.setattr(_tuning, "LATE_BAR_OVERRIDE", False)
         assert column(90, 128, False) == ((32, 128, 8, 3), False)
     finally:
-        _tuning.LATE_BAR_OVERRIDE = old
-        _launch.backward_backward_plan.cache_clear()
+        _launch.backward_backward_plan.cache_clear()  # no plan built on an override outlives the test
 
 
 def test_sm90_holds_the_jvp_choices_of_each_mask_class():
