@@ -255,7 +255,7 @@ def main():
             with backend_of(name):
                 results[name] = measure(workload(mode, fn, q, k, v, d_out, tangents), timing)
         if mode == "hvp":
-            params = AttentionParams(scale=1 / math.sqrt(head_dim), causal=args.causal)
+            params = AttentionParams(scale=1 / math.sqrt(head_dim), causal=args.causal, window_size=window)
             qd, kd, vd = (t.detach() for t in (q, k, v))
             out, lse = attention_forward(qd, kd, vd, params)
             results["theria bwd_bwd"] = measure(

@@ -408,7 +408,7 @@ def backward_backward_plan(call: AttentionCall, given: frozenset, tma_ok: bool =
                     Cot_q=Buffer("cot_q"), Cot_d_out=Buffer("cot_d_out") if cot_d_out else None,
                     Sigma=Buffer("cot_d_lse"), Rho=Buffer("rho"), **call.geometry(), **row_meta,
                     EVEN_K=call.even_k(block_n), TMA=call.tma(row_kind, tma_ok),
-                    ONE_SWEEP=uses_one_sweep(call.device.capability, call.block_d, call.dtype)),
+                    ONE_SWEEP=uses_one_sweep(call.device.capability, row_kind, call.block_d, call.dtype)),
                writes=("Delta", *(("Delta_dot",) if tangent else ()), "Cot_q", *(("Cot_d_out",) if cot_d_out else ()),
                        "Sigma", "Rho"),
                num_warps=warps, num_stages=stages),

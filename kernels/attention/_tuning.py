@@ -95,7 +95,7 @@ SM90: dict[str, dict[int, dict[int, Tile]]] = {
         256: {2: (16, 32, 4, 1), 4: (16, 16, 4, 1), 8: (16, 16, 2, 1)},
     },
     # The double backward's row sweep (``double_backward``), one sweep where ``ROW_ONE_SWEEP`` says
-    # so (the 2-byte entry at head dim 64), two elsewhere, on the column sweep's tiles.
+    # so (the 2-byte entries at head dim 64), two elsewhere, on the column sweep's tiles.
     "backward_backward_rows": {
         32: {2: (64, 64, 4, 3), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
         64: {2: (64, 32, 4, 2), 4: (32, 32, 4, 1), 8: (16, 16, 4, 1)},
@@ -187,9 +187,12 @@ BACKWARD_ROWS: dict[int, dict[tuple[int, int], Tile]] = {}
 # accumulator and one GEMM fewer, so a wider tile pays at head dim 64. H200, B8 H16 T4096, the
 # double backward without it: 128 × 64 × 8 × 3 9.82 ms (causal 6.59) against the row sweep's
 # 64 × 32 × 4 × 2 at 10.50; it spills 22 words a thread (24 causal), the fastest tile that does
-# not, 64 × 32 × 4 × 3, takes 10.36 (docs/design/tuning.md §1). Not sm_100's: the 128 × 64 tile
-# needs 672 columns of tensor memory there.
-ROWS_WITHOUT_COT_D_OUT = {90: {(64, 2): (128, 64, 8, 3)}}
+# not, 64 × 32 × 4 × 3, takes 10.36 (docs/design/tuning.md §1). At head dim 128 it is the one
+# sweep (``ROW_ONE_SWEEP``) on 128 × 16 × 8 × 3, two warpgroups of 64 rows: 10.61 ms (causal 6.24)
+# against the two sweeps' 11.44 (6.70) on 64 × 32 × 4 × 2 (B4 H16 T4096; docs/perf-notes.md item
+# 47); it spills 26 words a thread (34 causal), the one sweep on 64 × 32 × 4 × 2 98. Not sm_100's:
+# the 128 × 64 tile needs 672 columns of tensor memory there, and the 128 × 16 one is untimed.
+ROWS_WITHOUT_COT_D_OUT = {90: {(64, 2): (128, 64, 8, 3), (128, 2): (128, 16, 8, 3)}}
 
 
 def _add_derived_kind(table: dict, kind: str, source: str, entries: dict) -> None:
@@ -246,25 +249,29 @@ def table_capability(capability: int) -> int:
 
 # Where the double backward's row kernel sweeps the keys once (``double_backward``: two more
 # (BLOCK_M, D) float32 accumulators, two fewer GEMMs a tile pair, no second pass over K and V),
-# per table: (head-dim class, dtype class) entries where a timing showed it pays, on the
-# ``backward_backward_rows`` tile. H200, bf16, B8 H16 T4096, the double backward alone (CUDA-graph
-# replay; docs/perf-notes.md item 35): D64 12.24 → 11.28 ms (10.48 without d_out's cotangent,
-# 12.09 before), causal 7.92 → 7.36 (7.00 / 7.66); at D128 the extra accumulators spill and one
-# sweep is slower at every tile tried (15.45 against 14.41 ms at best, without d_out's cotangent).
-# Elsewhere untimed: two sweeps.
-ROW_ONE_SWEEP: dict[int, frozenset] = {90: frozenset({(64, 2)}), 100: frozenset({(64, 2)})}
+# per table: (row kind, head-dim class, dtype class) entries where a timing showed it pays, on that
+# kind's tile. H200, bf16, the double backward alone (CUDA-graph replay): at head dim 64 (B8 H16
+# T4096, docs/perf-notes.md item 35) 12.24 → 11.28 ms (10.48 without d_out's cotangent, 12.09
+# before), causal 7.92 → 7.36 (7.00 / 7.66). At head dim 128 (B4 H16 T4096) the extra accumulators
+# spill: with d_out's cotangent 230 words a thread on the one sweep's best tile (untimed); without
+# it 26 on 128 × 16 × 8 × 3, where one sweep takes 10.61 ms against the two sweeps' 11.44 on their
+# tile (causal 6.24 / 6.70; item 47). Elsewhere untimed: two sweeps.
+_ONE_SWEEP_AT_64 = frozenset({("backward_backward_rows", 64, 2), ("backward_backward_rows_no_cot_d_out", 64, 2)})
+ROW_ONE_SWEEP: dict[int, frozenset] = {
+    90: _ONE_SWEEP_AT_64 | {("backward_backward_rows_no_cot_d_out", 128, 2)}, 100: _ONE_SWEEP_AT_64}
 # THERIA_ATTENTION_ONE_SWEEP=1 / =0 runs the one sweep everywhere / nowhere (how
 # scripts/tune_attention.py times a schedule the table does not choose); ONE_SWEEP_OVERRIDE is
 # what the plans read (the tests set it).
 ONE_SWEEP_OVERRIDE = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENTION_ONE_SWEEP", ""))
 
 
-def uses_one_sweep(capability: int, block_d: int, dtype: str) -> bool:
-    """Whether the double backward's row kernel sweeps the keys once (``ROW_ONE_SWEEP``) on a device
-    of ``capability`` at padded head dim ``block_d`` in ``dtype``."""
+def uses_one_sweep(capability: int, kind: str, block_d: int, dtype: str) -> bool:
+    """Whether the double backward's row kernel of ``kind`` (``backward_backward_rows`` or
+    ``backward_backward_rows_no_cot_d_out``) sweeps the keys once (``ROW_ONE_SWEEP``) on a device of
+    ``capability`` at padded head dim ``block_d`` in ``dtype``."""
     if ONE_SWEEP_OVERRIDE is not None:
         return ONE_SWEEP_OVERRIDE
-    entry = (head_dim_class(block_d), DTYPE_BYTES[dtype])
+    entry = (kind, head_dim_class(block_d), DTYPE_BYTES[dtype])
     return entry in ROW_ONE_SWEEP.get(table_capability(capability), ())
 
 
