@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from theria_kernels.attention import AttentionParams
-from theria_kernels.attention.torch_launchers import attention_backward_backward, attention_forward
+from theria_kernels.attention.torch_launchers import (attention_backward, attention_backward_backward,
+                                                       attention_forward)
 from theria_torch import flash_attn_func, flash_attn_varlen_func, sdpa_custom
 
 from _timing import median_wall_ms
@@ -258,8 +259,10 @@ def main():
             params = AttentionParams(scale=1 / math.sqrt(head_dim), causal=args.causal, window_size=window)
             qd, kd, vd = (t.detach() for t in (q, k, v))
             out, lse = attention_forward(qd, kd, vd, params)
+            dq = attention_backward(qd, kd, vd, out, lse, d_out, None, params)[0]  # as autograd passes it
             results["theria bwd_bwd"] = measure(
-                lambda: attention_backward_backward(qd, kd, vd, out, lse, d_out, None, *tangents, params), timing)
+                lambda: attention_backward_backward(qd, kd, vd, out, lse, d_out, None, *tangents, params, dq=dq),
+                timing)
         for name, res in results.items():
             if isinstance(res, str):
                 print(f"{mode:8s} {name:16s} {'error: ' + res}")

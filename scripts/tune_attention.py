@@ -96,8 +96,8 @@ def _call(shape, dtype: str, mask: str, device):
 
 
 def _plan(kind: str, call):
-    """The plan the torch launcher of ``kind`` builds for these tensors (no d_lse, every cotangent
-    but d_out's for the kinds of ``_tuning.WITHOUT_COT_D_OUT``). The ``jvp`` tile is timed on the
+    """The plan the torch launcher of ``kind`` builds for these tensors (no d_lse, the backward's dq,
+    every cotangent but d_out's for the kinds of ``_tuning.WITHOUT_COT_D_OUT``). The ``jvp`` tile is timed on the
     tangent kernel, which forward-mode AD runs after the forward (``given_primal``); the
     single-sweep JVP kernel of ``attention_jvp`` takes the same tile."""
     from theria_kernels.attention import _launch, _tuning
@@ -108,8 +108,9 @@ def _plan(kind: str, call):
         return _launch.forward_plan(call, False, kind == "forward_second")
     if kind in ("backward", "backward_rows"):  # the dK/dV sweep's tile, the dQ sweep's
         return _launch.backward_plan(call, False)
-    # the double-backward kinds (the column sweep's tile, the row sweep's) time the whole plan
-    return _launch.backward_backward_plan(call, frozenset({"cot_dq", "cot_dk", "cot_dv"}),
+    # the double-backward kinds (the column sweep's tile, the row sweep's) time the whole plan, with
+    # the backward's dq as the adapters pass it after a backward
+    return _launch.backward_backward_plan(call, frozenset({"cot_dq", "cot_dk", "cot_dv", "dq"}),
                                           cot_d_out=kind not in _tuning.WITHOUT_COT_D_OUT)
 
 
@@ -183,16 +184,17 @@ def workloads(shape, dtype: str, mask: str):
     params = AttentionParams(scale=shape[-1] ** -0.5, **MASKS[mask])
     out, lse = kernels.attention_forward(q, k, v, params)
     d_out = draw()
+    dq = kernels.attention_backward(q, k, v, out, lse, d_out, None, params)[0]  # as the adapters pass it
     runs = {
         "forward": lambda: kernels.attention_forward(q, k, v, params),
         "jvp": lambda: kernels.attention_tangent(q, k, v, out, lse, *directions[:3], params),
         "forward_second": lambda: kernels.attention_forward_second(q, k, v, *directions, params),
         "backward": lambda: kernels.attention_backward(q, k, v, out, lse, d_out, None, params),
         "backward_backward": lambda: kernels.attention_backward_backward(
-            q, k, v, out, lse, d_out, None, *directions[:3], params),
+            q, k, v, out, lse, d_out, None, *directions[:3], params, dq=dq),
     }
     without_cot_d_out = lambda: kernels.attention_backward_backward(  # noqa: E731
-        q, k, v, out, lse, d_out, None, *directions[:3], params, wants_cot_d_out=False)
+        q, k, v, out, lse, d_out, None, *directions[:3], params, dq=dq, wants_cot_d_out=False)
     return runs | {kind: without_cot_d_out if kind in _tuning.WITHOUT_COT_D_OUT else runs[plan]
                    for kind, plan in _tuning.PLAN_KIND.items()}
 

@@ -180,6 +180,11 @@ def _check_backward_backward(q, k, v, params, fn, dtype, **varlen):
     if INTERPRETER:
         for name, value in kept.items():
             torch.testing.assert_close(value, got[names.index(name)], rtol=0, atol=0, msg=name)
+    # With the backward's dq at hand (where one row sweep runs, it reads dS K from it): as accurate.
+    dq = attention_backward(q, k, v, out, lse, d_out, d_lse, params, **varlen)[0]
+    with_dq = attention_backward_backward(q, k, v, out, lse, d_out, d_lse, *cotangents, params, dq=dq,
+                                          cot_q=poisoned(q), **varlen)
+    _assert_accurate(dict(zip(names, with_dq)), reference, (q, k, v, d_out, d_lse, *cotangents), dtype)
 
 
 def _check_backward_tangent(q, k, v, params, fn, dtype, **varlen):
@@ -194,6 +199,9 @@ def _check_backward_tangent(q, k, v, params, fn, dtype, **varlen):
     got = attention_backward_backward(q, k, v, out, lse, d_out, d_lse, *x_dot, params, d_out_dot=d_out_dot,
                                       d_lse_dot=d_lse_dot, cot_q=poisoned(q), cot_k=poisoned(k), cot_v=poisoned(v),
                                       **varlen)[:3]
+    dq = attention_backward(q, k, v, out, lse, d_out, d_lse, params, **varlen)[0]
+    with_dq = attention_backward_backward(q, k, v, out, lse, d_out, d_lse, *x_dot, params, d_out_dot=d_out_dot,
+                                          d_lse_dot=d_lse_dot, dq=dq, cot_q=poisoned(q), **varlen)[:3]
 
     def reference(q, k, v, d_out, d_lse, d_out_dot, d_lse_dot, *x_dot):
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -204,7 +212,9 @@ def _check_backward_tangent(q, k, v, params, fn, dtype, **varlen):
         linear = torch.autograd.grad((out * d_out_dot).sum() + (lse * d_lse_dot.to(lse.dtype)).sum(), leaves)
         return dict(zip(names, (a + b for a, b in zip(hessian, linear))))
 
-    _assert_accurate(dict(zip(names, got)), reference, (q, k, v, d_out, d_lse, d_out_dot, d_lse_dot, *x_dot), dtype)
+    for found in (got, with_dq):
+        _assert_accurate(dict(zip(names, found)), reference, (q, k, v, d_out, d_lse, d_out_dot, d_lse_dot, *x_dot),
+                         dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
@@ -325,7 +335,8 @@ def _check_double_backward_case(case, checker, seed: int) -> None:
 @pytest.mark.parametrize("check", ["backward_backward", "backward_tangent"])
 @pytest.mark.parametrize("case", list(ONE_SWEEP_CASES) + ["varlen", "split-D48-float16"])
 def test_double_backward_one_sweep(case, check, monkeypatch):
-    """Forced one sweep against the reference; every double-backward plan built took it."""
+    """Forced one sweep against the reference, without and with the backward's dq (which it then
+    reads for dS K); every double-backward plan built took it, and some read dq."""
     monkeypatch.setattr(tuning, "ONE_SWEEP_OVERRIDE", True)
     checker = VARLEN_CHECKS[check]
     clear_plans()  # plans are cached with the schedule they were built with
@@ -344,6 +355,7 @@ def test_double_backward_one_sweep(case, check, monkeypatch):
                  if any("ONE_SWEEP" in launch_.arguments for launch_ in plan.launches)]
         assert plans and all(launch_.arguments["ONE_SWEEP"] for plan in plans for launch_ in plan.launches
                              if "ONE_SWEEP" in launch_.arguments)
+        assert any(launch_.arguments.get("Dq") is not None for plan in plans for launch_ in plan.launches)
     finally:
         clear_plans()
 

@@ -136,6 +136,50 @@ def test_hessian_vector_products_agree(causal):
         torch.testing.assert_close((p - m) / (2 * eps), r, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("order", ["reverse_over_reverse", "forward_over_reverse", "reverse_over_forward"])
+def test_the_one_row_sweep_reads_the_backwards_dq(order, monkeypatch):
+    """Each second-order path hands the double backward the backward's dq, from which its row kernel
+    in one sweep (forced here: the interpreter's table sweeps twice) reads dS K instead of summing
+    it (theory §4.7): the row launches get it, and the numbers are the reference's. Reverse over
+    forward (the gradient of a JVP) runs the backward for its cotangent first to have one."""
+    import theria_kernels._launch_torch as launch_torch
+    import theria_kernels.attention._tuning as tuning
+    from theria_kernels.attention.torch_launchers import clear_plans
+
+    monkeypatch.setattr(tuning, "ONE_SWEEP_OVERRIDE", True)
+    rows, launch_one = [], launch_torch.launch_one
+
+    def record(launch, tensors):
+        if launch.kernel.__name__ == "_attn_bwd_bwd_rows_kernel":
+            rows.append(launch.arguments["Dq"] is not None)
+        launch_one(launch, tensors)
+
+    monkeypatch.setattr(launch_torch, "launch_one", record)
+    q, k, v = (t.detach() for t in _leaves(t_q=11, t_k=11, seed=9))
+    direction, weight = tuple(torch.randn_like(t) for t in (q, k, v)), torch.randn_like(q)
+
+    def second_order(backend):
+        attend = lambda q, k, v: sdpa_custom(q, k, v, causal=True, backend=backend)  # noqa: E731
+        loss = lambda q, k, v: (attend(q, k, v) * weight).sum().sin()  # noqa: E731
+        if order == "forward_over_reverse":
+            return torch.func.jvp(torch.func.grad(loss, argnums=(0, 1, 2)), (q, k, v), direction)[1]
+        if order == "reverse_over_forward":
+            along = lambda q, k, v: (torch.func.jvp(attend, (q, k, v), direction)[1] * weight).sum()  # noqa: E731
+            return torch.func.grad(along, argnums=(0, 1, 2))(q, k, v)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        grads = torch.autograd.grad(loss(*leaves), leaves, create_graph=True)
+        return torch.autograd.grad(grads, leaves, direction)
+
+    clear_plans()  # plans are cached with the schedule they were built with
+    try:
+        got = second_order("triton_full_fused")
+    finally:
+        clear_plans()
+    assert rows and all(rows)
+    for a, r in zip(got, second_order("reference")):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
+
+
 def test_vmap_of_grad_and_of_jvp():
     q, k, v = (t.detach() for t in _leaves(seed=6))
     qs = torch.randn(3, *q.shape, dtype=F64, device=DEVICE)

@@ -230,6 +230,37 @@ def test_loss_of_out_alone(transform):
     assert_tree_accurate(transform, got, want, jnp.float64)
 
 
+@pytest.mark.parametrize("transform", ["grad_of_grad", "jvp_of_grad"])
+def test_the_one_row_sweep_reads_the_backwards_dq(transform, monkeypatch):
+    """The backward's jvp rule hands its dq to the double backward (through attention_bwd_tangent),
+    whose row kernel in one sweep (forced here: the interpreter's table sweeps twice) reads dS K
+    from it instead of summing it (theory §4.7): the row launches get it, and the numbers are the
+    reference's."""
+    import theria_kernels.attention._tuning as tuning
+    from theria_kernels.attention.torch_launchers import clear_plans
+
+    monkeypatch.setattr(tuning, "ONE_SWEEP_OVERRIDE", True)
+    rows, launch_one = [], _launch_torch.launch_one
+
+    def record(launch, tensors):
+        if launch.kernel.__name__ == "_attn_bwd_bwd_rows_kernel":
+            rows.append(launch.arguments["Dq"] is not None)
+        launch_one(launch, tensors)
+
+    monkeypatch.setattr(_launch_torch, "launch_one", record)
+    case = CASES[1]
+    inputs = case.inputs(seed=23)
+    weights = _weights(case, inputs, seed=24)
+    clear_plans()  # plans are cached with the schedule they were built with
+    try:
+        got = _jitted(transform, partial(case.attend, FUSED))(weights, *inputs)
+    finally:
+        clear_plans()
+    assert rows and all(rows)
+    want = _jitted(transform, partial(case.attend, REFERENCE))(weights, *inputs)
+    assert_tree_accurate(transform, got, want, jnp.float64)
+
+
 def test_hessian_of_small_scalar_function():
     """jax.hessian (jacfwd of jacrev) of a loss of 3 scalars that move q, k and v."""
     case = CASES[2]
@@ -310,14 +341,18 @@ def _primitive_calls(q, k, v, params, seed, seqs=(), lengths=None):
     d_out, d_lse = _random_like((out, lse), seed=seed)
     cot = _random_like((q, k, v), seed=seed + 1)
     direction = _random_like((q, k, v), seed=seed + 2)
+    dq = _primitives.backward_p.bind(q, k, v, out, lse, d_out, d_lse, *seqs, params=params, lengths=lengths)[0]
     double_backward = (_primitives.backward_backward_p, (out, lse, d_out, d_lse, *cot))
     return {
         "forward": (_primitives.forward_p, (), {}),
         "jvp": (_primitives.forward_tangent_p, (out, lse, *cot), {}),
         "forward_second": (_primitives.forward_second_p, (out, lse, *cot, *direction), {}),
         "backward": (_primitives.backward_p, (out, lse, d_out, d_lse), {}),
-        "backward_backward": (*double_backward, dict(cot_d_out=True)),
-        "backward_backward without cot_d_out": (*double_backward, dict(cot_d_out=False)),
+        "backward_backward": (*double_backward, dict(cot_d_out=True, has_dq=False)),
+        "backward_backward without cot_d_out": (*double_backward, dict(cot_d_out=False, has_dq=False)),
+        "backward_backward with the backward's dq": (_primitives.backward_backward_p,
+                                                     (out, lse, d_out, d_lse, *cot, dq),
+                                                     dict(cot_d_out=False, has_dq=True)),
     }
 
 

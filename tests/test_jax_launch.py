@@ -468,7 +468,7 @@ def test_jax_plans_follow_the_tma_tables(monkeypatch):
         _primitives._forward_impl(arrays, **static)
         _primitives._forward_tangent_impl(arrays, **static)
         _primitives._backward_impl(arrays, **static)
-        _primitives._backward_backward_impl(arrays, cot_d_out=True, **static)
+        _primitives._backward_backward_impl(arrays, cot_d_out=True, has_dq=False, **static)
         return [[launch.arguments["TMA"] for launch in plan.launches if "TMA" in launch.arguments] for plan in ran]
 
     monkeypatch.setattr(tuning, "TMA_OVERRIDE", None)

@@ -216,14 +216,12 @@ KNOWN_LEGACY_MMA = {
     (90, "backward_backward_rows", 256, 2, "bwd_bwd_rows"),
 }
 
-# The row sweep without d_out's cotangent misfits wherever the row sweep with it does, and spills
-# at sm_90's 2-byte head dims 64 and 128 too, on the tiles timing chose for it: 24 words a thread
-# in this call's specialisation at 64 on 128 × 64 × 8 × 3, 20 at 128 on its one sweep's 128 × 16 ×
-# 8 × 3.
+# The row sweep without d_out's cotangent misfits wherever the row sweep with it does. At sm_90's
+# 2-byte head dim 128 it sweeps once on its own tile, reading the backward's dq, and spills a few
+# words (6 a thread as timed); at 64 it fits (without dq it spilled 24 words a thread).
 for _known in (KNOWN_SPILLS, KNOWN_SHARED_MEMORY, KNOWN_LEGACY_MMA):
     _known |= {(c, "backward_backward_rows_no_cot_d_out", d, b, kernel)
                for c, kind, d, b, kernel in list(_known) if kind == "backward_backward_rows"}
-KNOWN_SPILLS |= {(90, "backward_backward_rows_no_cot_d_out", d, 2, "bwd_bwd_rows") for d in (64, 128)}
 
 
 # Launches that are not a table kind of their own, and the kind whose tile they take.
@@ -250,8 +248,10 @@ def entry_launches(capability: int, kind: str, head_dim: int, dtype_bytes: int, 
         "tangent": lambda: _launch.forward_plan(call, True, given_primal=True),
         "forward_second": lambda: _launch.forward_plan(call, True, True),
         "backward": lambda: _launch.backward_plan(call, True),
+        # with the backward's dq, as both adapters' double backward after a backward has it
         "backward_backward": lambda: _launch.backward_backward_plan(
-            call, frozenset({"d_lse", "cot_dq", "cot_dk", "cot_dv"}), cot_d_out=kind not in _tuning.WITHOUT_COT_D_OUT),
+            call, frozenset({"d_lse", "cot_dq", "cot_dk", "cot_dv", "dq"}),
+            cot_d_out=kind not in _tuning.WITHOUT_COT_D_OUT),
     }
     plan = plans[_tuning.PLAN_KIND.get(kind, kind)]()
     return [(launch, plan.buffer_dtypes) for launch in plan.launches

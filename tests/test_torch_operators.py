@@ -60,13 +60,15 @@ def _attention_arguments(name: str, q, k, v, scalars=SCALARS) -> tuple:
     their primal but contiguous, some optional ones None."""
     out, lse = torch.ops.theria.attention_forward(q, k, v, *scalars)
     q_dot, d_out, k_dot, v_dot = (torch.randn(t.shape, dtype=F64, device=t.device) for t in (q, q, k, v))
+    dq = torch.ops.theria.attention_backward(q, k, v, out, lse, d_out, None, *scalars)[0]
     return {"forward": (q, k, v),
             "jvp": (q, k, v, q_dot, k_dot, v_dot),
             "tangent": (q, k, v, out, lse, q_dot, k_dot, v_dot),
             "forward_second": (q, k, v, q_dot, k_dot, v_dot, d_out, v_dot, k_dot),
             "backward": (q, k, v, out, lse, d_out, None),
-            # the second cotangent (d_out_dot, d_lse_dot) given: the fused tangent of the backward
-            "backward_backward": (q, k, v, out, lse, d_out, None, q_dot, None, v_dot, d_out, lse, True),
+            # the second cotangent (d_out_dot, d_lse_dot) given: the fused tangent of the backward,
+            # with the backward's dq
+            "backward_backward": (q, k, v, out, lse, d_out, None, q_dot, None, v_dot, d_out, lse, dq, True),
             }[name] + tuple(scalars)
 
 

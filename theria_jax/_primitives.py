@@ -17,7 +17,9 @@ H_u = ∇²_x <u, f(x)> (symmetric):
   attention_backward alone when x_dot is zero.
 * ``attention_bwd_bwd(x, out, lse, u, c) = (H_u c, J c)``: attention_backward_backward. With
   ``cot_d_out=False`` (no rule reads J c's out part) it returns (H_u c, l̇se part of J c) and the
-  kernels skip the out part's T × T product.
+  kernels skip the out part's T × T product. With ``has_dq`` its last operand is the backward's dq
+  for (x, u), which the one row sweep reads instead of summing dS K (theory §4.7); the backward's
+  jvp passes it on, through ``attention_bwd_tangent``, as a primal.
 
 Operands after ``|`` are the ones the primitive is linear in (the ones a transpose rule solves for).
 
@@ -118,8 +120,14 @@ BACKWARD_BACKWARD = BACKWARD + _COT
 
 
 def backward_tangent_names(has_x_dot: bool, has_u_dot: bool) -> tuple[str, ...]:
-    """``attention_bwd_tangent``'s operands: the backward's, then the tangents it carries."""
-    return BACKWARD + (_X_DOT if has_x_dot else ()) + (_U_DOT if has_u_dot else ())
+    """``attention_bwd_tangent``'s operands: the backward's, its result dq, then the tangents it
+    carries."""
+    return BACKWARD + ("dq",) + (_X_DOT if has_x_dot else ()) + (_U_DOT if has_u_dot else ())
+
+
+def backward_backward_names(params: dict) -> tuple[str, ...]:
+    """``attention_bwd_bwd``'s operands: the backward's, the cotangents, and dq where it is given."""
+    return BACKWARD_BACKWARD + (("dq",) if params["has_dq"] else ())
 
 
 def constant_names(params: AttentionParams, lengths) -> tuple[str, ...]:
@@ -245,8 +253,9 @@ def _backward_impl(arrays, *, params, lengths):
 _ALL_GIVEN = frozenset(("d_lse",) + _COT)
 
 
-def _backward_backward_impl(arrays, *, cot_d_out, params, lengths):
-    plan = functools.partial(backward_backward_plan, given=_ALL_GIVEN, cot_d_out=cot_d_out)
+def _backward_backward_impl(arrays, *, cot_d_out, has_dq, params, lengths):
+    given = _ALL_GIVEN | (frozenset(("dq",)) if has_dq else frozenset())
+    plan = functools.partial(backward_backward_plan, given=given, cot_d_out=cot_d_out)
     return _run(plan, arrays, params, lengths)
 
 
@@ -255,7 +264,7 @@ def _backward_tangent_impl(arrays, *, has_x_dot, has_u_dot, **static):
         # H_u x_dot (+ Jᵀ u_dot): the Hessian is symmetric, so H_u x_dot is the double backward with
         # cotangent x_dot, whose kernels also add the backward for u_dot when it is given.
         cotangents = dict(zip(_COT, (arrays[name] for name in _X_DOT)))
-        given = _ALL_GIVEN | (frozenset(_U_DOT) if has_u_dot else frozenset())
+        given = _ALL_GIVEN | {"dq"} | (frozenset(_U_DOT) if has_u_dot else frozenset())
         plan = functools.partial(backward_backward_plan, given=given, cot_d_out=False)  # only [:3] is read
         return _run(plan, {**arrays, **cotangents}, **static)[:3]
     # Jᵀ u_dot alone: the backward is linear in u.
@@ -274,7 +283,7 @@ backward_tangent_p = _primitive("attention_bwd_tangent", "qkv",
                                 lambda params: backward_tangent_names(params["has_x_dot"], params["has_u_dot"]),
                                 _backward_tangent_impl)
 backward_backward_p = _primitive("attention_bwd_bwd", lambda params: "qkvqs" if params["cot_d_out"] else "qkvs",
-                                 _names(BACKWARD_BACKWARD), _backward_backward_impl)
+                                 backward_backward_names, _backward_backward_impl)
 
 
 def attention_fused(q, k, v, params: AttentionParams, cu_seqlens=(), lengths=None, row_slopes=None):
@@ -345,7 +354,7 @@ def _forward_second_transpose(cotangents, *operands, params, lengths):
     # <c, f''[x_dot, y]> = <y, H_c x_dot>: the double backward with d_out, d_lse = c, cotangent x_dot.
     given = {**arrays, **_dense(dict(zip(_U, cotangents)), _U, _U), **_dense(arrays, _X_DOT, _COT)}
     cot_q, cot_k, cot_v, _ = backward_backward_p.bind(*_operands(given, BACKWARD_BACKWARD, params, lengths),
-                                                      cot_d_out=False, params=params, lengths=lengths)
+                                                      cot_d_out=False, has_dq=False, params=params, lengths=lengths)
     return _linear_cotangents(dict(zip(_Y, (cot_q, cot_k, cot_v))), arrays)
 
 
@@ -356,7 +365,8 @@ def _backward_jvp(primals, tangents, *, params, lengths):
     has_x_dot, has_u_dot = _nonzero(moved, _X), _nonzero(moved, _U)
     if not (has_x_dot or has_u_dot):
         return results, [jnp.zeros_like(r) for r in results]
-    arrays = {**_named(primals, BACKWARD, params, lengths), **_dense(moved, _X, _X_DOT), **_dense(moved, _U, _U_DOT)}
+    arrays = {**_named(primals, BACKWARD, params, lengths), "dq": results[0], **_dense(moved, _X, _X_DOT),
+              **_dense(moved, _U, _U_DOT)}
     names = backward_tangent_names(has_x_dot, has_u_dot)
     result_dots = backward_tangent_p.bind(*_operands(arrays, names, params, lengths), has_x_dot=has_x_dot,
                                           has_u_dot=has_u_dot, **static)
@@ -370,8 +380,8 @@ def _backward_tangent_transpose(cotangents, *operands, has_x_dot, has_u_dot, par
     # J c's out part only where d_out_dot is solved for: a d_out that nothing differentiates (a
     # constant output weight, as in rev-over-rev of a fixed loss) costs no T × T product.
     cot_d_out = has_u_dot and ad.is_undefined_primal(arrays["d_out_dot"])
-    results = backward_backward_p.bind(*_operands(given, BACKWARD_BACKWARD, params, lengths),
-                                       cot_d_out=cot_d_out, params=params, lengths=lengths)
+    results = backward_backward_p.bind(*_operands(given, BACKWARD_BACKWARD + ("dq",), params, lengths),
+                                       cot_d_out=cot_d_out, has_dq=True, params=params, lengths=lengths)
     # (H_u c, J c): cotangents of x_dot and of u_dot, for whichever of them this call carries.
     cot_u = (results[3] if cot_d_out else None, results[-1])
     cots = {**dict(zip(_X_DOT, results[:3])), **dict(zip(_U_DOT, cot_u))}

@@ -111,11 +111,11 @@ def _launch_backward(q, k, v, out, lse, d_out, d_lse, static: Static) -> tuple[T
                                               **static.launcher_keywords())
 
 
-def _launch_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, d_out_dot, d_lse_dot,
+def _launch_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, d_out_dot, d_lse_dot, dq,
                               wants_cot_d_out: bool, static: Static) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     found = torch_launchers.attention_backward_backward(
         q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, static.params, d_out_dot=d_out_dot,
-        d_lse_dot=d_lse_dot, wants_cot_d_out=wants_cot_d_out, **static.launcher_keywords())
+        d_lse_dot=d_lse_dot, dq=dq, wants_cot_d_out=wants_cot_d_out, **static.launcher_keywords())
     # An operator returns tensors only: a cot_d_out nobody wants is an empty one.
     return found if wants_cot_d_out else (*found[:3], q.new_empty(0), found[4])
 
@@ -172,14 +172,15 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: 
 def _backward_backward(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, d_lse: Optional[Tensor],
     cot_dq: Optional[Tensor], cot_dk: Optional[Tensor], cot_dv: Optional[Tensor], d_out_dot: Optional[Tensor],
-    d_lse_dot: Optional[Tensor], wants_cot_d_out: bool, scale: float, causal: bool, window_left: int,
+    d_lse_dot: Optional[Tensor], dq: Optional[Tensor], wants_cot_d_out: bool, scale: float, causal: bool,
+    window_left: int,
     window_right: int, bottom_right: bool, softcap: float, cu_seqlens_q: Optional[Tensor],
     cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, row_slopes: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     static = _operator_static(scale, causal, window_left, window_right, bottom_right, softcap, cu_seqlens_q,
                               cu_seqlens_k, max_seqlen_q, max_seqlen_k, row_slopes)
     return _launch_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, d_out_dot, d_lse_dot,
-                                     wants_cot_d_out, static)
+                                     dq, wants_cot_d_out, static)
 
 
 _FUNCTION_APPLY = torch.autograd.Function.apply.__func__
@@ -232,7 +233,7 @@ def _attention_fake(kinds: str):
     return fake
 
 
-def _backward_backward_fake(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, d_out_dot, d_lse_dot,
+def _backward_backward_fake(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, d_out_dot, d_lse_dot, dq,
                             wants_cot_d_out, *scalars):
     """The double backward's fake: its cot_d_out is empty where it was not wanted."""
     cot_q, cot_k, cot_v, cot_d_out, cot_d_lse = _attention_fake("qkkqs")(q, k)

@@ -93,13 +93,15 @@ class _AttentionBackwardBackward(_SecondOrderKernel):
     """The double backward (cot_q, cot_k, cot_v, cot_d_out, cot_d_lse) for cotangents (cot_dq,
     cot_dk, cot_dv); with a second cotangent (d_out_dot, d_lse_dot) the first three also hold its
     backward (the tangent of the backward, in the same launches). Without ``wants_cot_d_out``
-    cot_d_out is empty and its product is never formed."""
+    cot_d_out is empty and its product is never formed. ``dq``, the backward's dq for these inputs
+    (or None), spares the one row sweep its dS K product (theory §4.7)."""
 
     @staticmethod
-    def forward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, d_out_dot, d_lse_dot, wants_cot_d_out,
+    def forward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, d_out_dot, d_lse_dot, dq, wants_cot_d_out,
                 static):
         return _ops.attention_backward_backward(
-            q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, d_out_dot, d_lse_dot, wants_cot_d_out, static)
+            q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, d_out_dot, d_lse_dot, dq, wants_cot_d_out,
+            static)
 
 
 class _AttentionBackward(_BatchFolding):
@@ -110,19 +112,21 @@ class _AttentionBackward(_BatchFolding):
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, out, lse, d_out, d_lse, static = inputs
-        ctx.save_for_backward(q, k, v, out, lse, d_out, d_lse)
-        ctx.save_for_forward(q, k, v, out, lse, d_out, d_lse)
+        # dq too, an output: the double backward's one row sweep reads dS K from it (theory §4.7).
+        ctx.save_for_backward(q, k, v, out, lse, d_out, d_lse, output[0])
+        ctx.save_for_forward(q, k, v, out, lse, d_out, d_lse, output[0])
         ctx.static = static
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, cot_dq, cot_dk, cot_dv):
-        q, k, v, out, lse, d_out, d_lse = ctx.saved_tensors
+        q, k, v, out, lse, d_out, d_lse, dq = ctx.saved_tensors
         # A d_out that nothing differentiates (a constant output weight) gets no cotangent: one
         # T×T product a tile less in the double backward's row sweep.
         wants_cot_d_out = ctx.needs_input_grad[5]
         cot_q, cot_k, cot_v, cot_d_out, cot_d_lse = _AttentionBackwardBackward.apply(
-            q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, None, None, wants_cot_d_out, ctx.static)
+            q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv, None, None, dq.detach(), wants_cot_d_out,
+            ctx.static)
         return (cot_q, cot_k, cot_v, None, None, cot_d_out if wants_cot_d_out else None,
                 cot_d_lse if d_lse is not None else None, None)
 
@@ -131,11 +135,12 @@ class _AttentionBackward(_BatchFolding):
         # Through the Functions rather than the raw operators, so that a further transform on top
         # either works or raises instead of seeing constants.
         # H_u ẋ + Jᵀ u̇ in one double-backward launch pair (the kernels add the backward for u̇).
-        q, k, v, out, lse, d_out, d_lse = ctx.saved_tensors
+        q, k, v, out, lse, d_out, d_lse, dq = ctx.saved_tensors
         if d_lse_dot is not None:
             d_out_dot = _zeros_if_none(d_out_dot, out)
         return _AttentionBackwardBackward.apply(
-            q, k, v, out, lse, d_out, d_lse, q_dot, k_dot, v_dot, d_out_dot, d_lse_dot, False, ctx.static)[:3]
+            q, k, v, out, lse, d_out, d_lse, q_dot, k_dot, v_dot, d_out_dot, d_lse_dot, dq.detach(), False,
+            ctx.static)[:3]
 
 
 class _AttentionSecond(_SecondOrderKernel):
@@ -172,9 +177,10 @@ class _AttentionTangent(_BatchFolding):
             return (None,) * 9
         out, lse = out.detach(), lse.detach()
         cot_out_dot = _zeros_if_none(cot_out_dot, out)
-        second = _AttentionBackwardBackward.apply(
-            q, k, v, out, lse, cot_out_dot, cot_lse_dot, q_dot, k_dot, v_dot, None, None, False, ctx.static)[:3]
         first = _AttentionBackward.apply(q, k, v, out, lse, cot_out_dot, cot_lse_dot, ctx.static)
+        # first's dq is the backward's for these inputs: the one row sweep reads dS K from it.
+        second = _AttentionBackwardBackward.apply(q, k, v, out, lse, cot_out_dot, cot_lse_dot, q_dot, k_dot, v_dot,
+                                                  None, None, first[0].detach(), False, ctx.static)[:3]
         return (*second, None, None, *first, None)
 
     @staticmethod

@@ -376,7 +376,9 @@ def backward_backward_plan(call: AttentionCall, given: frozenset, tma_ok: bool =
     d_lse, cot_dq, cot_dk, cot_dv are inputs; the others are zero (d_lse a None pointer, the
     cotangents zeroed temporaries). The row kernel (one sweep or two, ``_tuning.uses_one_sweep``,
     on the ``backward_backward_rows`` tile, ``backward_backward_rows_no_cot_d_out`` without
-    ``cot_d_out``) stores delta, sigma and rho for the column sweep.
+    ``cot_d_out``) stores delta, sigma and rho for the column sweep. With ``dq`` in ``given`` (the
+    backward's dq for these q, k, v, d_out and d_lse, as ``backward_plan`` gives it) the one sweep
+    reads dS K from it instead of summing it (§4.7); two sweeps do not read it.
 
     With ``d_out_dot`` in ``given`` (and optionally ``d_lse_dot``), (cot_q, cot_k, cot_v) also hold
     the backward for the second cotangent u̇ = (d_out_dot, d_lse_dot): with (cot_dq, cot_dk,
@@ -386,6 +388,7 @@ def backward_backward_plan(call: AttentionCall, given: frozenset, tma_ok: bool =
     (cot_q, cot_k, cot_v, cot_d_lse) and the row sweep skips its dP̄ V product."""
     row_kind = "backward_backward_rows" if cot_d_out else "backward_backward_rows_no_cot_d_out"
     row_meta, block_m, block_n, warps, stages = call.meta(row_kind)
+    one_sweep = uses_one_sweep(call.device.capability, row_kind, call.block_d, call.dtype)
     tangent = "d_out_dot" in given
     allocations = {"cot_q": _Q, "cot_k": _K, "cot_v": _K, "cot_d_out": _Q, "cot_d_lse": _rows(call),
                    "delta": _rows(call), "rho": _rows(call)}
@@ -405,10 +408,11 @@ def backward_backward_plan(call: AttentionCall, given: frozenset, tma_ok: bool =
         Launch(_attn_bwd_bwd_rows_kernel, call.row_grid(block_m),
                dict(shared, Out=Buffer("out"), D_lse=Buffer("d_lse") if "d_lse" in given else None,
                     D_lse_dot=Buffer("d_lse_dot") if "d_lse_dot" in given else None,
+                    Dq=Buffer("dq") if one_sweep and "dq" in given else None,
                     Cot_q=Buffer("cot_q"), Cot_d_out=Buffer("cot_d_out") if cot_d_out else None,
                     Sigma=Buffer("cot_d_lse"), Rho=Buffer("rho"), **call.geometry(), **row_meta,
                     EVEN_K=call.even_k(block_n), TMA=call.tma(row_kind, tma_ok),
-                    ONE_SWEEP=uses_one_sweep(call.device.capability, row_kind, call.block_d, call.dtype)),
+                    ONE_SWEEP=one_sweep),
                writes=("Delta", *(("Delta_dot",) if tangent else ()), "Cot_q", *(("Cot_d_out",) if cot_d_out else ()),
                        "Sigma", "Rho"),
                num_warps=warps, num_stages=stages),
@@ -419,7 +423,7 @@ def backward_backward_plan(call: AttentionCall, given: frozenset, tma_ok: bool =
                                                    call.params.banded)), dict(Cot_k="cot_k", Cot_v="cot_v"),
                        allocations),
     )
-    inputs = call.inputs(("q", "k", "v", "out", "d_out", *(n for n in ("cot_dq", "cot_dk", "cot_dv", "d_out_dot")
+    inputs = call.inputs(("q", "k", "v", "out", "d_out", *(n for n in ("cot_dq", "cot_dk", "cot_dv", "d_out_dot", "dq")
                                                             if n in given)),
                          ("lse", *(n for n in ("d_lse", "d_lse_dot") if n in given)))
     outputs = ("cot_q", "cot_k", "cot_v", *(("cot_d_out",) if cot_d_out else ()), "cot_d_lse")

@@ -133,10 +133,11 @@ def _row_second_order(acc, p, dp, ds_bar, d_out, cot_dv, u_dot, v, k, cot_dk, de
                       HAS_U: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """One row tile's part of the double backward's row outputs in one sweep (§4.7): ``acc`` =
     (sigma, Σ_j X, X K + dS Ḡk, dS K, P K[, P Ḡv + (P ∘ dS̄) V]) with X = P ∘ (dS̄ ∘ (dP − δ) + dO
-    Ḡvᵀ). S̄ = X − sigma dS − (sigma δ + rho) P needs the row sums sigma and rho of every key
-    block, so the sweep sums S̄ K's three parts apart and the kernel weighs them once at the end
-    (cot_q), as it subtracts sigma O from the last part (cot_dO's dP̄ V = (P ∘ dS̄) V − sigma O);
-    rho = Σ_j X − sigma rowsum(dO ∘ O). HAS_U adds Jᵀ u̇'s dS = P ∘ (dȮ Vᵀ − δ_u) to X's product
+    Ḡvᵀ); dS K is an empty tuple, left so, where the kernel has the backward's dQ. S̄ = X − sigma
+    dS − (sigma δ + rho) P needs the row sums sigma and rho of every key block, so the sweep sums
+    S̄ K's three parts apart and the kernel weighs them once at the end (cot_q), as it subtracts
+    sigma O from the last part (cot_dO's dP̄ V = (P ∘ dS̄) V − sigma O); rho = Σ_j X − sigma
+    rowsum(dO ∘ O). HAS_U adds Jᵀ u̇'s dS = P ∘ (dȮ Vᵀ − δ_u) to X's product
     with K (§5). SOFTCAP (§8): ``ds_bar`` is the cotangent of dR, the softmax sees g ∘ ds_bar, and
     the products take dR = g ∘ dS, g ∘ P and R̄'s g ∘ X − (2 / softcap) t ∘ ds_bar ∘ dR in place
     of dS, P and X."""
@@ -149,7 +150,9 @@ def _row_second_order(acc, p, dp, ds_bar, d_out, cot_dv, u_dot, v, k, cot_dk, de
     sigma = acc[0] + tl.sum(p_ds_bar, 1)
     # Each product is taken as soon as its tile exists, so that few T×T tiles are live at once.
     acc_x = _add_dot(acc[2], ds_s, cot_dk, PRECISION, ACC_DTYPE)
-    acc_ds = _add_dot(acc[3], ds_s, k, PRECISION, ACC_DTYPE)
+    acc_ds = acc[3]
+    if len(acc[3]) > 0:  # empty where the kernel reads dS K from the backward's dQ
+        acc_ds = _add_dot(acc[3], ds_s, k, PRECISION, ACC_DTYPE)
     acc_p = _add_dot(acc[4], p_s, k, PRECISION, ACC_DTYPE)
     others = ()
     if len(acc) > 5:

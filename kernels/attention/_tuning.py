@@ -187,12 +187,14 @@ BACKWARD_ROWS: dict[int, dict[tuple[int, int], Tile]] = {}
 # accumulator and one GEMM fewer, so a wider tile pays at head dim 64. H200, B8 H16 T4096, the
 # double backward without it: 128 × 64 × 8 × 3 9.82 ms (causal 6.59) against the row sweep's
 # 64 × 32 × 4 × 2 at 10.50; it spills 22 words a thread (24 causal), the fastest tile that does
-# not, 64 × 32 × 4 × 3, takes 10.36 (docs/design/tuning.md §1). At head dim 128 it is the one
-# sweep (``ROW_ONE_SWEEP``) on 128 × 16 × 8 × 3, two warpgroups of 64 rows: 10.61 ms (causal 6.24)
-# against the two sweeps' 11.44 (6.70) on 64 × 32 × 4 × 2 (B4 H16 T4096; docs/perf-notes.md item
-# 47); it spills 26 words a thread (34 causal), the one sweep on 64 × 32 × 4 × 2 98. Not sm_100's:
-# the 128 × 64 tile needs 672 columns of tensor memory there, and the 128 × 16 one is untimed.
-ROWS_WITHOUT_COT_D_OUT = {90: {(64, 2): (128, 64, 8, 3), (128, 2): (128, 16, 8, 3)}}
+# not, 64 × 32 × 4 × 3, takes 10.36 (docs/design/tuning.md §1); reading the backward's dq it
+# spills 12 (item 48). At head dim 128 it is the one sweep (``ROW_ONE_SWEEP``) reading the
+# backward's dq on 128 × 32 × 8 × 3, two warpgroups of 64 rows: 8.52 ms (causal 5.06) against 10.09
+# (5.83) on 128 × 16 × 8 × 3, the tile of the one sweep that sums dS K itself (10.61 there, causal
+# 6.24), and the two sweeps' 11.44 (6.70) on 64 × 32 × 4 × 2 (B4 H16 T4096; docs/perf-notes.md items
+# 47 and 48); it spills 6 words a thread (16 causal). Not sm_100's: the 128 × 64 tile needs 672
+# columns of tensor memory there, and the 128 × 32 one is untimed.
+ROWS_WITHOUT_COT_D_OUT = {90: {(64, 2): (128, 64, 8, 3), (128, 2): (128, 32, 8, 3)}}
 
 
 def _add_derived_kind(table: dict, kind: str, source: str, entries: dict) -> None:
@@ -254,8 +256,9 @@ def table_capability(capability: int) -> int:
 # T4096, docs/perf-notes.md item 35) 12.24 → 11.28 ms (10.48 without d_out's cotangent, 12.09
 # before), causal 7.92 → 7.36 (7.00 / 7.66). At head dim 128 (B4 H16 T4096) the extra accumulators
 # spill: with d_out's cotangent 230 words a thread on the one sweep's best tile (untimed); without
-# it 26 on 128 × 16 × 8 × 3, where one sweep takes 10.61 ms against the two sweeps' 11.44 on their
-# tile (causal 6.24 / 6.70; item 47). Elsewhere untimed: two sweeps.
+# it one sweep takes 10.61 ms on 128 × 16 × 8 × 3 against the two sweeps' 11.44 on their tile
+# (causal 6.24 / 6.70; item 47), and 8.52 (5.06) on 128 × 32 × 8 × 3 where it reads the backward's
+# dq for dS K (item 48). Elsewhere untimed: two sweeps.
 _ONE_SWEEP_AT_64 = frozenset({("backward_backward_rows", 64, 2), ("backward_backward_rows_no_cot_d_out", 64, 2)})
 ROW_ONE_SWEEP: dict[int, frozenset] = {
     90: _ONE_SWEEP_AT_64 | {("backward_backward_rows_no_cot_d_out", 128, 2)}, 100: _ONE_SWEEP_AT_64}

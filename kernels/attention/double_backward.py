@@ -40,7 +40,9 @@ from theria_kernels.attention.backward import _row_delta
 # it sums X K + dS Ḡk, dS K and P K apart, with sigma and rho alongside, and weighs them at the
 # end, which leaves the row terms out of every tile (11 GEMMs a tile pair instead of 13; 9 instead
 # of 12 without cot_dO) for two more (BLOCK_M, D) accumulators (``_tuning.ROW_ONE_SWEEP`` says
-# where that pays). With a cap (§8) dS̄ above is g ∘ dR̄ (dR̄ = scale (Ḡq Kᵀ + Q Ḡkᵀ)), and cot_q,
+# where that pays). dS K is the backward's own dQ / scale, so where the caller passes that dQ
+# (Dq) the sweep reads it instead: one GEMM and one accumulator fewer (10 GEMMs; 8 without cot_dO).
+# With a cap (§8) dS̄ above is g ∘ dR̄ (dR̄ = scale (Ḡq Kᵀ + Q Ḡkᵀ)), and cot_q,
 # cot_k read dR = g ∘ dS and R̄ = g ∘ (S̄ − (2/c) t ∘ dR̄ ∘ dS) in place of dS and S̄.
 # The tangent of the backward along (ẋ, u̇) (forward over reverse) is H_u ẋ + Jᵀ u̇: the double
 # backward with cotangents Ḡ = ẋ (the Hessian is symmetric) plus the backward for u̇, which is
@@ -52,7 +54,7 @@ from theria_kernels.attention.backward import _row_delta
 
 @triton.jit
 def _attn_bwd_bwd_rows_kernel(
-    Q, K, V, Out, D_out, Lse, D_lse, Cot_dq, Cot_dk, Cot_dv, D_out_dot, D_lse_dot, Cu_q, Cu_k, Slopes,
+    Q, K, V, Out, D_out, Lse, D_lse, Cot_dq, Cot_dk, Cot_dv, D_out_dot, D_lse_dot, Dq, Cu_q, Cu_k, Slopes,
     Delta, Delta_dot, Cot_q, Cot_d_out, Sigma, Rho,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     t_q, t_k, heads, group, sm_scale: tl.float64, softcap: tl.float64, band_lo, band_hi,
@@ -66,7 +68,10 @@ def _attn_bwd_bwd_rows_kernel(
     d_out needs no cotangent) the sweep that forms the outputs skips cot_dO's products.
     TANGENT adds Jᵀ u̇ for the second cotangent u̇ = (D_out_dot, D_lse_dot) to cot_q
     (``BACKWARD_TANGENT``) and stores its row term in Delta_dot for the column kernel. TMA loads K
-    and V through tensor descriptors in every sweep, as the backward's dQ kernel does."""
+    and V through tensor descriptors in every sweep, as the backward's dQ kernel does. Dq, read by
+    the one sweep only, is the backward's dQ = scale · dS K for these inputs (None: not at hand):
+    the sweep then takes dS K from it instead of summing it, one GEMM a tile and one (BLOCK_M, D)
+    accumulator fewer (§4.7)."""
     start_m = tl.program_id(0) * BLOCK_M
     batch, head, entry = _program(heads, VARLEN)
     q_base, k_base, row_base, len_q, len_k, band_lo, band_hi = _sequence(
@@ -99,7 +104,10 @@ def _attn_bwd_bwd_rows_kernel(
 
     if ONE_SWEEP:  # sigma, Σ_j X and the three parts of S̄ K, summed alongside (``_row_second_order``)
         zeros, rows = _zeros_like_parts(q, ACC_DTYPE), tl.zeros([BLOCK_M], ACC_DTYPE)
-        acc = (rows, rows, zeros, zeros, zeros)
+        ds_k = zeros
+        if Dq is not None:  # dS K is the backward's dQ / scale: no sum of it (an empty part)
+            ds_k = ()
+        acc = (rows, rows, zeros, ds_k, zeros)
         if Cot_d_out is not None:
             acc += (zeros,)
         sigma, rho = None, None
@@ -129,8 +137,14 @@ def _attn_bwd_bwd_rows_kernel(
         rho = acc[1] - sigma * row_dot
         by_p = sigma * delta + rho
         cot_q = ()
+        if Dq is not None:
+            dq = _load_parts(Dq + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
         for part in tl.static_range(len(q)):
-            cot_q += ((acc[2][part] - sigma[:, None] * acc[3][part] - by_p[:, None] * acc[4][part]) * sm_scale,)
+            if Dq is not None:  # scale (dS K) = dQ
+                cot_q += ((acc[2][part] - by_p[:, None] * acc[4][part]) * sm_scale
+                          - sigma[:, None] * dq[part].to(ACC_DTYPE),)
+            else:
+                cot_q += ((acc[2][part] - sigma[:, None] * acc[3][part] - by_p[:, None] * acc[4][part]) * sm_scale,)
         if Cot_d_out is not None:  # dP̄ V = (P ∘ dS̄) V − sigma O
             out = _load_parts(Out + q_base, offs_m, len_q, stride_qt, HEAD_DIM, BLOCK_D0, BLOCK_D1)
             cot_d_out = ()

@@ -281,9 +281,9 @@ def attention_backward(q, k, v, out, lse, d_out, d_lse, params: AttentionParams,
 
 
 def attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk, cot_dv,
-                                params: AttentionParams, *, d_out_dot=None, d_lse_dot=None, cot_q=None, cot_k=None,
-                                cot_v=None, cot_d_out=None, cot_d_lse=None, row_slopes=None, wants_cot_d_out=True,
-                                **varlen):
+                                params: AttentionParams, *, d_out_dot=None, d_lse_dot=None, dq=None, cot_q=None,
+                                cot_k=None, cot_v=None, cot_d_out=None, cot_d_lse=None, row_slopes=None,
+                                wants_cot_d_out=True, **varlen):
     """VJP of the backward (q, k, v, d_out, d_lse) ↦ (dq, dk, dv) for cotangents
     (cot_dq, cot_dk, cot_dv); ``d_lse`` and any cotangent may be None (zero); out and lse count as
     functions of q, k, v.
@@ -292,19 +292,24 @@ def attention_backward_backward(q, k, v, out, lse, d_out, d_lse, cot_dq, cot_dk,
     the backward for that second cotangent: for (cot_dq, cot_dk, cot_dv) = (q̇, k̇, v̇) they are the
     tangent of (dq, dk, dv) along (q̇, k̇, v̇, d_out_dot, d_lse_dot), in one pair of launches.
 
+    ``dq`` (optional, an input here) is ``attention_backward``'s dq for the same q, k, v, out, lse,
+    d_out and d_lse: where the row kernel sweeps the keys once it reads dS K from it instead of
+    summing it, one T×T GEMM a tile fewer (theory §4.7). A dq of other inputs gives wrong numbers.
+
     Returns:
         (cot_q, cot_k, cot_v, cot_d_out, cot_d_lse), shaped like (q, k, v, out, lse); cot_d_out is
         None with ``wants_cot_d_out=False`` (d_out is the caller's constant), which spares the
         row sweep one T×T GEMM a tile.
     """
-    call, tensors = _prepare(q, k, params, {"out": out, "d_out": d_out, "cot_dq": cot_dq, "d_out_dot": d_out_dot},
+    call, tensors = _prepare(q, k, params, {"out": out, "d_out": d_out, "cot_dq": cot_dq, "d_out_dot": d_out_dot,
+                                            "dq": dq},
                              {"v": v, "cot_dk": cot_dk, "cot_dv": cot_dv},
                              {"lse": lse, "d_lse": d_lse, "d_lse_dot": d_lse_dot, "row_slopes": row_slopes},
                              dict(cot_q=cot_q, cot_k=cot_k, cot_v=cot_v, cot_d_out=cot_d_out,
                                   cot_d_lse=cot_d_lse), varlen)
     if "d_lse_dot" in tensors and "d_out_dot" not in tensors:
         raise ValueError("d_lse_dot needs d_out_dot (pass zeros for a zero d_out_dot)")
-    given = frozenset(name for name in ("d_lse", "cot_dq", "cot_dk", "cot_dv", "d_out_dot", "d_lse_dot")
+    given = frozenset(name for name in ("d_lse", "cot_dq", "cot_dk", "cot_dv", "d_out_dot", "d_lse_dot", "dq")
                       if name in tensors)
     plan = _plan(backward_backward_plan, call, given, _aligned(tensors, _BACKWARD_DESCRIBED), wants_cot_d_out)
     found = run_plan(plan, tensors)
