@@ -97,9 +97,9 @@ def _call(shape, dtype: str, mask: str, device):
 
 def _plan(kind: str, call):
     """The plan the torch launcher of ``kind`` builds for these tensors (no d_lse, the backward's dq,
-    every cotangent but d_out's for the kinds of ``_tuning.WITHOUT_COT_D_OUT``). The ``jvp`` tile is timed on the
-    tangent kernel, which forward-mode AD runs after the forward (``given_primal``); the
-    single-sweep JVP kernel of ``attention_jvp`` takes the same tile."""
+    every cotangent but d_out's for the kinds of ``_tuning.WITHOUT_COT_D_OUT``). The ``jvp`` tile is
+    timed on the tangent kernel, which forward-mode AD runs after the forward (``given_primal``);
+    the single-sweep JVP kernel of ``attention_jvp`` takes the same tile."""
     from theria_kernels.attention import _launch, _tuning
 
     if kind == "jvp":

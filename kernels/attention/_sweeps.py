@@ -137,10 +137,9 @@ def _row_second_order(acc, p, dp, ds_bar, d_out, cot_dv, u_dot, v, k, cot_dk, de
     dS − (sigma δ + rho) P needs the row sums sigma and rho of every key block, so the sweep sums
     S̄ K's three parts apart and the kernel weighs them once at the end (cot_q), as it subtracts
     sigma O from the last part (cot_dO's dP̄ V = (P ∘ dS̄) V − sigma O); rho = Σ_j X − sigma
-    rowsum(dO ∘ O). HAS_U adds Jᵀ u̇'s dS = P ∘ (dȮ Vᵀ − δ_u) to X's product
-    with K (§5). SOFTCAP (§8): ``ds_bar`` is the cotangent of dR, the softmax sees g ∘ ds_bar, and
-    the products take dR = g ∘ dS, g ∘ P and R̄'s g ∘ X − (2 / softcap) t ∘ ds_bar ∘ dR in place
-    of dS, P and X."""
+    rowsum(dO ∘ O). HAS_U adds Jᵀ u̇'s dS = P ∘ (dȮ Vᵀ − δ_u) to X's product with K (§5).
+    SOFTCAP (§8): ``ds_bar`` is the cotangent of dR, the softmax sees g ∘ ds_bar, and the products
+    take dR = g ∘ dS, g ∘ P and R̄'s g ∘ X − (2 / softcap) t ∘ ds_bar ∘ dR in place of dS, P and X."""
     ds = p * (dp - delta[:, None])
     ds_bar_s, ds_s, p_s = ds_bar, ds, p
     if SOFTCAP:

@@ -250,7 +250,8 @@ def table_capability(capability: int) -> int:
 
 
 # Where the double backward's row kernel sweeps the keys once (``double_backward``: two more
-# (BLOCK_M, D) float32 accumulators, two fewer GEMMs a tile pair, no second pass over K and V),
+# (BLOCK_M, D) float32 accumulators, one where it reads the backward's dq, two to four fewer GEMMs
+# a tile pair, theory §4.7, no second pass over K and V),
 # per table: (row kind, head-dim class, dtype class) entries where a timing showed it pays, on that
 # kind's tile. H200, bf16, the double backward alone (CUDA-graph replay): at head dim 64 (B8 H16
 # T4096, docs/perf-notes.md item 35) 12.24 → 11.28 ms (10.48 without d_out's cotangent, 12.09
