@@ -119,3 +119,23 @@ def varlen_reference_fn(params: AttentionParams, cu_seqlens_q, cu_seqlens_k, ali
 def poisoned(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
     """An output buffer full of NaN, so any element a kernel fails to write shows up."""
     return torch.full(shape or like.shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
+
+
+def one_sweep_rows_reading_dq(monkeypatch) -> list[bool]:
+    """Force the double backward's row kernel into one sweep (``_tuning.ONE_SWEEP_OVERRIDE``: the
+    interpreter's table sweeps twice) and record, for each row launch from then on, whether it was
+    handed the backward's dq (its ``Dq`` argument), which it then reads for dS K (theory §4.7).
+    Plans are cached with the schedule they were built with: the caller clears them around its calls."""
+    import theria_kernels._launch_torch as launch_torch
+    import theria_kernels.attention._tuning as tuning
+
+    monkeypatch.setattr(tuning, "ONE_SWEEP_OVERRIDE", True)
+    rows, launch_one = [], launch_torch.launch_one
+
+    def record(launch, tensors):
+        if launch.kernel.__name__ == "_attn_bwd_bwd_rows_kernel":
+            rows.append(launch.arguments["Dq"] is not None)
+        launch_one(launch, tensors)
+
+    monkeypatch.setattr(launch_torch, "launch_one", record)
+    return rows

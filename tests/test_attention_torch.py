@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from _attention_cases import SOFTCAP, cu_seqlens, random_inputs, random_slopes
+from _attention_cases import SOFTCAP, cu_seqlens, one_sweep_rows_reading_dq, random_inputs, random_slopes
 from _device import DEVICE
 from _numerics import assert_accurate
 from theria_torch import flash_attn_func, flash_attn_varlen_func, sdpa_custom
@@ -142,19 +142,9 @@ def test_the_one_row_sweep_reads_the_backwards_dq(order, monkeypatch):
     in one sweep (forced here: the interpreter's table sweeps twice) reads dS K instead of summing
     it (theory §4.7): the row launches get it, and the numbers are the reference's. Reverse over
     forward (the gradient of a JVP) runs the backward for its cotangent first to have one."""
-    import theria_kernels._launch_torch as launch_torch
-    import theria_kernels.attention._tuning as tuning
     from theria_kernels.attention.torch_launchers import clear_plans
 
-    monkeypatch.setattr(tuning, "ONE_SWEEP_OVERRIDE", True)
-    rows, launch_one = [], launch_torch.launch_one
-
-    def record(launch, tensors):
-        if launch.kernel.__name__ == "_attn_bwd_bwd_rows_kernel":
-            rows.append(launch.arguments["Dq"] is not None)
-        launch_one(launch, tensors)
-
-    monkeypatch.setattr(launch_torch, "launch_one", record)
+    rows = one_sweep_rows_reading_dq(monkeypatch)
     q, k, v = (t.detach() for t in _leaves(t_q=11, t_k=11, seed=9))
     direction, weight = tuple(torch.randn_like(t) for t in (q, k, v)), torch.randn_like(q)
 

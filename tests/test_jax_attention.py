@@ -18,7 +18,7 @@ import torch
 from jax.test_util import check_grads
 
 import theria_torch
-from _attention_cases import SOFTCAP, ApiCase, random_slopes
+from _attention_cases import SOFTCAP, ApiCase, one_sweep_rows_reading_dq, random_slopes
 from _device import DEVICE
 from _numerics import assert_tree_accurate, tolerance
 from theria_jax import _primitives, attention, flash_attn_func, flash_attn_varlen_func
@@ -236,18 +236,9 @@ def test_the_one_row_sweep_reads_the_backwards_dq(transform, monkeypatch):
     whose row kernel in one sweep (forced here: the interpreter's table sweeps twice) reads dS K
     from it instead of summing it (theory §4.7): the row launches get it, and the numbers are the
     reference's."""
-    import theria_kernels.attention._tuning as tuning
     from theria_kernels.attention.torch_launchers import clear_plans
 
-    monkeypatch.setattr(tuning, "ONE_SWEEP_OVERRIDE", True)
-    rows, launch_one = [], _launch_torch.launch_one
-
-    def record(launch, tensors):
-        if launch.kernel.__name__ == "_attn_bwd_bwd_rows_kernel":
-            rows.append(launch.arguments["Dq"] is not None)
-        launch_one(launch, tensors)
-
-    monkeypatch.setattr(_launch_torch, "launch_one", record)
+    rows = one_sweep_rows_reading_dq(monkeypatch)
     case = CASES[1]
     inputs = case.inputs(seed=23)
     weights = _weights(case, inputs, seed=24)
