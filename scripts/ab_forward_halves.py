@@ -9,6 +9,7 @@ with cuDNN's time over its own. Needs a Hopper GPU (the candidates are sm_90 tab
 
     python scripts/ab_forward_halves.py
     python scripts/ab_forward_halves.py --shapes 8,16,1024,64      # a small shape
+    python scripts/ab_forward_halves.py --halves 128:256,64,8,2     # other halves tiles at D128
 """
 
 from __future__ import annotations
@@ -27,10 +28,26 @@ def shape_argument(text: str) -> tuple[int, int, int, int]:
     return shape
 
 
+def halves_argument(text: str) -> tuple[int, tuple[int, int, int, int]]:
+    """``--halves``' D:BLOCK_M,BLOCK_N,warps,stages, a tile the halves run on at head dim D."""
+    head_dim, _, tile = text.partition(":")
+    try:
+        result = int(head_dim), tuple(int(x) for x in tile.split(","))
+    except ValueError:
+        result = None
+    if result is None or result[0] not in (64, 128) or len(result[1]) != 4:
+        raise argparse.ArgumentTypeError(f"a halves tile is D:BLOCK_M,BLOCK_N,warps,stages with D 64 or 128, "
+                                         f"got {text!r}")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", type=shape_argument, default=[(8, 16, 4096, 64), (4, 16, 4096, 128)],
                         help="B,H,T,D (D 64 or 128)")
+    parser.add_argument("--halves", nargs="+", type=halves_argument, default=[],
+                        help="D:BLOCK_M,BLOCK_N,warps,stages: the halves on these tiles instead of the default ones "
+                             "at head dim D")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("timing needs a CUDA GPU")
@@ -44,6 +61,8 @@ def main() -> None:
 
     one_tile = {64: (128, 64, 4, 3), 128: (128, 128, 8, 3)}
     halves = {64: [(128, 128, 4, 2), (128, 64, 4, 3)], 128: [(128, 64, 4, 2), (128, 64, 4, 3)]}
+    for head_dim in {head_dim for head_dim, _ in args.halves}:
+        halves[head_dim] = [tile for dim, tile in args.halves if dim == head_dim]
 
     def schedule(head_dim, causal, tile, two_halves):
         """``tile`` in the sm_90 entry a call of this head dim and mask class reads, on one schedule."""
