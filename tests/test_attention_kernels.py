@@ -711,3 +711,80 @@ def test_grouped_query_split_does_not_change_gradients(programs_per_sm, mask, mo
         _check_backward_backward(q, k, v, params, fn, torch.float64)
     finally:
         clear_plans()
+
+
+ORDER_MASKS = {"causal": dict(causal=True), "bounded_below": dict(window_size=(5, -1)),
+               "window_br": dict(window_size=(5, 3), bottom_right=True)}
+
+
+@pytest.mark.parametrize("section", [1, 4, 64])
+@pytest.mark.parametrize("mask", list(ORDER_MASKS.values()), ids=list(ORDER_MASKS))
+def test_longest_first_order(section, mask, monkeypatch):
+    """Launches under a band bounded on one side hand their programs out longest first, in sections
+    of grid rows (``_tiles._program``): one row a section, three (the most up to four that divides
+    the six rows) or all six. Every program still runs exactly once (the outputs start as NaN), in
+    the row and the column kernels and at every derivative order, and the plans carry that grid and
+    the heavy end the band gives each sweep; a window bounded on both sides keeps grid order."""
+    streamed = 2 * 33 * 16 * 8  # K and V (or Q and dO) of one head of the case below, float64
+    monkeypatch.setattr(tuning, "LPT_SECTION_BYTES", section * streamed)
+    clear_plans()  # plans are cached with the order they were built with
+    try:
+        q, k, v, params = _case((2, 3, 3, 33, 33), 16, torch.float64, mask, seed=6)
+        fn = reference_fn(params)
+        _check_forward_and_backward(q, k, v, params, fn, torch.float64)
+        _check_backward_backward(q, k, v, params, fn, torch.float64)
+        orders = {(launch_.kernel.__name__, launch_.grid, launch_.arguments["LPT"], launch_.arguments["HEAVY_LAST"])
+                  for plan in torch_launchers._PLANS.values() for launch_ in plan.launches}
+        one_sided = "causal" in mask or mask["window_size"][1] < 0
+        columns = ("_attn_bwd_dkdv_kernel", "_attn_bwd_bwd_cols_kernel")
+        rows = {1: 1, 4: 3, 64: 6}[section]
+        expected = {(name, (rows, 3, 6 // rows) if one_sided else (3, 6, 1), one_sided,
+                     one_sided and ("causal" in mask) != (name in columns))
+                    for name in ("_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_bwd_rows_kernel", *columns)}
+        assert orders == expected
+    finally:
+        clear_plans()
+
+
+def test_longest_first_order_only_where_lengths_differ():
+    """The order's plan side (``AttentionCall.ordered``): grid order without a band, for a window
+    bounded on both sides and for packed sequences; otherwise sections of at most
+    LPT_SECTION_BYTES of streamed tensors that divide the grid rows, at least one row, also where
+    a sequence is empty and streams nothing."""
+    def ordered(mask, t_q=4096, t_k=4096, columns=False, varlen=None, rows=64):
+        q_shape, k_shape = (4, 16, t_q, 128), (4, 16, t_k, 128)
+        strides = lambda shape: (shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1)  # noqa: E731
+        call = launch.AttentionCall(q_shape, strides(q_shape), k_shape, strides(k_shape), "bfloat16",
+                                    params_for(128, **mask), launch.Device(132, capability=90), varlen)
+        return call.ordered((32, rows), columns)
+
+    section = tuning.LPT_SECTION_BYTES // (2 * 4096 * 128 * 2)
+    assert ordered(dict(causal=True)) == ((section, 32, 64 // section), dict(LPT=True, HEAVY_LAST=True))
+    assert ordered(dict(causal=True), columns=True) == ((section, 32, 64 // section), dict(LPT=True, HEAVY_LAST=False))
+    assert ordered(dict(window_size=(256, -1)), columns=True)[1] == dict(LPT=True, HEAVY_LAST=True)
+    assert ordered(dict(causal=True), rows=63)[0] == (7, 32, 9)  # 7 divides 63, 8 does not
+    for mask in ({}, dict(window_size=(256, 0)), dict(causal=True, window_size=(256, -1))):
+        assert ordered(mask) == ((32, 64), dict(LPT=False, HEAVY_LAST=False))
+    assert ordered(dict(causal=True), varlen=(4096, 4096, 3)) == ((32, 64), dict(LPT=False, HEAVY_LAST=False))
+    assert ordered(dict(causal=True), t_q=0, t_k=0)[0] == (64, 32, 1)
+
+
+@pytest.mark.parametrize("programs_per_sm", [0, 4], ids=["whole_group", "two_shares"])
+def test_longest_first_order_with_grouped_query_shares(programs_per_sm, monkeypatch):
+    """The longest-first order in one-row sections with the group of 4 query heads whole or split
+    into shares of 2 (``test_grouped_query_split_does_not_change_gradients``; here 4 key blocks × 2
+    sequences × 2 shares reach 4 programs per multiprocessor of the interpreter's 4): the shares of
+    a tile still find each other's partials."""
+    monkeypatch.setattr(launch, "COLUMN_PROGRAMS_PER_SM", programs_per_sm)
+    monkeypatch.setattr(tuning, "LPT_SECTION_BYTES", 1)
+    clear_plans()
+    q, k, v, params = _case((2, 4, 1, 19, 61), 16, torch.float64, dict(causal=True, bottom_right=True), seed=3)
+    fn = reference_fn(params)
+    try:
+        _check_forward_and_backward(q, k, v, params, fn, torch.float64)
+        _check_backward_backward(q, k, v, params, fn, torch.float64)
+        columns = [launch_.arguments for plan in torch_launchers._PLANS.values() for launch_ in plan.launches
+                   if launch_.kernel.__name__ == "_attn_bwd_dkdv_kernel"]
+        assert [(a["LPT"], a["members"]) for a in columns] == [(True, 2 if programs_per_sm else 4)]
+    finally:
+        clear_plans()

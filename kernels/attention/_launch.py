@@ -28,6 +28,7 @@ from theria_kernels._plan import Allocation, Buffer, Launch, Plan
 from theria_kernels.attention._tuning import (
     DTYPE_BYTES,
     TILE_TABLES,
+    lpt_section,
     tile,
     uses_halves,
     uses_late_bar,
@@ -232,6 +233,24 @@ class AttentionCall:
             return cdiv(self.varlen[1], block_n), self.varlen[2], batch * heads_kv * splits
         return cdiv(self.k_shape[2], block_n), batch * heads_kv * splits
 
+    def ordered(self, grid: tuple[int, ...], columns: bool, members: int = 1) -> tuple[tuple[int, ...], dict]:
+        """The grid a sweep over ``grid`` (``row_grid``, ``column_grid``) launches on, and its
+        ``LPT`` and ``HEAVY_LAST`` (``_tiles._program``): its programs longest first, in sections of
+        grid rows (``_tuning.lpt_section``), where they differ in length along the diagonal, that is
+        at fixed lengths under a band bounded on one side only (causal, or a window open to the
+        right); grid order otherwise. A grid row streams K and V of one key/value head through a row
+        sweep, Q and dO of ``members`` query heads through a column sweep. Bounded above (causal), a
+        row sweep's last query blocks and a column sweep's first key blocks are the longest; bounded
+        below, the reverse."""
+        length = self.q_shape[2] * members if columns else self.k_shape[2]
+        streamed = 2 * length * self.block_d * DTYPE_BYTES[self.dtype]
+        bounded_above = self.params.causal or self.params.window_size[1] >= 0
+        one_sided = bounded_above != (self.params.window_size[0] >= 0)
+        section = 0 if self.varlen else lpt_section(one_sided, streamed, grid[1])
+        if not section:
+            return grid, dict(LPT=False, HEAVY_LAST=False)
+        return (section, grid[0], grid[1] // section), dict(LPT=True, HEAVY_LAST=bounded_above != columns)
+
     def group_split(self, block_n: int) -> int:
         """Into how many shares the column kernels split each grouped-query group: the smallest
         divisor of the group that gives ``COLUMN_PROGRAMS_PER_SM`` programs per multiprocessor."""
@@ -271,7 +290,7 @@ def _column_launch(kernel, call: AttentionCall, kind: str, arguments: dict, outp
     those temporaries join ``allocations``."""
     meta, _, block_n, warps, stages = call.meta(kind)
     splits = call.group_split(block_n)
-    grid = call.column_grid(block_n, splits)
+    grid, order = call.ordered(call.column_grid(block_n, splits), True, call.group // splits)
     names = {"Part_k": None, "Part_v": None, "Arrivals": None}
     span = 0
     if splits > 1:
@@ -289,7 +308,8 @@ def _column_launch(kernel, call: AttentionCall, kind: str, arguments: dict, outp
     return Launch(
         kernel, grid,
         dict(arguments, **{param: Buffer(name) for param, name in outputs.items()}, **names,
-             members=call.group // splits, stride_split=span, **call.geometry(), **meta, SPLIT=splits > 1),
+             members=call.group // splits, stride_split=span, **call.geometry(), **order, **meta,
+             SPLIT=splits > 1),
         writes=(*outputs, *writes_extra), num_warps=warps, num_stages=stages)
 
 
@@ -332,10 +352,11 @@ def forward_plan(call: AttentionCall, has_tangent: bool = False, second_order: b
     for name in inputs[3:] + [name for name in allocations if name not in ("out", "lse")]:
         param = name[0].upper() + name[1:]
         pointers[param] = Buffer(name)
+    grid, order = call.ordered(call.row_grid(block_m), False)
     launch = Launch(
-        _attn_fwd_kernel, call.row_grid(block_m),
+        _attn_fwd_kernel, grid,
         dict(Q=Buffer("q"), K=Buffer("k"), V=Buffer("v"), Out=Buffer("out"), Lse=Buffer("lse"), **pointers,
-             **call.geometry(), **meta, EVEN_K=call.even_k(block_n), HAS_TANGENT=has_tangent,
+             **call.geometry(), **order, **meta, EVEN_K=call.even_k(block_n), HAS_TANGENT=has_tangent,
              SECOND_ORDER=second_order, GIVEN_PRIMAL=given_primal, TMA=call.tma(kind, tma_ok), HALVES=halves),
         writes=tuple(writes), num_warps=warps, num_stages=stages)
     outputs = ("out_second", "lse_second") if second_order else tuple(allocations)
@@ -355,10 +376,11 @@ def backward_plan(call: AttentionCall, has_d_lse: bool, tma_ok: bool = True) -> 
     allocations = {"dq": _Q, "dk": _K, "dv": _K, "delta": _rows(call)}
     shared = dict(Q=Buffer("q"), K=Buffer("k"), V=Buffer("v"), D_out=Buffer("d_out"), Lse=Buffer("lse"),
                   Delta=Buffer("delta"), TMA=call.tma("backward", tma_ok))
+    grid, order = call.ordered(call.row_grid(block_m), False)
     launches = (
-        Launch(_attn_bwd_dq_kernel, call.row_grid(block_m),
+        Launch(_attn_bwd_dq_kernel, grid,
                dict(shared, Out=Buffer("out"), D_lse=Buffer("d_lse") if has_d_lse else None, DQ=Buffer("dq"),
-                    **call.geometry(), **meta, EVEN_K=call.even_k(block_n)),
+                    **call.geometry(), **order, **meta, EVEN_K=call.even_k(block_n)),
                writes=("Delta", "DQ"), num_warps=warps, num_stages=stages),
         _column_launch(_attn_bwd_dkdv_kernel, call, "backward",
                        dict(shared, HALVES=_halves(call, "backward", call.blocks("backward")[0])),
@@ -404,13 +426,14 @@ def backward_backward_plan(call: AttentionCall, given: frozenset, tma_ok: bool =
                   Delta=Buffer("delta"), Cot_dq=Buffer("cot_dq"), Cot_dk=Buffer("cot_dk"), Cot_dv=Buffer("cot_dv"),
                   D_out_dot=Buffer("d_out_dot") if tangent else None,
                   Delta_dot=Buffer("delta_dot") if tangent else None, TANGENT=tangent)
+    grid, order = call.ordered(call.row_grid(block_m), False)
     launches = (
-        Launch(_attn_bwd_bwd_rows_kernel, call.row_grid(block_m),
+        Launch(_attn_bwd_bwd_rows_kernel, grid,
                dict(shared, Out=Buffer("out"), D_lse=Buffer("d_lse") if "d_lse" in given else None,
                     D_lse_dot=Buffer("d_lse_dot") if "d_lse_dot" in given else None,
                     Dq=Buffer("dq") if one_sweep and "dq" in given else None,
                     Cot_q=Buffer("cot_q"), Cot_d_out=Buffer("cot_d_out") if cot_d_out else None,
-                    Sigma=Buffer("cot_d_lse"), Rho=Buffer("rho"), **call.geometry(), **row_meta,
+                    Sigma=Buffer("cot_d_lse"), Rho=Buffer("rho"), **call.geometry(), **order, **row_meta,
                     EVEN_K=call.even_k(block_n), TMA=call.tma(row_kind, tma_ok),
                     ONE_SWEEP=one_sweep),
                writes=("Delta", *(("Delta_dot",) if tangent else ()), "Cot_q", *(("Cot_d_out",) if cot_d_out else ()),

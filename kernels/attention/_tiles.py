@@ -272,14 +272,36 @@ def _query_range(start_n, t_q, t_k, band_lo, band_hi, BLOCK_M: tl.constexpr, BLO
 
 
 @triton.jit
-def _program(grid_heads, VARLEN: tl.constexpr):
-    """(sequence, head, entry) of this program. The grid is (blocks, B · heads) for fixed lengths,
-    where sequence b is batch entry b, and (blocks, N, B · heads) for VARLEN, so that neither the
-    number of sequences N nor B · heads alone meets CUDA's 65535 limit on the last two grid
-    dimensions. ``grid_heads`` counts query heads for row kernels, key/value heads for column ones."""
+def _program(grid_heads, VARLEN: tl.constexpr, LPT: tl.constexpr, HEAVY_LAST: tl.constexpr):
+    """(block, sequence, head, entry, tile) of this program: its block along the sweep (query blocks
+    in row kernels, key blocks in column ones), where its rows live, and its index among all
+    programs, block-major (``_column_program``'s tiles). ``grid_heads`` counts query heads for row
+    kernels, key/value heads (or shares of their groups) for column ones; a grid row is one of
+    them in one batch entry. The grid is (blocks, B · heads) for fixed lengths, where sequence b is
+    batch entry b, and (blocks, N, B · heads) for VARLEN, so that neither the number of sequences N
+    nor B · heads alone meets CUDA's 65535 limit on the last two grid dimensions.
+
+    LPT (``AttentionCall.ordered``: fixed lengths under a band bounded on one side) hands the
+    programs out longest first. CUDA starts programs in launch order (the first grid index the
+    fastest), and there they differ in length along the diagonal, so in the grid order above the
+    longest programs of the last heads start in the last wave and run on after the rest. The grid
+    is then (section, blocks, B · heads / section): a section's grid rows the fastest, so that a
+    few heads' streamed tiles share L2 as in grid order, then the blocks from the longest (the last
+    first with HEAVY_LAST), then the sections."""
     if VARLEN:
-        return tl.program_id(1), tl.program_id(2) % grid_heads, tl.program_id(2) // grid_heads
-    return tl.program_id(1) // grid_heads, tl.program_id(1) % grid_heads, tl.program_id(1) // grid_heads
+        tile = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+        return tl.program_id(0), tl.program_id(1), tl.program_id(2) % grid_heads, tl.program_id(2) // grid_heads, tile
+    if LPT:
+        block = tl.program_id(1)
+        if HEAVY_LAST:
+            block = tl.num_programs(1) - 1 - block
+        row = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
+        rows = tl.num_programs(0) * tl.num_programs(2)
+    else:
+        block = tl.program_id(0)
+        row = tl.program_id(1)
+        rows = tl.num_programs(1)
+    return block, row // grid_heads, row % grid_heads, row // grid_heads, block * rows + row
 
 
 @triton.jit
@@ -318,21 +340,22 @@ def _sequence(Cu_q, Cu_k, batch, entry, head, group, heads, t_q, t_k, band_lo, b
 @triton.jit
 def _column_program(Cu_q, Cu_k, members, t_q, t_k, heads, group, band_lo, band_hi,
                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                    VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr):
+                    VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, LPT: tl.constexpr, HEAVY_LAST: tl.constexpr):
     """Where a column program's tensors live. It serves ``members`` adjacent query heads of one
     key/value head: the whole group, or one share of it when the launcher splits the group
     (``_Call.group_split``).
 
-    Returns ``_sequence``'s values for the first query head served, then ``share`` (which share
-    of the group this program is) and ``tile``, the index of its (key block, key/value head,
-    sequence) among all programs' (shares of one tile are adjacent, the fastest grid index)."""
-    batch, slot, entry = _program(heads // members, VARLEN)
+    Returns its key block (``_program``), ``_sequence``'s values for the first query head served,
+    then ``share`` (which share of the group this program is) and ``tile``, the index of its (key
+    block, key/value head, sequence) among all programs' (shares of one tile are adjacent grid
+    rows)."""
+    block, batch, slot, entry, program = _program(heads // members, VARLEN, LPT, HEAVY_LAST)
     first_q_base, k_base, first_row_base, len_q, len_k, band_lo, band_hi = _sequence(
         Cu_q, Cu_k, batch, entry, slot * members, group, heads, t_q, t_k, band_lo, band_hi,
         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, VARLEN, BOTTOM_RIGHT)
-    program = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
     shares = group // members
-    return first_q_base, k_base, first_row_base, len_q, len_k, band_lo, band_hi, program % shares, program // shares
+    return (block, first_q_base, k_base, first_row_base, len_q, len_k, band_lo, band_hi, program % shares,
+            program // shares)
 
 
 @triton.jit

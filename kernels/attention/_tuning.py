@@ -323,6 +323,28 @@ COLUMNS_LATE_BAR: dict[int, frozenset] = {90: frozenset({(64, 2, False), (128, 2
 # read (the tests set it).
 LATE_BAR_OVERRIDE = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENTION_LATE_BAR", ""))
 
+# Banded launches at fixed lengths hand their programs out longest first (``_tiles._program``):
+# under a band the programs differ in length along the diagonal, and in grid order the longest of
+# the last heads start in the last wave and run on alone. They go in sections of grid rows whose
+# streamed tensors (K and V of a row sweep's key/value head, Q and dO of a column sweep's query
+# heads) take about this many bytes together (``_launch.AttentionCall.order``): a third of
+# Hopper's 50 MB L2, so that a section's heads stay in L2 as the few heads that grid order runs at
+# once do. Eight heads at B4 H16 T4096 D128 in bf16, sixteen at D64.
+LPT_SECTION_BYTES = 16 << 20
+# THERIA_ATTENTION_LPT=1 / =0 orders every fixed-length launch so / none (grid order); LPT_OVERRIDE
+# is what the plans read (the tests set it).
+LPT_OVERRIDE = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENTION_LPT", ""))
+
+
+def lpt_section(uneven: bool, streamed: int, rows: int) -> int:
+    """``section`` of a fixed-length launch of ``rows`` grid rows that each stream ``streamed``
+    bytes (``_tiles._program``) where its programs are ``uneven`` in length (or ``LPT_OVERRIDE``
+    says so): the most grid rows that stream at most ``LPT_SECTION_BYTES`` and divide ``rows``
+    (sections are a grid dimension), at least one; 0, grid order, otherwise."""
+    if not (uneven if LPT_OVERRIDE is None else LPT_OVERRIDE):
+        return 0
+    most = LPT_SECTION_BYTES // max(streamed, 1)  # empty sequences stream nothing
+    return next(section for section in range(min(rows, max(most, 1)), 0, -1) if rows % section == 0)
 
 def _scheduled(entries: dict[int, frozenset], capability: int, block_d: int, dtype: str, banded: bool) -> bool:
     """Whether a schedule table's ``entries`` hold (head-dim class, dtype class, banded) for a

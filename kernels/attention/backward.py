@@ -55,14 +55,14 @@ def _attn_bwd_dq_kernel(
     t_q, t_k, heads, group, sm_scale: tl.float64, softcap: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
     BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr,
-    BOTTOM_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr, TMA: tl.constexpr,
+    LPT: tl.constexpr, HEAVY_LAST: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     """dQ for one query block of one query head, and the block's row term delta (``_row_delta``).
     Tiles with a head-dim axis are tuples of head-dim parts (``_load_parts``). TMA loads K and V
     through tensor descriptors, as the forward kernel does (``AttentionCall.tma``)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    batch, head, entry = _program(heads, VARLEN)
+    block, batch, head, entry = _program(heads, VARLEN, LPT, HEAVY_LAST)[:4]
+    start_m = block * BLOCK_M
     q_base, k_base, row_base, len_q, len_k, band_lo, band_hi = _sequence(
         Cu_q, Cu_k, batch, entry, head, group, heads, t_q, t_k, band_lo, band_hi,
         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, VARLEN, BOTTOM_RIGHT)
@@ -96,19 +96,19 @@ def _attn_bwd_dkdv_kernel(
     members, stride_split, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     t_q, t_k, heads, group, sm_scale: tl.float64, softcap: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
-    BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr, TMA: tl.constexpr, HALVES: tl.constexpr = False,
+    BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, VARLEN: tl.constexpr, LPT: tl.constexpr, HEAVY_LAST: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr, SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, HALVES: tl.constexpr = False,
 ):
     """One program per key block of one key/value head (or of one share of its query heads, see
     ``_column_program``); it sums over the query heads it serves, so grouped-query gradients need
     no atomics. Tiles are key-major (keys × queries): the transposes of the row kernel's tiles.
     TMA loads Q and dO through tensor descriptors (``_column_sweep``); HALVES takes each whole
     query block as two halves (``_sweeps._column_tile``)."""
-    start_n = tl.program_id(0) * BLOCK_N
-    first_q_base, k_base, first_row_base, len_q, len_k, band_lo, band_hi, share, tile = _column_program(
+    block, first_q_base, k_base, first_row_base, len_q, len_k, band_lo, band_hi, share, tile = _column_program(
         Cu_q, Cu_k, members, t_q, t_k, heads, group, band_lo, band_hi,
-        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, VARLEN, BOTTOM_RIGHT)
+        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, VARLEN, BOTTOM_RIGHT, LPT, HEAVY_LAST)
+    start_n = block * BLOCK_N
     if VARLEN:
         if start_n >= len_k:  # the grid is sized for the longest sequence
             return

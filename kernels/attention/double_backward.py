@@ -60,8 +60,9 @@ def _attn_bwd_bwd_rows_kernel(
     t_q, t_k, heads, group, sm_scale: tl.float64, softcap: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
     BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr,
-    BOTTOM_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, TANGENT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, ONE_SWEEP: tl.constexpr,
+    LPT: tl.constexpr, HEAVY_LAST: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, TANGENT: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+    ONE_SWEEP: tl.constexpr,
 ):
     """cot_q, cot_dO, sigma (= cot_d_lse), rho and the row term delta for one query block of one
     query head, in two sweeps over the keys or, with ONE_SWEEP, in one; without Cot_d_out (None:
@@ -72,8 +73,8 @@ def _attn_bwd_bwd_rows_kernel(
     the one sweep only, is the backward's dQ = scale · dS K for these inputs (None: not at hand):
     the sweep then takes dS K from it instead of summing it, one GEMM a tile and one (BLOCK_M, D)
     accumulator fewer (§4.7)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    batch, head, entry = _program(heads, VARLEN)
+    block, batch, head, entry = _program(heads, VARLEN, LPT, HEAVY_LAST)[:4]
+    start_m = block * BLOCK_M
     q_base, k_base, row_base, len_q, len_k, band_lo, band_hi = _sequence(
         Cu_q, Cu_k, batch, entry, head, group, heads, t_q, t_k, band_lo, band_hi,
         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, VARLEN, BOTTOM_RIGHT)
@@ -168,8 +169,8 @@ def _attn_bwd_bwd_cols_kernel(
     members, stride_split, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     t_q, t_k, heads, group, sm_scale: tl.float64, softcap: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
-    BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, TANGENT: tl.constexpr,
+    BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, VARLEN: tl.constexpr, LPT: tl.constexpr, HEAVY_LAST: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr, SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, TANGENT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, LATE_BAR: tl.constexpr = False,
 ):
     """cot_k and cot_v for one key block of one key/value head, summed over the query heads the
@@ -179,10 +180,10 @@ def _attn_bwd_bwd_cols_kernel(
     through tensor descriptors (``_column_sweep``). LATE_BAR forms each tile's dS̄ after dS's
     product (``_sweeps._second_order_dots``; where: ``_tuning.COLUMNS_LATE_BAR``)."""
     STAGE: tl.constexpr = BACKWARD_TANGENT if TANGENT else COTANGENTS
-    start_n = tl.program_id(0) * BLOCK_N
-    first_q_base, k_base, first_row_base, len_q, len_k, band_lo, band_hi, share, tile = _column_program(
+    block, first_q_base, k_base, first_row_base, len_q, len_k, band_lo, band_hi, share, tile = _column_program(
         Cu_q, Cu_k, members, t_q, t_k, heads, group, band_lo, band_hi,
-        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, VARLEN, BOTTOM_RIGHT)
+        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, VARLEN, BOTTOM_RIGHT, LPT, HEAVY_LAST)
+    start_n = block * BLOCK_N
     if VARLEN:
         if start_n >= len_k:  # the grid is sized for the longest sequence
             return

@@ -191,9 +191,9 @@ def _attn_fwd_kernel(
     t_q, t_k, heads, group, sm_scale: tl.float64, softcap: tl.float64, band_lo, band_hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
     BLOCK_D1: tl.constexpr, BANDED: tl.constexpr, EVEN_K: tl.constexpr, VARLEN: tl.constexpr,
-    BOTTOM_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, HAS_TANGENT: tl.constexpr,
-    SECOND_ORDER: tl.constexpr, GIVEN_PRIMAL: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    TMA: tl.constexpr, HALVES: tl.constexpr = False,
+    LPT: tl.constexpr, HEAVY_LAST: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, HAS_TANGENT: tl.constexpr, SECOND_ORDER: tl.constexpr, GIVEN_PRIMAL: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, HALVES: tl.constexpr = False,
 ):
     """HAS_TANGENT adds Ȯ, l̇se along (Q̇, K̇, V̇); SECOND_ORDER (with HAS_TANGENT) adds the second
     derivative along (Q̇, K̇, V̇) and (Q^y, K^y, V^y), bilinear in the two directions. GIVEN_PRIMAL
@@ -204,8 +204,8 @@ def _attn_fwd_kernel(
     wide as HEAD_DIM, 16-byte aligned rows: ``AttentionCall.tma``): rows past the sequence's keys
     arrive as zeros, as the masked loads give them, so the results are the same. HALVES (the
     forward alone) sweeps the query block as two halves (``_forward_halves``)."""
-    start_m = tl.program_id(0) * BLOCK_M
-    batch, head, entry = _program(heads, VARLEN)
+    block, batch, head, entry = _program(heads, VARLEN, LPT, HEAVY_LAST)[:4]
+    start_m = block * BLOCK_M
     q_base, k_base, row_base, len_q, len_k, band_lo, band_hi = _sequence(
         Cu_q, Cu_k, batch, entry, head, group, heads, t_q, t_k, band_lo, band_hi,
         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, VARLEN, BOTTOM_RIGHT)
