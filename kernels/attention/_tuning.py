@@ -323,13 +323,16 @@ COLUMNS_LATE_BAR: dict[int, frozenset] = {90: frozenset({(64, 2, False), (128, 2
 # read (the tests set it).
 LATE_BAR_OVERRIDE = {"1": True, "0": False}.get(os.environ.get("THERIA_ATTENTION_LATE_BAR", ""))
 
-# Banded launches at fixed lengths hand their programs out longest first (``_tiles._program``):
-# under a band the programs differ in length along the diagonal, and in grid order the longest of
-# the last heads start in the last wave and run on alone. They go in sections of grid rows whose
-# streamed tensors (K and V of a row sweep's key/value head, Q and dO of a column sweep's query
-# heads) take about this many bytes together (``_launch.AttentionCall.order``): a third of
-# Hopper's 50 MB L2, so that a section's heads stay in L2 as the few heads that grid order runs at
-# once do. Eight heads at B4 H16 T4096 D128 in bf16, sixteen at D64.
+# Launches at fixed lengths under a band bounded on one side hand their programs out longest
+# first (``_tiles._program``): there the programs differ in length along the diagonal, and in grid
+# order the longest of the last heads start in the last wave and run on alone. They go in sections
+# of grid rows whose streamed tensors (K and V of a row sweep's key/value head, Q and dO of a
+# column sweep's query heads) take at most this many bytes together (``_launch.AttentionCall.
+# ordered``): a third of Hopper's 50 MB L2, so that a section's heads stay in L2 as the few heads
+# that grid order runs at once do; eight heads at B4 H16 T4096 D128 in bf16, sixteen at D64. H200,
+# causal, alternating with grid order (docs/perf-notes.md item 50): the forward 0.726 → 0.712 ms
+# (D64) and 0.587 → 0.561 (D128), forward + backward 2.88 → 2.81 and 2.66 → 2.56, the torch
+# second-order pipeline 8.09 → 8.01 and 7.72 → 7.46.
 LPT_SECTION_BYTES = 16 << 20
 # THERIA_ATTENTION_LPT=1 / =0 orders every fixed-length launch so / none (grid order); LPT_OVERRIDE
 # is what the plans read (the tests set it).
