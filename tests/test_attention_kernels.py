@@ -723,8 +723,9 @@ def test_longest_first_order(section, mask, monkeypatch):
     """Launches under a band bounded on one side hand their programs out longest first, in sections
     of grid rows (``_tiles._program``): one row a section, three (the most up to four that divides
     the six rows) or all six. Every program still runs exactly once (the outputs start as NaN), in
-    the row and the column kernels and at every derivative order, and the plans carry that grid and
-    the heavy end the band gives each sweep; a window bounded on both sides keeps grid order."""
+    the row and the column kernels of the forward, backward and double backward, and the plans
+    carry that grid and the heavy end the band gives each sweep; a window bounded on both sides
+    keeps grid order."""
     streamed = 2 * 33 * 16 * 8  # K and V (or Q and dO) of one head of the case below, float64
     monkeypatch.setattr(tuning, "LPT_SECTION_BYTES", section * streamed)
     clear_plans()  # plans are cached with the order they were built with

@@ -380,7 +380,8 @@ def _backward_tangent_transpose(cotangents, *operands, has_x_dot, has_u_dot, par
     # J c's out part only where d_out_dot is solved for: a d_out that nothing differentiates (a
     # constant output weight, as in rev-over-rev of a fixed loss) costs no T × T product.
     cot_d_out = has_u_dot and ad.is_undefined_primal(arrays["d_out_dot"])
-    results = backward_backward_p.bind(*_operands(given, BACKWARD_BACKWARD + ("dq",), params, lengths),
+    names = backward_backward_names(dict(has_dq=True))
+    results = backward_backward_p.bind(*_operands(given, names, params, lengths),
                                        cot_d_out=cot_d_out, has_dq=True, params=params, lengths=lengths)
     # (H_u c, J c): cotangents of x_dot and of u_dot, for whichever of them this call carries.
     cot_u = (results[3] if cot_d_out else None, results[-1])

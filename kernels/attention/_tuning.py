@@ -349,6 +349,7 @@ def lpt_section(uneven: bool, streamed: int, rows: int) -> int:
     most = LPT_SECTION_BYTES // max(streamed, 1)  # empty sequences stream nothing
     return next(section for section in range(min(rows, max(most, 1)), 0, -1) if rows % section == 0)
 
+
 def _scheduled(entries: dict[int, frozenset], capability: int, block_d: int, dtype: str, banded: bool) -> bool:
     """Whether a schedule table's ``entries`` hold (head-dim class, dtype class, banded) for a
     device of ``capability``."""
