@@ -749,15 +749,15 @@ def test_longest_first_order(section, mask, monkeypatch):
 
 def test_longest_first_order_only_where_lengths_differ():
     """The order's plan side (``AttentionCall.ordered``): grid order without a band, for a window
-    bounded on both sides and for packed sequences; otherwise sections of at most
+    bounded on both sides, for packed sequences and past 65535 blocks; otherwise sections of at most
     LPT_SECTION_BYTES of streamed tensors that divide the grid rows, at least one row, also where
     a sequence is empty and streams nothing."""
-    def ordered(mask, t_q=4096, t_k=4096, columns=False, varlen=None, rows=64):
+    def ordered(mask, t_q=4096, t_k=4096, columns=False, varlen=None, rows=64, blocks=32):
         q_shape, k_shape = (4, 16, t_q, 128), (4, 16, t_k, 128)
         strides = lambda shape: (shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1)  # noqa: E731
         call = launch.AttentionCall(q_shape, strides(q_shape), k_shape, strides(k_shape), "bfloat16",
                                     params_for(128, **mask), launch.Device(132, capability=90), varlen)
-        return call.ordered((32, rows), columns)
+        return call.ordered((blocks, rows), columns)
 
     section = tuning.LPT_SECTION_BYTES // (2 * 4096 * 128 * 2)
     assert ordered(dict(causal=True)) == ((section, 32, 64 // section), dict(LPT=True, HEAVY_LAST=True))
@@ -767,6 +767,9 @@ def test_longest_first_order_only_where_lengths_differ():
     for mask in ({}, dict(window_size=(256, 0)), dict(causal=True, window_size=(256, -1))):
         assert ordered(mask) == ((32, 64), dict(LPT=False, HEAVY_LAST=False))
     assert ordered(dict(causal=True), varlen=(4096, 4096, 3)) == ((32, 64), dict(LPT=False, HEAVY_LAST=False))
+    # more blocks than the grid's second dimension holds (65535)
+    assert ordered(dict(causal=True), blocks=65536) == ((65536, 64), dict(LPT=False, HEAVY_LAST=False))
+    assert ordered(dict(causal=True), blocks=65535)[0] == (section, 65535, 64 // section)
     assert ordered(dict(causal=True), t_q=0, t_k=0)[0] == (64, 32, 1)
 
 

@@ -241,12 +241,13 @@ class AttentionCall:
         right); grid order otherwise. A grid row streams K and V of one key/value head through a row
         sweep, Q and dO of ``members`` query heads through a column sweep. Bounded above (causal), a
         row sweep's last query blocks and a column sweep's first key blocks are the longest; bounded
-        below, the reverse."""
+        below, the reverse. The blocks move to the grid's second dimension, whose CUDA limit is
+        65535: past it, grid order."""
         length = self.q_shape[2] * members if columns else self.k_shape[2]
         streamed = 2 * length * self.block_d * DTYPE_BYTES[self.dtype]
         bounded_above = self.params.causal or self.params.window_size[1] >= 0
         one_sided = bounded_above != (self.params.window_size[0] >= 0)
-        section = 0 if self.varlen else lpt_section(one_sided, streamed, grid[1])
+        section = 0 if self.varlen or grid[0] > 65535 else lpt_section(one_sided, streamed, grid[1])
         if not section:
             return grid, dict(LPT=False, HEAVY_LAST=False)
         return (section, grid[0], grid[1] // section), dict(LPT=True, HEAVY_LAST=bounded_above != columns)
