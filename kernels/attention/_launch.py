@@ -291,7 +291,8 @@ def _column_launch(kernel, call: AttentionCall, kind: str, arguments: dict, outp
     those temporaries join ``allocations``."""
     meta, _, block_n, warps, stages = call.meta(kind)
     splits = call.group_split(block_n)
-    grid, order = call.ordered(call.column_grid(block_n, splits), True, call.group // splits)
+    members = call.group // splits  # the query heads one program serves
+    grid, order = call.ordered(call.column_grid(block_n, splits), True, members)
     names = {"Part_k": None, "Part_v": None, "Arrivals": None}
     span = 0
     if splits > 1:
@@ -309,7 +310,7 @@ def _column_launch(kernel, call: AttentionCall, kind: str, arguments: dict, outp
     return Launch(
         kernel, grid,
         dict(arguments, **{param: Buffer(name) for param, name in outputs.items()}, **names,
-             members=call.group // splits, stride_split=span, **call.geometry(), **order, **meta,
+             members=members, stride_split=span, **call.geometry(), **order, **meta,
              SPLIT=splits > 1),
         writes=(*outputs, *writes_extra), num_warps=warps, num_stages=stages)
 
