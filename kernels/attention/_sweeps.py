@@ -262,18 +262,29 @@ def _full_blocks_end(lo, hi, t_q, BLOCK_M: tl.constexpr):
 @triton.jit
 def _column_rows(Q, D_out, Lse, Delta, Slopes, q_base, row_base, start_m, t_q, stride_qt, log2e,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
-                 ROWS_MASKED: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, TMA: tl.constexpr):
+                 ROWS_MASKED: tl.constexpr, ALIBI: tl.constexpr, ACC_DTYPE: tl.constexpr, TMA: tl.constexpr,
+                 FROM_FIRST: tl.constexpr = False):
     """What every column tile reads of the query block [start_m, start_m + BLOCK_M): (offs_m, q, dO,
     lse2 = lse · log2 e, delta, the rows' ALiBi slopes along the tile's columns; 0, unused, without
-    ALIBI)."""
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    ALIBI).
+
+    FROM_FIRST reads the row statistics from the block's first row on, as that pointer plus
+    arange: from ``Lse + row_base`` at start_m + arange, a sum the compiler cannot prove free of
+    int32 overflow once start_m starts at a band's run-time bound, each row's load gets its own
+    64-bit address (16 a thread, every tile). The backward's sweep takes it (perf-notes 51); the
+    double backward's, whose causal loop it lengthens, does not."""
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = start_m + rows
     q = _block(Q, q_base, start_m, t_q, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D0, BLOCK_D1, TMA, ROWS_MASKED)
     d_out = _block(D_out, q_base, start_m, t_q, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D0, BLOCK_D1, TMA, ROWS_MASKED)
-    lse2 = _load_rows(Lse + row_base, offs_m, t_q, float("inf"), ROWS_MASKED).to(ACC_DTYPE) * log2e
-    delta = _load_rows(Delta + row_base, offs_m, t_q, 0.0, ROWS_MASKED)
+    first, index, t_rows = row_base, offs_m, t_q
+    if FROM_FIRST:
+        first, index, t_rows = row_base + start_m, rows, t_q - start_m
+    lse2 = _load_rows(Lse + first, index, t_rows, float("inf"), ROWS_MASKED).to(ACC_DTYPE) * log2e
+    delta = _load_rows(Delta + first, index, t_rows, 0.0, ROWS_MASKED)
     slope = 0
     if ALIBI:  # the ALiBi slope of each query row (§8), laid out like lse
-        slope = _load_rows(Slopes + row_base, offs_m, t_q, 0.0, ROWS_MASKED).to(ACC_DTYPE)[None, :]
+        slope = _load_rows(Slopes + first, index, t_rows, 0.0, ROWS_MASKED).to(ACC_DTYPE)[None, :]
     return offs_m, q, d_out, lse2, delta, slope
 
 
@@ -343,7 +354,7 @@ def _column_half(k, Q, D_out, Cot_dq, Lse, Delta, Sigma, Rho, D_out_dot, Delta_d
     from ``_column_second_rows`` (zeros at GRADIENT)."""
     offs_m, q, d_out, lse2, delta, slope = _column_rows(Q, D_out, Lse, Delta, Slopes, q_base, row_base, start_m, t_q,
                                                         stride_qt, log2e, HEAD_DIM, BLOCK_M, BLOCK_D0, BLOCK_D1,
-                                                        ROWS_MASKED, ALIBI, ACC_DTYPE, TMA)
+                                                        ROWS_MASKED, ALIBI, ACC_DTYPE, TMA, STAGE == GRADIENT)
     second = (0, 0, 0, 0, 0)
     if STAGE != GRADIENT:
         second = _column_second_rows(Cot_dq, Sigma, Rho, D_out_dot, Delta_dot, q_base, row_base, offs_m, t_q, stride_qt,
