@@ -268,11 +268,12 @@ def _column_rows(Q, D_out, Lse, Delta, Slopes, q_base, row_base, start_m, t_q, s
     lse2 = lse · log2 e, delta, the rows' ALiBi slopes along the tile's columns; 0, unused, without
     ALIBI).
 
-    FROM_FIRST reads the row statistics from the block's first row on, as that pointer plus
-    arange: from ``Lse + row_base`` at start_m + arange, a sum the compiler cannot prove free of
-    int32 overflow once start_m starts at a band's run-time bound, each row's load gets its own
-    64-bit address (16 a thread, every tile). The backward's sweep takes it (perf-notes 51); the
-    double backward's, whose causal loop it lengthens, does not."""
+    FROM_FIRST reads the row statistics as the block's first row's pointer plus arange. From
+    ``Lse + row_base`` at start_m + arange, an int32 sum the compiler cannot prove free of overflow
+    once start_m starts at a band's run-time bound, the loop carries each row's index in a register
+    and widens it to a 64-bit address every tile (16 a thread); from the first row the rows'
+    offsets stay loop-invariant and a tile adds each to one base. The backward's sweep takes it
+    (perf-notes 51); the double backward's, whose causal loop it lengthens, does not."""
     rows = tl.arange(0, BLOCK_M)
     offs_m = start_m + rows
     q = _block(Q, q_base, start_m, t_q, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D0, BLOCK_D1, TMA, ROWS_MASKED)
