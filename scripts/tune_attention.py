@@ -171,8 +171,10 @@ def _compile_candidate(job) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def workloads(shape, dtype: str, mask: str):
-    """The torch launcher of each sweep kind on random inputs of one shape and mask."""
+def workload(shape, dtype: str, mask: str, kind: str):
+    """The torch launcher of the sweep kind ``kind`` on random inputs of one shape and mask; the
+    double backward's kinds with the backward's dq, as the adapters pass it (a backward runs, and
+    compiles, only for them)."""
     import torch
 
     from theria_kernels.attention import AttentionParams, _tuning
@@ -184,19 +186,18 @@ def workloads(shape, dtype: str, mask: str):
     params = AttentionParams(scale=shape[-1] ** -0.5, **MASKS[mask])
     out, lse = kernels.attention_forward(q, k, v, params)
     d_out = draw()
-    dq = kernels.attention_backward(q, k, v, out, lse, d_out, None, params)[0]  # as the adapters pass it
-    runs = {
-        "forward": lambda: kernels.attention_forward(q, k, v, params),
-        "jvp": lambda: kernels.attention_tangent(q, k, v, out, lse, *directions[:3], params),
-        "forward_second": lambda: kernels.attention_forward_second(q, k, v, *directions, params),
-        "backward": lambda: kernels.attention_backward(q, k, v, out, lse, d_out, None, params),
-        "backward_backward": lambda: kernels.attention_backward_backward(
-            q, k, v, out, lse, d_out, None, *directions[:3], params, dq=dq),
-    }
-    without_cot_d_out = lambda: kernels.attention_backward_backward(  # noqa: E731
-        q, k, v, out, lse, d_out, None, *directions[:3], params, dq=dq, wants_cot_d_out=False)
-    return runs | {kind: without_cot_d_out if kind in _tuning.WITHOUT_COT_D_OUT else runs[plan]
-                   for kind, plan in _tuning.PLAN_KIND.items()}
+    plan = _tuning.PLAN_KIND.get(kind, kind)
+    if plan == "forward":
+        return lambda: kernels.attention_forward(q, k, v, params)
+    if plan == "jvp":
+        return lambda: kernels.attention_tangent(q, k, v, out, lse, *directions[:3], params)
+    if plan == "forward_second":
+        return lambda: kernels.attention_forward_second(q, k, v, *directions, params)
+    if plan == "backward":
+        return lambda: kernels.attention_backward(q, k, v, out, lse, d_out, None, params)
+    dq = kernels.attention_backward(q, k, v, out, lse, d_out, None, params)[0]
+    return lambda: kernels.attention_backward_backward(q, k, v, out, lse, d_out, None, *directions[:3], params,
+                                                       dq=dq, wants_cot_d_out=kind not in _tuning.WITHOUT_COT_D_OUT)
 
 
 def main():
@@ -284,7 +285,7 @@ def main():
         if time.perf_counter() - start > args.budget:
             row["skipped"] = "over the time budget: keeps its entry"
             continue
-        runs = {(shape, mask): workloads(shape, args.dtype, mask)[kind] for shape in group["shapes"]
+        runs = {(shape, mask): workload(shape, args.dtype, mask, kind) for shape in group["shapes"]
                 for mask in group["masks"]}
         for candidate, tma in group["candidates"]:
             used = [compiled[(kind, shape, args.dtype, mask, device_facts, candidate, tma)] for shape, mask in runs]

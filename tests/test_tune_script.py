@@ -187,6 +187,50 @@ def test_the_backward_sweeps_take_their_own_kinds(monkeypatch):
     assert taken == {"backward": ["_attn_bwd_dkdv_kernel"], "backward_rows": ["_attn_bwd_dq_kernel"]}
 
 
+def test_each_kind_times_its_own_launcher_and_only_the_double_backward_runs_a_backward(monkeypatch):
+    """``tune_attention.workload`` times the launcher of its kind's plan; the double backward's
+    kinds take the backward's dq (and the row kind without d_out's cotangent says so), and only
+    they run a backward first, so tuning a forward kind compiles no backward kernel."""
+    import torch
+
+    from theria_kernels.attention import _tuning
+    from theria_kernels.attention import torch_launchers
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import tune_attention
+
+    randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *args, device=None, **kwargs: randn(*args, **kwargs))
+    calls, dq = [], torch.full((1, 2, 8, 16), 3.0)
+
+    def launcher(name, result):
+        def launch(*args, **kwargs):
+            calls.append((name, kwargs))
+            return result
+        return launch
+
+    rows = torch.zeros(1, 2, 8)
+    monkeypatch.setattr(torch_launchers, "attention_forward", launcher("forward", (dq, rows)))
+    monkeypatch.setattr(torch_launchers, "attention_tangent", launcher("jvp", None))
+    monkeypatch.setattr(torch_launchers, "attention_forward_second", launcher("forward_second", None))
+    monkeypatch.setattr(torch_launchers, "attention_backward", launcher("backward", (dq, None, None)))
+    monkeypatch.setattr(torch_launchers, "attention_backward_backward", launcher("backward_backward", None))
+    for kind in tune_attention.KINDS:
+        calls.clear()
+        run = tune_attention.workload((1, 2, 8, 16), "float32", "causal", kind)
+        prepared = [name for name, _ in calls]
+        calls.clear()
+        run()
+        plan = _tuning.PLAN_KIND.get(kind, kind)
+        assert [name for name, _ in calls] == [plan], kind
+        if plan == "backward_backward":
+            assert prepared == ["forward", "backward"], kind
+            assert calls[0][1]["dq"] is dq
+            assert calls[0][1]["wants_cot_d_out"] == (kind not in _tuning.WITHOUT_COT_D_OUT), kind
+        else:
+            assert prepared == ["forward"], kind
+
+
 def test_the_double_backward_columns_take_each_mask_class_tile_and_order(monkeypatch):
     """The double backward's column launch on sm_90 (bf16) takes the tile and the order of dS̄
     (LATE_BAR) that session 27's timing gave each head dim and mask class (docs/design/tuning.md
@@ -260,11 +304,11 @@ def _dry_run(out: str) -> None:
     tune_attention.neighbours = lambda current: [current, (64, 64, 4, 2)]
     ran = []
 
-    def workloads(shape, dtype, mask):
+    def workload(shape, dtype, mask, kind):
         call = lambda: tune_attention._call(tuple(shape), dtype, mask, device)  # noqa: E731
-        return {"jvp": lambda: ran.append((mask, call().blocks("jvp")))}
+        return lambda: ran.append((mask, call().blocks(kind)))
 
-    tune_attention.workloads = workloads
+    tune_attention.workload = workload
     triton.testing.do_bench_cudagraph = lambda run, **kwargs: run() or DRY_TIMES[ran[-1][1]][ran[-1][0] == "causal"]
     before = (_tuning.tile(90, "jvp", 64, "bfloat16"), _tuning.tile(90, "jvp", 64, "bfloat16", banded=True))
     sys.argv = ["tune_attention.py", "--kinds", "jvp", "--shapes", "2,2,256,64", "--workers", "2", "--out", out]
