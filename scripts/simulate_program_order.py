@@ -10,7 +10,7 @@ each order's makespan over the even share of the work, ``total / slots``:
 - grid order, the blocks of one head, then the next head (theria's order without a band);
 - grid order with each head's blocks reversed (session 17's order, perf-notes item 32);
 - longest first in sections of heads, the order theria launches under a causal band, with the
-  section ``_tuning.lpt_section`` gives the sweep (bf16, K and V or Q and dO of one head a row).
+  section the plans give the sweep (``_launch.AttentionCall.ordered``, bf16).
 
     python scripts/simulate_program_order.py                 # the anchor shapes' causal sweeps
     python scripts/simulate_program_order.py --sweep rows,8,16,1024,64,128,64,264
@@ -27,7 +27,7 @@ import argparse
 import heapq
 import math
 
-from theria_kernels.attention import _tuning
+from theria_kernels.attention import AttentionParams, _launch
 
 # The anchor shapes' causal sweeps on their sm_90 tiles; slots: programs the H200's 132
 # multiprocessors hold at once (two a multiprocessor but for the D128 forward's 225 KB tile).
@@ -66,12 +66,24 @@ def makespan(programs: list[float], slots: int) -> float:
     return max(free)
 
 
+def lpt_section(kind: str, batch: int, heads: int, seq: int, head_dim: int, blocks: int) -> int:
+    """The section the plans give this causal sweep (``_launch.AttentionCall.ordered``, bf16 on an
+    H200), or 1 where they keep grid order (``THERIA_ATTENTION_LPT=0``)."""
+    shape = (batch, heads, seq, head_dim)
+    strides = (heads * seq * head_dim, seq * head_dim, head_dim, 1)
+    call = _launch.AttentionCall(shape, strides, shape, strides, "bfloat16",
+                                 AttentionParams(scale=head_dim ** -0.5, causal=True),
+                                 _launch.Device(132, capability=90))
+    grid, order = call.ordered((blocks, batch * heads), kind == "columns")
+    return grid[0] if order["LPT"] else 1
+
+
 def orders(kind: str, batch: int, heads: int, seq: int, head_dim: int, block_m: int, block_n: int,
            overhead: float) -> dict[str, list[float]]:
     """The program lengths of one sweep in each launch order, and the section of the last."""
     own = [length + overhead for length in lengths(kind, seq, block_m, block_n)]
     rows = batch * heads
-    section = _tuning.lpt_section(True, 2 * seq * head_dim * _tuning.DTYPE_BYTES["bfloat16"], rows)
+    section = lpt_section(kind, batch, heads, seq, head_dim, len(own))
     longest_first = sorted(own, reverse=True)
     return {
         "grid order": [length for _ in range(rows) for length in own],
