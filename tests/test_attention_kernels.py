@@ -734,12 +734,16 @@ def test_longest_first_order(section, mask, monkeypatch):
         fn = reference_fn(params)
         _check_forward_and_backward(q, k, v, params, fn, torch.float64)
         _check_backward_backward(q, k, v, params, fn, torch.float64)
+        launches = [launch_ for plan in torch_launchers._PLANS.values() for launch_ in plan.launches]
         orders = {(launch_.kernel.__name__, launch_.grid, launch_.arguments["LPT"], launch_.arguments["HEAVY_LAST"])
-                  for plan in torch_launchers._PLANS.values() for launch_ in plan.launches}
+                  for launch_ in launches}
         one_sided = "causal" in mask or mask["window_size"][1] < 0
         columns = ("_attn_bwd_dkdv_kernel", "_attn_bwd_bwd_cols_kernel")
         rows = {1: 1, 4: 3, 64: 6}[section]
-        expected = {(name, (rows, 3, 6 // rows) if one_sided else (3, 6, 1), one_sided,
+        # a kernel's blocks along its sweep: of 33 queries (rows) or keys (columns), on the device's tile
+        blocks = {launch_.kernel.__name__: cdiv(33, launch_.arguments["BLOCK_N" if launch_.kernel.__name__ in columns
+                                                                     else "BLOCK_M"]) for launch_ in launches}
+        expected = {(name, (rows, blocks[name], 6 // rows) if one_sided else (blocks[name], 6, 1), one_sided,
                      one_sided and ("causal" in mask) != (name in columns))
                     for name in ("_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_bwd_rows_kernel", *columns)}
         assert orders == expected
@@ -778,8 +782,11 @@ def test_longest_first_order_with_grouped_query_shares(programs_per_sm, monkeypa
     """The longest-first order in one-row sections with the group of 4 query heads whole or split
     into shares of 2 (``test_grouped_query_split_does_not_change_gradients``; here 4 key blocks × 2
     sequences × 2 shares reach 4 programs per multiprocessor of the interpreter's 4): the shares of
-    a tile still find each other's partials."""
+    a tile still find each other's partials. The device counts 4 multiprocessors on a GPU too, so
+    that the split is the same there."""
     monkeypatch.setattr(launch, "COLUMN_PROGRAMS_PER_SM", programs_per_sm)
+    monkeypatch.setattr(torch_launchers, "multiprocessor_count", lambda device: 4)
+    monkeypatch.setattr(torch_launchers, "_DEVICES", {})
     monkeypatch.setattr(tuning, "LPT_SECTION_BYTES", 1)
     clear_plans()
     q, k, v, params = _case((2, 4, 1, 19, 61), 16, torch.float64, dict(causal=True, bottom_right=True), seed=3)

@@ -407,8 +407,8 @@ def test_tangent_kernel_needs_no_more_than_the_jvp():
 def test_backward_halves_compile_for_hopper(monkeypatch):
     """The backward's dK/dV sweep in halves (``_sweeps._column_tile``'s HALVES) compiles for sm_90
     at the 2-byte D64 and D128 entries with the table's TMA and adds no misfit to one tile's (at D128
-    it takes the one tile's spills away); by default only sm_90's ``BACKWARD_COLUMNS_HALVES`` entry
-    (D128, banded) takes it."""
+    it takes the one tile's spills away); by default no entry takes it (``BACKWARD_COLUMNS_HALVES``:
+    one tile was faster on the H200 once the programs ran longest first)."""
     entries = [(90, "backward", head_dim, 2) for head_dim in (64, 128)]
     halves = run_compiler(entries, THERIA_ATTENTION_HALVES="1")
     one_tile = run_compiler(entries, THERIA_ATTENTION_HALVES="0")
@@ -429,7 +429,7 @@ def test_backward_halves_compile_for_hopper(monkeypatch):
                              for launch, _ in entry_launches(90, "backward", head_dim, 2))}
     finally:
         _launch.backward_plan.cache_clear()
-    assert by_default == {128}
+    assert by_default == set()
 
 
 def test_tma_compiles_for_hopper():

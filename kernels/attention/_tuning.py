@@ -290,14 +290,16 @@ def uses_one_sweep(capability: int, kind: str, block_d: int, dtype: str) -> bool
 FORWARD_HALVES: dict[int, frozenset] = {90: frozenset({(64, 2, False)})}
 # Where the backward's dK/dV sweep takes each whole query block as two halves
 # (``_sweeps._column_tile``'s HALVES: both halves' K Qᵀ first, so that one half's exp2 runs beside the
-# other's accumulating products), per table as ``FORWARD_HALVES``, on the ``backward`` tile. H200,
-# bf16, B4 H16 T4096 D128 causal, fwd + bwd alternating in one call (``scripts/ab_backward_halves.py``;
-# docs/perf-notes.md item 39): 2.780 / 2.788 → 2.639 / 2.660 ms on 64 × 64 × 4 × 2 (cuDNN 2.028).
-# Without a mask at D128 (4.28 → 4.52) and at D64 either way (4.80 → 5.37, causal 2.86 → 3.04) they
-# lose. The entry is the banded class's, so sliding windows at D128 take the halves too (untimed).
-# The dQ sweep and the double backward's column sweep were built and timed in halves too and lost
-# at every shape (the double backward's at D128 causal 13×, its halves' spills): one tile.
-BACKWARD_COLUMNS_HALVES: dict[int, frozenset] = {90: frozenset({(128, 2, True)})}
+# other's accumulating products), per table as ``FORWARD_HALVES``, on the ``backward`` tile: nowhere
+# now. H200, bf16, fwd + bwd alternating in one call (``scripts/ab_backward_halves.py``): at B4 H16
+# T4096 D128 causal they once won (2.780 / 2.788 → 2.639 / 2.660 ms on 64 × 64 × 4 × 2; perf-notes
+# item 39); after the longest-first order and the first-row statistics (items 50, 51) one tile is
+# faster there too, 2.373 / 2.369 ms against 2.518 / 2.569 (cuDNN 2.006), and in the second-order
+# pipeline 7.13 / 7.22 against 7.31 / 7.37 (item 52). Without a mask at D128 (4.21 against 4.53) and
+# at D64 either way (item 39) they lose. The dQ sweep and the double backward's column sweep were
+# built and timed in halves too and lost at every shape (the double backward's at D128 causal 13×,
+# its halves' spills): one tile. The schedule stays for ``THERIA_ATTENTION_HALVES`` and its tests.
+BACKWARD_COLUMNS_HALVES: dict[int, frozenset] = {90: frozenset()}
 HALVES = {"forward": FORWARD_HALVES, "backward": BACKWARD_COLUMNS_HALVES}
 # THERIA_ATTENTION_HALVES=1 / =0 runs every sweep that can as two halves everywhere (tiles of 32 rows
 # and more; any in the interpreter) / nowhere; HALVES_OVERRIDE is what the plans read (the tests set
