@@ -287,8 +287,9 @@ def test_tma_loads_at_every_order(head_dim, causal, monkeypatch):
 @pytest.mark.parametrize("head_dim", [64, 128], ids=lambda d: f"D{d}")
 def test_halves_at_every_order(head_dim, causal, monkeypatch):
     """The backward's dK/dV sweep taking each whole query block as two halves, forced through the
-    table for the head dim and both mask classes (the table itself takes them nowhere now), and at D64 the forward's halves too, forced under a band as well (its edge and inner key
-    loops, ``forward._inner_keys``); bf16 and fp16, grouped heads, odd lengths (whole query blocks
+    table for the head dim and both mask classes (the table itself takes them nowhere now), and at
+    D64 the forward's halves too, forced under a band as well (its edge and inner key loops,
+    ``forward._inner_keys``); bf16 and fp16, grouped heads, odd lengths (whole query blocks
     and a partial one): the same criterion at every derivative order."""
     import theria_kernels.attention._tuning as tuning
     from theria_kernels.attention.torch_launchers import _PLANS, clear_plans
