@@ -777,16 +777,13 @@ def test_longest_first_order_only_where_lengths_differ():
     assert ordered(dict(causal=True), t_q=0, t_k=0)[0] == (64, 32, 1)
 
 
-@pytest.mark.parametrize("programs_per_sm", [0, 4], ids=["whole_group", "two_shares"])
-def test_longest_first_order_with_grouped_query_shares(programs_per_sm, monkeypatch):
+@pytest.mark.parametrize("shares", [1, 2], ids=["whole_group", "two_shares"])
+def test_longest_first_order_with_grouped_query_shares(shares, monkeypatch):
     """The longest-first order in one-row sections with the group of 4 query heads whole or split
-    into shares of 2 (``test_grouped_query_split_does_not_change_gradients``; here 4 key blocks × 2
-    sequences × 2 shares reach 4 programs per multiprocessor of the interpreter's 4): the shares of
-    a tile still find each other's partials. The device counts 4 multiprocessors on a GPU too, so
-    that the split is the same there."""
-    monkeypatch.setattr(launch, "COLUMN_PROGRAMS_PER_SM", programs_per_sm)
-    monkeypatch.setattr(torch_launchers, "multiprocessor_count", lambda device: 4)
-    monkeypatch.setattr(torch_launchers, "_DEVICES", {})
+    into shares of 2 (``test_grouped_query_split_does_not_change_gradients``): the shares of a tile
+    still find each other's partials. The split is forced (``AttentionCall.group_split``'s rule
+    depends on the device's tile and multiprocessors), so that it is the same on every device."""
+    monkeypatch.setattr(launch.AttentionCall, "group_split", lambda call, block_n: shares)
     monkeypatch.setattr(tuning, "LPT_SECTION_BYTES", 1)
     clear_plans()
     q, k, v, params = _case((2, 4, 1, 19, 61), 16, torch.float64, dict(causal=True, bottom_right=True), seed=3)
@@ -796,6 +793,6 @@ def test_longest_first_order_with_grouped_query_shares(programs_per_sm, monkeypa
         _check_backward_backward(q, k, v, params, fn, torch.float64)
         columns = [launch_.arguments for plan in torch_launchers._PLANS.values() for launch_ in plan.launches
                    if launch_.kernel.__name__ == "_attn_bwd_dkdv_kernel"]
-        assert [(a["LPT"], a["members"]) for a in columns] == [(True, 2 if programs_per_sm else 4)]
+        assert [(a["LPT"], a["members"]) for a in columns] == [(True, 4 // shares)]
     finally:
         clear_plans()
