@@ -448,8 +448,10 @@ class Resources:
     ``legacy_mma``: the 16-bit ``mma.sync`` instructions of its PTX, which on sm_90 mean the tensor
     cores run the pre-Hopper path instead of ``wgmma`` (it needs 64 rows per warpgroup, so a tile
     dimension below 64 keeps a dot on mma.sync); ``tensor_loads``: its tensor-memory-accelerator
-    copies (``cp.async.bulk.tensor``), and ``global_scratch``: the bytes of global scratch a program
-    asks (the TMA descriptors it builds)."""
+    copies (``cp.async.bulk.tensor``), ``global_scratch``: the bytes of global scratch a program
+    asks (the TMA descriptors it builds), and ``serialized_wgmma``: ptxas serialises every wgmma of
+    the kernel (its C7513: it waits for each product as soon as it is issued, so nothing overlaps
+    the tensor cores; docs/perf-notes.md item 53)."""
 
     kernel: str
     capability: int
@@ -461,6 +463,7 @@ class Resources:
     legacy_mma: int = 0
     tensor_loads: int = 0
     global_scratch: int = 0
+    serialized_wgmma: bool = False
 
     def problems(self) -> list[str]:
         """Why this kernel cannot run well on its target; empty when it fits."""
@@ -477,6 +480,8 @@ class Resources:
             found.append(f"{self.tensor_memory} tensor-memory columns, above {TENSOR_MEMORY_COLUMNS}")
         if self.capability == 90 and self.legacy_mma:
             found.append(f"{self.legacy_mma} 16-bit mma.sync instructions: not Hopper's wgmma")
+        if self.serialized_wgmma:
+            found.append("ptxas serialises its wgmma (C7513): each product waited for as it is issued")
         return found
 
 
@@ -499,7 +504,24 @@ def compile_launch(launch, dtypes: dict[str, str], capability: int) -> Resources
         tensor_memory=getattr(metadata, "tmem_size", 0) or 0,
         legacy_mma=len(re.findall(r"mma\.sync[^\n]*\.(?:bf16|f16)", compiled.asm["ptx"])),
         tensor_loads=compiled.asm["ptx"].count("cp.async.bulk.tensor"),
-        global_scratch=getattr(metadata, "global_scratch_size", 0) or 0)
+        global_scratch=getattr(metadata, "global_scratch_size", 0) or 0,
+        serialized_wgmma=_wgmma_serialized(compiled.asm["ptx"], knobs.nvidia.ptxas.path))
+
+
+def _wgmma_serialized(ptx: str, ptxas: str) -> bool:
+    """Whether ptxas (shipped with Triton) serialises the wgmma of ``ptx``: it says so only in its
+    verbose report (C7513, a performance note, not an error), which Triton's own run of it drops.
+    Kernels without wgmma (any target but sm_90) need no second run."""
+    target = re.search(r"^\.target\s+(sm_\w+)", ptx, re.MULTILINE)
+    if "wgmma.mma_async" not in ptx or target is None:
+        return False
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        report = subprocess.run([ptxas, "--gpu-name", target.group(1), "-v", path, "-o", path + ".cubin"],
+                                check=True, capture_output=True, text=True)
+    return "C7513" in report.stdout + report.stderr
 
 
 def _resource_usage(cubin: bytes, cuobjdump: str) -> dict[str, int]:
