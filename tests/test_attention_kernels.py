@@ -316,6 +316,9 @@ ONE_SWEEP_CASES = {
     # Long enough that a band has key blocks every row of a block sees whole (``_inner_keys``: at
     # the interpreter's 32 × 16 tile, the causal rows from 64 on, and between the window's edges).
     "causal-T100-float64": ((1, 2, 1, 100, 100), 16, torch.float64, MASKS[1]),
+    # Without a mask at a length the key block does not divide: the whole key blocks, then the
+    # partial one (``_forward_halves``).
+    "full-T100-float64": ((1, 2, 1, 100, 100), 16, torch.float64, MASKS[0]),
     "window-T90x100-float64": ((1, 2, 1, 90, 100), 16, torch.float64, dict(window_size=(60, 5), bottom_right=True)),
 }
 
@@ -393,6 +396,9 @@ HALVES_CASES = {
     # Long enough that a band has key blocks every row of a block sees whole (``_inner_keys``: at
     # the interpreter's 32 × 16 tile, the causal rows from 64 on, and between the window's edges).
     "causal-T100-float64": ((1, 2, 1, 100, 100), 16, torch.float64, MASKS[1]),
+    # Without a mask at a length the key block does not divide: the whole key blocks, then the
+    # partial one (``_forward_halves``).
+    "full-T100-float64": ((1, 2, 1, 100, 100), 16, torch.float64, MASKS[0]),
     "window-T90x100-float64": ((1, 2, 1, 90, 100), 16, torch.float64, dict(window_size=(60, 5), bottom_right=True)),
 }
 interpreted_halves = pytest.mark.skipif(not INTERPRETER, reason="compiled halves need tiles the float64 tables do not "

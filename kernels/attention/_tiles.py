@@ -204,13 +204,18 @@ def _visible(q_idx, k_idx, t_k, band_lo, band_hi, BANDED: tl.constexpr):
 
 @triton.jit
 def _mask(x, fill, q_idx, k_idx, start_m, start_n, t_k, band_lo, band_hi, BLOCK_M: tl.constexpr,
-          BLOCK_N: tl.constexpr, BANDED: tl.constexpr, MASKED: tl.constexpr):
+          BLOCK_N: tl.constexpr, BANDED: tl.constexpr, MASKED: tl.constexpr, EVERY_TILE: tl.constexpr = False):
     """``x`` with ``fill`` where a (query, key) pair may not attend (``_visible``), on the tile of
     queries [start_m, start_m + BLOCK_M) and keys [start_n, start_n + BLOCK_N). MASKED (a band, or
     key blocks that may run past T_k) compiles the mask in; at run time only the tiles that cross
     the end of the keys or an edge of the band apply it: the tiles inside pay one scalar branch
-    instead of a compare and a select per element (most tiles of a causal or varlen sweep)."""
+    instead of a compare and a select per element (most tiles of a causal or varlen sweep).
+    EVERY_TILE applies it without that branch, for loops that run edge tiles only: in the forward's
+    two halves the branch makes ptxas serialise every wgmma of the kernel (docs/perf-notes.md item
+    53)."""
     if MASKED:
+        if EVERY_TILE:
+            return tl.where(_visible(q_idx, k_idx, t_k, band_lo, band_hi, BANDED), x, fill)
         crosses = start_n + BLOCK_N > t_k
         if BANDED:
             crosses = crosses | (start_n < start_m + BLOCK_M - 1 + band_lo) | (start_n + BLOCK_N - 1 > start_m + band_hi)

@@ -48,10 +48,10 @@ from theria_kernels.attention._tiles import (
 @triton.jit
 def _tile_scores(dot, offs_m, offs_k, start_m, start_n, len_k, band_lo, band_hi, slope, diagonal, sm_scale, qk_scale,
                  log2e, softcap, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BANDED: tl.constexpr,
-                 MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+                 MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, EVERY_TILE: tl.constexpr = False):
     """(scores, unit, cap) of the query rows ``offs_m`` (a block of BLOCK_M from start_m) against the
     key block at start_n, from ``dot`` = Q Kᵀ: unit · scores is in base-2 units, with −∞ where a
-    pair may not attend (``_mask``); cap is the softcap's t (``_scores``). Without modifiers the
+    pair may not attend (``_mask``, EVERY_TILE its); cap is the softcap's t (``_scores``). Without modifiers the
     scale stays out of the tile (unit = scale · log2 e), so that it joins the exponent's shift: one
     fused multiply-add a score instead of a multiply and a subtract."""
     if SOFTCAP or ALIBI:
@@ -61,7 +61,7 @@ def _tile_scores(dot, offs_m, offs_k, start_m, start_n, len_k, band_lo, band_hi,
     else:
         scores, cap, unit = dot, 0.0, qk_scale
     scores = _mask(scores, float("-inf"), offs_m[:, None], offs_k[None, :], start_m, start_n, len_k, band_lo,
-                   band_hi, BLOCK_M, BLOCK_N, BANDED, MASKED)
+                   band_hi, BLOCK_M, BLOCK_N, BANDED, MASKED, EVERY_TILE)
     return scores, unit, cap
 
 
@@ -100,7 +100,8 @@ def _halves_keys(state, q_a, q_b, offs_a, offs_b, slope_a, slope_b, diagonal, k_
                  BANDED: tl.constexpr, MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                  ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     """``state`` = (acc_a, sum_a, max_a, acc_b, sum_b, max_b) after the key blocks [lo, hi) of the
-    two halves' sweep (``_forward_halves``); MASKED compiles the mask in (``_mask``)."""
+    two halves' sweep (``_forward_halves``); MASKED compiles the mask in and applies it to every
+    block (``_mask``'s EVERY_TILE: the loops that take it run edge blocks only)."""
     HALF: tl.constexpr = BLOCK_M // 2
     acc_a, sum_a, max_a, acc_b, sum_b, max_b = state
     offs_n = tl.arange(0, BLOCK_N)
@@ -112,11 +113,11 @@ def _halves_keys(state, q_a, q_b, offs_a, offs_b, slope_a, slope_b, diagonal, k_
         dot_b = _dot_t(q_b, k, PRECISION, ACC_DTYPE)
         scores, unit = _tile_scores(dot_a, offs_a, offs_k, start_m, start_n, len_k, band_lo, band_hi, slope_a,
                                     diagonal, sm_scale, qk_scale, log2e, softcap, HALF, BLOCK_N, BANDED, MASKED,
-                                    SOFTCAP, ALIBI)[:2]
+                                    SOFTCAP, ALIBI, True)[:2]
         acc_a, sum_a, max_a = _online_softmax(acc_a, sum_a, max_a, scores, unit, v, PRECISION, ACC_DTYPE)[:3]
         scores, unit = _tile_scores(dot_b, offs_b, offs_k, start_m + HALF, start_n, len_k, band_lo, band_hi,
                                     slope_b, diagonal, sm_scale, qk_scale, log2e, softcap, HALF, BLOCK_N, BANDED,
-                                    MASKED, SOFTCAP, ALIBI)[:2]
+                                    MASKED, SOFTCAP, ALIBI, True)[:2]
         acc_b, sum_b, max_b = _online_softmax(acc_b, sum_b, max_b, scores, unit, v, PRECISION, ACC_DTYPE)[:3]
     return acc_a, sum_a, max_a, acc_b, sum_b, max_b
 
@@ -148,7 +149,10 @@ def _forward_halves(Q, Out, Lse, Slopes, k_rows, v_rows, q_base, k_base, row_bas
     item 37). The halves mask and store their own rows; the key range is the whole block's. Under a
     band the key blocks that every row sees whole (``_inner_keys``) run in a loop without the mask
     code, and the blocks at the band's edges in loops with it: compiled for sm_90 with the mask in
-    the one loop, ptxas holds the halves' mask predicates across the key loop (perf-notes item 44)."""
+    the one loop, ptxas holds the halves' mask predicates across the key loop (perf-notes item 44).
+    At lengths the key block does not divide, likewise the whole key blocks and then the partial
+    one. The edge loops apply the mask to every block without a run-time test: with that test in
+    the loop, ptxas serialises every wgmma of the kernel (its C7513; perf-notes item 53)."""
     HALF: tl.constexpr = BLOCK_M // 2
     offs_a = start_m + tl.arange(0, HALF)
     offs_b = offs_a + HALF
@@ -172,6 +176,13 @@ def _forward_halves(Q, Out, Lse, Slopes, k_rows, v_rows, q_base, k_base, row_bas
                              log2e, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, False, SOFTCAP,
                              ALIBI, ACC_DTYPE, PRECISION, TMA)
         lo = inner_hi
+    elif not EVEN_K:  # the whole key blocks without the mask, then the partial one with it
+        whole_hi = lo + (hi - lo) // BLOCK_N * BLOCK_N
+        state = _halves_keys(state, q_a, q_b, offs_a, offs_b, slope_a, slope_b, diagonal, k_rows, v_rows, k_base,
+                             start_m, lo, whole_hi, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e,
+                             softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, False, SOFTCAP, ALIBI,
+                             ACC_DTYPE, PRECISION, TMA)
+        lo = whole_hi
     state = _halves_keys(state, q_a, q_b, offs_a, offs_b, slope_a, slope_b, diagonal, k_rows, v_rows, k_base, start_m,
                          lo, hi, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e, softcap, HEAD_DIM,
                          BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, BANDED or not EVEN_K, SOFTCAP, ALIBI, ACC_DTYPE,
