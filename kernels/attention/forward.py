@@ -51,9 +51,9 @@ def _tile_scores(dot, offs_m, offs_k, start_m, start_n, len_k, band_lo, band_hi,
                  MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, EVERY_TILE: tl.constexpr = False):
     """(scores, unit, cap) of the query rows ``offs_m`` (a block of BLOCK_M from start_m) against the
     key block at start_n, from ``dot`` = Q Kᵀ: unit · scores is in base-2 units, with −∞ where a
-    pair may not attend (``_mask``, EVERY_TILE its); cap is the softcap's t (``_scores``). Without modifiers the
-    scale stays out of the tile (unit = scale · log2 e), so that it joins the exponent's shift: one
-    fused multiply-add a score instead of a multiply and a subtract."""
+    pair may not attend (``_mask``, with its EVERY_TILE); cap is the softcap's t (``_scores``).
+    Without modifiers the scale stays out of the tile (unit = scale · log2 e), so that it joins the
+    exponent's shift: one fused multiply-add a score instead of a multiply and a subtract."""
     if SOFTCAP or ALIBI:
         scores, cap = _scores(dot, offs_m[:, None], offs_k[None, :], slope, diagonal, sm_scale, qk_scale, log2e,
                               softcap, SOFTCAP, ALIBI)
