@@ -213,14 +213,14 @@ KNOWN_SHARED_MEMORY = {
 # sm_90 launches whose 16-bit dots run on mma.sync rather than Hopper's wgmma, which needs 64 rows
 # per warpgroup: a tile side below 64 in the dot's row dimension (BLOCK_N for column kernels,
 # BLOCK_M for row kernels) keeps it there (docs/perf-notes.md item 13).
-# ptxas's C7513: every wgmma of the kernel serialised (docs/perf-notes.md item 53). None today.
-KNOWN_SERIALIZED_WGMMA: set = set()
 KNOWN_LEGACY_MMA = {
     (90, "jvp", 256, 2, "fwd"), (90, "forward_second", 128, 2, "fwd"), (90, "forward_second", 256, 2, "fwd"),
     (90, "backward", 256, 2, "bwd_dkdv"), (90, "backward_backward", 256, 2, "bwd_bwd_cols"),
     # the double backward's row sweep (its own kind since it can run as one sweep)
     (90, "backward_backward_rows", 256, 2, "bwd_bwd_rows"),
 }
+# ptxas's C7513: every wgmma of the kernel serialised (docs/perf-notes.md item 53). None today.
+KNOWN_SERIALIZED_WGMMA: set = set()
 
 # The row sweep without d_out's cotangent misfits wherever the row sweep with it does. At sm_90's
 # 2-byte head dim 128 it sweeps once on its own tile, reading the backward's dq, and spills a few
