@@ -15,6 +15,7 @@ from theria_kernels.attention._tiles import (
     _add_dot,
     _block,
     _dot_t,
+    _full_blocks_end,
     _key_range,
     _load_parts,
     _load_rows,
@@ -247,16 +248,6 @@ def _row_sweep(acc, q, d_out, cot_dq, lse2, delta, sigma, rho, u_dot, delta_u, K
                         diagonal, softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, BANDED or not EVEN_K,
                         STAGE, SOFTCAP, ALIBI, ACC_DTYPE, PRECISION, TMA, ONE_SWEEP)
     return acc
-
-
-@triton.jit
-def _full_blocks_end(lo, hi, t_q, BLOCK_M: tl.constexpr):
-    """Where a column program's query sweep [lo, hi) (lo a multiple of BLOCK_M) stops having whole
-    blocks of rows < t_q. The sweep loops over the whole blocks with unmasked loads, then takes
-    the one partial block, if any, with masked ones: per-row masks against a length the compiler
-    knows nothing about (a VARLEN sequence's) cost more address and predicate work than the tile's
-    arithmetic hides (VARLEN dK/dV was 30–40 % slower than at a fixed length, H100; perf-notes 8)."""
-    return tl.maximum(lo, tl.minimum(hi, t_q // BLOCK_M * BLOCK_M))
 
 
 @triton.jit

@@ -277,6 +277,18 @@ def _query_range(start_n, t_q, t_k, band_lo, band_hi, BLOCK_M: tl.constexpr, BLO
 
 
 @triton.jit
+def _full_blocks_end(lo, hi, length, BLOCK: tl.constexpr):
+    """Where a sweep [lo, hi) of blocks of BLOCK rows (lo a multiple of BLOCK) stops having whole
+    blocks of rows < length, so that it can loop over those without masks and take the one partial
+    block, if any, apart. In the column sweeps (queries): per-row masks against a length the
+    compiler knows nothing about (a VARLEN sequence's) cost more address and predicate work than
+    the tile's arithmetic hides (VARLEN dK/dV was 30–40 % slower than at a fixed length, H100;
+    perf-notes 8). In the forward's halves (keys): the mask's run-time test in their loop made
+    ptxas serialise the kernel's wgmma (perf-notes 53)."""
+    return tl.maximum(lo, tl.minimum(hi, length // BLOCK * BLOCK))
+
+
+@triton.jit
 def _program(grid_heads, VARLEN: tl.constexpr, LPT: tl.constexpr, HEAVY_LAST: tl.constexpr):
     """(block, sequence, head, entry, tile) of this program: its block along the sweep (query blocks
     in row kernels, key blocks in column ones), where its rows live, and its index among all

@@ -11,6 +11,7 @@ from theria_kernels.attention._tiles import (
     _add_dot,
     _block,
     _dot_t,
+    _full_blocks_end,
     _key_range,
     _load_parts,
     _mask,
@@ -177,7 +178,7 @@ def _forward_halves(Q, Out, Lse, Slopes, k_rows, v_rows, q_base, k_base, row_bas
                              ALIBI, ACC_DTYPE, PRECISION, TMA)
         lo = inner_hi
     elif not EVEN_K:  # the whole key blocks without the mask, then the partial one with it
-        whole_hi = lo + (hi - lo) // BLOCK_N * BLOCK_N
+        whole_hi = _full_blocks_end(lo, hi, len_k, BLOCK_N)
         state = _halves_keys(state, q_a, q_b, offs_a, offs_b, slope_a, slope_b, diagonal, k_rows, v_rows, k_base,
                              start_m, lo, whole_hi, len_k, stride_kt, band_lo, band_hi, sm_scale, qk_scale, log2e,
                              softcap, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D0, BLOCK_D1, BANDED, False, SOFTCAP, ALIBI,
