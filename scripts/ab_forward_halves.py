@@ -10,6 +10,10 @@ with cuDNN's time over its own. Needs a Hopper GPU (the candidates are sm_90 tab
     python scripts/ab_forward_halves.py
     python scripts/ab_forward_halves.py --shapes 8,16,1024,64      # a small shape
     python scripts/ab_forward_halves.py --halves 128:256,64,8,2     # other halves tiles at D128
+    python scripts/ab_forward_halves.py --window 255,0              # a sliding window for the masks
+
+Under ``--window`` the masks are that window (without cuDNN, which has none) and that window with
+the causal mask, both banded calls (the entries banded calls read are the ones set).
 """
 
 from __future__ import annotations
@@ -41,6 +45,17 @@ def halves_argument(text: str) -> tuple[int, tuple[int, int, int, int]]:
     return result
 
 
+def window_argument(text: str) -> tuple[int, int]:
+    """``--window``' LEFT,RIGHT, flash-attn's window_size (-1: unbounded on that side)."""
+    try:
+        window = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        window = ()
+    if len(window) != 2 or min(window) < -1:
+        raise argparse.ArgumentTypeError(f"a window is LEFT,RIGHT with each -1 or more, got {text!r}")
+    return window
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", type=shape_argument, default=[(8, 16, 4096, 64), (4, 16, 4096, 128)],
@@ -48,6 +63,8 @@ def main() -> None:
     parser.add_argument("--halves", nargs="+", type=halves_argument, default=[],
                         help="D:BLOCK_M,BLOCK_N,warps,stages: the halves on these tiles instead of the default ones "
                              "at head dim D")
+    parser.add_argument("--window", type=window_argument, default=None,
+                        help="LEFT,RIGHT: time this sliding window (flash-attn's meaning) instead of no mask")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("timing needs a CUDA GPU")
@@ -64,34 +81,54 @@ def main() -> None:
     for head_dim in {head_dim for head_dim, _ in args.halves}:
         halves[head_dim] = [tile for dim, tile in args.halves if dim == head_dim]
 
-    def schedule(head_dim, causal, tile, two_halves):
+    def schedule(head_dim, banded, tile, two_halves):
         """``tile`` in the sm_90 entry a call of this head dim and mask class reads, on one schedule."""
-        with_tile("forward", head_dim, "bfloat16", 90, tile, causal)
+        with_tile("forward", head_dim, "bfloat16", 90, tile, banded)
         _tuning.HALVES_OVERRIDE = two_halves
         torch_launchers.clear_plans()  # plans are cached with the tile and schedule they were built with
 
-    print(f"# {torch.cuda.get_device_name()} bfloat16, do_bench_cudagraph medians in ms (cudnn/this, relative error)")
-    torch.manual_seed(0)
-    for batch, heads, seq, head_dim in args.shapes:
-        q, k, v = (torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        for causal in (False, True):
+    def expected_and_cudnn(q, k, v, causal):
+        """Float32 attention under the mask, and cuDNN's time for it (None under a window)."""
+        if args.window is None:
             expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(),
                                                                         is_causal=causal)
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                cudnn = do_bench_cudagraph(
+                return expected, do_bench_cudagraph(
                     lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
-            line = f"B{batch} H{heads} T{seq} D{head_dim} causal={causal} cudnn {cudnn:.3f}"
+        rows = torch.arange(q.shape[2], device="cuda")[:, None]
+        cols = torch.arange(k.shape[2], device="cuda")[None, :]
+        left, right = args.window
+        right = 0 if causal else right
+        allowed = torch.ones_like(rows == cols)
+        if left >= 0:
+            allowed &= cols >= rows - left
+        if right >= 0:
+            allowed &= cols <= rows + right
+        return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                                attn_mask=allowed), None
+
+    print(f"# {torch.cuda.get_device_name()} bfloat16, do_bench_cudagraph medians in ms (cudnn/this, relative error)")
+    torch.manual_seed(0)
+    window = (-1, -1) if args.window is None else args.window
+    for batch, heads, seq, head_dim in args.shapes:
+        q, k, v = (torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        for causal in (False, True):
+            expected, cudnn = expected_and_cudnn(q, k, v, causal)
+            banded = causal or window != (-1, -1)
+            line = (f"B{batch} H{heads} T{seq} D{head_dim} causal={causal} window={window} cudnn "
+                    + ("-" if cudnn is None else f"{cudnn:.3f}"))
             for _ in range(2):
                 for name, tile, two_halves in [("one tile", one_tile[head_dim], False)] + [
                         ("halves", tile, True) for tile in halves[head_dim]]:
-                    schedule(head_dim, causal, tile, two_halves)
-                    error = ((sdpa_custom(q, k, v, causal=causal).float() - expected).norm() / expected.norm()).item()
+                    schedule(head_dim, banded, tile, two_halves)
+                    call = lambda: sdpa_custom(q, k, v, causal=causal, window_size=window)  # noqa: E731
+                    error = ((call().float() - expected).norm() / expected.norm()).item()
                     if not error < 2e-2:
                         raise SystemExit(f"{name} {tile}: relative error {error:.1e} against float32 attention")
-                    ms = do_bench_cudagraph(lambda: sdpa_custom(q, k, v, causal=causal))
-                    line += f" | {name} {tile} {ms:.3f} ({cudnn / ms:.3f}x, {error:.1e})"
+                    ms = do_bench_cudagraph(call)
+                    ratio = "" if cudnn is None else f"{cudnn / ms:.3f}x, "
+                    line += f" | {name} {tile} {ms:.3f} ({ratio}{error:.1e})"
             print(line, flush=True)
-
 
 if __name__ == "__main__":
     main()

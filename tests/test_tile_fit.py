@@ -42,8 +42,11 @@ DTYPE_OF_CLASS = {2: "bfloat16", 4: "float32", 8: "float64"}
 # grouped-query split, which the call below forces anyway.
 MULTIPROCESSORS = {80: 108, 89: 142, 90: 132, 100: 148}
 # (B, H, H_kv, T): a group of 8 query heads on one key head over few key blocks, so the column
-# kernels split the group (SPLIT); T = 1000 is a multiple of no tile, so keys are masked.
-SHAPE = (1, 8, 1, 1000)
+# kernels split the group (SPLIT); T = 1960 is a multiple of no tile, so keys are masked, and long
+# enough that a causal call is no short sweep (``_tuning.SHORT_SWEEP_KEYS``).
+SHAPE = (1, 8, 1, 1960)
+# A sliding window whose queries see fewer than ``_tuning.SHORT_SWEEP_KEYS`` keys: a short sweep.
+SHORT_WINDOW = (255, 0)
 # The default run: every kernel at head dim 128 in 2-byte dtypes, the entries with the deepest
 # pipelines (the second-order forward is the JVP's kernel with one more tangent, at smaller tiles).
 DEFAULT_SUBSET = [(kind, 128, 2) for kind in ("forward", "jvp", "backward", "backward_rows", "backward_backward",
@@ -75,8 +78,8 @@ KNOWN_SPILLS = {
     (89, "jvp", 128, 2, "fwd"), (89, "jvp", 128, 4, "fwd"),
     (89, "jvp", 128, 8, "fwd"), (89, "jvp", 256, 2, "fwd"),
     (89, "jvp", 256, 4, "fwd"), (89, "jvp", 256, 8, "fwd"),
-    # the D64 forward's two halves without a mask: 14 words here; at lengths the key block divides, the
-    # timed ones, 16 (docs/perf-notes.md item 53)
+    # the D64 forward's two halves on 128 × 128 × 4 × 3: 14 words here without a mask, 6 causal; at
+    # lengths the key block divides, the timed ones, 16 and 6 (docs/perf-notes.md item 54)
     (90, "forward", 64, 2, "fwd"),
     (90, "backward", 64, 4, "bwd_dkdv"),
     (90, "backward", 64, 8, "bwd_dkdv"), (90, "backward", 128, 2, "bwd_dkdv"),
@@ -236,8 +239,8 @@ TABLE_KIND = {"tangent": "jvp"}
 
 def entry_launches(capability: int, kind: str, head_dim: int, dtype_bytes: int, banded: bool = True):
     """The launches (and the dtype of each buffer) that the tile-table entry (capability, kind,
-    head dim, dtype class) runs, built by the real plan builders, for a causal call (``banded``) or
-    one without a mask."""
+    head dim, dtype class) runs, built by the real plan builders, for a causal call (``banded``
+    True), one without a mask (False) or one under ``SHORT_WINDOW`` ("short")."""
     from theria_kernels.attention import AttentionParams, _launch, _tuning
 
     batch, heads, heads_kv, seq = SHAPE
@@ -245,7 +248,8 @@ def entry_launches(capability: int, kind: str, head_dim: int, dtype_bytes: int, 
     q_shape, k_shape = (batch, heads, seq, head_dim), (batch, heads_kv, seq, head_dim)
     strides = lambda shape: (shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1)  # noqa: E731
     device = _launch.Device(MULTIPROCESSORS[capability], capability=capability)
-    params = AttentionParams(scale=head_dim ** -0.5, causal=banded)
+    params = AttentionParams(scale=head_dim ** -0.5, causal=banded is True,
+                             window_size=SHORT_WINDOW if banded == "short" else (-1, -1))
     call = _launch.AttentionCall(q_shape, strides(q_shape), k_shape, strides(k_shape), dtype, params, device)
     plans = {
         "forward": lambda: _launch.forward_plan(call),
@@ -272,7 +276,8 @@ def _compile_one(job):
     capability, kind, head_dim, dtype_bytes, banded = (*entry, True)[:5]
     launch, dtypes = entry_launches(*entry)[index]
     row = dict(capability=capability, kind=kind, head_dim=head_dim, dtype_bytes=dtype_bytes, banded=banded,
-               tile=tile(capability, TABLE_KIND.get(kind, kind), head_dim, DTYPE_OF_CLASS[dtype_bytes], banded),
+               tile=tile(capability, TABLE_KIND.get(kind, kind), head_dim, DTYPE_OF_CLASS[dtype_bytes], bool(banded),
+                         banded == "short"),
                kernel=launch.kernel.__name__, num_warps=launch.num_warps, num_stages=launch.num_stages,
                halves=bool(launch.arguments.get("HALVES")))
     try:
@@ -342,7 +347,7 @@ def _misfits(rows) -> dict[str, set]:
 def _assert_fit(entries):
     """Every launch of ``entries`` fits, except those ``KNOWN_SPILLS``, ``KNOWN_SHARED_MEMORY``,
     ``KNOWN_LEGACY_MMA`` and ``KNOWN_SERIALIZED_WGMMA`` list; a listed one that fits now is reported
-    (a warning: take it off its list)."""
+    (a warning: take it off its list). The compiled rows."""
     rows = run_compiler(entries)
     found = _misfits(rows)
     known = dict(spills=KNOWN_SPILLS, shared_memory=KNOWN_SHARED_MEMORY, legacy_mma=KNOWN_LEGACY_MMA,
@@ -357,6 +362,7 @@ def _assert_fit(entries):
                             f"{format_rows(unexpected)}")
     if any(fixed.values()):
         warnings.warn(f"these fit now; take them off their lists: {fixed}", stacklevel=2)
+    return rows
 
 
 @pytest.mark.parametrize("capability", TARGETS, ids=[f"sm_{c}" for c in TARGETS])
@@ -395,6 +401,23 @@ def test_banded_entries_and_the_tiles_they_replace_fit():
                for launch_kind in [kind] + [k for k, of in TABLE_KIND.items() if of == kind]]
     assert entries
     _assert_fit(unbanded(entries))
+
+
+def test_short_sweep_entries_fit():
+    """Every ``SHORT_SWEEP_TILES`` entry, on every target that reads it, compiled for a short sweep
+    (a narrow window): it fits, with no misfit listed or not, one tile a block (short sweeps take no
+    halves)."""
+    from theria_kernels.attention._tuning import SHORT_SWEEP_TILES, table_capability
+
+    entries = [(capability, kind, head_dim, dtype_bytes, "short") for capability in TARGETS
+               for kind, head_dim, dtype_bytes in SHORT_SWEEP_TILES.get(table_capability(capability), {})]
+    assert entries
+    rows = run_compiler(entries)
+    for row in rows:
+        expected = SHORT_SWEEP_TILES[table_capability(row["capability"])][(row["kind"], row["head_dim"],
+                                                                             row["dtype_bytes"])]
+        assert "error" not in row and not row["problems"] and not row["halves"], row
+        assert tuple(row["tile"]) == expected, row
 
 
 def test_tangent_kernel_needs_no_more_than_the_jvp():
@@ -466,7 +489,7 @@ def test_serialized_wgmma_is_a_misfit(tmp_path):
 
 def test_forward_halves_keep_their_wgmma_asynchronous():
     """The forward's two halves, forced at the D64 entry under a band and without a mask at this
-    file's length (1000, which the key block does not divide): with the mask's run-time test in
+    file's length (1960, which the key block does not divide): with the mask's run-time test in
     their edge loops ptxas serialised every wgmma of the kernel (docs/perf-notes.md item 53); the
     edge loops now apply the mask to every block they run."""
     rows = run_compiler([(90, "forward", 64, 2), (90, "forward", 64, 2, False)], THERIA_ATTENTION_HALVES="1")

@@ -150,12 +150,43 @@ def test_banded_calls_take_their_own_entry():
                                      AttentionParams(scale=0.125, **mask), device)
         return call.blocks("jvp"), call.blocks("forward")
 
-    # the JVP's and the forward's 2-byte D64 entries (the forward's table tile is its halves')
-    banded = {kind: _tuning.BANDED_TILES[90][(kind, 64, 2)] for kind in ("jvp", "forward")}
-    table = {kind: _tuning.SM90[kind][64][2] for kind in ("jvp", "forward")}
-    assert all(banded[kind] != table[kind] for kind in banded)
-    assert blocks() == (table["jvp"], table["forward"])
-    assert blocks(causal=True) == blocks(window_size=(128, 0)) == (banded["jvp"], banded["forward"])
+    # the JVP's 2-byte D64 entry has a banded tile; the forward's has none (its halves take both masks)
+    banded, table = _tuning.BANDED_TILES[90][("jvp", 64, 2)], _tuning.SM90["jvp"][64][2]
+    assert banded != table and ("forward", 64, 2) not in _tuning.BANDED_TILES[90]
+    assert blocks() == (table, _tuning.SM90["forward"][64][2])
+    wide_window = (2 * _tuning.SHORT_SWEEP_KEYS, 0)  # narrower ones: test_short_sweeps_take_their_own_entry
+    assert blocks(causal=True) == blocks(window_size=wide_window) == (banded, _tuning.SM90["forward"][64][2])
+
+
+def test_short_sweeps_take_their_own_entry():
+    """On sm_90 the 2-byte D64 forward sweeps in halves on the table's tile where its queries see
+    ``_tuning.SHORT_SWEEP_KEYS`` keys or more on average, whatever the mask; where they see fewer
+    (a short causal sequence, a narrow window) one ``SHORT_SWEEP_TILES`` tile a block."""
+    from theria_kernels.attention import AttentionParams, _launch, _tuning
+
+    keys = _tuning.SHORT_SWEEP_KEYS
+
+    def schedule(seq, **mask):
+        shape, strides = (8, 16, seq, 64), (16 * seq * 64, seq * 64, 64, 1)
+        call = _launch.AttentionCall(shape, strides, shape, strides, "bfloat16",
+                                     AttentionParams(scale=0.125, **mask), _launch.Device(132, capability=90))
+        (launch,) = _launch.forward_plan(call).launches
+        return (launch.arguments["BLOCK_M"], launch.arguments["BLOCK_N"], launch.num_warps,
+                launch.num_stages), launch.arguments["HALVES"]
+
+    halves = (_tuning.SM90["forward"][64][2], True)
+    one_tile = (_tuning.SHORT_SWEEP_TILES[90][("forward", 64, 2)], False)
+    assert halves[0] != one_tile[0]
+    # (T, mask): a causal query i sees i + 1 keys, so T causal rows see (T + 1) / 2 on average; a
+    # window's first rows see fewer keys than its width
+    long = [(keys, {}), (2 * keys + 64, dict(causal=True)), (4096, dict(window_size=(keys + 256, 0))),
+            (4096, dict(window_size=(keys // 2 + 128, keys // 2 + 128))),
+            (4096, dict(window_size=(keys + 256, 9), causal=True)), (4096, dict(window_size=(-1, 3)))]
+    short = [(keys - 1, {}), (2 * keys - 64, dict(causal=True)), (4096, dict(window_size=(keys - 2, 0))),
+             (4096, dict(causal=True, window_size=(255, 255))), (4096, dict(window_size=(0, 0))),
+             (1024, dict(causal=True))]
+    assert [schedule(seq, **mask) for seq, mask in long] == [halves] * len(long)
+    assert [schedule(seq, **mask) for seq, mask in short] == [one_tile] * len(short)
 
 
 def test_the_backward_sweeps_take_their_own_kinds(monkeypatch):

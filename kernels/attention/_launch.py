@@ -29,6 +29,7 @@ from theria_kernels.attention._tuning import (
     DTYPE_BYTES,
     TILE_TABLES,
     lpt_section,
+    short_sweep,
     tile,
     uses_halves,
     uses_late_bar,
@@ -160,7 +161,18 @@ class AttentionCall:
     def blocks(self, kind: str) -> tuple[int, int, int, int]:
         if self.device.interpreter:
             return INTERPRETER_BLOCKS
-        return tile(self.device.capability, kind, self.block_d, self.dtype, self.params.banded)
+        return tile(self.device.capability, kind, self.block_d, self.dtype, self.params.banded,
+                    short_sweep(self.mean_keys))
+
+    @property
+    def mean_keys(self) -> float:
+        """The keys a query sees on average under the call's mask (a varlen call's at its longest
+        lengths; averaged over at most about 256 rows, each the middle one of its stretch)."""
+        t_q, t_k = self.varlen[:2] if self.varlen else (self.q_shape[2], self.k_shape[2])
+        lo, hi = self.params.diagonal_band(t_q, t_k)
+        step = max(1, t_q // 256)
+        rows = range(step // 2, t_q, step)
+        return sum(max(0, min(row + hi, t_k - 1) - max(row + lo, 0) + 1) for row in rows) / max(len(rows), 1)
 
     def geometry(self) -> dict:
         """The scalar arguments every attention kernel takes, by name."""
@@ -319,7 +331,8 @@ def _halves(call: AttentionCall, kind: str, block: int) -> bool:
     """Whether the sweep ``kind`` takes its blocks of ``block`` rows (or keys) as two halves
     (``_tuning.uses_halves``): when compiled, only halves of 16 at least, Triton's smallest dot."""
     return ((call.device.interpreter or block >= 32)
-            and uses_halves(call.device.capability, call.block_d, call.dtype, call.params.banded, kind))
+            and uses_halves(call.device.capability, call.block_d, call.dtype, call.params.banded, kind,
+                            short_sweep(call.mean_keys)))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -54,8 +54,8 @@ Tile = tuple[int, int, int, int]
 # (docs/perf-notes.md, "GPU accuracy runs", session 22). The 32 class (head dims up to 32): the
 # 2-byte forward and double backward chosen by timing on the H200 at MAML's t1024 shape
 # (docs/design/tuning.md §1), the others the 64 class's tiles (the backward's timed best). The
-# 2-byte forward: at head dim 64 without a mask two halves of each query block on 128 × 128 × 4 × 2
-# (``FORWARD_HALVES``), banded calls and the other tables one 128 × 64 × 4 × 3 tile a block; at head
+# 2-byte forward: at head dim 64 two halves of each query block on 128 × 128 × 4 × 3
+# (``FORWARD_HALVES``), short sweeps and the other tables one 128 × 64 × 4 × 3 tile a block; at head
 # dim 128, 128 × 128 × 8 × 3 (225 KB of shared memory), timed per mask class on the H200: 0.974× the
 # former 128 × 64 tile's time without a mask, 0.942× causal (docs/design/tuning.md §1). The double
 # backward's column sweep at head dim 128: 32 queries by 128 keys on 8 warps, 3 stages (202 KB),
@@ -66,7 +66,7 @@ Tile = tuple[int, int, int, int]
 SM90: dict[str, dict[int, dict[int, Tile]]] = {
     "forward": {
         32: {2: (64, 64, 4, 3), 4: (64, 32, 4, 2), 8: (32, 16, 4, 1)},
-        64: {2: (128, 128, 4, 2), 4: (64, 32, 4, 2), 8: (32, 16, 4, 1)},
+        64: {2: (128, 128, 4, 3), 4: (64, 32, 4, 2), 8: (32, 16, 4, 1)},
         128: {2: (128, 128, 8, 3), 4: (64, 32, 8, 2), 8: (32, 16, 8, 1)},
         256: {2: (64, 32, 4, 2), 4: (32, 16, 4, 1), 8: (16, 16, 2, 1)},
     },
@@ -112,15 +112,12 @@ SM90: dict[str, dict[int, dict[int, Tile]]] = {
 # (``scripts/tune_attention.py`` times and chooses the two mask classes apart; docs/design/tuning.md
 # §1). The JVP's tangent at head dim 64: without a mask 128 × 64 × 8 warps is 0.89× the time of
 # 64 × 64 × 4 warps (2.44 against 2.73 ms, B8 H16 T4096), causal it is 1.29× (1.96 against 1.52
-# ms). The forward at head dim 64: its table tile is the halves' (``FORWARD_HALVES``), which lose
-# under a band; banded calls sweep one 128 × 64 × 4 × 3 tile a block. The double backward's column
-# sweep at head dim 64: 32 × 64 × 4 × 3 with dS̄ early takes its double backward from 6.78–7.04 to
-# 6.23 ms causal, where without a mask the table's 64 × 64 × 4 × 2 stays fastest (10.94–10.97 ms
-# against 11.29–11.69; docs/perf-notes.md item 46). sm_100's table, sm_90's otherwise, takes these
-# too; sm_80's and sm_89's need none.
+# ms). The double backward's column sweep at head dim 64: 32 × 64 × 4 × 3 with dS̄ early takes its
+# double backward from 6.78–7.04 to 6.23 ms causal, where without a mask the table's 64 × 64 × 4 × 2
+# stays fastest (10.94–10.97 ms against 11.29–11.69; docs/perf-notes.md item 46). sm_100's table,
+# sm_90's otherwise, takes these too; sm_80's and sm_89's need none.
 SM90_BANDED: dict[tuple[str, int, int], Tile] = {
-    ("jvp", 64, 2): (64, 64, 4, 3), ("forward", 64, 2): (128, 64, 4, 3),
-    ("backward_backward", 64, 2): (32, 64, 4, 3),
+    ("jvp", 64, 2): (64, 64, 4, 3), ("backward_backward", 64, 2): (32, 64, 4, 3),
 }
 
 
@@ -213,6 +210,27 @@ for _capability, _table in ((80, SM80), (89, SM89), (90, SM90), (100, SM100)):
 
 TILE_TABLES = {80: SM80, 89: SM89, 90: SM90, 100: SM100}
 BANDED_TILES = {80: {}, 89: {}, 90: SM90_BANDED, 100: SM90_BANDED}
+# Short sweeps: calls whose queries see fewer than SHORT_SWEEP_KEYS keys on average
+# (``_launch.AttentionCall.mean_keys``: a short sequence under a causal mask, a narrow sliding
+# window). Their query blocks sweep a few key blocks, the band's edges among them, so a schedule that
+# pays over a long sweep can lose there: they take these (kind, head-dim class, dtype class) entries
+# before the banded ones, and never the halves (``uses_halves``). sm_90's 2-byte forward at head dim
+# 64 (H200, B8 H16, ``scripts/ab_forward_halves.py``; docs/perf-notes.md item 54), one
+# 128 × 64 × 4 × 3 tile a block against the halves on the table's 128 × 128 × 4 × 3, by the keys a
+# query sees on average: 248 (T4096 under a window of 255 keys to the left) 0.220 against 0.248 ms;
+# 257 (T512 causal) 0.024–0.025 against 0.027; 480 (a window of 511) 0.283 against 0.304; 512 (T1024
+# causal) 0.068–0.069 against 0.070, (T512 without a mask) 0.030 against 0.029–0.030; 896 (a window
+# of 1023) 0.403–0.407 against 0.397–0.399; 1024 (T1024 without a mask) 0.098–0.099 against 0.091,
+# (T2048 causal) 0.211–0.212 against 0.202–0.203. Between 512 and 896 untimed: the bound sits at 768.
+SHORT_SWEEP_KEYS = 768
+SHORT_SWEEP_TILES: dict[int, dict[tuple[str, int, int], Tile]] = {90: {("forward", 64, 2): (128, 64, 4, 3)}}
+
+
+def short_sweep(mean_keys: float) -> bool:
+    """Whether a call whose queries see ``mean_keys`` keys on average is a short sweep."""
+    return mean_keys < SHORT_SWEEP_KEYS
+
+
 # Architectures without a table of their own take the table of the tabled one with the same
 # shared memory and tensor-core generation: GA10x like Ada, Orin like the A100, B300 like B200,
 # consumer Blackwell (mma.sync, 99 KB a program) like Ada.
@@ -282,12 +300,16 @@ def uses_one_sweep(capability: int, kind: str, block_d: int, dtype: str) -> bool
 # Where the forward alone (no tangent) sweeps each query block as two halves that share the key
 # block's loads, so that one half's P V overlaps the other's softmax (``forward._forward_halves``),
 # per table: (head-dim class, dtype class, banded) entries where a timing showed it pays, on the
-# ``forward`` tile. H200, bf16, B8 H16 T4096, alternating in one call (CUDA-graph replay;
-# docs/perf-notes.md item 37): at head dim 64 without a mask 1.310 / 1.324 → 1.214 / 1.226 ms (one
-# 128 × 64 × 4 × 3 tile → halves on 128 × 128 × 4 × 2; cuDNN 1.195). Causal they lose (0.735 →
-# 0.879 ms), and at head dim 128 (B4) the one 128 × 128 × 8 × 3 tile is faster both ways (1.02
-# against 1.07–1.09 ms; causal 0.60 against 0.83). Elsewhere untimed: one tile.
-FORWARD_HALVES: dict[int, frozenset] = {90: frozenset({(64, 2, False)})}
+# ``forward`` tile (short sweeps never: ``SHORT_SWEEP_TILES``). H200, bf16, B8 H16 T4096,
+# alternating in one call (``scripts/ab_forward_halves.py``, CUDA-graph replay; docs/perf-notes.md
+# items 37, 53, 54): at head dim 64 without a mask 1.323 / 1.334 ms on one 128 × 64 × 4 × 3 tile,
+# 1.229 / 1.236 in halves on 128 × 128 × 4 × 2, 1.207 / 1.215 on 128 × 128 × 4 × 3 (cuDNN 1.201);
+# causal 0.725 / 0.732, 0.701 / 0.702 and 0.669 / 0.682 (cuDNN 0.664). Causal they lost (0.735 →
+# 0.879 ms) until ptxas stopped serialising their wgmma (item 53). At B8 H16 T1024 causal they are
+# level with one tile (0.070 against 0.068–0.069 ms; without a mask 0.091 against 0.098). At head
+# dim 128 (B4) the one 128 × 128 × 8 × 3 tile is faster both ways (1.03 against 1.08–1.56 ms;
+# causal 0.59 against 0.67–1.03). Elsewhere untimed: one tile.
+FORWARD_HALVES: dict[int, frozenset] = {90: frozenset({(64, 2, False), (64, 2, True)})}
 # Where the backward's dK/dV sweep takes each whole query block as two halves
 # (``_sweeps._column_tile``'s HALVES: both halves' K Qᵀ first, so that one half's exp2 runs beside the
 # other's accumulating products), per table as ``FORWARD_HALVES``, on the ``backward`` tile: nowhere
@@ -359,13 +381,15 @@ def _scheduled(entries: dict[int, frozenset], capability: int, block_d: int, dty
     return entry in entries.get(table_capability(capability), ())
 
 
-def uses_halves(capability: int, block_d: int, dtype: str, banded: bool, kind: str = "forward") -> bool:
+def uses_halves(capability: int, block_d: int, dtype: str, banded: bool, kind: str = "forward",
+                short: bool = False) -> bool:
     """Whether the sweep ``kind`` ("forward": the forward alone; "backward": the backward's dK/dV
     sweep) takes its blocks as two halves (``HALVES[kind]``) on a device of ``capability`` at
-    padded head dim ``block_d`` in ``dtype``, with a band or without."""
+    padded head dim ``block_d`` in ``dtype``, with a band or without; a ``short`` sweep
+    (``SHORT_SWEEP_KEYS``) never does."""
     if HALVES_OVERRIDE is not None:
         return HALVES_OVERRIDE
-    return _scheduled(HALVES[kind], capability, block_d, dtype, banded)
+    return not short and _scheduled(HALVES[kind], capability, block_d, dtype, banded)
 
 
 def uses_late_bar(capability: int, block_d: int, dtype: str, banded: bool) -> bool:
@@ -421,14 +445,15 @@ def head_dim_class(block_d: int) -> int:
     return next(head_dim for head_dim in HEAD_DIMS if block_d <= head_dim)
 
 
-def tile(capability: int, kind: str, block_d: int, dtype: str, banded: bool = False) -> Tile:
+def tile(capability: int, kind: str, block_d: int, dtype: str, banded: bool = False, short: bool = False) -> Tile:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of one sweep ``kind`` on a device of
     ``capability`` for a head dim padded to ``block_d`` and a dtype name; ``banded`` (a causal
-    mask or a sliding window) takes the table's ``BANDED_TILES`` entry where it has one."""
+    mask or a sliding window) takes the table's ``BANDED_TILES`` entry where it has one, a
+    ``short`` sweep (``SHORT_SWEEP_KEYS``) its ``SHORT_SWEEP_TILES`` entry before either."""
     table = table_capability(capability)
     head_dim, dtype_bytes = head_dim_class(block_d), DTYPE_BYTES[dtype]
-    if banded:
-        found = BANDED_TILES[table].get((kind, head_dim, dtype_bytes))
+    for overrides, applies in ((SHORT_SWEEP_TILES, short), (BANDED_TILES, banded)):
+        found = overrides.get(table, {}).get((kind, head_dim, dtype_bytes)) if applies else None
         if found is not None:
             return found
     return TILE_TABLES[table][kind][head_dim][dtype_bytes]
