@@ -116,8 +116,9 @@ def _plan(kind: str, call):
 
 def with_tile(kind: str, block_d: int, dtype: str, capability: int, candidate, banded: bool = False):
     """Put ``candidate`` into the table entry a call of this kind, padded head dim, dtype and mask
-    class (``banded``: ``_tuning.BANDED_TILES``) reads on a device of ``capability``, and forget
-    cached plans."""
+    class (``banded``: ``_tuning.BANDED_TILES``) reads on a device of ``capability``, and into its
+    ``_tuning.SHORT_SWEEP_TILES`` entry where it has one (short sweeps read that first, so a
+    candidate timed at a short shape runs there too), and forget cached plans."""
     from theria_kernels.attention import _launch, _tuning
 
     table = _tuning.table_capability(capability)
@@ -126,6 +127,9 @@ def with_tile(kind: str, block_d: int, dtype: str, capability: int, candidate, b
         _tuning.BANDED_TILES[table][(kind, head_dim, dtype_bytes)] = tuple(candidate)
     else:
         _tuning.TILE_TABLES[table][kind][head_dim][dtype_bytes] = tuple(candidate)
+    short = _tuning.SHORT_SWEEP_TILES.get(table, {})
+    if (kind, head_dim, dtype_bytes) in short:
+        short[(kind, head_dim, dtype_bytes)] = tuple(candidate)
     for builder in (_launch.forward_plan, _launch.backward_plan, _launch.backward_backward_plan):
         builder.cache_clear()
 

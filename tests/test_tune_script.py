@@ -189,6 +189,27 @@ def test_short_sweeps_take_their_own_entry():
     assert [schedule(seq, **mask) for seq, mask in short] == [one_tile] * len(short)
 
 
+def test_a_candidate_reaches_short_sweeps(monkeypatch):
+    """``tune_attention.with_tile`` puts a candidate where a call reads it, a short sweep's
+    ``SHORT_SWEEP_TILES`` entry included, so a candidate timed at a short shape runs there."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import tune_attention
+    from theria_kernels.attention import AttentionParams, _launch, _tuning
+
+    monkeypatch.setitem(_tuning.SM90["forward"], 64, dict(_tuning.SM90["forward"][64]))
+    monkeypatch.setitem(_tuning.SHORT_SWEEP_TILES, 90, dict(_tuning.SHORT_SWEEP_TILES[90]))
+    candidate = (64, 64, 4, 2)
+    tune_attention.with_tile("forward", 64, "bfloat16", 90, candidate)
+    try:
+        for seq in (256, 4096):  # a short sweep and a long one, without a mask
+            shape, strides = (8, 16, seq, 64), (16 * seq * 64, seq * 64, 64, 1)
+            call = _launch.AttentionCall(shape, strides, shape, strides, "bfloat16", AttentionParams(scale=0.125),
+                                         _launch.Device(132, capability=90))
+            assert call.blocks("forward") == candidate, seq
+    finally:
+        _launch.forward_plan.cache_clear()
+
+
 def test_the_backward_sweeps_take_their_own_kinds(monkeypatch):
     """The backward's plan runs its dQ sweep on the ``backward_rows`` tile and its dK/dV sweep on
     the ``backward`` one, and the tuner's compile step compiles each kind's kernel alone

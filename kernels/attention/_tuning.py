@@ -218,10 +218,10 @@ BANDED_TILES = {80: {}, 89: {}, 90: SM90_BANDED, 100: SM90_BANDED}
 # 64 (H200, B8 H16, ``scripts/ab_forward_halves.py``; docs/perf-notes.md item 54), one
 # 128 × 64 × 4 × 3 tile a block against the halves on the table's 128 × 128 × 4 × 3, by the keys a
 # query sees on average: 248 (T4096 under a window of 255 keys to the left) 0.220 against 0.248 ms;
-# 257 (T512 causal) 0.024–0.025 against 0.027; 480 (a window of 511) 0.283 against 0.304; 512 (T1024
-# causal) 0.068–0.069 against 0.070, (T512 without a mask) 0.030 against 0.029–0.030; 896 (a window
-# of 1023) 0.403–0.407 against 0.397–0.399; 1024 (T1024 without a mask) 0.098–0.099 against 0.091,
-# (T2048 causal) 0.211–0.212 against 0.202–0.203. Between 512 and 896 untimed: the bound sits at 768.
+# 480 (a window of 511) 0.283 against 0.304; 512 (T1024 causal) 0.068–0.069 against 0.070; 896 (a
+# window of 1023) 0.403–0.407 against 0.397–0.399; 1024 (T1024 without a mask) 0.098–0.099 against
+# 0.091, (T2048 causal) 0.211–0.212 against 0.202–0.203. Between 512 and 896 untimed: the bound
+# sits at 768.
 SHORT_SWEEP_KEYS = 768
 SHORT_SWEEP_TILES: dict[int, dict[tuple[str, int, int], Tile]] = {90: {("forward", 64, 2): (128, 64, 4, 3)}}
 
