@@ -187,6 +187,12 @@ def test_short_sweeps_take_their_own_entry():
              (1024, dict(causal=True))]
     assert [schedule(seq, **mask) for seq, mask in long] == [halves] * len(long)
     assert [schedule(seq, **mask) for seq, mask in short] == [one_tile] * len(short)
+    # packed sequences: the longest lengths decide, not the packed total
+    packed = (1, 16, 8 * 4096, 64), (16 * 8 * 4096 * 64, 8 * 4096 * 64, 64, 1)
+    for longest, expected in ((4096, halves[0]), (keys - 1, one_tile[0])):
+        call = _launch.AttentionCall(*packed, *packed, "bfloat16", AttentionParams(scale=0.125),
+                                     _launch.Device(132, capability=90), varlen=(longest, longest, 8))
+        assert call.blocks("forward") == expected, longest
 
 
 def test_a_candidate_reaches_short_sweeps(monkeypatch):
