@@ -75,6 +75,7 @@ def main() -> None:
 
     from theria_kernels.attention import _tuning, torch_launchers
     from theria_torch import sdpa_custom
+    from theria_torch.reference import visible_keys
 
     one_tile = {64: (128, 64, 4, 3), 128: (128, 128, 8, 3)}
     halves = {64: [(128, 128, 4, 2), (128, 64, 4, 3)], 128: [(128, 64, 4, 2), (128, 64, 4, 3)]}
@@ -95,15 +96,7 @@ def main() -> None:
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 return expected, do_bench_cudagraph(
                     lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
-        rows = torch.arange(q.shape[2], device="cuda")[:, None]
-        cols = torch.arange(k.shape[2], device="cuda")[None, :]
-        left, right = args.window
-        right = 0 if causal else right
-        allowed = torch.ones_like(rows == cols)
-        if left >= 0:
-            allowed &= cols >= rows - left
-        if right >= 0:
-            allowed &= cols <= rows + right
+        allowed = visible_keys(q.shape[2], k.shape[2], causal=causal, window_size=args.window, device="cuda")
         return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(),
                                                                 attn_mask=allowed), None
 
