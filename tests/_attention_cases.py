@@ -121,20 +121,41 @@ def poisoned(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
     return torch.full(shape or like.shape, float("nan"), dtype=dtype or like.dtype, device=like.device)
 
 
-def one_sweep_rows_reading_dq(monkeypatch) -> list[bool]:
+def one_sweep_rows_reading_dq(monkeypatch, framework: str = "torch") -> list[bool]:
     """Force the double backward's row kernel into one sweep (``_tuning.ONE_SWEEP_OVERRIDE``: the
     interpreter's table sweeps twice) and record, for each row launch from then on, whether it was
     handed the backward's dq (its ``Dq`` argument), which it then reads for dS K (theory §4.7).
-    Plans are cached with the schedule they were built with: the caller clears them around its calls."""
-    import theria_kernels._launch_torch as launch_torch
+    Torch's launches are seen as they run (``launch_one``). JAX's are seen in the plans it runs
+    (``theria_jax._primitives.run_plan``, at trace time): on a GPU they run as XLA's own custom
+    calls, which pass through no Python. Plans are cached with the schedule they were built with:
+    the caller clears them around its calls."""
     import theria_kernels.attention._tuning as tuning
 
     monkeypatch.setattr(tuning, "ONE_SWEEP_OVERRIDE", True)
-    rows, launch_one = [], launch_torch.launch_one
+    rows = []
 
-    def record(launch, tensors):
+    def note(launch):
         if launch.kernel.__name__ == "_attn_bwd_bwd_rows_kernel":
             rows.append(launch.arguments["Dq"] is not None)
+
+    if framework == "jax":
+        import theria_jax._primitives as primitives
+
+        run_plan = primitives.run_plan
+
+        def record_plan(plan, arrays):
+            for launch in plan.launches:
+                note(launch)
+            return run_plan(plan, arrays)
+
+        monkeypatch.setattr(primitives, "run_plan", record_plan)
+        return rows
+    import theria_kernels._launch_torch as launch_torch
+
+    launch_one = launch_torch.launch_one
+
+    def record(launch, tensors):
+        note(launch)
         launch_one(launch, tensors)
 
     monkeypatch.setattr(launch_torch, "launch_one", record)

@@ -238,7 +238,7 @@ def test_the_one_row_sweep_reads_the_backwards_dq(transform, monkeypatch):
     reference's."""
     from theria_kernels.attention.torch_launchers import clear_plans
 
-    rows = one_sweep_rows_reading_dq(monkeypatch)
+    rows = one_sweep_rows_reading_dq(monkeypatch, "jax")
     case = CASES[1]
     inputs = case.inputs(seed=23)
     weights = _weights(case, inputs, seed=24)
