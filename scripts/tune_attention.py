@@ -23,8 +23,11 @@ the torch launchers on every shape and mask of that head dim, as the device's ti
 graph``, the default: ``triton.testing.do_bench_cudagraph``, CUDA-graph replay, median), and the
 candidate that spills no registers with the smallest geometric mean of its time relative to the
 current entry wins (the fastest of all where every candidate spills, flagged so).
-The report lists the table's entries from the runs without a mask and, for ``BANDED_TILES``, the
-banded choices that differ from them.
+Short sweeps (calls whose queries see fewer than ``_tuning.SHORT_SWEEP_KEYS`` keys on average) are
+a class of their own wherever ``_tuning.SHORT_SWEEP_TILES`` has an entry for their kind, since they
+run on it: their shapes form a row apart, timed against that entry.
+The report lists the table's entries from the runs without a mask, for ``BANDED_TILES`` the
+banded choices that differ from them, and the short sweeps' choices for ``SHORT_SWEEP_TILES``.
 A tile changes only the device's work, so the host's time must not enter: at small shapes
 ``--timing events`` (``triton.testing.do_bench``, CUDA events) reads the host path, not the kernel
 (docs/perf-notes.md items 17 and 20). Past --budget seconds the remaining candidates are not timed
@@ -114,22 +117,32 @@ def _plan(kind: str, call):
                                           cot_d_out=kind not in _tuning.WITHOUT_COT_D_OUT)
 
 
-def with_tile(kind: str, block_d: int, dtype: str, capability: int, candidate, banded: bool = False):
-    """Put ``candidate`` into the table entry a call of this kind, padded head dim, dtype and mask
-    class (``banded``: ``_tuning.BANDED_TILES``) reads on a device of ``capability``, and into its
-    ``_tuning.SHORT_SWEEP_TILES`` entry where it has one (short sweeps read that first, so a
-    candidate timed at a short shape runs there too), and forget cached plans."""
+def short_class(kind: str, block_d: int, dtype: str, capability: int, call) -> bool:
+    """Whether ``call`` is a short sweep that takes a ``_tuning.SHORT_SWEEP_TILES`` entry of its own
+    for this kind on a device of ``capability`` (a class apart in the tuner's rows)."""
+    from theria_kernels.attention import _tuning
+
+    entries = _tuning.SHORT_SWEEP_TILES.get(_tuning.table_capability(capability), {})
+    key = (kind, _tuning.head_dim_class(block_d), _tuning.DTYPE_BYTES[dtype])
+    return key in entries and _tuning.short_sweep(call.mean_keys)
+
+
+def with_tile(kind: str, block_d: int, dtype: str, capability: int, candidate, banded: bool = False,
+              short: bool = False):
+    """Put ``candidate`` into the entry that calls of this kind, padded head dim, dtype and class
+    read on a device of ``capability``: ``_tuning.SHORT_SWEEP_TILES``' for ``short`` sweeps (a
+    ``short_class``), else ``_tuning.BANDED_TILES``' for ``banded`` calls, else the table's; and
+    forget cached plans. Each class's entry alone changes, so a row times its own calls only."""
     from theria_kernels.attention import _launch, _tuning
 
     table = _tuning.table_capability(capability)
-    head_dim, dtype_bytes = _tuning.head_dim_class(block_d), _tuning.DTYPE_BYTES[dtype]
-    if banded:
-        _tuning.BANDED_TILES[table][(kind, head_dim, dtype_bytes)] = tuple(candidate)
+    key = (kind, _tuning.head_dim_class(block_d), _tuning.DTYPE_BYTES[dtype])
+    if short:
+        _tuning.SHORT_SWEEP_TILES[table][key] = tuple(candidate)
+    elif banded:
+        _tuning.BANDED_TILES[table][key] = tuple(candidate)
     else:
-        _tuning.TILE_TABLES[table][kind][head_dim][dtype_bytes] = tuple(candidate)
-    short = _tuning.SHORT_SWEEP_TILES.get(table, {})
-    if (kind, head_dim, dtype_bytes) in short:
-        short[(kind, head_dim, dtype_bytes)] = tuple(candidate)
+        _tuning.TILE_TABLES[table][kind][key[1]][key[2]] = tuple(candidate)
     for builder in (_launch.forward_plan, _launch.backward_plan, _launch.backward_backward_plan):
         builder.cache_clear()
 
@@ -154,7 +167,8 @@ def _compile_candidate(job) -> dict:
     call = _call(shape, dtype, mask, device)
     with_tma(tma)
     if tma is None:  # a tile candidate; a TMA run keeps the tables' tiles
-        with_tile(kind, call.block_d, dtype, device.capability, candidate, call.params.banded)
+        with_tile(kind, call.block_d, dtype, device.capability, candidate, call.params.banded,
+                  short_class(kind, call.block_d, dtype, device.capability, call))
     plan = _plan(kind, call)
     used = dict(shared=0, registers=0, spills=0, problems=[])
     try:
@@ -204,6 +218,29 @@ def workload(shape, dtype: str, mask: str, kind: str):
                                                        dq=dq, wants_cot_d_out=kind not in _tuning.WITHOUT_COT_D_OUT)
 
 
+def row_groups(kinds, shapes, masks, dtype: str, device, tma: bool = False) -> dict:
+    """(kind, padded head dim, banded, short) → the shapes and masks of one report row, its current
+    tile and (filled in by the caller) its candidates. ``banded`` is None in a ``--tma`` run, whose
+    rows span both mask classes (each call on its class's tile); ``short`` marks the short sweeps
+    that read a ``SHORT_SWEEP_TILES`` entry of their own (``short_class``)."""
+    import triton
+
+    from theria_kernels.attention import _tuning
+
+    groups = {}
+    for kind, shape, mask in itertools.product(kinds, shapes, masks):
+        block_d = _tuning.head_dim_class(triton.next_power_of_2(shape[-1]))
+        banded = None if tma else MASKS[mask]["causal"]
+        short = not tma and short_class(kind, block_d, dtype, device.capability, _call(shape, dtype, mask, device))
+        group = groups.setdefault((kind, block_d, banded, short), dict(shapes=[], masks=[], current=_tuning.tile(
+            device.capability, kind, block_d, dtype, bool(banded), short)))
+        if shape not in group["shapes"]:
+            group["shapes"].append(shape)
+        if mask not in group["masks"]:
+            group["masks"].append(mask)
+    return groups
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["8,16,4096,64", "4,16,4096,128"], help="B,H,T,D each")
@@ -249,20 +286,9 @@ def main():
     table_of = _tuning.table_capability(capability)
     print(f"{name}, sm_{capability} (table of sm_{table_of}), {args.dtype}, shapes {args.shapes}, masks {args.masks}")
 
-    # (kind, padded head dim, banded) → its shapes and masks, its current tile and its candidates
-    # (banded None: a TMA run's group, over both mask classes).
-    groups = {}
-    for kind, shape, mask in itertools.product(args.kinds, shapes, args.masks):
-        block_d = _tuning.head_dim_class(triton.next_power_of_2(shape[-1]))
-        banded = None if args.tma else MASKS[mask]["causal"]
-        group = groups.setdefault((kind, block_d, banded), dict(shapes=[], masks=[], current=_tuning.tile(
-            capability, kind, block_d, args.dtype, bool(banded))))
-        if shape not in group["shapes"]:
-            group["shapes"].append(shape)
-        if mask not in group["masks"]:
-            group["masks"].append(mask)
+    groups = row_groups(args.kinds, shapes, args.masks, args.dtype, device, args.tma)
     extra = [(spec.split(":")[0], tuple(int(x) for x in spec.split(":")[1].split(","))) for spec in args.candidates]
-    for (kind, _, _), group in groups.items():
+    for (kind, *_), group in groups.items():
         if args.tma:  # (tile, TMA) pairs: the current tile without TMA loads first, the baseline
             group["candidates"] = [(group["current"], False), (group["current"], True)]
             continue
@@ -272,7 +298,7 @@ def main():
 
     # Compile every candidate on every core (resources, and Triton's cache for the timed runs).
     jobs = [(kind, shape, args.dtype, mask, device_facts, tile, tma)
-            for (kind, _, _), group in groups.items() for shape in group["shapes"] for mask in group["masks"]
+            for (kind, *_), group in groups.items() for shape in group["shapes"] for mask in group["masks"]
             for tile, tma in group["candidates"]]
     import multiprocessing
 
@@ -281,10 +307,12 @@ def main():
     print(f"compiled {len(jobs)} candidate launches in {time.perf_counter() - start:.0f} s")
 
     results = []
-    for (kind, block_d, banded), group in groups.items():
+    for (kind, block_d, banded, short), group in groups.items():
         row = dict(kind=kind, head_dim=block_d, masks=group["masks"], current=group["current"], candidates=[])
         if banded is not None:
             row["banded"] = banded
+        if short:
+            row["short"] = True
         results.append(row)
         if time.perf_counter() - start > args.budget:
             row["skipped"] = "over the time budget: keeps its entry"
@@ -305,7 +333,7 @@ def main():
                 break
             with_tma(tma)
             if tma is None:
-                with_tile(kind, block_d, args.dtype, capability, candidate, banded)
+                with_tile(kind, block_d, args.dtype, capability, candidate, banded, short)
             kernels.clear_plans()
             for (shape, mask), run in runs.items():
                 if args.timing == "graph":
@@ -316,7 +344,7 @@ def main():
                 entry["ms"][f"{','.join(map(str, shape))} {mask}"] = ms
         with_tma(None)
         if not args.tma:
-            with_tile(kind, block_d, args.dtype, capability, group["current"], banded)
+            with_tile(kind, block_d, args.dtype, capability, group["current"], banded, short)
         kernels.clear_plans()
         choose(row)
 
@@ -355,8 +383,9 @@ def choose(row: dict) -> None:
 
 
 def _masks_label(row: dict) -> str:
-    """The masks a report row was timed on ('all' for rows of runs that chose over both classes)."""
-    return ", ".join(row.get("masks", ["all"]))
+    """The masks a report row was timed on ('all' for rows of runs that chose over both classes),
+    and 'short sweeps' for a row of short sweeps."""
+    return ", ".join(row.get("masks", ["all"])) + (" (short sweeps)" if row.get("short") else "")
 
 
 def _tma_label(entry: dict) -> str:
@@ -420,20 +449,26 @@ def markdown(report: dict) -> str:
         lines += ["", f"Entries where TMA won, for `_tuning.TMA_KINDS` of sm_{report['table_of']}:", "", "```",
                   f"{wins}", "```", ""]
     else:
-        chosen, banded = {}, {}
+        chosen, banded, short = {}, {}, {}
         for row in report["results"]:
-            if not row.get("banded"):
+            if not row.get("banded") and not row.get("short"):
                 chosen.setdefault(row["kind"], {})[row["head_dim"]] = tuple(row.get("chosen", row["current"]))
         for row in report["results"]:
-            tile = tuple(row.get("chosen", row["current"]))
-            if row.get("banded") and chosen.get(row["kind"], {}).get(row["head_dim"]) != tile:
-                banded[(row["kind"], row["head_dim"], DTYPE_BYTES[report["dtype"]])] = tile
+            tile, key = tuple(row.get("chosen", row["current"])), (row["kind"], row["head_dim"],
+                                                                    DTYPE_BYTES[report["dtype"]])
+            if row.get("short"):
+                short[key] = tile
+            elif row.get("banded") and chosen.get(row["kind"], {}).get(row["head_dim"]) != tile:
+                banded[key] = tile
         if chosen:
             lines += ["", f"Table entries ({report['dtype']}) for `_tuning.py` (kind: {{head dim: tile}}):", "",
                       "```", *(f"{kind!r}: {entries}," for kind, entries in chosen.items()), "```", ""]
         if banded:
             lines += [""] * (not chosen) + ["Banded calls' entries where they differ, for `_tuning.BANDED_TILES`:",
                                             "", "```", f"{banded}", "```", ""]
+        if short:
+            lines += [""] * (not chosen and not banded) + [
+                "Short sweeps' entries, for `_tuning.SHORT_SWEEP_TILES`:", "", "```", f"{short}", "```", ""]
     for row in report["results"]:
         lines += [f"## {row['kind']}, head dim {row['head_dim']}, masks: {_masks_label(row)}", "",
                   "| tile | shared KB | regs | spills | relative | ms |", "|---|---|---|---|---|---|"]

@@ -195,25 +195,80 @@ def test_short_sweeps_take_their_own_entry():
         assert call.blocks("forward") == expected, longest
 
 
-def test_a_candidate_reaches_short_sweeps(monkeypatch):
-    """``tune_attention.with_tile`` puts a candidate where a call reads it, a short sweep's
-    ``SHORT_SWEEP_TILES`` entry included, so a candidate timed at a short shape runs there."""
+def _forward_call(seq: int, **mask):
+    from theria_kernels.attention import AttentionParams, _launch
+
+    shape, strides = (8, 16, seq, 64), (16 * seq * 64, seq * 64, 64, 1)
+    return _launch.AttentionCall(shape, strides, shape, strides, "bfloat16", AttentionParams(scale=0.125, **mask),
+                                 _launch.Device(132, capability=90))
+
+
+def test_a_candidate_reaches_its_own_class_alone(monkeypatch):
+    """``tune_attention.with_tile`` puts a candidate into the entry one class of calls reads and
+    into no other: a short sweep's ``SHORT_SWEEP_TILES`` entry, or the table's, which long calls
+    read. So a row of short sweeps times its candidates on them, and a row of long calls leaves
+    the short sweeps on their entry."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import tune_attention
-    from theria_kernels.attention import AttentionParams, _launch, _tuning
+    from theria_kernels.attention import _launch, _tuning
 
     monkeypatch.setitem(_tuning.SM90["forward"], 64, dict(_tuning.SM90["forward"][64]))
     monkeypatch.setitem(_tuning.SHORT_SWEEP_TILES, 90, dict(_tuning.SHORT_SWEEP_TILES[90]))
+    table, short_entry = _tuning.SM90["forward"][64][2], _tuning.SHORT_SWEEP_TILES[90][("forward", 64, 2)]
     candidate = (64, 64, 4, 2)
-    tune_attention.with_tile("forward", 64, "bfloat16", 90, candidate)
+    assert candidate not in (table, short_entry)
     try:
-        for seq in (256, 4096):  # a short sweep and a long one, without a mask
-            shape, strides = (8, 16, seq, 64), (16 * seq * 64, seq * 64, 64, 1)
-            call = _launch.AttentionCall(shape, strides, shape, strides, "bfloat16", AttentionParams(scale=0.125),
-                                         _launch.Device(132, capability=90))
-            assert call.blocks("forward") == candidate, seq
+        short_call, long_call = _forward_call(256), _forward_call(4096)
+        assert [tune_attention.short_class("forward", 64, "bfloat16", 90, call) for call in (short_call, long_call)] \
+            == [True, False]
+        tune_attention.with_tile("forward", 64, "bfloat16", 90, candidate, short=True)
+        assert (short_call.blocks("forward"), long_call.blocks("forward")) == (candidate, table)
+        tune_attention.with_tile("forward", 64, "bfloat16", 90, short_entry, short=True)
+        tune_attention.with_tile("forward", 64, "bfloat16", 90, candidate)
+        assert (short_call.blocks("forward"), long_call.blocks("forward")) == (short_entry, candidate)
     finally:
         _launch.forward_plan.cache_clear()
+
+
+def test_short_sweeps_are_a_row_of_their_own():
+    """The tuner's rows: short sweeps of a kind with a ``SHORT_SWEEP_TILES`` entry form a row apart,
+    timed against that entry; kinds without one keep their short shapes with the long ones; a
+    ``--tma`` run's rows span every class. The report lists the short row's choice for
+    ``SHORT_SWEEP_TILES`` and leaves it out of the table's entries."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import tune_attention
+    from theria_kernels.attention import _launch, _tuning
+
+    device = _launch.Device(132, capability=90)
+    shapes = [(8, 16, 512, 64), (8, 16, 4096, 64)]
+    groups = tune_attention.row_groups(["forward", "backward"], shapes, ["full", "causal"], "bfloat16", device)
+    rows = {key: (group["shapes"], group["masks"], tuple(group["current"])) for key, group in groups.items()}
+    table, short_entry = _tuning.SM90["forward"][64][2], _tuning.SHORT_SWEEP_TILES[90][("forward", 64, 2)]
+    backward = _tuning.SM90["backward"][64][2]
+    assert rows == {
+        ("forward", 64, False, True): ([shapes[0]], ["full"], short_entry),
+        ("forward", 64, True, True): ([shapes[0]], ["causal"], short_entry),  # 256.5 keys a query
+        ("forward", 64, False, False): ([shapes[1]], ["full"], table),
+        ("forward", 64, True, False): ([shapes[1]], ["causal"], table),  # T4096 causal: 2048.5 keys
+        ("backward", 64, False, False): (shapes, ["full"], backward),
+        ("backward", 64, True, False): (shapes, ["causal"], backward),
+    }
+    tma = tune_attention.row_groups(["forward"], shapes, ["full", "causal"], "bfloat16", device, tma=True)
+    assert list(tma) == [("forward", 64, None, False)]
+    faster = (64, 64, 4, 3)
+
+    def row(short, chosen):
+        timed = dict(tile=chosen, tma=None, shared=0, registers=0, spills=0, problems=[], ms={"x": 1.0},
+                     relative=1.0, chosen=True)
+        return dict(kind="forward", head_dim=64, masks=["full"], banded=False, current=table, chosen=chosen,
+                    candidates=[timed], **(dict(short=True) if short else {}))
+
+    report = dict(device="d", capability=90, table_of=90, dtype="bfloat16", command="c", seconds=1.0,
+                  versions=dict(torch="t", triton="t"), results=[row(False, table), row(True, faster)])
+    text = tune_attention.markdown(report)
+    assert f"'forward': {{64: {table}}}," in text
+    assert f"{{('forward', 64, 2): {faster}}}" in text.split("SHORT_SWEEP_TILES")[1]
+    assert "masks: full (short sweeps)" in text
 
 
 def test_the_backward_sweeps_take_their_own_kinds(monkeypatch):
