@@ -83,8 +83,11 @@ def main() -> None:
         halves[head_dim] = [tile for dim, tile in args.halves if dim == head_dim]
 
     def schedule(head_dim, banded, tile, two_halves):
-        """``tile`` in the sm_90 entry a call of this head dim and mask class reads, on one schedule."""
-        with_tile("forward", head_dim, "bfloat16", 90, tile, banded)
+        """``tile`` in the sm_90 entries a call of this head dim and mask class reads, on one schedule:
+        its class's and the short sweeps' (``with_tile`` writes one class at a time), so that a short
+        shape or a narrow window runs on the tile named too."""
+        for short in (False, True):
+            with_tile("forward", head_dim, "bfloat16", 90, tile, banded, short)
         _tuning.HALVES_OVERRIDE = two_halves
         torch_launchers.clear_plans()  # plans are cached with the tile and schedule they were built with
 
